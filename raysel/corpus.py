@@ -139,6 +139,12 @@ class CorpusDatasource(FileBasedDatasource):
         super().__init__([f.path for f in files], filesystem=filesystem)
         self._formats = {f.path: f.format for f in files}
 
+    def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
+        # Parquet readers seek to the footer; the other formats stream.
+        if self._formats[path] == "parquet":
+            return filesystem.open_input_file(path)
+        return super()._open_input_source(filesystem, path, **open_args)
+
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         fmt = self._formats[path]
         if fmt == "parquet":

@@ -1,0 +1,150 @@
+"""Shared fixtures: a real local Ray cluster, tiny real tokenizers built from
+config, a real SeaweedFS S3 server on loopback. Each is stopped by its own
+handle or PID when the session ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "raysel" / "data" / "demo.jsonl"
+TINY_CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    """Write rows (dicts become JSON; str and bytes are written as they are)."""
+    with open(path, "wb") as f:
+        for line in lines:
+            if isinstance(line, dict):
+                line = json.dumps(line)
+            f.write((line.encode() if isinstance(line, str) else line) + b"\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="rs-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _build_tiny_tokenizer(out: Path, chat_template: str | None) -> Path:
+    """A real byte-level BPE tokenizer trained on the demo data, small enough to build in a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["output"] for line in DEMO.read_text().splitlines()[:300]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A tokenizer without a chat template: samples render through the fallback."""
+    return _build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tok"), None)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_tokenizer_dir(tmp_path_factory) -> Path:
+    return _build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-chat-tok"), TINY_CHAT_TEMPLATE)
+
+
+class SeaweedS3:
+    """`weed mini` on 127.0.0.1 with free ports, its data and logs in a temp dir."""
+
+    access_key = "raysel-test-key"
+    secret_key = "raysel-test-secret"
+
+    def __init__(self, root: Path):
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        self.port = free_port()
+        ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
+        (root / "data").mkdir()
+        (root / "logs").mkdir()
+        args = [weed, f"-logdir={root / 'logs'}", "mini", f"-dir={root / 'data'}",
+                "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false",
+                "-master.telemetry=false", f"-s3.port={self.port}", f"-s3.port.grpc={free_port()}",
+                f"-s3.port.iceberg={free_port()}", f"-s3.port.lance={free_port()}",
+                f"-debug.port={free_port()}"]
+        for name, port in ports.items():
+            args += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        self.log = open(root / "weed.out", "wb")
+        self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self._wait_ready(root)
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def filesystem(self, secret_key: str | None = None):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(access_key=self.access_key, secret_key=secret_key or self.secret_key,
+                                 endpoint_override=self.endpoint, scheme="http", region="us-east-1",
+                                 allow_bucket_creation=True)
+
+    def config(self) -> dict:
+        return {"endpoint_override": self.endpoint, "scheme": "http", "region": "us-east-1",
+                "access_key": self.access_key, "secret_key": self.secret_key, "max_attempts": 2}
+
+    def _wait_ready(self, root: Path) -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited: {(root / 'weed.out').read_text()[-2000:]}")
+            try:
+                self.filesystem().create_dir("probe")
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("SeaweedFS S3 did not come up within 60 s")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+
+from raysel.cli import main
+from raysel.config import ConfigError, load_config
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path, text: str, overrides=()) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), list(overrides))
+    return str(err.value)
+
+
+def test_valid_config_resolves_defaults_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, "input:\n  paths: data/*.jsonl\nprepare:\n  max_tokens: 128\n"),
+                      ["prepare.dedup=false", "input.fields.id=uid", "output.root=s3://b/p"])
+    assert cfg.input.paths == ["data/*.jsonl"]
+    assert cfg.prepare.max_tokens == 128
+    assert cfg.prepare.dedup is False
+    assert cfg.input.fields.id == "uid"
+    assert cfg.output.root == "s3://b/p"
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones(tmp_path):
+    msg = error_of(tmp_path, "input:\n  paths: [a.jsonl]\nprepare:\n  max_tokenz: 5\n")
+    assert "prepare.max_tokenz: unknown key" in msg
+    assert "max_tokens" in msg and "dedup" in msg
+
+
+def test_unknown_nested_key_and_unknown_section(tmp_path):
+    msg = error_of(tmp_path, "input:\n  paths: [a.jsonl]\n  fields:\n    instr: q\nencoder: {}\n")
+    assert "input.fields.instr: unknown key" in msg and "instruction" in msg
+    assert "encoder: unknown key" in msg and "prepare" in msg
+
+
+def test_bad_type_names_the_key(tmp_path):
+    msg = error_of(tmp_path, "input:\n  paths: [a.jsonl]\nprepare:\n  max_tokens: lots\n")
+    assert "prepare.max_tokens" in msg and "integer" in msg and "'lots'" in msg
+
+
+def test_bad_value_names_the_key_and_the_allowed_values(tmp_path):
+    msg = error_of(tmp_path, "input:\n  paths: [a.jsonl]\n  format: xml\n")
+    assert "input.format" in msg
+    for allowed in ("auto", "jsonl", "json", "parquet", "hf_disk"):
+        assert allowed in msg
+
+
+def test_out_of_range_value_names_the_key(tmp_path):
+    msg = error_of(tmp_path, "input:\n  paths: [a.jsonl]\n", ["prepare.max_tokens=0"])
+    assert "prepare.max_tokens" in msg and "greater than 0" in msg
+
+
+def test_override_of_unknown_key_is_an_error(tmp_path):
+    msg = error_of(tmp_path, "input:\n  paths: [a.jsonl]\n", ["model.dtypo=bfloat16"])
+    assert "model.dtypo: unknown key" in msg
+
+
+def test_override_without_equals_sign(tmp_path):
+    msg = error_of(tmp_path, "input:\n  paths: [a.jsonl]\n", ["prepare.max_tokens"])
+    assert "section.key=value" in msg
+
+
+def test_input_needs_exactly_one_source(tmp_path):
+    assert "exactly one of input.paths or input.hf_dataset" in error_of(tmp_path, "prepare: {}\n")
+
+
+def test_missing_and_unparsable_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    assert "not valid YAML" in error_of(tmp_path, "input: [unclosed\n")
+
+
+def test_secrets_stay_out_of_manifests_and_errors(tmp_path):
+    cfg = load_config(write(tmp_path, "input:\n  paths: [a.jsonl]\ns3:\n  access_key: AKIA123\n  secret_key: hunter2\n"))
+    dumped = json.dumps(cfg.public_dict())
+    assert "hunter2" not in dumped and "AKIA123" not in dumped
+    assert cfg.s3.secret_key.get_secret_value() == "hunter2"
+    msg = error_of(tmp_path, "input:\n  paths: [a.jsonl]\ns3:\n  secret_key: [hunter2]\n")
+    assert "s3.secret_key" in msg and "hunter2" not in msg
+
+
+def test_cli_reports_config_errors_before_any_work(tmp_path, capsys):
+    path = write(tmp_path, "input:\n  paths: [a.jsonl]\nprepare:\n  chat_template: fancy\n")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "prepare.chat_template" in err and "'auto' or 'fallback'" in err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["run", "encode", "select", "demo", "train-sae", "report"])
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([verb, "--help"])
+    assert exit_.value.code == 0
+    assert "--set" in capsys.readouterr().out
+
+
+def test_verb_without_its_config_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run"])
+    assert exit_.value.code == 2
+    assert "CONFIG" in capsys.readouterr().err
