@@ -68,7 +68,10 @@ def list_input_files(cfg: InputConfig, s3: S3Config) -> tuple[pafs.FileSystem, l
     for entry in cfg.paths:
         fs, path = filesystem_for(entry, s3)
         filesystems.add(entry.startswith("s3://"))
-        infos = _expand(fs, path, entry)
+        try:
+            infos = _expand(fs, path, entry)
+        except OSError as err:  # pyarrow's message names the path and the S3 error, never the keys
+            raise InputError(f"input.paths: cannot list {entry!r}: {err}") from None
         if not infos:
             raise InputError(f"input.paths: nothing matches {entry!r}")
         for info, fmt in infos:
