@@ -1,0 +1,100 @@
+"""`ray job submit` round trip against a real head started with `ray start` on
+loopback, token auth on, running jobs/run.py with the real default model."""
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.conftest import REPO, free_port, write_jsonl
+from tests.test_prepare import GOOD, LONG
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    temp = Path(f"/tmp/rs-head-{secrets.token_hex(3)}")  # short: Ray's socket paths have a length limit
+    dash = free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": ""}
+    ports = ["--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port"]
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+           "--object-store-memory=400000000", f"--temp-dir={temp}", "--disable-usage-stats",
+           *(f"{flag}={free_port()}" for flag in ports)]
+    log = open(tmp_path / "head.log", "wb")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_for_jobs_api(address, env, head, tmp_path / "head.log")
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        log.close()
+        subprocess.run(["pkill", "-9", "-f", str(temp)], check=False)  # anything that left the group
+        subprocess.run(["rm", "-rf", str(temp)], check=False)
+
+
+def _wait_for_jobs_api(address, env, head, log_path):
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited: {log_path.read_text()[-3000:]}")
+        probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            return
+        time.sleep(2)
+    raise RuntimeError("the Ray head's job API did not come up in 120 s")
+
+
+@pytest.mark.integration
+def test_job_submit_round_trip(ray_head, tmp_path):
+    address, env = ray_head
+    data = write_jsonl(tmp_path / "corpus.jsonl", [GOOD, LONG, {"id": "bad", "instruction": 3, "output": "x"}])
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": {"paths": [str(data)], "fields": {"id": "id"}},
+        "prepare": {"max_tokens": 128},
+        "output": {"root": str(tmp_path / "out")},
+    }))
+    ray = str(BIN / "ray")
+
+    wrong = subprocess.run([ray, "job", "list", "--address", address], capture_output=True, text=True,
+                           env={**env, "RAY_AUTH_TOKEN": "0" * 64})
+    assert wrong.returncode != 0, "the head must refuse a client with the wrong token"
+
+    job_id = f"raysel-test-{secrets.token_hex(4)}"
+    submit = subprocess.run(
+        [ray, "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", str(REPO),
+         "--", "python", "jobs/run.py", "--config", str(config), "--set", "prepare.dedup=true"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    ask = f"from ray.job_submission import JobSubmissionClient as C; print(C({address!r}).get_job_status({job_id!r}).value)"
+    status = subprocess.run([sys.executable, "-c", ask], env=env, capture_output=True, text=True)
+    assert status.stdout.strip() == "SUCCEEDED", submit.stdout[-4000:] + submit.stderr[-4000:] + status.stderr
+
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"] == {"n_input": 3, "n_valid": 2, "n_rejected": 1, "rejected_by_reason": {"wrong_type": 1}}
+    assert manifest["config"]["input"]["paths"] == [str(data)]
+    assert manifest["config"]["model"]["name"] == "embedded:smollm2-135m-instruct"
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "prepared").to_pylist()}
+    # rendered with SmolLM2's own chat template, and the long one cut to 128 real tokens
+    assert rows["a1"]["text"].startswith("<|im_start|>system\n")
+    assert "<|im_start|>user\nName a prime number.<|im_end|>" in rows["a1"]["text"]
+    assert rows["a9"]["truncated"] and rows["a9"]["n_tokens"] == 128
