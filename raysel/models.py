@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from raysel.config import EMBEDDED_MODEL, ModelConfig
+from raysel.config import EMBEDDED_MODEL, ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,10 @@ def model_source(cfg: ModelConfig) -> str:
     """What `from_pretrained` takes for this model: a local directory or a hub id."""
     if cfg.name == EMBEDDED_MODEL:
         return str(materialize_embedded(Path(cfg.cache_dir).expanduser()))
+    looks_local = cfg.name.startswith(("/", ".", "~")) or Path(cfg.name).exists()
+    if looks_local and not Path(cfg.name).expanduser().is_dir():
+        raise ConfigError(f"model.name: {cfg.name!r} is not a model directory "
+                          f"(allowed: {EMBEDDED_MODEL}, a local model directory, or an HF hub id)")
     return cfg.name
 
 

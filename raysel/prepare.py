@@ -19,7 +19,7 @@ from ray.data.expressions import col
 
 from raysel.config import RunConfig
 from raysel.corpus import CorpusDatasource, fingerprint, list_input_files
-from raysel.models import load_tokenizer
+from raysel.models import load_tokenizer, model_source
 from raysel.records import FALLBACK_CHAT_TEMPLATE, Rejected, normalize, render
 from raysel.stages import Resources, map_stage
 from raysel.storage import Storage
@@ -73,11 +73,11 @@ class Formatter:
             if not isinstance(record, dict):
                 raise Rejected("not_a_record", f"expected a JSON object, got {type(record).__name__}")
             sample = normalize(record, self.cfg.input.fields, self.cfg.input.shape)
+            text = render(sample, self.tokenizer, self.template)
         except json.JSONDecodeError as err:
             return {**out, "reason": "malformed_json", "detail": str(err)}
         except Rejected as rej:
             return {**out, "reason": rej.reason, "detail": rej.detail}
-        text = render(sample, self.tokenizer, self.template)
         return {**out, "id": sample.id, "shape": sample.shape, "messages": sample.messages,
                 "text": text, "content_hash": sample.content_hash, "reason": None}
 
@@ -109,6 +109,7 @@ def run_prepare(cfg: RunConfig, storage: Storage) -> dict:
         log.info("prepare: up to date (fingerprint %s), %d samples; skipping", fp, done["n_valid"])
         return done
 
+    model_source(cfg.model)  # fail here, not in every actor; converts the embedded model once
     storage.remove(MARKER)
     start = time.time()
     log.info("prepare: reading %d file(s) (%s)", len(files), ", ".join(sorted({f.format for f in files})))

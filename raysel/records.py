@@ -29,6 +29,7 @@ REASONS = (
     "missing_field",  # a required field of the shape is absent or null
     "wrong_type",  # a field holds the wrong type
     "empty_text",  # nothing but whitespace once formatted
+    "template_error",  # the chat template refused the conversation (e.g. roles out of order)
     "duplicate_id",  # an earlier row has the same id
     "duplicate_text",  # an earlier row has the same content (prepare.dedup)
 )
@@ -70,7 +71,10 @@ def render(sample: Sample, tokenizer, chat_template: str | None) -> str:
     """The text the model sees. Plain-text records are taken as already rendered."""
     if sample.messages is None:
         return sample.text
-    return tokenizer.apply_chat_template(sample.messages, tokenize=False, chat_template=chat_template)
+    try:
+        return tokenizer.apply_chat_template(sample.messages, tokenize=False, chat_template=chat_template)
+    except Exception as err:  # templates raise their own errors (jinja's raise_exception), per row
+        raise Rejected("template_error", f"{type(err).__name__}: {err}") from None
 
 
 def _detect_shape(record: dict, fields: FieldMap) -> str:

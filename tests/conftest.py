@@ -19,7 +19,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "raysel" / "data" / "demo.jsonl"
-TINY_CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+)
 
 
 def free_port() -> int:

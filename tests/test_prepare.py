@@ -209,3 +209,21 @@ def test_missing_input_is_a_clear_error_before_any_work(ray_cluster, tiny_chat_t
     with pytest.raises(InputError, match="input.paths: nothing matches"):
         run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert not (tmp_path / "out").exists()
+
+
+def test_template_error_is_a_reject_not_a_crash(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
+    odd = {"id": "n1", "messages": [{"role": "narrator", "content": "Once upon a time"}]}
+    path = write_jsonl(tmp_path / "t.jsonl", [RECORDS[0], odd])
+    cfg = make_cfg(tiny_chat_tokenizer_dir, [path], tmp_path / "out")
+    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    assert (s["n_valid"], s["rejected_by_reason"]) == (1, {"template_error": 1})
+    assert read_rejects(tmp_path / "out")[0]["row"] == 2
+
+
+def test_missing_model_directory_is_a_config_error(ray_cluster, tmp_path):
+    from raysel.config import ConfigError
+
+    path = write_jsonl(tmp_path / "t.jsonl", RECORDS)
+    cfg = make_cfg(tmp_path / "no-such-model", [path], tmp_path / "out")
+    with pytest.raises(ConfigError, match="model.name: .*no-such-model.* is not a model directory"):
+        run_prepare(cfg, Storage(cfg.output.root, cfg.s3))

@@ -80,3 +80,10 @@ def test_render_uses_the_tokenizers_template_or_the_fallback(tiny_chat_tokenizer
     assert render(sample, plain, FALLBACK_CHAT_TEMPLATE) == (
         "### User:\nAdd 2 and 3.\n\nShow your work.\n\n### Assistant:\n2 + 3 = 5\n\n"
     )
+
+
+def test_a_template_that_refuses_the_conversation_rejects_the_row(tiny_chat_tokenizer_dir):
+    sample = normalize({"messages": [{"role": "narrator", "content": "Once upon a time"}]}, FieldMap())
+    with pytest.raises(Rejected) as rej:
+        render(sample, AutoTokenizer.from_pretrained(tiny_chat_tokenizer_dir), None)
+    assert rej.value.reason == "template_error" and "unknown role narrator" in rej.value.detail
