@@ -27,6 +27,7 @@ RAW_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
         ("row", pa.int64()),  # line number for JSON lines, record number otherwise; 0: the whole file
+        ("order", pa.int64()),  # (file index << ORDER_BITS) | row: the row's place in the whole input
         ("raw", pa.string()),  # the row's JSON text (bytes that are not UTF-8 shown as \x escapes)
         ("reason", pa.string()),  # a reject reason code, or null
         ("detail", pa.string()),
@@ -43,6 +44,7 @@ EXTENSIONS = {
     ".arrow": "hf_disk",
 }
 ROWS_PER_BLOCK = 8192
+ORDER_BITS = 40  # rows per file < 2**40
 CHUNK_BYTES = 1 << 22
 
 
@@ -141,6 +143,7 @@ class CorpusDatasource(FileBasedDatasource):
     def __init__(self, files: list[InputFile], filesystem: pafs.FileSystem):
         super().__init__([f.path for f in files], filesystem=filesystem)
         self._formats = {f.path: f.format for f in files}
+        self._index = {f.path: i for i, f in enumerate(files)}
 
     def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
         # Parquet readers seek to the footer; the other formats stream.
@@ -156,9 +159,9 @@ class CorpusDatasource(FileBasedDatasource):
             rows = _arrow_stream_rows(f)
         else:
             rows = _json_rows(f, array_ok=fmt == "json")
-        batch = []
+        batch, base = [], self._index[path] << ORDER_BITS
         for row in rows:
-            batch.append({"source": path, **row})
+            batch.append({"source": path, "order": base | row["row"], **row})
             if len(batch) == ROWS_PER_BLOCK:
                 yield pa.Table.from_pylist(batch, schema=RAW_SCHEMA)
                 batch = []

@@ -12,13 +12,15 @@ import logging
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.data import Dataset, SaveMode
+from ray.data.aggregate import Count, Min
 from ray.data.datasource import FilenameProvider
 from ray.data.expressions import col
 
 from raysel.config import RunConfig
-from raysel.corpus import CorpusDatasource, fingerprint, list_input_files
+from raysel.corpus import ORDER_BITS, CorpusDatasource, fingerprint, list_input_files
 from raysel.models import load_tokenizer, model_source
 from raysel.records import FALLBACK_CHAT_TEMPLATE, Rejected, normalize, render
 from raysel.stages import Resources, map_stage
@@ -46,7 +48,7 @@ PREPARED_SCHEMA = pa.schema(
 )
 REJECT_COLUMNS = ["source", "row", "reason", "detail", "raw"]
 SAMPLE_SCHEMA = pa.schema(
-    list(PREPARED_SCHEMA) + [pa.field("reason", pa.string()), pa.field("detail", pa.string())]
+    list(PREPARED_SCHEMA) + [pa.field(n, t) for n, t in (("order", pa.int64()), ("reason", pa.string()), ("detail", pa.string()))]
 )
 
 
@@ -65,7 +67,7 @@ class Formatter:
         return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
 
     def _sample(self, row: dict) -> dict:
-        out = {"source": row["source"], "row": row["row"], "record": row["raw"]}
+        out = {"source": row["source"], "row": row["row"], "order": row["order"], "record": row["raw"]}
         if row["reason"]:
             return {**out, "reason": row["reason"], "detail": row["detail"]}
         try:
@@ -113,18 +115,7 @@ def run_prepare(cfg: RunConfig, storage: Storage) -> dict:
     storage.remove(MARKER)
     start = time.time()
     log.info("prepare: reading %d file(s) (%s)", len(files), ", ".join(sorted({f.format for f in files})))
-    raw = ray.data.read_datasource(CorpusDatasource(files, fs))
-    resources = Resources(actors=cfg.prepare.actors, batch_size=cfg.prepare.batch_size, memory=2 << 30)
-    samples = map_stage(raw, Formatter, resources, cfg=cfg).materialize()
-
-    valid = samples.filter(expr=col("reason").is_null())
-    partitions = max(1, min(64, samples.num_blocks()))
-    if cfg.prepare.dedup:
-        valid = first_wins(valid, "content_hash", "duplicate_text", partitions)
-    valid = first_wins(valid, "id", "duplicate_id", partitions).materialize()
-    kept = valid.filter(expr=col("reason").is_null()).select_columns(PREPARED_SCHEMA.names)
-    rejects = samples.filter(expr=col("reason").is_not_null()).union(valid.filter(expr=col("reason").is_not_null()))
-    rejects = rejects.rename_columns({"record": "raw"}).select_columns(REJECT_COLUMNS).materialize()
+    kept, rejects, n_input = validate(cfg, files, fs)
 
     kept.write_parquet(storage.path("prepared"), filesystem=storage.fs, mode=SaveMode.OVERWRITE,
                        filename_provider=PartNames(file_format="parquet"))
@@ -135,7 +126,7 @@ def run_prepare(cfg: RunConfig, storage: Storage) -> dict:
     summary = {
         "fingerprint": fp,
         "files": [f.path for f in files],
-        "n_input": samples.count(),
+        "n_input": n_input,
         "n_valid": kept.count(),
         "n_rejected": sum(by_reason.values()),
         "rejected_by_reason": by_reason,
@@ -151,20 +142,55 @@ def run_prepare(cfg: RunConfig, storage: Storage) -> dict:
     return summary
 
 
-def first_wins(ds: Dataset, key: str, reason: str, num_partitions: int) -> Dataset:
-    """Keep the first row (by source file, then row) of each `key`; mark the rest."""
+def validate(cfg: RunConfig, files: list, fs) -> tuple[Dataset, Dataset, int]:
+    """Every input row, split into valid samples and rejects (both materialised)."""
+    raw = ray.data.read_datasource(CorpusDatasource(files, fs))
+    resources = Resources(actors=cfg.prepare.actors, batch_size=cfg.prepare.batch_size, memory=2 << 30)
+    samples = map_stage(raw, Formatter, resources, cfg=cfg).materialize()
+    n_input, partitions = samples.count(), max(1, min(64, samples.num_blocks()))
+    paths = [f.path for f in files]
+    rejected = []
+    # Each pass sees only the rows still valid, so a row dropped as a repeated
+    # text cannot make a later row with its id a repeat.
+    for key, reason in [("content_hash", "duplicate_text")] * cfg.prepare.dedup + [("id", "duplicate_id")]:
+        rejected.append(samples.filter(expr=col("reason").is_not_null()).materialize())
+        samples = first_wins(samples.filter(expr=col("reason").is_null()), key, reason, paths, partitions)
+        samples = samples.materialize()
+    rejected.append(samples.filter(expr=col("reason").is_not_null()).materialize())
+    kept = samples.filter(expr=col("reason").is_null()).select_columns(PREPARED_SCHEMA.names)
+    rejects = rejected[0].union(*rejected[1:]).rename_columns({"record": "raw"}).select_columns(REJECT_COLUMNS)
+    return kept, rejects.materialize(), n_input
 
-    def mark(group: pa.Table) -> pa.Table:
-        group = group.sort_by([("source", "ascending"), ("row", "ascending")])
-        if group.num_rows == 1:
-            return group
-        first = f"{group['source'][0]} row {group['row'][0]}"
-        reasons = [None] + [reason] * (group.num_rows - 1)
-        details = [None] + [f"same {key} as {first}"] * (group.num_rows - 1)
-        group = group.set_column(group.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
-        return group.set_column(group.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
 
-    return ds.groupby(key, num_partitions=num_partitions).map_groups(mark, batch_format="pyarrow")
+def first_wins(ds: Dataset, key: str, reason: str, files: list[str], num_partitions: int) -> Dataset:
+    """Mark every row whose `key` an earlier row (by file, then row) already has.
+
+    A vectorised hash aggregate finds the repeated keys and where each first
+    occurs; only those (few) keys travel to the marking tasks."""
+    repeated = (
+        ds.groupby(key, num_partitions=num_partitions)
+        .aggregate(Count(alias_name="n"), Min("order", alias_name="first"))
+        .filter(expr=col("n") > 1)
+        .select_columns([key, "first"])
+    )
+    firsts = [t for t in ray.get(repeated.to_arrow_refs()) if t.num_rows]
+    if not firsts:
+        return ds
+    return ds.map_batches(_mark_repeats, batch_format="pyarrow", fn_kwargs={
+        "firsts": pa.concat_tables(firsts), "key": key, "reason": reason, "files": files})
+
+
+def _mark_repeats(batch: pa.Table, firsts: pa.Table, key: str, reason: str, files: list[str]) -> pa.Table:
+    first = pc.take(firsts["first"], pc.index_in(batch[key], value_set=firsts[key]))
+    repeat = pc.fill_null(pc.not_equal(batch["order"], first), False)
+    if not pc.any(repeat).as_py():
+        return batch
+    mask = (1 << ORDER_BITS) - 1
+    details = [f"same {key} as {files[f >> ORDER_BITS]} row {f & mask}" if r else d
+               for f, r, d in zip(first.to_pylist(), repeat.to_pylist(), batch["detail"].to_pylist())]
+    batch = batch.set_column(batch.schema.get_field_index("reason"), "reason",
+                             pc.if_else(repeat, pa.scalar(reason), batch["reason"]))
+    return batch.set_column(batch.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
 
 
 def count_by(ds: Dataset, column: str) -> dict[str, int]:

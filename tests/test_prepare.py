@@ -227,3 +227,16 @@ def test_missing_model_directory_is_a_config_error(ray_cluster, tmp_path):
     cfg = make_cfg(tmp_path / "no-such-model", [path], tmp_path / "out")
     with pytest.raises(ConfigError, match="model.name: .*no-such-model.* is not a model directory"):
         run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+
+
+def test_a_row_dropped_as_repeated_text_frees_its_id(ray_cluster, tiny_tokenizer_dir, tmp_path):
+    b = {**GOOD, "id": "y"}  # same text as GOOD: dropped as duplicate_text
+    c = {"id": "y", "text": "Another text with the id of the dropped row."}
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, b, c, {**c, "text": "Third text, id y again."}])
+    cfg = make_cfg(tiny_tokenizer_dir, [path], tmp_path / "out")
+    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    assert s["rejected_by_reason"] == {"duplicate_text": 1, "duplicate_id": 1}
+    assert [(r["id"], r["row"]) for r in read_prepared(tmp_path / "out")] == [("a1", 1), ("y", 3)]
+    rejects = {r["row"]: r for r in read_rejects(tmp_path / "out")}
+    assert rejects[2]["reason"] == "duplicate_text" and rejects[4]["reason"] == "duplicate_id"
+    assert rejects[4]["detail"] == f"same id as {path} row 3"
