@@ -56,8 +56,7 @@ class PrepareConfig(Section):
     chat_template: Literal["auto", "fallback"] = "auto"  # auto: the tokenizer's, else the fallback
     max_tokens: int = Field(512, gt=0)
     dedup: bool = True  # reject exact duplicate texts
-    actors: int = Field(1, gt=0)
-    batch_size: int = Field(512, gt=0)
+    batch_size: int = Field(512, gt=0)  # rows per formatting task; tasks run on every free CPU
 
 
 class ModelConfig(Section):

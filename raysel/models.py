@@ -58,7 +58,7 @@ def materialize_embedded(cache_dir: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(gguf_model.config)
     plain.load_state_dict(gguf_model.state_dict())
 
-    # Several actors may convert at once: each writes its own temp dir and the
+    # Several workers may convert at once: each writes its own temp dir and the
     # first rename wins, so no reader ever sees a half-written model.
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     plain.save_pretrained(tmp)

@@ -145,7 +145,7 @@ def run_prepare(cfg: RunConfig, storage: Storage) -> dict:
 def validate(cfg: RunConfig, files: list, fs) -> tuple[Dataset, Dataset, int]:
     """Every input row, split into valid samples and rejects (both materialised)."""
     raw = ray.data.read_datasource(CorpusDatasource(files, fs))
-    resources = Resources(actors=cfg.prepare.actors, batch_size=cfg.prepare.batch_size, memory=2 << 30)
+    resources = Resources(batch_size=cfg.prepare.batch_size, memory=2 << 30)
     samples = map_stage(raw, Formatter, resources, cfg=cfg).materialize()
     n_input, partitions = samples.count(), max(1, min(64, samples.num_blocks()))
     paths = [f.path for f in files]

@@ -1,11 +1,14 @@
 """The thin adapter between raysel's stages and Ray Data.
 
 A stage is a callable class that maps one pyarrow batch to another and holds
-whatever is costly to build (a tokenizer, a model) for the life of its actor.
-What it needs from the cluster is declared once, as Resources."""
+whatever is costly to build (a tokenizer, a model). What it needs from the
+cluster is declared once, as Resources. With `actors` set it runs on a fixed
+actor pool (models); with `actors=0` it runs as plain Ray tasks, each worker
+process building the stage once (CPU-only transforms)."""
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from typing import Optional
 
@@ -14,7 +17,9 @@ from ray.data import ActorPoolStrategy, Dataset
 
 @dataclass(frozen=True)
 class Resources:
-    actors: int = 1  # a fixed pool: autoscaling GPU pools do not always scale up
+    # A fixed pool: autoscaling GPU pools do not always scale up. Tasks (0) for
+    # CPU transforms, since a pool holding every CPU starves the read tasks.
+    actors: int = 0
     batch_size: int = 256
     num_cpus: float = 1.0
     num_gpus: float = 0.0  # fractional values share a GPU between actors
@@ -22,14 +27,19 @@ class Resources:
 
 
 def map_stage(ds: Dataset, stage: type, resources: Resources, **stage_kwargs) -> Dataset:
-    """Run `stage(**stage_kwargs)` over `ds` on a pool of actors."""
-    return ds.map_batches(
-        stage,
-        fn_constructor_kwargs=stage_kwargs,
-        batch_size=resources.batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=resources.actors),
-        num_cpus=resources.num_cpus,
-        num_gpus=resources.num_gpus,
-        memory=resources.memory,
-    )
+    """Run `stage(**stage_kwargs)` over every batch of `ds`."""
+    common = dict(batch_size=resources.batch_size, batch_format="pyarrow", num_cpus=resources.num_cpus,
+                  num_gpus=resources.num_gpus, memory=resources.memory)
+    if resources.actors:
+        return ds.map_batches(stage, fn_constructor_kwargs=stage_kwargs,
+                              compute=ActorPoolStrategy(size=resources.actors), **common)
+    return ds.map_batches(_in_task, fn_kwargs={"stage": stage, "spec": pickle.dumps(stage_kwargs)}, **common)
+
+
+_built: dict = {}  # per worker process: (stage, its pickled kwargs) -> the stage object
+
+
+def _in_task(batch, stage: type, spec: bytes):
+    if (stage, spec) not in _built:
+        _built[(stage, spec)] = stage(**pickle.loads(spec))
+    return _built[(stage, spec)](batch)
