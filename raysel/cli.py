@@ -14,11 +14,10 @@ from raysel.corpus import InputError
 
 # Verbs whose stages land in later work; they check their config and say so.
 PENDING = {
-    "encode": "the encoder stage",
     "select": "the selection stage",
-    "train-sae": "SAE training",
     "report": "the run report",
 }
+UNTIL = {"run": "encode", "encode": "encode", "demo": "encode", "train-sae": "train-sae"}
 
 
 def demo_data_path() -> str:
@@ -41,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one config value, e.g. --set prepare.max_tokens=256 (repeatable)")
         return p
 
-    verb("run", "Run the whole job: prepare (and each later stage that exists).")
-    verb("encode", "Encode prepared samples into SAE features.")
+    verb("run", "Run the whole job: prepare, encode (and each later stage that exists).")
+    verb("encode", "Prepare and encode samples into the SAE feature store.")
     verb("select", "Select a subset from the feature store.")
-    verb("train-sae", "Train a TopK SAE on the configured model and corpus.")
+    verb("train-sae", "Prepare the corpus and train a TopK SAE on it with sae-lens (the default SAE).")
     report = verb("report", "Write report.html for a finished run.", config=False)
     report.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
     demo = verb("demo", "Run the job on the bundled demo data with the embedded default model.", config=False)
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             return _pending(args.verb)
         from raysel.pipeline import run
 
-        manifest = run(cfg)
+        manifest = run(cfg, until=UNTIL[args.verb], train_missing_sae=args.verb == "demo")
     except (ConfigError, InputError) as err:
         print(f"raysel {args.verb}: {err}", file=sys.stderr)
         return 2

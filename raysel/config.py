@@ -57,12 +57,56 @@ class PrepareConfig(Section):
     max_tokens: int = Field(512, gt=0)
     dedup: bool = True  # reject exact duplicate texts
     batch_size: int = Field(512, gt=0)  # rows per formatting task; tasks run on every free CPU
+    rows_per_file: int = Field(1024, gt=0)  # rows per prepared file: the encoder's unit of work and resume
 
 
 class ModelConfig(Section):
     name: str = EMBEDDED_MODEL  # the embedded default, an HF hub id, or a local directory
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cache_dir: str = str(Path.home() / ".cache" / "raysel")
+
+
+class SAESection(Section):
+    """Which SAE reads the model: a saved one, a published one, or the default
+    that `raysel train-sae` makes for the configured model."""
+
+    path: Optional[str] = None  # a directory (or s3:// prefix) saved by sae-lens; safetensors only
+    release: Optional[str] = None  # a sae-lens pretrained release, with sae_id (needs a hub)
+    sae_id: Optional[str] = None
+    hook_layer: Optional[int] = Field(None, ge=0)  # overrides the layer in the SAE's metadata
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path and self.release:
+            raise ValueError("sae: set sae.path or sae.release, not both")
+        if bool(self.release) != bool(self.sae_id):
+            raise ValueError("sae: sae.release and sae.sae_id go together")
+        return self
+
+
+class TrainSAEConfig(Section):
+    """`raysel train-sae`: a TopK SAE trained with sae-lens on the prepared corpus."""
+
+    layer: int = Field(15, ge=0)  # the SAE reads the residual stream after this block
+    d_sae: int = Field(4096, gt=0)
+    k: int = Field(32, gt=0)
+    training_tokens: int = Field(400_000, gt=0)
+    context_size: int = Field(256, gt=0)
+    batch_size_tokens: int = Field(2048, gt=0)
+    lr: float = Field(4e-4, gt=0)
+    seed: int = 42
+    output: Optional[str] = None  # None: the cache dir, where runs find the default SAE
+
+
+class EncodeConfig(Section):
+    actors: int = Field(1, gt=0)  # one model + SAE each; on GPU nodes, one per GPU
+    num_gpus: float = Field(1.0, ge=0)  # per actor when the cluster has GPUs; fractions share one
+    num_cpus: float = Field(1.0, gt=0)  # per actor
+    memory_gb: float = Field(4.0, gt=0)  # heap per actor, reserved with Ray
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tokens_per_batch: int = Field(8192, gt=0)  # padded tokens per forward pass
+    skip_prefix: bool = True  # leave the chat template's shared prefix out of pooling
+    top_m: Optional[int] = Field(None, gt=0)  # keep only the M strongest features per sample
 
 
 class S3Config(Section):
@@ -90,6 +134,9 @@ class RunConfig(Section):
     input: InputConfig = InputConfig()
     prepare: PrepareConfig = PrepareConfig()
     model: ModelConfig = ModelConfig()
+    sae: SAESection = SAESection()
+    train_sae: TrainSAEConfig = TrainSAEConfig()
+    encode: EncodeConfig = EncodeConfig()
     s3: S3Config = S3Config()
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()

@@ -70,3 +70,49 @@ def materialize_embedded(cache_dir: Path) -> Path:
         if not (target / "model.safetensors").is_file():
             raise
     return target
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("encode.device: cuda was asked for but no GPU is visible (allowed: auto, cpu, cuda)")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":  # bf16 halves memory and doubles matmul rate on GPUs; CPUs get exact fp32
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_model(cfg: ModelConfig, device: str):
+    """The causal LM, in eval mode, from safetensors weights only."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_source(cfg), dtype=resolve_dtype(cfg.dtype, device), use_safetensors=True
+    )
+    return model.to(device).eval()
+
+
+def truncate_to_layer(model, layer: int):
+    """The base model cut after block `layer`: no later blocks, no final norm, no lm_head.
+
+    Its last_hidden_state is the residual stream after block `layer`, equal to the
+    full model's hidden_states[layer + 1]. The final norm must go: it would
+    otherwise run on whichever block comes last."""
+    import torch
+
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    n_layers = len(base.layers)
+    if not 0 <= layer < n_layers:
+        raise ConfigError(f"sae.hook_layer: layer {layer} does not exist (the model has layers 0..{n_layers - 1})")
+    base.layers = base.layers[: layer + 1]
+    base.norm = torch.nn.Identity()
+    base.config.num_hidden_layers = layer + 1
+    return base

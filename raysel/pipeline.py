@@ -7,10 +7,14 @@ import importlib.metadata
 import logging
 import os
 
+import pyarrow.parquet as pq
 import ray
 
 from raysel.config import RunConfig
+from raysel.encode import run_encode
+from raysel.models import resolve_device
 from raysel.prepare import run_prepare
+from raysel.sae import default_sae_dir, train_sae
 from raysel.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -22,27 +26,49 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise start one here.
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     local = {"num_cpus": cfg.ray.num_cpus} if address is None else {}
     ray.init(address=address, **local)
 
 
-def run(cfg: RunConfig) -> dict:
+def run(cfg: RunConfig, until: str = "encode", train_missing_sae: bool = False) -> dict:
+    """Run the stages up to `until` (prepare, train-sae or encode); finished ones are skipped."""
     init_ray(cfg)
     storage = Storage(cfg.output.root, cfg.s3)
     log.info("run: output at %s", storage.uri())
-    prepared = run_prepare(cfg, storage)
+    stages = {"prepare": run_prepare(cfg, storage)}
+    default_missing = cfg.sae.path is None and not cfg.sae.release and not (default_sae_dir(cfg) / "cfg.json").is_file()
+    if until == "train-sae" or (until == "encode" and train_missing_sae and default_missing):
+        stages["train_sae"] = run_train_sae(cfg, storage)
+    if until == "encode":
+        stages["encode"] = run_encode(cfg, storage, stages["prepare"])
+    prepared = stages["prepare"]
     manifest = {
         "config": cfg.public_dict(),
         "versions": versions(),
         "output": storage.uri(),
-        "stages": {"prepare": prepared},
-        "counts": {k: prepared[k] for k in ("n_input", "n_valid", "n_rejected", "rejected_by_reason")},
+        "stages": stages,
+        "counts": {k: prepared[k] for k in ("n_input", "n_valid", "n_rejected", "rejected_by_reason")}
+        | ({"n_encoded": stages["encode"]["n_encoded"]} if "encode" in stages else {}),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     storage.write_json("manifest.json", manifest)
     log.info("run: done; manifest at %s", storage.uri("manifest.json"))
     return manifest
+
+
+def run_train_sae(cfg: RunConfig, storage: Storage) -> dict:
+    """Train the default SAE on the prepared texts: enough of them for the token budget."""
+    texts, tokens = [], 0
+    table = pq.read_table(storage.path("prepared"), columns=["text", "n_tokens"], filesystem=storage.fs)
+    for text, n in zip(table["text"].to_pylist(), table["n_tokens"].to_pylist()):
+        if tokens >= 2 * cfg.train_sae.training_tokens:
+            break
+        texts.append(text)
+        tokens += n
+    summary = train_sae(cfg, texts, resolve_device(cfg.encode.device))
+    storage.write_json("stages/train_sae.json", summary)
+    return summary
 
 
 def versions() -> dict[str, str]:

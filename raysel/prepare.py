@@ -22,7 +22,7 @@ from ray.data.expressions import col
 from raysel.config import RunConfig
 from raysel.corpus import ORDER_BITS, CorpusDatasource, fingerprint, list_input_files
 from raysel.models import load_tokenizer, model_source
-from raysel.records import FALLBACK_CHAT_TEMPLATE, Rejected, normalize, render
+from raysel.records import Rejected, chat_template_for, normalize, render
 from raysel.stages import Resources, map_stage
 from raysel.storage import Storage
 
@@ -58,8 +58,7 @@ class Formatter:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model)
-        own = cfg.prepare.chat_template == "auto" and self.tokenizer.chat_template
-        self.template = None if own else FALLBACK_CHAT_TEMPLATE
+        self.template = chat_template_for(self.tokenizer, cfg.prepare.chat_template)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self._sample(r) for r in batch.to_pylist()]
@@ -118,7 +117,8 @@ def run_prepare(cfg: RunConfig, storage: Storage) -> dict:
     kept, rejects, n_input = validate(cfg, files, fs)
 
     kept.write_parquet(storage.path("prepared"), filesystem=storage.fs, mode=SaveMode.OVERWRITE,
-                       filename_provider=PartNames(file_format="parquet"))
+                       filename_provider=PartNames(file_format="parquet"),
+                       max_rows_per_file=cfg.prepare.rows_per_file)
     rejects.write_json(storage.path("rejects"), filesystem=storage.fs, mode=SaveMode.OVERWRITE,
                        filename_provider=PartNames(file_format="jsonl"), force_ascii=False)
 

@@ -67,6 +67,20 @@ def normalize(record: dict, fields: FieldMap, shape: str = "auto") -> Sample:
     return Sample(shape, messages, text, _sample_id(record, fields, content_hash), content_hash)
 
 
+def chat_template_for(tokenizer, choice: str) -> str | None:
+    """The template to pass to apply_chat_template: None means the tokenizer's own."""
+    return None if choice == "auto" and tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE
+
+
+def shared_prefix(tokenizer, chat_template: str | None) -> str:
+    """What the template puts before every conversation's first user text (a
+    default system prompt, role headers): the common start of two renderings."""
+    a, b = (tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                          chat_template=chat_template) for c in ("A", "B"))
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return a[:n]
+
+
 def render(sample: Sample, tokenizer, chat_template: str | None) -> str:
     """The text the model sees. Plain-text records are taken as already rendered."""
     if sample.messages is None:

@@ -152,3 +152,40 @@ def s3_server(tmp_path_factory):
     server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_chat_tokenizer_dir) -> Path:
+    """A 4-layer Llama built from config (random weights) with the tiny chat tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = AutoTokenizer.from_pretrained(tiny_chat_tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
+                         pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def build_tiny_sae(out: Path, d_in: int = 64, d_sae: int = 128, k: int = 8, layer: int = 1) -> Path:
+    """A TopK SAE built from config, with random weights, saved the way sae-lens saves."""
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k, metadata=SAEMetadata(hook_name=f"model.layers.{layer}")))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 1 / d_in**0.5)
+        sae.W_dec.copy_(sae.W_enc.T)
+    sae.save_model(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sae_dir(tmp_path_factory) -> Path:
+    return build_tiny_sae(tmp_path_factory.mktemp("tiny-sae"))
