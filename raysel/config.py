@@ -88,12 +88,12 @@ class TrainSAEConfig(Section):
     """`raysel train-sae`: a TopK SAE trained with sae-lens on the prepared corpus."""
 
     layer: int = Field(15, ge=0)  # the SAE reads the residual stream after this block
-    d_sae: int = Field(4096, gt=0)
+    d_sae: int = Field(2048, gt=0)
     k: int = Field(32, gt=0)
-    training_tokens: int = Field(400_000, gt=0)
+    training_tokens: int = Field(120_000, gt=0)  # sized to finish in under 3 minutes on 2 CPU cores
     context_size: int = Field(256, gt=0)
-    batch_size_tokens: int = Field(2048, gt=0)
-    lr: float = Field(4e-4, gt=0)
+    batch_size_tokens: int = Field(256, gt=0)
+    lr: float = Field(1e-3, gt=0)
     seed: int = 42
     output: Optional[str] = None  # None: the cache dir, where runs find the default SAE
 

@@ -143,12 +143,15 @@ def train_sae(cfg: RunConfig, texts: list[str], device: str) -> dict:
         checkpoint_path=str(out.parent / f".{out.name}.checkpoints"),
         output_path=None,
         n_batches_for_norm_estimate=10,
+        # A short run: let TopK's auxiliary loss revive features after 100 quiet steps, not 1000.
+        dead_feature_window=100,
         logger=LoggingConfig(log_to_wandb=False),
         verbose=False,
     )
     start = time.time()
     corpus = datasets.Dataset.from_dict({"text": texts})
-    runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=corpus)
+    runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=corpus,
+                                            override_model=_hooked_truncated_model(cfg, device))
     sae = runner.run()
     seconds = time.time() - start
     summary = {**evaluate_sae(sae, runner.activations_store), "seconds": round(seconds, 1),
@@ -168,7 +171,24 @@ def train_sae(cfg: RunConfig, texts: list[str], device: str) -> dict:
     return {**summary, "path": str(out)}
 
 
-def evaluate_sae(sae, store, n_batches: int = 4) -> dict:
+def _hooked_truncated_model(cfg: RunConfig, device: str):
+    """The model as sae-lens's runner wants it, cut after the hook layer.
+
+    Blocks past the hook and the 49k-wide lm_head are more than half the cost
+    of a forward pass, and their output is never read: the runner only caches
+    the hook's activations."""
+    import torch
+    from sae_lens.load_model import HookedProxyLM
+
+    from raysel.models import load_model, load_tokenizer, truncate_to_layer
+
+    model = load_model(cfg.model, device)
+    truncate_to_layer(model, cfg.train_sae.layer)
+    model.lm_head = torch.nn.Identity()
+    return HookedProxyLM(model, load_tokenizer(cfg.model), hook_names=[f"model.layers.{cfg.train_sae.layer}"])
+
+
+def evaluate_sae(sae, store, n_batches: int = 32) -> dict:
     """Explained variance, mean L0 and the share of features that never fire,
     on fresh activation batches from the training store."""
     import torch

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port, write_jsonl
+from tests.conftest import REPO, build_tiny_sae, free_port, write_jsonl
 from tests.test_prepare import GOOD, LONG
 
 BIN = Path(sys.executable).parent
@@ -68,9 +68,12 @@ def test_job_submit_round_trip(ray_head, tmp_path):
     address, env = ray_head
     data = write_jsonl(tmp_path / "corpus.jsonl", [GOOD, LONG, {"id": "bad", "instruction": 3, "output": "x"}])
     config = tmp_path / "job.yaml"
+    # an SAE for SmolLM2's 576-wide residual stream after block 3, built from config
+    sae = build_tiny_sae(tmp_path / "sae", d_in=576, d_sae=256, k=16, layer=3)
     config.write_text(yaml.safe_dump({
         "input": {"paths": [str(data)], "fields": {"id": "id"}},
         "prepare": {"max_tokens": 128},
+        "sae": {"path": str(sae)},
         "output": {"root": str(tmp_path / "out")},
     }))
     ray = str(BIN / "ray")
@@ -90,7 +93,8 @@ def test_job_submit_round_trip(ray_head, tmp_path):
     assert status.stdout.strip() == "SUCCEEDED", submit.stdout[-4000:] + submit.stderr[-4000:] + status.stderr
 
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["counts"] == {"n_input": 3, "n_valid": 2, "n_rejected": 1, "rejected_by_reason": {"wrong_type": 1}}
+    assert manifest["counts"] == {"n_input": 3, "n_valid": 2, "n_rejected": 1,
+                                  "rejected_by_reason": {"wrong_type": 1}, "n_encoded": 2}
     assert manifest["config"]["input"]["paths"] == [str(data)]
     assert manifest["config"]["model"]["name"] == "embedded:smollm2-135m-instruct"
     rows = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "prepared").to_pylist()}
@@ -98,3 +102,7 @@ def test_job_submit_round_trip(ray_head, tmp_path):
     assert rows["a1"]["text"].startswith("<|im_start|>system\n")
     assert "<|im_start|>user\nName a prime number.<|im_end|>" in rows["a1"]["text"]
     assert rows["a9"]["truncated"] and rows["a9"]["n_tokens"] == 128
+    features = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "features").to_pylist()}
+    assert set(features) == {"a1", "a9"} and manifest["stages"]["encode"]["layer"] == 3
+    # SmolLM2's 21-token system prompt and the user header are not pooled; the long one keeps the rest
+    assert features["a9"]["n_tokens"] < 128 - 21 and len(features["a9"]["feat_ids"]) > 16
