@@ -58,6 +58,8 @@ class Encoder:
 
         self.torch, self.cfg = torch, cfg
         self.device = resolve_device(cfg.encode.device)
+        if self.device == "cpu":  # one thread per CPU Ray gave this actor
+            torch.set_num_threads(max(1, int(cfg.encode.num_cpus)))
         self.tokenizer = load_tokenizer(cfg.model)
         self.sae = load_sae(cfg, self.device).eval()
         model = load_model(cfg.model, self.device)
@@ -144,6 +146,7 @@ class EncodeShards:
     """Stage: each input row names a prepared file; encode it and write its features shard, then its marker."""
 
     def __init__(self, cfg: RunConfig, fingerprint: str):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.encoder = Encoder(cfg)
         self.storage = Storage(cfg.output.root, cfg.s3)
         self.fingerprint = fingerprint
