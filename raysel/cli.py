@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from importlib import resources
 
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.verb == "demo":
-            overrides = [f"input.paths={json.dumps([demo_data_path()])}", *args.overrides]
+            # the one CPU encode actor gets every core of the machine it runs on
+            overrides = [f"input.paths={json.dumps([demo_data_path()])}", f"encode.num_cpus={os.cpu_count() or 1}",
+                         *args.overrides]
             if args.output:
                 overrides.append(f"output.root={args.output}")
             cfg = load_config(demo_config_path(), overrides)

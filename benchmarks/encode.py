@@ -1,0 +1,182 @@
+"""raysel's encoder against a naive baseline, side by side in one process.
+
+Both read the same samples of pool.jsonl (rendered with the chat template, up
+to --max-tokens tokens each) with the default model and SAE, run one warm-up
+batch and then one timed pass:
+
+- naive: the full model with output_hidden_states, corpus-order batches padded
+  to the longest sample, a dense sae-lens encode of every position;
+- raysel: raysel.encode.Encoder (model cut at the hook layer, length buckets,
+  padding dropped before the SAE, sparse pooled output).
+
+Both pool the same positions (no padding, not position 0). The matmul peak is
+measured in the same run. The last line printed is one JSON object.
+
+    python benchmarks/encode.py [--pool ../shared/data/pool.jsonl] [--n 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from raysel.config import FieldMap, RunConfig
+from raysel.encode import Encoder
+from raysel.models import load_model, load_tokenizer
+from raysel.records import chat_template_for, normalize, render
+from raysel.sae import default_sae_dir, load_sae, train_sae
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pool", default="../shared/data/pool.jsonl")
+    parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--naive-batch", type=int, default=16)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args()
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    cfg = RunConfig.model_validate({
+        "input": {"paths": [args.pool]}, "prepare": {"max_tokens": args.max_tokens},
+        "encode": {"device": args.device, "num_cpus": threads, "skip_prefix": False},
+    })
+    tokenizer = load_tokenizer(cfg.model)
+    ids, texts = load_samples(args.pool, args.n, tokenizer)
+    if not (default_sae_dir(cfg) / "cfg.json").is_file():
+        print("no default SAE yet: training it with train_sae defaults (about 2 minutes on 2 cores)")
+        train_sae(cfg, texts * 4, "cpu")
+
+    encoder = Encoder(cfg)
+    device = encoder.device
+    peak = matmul_peak_gflops(device)
+    naive = NaiveEncoder(cfg, device, encoder.layer, args.naive_batch)
+
+    encoder(ids[:16], texts[:16])  # warm-up
+    start = time.perf_counter()
+    ours = encoder(ids, texts)
+    ours_s = time.perf_counter() - start
+
+    naive(texts[:16])  # warm-up
+    start = time.perf_counter()
+    naive_max = naive(texts)
+    naive_s = time.perf_counter() - start
+
+    enc = tokenizer(texts, truncation=True, max_length=args.max_tokens)["input_ids"]
+    real_tokens = sum(len(x) for x in enc)
+    padded_ours = sum(len(enc[b[0]]) * len(b) for b in encoder._length_buckets(enc))
+    counted = int(np.sum(ours["n_tokens"].to_numpy()))
+    flops = 2 * linear_params(encoder.model) * padded_ours + 2 * 2 * encoder.sae.cfg.d_in * encoder.sae.cfg.d_sae * counted
+    achieved = flops / ours_s / 1e9
+    buf = io.BytesIO()
+    pq.write_table(ours, buf)
+    agreement = compare(ours, naive_max)
+
+    result = {
+        "samples_per_s": round(len(texts) / ours_s, 2),
+        "naive_samples_per_s": round(len(texts) / naive_s, 2),
+        "speedup_vs_naive": round(naive_s / ours_s, 2),
+        "tokens_per_s": round(real_tokens / ours_s, 1),
+        "naive_tokens_per_s": round(real_tokens / naive_s, 1),
+        "achieved_gflops": round(achieved, 1),
+        "matmul_peak_gflops": round(peak, 1),
+        "fraction_of_matmul_peak": round(achieved / peak, 3),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "bytes_per_sample": round(buf.tell() / len(texts), 1),
+        "n_samples": len(texts), "real_tokens": real_tokens, "padded_tokens_raysel": padded_ours,
+        "padded_tokens_naive": naive.padded_tokens, "layer": encoder.layer, "device": device,
+        "threads": threads, "max_abs_diff_feat_max": agreement["max_abs_diff"],
+        "active_set_jaccard": agreement["jaccard"],
+    }
+    print(f"{'':8} {'samples/s':>10} {'tokens/s':>10} {'padded tokens':>14}")
+    print(f"{'naive':8} {result['naive_samples_per_s']:>10} {result['naive_tokens_per_s']:>10} {naive.padded_tokens:>14}")
+    print(f"{'raysel':8} {result['samples_per_s']:>10} {result['tokens_per_s']:>10} {padded_ours:>14}")
+    print(f"speedup vs naive: {result['speedup_vs_naive']}x; {achieved:.0f} GFLOP/s of a {peak:.0f} GFLOP/s "
+          f"matmul peak ({100 * result['fraction_of_matmul_peak']:.0f}%); features agree with the naive path "
+          f"(max |diff| {agreement['max_abs_diff']:.2e}, active-set Jaccard {agreement['jaccard']:.4f})")
+    print(json.dumps(result))
+
+
+def load_samples(pool: str, n: int, tokenizer) -> tuple[list[str], list[str]]:
+    template = chat_template_for(tokenizer, "auto")
+    ids, texts = [], []
+    with open(pool) as f:
+        for line in f:
+            record = json.loads(line)
+            sample = normalize(record, FieldMap(id="id"))
+            ids.append(sample.id)
+            texts.append(render(sample, tokenizer, template))
+            if len(texts) == n:
+                break
+    return ids, texts
+
+
+class NaiveEncoder:
+    """Full model, output_hidden_states, corpus order, padded batches, dense SAE on every position."""
+
+    def __init__(self, cfg: RunConfig, device: str, layer: int, batch: int):
+        self.model = load_model(cfg.model, device)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.sae = load_sae(cfg, device).eval()
+        self.layer, self.batch, self.device = layer, batch, device
+        self.max_tokens = cfg.prepare.max_tokens
+        self.padded_tokens = 0
+
+    @torch.inference_mode()
+    def __call__(self, texts: list[str]) -> list[torch.Tensor]:
+        pooled, self.padded_tokens = [], 0
+        for i in range(0, len(texts), self.batch):
+            enc = self.tokenizer(texts[i: i + self.batch], padding=True, truncation=True,
+                                 max_length=self.max_tokens, return_tensors="pt").to(self.device)
+            self.padded_tokens += enc["input_ids"].numel()
+            hidden = self.model(**enc, output_hidden_states=True).hidden_states[self.layer + 1]
+            z = self.sae.encode(hidden.to(self.sae.dtype))  # (batch, seq, d_sae), padding included
+            keep = enc["attention_mask"].bool().clone()
+            keep[:, 0] = False
+            z = torch.where(keep[..., None], z, torch.zeros_like(z))
+            pooled.extend(z.max(dim=1).values.float().cpu())
+        return pooled
+
+
+def compare(ours, naive_max: list[torch.Tensor]) -> dict:
+    diff, inter, union = 0.0, 0, 0
+    for row, ref in zip(ours.to_pylist(), naive_max):
+        dense = torch.zeros_like(ref)
+        dense[row["feat_ids"]] = torch.tensor(row["feat_max"])
+        diff = max(diff, (dense - ref).abs().max().item())
+        a, b = set(row["feat_ids"]), set(ref.nonzero().flatten().tolist())
+        inter, union = inter + len(a & b), union + len(a | b)
+    return {"max_abs_diff": diff, "jaccard": inter / max(union, 1)}
+
+
+def linear_params(model) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def matmul_peak_gflops(device: str, n: int = 2048, repeats: int = 10) -> float:
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+if __name__ == "__main__":
+    main()
