@@ -73,7 +73,7 @@ def main() -> None:
 
     enc = tokenizer(texts, truncation=True, max_length=args.max_tokens)["input_ids"]
     real_tokens = sum(len(x) for x in enc)
-    padded_ours = sum(len(enc[b[0]]) * len(b) for b in encoder._length_buckets(enc))
+    padded_ours = sum(len(enc[b[0]]) * len(b) for b in encoder.length_buckets(enc))
     counted = int(np.sum(ours["n_tokens"].to_numpy()))
     flops = 2 * linear_params(encoder.model) * padded_ours + 2 * 2 * encoder.sae.cfg.d_in * encoder.sae.cfg.d_sae * counted
     achieved = flops / ours_s / 1e9

@@ -75,7 +75,7 @@ class Encoder:
 
     def __call__(self, ids: list[str], texts: list[str]) -> pa.Table:
         enc = self.tokenizer(texts, truncation=True, max_length=self.cfg.prepare.max_tokens)["input_ids"]
-        buckets = list(self._length_buckets(enc))
+        buckets = list(self.length_buckets(enc))
         parts = [self._encode_batch([enc[i] for i in batch]) for batch in buckets]
         order = np.concatenate(buckets)
         n_tokens = np.concatenate([p[0] for p in parts])
@@ -84,7 +84,7 @@ class Encoder:
                           pa.array(n_tokens, pa.int32()), *columns], schema=FEATURE_SCHEMA)
         return table.take(np.argsort(order))
 
-    def _length_buckets(self, enc: list[list[int]]):
+    def length_buckets(self, enc: list[list[int]]):
         """Indices in batches of similar length, each under the padded-token budget."""
         order = np.argsort([-len(x) for x in enc], kind="stable")
         batch: list[int] = []
@@ -180,8 +180,9 @@ def run_encode(cfg: RunConfig, storage: Storage, prepared: dict) -> dict:
     check_against_model(cfg, meta)
     fp = encode_fingerprint(cfg, prepared["fingerprint"], meta)
     shards = sorted(posixpath.basename(i.path) for i in _listing(storage, "prepared") if i.path.endswith(".parquet"))
-    finished = {name: m for name, m in done_shards(storage).items() if m["fingerprint"] == fp}
-    if len(finished) < len(done_shards(storage)):  # features of another input or config: start over
+    markers = done_shards(storage)
+    finished = {name: m for name, m in markers.items() if m["fingerprint"] == fp}
+    if len(finished) < len(markers):  # features of another input or config: start over
         log.info("encode: features from an earlier input or config; re-encoding everything")
         storage.remove("features")
         finished = {}

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -107,9 +108,8 @@ def train_sae(cfg: RunConfig, texts: list[str], device: str) -> dict:
     Returns the training summary: explained variance, mean L0, dead share."""
     import os
 
-    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("WANDB_MODE", "disabled")  # before sae-lens imports wandb: offline, no prompts
     import datasets
-    import torch
     from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
     from sae_lens import TopKTrainingSAEConfig
     from transformers import AutoConfig
@@ -161,11 +161,8 @@ def train_sae(cfg: RunConfig, texts: list[str], device: str) -> dict:
     sae.save_model(tmp)
     (tmp / "training.json").write_text(json.dumps(summary, indent=2))
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.rename(out)
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     log.info("train-sae: %s in %.0fs: explained variance %.3f, mean L0 %.1f, dead %.1f%%", out, seconds,
              summary["explained_variance"], summary["mean_l0"], 100 * summary["dead_fraction"])
     return {**summary, "path": str(out)}
