@@ -68,3 +68,20 @@ def _selector(path):
     import pyarrow.fs as pafs
 
     return pafs.FileSelector(path, recursive=True)
+
+
+def test_sae_from_s3_is_fetched_into_the_cache_and_loads(s3_server, tiny_sae_dir, tmp_path):
+    from raysel.sae import load_sae, local_sae_dir
+
+    fs = s3_server.filesystem()
+    fs.create_dir("saes")
+    for f in tiny_sae_dir.iterdir():
+        with fs.open_output_stream(f"saes/tiny/{f.name}") as out:
+            out.write(f.read_bytes())
+    cfg = RunConfig.model_validate({"input": {"paths": ["unused"]}, "sae": {"path": "s3://saes/tiny"},
+                                    "model": {"cache_dir": str(tmp_path / "cache")}, "s3": s3_server.config()})
+    local = local_sae_dir(cfg)
+    assert local.is_relative_to(tmp_path / "cache")
+    assert (local / "sae_weights.safetensors").read_bytes() == (tiny_sae_dir / "sae_weights.safetensors").read_bytes()
+    sae = load_sae(cfg, "cpu")
+    assert (sae.cfg.d_in, sae.cfg.d_sae) == (64, 128)
