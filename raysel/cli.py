@@ -18,7 +18,7 @@ PENDING = {
     "select": "the selection stage",
     "report": "the run report",
 }
-UNTIL = {"run": "encode", "encode": "encode", "demo": "encode", "train-sae": "train-sae"}
+UNTIL = {"run": "stats", "encode": "encode", "demo": "stats", "train-sae": "train-sae"}
 
 
 def demo_data_path() -> str:
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one config value, e.g. --set prepare.max_tokens=256 (repeatable)")
         return p
 
-    verb("run", "Run the whole job: prepare, encode (and each later stage that exists).")
+    verb("run", "Run the whole job: prepare, encode, feature statistics (and each later stage that exists).")
     verb("encode", "Prepare and encode samples into the SAE feature store.")
     verb("select", "Select a subset from the feature store.")
     verb("train-sae", "Prepare the corpus and train a TopK SAE on it with sae-lens (the default SAE).")

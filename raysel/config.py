@@ -109,6 +109,11 @@ class EncodeConfig(Section):
     top_m: Optional[int] = Field(None, gt=0)  # keep only the M strongest features per sample
 
 
+class StatsConfig(Section):
+    tau: float = Field(0.0, ge=0)  # a feature is active in a sample when its max-pool exceeds tau
+    top_n: int = Field(10, gt=0)  # top-activating samples kept per feature
+
+
 class S3Config(Section):
     """Settings for every s3:// location, input and output alike. Credentials
     fall back to the standard AWS environment variables."""
@@ -137,6 +142,7 @@ class RunConfig(Section):
     sae: SAESection = SAESection()
     train_sae: TrainSAEConfig = TrainSAEConfig()
     encode: EncodeConfig = EncodeConfig()
+    stats: StatsConfig = StatsConfig()
     s3: S3Config = S3Config()
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()

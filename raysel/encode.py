@@ -203,7 +203,7 @@ def run_encode(cfg: RunConfig, storage: Storage, prepared: dict) -> dict:
         raise RuntimeError(f"encode: shards {missing[:5]} have no completion marker; re-run to finish them")
     seconds = time.time() - start
     summary = {
-        "fingerprint": fp, "layer": meta["layer"], "sae": meta["identity"],
+        "fingerprint": fp, "layer": meta["layer"], "sae": meta["identity"], "d_sae": meta.get("d_sae"),
         "n_shards": len(shards), "n_shards_encoded": len(todo), "n_shards_skipped": len(shards) - len(todo),
         "n_encoded": sum(markers[s]["rows"] for s in shards),
         "n_tokens": sum(markers[s]["tokens"] for s in shards),

@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import ray
 
 from raysel.config import RunConfig
-from raysel.encode import run_encode
+from raysel.encode import read_features, run_encode
 from raysel.models import resolve_device
 from raysel.prepare import run_prepare
 from raysel.sae import default_sae_dir, train_sae
+from raysel.stats import run_stats
 from raysel.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -31,17 +32,21 @@ def init_ray(cfg: RunConfig) -> None:
     ray.init(address=address, **local)
 
 
-def run(cfg: RunConfig, until: str = "encode", train_missing_sae: bool = False) -> dict:
-    """Run the stages up to `until` (prepare, train-sae or encode); finished ones are skipped."""
+def run(cfg: RunConfig, until: str = "stats", train_missing_sae: bool = False) -> dict:
+    """Run the stages up to `until` (train-sae, encode or stats); finished ones are skipped."""
     init_ray(cfg)
     storage = Storage(cfg.output.root, cfg.s3)
     log.info("run: output at %s", storage.uri())
     stages = {"prepare": run_prepare(cfg, storage)}
     default_missing = cfg.sae.path is None and not cfg.sae.release and not (default_sae_dir(cfg) / "cfg.json").is_file()
-    if until == "train-sae" or (until == "encode" and train_missing_sae and default_missing):
+    if until == "train-sae" or (train_missing_sae and default_missing):
         stages["train_sae"] = run_train_sae(cfg, storage)
-    if until == "encode":
+    if until in ("encode", "stats"):
         stages["encode"] = run_encode(cfg, storage, stages["prepare"])
+    if until == "stats":
+        encoded = stages["encode"]
+        stages["stats"] = run_stats(storage, read_features(storage), encoded["d_sae"], cfg.stats.tau,
+                                    cfg.stats.top_n, encoded["fingerprint"])
     prepared = stages["prepare"]
     manifest = {
         "config": cfg.public_dict(),

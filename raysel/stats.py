@@ -120,8 +120,16 @@ def to_table(stats: FeatureStats) -> pa.Table:
     })
 
 
-def run_stats(storage: Storage, features: ray.data.Dataset, d_sae: int, tau: float, top_n: int,
+def observed_width(ds: ray.data.Dataset) -> int:
+    """1 + the largest feature id in the store, for SAEs whose d_sae the driver cannot read."""
+    widths = ds.map_batches(lambda t: {"w": [int(pc.max(pc.list_flatten(t["feat_ids"])).as_py() or -1) + 1]},
+                            batch_format="pyarrow", batch_size=None)
+    return max(widths.to_pandas()["w"], default=0)
+
+
+def run_stats(storage: Storage, features: ray.data.Dataset, d_sae: int | None, tau: float, top_n: int,
               encode_fingerprint: str) -> dict:
+    d_sae = d_sae or observed_width(features)
     done = storage.read_json(MARKER)
     key = {"encode_fingerprint": encode_fingerprint, "tau": tau, "top_n": top_n}
     if done and {k: done.get(k) for k in key} == key:

@@ -27,7 +27,7 @@ def test_train_sae_then_encode_with_the_default_model(ray_cluster, tmp_path):
     assert (meta["d_in"], meta["d_sae"], meta["metadata"]["hook_name"]) == (576, 512, "model.layers.6")
 
     # with no sae.path, the run finds the SAE train-sae made (train_sae.output names it)
-    manifest = run(RunConfig.model_validate(raw), until="encode")
+    manifest = run(RunConfig.model_validate(raw), until="stats")
     assert manifest["stages"]["encode"]["layer"] == 6 and manifest["counts"]["n_encoded"] == 60
     features = pq.read_table(tmp_path / "out" / "features").to_pylist()
     prepared = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "prepared").to_pylist()}
@@ -37,3 +37,12 @@ def test_train_sae_then_encode_with_the_default_model(ray_cluster, tmp_path):
         assert 0 < f["n_tokens"] < prepared[f["id"]]["n_tokens"] - 20
         assert len(f["feat_ids"]) >= 16 and f["feat_ids"] == sorted(f["feat_ids"])
         assert all(s >= m > 0 for m, s in zip(f["feat_max"], f["feat_sum"]))
+
+    # the reduce stage read the same store: one row per SAE feature, counts add up
+    stats = pq.read_table(tmp_path / "out" / "stats" / "features.parquet").to_pylist()
+    assert [s["feature"] for s in stats] == list(range(512))
+    assert sum(s["doc_freq"] for s in stats) == sum(len(f["feat_ids"]) for f in features)  # tau 0
+    assert manifest["stages"]["stats"]["n_samples"] == 60
+    strongest = max(stats, key=lambda s: s["max"])
+    by_id = {f["id"]: dict(zip(f["feat_ids"], f["feat_max"])) for f in features}
+    assert by_id[strongest["top_ids"][0]][strongest["feature"]] == pytest.approx(strongest["max"])
