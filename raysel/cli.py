@@ -14,11 +14,8 @@ from raysel.config import ConfigError, load_config
 from raysel.corpus import InputError
 
 # Verbs whose stages land in later work; they check their config and say so.
-PENDING = {
-    "select": "the selection stage",
-    "report": "the run report",
-}
-UNTIL = {"run": "stats", "encode": "encode", "demo": "stats", "train-sae": "train-sae"}
+PENDING = {"report": "the run report"}
+UNTIL = {"run": "select", "encode": "encode", "select": "select", "demo": "select", "train-sae": "train-sae"}
 
 
 def demo_data_path() -> str:
@@ -41,9 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one config value, e.g. --set prepare.max_tokens=256 (repeatable)")
         return p
 
-    verb("run", "Run the whole job: prepare, encode, feature statistics (and each later stage that exists).")
+    verb("run", "Run the whole job: prepare, encode, feature statistics, selection.")
     verb("encode", "Prepare and encode samples into the SAE feature store.")
-    verb("select", "Select a subset from the feature store.")
+    verb("select", "Select subsets from the feature store (select.methods), encoding first what is missing.")
     verb("train-sae", "Prepare the corpus and train a TopK SAE on it with sae-lens (the default SAE).")
     report = verb("report", "Write report.html for a finished run.", config=False)
     report.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
@@ -75,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError) as err:
         print(f"raysel {args.verb}: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({"output": manifest["output"], **manifest["counts"]}))
+    coverage = manifest["stages"].get("select", {}).get("methods")
+    print(json.dumps({"output": manifest["output"], **manifest["counts"]} | ({"coverage": coverage} if coverage else {})))
     return 0
 
 

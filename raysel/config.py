@@ -114,6 +114,14 @@ class StatsConfig(Section):
     top_n: int = Field(10, gt=0)  # top-activating samples kept per feature
 
 
+class SelectConfig(Section):
+    methods: list[Literal["coverage", "random", "longest"]] = ["coverage", "random", "longest"]
+    budget: float = Field(0.1, gt=0)  # a count (>= 1) or a fraction of the encoded pool (< 1)
+    tau: float = Field(0.0, ge=0)  # a feature is activated in a sample when its max-pool exceeds tau
+    idf: bool = False  # weigh each feature's gain by its inverse document frequency
+    seed: int = 0  # for `random`
+
+
 class S3Config(Section):
     """Settings for every s3:// location, input and output alike. Credentials
     fall back to the standard AWS environment variables."""
@@ -143,6 +151,7 @@ class RunConfig(Section):
     train_sae: TrainSAEConfig = TrainSAEConfig()
     encode: EncodeConfig = EncodeConfig()
     stats: StatsConfig = StatsConfig()
+    select: SelectConfig = SelectConfig()
     s3: S3Config = S3Config()
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()

@@ -230,7 +230,10 @@ def _listing(storage: Storage, rel: str):
     return [i for i in storage.fs.get_file_info(selector) if i.is_file]
 
 
+def feature_paths(storage: Storage) -> list[str]:
+    """The feature store's shards that have a completion marker."""
+    return [storage.path("features", s) for s in sorted(done_shards(storage))]
+
+
 def read_features(storage: Storage) -> ray.data.Dataset:
-    """The feature store: only shards with a completion marker."""
-    paths = [storage.path("features", s) for s in sorted(done_shards(storage))]
-    return ray.data.read_parquet(paths, filesystem=storage.fs)
+    return ray.data.read_parquet(feature_paths(storage), filesystem=storage.fs)

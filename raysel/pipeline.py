@@ -15,6 +15,7 @@ from raysel.encode import read_features, run_encode
 from raysel.models import resolve_device
 from raysel.prepare import run_prepare
 from raysel.sae import default_sae_dir, train_sae
+from raysel.selection import run_select
 from raysel.stats import run_stats
 from raysel.storage import Storage
 
@@ -32,8 +33,8 @@ def init_ray(cfg: RunConfig) -> None:
     ray.init(address=address, **local)
 
 
-def run(cfg: RunConfig, until: str = "stats", train_missing_sae: bool = False) -> dict:
-    """Run the stages up to `until` (train-sae, encode or stats); finished ones are skipped."""
+def run(cfg: RunConfig, until: str = "select", train_missing_sae: bool = False) -> dict:
+    """Run the stages up to `until` (train-sae, encode, stats or select); finished ones are skipped."""
     init_ray(cfg)
     storage = Storage(cfg.output.root, cfg.s3)
     log.info("run: output at %s", storage.uri())
@@ -41,9 +42,9 @@ def run(cfg: RunConfig, until: str = "stats", train_missing_sae: bool = False) -
     default_missing = cfg.sae.path is None and not cfg.sae.release and not (default_sae_dir(cfg) / "cfg.json").is_file()
     if until == "train-sae" or (train_missing_sae and default_missing):
         stages["train_sae"] = run_train_sae(cfg, storage)
-    if until in ("encode", "stats"):
+    if until in ("encode", "stats", "select"):
         stages["encode"] = run_encode(cfg, storage, stages["prepare"])
-    if until == "stats":
+    if until in ("stats", "select"):
         encoded = stages["encode"]
         stages["stats"] = run_stats(storage, read_features(storage), encoded["d_sae"], cfg.stats.tau,
                                     cfg.stats.top_n, encoded["fingerprint"])
@@ -52,11 +53,18 @@ def run(cfg: RunConfig, until: str = "stats", train_missing_sae: bool = False) -
         "config": cfg.public_dict(),
         "versions": versions(),
         "output": storage.uri(),
+        "model": cfg.model.name,
         "stages": stages,
         "counts": {k: prepared[k] for k in ("n_input", "n_valid", "n_rejected", "rejected_by_reason")}
         | ({"n_encoded": stages["encode"]["n_encoded"]} if "encode" in stages else {}),
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if until == "select":
+        encoded = stages["encode"]
+        base = {k: manifest[k] for k in ("config", "versions", "model", "counts")} | {
+            "sae": encoded["sae"], "layer": encoded["layer"],
+            "fingerprints": {"prepare": prepared["fingerprint"], "encode": encoded["fingerprint"]}}
+        stages["select"] = run_select(cfg, storage, base)
+    manifest["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     storage.write_json("manifest.json", manifest)
     log.info("run: done; manifest at %s", storage.uri("manifest.json"))
     return manifest

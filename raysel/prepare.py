@@ -40,6 +40,7 @@ PREPARED_SCHEMA = pa.schema(
         ("n_tokens", pa.int32()),  # tokens in `text`
         ("n_tokens_full", pa.int32()),  # tokens before truncation
         ("truncated", pa.bool_()),
+        ("n_response_tokens", pa.int32()),  # tokens of the last assistant turn; 0 for plain text
         ("content_hash", pa.string()),
         ("source", pa.string()),  # input file
         ("row", pa.int64()),  # row or line number in that file
@@ -87,6 +88,10 @@ class Formatter:
             return
         limit = self.cfg.prepare.max_tokens
         enc = self.tokenizer([r["text"] for r in rows], return_offsets_mapping=True)
+        responses = [next((m["content"] for m in reversed(r["messages"] or []) if m["role"] == "assistant"), "")
+                     for r in rows]
+        for r, ids in zip(rows, self.tokenizer(responses, add_special_tokens=False)["input_ids"]):
+            r["n_response_tokens"] = len(ids)
         for r, ids, offsets in zip(rows, enc["input_ids"], enc["offset_mapping"]):
             r["n_tokens_full"] = len(ids)
             r["truncated"] = len(ids) > limit

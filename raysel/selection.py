@@ -1,0 +1,128 @@
+"""The select stage: pick a subset from the feature store, never re-encoding.
+
+Methods: `coverage` (SAE-GreedSelect: lazy greedy maximum coverage of activated
+features, optional IDF weights), `random` (seeded) and `longest` (by response
+tokens). Each writes selection/<method>/:
+
+    selected.parquet   rank, id, gain (the weighted gain greedy saw) and
+                       new_features (features the pick adds to the running union)
+    records.parquet, records.jsonl   the selected records in their original fields
+    manifest.json      config, versions, model and SAE identity, fingerprints, counts,
+                       the coverage curve, and coverage against random and longest
+                       at the same budget; written last
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raysel.config import RunConfig
+from raysel.coverage import lazy_greedy
+from raysel.encode import feature_paths
+from raysel.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def activated_sets(storage: Storage, tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids, and A(x) = {j : g_j(x) > tau} of every sample in CSR form (indptr, indices), sorted by id."""
+    columns = ["id", "feat_ids", "feat_max"]
+    table = pq.ParquetDataset(feature_paths(storage), filesystem=storage.fs).read(columns=columns)
+    table = table.sort_by("id")  # a fixed order, whatever the shard layout: ties break by id
+    keep = pc.greater(pc.list_flatten(table["feat_max"]), tau)
+    feats = pc.list_flatten(table["feat_ids"]).filter(keep).to_numpy().astype(np.int64)
+    rows = pc.list_parent_indices(table["feat_ids"]).filter(keep).to_numpy()
+    indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=table.num_rows))]
+    return np.asarray(table["id"].to_pylist(), dtype=object), indptr, feats
+
+
+def resolve_budget(budget: float, n: int) -> int:
+    return min(n, int(budget) if budget >= 1 else max(1, round(budget * n)))
+
+
+def pick(method: str, cfg: RunConfig, indptr, indices, response_tokens: np.ndarray, k: int):
+    """Row indices in selection order, and the gain each pick was chosen for."""
+    if method == "coverage":
+        weights = None
+        if cfg.select.idf:
+            df = np.bincount(indices, minlength=int(indices.max()) + 1 if indices.size else 1)
+            weights = np.log((len(indptr) - 1 + 1) / (df + 1)) + 1.0
+        chosen = lazy_greedy(indptr, indices, k, weights)
+        return chosen.order, chosen.gains
+    if method == "random":
+        order = np.random.default_rng(cfg.select.seed).permutation(len(indptr) - 1)[:k]
+    else:  # longest: most response tokens first, ties to the earlier id
+        order = np.lexsort((np.arange(len(response_tokens)), -response_tokens))[:k]
+    return order, np.full(k, np.nan)
+
+
+def coverage_curve(order: np.ndarray, indptr, indices, points: int = 20) -> tuple[np.ndarray, list[dict]]:
+    """Features each pick adds to the running union, and the covered share at checkpoints."""
+    total = np.unique(indices).size or 1
+    seen = np.zeros(int(indices.max()) + 1 if indices.size else 1, dtype=bool)
+    new = np.zeros(len(order), dtype=np.int64)
+    for rank, i in enumerate(order):
+        feats = indices[indptr[i]: indptr[i + 1]]
+        new[rank] = np.count_nonzero(~seen[feats])
+        seen[feats] = True
+    covered = np.cumsum(new)
+    marks = sorted({max(1, round(len(order) * p / points)) for p in range(1, points + 1)})
+    return new, [{"k": m, "coverage": round(float(covered[m - 1]) / total, 4)} for m in marks]
+
+
+def run_select(cfg: RunConfig, storage: Storage, manifest_base: dict) -> dict:
+    start = time.time()
+    ids, indptr, indices = activated_sets(storage, cfg.select.tau)
+    prepared = pq.read_table(storage.path("prepared"), columns=["id", "record", "n_response_tokens"],
+                             filesystem=storage.fs)
+    by_id = {i: n for n, i in enumerate(prepared["id"].to_pylist())}
+    where = np.array([by_id[i] for i in ids])
+    response_tokens = prepared["n_response_tokens"].to_numpy()[where]
+    k = resolve_budget(cfg.select.budget, len(ids))
+    log.info("select: %d samples, %d activated features (tau %g), budget %d", len(ids),
+             np.unique(indices).size, cfg.select.tau, k)
+    picks, curves = {}, {}
+    for method in dict.fromkeys([*cfg.select.methods, "random", "longest"]):  # baselines always, for comparison
+        order, gains = pick(method, cfg, indptr, indices, response_tokens, k)
+        new, curve = coverage_curve(order, indptr, indices)
+        picks[method], curves[method] = (order, gains, new), curve
+    results = {}
+    for method in cfg.select.methods:
+        order, gains, new = picks[method]
+        results[method] = write_selection(storage, method, ids[order], gains, new, prepared, where[order], {
+            **manifest_base, "method": method, "budget": k, "tau": cfg.select.tau,
+            "counts": {**manifest_base["counts"], "n_selected": int(len(order))},
+            "objective_curve": curves[method],
+            "coverage_at_budget": {m: curves[m][-1]["coverage"] for m in curves},
+        })
+    summary = {"budget": k, "methods": {m: r["coverage_at_budget"][m] for m, r in results.items()},
+               "seconds": round(time.time() - start, 2)}
+    log.info("select: coverage at budget %d: %s (random %.3f, longest %.3f) in %.1fs", k, summary["methods"],
+             curves["random"][-1]["coverage"], curves["longest"][-1]["coverage"], summary["seconds"])
+    return summary
+
+
+def write_selection(storage: Storage, method: str, ids, gains, new, prepared: pa.Table, rows, manifest: dict) -> dict:
+    base = f"selection/{method}"
+    storage.remove(f"{base}/manifest.json")  # a half-rewritten selection must not look finished
+    storage.fs.create_dir(storage.path(base), recursive=True)
+    selected = pa.table({"rank": pa.array(np.arange(1, len(ids) + 1, dtype=np.int32)),
+                         "id": pa.array(list(ids), pa.string()), "gain": pa.array(gains, pa.float64()),
+                         "new_features": pa.array(new, pa.int64())})
+    pq.write_table(selected, storage.path(base, "selected.parquet"), filesystem=storage.fs)
+    raw = prepared["record"].take(pa.array(rows)).to_pylist()
+    with storage.fs.open_output_stream(storage.path(base, "records.jsonl")) as f:
+        f.write("".join(r + "\n" for r in raw).encode())
+    records = [json.loads(r) for r in raw]
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]),
+                   storage.path(base, "records.parquet"), filesystem=storage.fs)
+    storage.write_json(f"{base}/manifest.json", manifest)  # last: the selection is committed
+    return manifest
