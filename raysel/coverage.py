@@ -61,28 +61,3 @@ def lazy_greedy(indptr: np.ndarray, indices: np.ndarray, budget: int, weights: n
         gains.append(-neg_gain)
         epoch += 1
     return Selection(np.array(order, dtype=np.int64), np.array(gains), resets)
-
-
-def naive_greedy(indptr: np.ndarray, indices: np.ndarray, budget: int, weights: np.ndarray | None = None) -> Selection:
-    """The reference: every step scores every remaining sample. Tests hold lazy_greedy to it."""
-    n = len(indptr) - 1
-    d = int(indices.max()) + 1 if indices.size else 1
-    w = np.ones(d) if weights is None else np.asarray(weights, dtype=np.float64)
-    sizes = np.diff(indptr)
-    covered = np.zeros(d, dtype=bool)
-    chosen = np.zeros(n, dtype=bool)
-    order, gains, resets = [], [], []
-    while len(order) < min(budget, n):
-        scores = [(w[f[~covered[f]]].sum(), sizes[i], -i) for i in np.flatnonzero(~chosen)
-                  for f in [indices[indptr[i]: indptr[i + 1]]]]
-        best = max(scores)
-        if best[0] == 0 and covered.any():
-            resets.append(len(order))
-            covered[:] = False
-            continue
-        i = -best[2]
-        chosen[i] = True
-        covered[indices[indptr[i]: indptr[i + 1]]] = True
-        order.append(i)
-        gains.append(best[0])
-    return Selection(np.array(order, dtype=np.int64), np.array(gains), resets)
