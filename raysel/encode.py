@@ -172,7 +172,7 @@ class EncodeShards:
 
 def encode_fingerprint(cfg: RunConfig, prepared_fp: str, meta: dict) -> str:
     return fingerprint([], prepared_fp, cfg.model.name, cfg.model.dtype, meta, cfg.prepare.max_tokens,
-                       cfg.prepare.chat_template, cfg.encode.skip_prefix, cfg.encode.top_m)
+                       cfg.prepare.chat_template, cfg.encode.skip_prefix, cfg.encode.top_m, FEATURE_SCHEMA.to_string())
 
 
 def run_encode(cfg: RunConfig, storage: Storage, prepared: dict) -> dict:

@@ -109,7 +109,9 @@ class PartNames(FilenameProvider):
 
 def run_prepare(cfg: RunConfig, storage: Storage) -> dict:
     fs, files = list_input_files(cfg.input, cfg.s3)
-    fp = fingerprint(files, cfg.input.model_dump(mode="json"), cfg.prepare.model_dump(mode="json"), cfg.model.name)
+    # the output schema is part of it: a store written by another version of this stage is redone
+    fp = fingerprint(files, cfg.input.model_dump(mode="json"), cfg.prepare.model_dump(mode="json"), cfg.model.name,
+                     PREPARED_SCHEMA.to_string())
     done = storage.read_json(MARKER)
     if done and done["fingerprint"] == fp:
         log.info("prepare: up to date (fingerprint %s), %d samples; skipping", fp, done["n_valid"])
