@@ -118,6 +118,7 @@ class SelectConfig(Section):
     methods: list[Literal["coverage", "random", "longest"]] = ["coverage", "random", "longest"]
     budget: float = Field(0.1, gt=0)  # a count (>= 1) or a fraction of the encoded pool (< 1)
     tau: float = Field(0.0, ge=0)  # a feature is activated in a sample when its max-pool exceeds tau
+    target_active: Optional[float] = Field(None, gt=0)  # set tau so samples average this many activated features
     idf: bool = False  # weigh each feature's gain by its inverse document frequency
     seed: int = 0  # for `random`
 

@@ -31,16 +31,31 @@ from raysel.storage import Storage
 log = logging.getLogger(__name__)
 
 
-def activated_sets(storage: Storage, tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ids, and A(x) = {j : g_j(x) > tau} of every sample in CSR form (indptr, indices), sorted by id."""
+def calibrate_tau(feat_max: np.ndarray, n_samples: int, target_active: float) -> float:
+    """The tau at which samples have `target_active` activated features on average.
+
+    Activated entries are those above tau, so tau is the value below the
+    (n_samples * target_active) largest max-pools of the whole store."""
+    k = int(round(n_samples * target_active))
+    if k >= feat_max.size:
+        return 0.0
+    return float(np.partition(feat_max, feat_max.size - k - 1)[feat_max.size - k - 1])
+
+
+def activated_sets(storage: Storage, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """ids, A(x) = {j : g_j(x) > tau} of every sample in CSR form (indptr, indices) sorted by id, and tau."""
     columns = ["id", "feat_ids", "feat_max"]
     table = pq.ParquetDataset(feature_paths(storage), filesystem=storage.fs).read(columns=columns)
     table = table.sort_by("id")  # a fixed order, whatever the shard layout: ties break by id
-    keep = pc.greater(pc.list_flatten(table["feat_max"]), tau)
+    values = pc.list_flatten(table["feat_max"])
+    tau = cfg.select.tau
+    if cfg.select.target_active:
+        tau = calibrate_tau(values.to_numpy(), table.num_rows, cfg.select.target_active)
+    keep = pc.greater(values, tau)
     feats = pc.list_flatten(table["feat_ids"]).filter(keep).to_numpy().astype(np.int64)
     rows = pc.list_parent_indices(table["feat_ids"]).filter(keep).to_numpy()
     indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=table.num_rows))]
-    return np.asarray(table["id"].to_pylist(), dtype=object), indptr, feats
+    return np.asarray(table["id"].to_pylist(), dtype=object), indptr, feats, tau
 
 
 def resolve_budget(budget: float, n: int) -> int:
@@ -79,15 +94,15 @@ def coverage_curve(order: np.ndarray, indptr, indices, points: int = 20) -> tupl
 
 def run_select(cfg: RunConfig, storage: Storage, manifest_base: dict) -> dict:
     start = time.time()
-    ids, indptr, indices = activated_sets(storage, cfg.select.tau)
+    ids, indptr, indices, tau = activated_sets(storage, cfg)
     prepared = pq.read_table(storage.path("prepared"), columns=["id", "record", "n_response_tokens"],
                              filesystem=storage.fs)
     by_id = {i: n for n, i in enumerate(prepared["id"].to_pylist())}
     where = np.array([by_id[i] for i in ids])
     response_tokens = prepared["n_response_tokens"].to_numpy()[where]
     k = resolve_budget(cfg.select.budget, len(ids))
-    log.info("select: %d samples, %d activated features (tau %g), budget %d", len(ids),
-             np.unique(indices).size, cfg.select.tau, k)
+    log.info("select: %d samples, %d activated features, %.1f per sample (tau %g), budget %d", len(ids),
+             np.unique(indices).size, indices.size / max(len(ids), 1), tau, k)
     picks, curves = {}, {}
     for method in dict.fromkeys([*cfg.select.methods, "random", "longest"]):  # baselines always, for comparison
         order, gains = pick(method, cfg, indptr, indices, response_tokens, k)
@@ -97,7 +112,7 @@ def run_select(cfg: RunConfig, storage: Storage, manifest_base: dict) -> dict:
     for method in cfg.select.methods:
         order, gains, new = picks[method]
         results[method] = write_selection(storage, method, ids[order], gains, new, prepared, where[order], {
-            **manifest_base, "method": method, "budget": k, "tau": cfg.select.tau,
+            **manifest_base, "method": method, "budget": k, "tau": tau,
             "counts": {**manifest_base["counts"], "n_selected": int(len(order))},
             "objective_curve": curves[method],
             "coverage_at_budget": {m: curves[m][-1]["coverage"] for m in curves},

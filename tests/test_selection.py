@@ -3,12 +3,14 @@ what it writes under selection/<method>/ and that coverage beats its baselines."
 
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from raysel.config import RunConfig
 from raysel.pipeline import run
-from raysel.selection import resolve_budget
+from raysel.selection import activated_sets, calibrate_tau, resolve_budget
+from raysel.storage import Storage
 from tests.test_encode import run_cfg
 
 
@@ -59,3 +61,17 @@ def test_coverage_beats_random_and_longest_and_longest_is_longest(selected_run):
     selected = pq.read_table(root / "selection" / "coverage" / "selected.parquet").to_pylist()
     first = selected[0]  # greedy's first pick is the sample with the most activated features
     assert first["gain"] == first["new_features"] == max(r["new_features"] for r in selected)
+
+
+def test_calibrated_tau_gives_the_target_mean_active_count():
+    values = np.random.default_rng(0).gamma(2.0, 1.0, 5000)
+    tau = calibrate_tau(values, n_samples=100, target_active=12)
+    assert np.count_nonzero(values > tau) == 1200
+    assert calibrate_tau(values, n_samples=100, target_active=80) == 0.0  # more than exist: keep all
+
+
+def test_select_calibrates_tau_on_the_store(selected_run):
+    root, manifest, _ = selected_run
+    cfg = RunConfig.model_validate(manifest["config"] | {"select": {"target_active": 5}})
+    ids, indptr, indices, tau = activated_sets(Storage(str(root), cfg.s3), cfg)
+    assert tau > 0 and len(ids) == 60 and indices.size == 5 * 60
