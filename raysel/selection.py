@@ -95,8 +95,7 @@ def coverage_curve(order: np.ndarray, indptr, indices, points: int = 20) -> tupl
 def run_select(cfg: RunConfig, storage: Storage, manifest_base: dict) -> dict:
     start = time.time()
     ids, indptr, indices, tau = activated_sets(storage, cfg)
-    prepared = pq.read_table(storage.path("prepared"), columns=["id", "record", "n_response_tokens"],
-                             filesystem=storage.fs)
+    prepared = pq.read_table(storage.path("prepared"), columns=["id", "n_response_tokens"], filesystem=storage.fs)
     by_id = {i: n for n, i in enumerate(prepared["id"].to_pylist())}
     where = np.array([by_id[i] for i in ids])
     response_tokens = prepared["n_response_tokens"].to_numpy()[where]
@@ -108,10 +107,11 @@ def run_select(cfg: RunConfig, storage: Storage, manifest_base: dict) -> dict:
         order, gains = pick(method, cfg, indptr, indices, response_tokens, k)
         new, curve = coverage_curve(order, indptr, indices)
         picks[method], curves[method] = (order, gains, new), curve
+    raw = selected_records(storage, {i for m in cfg.select.methods for i in ids[picks[m][0]]})
     results = {}
     for method in cfg.select.methods:
         order, gains, new = picks[method]
-        results[method] = write_selection(storage, method, ids[order], gains, new, prepared, where[order], {
+        results[method] = write_selection(storage, method, ids[order], gains, new, raw, {
             **manifest_base, "method": method, "budget": k, "tau": tau,
             "counts": {**manifest_base["counts"], "n_selected": int(len(order))},
             "objective_curve": curves[method],
@@ -124,7 +124,14 @@ def run_select(cfg: RunConfig, storage: Storage, manifest_base: dict) -> dict:
     return summary
 
 
-def write_selection(storage: Storage, method: str, ids, gains, new, prepared: pa.Table, rows, manifest: dict) -> dict:
+def selected_records(storage: Storage, wanted: set) -> dict[str, str]:
+    """The original record (JSON) of each wanted id, read with a filter: never the whole corpus's records."""
+    table = pq.ParquetDataset(storage.path("prepared"), filesystem=storage.fs,
+                              filters=pc.field("id").isin(sorted(wanted))).read(columns=["id", "record"])
+    return dict(zip(table["id"].to_pylist(), table["record"].to_pylist()))
+
+
+def write_selection(storage: Storage, method: str, ids, gains, new, records_by_id: dict, manifest: dict) -> dict:
     base = f"selection/{method}"
     storage.remove(f"{base}/manifest.json")  # a half-rewritten selection must not look finished
     storage.fs.create_dir(storage.path(base), recursive=True)
@@ -132,7 +139,7 @@ def write_selection(storage: Storage, method: str, ids, gains, new, prepared: pa
                          "id": pa.array(list(ids), pa.string()), "gain": pa.array(gains, pa.float64()),
                          "new_features": pa.array(new, pa.int64())})
     pq.write_table(selected, storage.path(base, "selected.parquet"), filesystem=storage.fs)
-    raw = prepared["record"].take(pa.array(rows)).to_pylist()
+    raw = [records_by_id[i] for i in ids]
     with storage.fs.open_output_stream(storage.path(base, "records.jsonl")) as f:
         f.write("".join(r + "\n" for r in raw).encode())
     records = [json.loads(r) for r in raw]
