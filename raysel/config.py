@@ -115,7 +115,7 @@ class StatsConfig(Section):
 
 
 class SelectConfig(Section):
-    methods: list[Literal["coverage", "random", "longest"]] = ["coverage", "random", "longest"]
+    methods: list[Literal["coverage", "simscale", "random", "longest"]] = ["coverage", "random", "longest"]
     budget: float = Field(0.1, gt=0)  # a count (>= 1) or a fraction of the encoded pool (< 1)
     tau: float = Field(0.0, ge=0)  # a feature is activated in a sample when its max-pool exceeds tau
     target_active: Optional[float] = Field(None, gt=0)  # set tau so samples average this many activated features

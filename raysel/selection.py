@@ -1,8 +1,9 @@
 """The select stage: pick a subset from the feature store, never re-encoding.
 
 Methods: `coverage` (SAE-GreedSelect: lazy greedy maximum coverage of activated
-features, optional IDF weights), `random` (seeded) and `longest` (by response
-tokens). Each writes selection/<method>/:
+features, optional IDF weights), `simscale` (SAE-SimScale: a Jaccard threshold
+filter, theta searched to the budget), `random` (seeded) and `longest` (by
+response tokens). Each writes selection/<method>/:
 
     selected.parquet   rank, id, gain (the weighted gain greedy saw) and
                        new_features (features the pick adds to the running union)
@@ -24,7 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raysel.config import RunConfig
-from raysel.coverage import lazy_greedy
+from raysel.coverage import idf_weights, lazy_greedy
+from raysel.simscale import simscale
 from raysel.encode import feature_paths
 from raysel.storage import Storage
 
@@ -63,19 +65,19 @@ def resolve_budget(budget: float, n: int) -> int:
 
 
 def pick(method: str, cfg: RunConfig, indptr, indices, response_tokens: np.ndarray, k: int):
-    """Row indices in selection order, and the gain each pick was chosen for."""
+    """Row indices in selection order, the gain each pick was chosen for, and what the method settled on."""
     if method == "coverage":
-        weights = None
-        if cfg.select.idf:
-            df = np.bincount(indices, minlength=int(indices.max()) + 1 if indices.size else 1)
-            weights = np.log((len(indptr) - 1 + 1) / (df + 1)) + 1.0
+        weights = idf_weights(indices, len(indptr) - 1) if cfg.select.idf else None
         chosen = lazy_greedy(indptr, indices, k, weights)
-        return chosen.order, chosen.gains
+        return chosen.order, chosen.gains, {"resets": chosen.resets}
+    if method == "simscale":
+        kept = simscale(indptr, indices, k)
+        return kept.order, np.full(len(kept.order), np.nan), {"theta": kept.theta, "theta_passes": kept.passes}
     if method == "random":
         order = np.random.default_rng(cfg.select.seed).permutation(len(indptr) - 1)[:k]
     else:  # longest: most response tokens first, ties to the earlier id
         order = np.lexsort((np.arange(len(response_tokens)), -response_tokens))[:k]
-    return order, np.full(k, np.nan)
+    return order, np.full(k, np.nan), {}
 
 
 def coverage_curve(order: np.ndarray, indptr, indices, points: int = 20) -> tuple[np.ndarray, list[dict]]:
@@ -104,15 +106,15 @@ def run_select(cfg: RunConfig, storage: Storage, manifest_base: dict) -> dict:
              np.unique(indices).size, indices.size / max(len(ids), 1), tau, k)
     picks, curves = {}, {}
     for method in dict.fromkeys([*cfg.select.methods, "random", "longest"]):  # baselines always, for comparison
-        order, gains = pick(method, cfg, indptr, indices, response_tokens, k)
+        order, gains, settled = pick(method, cfg, indptr, indices, response_tokens, k)
         new, curve = coverage_curve(order, indptr, indices)
-        picks[method], curves[method] = (order, gains, new), curve
+        picks[method], curves[method] = (order, gains, new, settled), curve
     raw = selected_records(storage, {i for m in cfg.select.methods for i in ids[picks[m][0]]})
     results = {}
     for method in cfg.select.methods:
-        order, gains, new = picks[method]
+        order, gains, new, settled = picks[method]
         results[method] = write_selection(storage, method, ids[order], gains, new, raw, {
-            **manifest_base, "method": method, "budget": k, "tau": tau,
+            **manifest_base, "method": method, "budget": k, "tau": tau, **settled,
             "counts": {**manifest_base["counts"], "n_selected": int(len(order))},
             "objective_curve": curves[method],
             "coverage_at_budget": {m: curves[m][-1]["coverage"] for m in curves},

@@ -23,13 +23,13 @@ def test_budget_is_a_count_or_a_fraction():
 def selected_run(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("select")
     raw = run_cfg(tmp, tiny_model_dir, tiny_sae_dir, 60)
-    raw["select"] = {"budget": 12, "tau": 0.0}
+    raw["select"] = {"budget": 12, "tau": 0.0, "methods": ["coverage", "simscale", "random", "longest"]}
     manifest = run(RunConfig.model_validate(raw), until="select")
     corpus = {r["id"]: r for r in map(json.loads, (tmp / "corpus.jsonl").read_text().splitlines())}
     return tmp / "out", manifest, corpus
 
 
-@pytest.mark.parametrize("method", ["coverage", "random", "longest"])
+@pytest.mark.parametrize("method", ["coverage", "simscale", "random", "longest"])
 def test_each_method_writes_ids_records_and_a_manifest(selected_run, method):
     root, run_manifest, corpus = selected_run
     base = root / "selection" / method
@@ -61,6 +61,19 @@ def test_coverage_beats_random_and_longest_and_longest_is_longest(selected_run):
     selected = pq.read_table(root / "selection" / "coverage" / "selected.parquet").to_pylist()
     first = selected[0]  # greedy's first pick is the sample with the most activated features
     assert first["gain"] == first["new_features"] == max(r["new_features"] for r in selected)
+
+
+def test_simscale_keeps_samples_below_its_theta(selected_run):
+    root, manifest, _ = selected_run
+    cfg = RunConfig.model_validate(manifest["config"])
+    ids, indptr, indices, _ = activated_sets(Storage(str(root), cfg.s3), cfg)
+    sets = {i: set(indices[indptr[n]: indptr[n + 1]].tolist()) for n, i in enumerate(ids)}
+    theta = json.loads((root / "selection" / "simscale" / "manifest.json").read_text())["theta"]
+    kept = [r["id"] for r in pq.read_table(root / "selection" / "simscale" / "selected.parquet").to_pylist()]
+    assert 0 < theta <= 1
+    for n, a in enumerate(kept):
+        for b in kept[:n]:
+            assert len(sets[a] & sets[b]) / len(sets[a] | sets[b]) < theta
 
 
 def test_calibrated_tau_gives_the_target_mean_active_count():
