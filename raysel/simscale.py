@@ -54,11 +54,6 @@ def simscale(indptr: np.ndarray, indices: np.ndarray, budget: int, precision: fl
     return Filtered(best[:budget], hi, passes)
 
 
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.union1d(a, b).size
-    return np.intersect1d(a, b).size / union if union else 0.0
-
-
 def _rarest_first(indptr, indices):
     """Each row's features as global rarity ranks, ascending; and the visit order, largest set first."""
     n = len(indptr) - 1

@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from raysel.simscale import jaccard, simscale
+from raysel.simscale import simscale
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.union1d(a, b).size
+    return np.intersect1d(a, b).size / union if union else 0.0
 
 
 def zipf_sets(seed: int, n: int = 400, d: int = 120):
