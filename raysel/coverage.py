@@ -1,19 +1,27 @@
-"""SAE-GreedSelect: greedy maximum coverage of activated features, lazily.
+"""SAE-GreedSelect: greedy maximum coverage of activated features.
 
 Each sample x is its activated set A(x) = {j : g_j(x) > tau}, given in CSR form
 (indptr, indices). Greedy picks the sample whose not-yet-covered features weigh
 the most; ties go to the larger |A(x)|, then to the earlier sample. When no
 sample adds anything, coverage is saturated: the covered set is reset and
-greedy goes on. Lazy greedy keeps gains as upper bounds (coverage gains only
-shrink as C grows) and re-evaluates just the top, so its picks are exactly
-those of the naive loop, at a fraction of the work.
+greedy goes on.
 
-The loop is compiled with numba: at a million samples it runs tens of millions
-of re-evaluations, each a few dozen lookups, which Python cannot do in time.
-Candidates live in two places: rows untouched since the last reset, in one
-order sorted once up front (their bound is their full weight), and rows
-re-evaluated since, in a binary heap. A reset is then O(1) instead of a new
-heap over every remaining row.
+At a million samples and a budget of 100k, coverage saturates hundreds of
+times, and after every reset each remaining sample's gain must come down from
+its full weight again. Classic lazy greedy (a heap of stale upper bounds)
+re-evaluates every sample several times per epoch at heap cost; here gains are
+kept exact instead: covering feature j subtracts w_j from the gain of each
+remaining sample that holds it, walking j's postings (an inverted index built
+once). That is one pass over the remaining non-zeros per epoch, the floor for
+an exact greedy, and the two halves of the rows are updated by two threads.
+
+The best sample is found through blocks of 1024 rows, each holding its max
+(gain, size) and how many rows reach it. A block whose max rows all dropped is
+only an upper bound until rescanned; blocks are rescanned lazily, when they
+come out on top, so a pick costs a scan of the block maxima plus a few blocks.
+
+Gains are integers in units of 1/1024 of a weight, so sums are exact and equal
+gains really tie.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+
+UNIT = 1024  # weights are counted in 1/UNIT steps
+SHIFT = 10  # rows per block: 1 << SHIFT
 
 
 @dataclass
@@ -32,133 +43,151 @@ class Selection:
 
 
 def idf_weights(indices: np.ndarray, n: int) -> np.ndarray:
-    """log((n + 1) / (df + 1)) + 1, rounded to 1/1024: sums of such weights are exact in float64
-    whatever the order they are added in, so equal gains are really equal and ties break by the rule."""
+    """log((n + 1) / (df + 1)) + 1, rounded to 1/1024 so the greedy can count it exactly."""
     df = np.bincount(indices, minlength=int(indices.max()) + 1 if indices.size else 1)
-    return np.round((np.log((n + 1) / (df + 1)) + 1.0) * 1024) / 1024
+    return np.round((np.log((n + 1) / (df + 1)) + 1.0) * UNIT) / UNIT
 
 
-def lazy_greedy(indptr: np.ndarray, indices: np.ndarray, budget: int, weights: np.ndarray | None = None) -> Selection:
+def greedy_coverage(indptr: np.ndarray, indices: np.ndarray, budget: int,
+                    weights: np.ndarray | None = None) -> Selection:
     n = len(indptr) - 1
     d = int(indices.max()) + 1 if indices.size else 1
     w = np.ones(d) if weights is None else np.asarray(weights, dtype=np.float64)[:d]
-    indptr, indices = np.asarray(indptr, np.int64), np.asarray(indices, np.int32)  # 4 bytes a feature: fewer cache lines per row
-    sizes = np.diff(indptr)
-    totals = np.add.reduceat(w[indices], indptr[:-1]) if indices.size else np.zeros(n)
-    totals[sizes == 0] = 0.0  # reduceat repeats the next value for empty rows
-    static = np.lexsort((np.arange(n), -sizes, -totals))  # best first: gain, then size, then earlier row
-    order, gains, resets = _greedy(indptr, indices, w, totals, static, min(budget, n))
-    return Selection(order, gains, resets.tolist())
+    units = np.round(w * UNIT)
+    if np.any(units / UNIT != w) or np.any(units < 0):
+        raise ValueError(f"coverage weights must be non-negative multiples of 1/{UNIT} (idf_weights gives such)")
+    indptr, indices = np.asarray(indptr, np.int64), np.asarray(indices, np.int32)
+    totals = np.add.reduceat(units[indices], indptr[:-1]) if indices.size else np.zeros(n)
+    totals[np.diff(indptr) == 0] = 0  # reduceat repeats the next value for empty rows
+    if n and totals.max() >= 2**31:
+        raise ValueError("a sample's total feature weight overflows the greedy's 32-bit gains")
+    post_ptr, post_rows = _postings(indptr, indices, d)
+    split = _thread_splits(post_ptr, post_rows, n, numba.get_num_threads())
+    order, gains, resets = _greedy(indptr, indices, units.astype(np.int32), totals.astype(np.int32),
+                                   post_rows, split, min(budget, n))
+    return Selection(order, gains / UNIT, resets.tolist())
+
+
+@numba.njit(cache=True)
+def _postings(indptr, indices, d):
+    """The inverted index: for each feature, the rows holding it, ascending (a counting sort)."""
+    ptr = np.zeros(d + 1, np.int64)
+    for p in range(indices.size):
+        ptr[indices[p] + 1] += 1
+    for j in range(d):
+        ptr[j + 1] += ptr[j]
+    fill = ptr[:-1].copy()
+    rows = np.empty(indices.size, np.int32)
+    for r in range(indptr.size - 1):
+        for p in range(indptr[r], indptr[r + 1]):
+            rows[fill[indices[p]]] = r
+            fill[indices[p]] += 1
+    return ptr, rows
+
+
+@numba.njit(cache=True)
+def _thread_splits(post_ptr, post_rows, n, threads):
+    """split[j, t]: where thread t's rows start in feature j's postings. Threads own whole blocks,
+    so no two threads touch one block's counters."""
+    nb = (n + (1 << SHIFT) - 1) >> SHIFT
+    starts = np.empty(threads, np.int32)
+    for t in range(threads):
+        starts[t] = ((nb * t) // threads) << SHIFT
+    split = np.empty((post_ptr.size - 1, threads + 1), np.int64)
+    for j in range(post_ptr.size - 1):
+        lo, hi = post_ptr[j], post_ptr[j + 1]
+        split[j, :threads] = lo + np.searchsorted(post_rows[lo:hi], starts)
+        split[j, threads] = hi
+    return split
 
 
 @numba.njit(cache=True, inline="always")
-def _before(key_a, size_a, row_a, key_b, size_b, row_b) -> bool:
-    if key_a != key_b:
-        return key_a > key_b
-    if size_a != size_b:
-        return size_a > size_b
-    return row_a < row_b
+def _better(gain_a, size_a, gain_b, size_b) -> bool:
+    return gain_a > gain_b or (gain_a == gain_b and size_a > size_b)
 
 
 @numba.njit(cache=True)
-def _sift_down(hkey, hsize, hrow, m, pos):
-    key, size, row = hkey[pos], hsize[pos], hrow[pos]
-    while True:
-        child = 2 * pos + 1
-        if child >= m:
-            break
-        if child + 1 < m and _before(hkey[child + 1], hsize[child + 1], hrow[child + 1],
-                                     hkey[child], hsize[child], hrow[child]):
-            child += 1
-        if not _before(hkey[child], hsize[child], hrow[child], key, size, row):
-            break
-        hkey[pos], hsize[pos], hrow[pos] = hkey[child], hsize[child], hrow[child]
-        pos = child
-    hkey[pos], hsize[pos], hrow[pos] = key, size, row
+def _rescan(gain, sizes, b, top_gain, top_size, top_count):
+    g, s, c = -1, -1, 0
+    for r in range(b << SHIFT, min(gain.size, (b + 1) << SHIFT)):
+        if gain[r] == g and sizes[r] == s:
+            c += 1
+        elif _better(gain[r], sizes[r], g, s):
+            g, s, c = gain[r], sizes[r], 1
+    top_gain[b], top_size[b], top_count[b] = g, s, c
 
 
 @numba.njit(cache=True)
-def _sift_up(hkey, hsize, hrow, pos):
-    key, size, row = hkey[pos], hsize[pos], hrow[pos]
-    while pos > 0:
-        parent = (pos - 1) // 2
-        if not _before(key, size, row, hkey[parent], hsize[parent], hrow[parent]):
-            break
-        hkey[pos], hsize[pos], hrow[pos] = hkey[parent], hsize[parent], hrow[parent]
-        pos = parent
-    hkey[pos], hsize[pos], hrow[pos] = key, size, row
-
-
-@numba.njit(cache=True)
-def _live_features(df, w):
-    """Features some remaining row still has and that weigh something: while any is uncovered, a gain is positive."""
-    live = 0
-    for j in range(df.size):
-        if df[j] > 0 and w[j] > 0:
-            live += 1
-    return live
-
-
-@numba.njit(cache=True)
-def _greedy(indptr, indices, w, totals, static, budget):
-    n, d = indptr.size - 1, w.size
+def _greedy(indptr, indices, units, totals, post_rows, split, budget):
+    n = indptr.size - 1
     sizes = indptr[1:] - indptr[:-1]
-    df = np.zeros(d, np.int64)  # remaining (unchosen) rows holding each feature
-    for p in range(indices.size):
-        df[indices[p]] += 1
-    covered = np.zeros(d, np.bool_)
+    nb = (n + (1 << SHIFT) - 1) >> SHIFT
+    gain = totals.copy()  # exact gain of each remaining row against `covered`; negative once chosen
+    top_gain, top_size, top_count = np.empty(nb, np.int64), np.empty(nb, np.int64), np.empty(nb, np.int64)
+    stale = np.zeros(nb, np.bool_)  # every row at the block's max has dropped: the max is only a bound
+    for b in range(nb):
+        _rescan(gain, sizes, b, top_gain, top_size, top_count)
+    covered = np.zeros(units.size, np.bool_)
     n_covered = 0
-    chosen = np.zeros(n, np.bool_)
-    stamp = np.zeros(n, np.int64)  # the pick count at which a row's heap key was computed
-    hkey, hsize, hrow = np.empty(n), np.empty(n, np.int64), np.empty(n, np.int64)  # the heap, by column
-    order, gains = np.empty(budget, np.int64), np.empty(budget)
+    fresh = np.empty(units.size, np.int64)
+    order, gains = np.empty(budget, np.int64), np.empty(budget, np.int64)
     resets = []
-    live, m, nxt, picks, epoch_start = _live_features(df, w), 0, 0, 0, 0
+    picks = 0
     while picks < budget:
-        if live == 0 and n_covered > 0:  # no positive gain anywhere: saturated, start over
+        while True:  # the best block by bound (earlier block on ties), exact once rescanned
+            best = 0
+            for b in range(1, nb):
+                if _better(top_gain[b], top_size[b], top_gain[best], top_size[best]):
+                    best = b
+            if not stale[best]:
+                break
+            _rescan(gain, sizes, best, top_gain, top_size, top_count)
+            stale[best] = False
+        if top_gain[best] == 0 and n_covered > 0:  # saturated: nothing adds anything, start over
             resets.append(picks)
             covered[:] = False
-            n_covered, live, m, nxt, epoch_start = 0, _live_features(df, w), 0, 0, picks
+            n_covered = 0
+            for r in range(n):
+                if gain[r] >= 0:
+                    gain[r] = totals[r]
+            for b in range(nb):
+                _rescan(gain, sizes, b, top_gain, top_size, top_count)
+                stale[b] = False
             continue
-        while nxt < n and chosen[static[nxt]]:
-            nxt += 1
-        # the better of the heap's top and the next untouched row, compared by their bounds
-        from_static = nxt < n and (m == 0 or _before(totals[static[nxt]], sizes[static[nxt]], static[nxt],
-                                                     hkey[0], hsize[0], hrow[0]))
-        row = static[nxt] if from_static else hrow[0]
-        fresh = (epoch_start if from_static else stamp[row]) == picks
-        if not fresh:  # stale bound: re-evaluate and let it compete again from the heap
-            g = 0.0
-            for p in range(indptr[row], indptr[row + 1]):
-                if not covered[indices[p]]:
-                    g += w[indices[p]]
-            stamp[row] = picks
-            if from_static:
-                nxt += 1
-                hkey[m], hsize[m], hrow[m] = g, sizes[row], row
-                m += 1
-                _sift_up(hkey, hsize, hrow, m - 1)
-            else:
-                hkey[0] = g
-                _sift_down(hkey, hsize, hrow, m, 0)
-            continue
-        if from_static:
-            nxt += 1
-            g = totals[row]
-        else:
-            g = hkey[0]
-            m -= 1
-            hkey[0], hsize[0], hrow[0] = hkey[m], hsize[m], hrow[m]
-            _sift_down(hkey, hsize, hrow, m, 0)
-        chosen[row] = True
-        order[picks], gains[picks] = row, g
+        row = best << SHIFT
+        while gain[row] != top_gain[best] or sizes[row] != top_size[best]:
+            row += 1
+        order[picks], gains[picks] = row, gain[row]
         picks += 1
+        gain[row] = -1
+        top_count[best] -= 1
+        stale[best] = top_count[best] == 0
+        m = 0
         for p in range(indptr[row], indptr[row + 1]):
             j = indices[p]
-            df[j] -= 1
             if not covered[j]:
                 covered[j] = True
                 n_covered += 1
-                if w[j] > 0:
-                    live -= 1
+                if units[j] > 0:
+                    fresh[m] = j
+                    m += 1
+        _cover(fresh[:m], units, post_rows, split, gain, sizes, top_gain, top_size, top_count, stale)
     return order, gains, np.array(resets, dtype=np.int64)
+
+
+@numba.njit(cache=True, parallel=True)
+def _cover(fresh, units, post_rows, split, gain, sizes, top_gain, top_size, top_count, stale):
+    """Subtract each newly covered feature's weight from the remaining rows that hold it."""
+    for t in numba.prange(split.shape[1] - 1):
+        for j in fresh:
+            for q in range(split[j, t], split[j, t + 1]):
+                r = post_rows[q]
+                g = gain[r]
+                if g < 0:
+                    continue
+                gain[r] = g - units[j]
+                b = r >> SHIFT
+                if g == top_gain[b] and sizes[r] == top_size[b]:
+                    top_count[b] -= 1
+                    if top_count[b] == 0:
+                        stale[b] = True

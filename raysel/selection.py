@@ -1,6 +1,6 @@
 """The select stage: pick a subset from the feature store, never re-encoding.
 
-Methods: `coverage` (SAE-GreedSelect: lazy greedy maximum coverage of activated
+Methods: `coverage` (SAE-GreedSelect: greedy maximum coverage of activated
 features, optional IDF weights), `simscale` (SAE-SimScale: a Jaccard threshold
 filter, theta searched to the budget), `random` (seeded) and `longest` (by
 response tokens). Each writes selection/<method>/:
@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raysel.config import RunConfig
-from raysel.coverage import idf_weights, lazy_greedy
+from raysel.coverage import idf_weights, greedy_coverage
 from raysel.simscale import simscale
 from raysel.encode import feature_paths
 from raysel.storage import Storage
@@ -68,7 +68,7 @@ def pick(method: str, cfg: RunConfig, indptr, indices, response_tokens: np.ndarr
     """Row indices in selection order, the gain each pick was chosen for, and what the method settled on."""
     if method == "coverage":
         weights = idf_weights(indices, len(indptr) - 1) if cfg.select.idf else None
-        chosen = lazy_greedy(indptr, indices, k, weights)
+        chosen = greedy_coverage(indptr, indices, k, weights)
         return chosen.order, chosen.gains, {"resets": chosen.resets}
     if method == "simscale":
         kept = simscale(indptr, indices, k)
