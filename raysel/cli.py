@@ -12,6 +12,7 @@ from importlib import resources
 
 from raysel.config import ConfigError, load_config
 from raysel.corpus import InputError
+from raysel.storage import StorageError
 
 # Verbs whose stages land in later work; they check their config and say so.
 PENDING = {"report": "the run report"}
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         from raysel.pipeline import run
 
         manifest = run(cfg, until=UNTIL[args.verb], train_missing_sae=args.verb == "demo")
-    except (ConfigError, InputError) as err:
+    except (ConfigError, InputError, StorageError) as err:
         print(f"raysel {args.verb}: {err}", file=sys.stderr)
         return 2
     coverage = manifest["stages"].get("select", {}).get("methods")

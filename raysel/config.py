@@ -109,16 +109,20 @@ class EncodeConfig(Section):
     top_m: Optional[int] = Field(None, gt=0)  # keep only the M strongest features per sample
 
 
+class ActivationConfig(Section):
+    """When a feature counts as activated in a sample, for statistics and selection alike."""
+
+    tau: float = Field(0.0, ge=0)  # activated when the sample's max-pool exceeds tau
+    target_active: Optional[float] = Field(None, gt=0)  # set tau instead: samples average this many activated features
+
+
 class StatsConfig(Section):
-    tau: float = Field(0.0, ge=0)  # a feature is active in a sample when its max-pool exceeds tau
     top_n: int = Field(10, gt=0)  # top-activating samples kept per feature
 
 
 class SelectConfig(Section):
     methods: list[Literal["coverage", "simscale", "random", "longest"]] = ["coverage", "random", "longest"]
     budget: float = Field(0.1, gt=0)  # a count (>= 1) or a fraction of the encoded pool (< 1)
-    tau: float = Field(0.0, ge=0)  # a feature is activated in a sample when its max-pool exceeds tau
-    target_active: Optional[float] = Field(None, gt=0)  # set tau so samples average this many activated features
     idf: bool = False  # weigh each feature's gain by its inverse document frequency
     seed: int = 0  # for `random`
 
@@ -151,6 +155,7 @@ class RunConfig(Section):
     sae: SAESection = SAESection()
     train_sae: TrainSAEConfig = TrainSAEConfig()
     encode: EncodeConfig = EncodeConfig()
+    activation: ActivationConfig = ActivationConfig()
     stats: StatsConfig = StatsConfig()
     select: SelectConfig = SelectConfig()
     s3: S3Config = S3Config()

@@ -10,6 +10,7 @@ import os
 import pyarrow.parquet as pq
 import ray
 
+from raysel.activation import resolve_tau
 from raysel.config import RunConfig
 from raysel.encode import read_features, run_encode
 from raysel.models import resolve_device
@@ -35,8 +36,9 @@ def init_ray(cfg: RunConfig) -> None:
 
 def run(cfg: RunConfig, until: str = "select", train_missing_sae: bool = False) -> dict:
     """Run the stages up to `until` (train-sae, encode, stats or select); finished ones are skipped."""
-    init_ray(cfg)
     storage = Storage(cfg.output.root, cfg.s3)
+    storage.check()
+    init_ray(cfg)
     log.info("run: output at %s", storage.uri())
     stages = {"prepare": run_prepare(cfg, storage)}
     default_missing = cfg.sae.path is None and not cfg.sae.release and not (default_sae_dir(cfg) / "cfg.json").is_file()
@@ -46,7 +48,8 @@ def run(cfg: RunConfig, until: str = "select", train_missing_sae: bool = False) 
         stages["encode"] = run_encode(cfg, storage, stages["prepare"])
     if until in ("stats", "select"):
         encoded = stages["encode"]
-        stages["stats"] = run_stats(storage, read_features(storage), encoded["d_sae"], cfg.stats.tau,
+        tau = resolve_tau(storage, cfg)
+        stages["stats"] = run_stats(storage, read_features(storage), encoded["d_sae"], tau,
                                     cfg.stats.top_n, encoded["fingerprint"])
     prepared = stages["prepare"]
     manifest = {
@@ -63,7 +66,7 @@ def run(cfg: RunConfig, until: str = "select", train_missing_sae: bool = False) 
         base = {k: manifest[k] for k in ("config", "versions", "model", "counts")} | {
             "sae": encoded["sae"], "layer": encoded["layer"],
             "fingerprints": {"prepare": prepared["fingerprint"], "encode": encoded["fingerprint"]}}
-        stages["select"] = run_select(cfg, storage, base)
+        stages["select"] = run_select(cfg, storage, base, tau)
     manifest["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     storage.write_json("manifest.json", manifest)
     log.info("run: done; manifest at %s", storage.uri("manifest.json"))

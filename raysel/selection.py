@@ -24,40 +24,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raysel.activation import activated_sets
 from raysel.config import RunConfig
 from raysel.coverage import idf_weights, greedy_coverage
 from raysel.simscale import simscale
-from raysel.encode import feature_paths
 from raysel.storage import Storage
 
 log = logging.getLogger(__name__)
-
-
-def calibrate_tau(feat_max: np.ndarray, n_samples: int, target_active: float) -> float:
-    """The tau at which samples have `target_active` activated features on average.
-
-    Activated entries are those above tau, so tau is the value below the
-    (n_samples * target_active) largest max-pools of the whole store."""
-    k = int(round(n_samples * target_active))
-    if k >= feat_max.size:
-        return 0.0
-    return float(np.partition(feat_max, feat_max.size - k - 1)[feat_max.size - k - 1])
-
-
-def activated_sets(storage: Storage, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """ids, A(x) = {j : g_j(x) > tau} of every sample in CSR form (indptr, indices) sorted by id, and tau."""
-    columns = ["id", "feat_ids", "feat_max"]
-    table = pq.ParquetDataset(feature_paths(storage), filesystem=storage.fs).read(columns=columns)
-    table = table.sort_by("id")  # a fixed order, whatever the shard layout: ties break by id
-    values = pc.list_flatten(table["feat_max"])
-    tau = cfg.select.tau
-    if cfg.select.target_active:
-        tau = calibrate_tau(values.to_numpy(), table.num_rows, cfg.select.target_active)
-    keep = pc.greater(values, tau)
-    feats = pc.list_flatten(table["feat_ids"]).filter(keep).to_numpy().astype(np.int64)
-    rows = pc.list_parent_indices(table["feat_ids"]).filter(keep).to_numpy()
-    indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=table.num_rows))]
-    return np.asarray(table["id"].to_pylist(), dtype=object), indptr, feats, tau
 
 
 def resolve_budget(budget: float, n: int) -> int:
@@ -94,9 +67,19 @@ def coverage_curve(order: np.ndarray, indptr, indices, points: int = 20) -> tupl
     return new, [{"k": m, "coverage": round(float(covered[m - 1]) / total, 4)} for m in marks]
 
 
-def run_select(cfg: RunConfig, storage: Storage, manifest_base: dict) -> dict:
+MARKER = "stages/select.json"
+
+
+def run_select(cfg: RunConfig, storage: Storage, manifest_base: dict, tau: float) -> dict:
+    key = {"encode_fingerprint": manifest_base["fingerprints"]["encode"], "tau": tau,
+           "select": cfg.select.model_dump(mode="json")}
+    done = storage.read_json(MARKER)
+    if done and {k: done.get(k) for k in key} == key:
+        log.info("select: up to date; skipping")
+        return done
+    storage.remove(MARKER)
     start = time.time()
-    ids, indptr, indices, tau = activated_sets(storage, cfg)
+    ids, indptr, indices = activated_sets(storage, tau)
     prepared = pq.read_table(storage.path("prepared"), columns=["id", "n_response_tokens"], filesystem=storage.fs)
     by_id = {i: n for n, i in enumerate(prepared["id"].to_pylist())}
     where = np.array([by_id[i] for i in ids])
@@ -119,10 +102,11 @@ def run_select(cfg: RunConfig, storage: Storage, manifest_base: dict) -> dict:
             "objective_curve": curves[method],
             "coverage_at_budget": {m: curves[m][-1]["coverage"] for m in curves},
         })
-    summary = {"budget": k, "methods": {m: r["coverage_at_budget"][m] for m, r in results.items()},
+    summary = {**key, "budget": k, "methods": {m: r["coverage_at_budget"][m] for m, r in results.items()},
                "seconds": round(time.time() - start, 2)}
     log.info("select: coverage at budget %d: %s (random %.3f, longest %.3f) in %.1fs", k, summary["methods"],
              curves["random"][-1]["coverage"], curves["longest"][-1]["coverage"], summary["seconds"])
+    storage.write_json(MARKER, summary)  # last: every method's selection is committed
     return summary
 
 
@@ -138,7 +122,8 @@ def write_selection(storage: Storage, method: str, ids, gains, new, records_by_i
     storage.remove(f"{base}/manifest.json")  # a half-rewritten selection must not look finished
     storage.fs.create_dir(storage.path(base), recursive=True)
     selected = pa.table({"rank": pa.array(np.arange(1, len(ids) + 1, dtype=np.int32)),
-                         "id": pa.array(list(ids), pa.string()), "gain": pa.array(gains, pa.float64()),
+                         "id": pa.array(list(ids), pa.string()),
+                         "gain": pa.array(gains, pa.float64(), from_pandas=True),  # NaN (no gain) -> null
                          "new_features": pa.array(new, pa.int64())})
     pq.write_table(selected, storage.path(base, "selected.parquet"), filesystem=storage.fs)
     raw = [records_by_id[i] for i in ids]

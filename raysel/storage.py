@@ -33,12 +33,35 @@ def s3_filesystem(s3: S3Config) -> pafs.S3FileSystem:
     )
 
 
+class StorageError(RuntimeError):
+    """The output root cannot be reached or used; the message names its URI, never the keys."""
+
+
+def redact(message: str, s3: S3Config) -> str:
+    for key in (s3.access_key, s3.secret_key):
+        if key is not None and key.get_secret_value():
+            message = message.replace(key.get_secret_value(), "<secret>")
+    return message
+
+
 class Storage:
     """A run's output root. Paths given to it are relative to the root."""
 
     def __init__(self, root: str, s3: S3Config):
         self.root = root.rstrip("/")
+        self.s3 = s3
         self.fs, self.base = filesystem_for(root, s3)
+
+    def check(self) -> None:
+        """Fail fast, before any work, when the root's bucket is missing or refuses these credentials.
+        Reads only: a run that cannot write must leave nothing behind."""
+        bucket = self.base.split("/")[0] if self.root.startswith("s3://") else None
+        try:
+            if bucket and self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise StorageError(f"output root {self.root}: bucket {bucket!r} does not exist")
+            self.fs.get_file_info(self.base)
+        except OSError as err:
+            raise StorageError(f"output root {self.root}: {redact(str(err), self.s3)}") from None
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.base, *parts)

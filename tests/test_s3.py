@@ -2,13 +2,18 @@
 
 import json
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
+from raysel import cli
 from raysel.config import RunConfig
 from raysel.corpus import InputError
+from raysel.pipeline import run
 from raysel.prepare import MARKER, run_prepare
 from raysel.storage import Storage
+from tests.test_encode import DEMO, run_cfg
 from tests.test_prepare import BAD, mixed_lines
 
 
@@ -65,8 +70,6 @@ def test_wrong_credentials_fail_clearly_and_write_nothing(ray_cluster, s3_server
 
 
 def _selector(path):
-    import pyarrow.fs as pafs
-
     return pafs.FileSelector(path, recursive=True)
 
 
@@ -85,3 +88,55 @@ def test_sae_from_s3_is_fetched_into_the_cache_and_loads(s3_server, tiny_sae_dir
     assert (local / "sae_weights.safetensors").read_bytes() == (tiny_sae_dir / "sae_weights.safetensors").read_bytes()
     sae = load_sae(cfg, "cpu")
     assert (sae.cfg.d_in, sae.cfg.d_sae) == (64, 128)
+
+
+def _files(fs, base: str) -> dict[str, bytes]:
+    return {info.path.removeprefix(base + "/"): fs.open_input_stream(info.path).read()
+            for info in fs.get_file_info(_selector(base)) if info.type == pafs.FileType.File}
+
+
+def test_run_to_s3_writes_what_the_same_run_writes_locally(ray_cluster, s3_server, tiny_model_dir, tiny_sae_dir,
+                                                             tmp_path):
+    raw = run_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, 30)
+    raw["select"] = {"budget": 8, "methods": ["coverage", "random"]}
+    local = run(RunConfig.model_validate(raw), until="select")
+    fs = s3_server.filesystem()
+    fs.create_dir("runs")
+    cfg = RunConfig.model_validate({**raw, "output": {"root": "s3://runs/a"}, "s3": s3_server.config()})
+    remote = run(cfg, until="select")
+
+    local_files, remote_files = _files(pafs.LocalFileSystem(), str(tmp_path / "out")), _files(fs, "runs/a")
+    assert sorted(remote_files) == sorted(local_files)
+    for method in ("coverage", "random"):
+        for name in ("selected.parquet", "records.parquet"):
+            path = f"selection/{method}/{name}"
+            assert pq.read_table(fs.open_input_file(f"runs/a/{path}")).equals(pq.read_table(tmp_path / "out" / path))
+        assert remote_files[f"selection/{method}/records.jsonl"] == local_files[f"selection/{method}/records.jsonl"]
+    assert remote["counts"] == local["counts"] and remote["counts"]["n_encoded"] == 30
+    assert Storage("s3://runs/a", cfg.s3).read_json("manifest.json")["output"] == "s3://runs/a"
+    for blob in remote_files.values():  # the keys are in the config, and in no object written
+        assert s3_server.secret_key.encode() not in blob and s3_server.access_key.encode() not in blob
+
+    again = run(cfg, until="select")  # finished shards on S3 are found and skipped
+    assert again["stages"]["encode"]["n_shards_encoded"] == 0
+    assert again["stages"]["encode"]["n_shards_skipped"] == remote["stages"]["encode"]["n_shards"]
+
+
+@pytest.mark.parametrize("root, s3, expect", [
+    ("s3://runs/bad-key", {"secret_key": "wrong-secret-value"}, "access_denied"),
+    ("s3://no-such-bucket/run", {}, "bucket 'no-such-bucket' does not exist"),
+])
+def test_an_unusable_output_root_fails_before_any_work_and_writes_nothing(s3_server, tmp_path, capsys, caplog,
+                                                                          root, s3, expect):
+    fs = s3_server.filesystem()
+    fs.create_dir("runs")
+    before = sorted(_files(fs, "runs"))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"input": {"paths": [str(DEMO)]}, "output": {"root": root},
+                                      "s3": {**s3_server.config(), **s3}}))
+    assert cli.main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert root in err and expect in err.lower()
+    assert sorted(_files(fs, "runs")) == before and fs.get_file_info("no-such-bucket").type == pafs.FileType.NotFound
+    for secret in ("wrong-secret-value", s3_server.secret_key, s3_server.access_key):
+        assert secret not in err and secret not in caplog.text

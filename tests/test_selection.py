@@ -2,6 +2,7 @@
 what it writes under selection/<method>/ and that coverage beats its baselines."""
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -9,7 +10,8 @@ import pytest
 
 from raysel.config import RunConfig
 from raysel.pipeline import run
-from raysel.selection import activated_sets, calibrate_tau, resolve_budget
+from raysel.activation import activated_sets, calibrate_tau, resolve_tau
+from raysel.selection import resolve_budget
 from raysel.storage import Storage
 from tests.test_encode import run_cfg
 
@@ -23,7 +25,7 @@ def test_budget_is_a_count_or_a_fraction():
 def selected_run(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("select")
     raw = run_cfg(tmp, tiny_model_dir, tiny_sae_dir, 60)
-    raw["select"] = {"budget": 12, "tau": 0.0, "methods": ["coverage", "simscale", "random", "longest"]}
+    raw["select"] = {"budget": 12, "methods": ["coverage", "simscale", "random", "longest"]}
     manifest = run(RunConfig.model_validate(raw), until="select")
     corpus = {r["id"]: r for r in map(json.loads, (tmp / "corpus.jsonl").read_text().splitlines())}
     return tmp / "out", manifest, corpus
@@ -65,8 +67,7 @@ def test_coverage_beats_random_and_longest_and_longest_is_longest(selected_run):
 
 def test_simscale_keeps_samples_below_its_theta(selected_run):
     root, manifest, _ = selected_run
-    cfg = RunConfig.model_validate(manifest["config"])
-    ids, indptr, indices, _ = activated_sets(Storage(str(root), cfg.s3), cfg)
+    ids, indptr, indices = activated_sets(Storage(str(root), RunConfig.model_validate(manifest["config"]).s3), 0.0)
     sets = {i: set(indices[indptr[n]: indptr[n + 1]].tolist()) for n, i in enumerate(ids)}
     theta = json.loads((root / "selection" / "simscale" / "manifest.json").read_text())["theta"]
     kept = [r["id"] for r in pq.read_table(root / "selection" / "simscale" / "selected.parquet").to_pylist()]
@@ -83,8 +84,24 @@ def test_calibrated_tau_gives_the_target_mean_active_count():
     assert calibrate_tau(values, n_samples=100, target_active=80) == 0.0  # more than exist: keep all
 
 
-def test_select_calibrates_tau_on_the_store(selected_run):
+def test_a_calibrated_tau_is_shared_by_stats_and_select_and_a_finished_select_is_skipped(selected_run, tmp_path):
     root, manifest, _ = selected_run
-    cfg = RunConfig.model_validate(manifest["config"] | {"select": {"target_active": 5}})
-    ids, indptr, indices, tau = activated_sets(Storage(str(root), cfg.s3), cfg)
+    shutil.copytree(root, tmp_path / "run")
+    cfg = RunConfig.model_validate(manifest["config"] | {"activation": {"target_active": 5},
+                                                         "output": {"root": str(tmp_path / "run")}})
+    storage = Storage(cfg.output.root, cfg.s3)
+    tau = resolve_tau(storage, cfg)
+    ids, indptr, indices = activated_sets(storage, tau)
     assert tau > 0 and len(ids) == 60 and indices.size == 5 * 60
+
+    again = run(cfg, until="select")  # the store is reused; stats and select follow the new tau
+    assert again["stages"]["encode"]["n_shards_encoded"] == 0
+    doc_freq = pq.read_table(tmp_path / "run" / "stats" / "features.parquet")["doc_freq"].to_numpy()
+    assert doc_freq.sum() == indices.size and np.array_equal(doc_freq, np.bincount(indices, minlength=doc_freq.size))
+    assert json.loads((tmp_path / "run" / "selection" / "coverage" / "manifest.json").read_text())["tau"] == tau
+    assert again["stages"]["select"]["methods"] != manifest["stages"]["select"]["methods"]
+
+    manifest_file = tmp_path / "run" / "selection" / "coverage" / "manifest.json"
+    stamp = manifest_file.stat().st_mtime_ns
+    third = run(cfg, until="select")
+    assert third["stages"]["select"] == again["stages"]["select"] and manifest_file.stat().st_mtime_ns == stamp
