@@ -27,6 +27,12 @@ def demo_config_path() -> str:
     return str(resources.files("raysel") / "configs" / "demo.yaml")
 
 
+def demo_config(out: str | None, overrides: list[str]):
+    # the one CPU encode actor gets every core of the machine it runs on
+    fixed = [f"input.paths={json.dumps([demo_data_path()])}", f"encode.num_cpus={os.cpu_count() or 1}"]
+    return load_config(demo_config_path(), fixed + overrides + ([f"output.root={out}"] if out else []))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysel", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -46,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = verb("report", "Write report.html for a finished run.", config=False)
     report.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
     demo = verb("demo", "Run the job on the bundled demo data with the embedded default model.", config=False)
-    demo.add_argument("--output", default=None, help="output root (default: runs/demo)")
+    demo.add_argument("--out", metavar="DIR", default=None,
+                      help="where the results go: a folder or s3://bucket/prefix (default: runs/demo)")
     return parser
 
 
@@ -55,12 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.verb == "demo":
-            # the one CPU encode actor gets every core of the machine it runs on
-            overrides = [f"input.paths={json.dumps([demo_data_path()])}", f"encode.num_cpus={os.cpu_count() or 1}",
-                         *args.overrides]
-            if args.output:
-                overrides.append(f"output.root={args.output}")
-            cfg = load_config(demo_config_path(), overrides)
+            cfg = demo_config(args.out, args.overrides)
         elif args.verb == "report":
             return _pending(args.verb)
         else:
@@ -73,9 +75,27 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError, StorageError) as err:
         print(f"raysel {args.verb}: {err}", file=sys.stderr)
         return 2
-    coverage = manifest["stages"].get("select", {}).get("methods")
-    print(json.dumps({"output": manifest["output"], **manifest["counts"]} | ({"coverage": coverage} if coverage else {})))
+    print("\n".join(summary_lines(args.verb, manifest)))
     return 0
+
+
+def summary_lines(verb: str, manifest: dict) -> list[str]:
+    """What a person wants after a run: the counts, each method's coverage, and where it all is;
+    then the same as one JSON line, for scripts."""
+    counts, select = manifest["counts"], manifest["stages"].get("select")
+    rejected = ", ".join(f"{n} {reason}" for reason, n in sorted(counts["rejected_by_reason"].items()))
+    lines = [f"raysel {verb}: done",
+             f"  input     {counts['n_input']:,} rows: {counts['n_valid']:,} valid, {counts['n_rejected']:,} rejected"
+             + (f" ({rejected}; see rejects/)" if rejected else "")]
+    if "n_encoded" in counts:
+        lines.append(f"  encoded   {counts['n_encoded']:,} samples into the feature store (features/)")
+    if select:
+        lines.append(f"  selected  {select['budget']:,} per method; share of the pool's "
+                     f"{select['n_features_activated']:,} activated features each covers:")
+        lines += [f"    {method:<9} {share:.4f}" for method, share in select["methods"].items()]
+    lines.append(f"  outputs   {manifest['output']} (manifest.json" + (", selection/<method>/" if select else "") + ")")
+    return lines + [json.dumps({"output": manifest["output"], **counts}
+                               | ({"coverage": select["methods"]} if select else {}))]
 
 
 def _pending(verb: str) -> int:

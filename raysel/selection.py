@@ -102,7 +102,8 @@ def run_select(cfg: RunConfig, storage: Storage, manifest_base: dict, tau: float
             "objective_curve": curves[method],
             "coverage_at_budget": {m: curves[m][-1]["coverage"] for m in curves},
         })
-    summary = {**key, "budget": k, "methods": {m: r["coverage_at_budget"][m] for m, r in results.items()},
+    summary = {**key, "budget": k, "n_features_activated": int(np.unique(indices).size),
+               "methods": {m: r["coverage_at_budget"][m] for m, r in results.items()},
                "seconds": round(time.time() - start, 2)}
     log.info("select: coverage at budget %d: %s (random %.3f, longest %.3f) in %.1fs", k, summary["methods"],
              curves["random"][-1]["coverage"], curves["longest"][-1]["coverage"], summary["seconds"])

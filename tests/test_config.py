@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from raysel.cli import main
+from raysel.cli import build_parser, demo_config, demo_data_path, main
 from raysel.config import ConfigError, load_config
 
 
@@ -108,3 +108,11 @@ def test_verb_without_its_config_is_a_usage_error(capsys):
         main(["run"])
     assert exit_.value.code == 2
     assert "CONFIG" in capsys.readouterr().err
+
+
+def test_demo_runs_the_bundled_data_into_out_or_the_documented_default(tmp_path):
+    assert demo_config(None, []).output.root == "runs/demo"
+    cfg = demo_config(str(tmp_path / "here"), ["select.budget=20"])
+    assert cfg.output.root == str(tmp_path / "here") and cfg.select.budget == 20
+    assert cfg.input.paths == [demo_data_path()] and cfg.model.name == "embedded:smollm2-135m-instruct"
+    assert build_parser().parse_args(["demo", "--out", "d"]).out == "d"

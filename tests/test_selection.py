@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from raysel.cli import summary_lines
 from raysel.config import RunConfig
 from raysel.pipeline import run
 from raysel.activation import activated_sets, calibrate_tau, resolve_tau
@@ -105,3 +106,14 @@ def test_a_calibrated_tau_is_shared_by_stats_and_select_and_a_finished_select_is
     stamp = manifest_file.stat().st_mtime_ns
     third = run(cfg, until="select")
     assert third["stages"]["select"] == again["stages"]["select"] and manifest_file.stat().st_mtime_ns == stamp
+
+
+def test_the_printed_summary_gives_counts_coverage_per_method_and_the_output(selected_run):
+    root, manifest, _ = selected_run
+    lines = summary_lines("run", manifest)
+    text = "\n".join(lines[:-1])
+    assert "60 rows: 60 valid, 0 rejected" in text and "encoded   60 samples" in text
+    for method, share in manifest["stages"]["select"]["methods"].items():
+        assert any(line.split() == [method, f"{share:.4f}"] for line in lines)
+    assert f"outputs   {root}" in text
+    assert json.loads(lines[-1])["coverage"] == manifest["stages"]["select"]["methods"]
