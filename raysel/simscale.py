@@ -6,12 +6,16 @@ kept count reaches the budget; the kept list is then cut at the budget, which
 keeps the property, since any subset of a dissimilar set is dissimilar.
 
 Candidates never come from all pairs. They come from prefix filtering (the
-AllPairs join): order features rarest first; if J(x, y) >= theta then the two
-share at least ceil(theta * |x|) features, so the first |x| - ceil(theta * |x|) + 1
-features of x meet those of y. Only those prefixes go into the inverted index,
-so most lookups land on rare features with short posting lists, and the
-result is exact: no similar pair is missed. Samples with no activated feature
-are never similar to anything.
+AllPairs join): order features rarest first; J(x, y) >= theta means the two
+share o >= theta (|x| + |y|) / (1 + theta) features, so a prefix of x and a
+prefix of y (all but o - 1 features of each) must meet. A kept y is indexed by
+its first |y| - ceil(theta |y|) + 1 features (o >= theta |y| whatever x is);
+x, visited later and so no larger than y, probes with its first
+|x| - o(|x|, |x|) + 1, which leaves out its most popular features, the ones
+with the longest posting lists. Each candidate is verified against a mark
+array of A(x), stopping as soon as the answer is known. The result is exact: no
+similar pair is missed. Samples with no activated feature are never similar
+to anything.
 """
 
 from __future__ import annotations
@@ -37,15 +41,16 @@ def simscale(indptr: np.ndarray, indices: np.ndarray, budget: int, precision: fl
     n = len(indptr) - 1
     budget = min(budget, n)
     ranked, visit = _rarest_first(indptr, np.asarray(indices, np.int64))
+    df = np.bincount(ranked, minlength=int(ranked.max()) + 1 if ranked.size else 1).astype(np.int64)
     lo, hi, passes = 0.0, 1.0, 1
-    kept = _filter(indptr, ranked, visit, 1.0, budget)
+    kept = _filter(indptr, ranked, visit, 1.0, budget, df)
     if len(kept) < budget:  # even theta = 1 (drop only identical sets) keeps too few: keep all it keeps
         log.warning("simscale: only %d samples have distinct activated sets; budget was %d", len(kept), budget)
         return Filtered(kept, 1.0, passes)
     best = kept
     while hi - lo > precision:  # the smallest theta whose pass still reaches the budget
         mid = (lo + hi) / 2
-        kept = _filter(indptr, ranked, visit, mid, budget)
+        kept = _filter(indptr, ranked, visit, mid, budget, df)
         passes += 1
         if len(kept) >= budget:
             hi, best = mid, kept
@@ -67,62 +72,68 @@ def _rarest_first(indptr, indices):
     return ranked, visit
 
 
+@numba.njit(cache=True, inline="always")
+def _need(theta, sx, sy):
+    """The least overlap o at which J >= theta for sets of sizes sx and sy: o (1 + theta) >= theta (sx + sy)."""
+    target = theta * (sx + sy)
+    o = max(0, int(np.ceil(target / (1.0 + theta))) - 1)
+    while o * (1.0 + theta) < target:  # settle float rounding on the exact inequality
+        o += 1
+    return o
+
+
 @numba.njit(cache=True)
-def _filter(indptr, ranked, visit, theta, stop_at):
+def _filter(indptr, ranked, visit, theta, stop_at, df):
     """One pass at a fixed theta; stops once `stop_at` rows are kept."""
-    n = indptr.size - 1
-    d = int(ranked.max()) + 1 if ranked.size else 1
-    head = np.full(d, -1, np.int64)  # posting lists of kept prefixes, linked through `nxt`
-    capacity = min(ranked.size, stop_at * int(np.max(indptr[1:] - indptr[:-1])) if n else 0)
-    nxt = np.empty(capacity, np.int64)
-    who = np.empty(capacity, np.int64)
+    n, d = indptr.size - 1, df.size
+    start = np.zeros(d + 1, np.int64)  # feature f's postings (kept rows' prefixes) fill rows[start[f]:fill[f]]
+    for f in range(d):
+        start[f + 1] = start[f] + df[f]
+    fill = start[:-1].copy()
+    rows = np.empty(start[d], np.int32)
+    mark = np.full(d, -1, np.int64)  # mark[f] == x: f is in A(x), for verifying a candidate in |A(y)| lookups
     seen = np.full(n, -1, np.int64)
     kept = np.empty(stop_at, np.int64)
-    n_kept, n_entries = 0, 0
+    n_kept = 0
     for x in visit:
         if n_kept == stop_at:
             break
         a, b = indptr[x], indptr[x + 1]
-        size = b - a
-        prefix = size - int(np.ceil(theta * size - 1e-9)) + 1 if size else 0
-        similar = False
-        for p in range(a, a + min(prefix, size)):
-            e = head[ranked[p]]
-            while e >= 0 and not similar:
-                y = who[e]
-                e = nxt[e]
-                if seen[y] == x:
-                    continue
-                seen[y] = x
-                # visited earlier, so |A(y)| >= |A(x)|; J <= |A(x)| / |A(y)| rules out the much larger
-                if size < theta * (indptr[y + 1] - indptr[y]):
-                    continue
-                shared = _overlap(ranked, a, b, indptr[y], indptr[y + 1])
-                similar = shared >= theta * (size + indptr[y + 1] - indptr[y] - shared)
-            if similar:
-                break
-        if similar:
+        sx = b - a
+        for p in range(a, b):
+            mark[ranked[p]] = x
+        # y was visited first, so |A(y)| >= |A(x)| and they share at least _need(sx, sx) features
+        probe = sx - _need(theta, sx, sx) + 1 if sx else 0
+        if _similar_to_kept(x, a, a + probe, indptr, ranked, theta, start, fill, rows, mark, seen):
             continue
         kept[n_kept] = x
         n_kept += 1
-        for p in range(a, a + min(prefix, size)):
-            who[n_entries], nxt[n_entries] = x, head[ranked[p]]
-            head[ranked[p]] = n_entries
-            n_entries += 1
+        # a later x shares at least ceil(theta |A(y)|) features with this y, whatever its size
+        for p in range(a, min(b, a + sx - int(np.ceil(theta * sx - 1e-9)) + 1)):
+            rows[fill[ranked[p]]] = x
+            fill[ranked[p]] += 1
     return kept[:n_kept]
 
 
-@numba.njit(cache=True, inline="always")
-def _overlap(ranked, a, b, c, d):
-    """|A(x) & A(y)| of two rank-sorted rows."""
-    count = 0
-    while a < b and c < d:
-        if ranked[a] == ranked[c]:
-            count += 1
-            a += 1
-            c += 1
-        elif ranked[a] < ranked[c]:
-            a += 1
-        else:
-            c += 1
-    return count
+@numba.njit(cache=True)
+def _similar_to_kept(x, a, probe_end, indptr, ranked, theta, start, fill, rows, mark, seen) -> bool:
+    sx = indptr[x + 1] - indptr[x]
+    for p in range(a, probe_end):
+        f = ranked[p]
+        for q in range(start[f], fill[f]):
+            y = rows[q]
+            if seen[y] == x:
+                continue
+            seen[y] = x
+            c, e = indptr[y], indptr[y + 1]
+            if sx < theta * (e - c):  # J <= |A(x)| / |A(y)|
+                continue
+            need, shared = _need(theta, sx, e - c), 0
+            for r in range(c, e):  # stop as soon as the answer is known either way
+                if mark[ranked[r]] == x:
+                    shared += 1
+                    if shared >= need:
+                        return True
+                elif shared + (e - r - 1) < need:
+                    break
+    return False
