@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -47,3 +48,14 @@ def activated_sets(storage: Storage, tau: float) -> tuple[np.ndarray, np.ndarray
     rows = pc.list_parent_indices(table["feat_ids"]).filter(keep).to_numpy()
     indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=table.num_rows))]
     return np.asarray(table["id"].to_pylist(), dtype=object), indptr, feats
+
+
+def pooled(table: pa.Table, pooling: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row of each entry, feature ids, values) of a feature-store table, flattened: the sum-pool s(x),
+    or the mean-pool s(x) / n_tokens."""
+    rows = pc.list_parent_indices(table["feat_ids"]).to_numpy()
+    feats = pc.list_flatten(table["feat_ids"]).to_numpy().astype(np.int64)
+    values = pc.list_flatten(table["feat_sum"]).to_numpy().astype(np.float64)
+    if pooling == "mean":
+        values = values / np.maximum(table["n_tokens"].to_numpy(), 1)[rows]
+    return rows, feats, values

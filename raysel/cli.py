@@ -90,9 +90,9 @@ def summary_lines(verb: str, manifest: dict) -> list[str]:
     if "n_encoded" in counts:
         lines.append(f"  encoded   {counts['n_encoded']:,} samples into the feature store (features/)")
     if select:
-        lines.append(f"  selected  {select['budget']:,} per method; share of the pool's "
-                     f"{select['n_features_activated']:,} activated features each covers:")
-        lines += [f"    {method:<9} {share:.4f}" for method, share in select["methods"].items()]
+        lines.append(f"  selected  share of the pool's {select['n_features_activated']:,} activated features covered:")
+        lines += [f"    {method:<9} {share:.4f}  ({select['budgets'][method]:,} samples)"
+                  for method, share in select["methods"].items()]
     lines.append(f"  outputs   {manifest['output']} (manifest.json" + (", selection/<method>/" if select else "") + ")")
     return lines + [json.dumps({"output": manifest["output"], **counts}
                                | ({"coverage": select["methods"]} if select else {}))]

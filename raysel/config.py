@@ -121,10 +121,36 @@ class StatsConfig(Section):
 
 
 class SelectConfig(Section):
-    methods: list[Literal["coverage", "simscale", "random", "longest"]] = ["coverage", "random", "longest"]
+    methods: list[Literal["coverage", "simscale", "random", "longest", "mona", "igds"]] = ["coverage", "random", "longest"]
     budget: float = Field(0.1, gt=0)  # a count (>= 1) or a fraction of the encoded pool (< 1)
     idf: bool = False  # weigh each feature's gain by its inverse document frequency
     seed: int = 0  # for `random`
+
+
+class TaskConfig(Section):
+    """Target-task examples for the task methods (`mona`, `igds`). They are read like the input
+    (input.format, input.fields) and encoded with the same model and SAE."""
+
+    targets: list[str] = []  # files, globs or s3:// paths of target examples
+    dev_fraction: float = Field(0.5, gt=0, lt=1)  # IGDS: the held-out share on which interventions are measured
+    seed: int = 0  # which targets are held out
+
+
+class MonaConfig(Section):
+    pooling: Literal["mean", "sum"] = "mean"  # the paper's choice is mean; sum is kept for ablation
+    similarity: Literal["jaccard", "cosine"] = "jaccard"  # weighted Jaccard to the prototype, or cosine
+
+
+class IGDSConfig(Section):
+    candidates: int = Field(50, gt=0)  # N features kept by frequency recall (target share minus pool share)
+    alpha: float = Field(4.0, gt=0)  # amplification: h += alpha * max activation * decoder direction
+    keep: int = Field(3, gt=0)  # task features: the top ones by delta, among those with delta > 0
+    metric: Literal["loglik", "exact_match"] = "loglik"  # exact_match generates and compares the final number
+    pooling: Literal["sum", "mean"] = "sum"  # of the feature-resonant score
+    budget: float = Field(0.5, gt=0)  # a count or a fraction, as select.budget; the paper keeps 50 %
+    actors: int = Field(1, gt=0)  # full models evaluating candidate features in parallel
+    batch_size: int = Field(8, gt=0)  # dev examples per forward pass
+    max_new_tokens: int = Field(256, gt=0)  # exact_match: generation length
 
 
 class S3Config(Section):
@@ -158,6 +184,9 @@ class RunConfig(Section):
     activation: ActivationConfig = ActivationConfig()
     stats: StatsConfig = StatsConfig()
     select: SelectConfig = SelectConfig()
+    task: TaskConfig = TaskConfig()
+    mona: MonaConfig = MonaConfig()
+    igds: IGDSConfig = IGDSConfig()
     s3: S3Config = S3Config()
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()
@@ -166,6 +195,9 @@ class RunConfig(Section):
     def _one_input_source(self):
         if bool(self.input.paths) == bool(self.input.hf_dataset):
             raise ValueError("input: set exactly one of input.paths or input.hf_dataset")
+        task_methods = [m for m in self.select.methods if m in ("mona", "igds")]
+        if task_methods and not self.task.targets:
+            raise ValueError(f"task.targets: select.methods has {', '.join(task_methods)}, which need target examples")
         return self
 
     def public_dict(self) -> dict:

@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raysel import task
 from raysel.activation import activated_sets
 from raysel.config import RunConfig
 from raysel.coverage import idf_weights, greedy_coverage
@@ -37,19 +39,38 @@ def resolve_budget(budget: float, n: int) -> int:
     return min(n, int(budget) if budget >= 1 else max(1, round(budget * n)))
 
 
-def pick(method: str, cfg: RunConfig, indptr, indices, response_tokens: np.ndarray, k: int):
-    """Row indices in selection order, the gain each pick was chosen for, and what the method settled on."""
+@dataclass
+class Pool:
+    """What the methods pick from: the activated sets of the store, sorted by id, and where it lives."""
+    ids: np.ndarray
+    indptr: np.ndarray
+    indices: np.ndarray
+    response_tokens: np.ndarray
+    storage: Storage
+    tau: float
+    targets: Storage | None  # the target examples' store, for the task methods
+
+
+def pick(method: str, cfg: RunConfig, pool: Pool, k: int):
+    """Row indices in selection order, the gain or score of each pick, and what the method settled on."""
+    n = len(pool.ids)
     if method == "coverage":
-        weights = idf_weights(indices, len(indptr) - 1) if cfg.select.idf else None
-        chosen = greedy_coverage(indptr, indices, k, weights)
+        weights = idf_weights(pool.indices, n) if cfg.select.idf else None
+        chosen = greedy_coverage(pool.indptr, pool.indices, k, weights)
         return chosen.order, chosen.gains, {"resets": chosen.resets}
     if method == "simscale":
-        kept = simscale(indptr, indices, k)
+        kept = simscale(pool.indptr, pool.indices, k)
         return kept.order, np.full(len(kept.order), np.nan), {"theta": kept.theta, "theta_passes": kept.passes}
+    if method in ("mona", "igds"):
+        d_sae = pool.storage.read_json("stats/summary.json")["d_sae"]
+        top, settled = (task.mona(cfg, pool.storage, pool.targets, d_sae, k) if method == "mona" else
+                        task.igds(cfg, pool.storage, pool.targets, pool.tau, k))
+        row_of = {i: r for r, i in enumerate(pool.ids)}
+        return np.array([row_of[i] for i in top["id"].to_pylist()], dtype=np.int64), top["score"].to_numpy(), settled
     if method == "random":
-        order = np.random.default_rng(cfg.select.seed).permutation(len(indptr) - 1)[:k]
+        order = np.random.default_rng(cfg.select.seed).permutation(n)[:k]
     else:  # longest: most response tokens first, ties to the earlier id
-        order = np.lexsort((np.arange(len(response_tokens)), -response_tokens))[:k]
+        order = np.lexsort((np.arange(n), -pool.response_tokens))[:k]
     return order, np.full(k, np.nan), {}
 
 
@@ -71,44 +92,54 @@ MARKER = "stages/select.json"
 
 
 def run_select(cfg: RunConfig, storage: Storage, manifest_base: dict, tau: float) -> dict:
+    task_methods = [m for m in cfg.select.methods if m in ("mona", "igds")]
     key = {"encode_fingerprint": manifest_base["fingerprints"]["encode"], "tau": tau,
-           "select": cfg.select.model_dump(mode="json")}
+           "select": cfg.select.model_dump(mode="json")} | {
+           s: getattr(cfg, s).model_dump(mode="json") for s in ("task", "mona", "igds") if task_methods}
     done = storage.read_json(MARKER)
     if done and {k: done.get(k) for k in key} == key:
         log.info("select: up to date; skipping")
         return done
     storage.remove(MARKER)
     start = time.time()
-    ids, indptr, indices = activated_sets(storage, tau)
-    prepared = pq.read_table(storage.path("prepared"), columns=["id", "n_response_tokens"], filesystem=storage.fs)
-    by_id = {i: n for n, i in enumerate(prepared["id"].to_pylist())}
-    where = np.array([by_id[i] for i in ids])
-    response_tokens = prepared["n_response_tokens"].to_numpy()[where]
-    k = resolve_budget(cfg.select.budget, len(ids))
-    log.info("select: %d samples, %d activated features, %.1f per sample (tau %g), budget %d", len(ids),
-             np.unique(indices).size, indices.size / max(len(ids), 1), tau, k)
+    pool = read_pool(cfg, storage, tau, task.target_store(cfg, storage) if task_methods else None)
+    n, indices = len(pool.ids), pool.indices
+    budgets = {m: resolve_budget(cfg.igds.budget if m == "igds" else cfg.select.budget, n) for m in cfg.select.methods}
+    log.info("select: %d samples, %d activated features, %.1f per sample (tau %g), budgets %s", n,
+             np.unique(indices).size, indices.size / max(n, 1), tau, budgets)
     picks, curves = {}, {}
-    for method in dict.fromkeys([*cfg.select.methods, "random", "longest"]):  # baselines always, for comparison
-        order, gains, settled = pick(method, cfg, indptr, indices, response_tokens, k)
-        new, curve = coverage_curve(order, indptr, indices)
-        picks[method], curves[method] = (order, gains, new, settled), curve
-    raw = selected_records(storage, {i for m in cfg.select.methods for i in ids[picks[m][0]]})
+    for method, k in budgets.items():
+        order, gains, settled = pick(method, cfg, pool, k)
+        new, curves[method] = coverage_curve(order, pool.indptr, indices)
+        picks[method] = (order, gains, new, settled)
+    baselines = {str(k): {b: coverage_curve(pick(b, cfg, pool, k)[0], pool.indptr, indices)[1][-1]["coverage"]
+                     for b in ("random", "longest")} for k in set(budgets.values())}
+    raw = selected_records(storage, {i for m in cfg.select.methods for i in pool.ids[picks[m][0]]})
     results = {}
-    for method in cfg.select.methods:
+    for method, k in budgets.items():
         order, gains, new, settled = picks[method]
-        results[method] = write_selection(storage, method, ids[order], gains, new, raw, {
+        results[method] = write_selection(storage, method, pool.ids[order], gains, new, raw, {
             **manifest_base, "method": method, "budget": k, "tau": tau, **settled,
             "counts": {**manifest_base["counts"], "n_selected": int(len(order))},
             "objective_curve": curves[method],
-            "coverage_at_budget": {m: curves[m][-1]["coverage"] for m in curves},
+            "coverage_at_budget": baselines[str(k)] | {m: curves[m][-1]["coverage"] for m in budgets if budgets[m] == k},
         })
-    summary = {**key, "budget": k, "n_features_activated": int(np.unique(indices).size),
+    summary = {**key, "budgets": budgets,
+               "n_features_activated": int(np.unique(indices).size),
                "methods": {m: r["coverage_at_budget"][m] for m, r in results.items()},
-               "seconds": round(time.time() - start, 2)}
-    log.info("select: coverage at budget %d: %s (random %.3f, longest %.3f) in %.1fs", k, summary["methods"],
-             curves["random"][-1]["coverage"], curves["longest"][-1]["coverage"], summary["seconds"])
+               "baselines": baselines, "seconds": round(time.time() - start, 2)}
+    log.info("select: coverage %s against random and longest %s in %.1fs", summary["methods"], baselines,
+             summary["seconds"])
     storage.write_json(MARKER, summary)  # last: every method's selection is committed
     return summary
+
+
+def read_pool(cfg: RunConfig, storage: Storage, tau: float, targets: Storage | None) -> Pool:
+    ids, indptr, indices = activated_sets(storage, tau)
+    prepared = pq.read_table(storage.path("prepared"), columns=["id", "n_response_tokens"], filesystem=storage.fs)
+    by_id = {i: n for n, i in enumerate(prepared["id"].to_pylist())}
+    response_tokens = prepared["n_response_tokens"].to_numpy()[np.array([by_id[i] for i in ids], dtype=np.int64)]
+    return Pool(ids, indptr, indices, response_tokens, storage, tau, targets)
 
 
 def selected_records(storage: Storage, wanted: set) -> dict[str, str]:

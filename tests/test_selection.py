@@ -114,6 +114,6 @@ def test_the_printed_summary_gives_counts_coverage_per_method_and_the_output(sel
     text = "\n".join(lines[:-1])
     assert "60 rows: 60 valid, 0 rejected" in text and "encoded   60 samples" in text
     for method, share in manifest["stages"]["select"]["methods"].items():
-        assert any(line.split() == [method, f"{share:.4f}"] for line in lines)
+        assert any(line.split() == [method, f"{share:.4f}", "(12", "samples)"] for line in lines)
     assert f"outputs   {root}" in text
     assert json.loads(lines[-1])["coverage"] == manifest["stages"]["select"]["methods"]
