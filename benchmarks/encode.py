@@ -17,22 +17,27 @@ measured in the same run. The last line printed is one JSON object.
 
 from __future__ import annotations
 
-import argparse
-import io
-import json
 import os
-import resource
-import time
+import sys
 
-import numpy as np
-import pyarrow.parquet as pq
-import torch
+# benchmarks/select.py shadows the stdlib's `select` for scripts run from this folder
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from raysel.config import FieldMap, RunConfig
-from raysel.encode import Encoder
-from raysel.models import load_model, load_tokenizer
-from raysel.records import chat_template_for, normalize, render
-from raysel.sae import default_sae_dir, load_sae, train_sae
+import argparse  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+from raysel.config import FieldMap, RunConfig  # noqa: E402
+from raysel.encode import Encoder  # noqa: E402
+from raysel.models import load_model, load_tokenizer  # noqa: E402
+from raysel.records import chat_template_for, normalize, render  # noqa: E402
+from raysel.sae import default_sae_dir, load_sae, train_sae  # noqa: E402
 
 
 def main() -> None:

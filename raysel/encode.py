@@ -97,6 +97,13 @@ class Encoder:
             yield np.array(batch)
 
     def _encode_batch(self, seqs: list[list[int]]):
+        hidden, counted = self.hidden_states(seqs)
+        with self.torch.inference_mode():
+            z = self.sae.encode(hidden[counted].to(self.sae.dtype))
+            return self._pool(z, counted.sum(1).cpu())
+
+    def hidden_states(self, seqs: list[list[int]]):
+        """The residual stream after the hook layer for a padded batch, and which positions count."""
         torch = self.torch
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
@@ -109,8 +116,7 @@ class Encoder:
         with torch.inference_mode():
             hidden = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
                                 use_cache=False).last_hidden_state
-            z = self.sae.encode(hidden[counted.to(self.device)].to(self.sae.dtype))
-            return self._pool(z, counted.sum(1))
+        return hidden, counted.to(self.device)
 
     def _first_counted(self, seqs: list[list[int]]):
         """Position 0 is an attention sink, never pooled; the template's shared prefix neither, when set."""
