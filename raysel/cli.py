@@ -16,7 +16,8 @@ from raysel.storage import StorageError
 
 # Verbs whose stages land in later work; they check their config and say so.
 PENDING = {"report": "the run report"}
-UNTIL = {"run": "select", "encode": "encode", "select": "select", "demo": "select", "train-sae": "train-sae"}
+UNTIL = {"run": "select", "encode": "encode", "select": "select", "demo": "select", "train-sae": "train-sae",
+         "fac": "fac"}
 
 
 def demo_data_path() -> str:
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     verb("encode", "Prepare and encode samples into the SAE feature store.")
     verb("select", "Select subsets from the feature store (select.methods), encoding first what is missing.")
     verb("train-sae", "Prepare the corpus and train a TopK SAE on it with sae-lens (the default SAE).")
+    verb("fac", "Measure FAC of the input against fac.anchor: coverage of the anchor's task features, and the "
+                "missing ones with their top-activating spans (fac/).")
     report = verb("report", "Write report.html for a finished run.", config=False)
     report.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
     demo = verb("demo", "Run the job on the bundled demo data with the embedded default model.", config=False)
@@ -93,7 +96,13 @@ def summary_lines(verb: str, manifest: dict) -> list[str]:
         lines.append(f"  selected  share of the pool's {select['n_features_activated']:,} activated features covered:")
         lines += [f"    {method:<9} {share:.4f}  ({select['budgets'][method]:,} samples)"
                   for method, share in select["methods"].items()]
-    lines.append(f"  outputs   {manifest['output']} (manifest.json" + (", selection/<method>/" if select else "") + ")")
+    fac = manifest["stages"].get("fac")
+    if fac:
+        lines.append(f"  FAC       {fac['fac']:.4f}: {fac['n_covered']} of the anchor's {fac['n_in_anchor']} task features "
+                     f"(frequency-weighted {fac['fac_frequency']:.4f}, magnitude-weighted {fac['fac_magnitude']:.4f}); "
+                     f"{len(fac['missing'])} missing, with spans in fac/")
+    lines.append(f"  outputs   {manifest['output']} (manifest.json" + (", selection/<method>/" if select else "")
+                 + (", fac/" if fac else "") + ")")
     return lines + [json.dumps({"output": manifest["output"], **counts}
                                | ({"coverage": select["methods"]} if select else {}))]
 

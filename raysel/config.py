@@ -121,7 +121,8 @@ class StatsConfig(Section):
 
 
 class SelectConfig(Section):
-    methods: list[Literal["coverage", "simscale", "random", "longest", "mona", "igds"]] = ["coverage", "random", "longest"]
+    methods: list[Literal["coverage", "simscale", "random", "longest", "mona", "igds", "fac"]] = [
+        "coverage", "random", "longest"]
     budget: float = Field(0.1, gt=0)  # a count (>= 1) or a fraction of the encoded pool (< 1)
     idf: bool = False  # weigh each feature's gain by its inverse document frequency
     seed: int = 0  # for `random`
@@ -151,6 +152,16 @@ class IGDSConfig(Section):
     actors: int = Field(1, gt=0)  # full models evaluating candidate features in parallel
     batch_size: int = Field(8, gt=0)  # dev examples per forward pass
     max_new_tokens: int = Field(256, gt=0)  # exact_match: generation length
+
+
+class FACConfig(Section):
+    """FAC against an anchor set. `raysel fac` measures the run's input; `method: fac` selects from
+    the input (the pool) the samples that cover what `evaluated` (if any) is missing."""
+
+    anchor: list[str] = []  # files, globs or s3:// paths of the anchor (task) examples
+    evaluated: list[str] = []  # method fac: the dataset you already have (empty: start from nothing)
+    features: list[int] = []  # task-relevant features F; empty: the n_features most enriched on the anchor
+    n_features: int = Field(100, gt=0)
 
 
 class S3Config(Section):
@@ -187,6 +198,7 @@ class RunConfig(Section):
     task: TaskConfig = TaskConfig()
     mona: MonaConfig = MonaConfig()
     igds: IGDSConfig = IGDSConfig()
+    fac: FACConfig = FACConfig()
     s3: S3Config = S3Config()
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()
@@ -198,6 +210,8 @@ class RunConfig(Section):
         task_methods = [m for m in self.select.methods if m in ("mona", "igds")]
         if task_methods and not self.task.targets:
             raise ValueError(f"task.targets: select.methods has {', '.join(task_methods)}, which need target examples")
+        if "fac" in self.select.methods and not self.fac.anchor:
+            raise ValueError("fac.anchor: select.methods has fac, which needs anchor examples")
         return self
 
     def public_dict(self) -> dict:

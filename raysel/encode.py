@@ -102,6 +102,15 @@ class Encoder:
             z = self.sae.encode(hidden[counted].to(self.sae.dtype))
             return self._pool(z, counted.sum(1).cpu())
 
+    def activations(self, seqs: list[list[int]]) -> list[tuple]:
+        """Per sequence: the first counted position, and the SAE's activations at every counted
+        position from there on (positions x d_sae), for looking inside one sample."""
+        hidden, counted = self.hidden_states(seqs)
+        with self.torch.inference_mode():
+            z = self.sae.encode(hidden[counted].to(self.sae.dtype)).float().cpu()
+        first = self._first_counted(seqs).tolist()
+        return list(zip(first, z.split(counted.sum(1).cpu().tolist())))
+
     def hidden_states(self, seqs: list[list[int]]):
         """The residual stream after the hook layer for a padded batch, and which positions count."""
         torch = self.torch

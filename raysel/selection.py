@@ -61,17 +61,27 @@ def pick(method: str, cfg: RunConfig, pool: Pool, k: int):
     if method == "simscale":
         kept = simscale(pool.indptr, pool.indices, k)
         return kept.order, np.full(len(kept.order), np.nan), {"theta": kept.theta, "theta_passes": kept.passes}
-    if method in ("mona", "igds"):
-        d_sae = pool.storage.read_json("stats/summary.json")["d_sae"]
-        top, settled = (task.mona(cfg, pool.storage, pool.targets, d_sae, k) if method == "mona" else
-                        task.igds(cfg, pool.storage, pool.targets, pool.tau, k))
+    if method in ("mona", "igds", "fac"):
+        ids, scores, settled = against_examples(method, cfg, pool, k)
         row_of = {i: r for r, i in enumerate(pool.ids)}
-        return np.array([row_of[i] for i in top["id"].to_pylist()], dtype=np.int64), top["score"].to_numpy(), settled
+        return np.array([row_of[i] for i in ids], dtype=np.int64), scores, settled
     if method == "random":
         order = np.random.default_rng(cfg.select.seed).permutation(n)[:k]
     else:  # longest: most response tokens first, ties to the earlier id
         order = np.lexsort((np.arange(n), -pool.response_tokens))[:k]
     return order, np.full(k, np.nan), {}
+
+
+def against_examples(method: str, cfg: RunConfig, pool: Pool, k: int):
+    """The methods that rank the pool against a side set of examples: ids, scores (for fac: the missing
+    features each pick adds), and what they settled on."""
+    d_sae = pool.storage.read_json("stats/summary.json")["d_sae"]
+    if method == "fac":
+        ids, added, settled = task.fac_select(cfg, pool.storage, pool.tau, d_sae, k)
+        return ids, np.asarray(added, np.float64), settled
+    top, settled = (task.mona(cfg, pool.storage, pool.targets, d_sae, k) if method == "mona" else
+                    task.igds(cfg, pool.storage, pool.targets, pool.tau, k))
+    return top["id"].to_pylist(), top["score"].to_numpy(), settled
 
 
 def coverage_curve(order: np.ndarray, indptr, indices, points: int = 20) -> tuple[np.ndarray, list[dict]]:
@@ -95,7 +105,8 @@ def run_select(cfg: RunConfig, storage: Storage, manifest_base: dict, tau: float
     task_methods = [m for m in cfg.select.methods if m in ("mona", "igds")]
     key = {"encode_fingerprint": manifest_base["fingerprints"]["encode"], "tau": tau,
            "select": cfg.select.model_dump(mode="json")} | {
-           s: getattr(cfg, s).model_dump(mode="json") for s in ("task", "mona", "igds") if task_methods}
+           s: getattr(cfg, s).model_dump(mode="json") for s in ("task", "mona", "igds") if task_methods} | (
+           {"fac": cfg.fac.model_dump(mode="json")} if "fac" in cfg.select.methods else {})
     done = storage.read_json(MARKER)
     if done and {k: done.get(k) for k in key} == key:
         log.info("select: up to date; skipping")

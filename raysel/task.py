@@ -1,6 +1,7 @@
-"""The task methods' driver: encode the target examples into a store of their own
-(under <output.root>/targets/, with the same model, SAE and markers, so a re-run
-reuses it), then rank the pool with MONA or IGDS in one streaming pass."""
+"""The drivers of everything measured against a side set of examples: the task
+methods (MONA, IGDS: task.targets) and FAC (fac.anchor). Each side set is
+encoded into a store of its own under <output.root>/<name>/, with the run's
+model, SAE and markers, so a re-run reuses it."""
 
 from __future__ import annotations
 
@@ -13,26 +14,36 @@ import pyarrow.parquet as pq
 
 from raysel.config import RunConfig
 from raysel.encode import feature_paths, read_features, run_encode
+from raysel.fac import fac, fac_greedy, task_features
 from raysel.igds import feature_effects, frequency_recall, resonant_scores
 from raysel.models import load_tokenizer
 from raysel.mona import distributed_top_k, mona_scores, prototype
 from raysel.prepare import run_prepare
 from raysel.records import chat_template_for
+from raysel.spans import run_spans
+from raysel.stats import run_stats
 from raysel.storage import Storage
 
 log = logging.getLogger(__name__)
 
 
-def target_store(cfg: RunConfig, storage: Storage) -> Storage:
-    """Prepare and encode task.targets under <root>/targets (skipped when already done)."""
-    tcfg = cfg.model_copy(update={
-        "input": cfg.input.model_copy(update={"paths": list(cfg.task.targets), "hf_dataset": None}),
-        "output": cfg.output.model_copy(update={"root": storage.uri("targets")}),
+def example_store(cfg: RunConfig, storage: Storage, paths: list[str], name: str, tau: float | None = None) -> Storage:
+    """Prepare and encode a side set of examples (targets, an anchor) under <root>/<name>, with the run's
+    model and SAE; with `tau`, its statistics too. Finished stages are skipped, as in a run."""
+    sub = cfg.model_copy(update={
+        "input": cfg.input.model_copy(update={"paths": list(paths), "hf_dataset": None}),
+        "output": cfg.output.model_copy(update={"root": storage.uri(name)}),
     })
-    targets = Storage(tcfg.output.root, cfg.s3)
-    encoded = run_encode(tcfg, targets, run_prepare(tcfg, targets))
-    log.info("task: %d target examples encoded", encoded["n_encoded"])
-    return targets
+    store = Storage(sub.output.root, cfg.s3)
+    encoded = run_encode(sub, store, run_prepare(sub, store))
+    if tau is not None:
+        run_stats(store, read_features(store), encoded["d_sae"], tau, cfg.stats.top_n, encoded["fingerprint"])
+    log.info("%s: %d examples encoded", name, encoded["n_encoded"])
+    return store
+
+
+def target_store(cfg: RunConfig, storage: Storage) -> Storage:
+    return example_store(cfg, storage, cfg.task.targets, "targets")
 
 
 def read_store(storage: Storage) -> pa.Table:
@@ -93,3 +104,50 @@ def igds(cfg: RunConfig, storage: Storage, targets: Storage, tau: float, k: int)
     recall = {r["feature"]: r for r in candidates.to_pylist()}
     return top, {"task_features": task_features, "any_positive_delta": bool(helpful),
                  "feature_effects": [r | recall[r["feature"]] for r in effects.to_pylist()]}
+
+
+def measure_fac(cfg: RunConfig, storage: Storage, tau: float) -> dict:
+    """`raysel fac`: FAC of the run's input against fac.anchor, with the missing features' spans.
+    Writes fac/features.parquet, fac/missing_spans.parquet and, last, fac/report.json."""
+    anchor = example_store(cfg, storage, cfg.fac.anchor, "anchor", tau)
+    d_sae = storage.read_json("stats/summary.json")["d_sae"]
+    anchored, evaluated = read_store(anchor), read_store(storage)
+    features = task_features(anchored, evaluated, tau, d_sae, cfg.fac.features, cfg.fac.n_features)
+    summary, table = fac(anchored, evaluated, features, tau, d_sae)
+    spans = run_spans(cfg, anchor, anchor.read_json("stages/encode.json")["fingerprint"], summary["missing"])
+    storage.remove("fac/report.json")
+    storage.fs.create_dir(storage.path("fac"), recursive=True)
+    pq.write_table(table, storage.path("fac", "features.parquet"), filesystem=storage.fs)
+    pq.write_table(spans, storage.path("fac", "missing_spans.parquet"), filesystem=storage.fs)
+    report = {**summary, "tau": tau, "n_anchor": anchored.num_rows, "n_evaluated": evaluated.num_rows,
+              "feature_source": "list" if cfg.fac.features else f"the {cfg.fac.n_features} most enriched on the anchor",
+              "missing_examples": {str(j): [{"id": r["id"], "value": r["value"], "text": "".join(r["tokens"])}
+                                            for r in spans.filter(pc.equal(spans["feature"], j)).to_pylist()[:3]]
+                                   for j in summary["missing"]}}
+    storage.write_json("fac/report.json", report)
+    log.info("fac: %.3f (%d of %d anchor features; frequency-weighted %.3f, magnitude-weighted %.3f); %d missing",
+             summary["fac"], summary["n_covered"], summary["n_in_anchor"], summary["fac_frequency"],
+             summary["fac_magnitude"], len(summary["missing"]))
+    return {k: v for k, v in report.items() if k != "missing_examples"}
+
+
+def fac_select(cfg: RunConfig, storage: Storage, tau: float, d_sae: int, k: int) -> tuple[list[str], list[int], dict]:
+    """`method: fac`: pool samples covering the anchor features that fac.evaluated (or nothing) misses."""
+    anchored, pool = read_store(example_store(cfg, storage, cfg.fac.anchor, "anchor", tau)), read_store(storage)
+    have = read_store(example_store(cfg, storage, cfg.fac.evaluated, "evaluated")) if cfg.fac.evaluated else pool.slice(0, 0)
+    features = task_features(anchored, pool, tau, d_sae, cfg.fac.features, cfg.fac.n_features)
+    before, _ = fac(anchored, have, features, tau, d_sae)
+    order, added = fac_greedy(pool, np.array(before["missing"], dtype=np.int64), tau, k)
+
+    def fac_with(ids: list[str]) -> float:
+        picked = pool.filter(pc.is_in(pool["id"], pa.array(ids, pa.string())))
+        return fac(anchored, pa.concat_tables([have, picked]), features, tau, d_sae)[0]["fac"]
+
+    random_ids = np.asarray(pool["id"].to_pylist(), dtype=object)[
+        np.random.default_rng(cfg.select.seed).permutation(pool.num_rows)[:k]].tolist()
+    settled = {"fac_features": int(features.size), "fac_in_anchor": before["n_in_anchor"],
+               "fac_missing_before": len(before["missing"]), "fac_before": before["fac"],
+               "fac_after": fac_with(order), "fac_random_after": fac_with(random_ids), "fac_pool": fac_with(pool["id"].to_pylist())}
+    log.info("fac: FAC %.3f before, %.3f after %d picks (random picks: %.3f; the whole pool: %.3f)",
+             settled["fac_before"], settled["fac_after"], len(order), settled["fac_random_after"], settled["fac_pool"])
+    return order, added, settled
