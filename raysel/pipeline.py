@@ -18,7 +18,7 @@ from raysel.prepare import run_prepare
 from raysel.sae import default_sae_dir, train_sae
 from raysel.selection import run_select
 from raysel.stats import run_stats
-from raysel.task import measure_fac
+from raysel.task import measure_fac, run_synthesis
 from raysel.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,9 @@ def run(cfg: RunConfig, until: str = "select", train_missing_sae: bool = False) 
     default_missing = cfg.sae.path is None and not cfg.sae.release and not (default_sae_dir(cfg) / "cfg.json").is_file()
     if until == "train-sae" or (train_missing_sae and default_missing):
         stages["train_sae"] = run_train_sae(cfg, storage)
-    if until in ("encode", "stats", "select", "fac"):
+    if until in ("encode", "stats", "select", "fac", "synthesize"):
         stages["encode"] = run_encode(cfg, storage, stages["prepare"])
-    if until in ("stats", "select", "fac"):
+    if until in ("stats", "select", "fac", "synthesize"):
         encoded = stages["encode"]
         tau = resolve_tau(storage, cfg)
         stages["stats"] = run_stats(storage, read_features(storage), encoded["d_sae"], tau,
@@ -70,6 +70,8 @@ def run(cfg: RunConfig, until: str = "select", train_missing_sae: bool = False) 
         stages["select"] = run_select(cfg, storage, base, tau)
     if until == "fac":
         stages["fac"] = measure_fac(cfg, storage, tau)
+    if until == "synthesize":
+        stages["synthesis"] = run_synthesis(cfg, storage, tau)
     manifest["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     storage.write_json("manifest.json", manifest)
     log.info("run: done; manifest at %s", storage.uri("manifest.json"))

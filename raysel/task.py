@@ -5,7 +5,9 @@ model, SAE and markers, so a re-run reuses it."""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -20,9 +22,11 @@ from raysel.models import load_tokenizer
 from raysel.mona import distributed_top_k, mona_scores, prototype
 from raysel.prepare import run_prepare
 from raysel.records import chat_template_for
+from raysel.results import write_selection
 from raysel.spans import run_spans
 from raysel.stats import run_stats
 from raysel.storage import Storage
+from raysel.synthesis import acceptance, synthesize
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +155,39 @@ def fac_select(cfg: RunConfig, storage: Storage, tau: float, d_sae: int, k: int)
     log.info("fac: FAC %.3f before, %.3f after %d picks (random picks: %.3f; the whole pool: %.3f)",
              settled["fac_before"], settled["fac_after"], len(order), settled["fac_random_after"], settled["fac_pool"])
     return order, added, settled
+
+
+def run_synthesis(cfg: RunConfig, storage: Storage, tau: float) -> dict:
+    """`raysel synthesize`: FAC of the input, then new samples for its missing features, written like a
+    selection under selection/synthesis/ (records carry their provenance), with FAC before and after."""
+    start = time.time()
+    before = measure_fac(cfg, storage, tau)
+    spans = pq.read_table(storage.path("fac", "missing_spans.parquet"), filesystem=storage.fs)
+    candidates = synthesize(cfg, before["missing"], spans)
+    kept = candidates.filter(candidates["kept"])
+    anchored = read_store(Storage(storage.uri("anchor"), cfg.s3))
+    features = pq.read_table(storage.path("fac", "features.parquet"), columns=["feature"],
+                             filesystem=storage.fs)["feature"].to_numpy()
+    d_sae = storage.read_json("stats/summary.json")["d_sae"]
+    evaluated = read_store(storage)
+    grown = pa.concat_tables([evaluated, kept.select(evaluated.column_names).cast(evaluated.schema)])
+    after, _ = fac(anchored, grown, features, tau, d_sae)
+    storage.fs.create_dir(storage.path("synthesis"), recursive=True)
+    pq.write_table(candidates.drop_columns(["feat_ids", "feat_max", "feat_sum", "n_tokens"]),
+                   storage.path("synthesis", "candidates.parquet"), filesystem=storage.fs)
+    seconds = time.time() - start
+    summary = {"fac_before": before["fac"], "fac_after": after["fac"], "missing_before": len(before["missing"]),
+               "missing_after": len(after["missing"]), "features_tried": len(set(candidates["feature"].to_pylist())),
+               **acceptance(candidates), "seconds": round(seconds, 1),
+               "seconds_per_kept": round(seconds / kept.num_rows, 1) if kept.num_rows else None}
+    records = {r["id"]: json.dumps(json.loads(r["record"]) | {"provenance": {
+        k: r[k] for k in ("feature", "step", "prompt", "score", "generator")}}) for r in kept.to_pylist()}
+    write_selection(storage, "synthesis", kept["id"].to_pylist(), kept["score"].to_numpy(),
+                    np.zeros(kept.num_rows, np.int64), records,
+                    {"config": cfg.public_dict(), "method": "synthesis", "tau": tau, **summary,
+                     "counts": {"n_selected": kept.num_rows}})
+    log.info("synthesis: FAC %.3f -> %.3f; %d of %d step-2 candidates above delta (%.0f %%), %d kept, %.1fs",
+             summary["fac_before"], summary["fac_after"], round(summary["acceptance_rate"] * cfg.synth.n_contrastive
+             * summary["features_tried"]), cfg.synth.n_contrastive * summary["features_tried"],
+             100 * summary["acceptance_rate"], kept.num_rows, seconds)
+    return summary

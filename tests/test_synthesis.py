@@ -1,0 +1,75 @@
+"""FAC Synthesis with a tiny config-built generator (real `generate`, real SAE scoring), and
+`raysel synthesize` end to end on a real Ray cluster."""
+
+import json
+
+import pyarrow.parquet as pq
+
+from raysel.config import RunConfig
+from raysel.pipeline import run
+from raysel.synthesis import Synthesizer, as_record, passing
+from tests.conftest import write_jsonl
+from tests.test_encode import DEMO, run_cfg
+
+PROVENANCE = ("feature", "step", "prompt", "score", "generator")
+
+
+def test_the_activation_filter_rejects_candidates_at_or_below_delta():
+    assert passing([0.5, 2.0, 1.5, 0.9, 1.0], delta=1.0, keep=5) == [1, 2]
+    assert passing([0.5, 2.0, 1.5], delta=1.0, keep=1) == [1]
+    assert passing([0.2, 0.1], delta=1.0, keep=2) == []
+
+
+def test_generated_text_becomes_an_alpaca_record():
+    assert as_record("Instruction: Add 2 and 3.\nResponse: 5") == {"instruction": "Add 2 and 3.", "input": "",
+                                                                   "output": "5"}
+    assert as_record("no markers here") == {"instruction": "no markers here", "input": "", "output": ""}
+
+
+def test_each_feature_gets_scored_candidates_and_a_contrastive_second_step(tiny_model_dir, tiny_sae_dir):
+    cfg = RunConfig.model_validate({
+        "input": {"paths": ["x"]}, "model": {"name": str(tiny_model_dir)}, "sae": {"path": str(tiny_sae_dir)},
+        "encode": {"device": "cpu"},
+        "synth": {"n_candidates": 4, "n_contrastive": 6, "keep": 2, "delta": 0.0, "max_new_tokens": 24}})
+    synth = Synthesizer(cfg)
+    rows = synth.for_feature(5, ["a span where feature five is strong", "another one"])
+    step1, step2 = [r for r in rows if r["step"] == 1], [r for r in rows if r["step"] == 2]
+    assert len(step1) == 4 and len(step2) == 6
+    for r in rows:
+        assert all(r[k] is not None for k in PROVENANCE) and r["feature"] == 5
+        assert r["generator"] == str(tiny_model_dir)
+        assert r["score"] == dict(zip(r["feat_ids"], r["feat_max"])).get(5, 0.0)  # g_5 of the candidate itself
+    assert "a span where feature five is strong" in step1[0]["prompt"]
+    best, worst = max(step1, key=lambda r: r["score"]), min(step1, key=lambda r: r["score"])
+    assert best["text"] in step2[0]["prompt"] and worst["text"] in step2[0]["prompt"]  # the contrastive pair
+    assert f"{best['score']:.2f}" in step2[0]["prompt"] and f"{worst['score']:.2f}" in step2[0]["prompt"]
+    assert all(r["passed"] == (r["score"] > 0.0) for r in step2)
+    kept = [r for r in step2 if r["kept"]]
+    assert len(kept) == min(2, sum(r["passed"] for r in step2)) and all(r["passed"] for r in kept)
+    assert min((r["score"] for r in kept), default=0) >= max((r["score"] for r in step2 if not r["kept"] and r["passed"]),
+                                                              default=0)
+    again = synth.for_feature(5, ["a span where feature five is strong", "another one"])
+    assert [r["text"] for r in again] == [r["text"] for r in rows]  # seeded per feature
+
+
+def test_raysel_synthesize_writes_samples_with_provenance_and_fac_before_and_after(
+        ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path):
+    raw = run_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, 30)
+    demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
+    anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[30:] if r["category"] == "code"][:8])
+    raw |= {"fac": {"anchor": [str(anchor)], "n_features": 40}, "activation": {"target_active": 2},
+            "synth": {"max_features": 2, "n_candidates": 3, "n_contrastive": 3, "max_new_tokens": 24, "delta": 0.0}}
+    manifest = run(RunConfig.model_validate(raw), until="synthesize")
+    out = tmp_path / "out"
+    report = json.loads((out / "fac" / "report.json").read_text())
+    m = json.loads((out / "selection" / "synthesis" / "manifest.json").read_text())
+    assert m["fac_before"] == report["fac"] and m["fac_after"] >= m["fac_before"]
+    assert m["features_tried"] == min(2, len(report["missing"])) > 0
+    candidates = pq.read_table(out / "synthesis" / "candidates.parquet").to_pylist()
+    assert len(candidates) == m["features_tried"] * 6 and all(all(k in c for k in PROVENANCE) for c in candidates)
+    records = [json.loads(line) for line in (out / "selection" / "synthesis" / "records.jsonl").read_text().splitlines()]
+    assert len(records) == m["n_kept"] == sum(c["kept"] for c in candidates)
+    for r in records:
+        assert {"instruction", "output", "provenance"} <= set(r) and set(PROVENANCE) <= set(r["provenance"])
+        assert r["provenance"]["step"] == 2 and r["provenance"]["score"] > 0.0
+    assert manifest["stages"]["synthesis"]["acceptance_rate"] == m["acceptance_rate"]
