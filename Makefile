@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml Makefile | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test
+.PHONY: setup browser demo test
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,5 +21,12 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/raysel demo
 
-test: setup
+# Debian's chromium for the report's browser test; as root it is installed when missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "no chromium: the report's browser test skips here (apt-get install chromium chromium-driver)"
+
+test: setup browser
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -12,10 +12,8 @@ from importlib import resources
 
 from raysel.config import ConfigError, load_config
 from raysel.corpus import InputError
-from raysel.storage import StorageError
+from raysel.storage import Storage, StorageError
 
-# Verbs whose stages land in later work; they check their config and say so.
-PENDING = {"report": "the run report"}
 UNTIL = {"run": "select", "encode": "encode", "select": "select", "demo": "select", "train-sae": "train-sae",
          "fac": "fac", "synthesize": "synthesize"}
 
@@ -69,18 +67,39 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "demo":
             cfg = demo_config(args.out, args.overrides)
         elif args.verb == "report":
-            return _pending(args.verb)
+            return report(args.run_dir, args.overrides)
         else:
             cfg = load_config(args.config, args.overrides)
-        if args.verb in PENDING:
-            return _pending(args.verb)
         from raysel.pipeline import run
 
         manifest = run(cfg, until=UNTIL[args.verb], train_missing_sae=args.verb == "demo")
+        page = None
+        if args.verb in ("run", "demo") and cfg.output.report:
+            from raysel.report import write_report
+
+            page = write_report(Storage(cfg.output.root, cfg.s3))
     except (ConfigError, InputError, StorageError) as err:
         print(f"raysel {args.verb}: {err}", file=sys.stderr)
         return 2
-    print("\n".join(summary_lines(args.verb, manifest)))
+    lines = summary_lines(args.verb, manifest)
+    print("\n".join(lines[:-1] + ([f"  report    {page}"] if page else []) + lines[-1:]))
+    return 0
+
+
+def report(run_dir: str, overrides: list[str]) -> int:
+    """`raysel report RUN_DIR_OR_S3_URI`: the run's own config says how to read it; --set s3.* reaches an S3 run."""
+    from raysel.pipeline import init_ray
+    from raysel.report import run_config, write_report
+
+    s3 = load_config(None, [*overrides, 'input.paths=["unused"]']).s3
+    storage = Storage(run_dir, s3)
+    storage.check()
+    manifest = storage.read_json("manifest.json")
+    if manifest is None:
+        print(f"raysel report: {run_dir} has no manifest.json; is it the output root of a finished run?", file=sys.stderr)
+        return 2
+    init_ray(run_config(manifest))
+    print(f"raysel report: {write_report(storage)}")
     return 0
 
 
@@ -112,12 +131,6 @@ def summary_lines(verb: str, manifest: dict) -> list[str]:
                  + (", fac/" if fac else "") + ")")
     return lines + [json.dumps({"output": manifest["output"], **counts}
                                | ({"coverage": select["methods"]} if select else {}))]
-
-
-def _pending(verb: str) -> int:
-    print(f"raysel {verb}: {PENDING[verb]} is not built yet; `raysel run` runs every stage that exists",
-          file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

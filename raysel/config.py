@@ -195,6 +195,7 @@ class S3Config(Section):
 
 class OutputConfig(Section):
     root: str = "runs/default"  # a local folder or s3://bucket/prefix
+    report: bool = True  # `raysel run` and `raysel demo` write report.html at the root
 
 
 class RayConfig(Section):
