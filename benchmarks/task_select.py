@@ -76,8 +76,7 @@ def dense_vectors(encoder: Encoder, texts: list[str]) -> np.ndarray:
     return out
 
 
-def dense_ranking(encoder: Encoder, pool_ids: list[str], pool_texts: list[str], target_texts: list[str]) -> list[str]:
-    pool = dense_vectors(encoder, pool_texts)
+def dense_ranking(encoder: Encoder, pool_ids: list[str], pool: np.ndarray, target_texts: list[str]) -> list[str]:
     centre = dense_vectors(encoder, target_texts).mean(0)
     scores = pool @ centre / (np.linalg.norm(pool, axis=1) * np.linalg.norm(centre) + 1e-12)
     return ranked(pool_ids, scores)
@@ -105,6 +104,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/task_bench", help="the run's output root (the pool's feature store)")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--igds-candidates", type=int, default=20, help="features measured by intervention")
+    parser.add_argument("--target-active", type=float, default=32, help="tau is calibrated to this many activated "
+                        "features per sample (IGDS's frequency recall counts activations above it)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(os.cpu_count() or 1)
@@ -112,25 +113,28 @@ def main() -> None:
     pool = read_jsonl(args.pool)
     category = {r["id"]: r["category"] for r in pool}
     k5 = max(1, round(0.05 * len(pool)))
-    results, encoder = {}, None
+    results, encoder, pool_vectors = {}, None, None
     for name, targets_path in (("math", args.targets_math), ("code", args.targets_code)):
         targets = read_jsonl(targets_path)
         k = sum(c == name for c in category.values())
         cfg = RunConfig.model_validate({
             "input": {"paths": [args.pool], "fields": {"id": "id"}}, "prepare": {"max_tokens": args.max_tokens},
             "encode": {"num_cpus": os.cpu_count() or 1}, "output": {"root": args.out},
+            "activation": {"target_active": args.target_active},
             "select": {"methods": ["mona", "igds"], "budget": k}, "task": {"targets": [targets_path]},
             "igds": {"candidates": args.igds_candidates, "budget": k},
         })
         run(cfg, until="select", train_missing_sae=True)
         encoder = encoder or Encoder(cfg)
         prepared = pq.read_table(os.path.join(args.out, "prepared"), columns=["id", "text"])
+        if pool_vectors is None:  # the pool's dense vectors serve both target sets
+            pool_vectors = dense_vectors(encoder, prepared["text"].to_pylist())
         target_texts = pq.read_table(os.path.join(args.out, "targets", "prepared"), columns=["text"])["text"].to_pylist()
         rankings = {
             "mona": selected_ids(args.out, "mona"),
             "igds": selected_ids(args.out, "igds"),
             "bm25": bm25_ranking(pool, targets),
-            "dense": dense_ranking(encoder, prepared["id"].to_pylist(), prepared["text"].to_pylist(), target_texts),
+            "dense": dense_ranking(encoder, prepared["id"].to_pylist(), pool_vectors, target_texts),
             "random": [pool[i]["id"] for i in np.random.default_rng(0).permutation(len(pool))],
         }
         results[name] = {m: {"at_k": precision(rankings[m], category, name, k),
