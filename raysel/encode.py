@@ -185,6 +185,14 @@ class EncodeShards:
         return pa.Table.from_pylist(done)
 
 
+def model_resources(cfg: RunConfig, actors: int, batch_size: int = 1) -> Resources:
+    """What an actor holding a model needs: encode.num_gpus of a GPU when the cluster has GPUs (and the
+    config does not pin the CPU), else encode.num_cpus CPUs; encode.memory_gb of heap either way."""
+    gpus = ray.cluster_resources().get("GPU", 0) > 0 and cfg.encode.device != "cpu"
+    return Resources(actors=actors, batch_size=batch_size, num_cpus=cfg.encode.num_cpus,
+                     num_gpus=cfg.encode.num_gpus if gpus else 0, memory=int(cfg.encode.memory_gb * 2**30))
+
+
 def encode_fingerprint(cfg: RunConfig, prepared_fp: str, meta: dict) -> str:
     return fingerprint([], prepared_fp, cfg.model.name, cfg.model.dtype, meta, cfg.prepare.max_tokens,
                        cfg.prepare.chat_template, cfg.encode.skip_prefix, cfg.encode.top_m, FEATURE_SCHEMA.to_string())
@@ -206,10 +214,7 @@ def run_encode(cfg: RunConfig, storage: Storage, prepared: dict) -> dict:
              len(shards), len(finished), len(todo), meta["layer"], meta["identity"])
     start = time.time()
     if todo:
-        gpus = ray.cluster_resources().get("GPU", 0) > 0 and cfg.encode.device != "cpu"
-        resources = Resources(actors=min(cfg.encode.actors, len(todo)), batch_size=1,
-                              num_cpus=cfg.encode.num_cpus, num_gpus=cfg.encode.num_gpus if gpus else 0,
-                              memory=int(cfg.encode.memory_gb * 2**30))
+        resources = model_resources(cfg, min(cfg.encode.actors, len(todo)))
         items = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
         map_stage(items, EncodeShards, resources, cfg=cfg, fingerprint=fp).materialize()
     markers = done_shards(storage)

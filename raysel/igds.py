@@ -26,10 +26,11 @@ import ray
 
 from raysel.activation import pooled
 from raysel.config import RunConfig
+from raysel.encode import model_resources
 from raysel.models import load_model, load_tokenizer, resolve_device
 from raysel.records import chat_template_for, shared_prefix
 from raysel.sae import load_sae
-from raysel.stages import Resources, map_stage
+from raysel.stages import map_stage
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +162,7 @@ class FeatureEffects:
 def feature_effects(cfg: RunConfig, candidates: list[int], prompts: list[str], answers: list[str],
                     feature_max: dict[int, float], layer: int) -> pa.Table:
     """delta of every candidate, computed in parallel on `igds.actors` full models."""
-    gpus = ray.cluster_resources().get("GPU", 0) > 0 and cfg.encode.device != "cpu"
-    resources = Resources(actors=min(cfg.igds.actors, len(candidates)), batch_size=1, num_cpus=cfg.encode.num_cpus,
-                          num_gpus=cfg.encode.num_gpus if gpus else 0, memory=int(cfg.encode.memory_gb * 2**30))
+    resources = model_resources(cfg, min(cfg.igds.actors, len(candidates)))
     items = ray.data.from_items([{"feature": j} for j in candidates], override_num_blocks=len(candidates))
     effects = map_stage(items, FeatureEffects, resources, cfg=cfg, prompts=prompts, answers=answers,
                         feature_max=feature_max, layer=layer)

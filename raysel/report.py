@@ -85,7 +85,7 @@ def timings(stages: dict) -> list[dict]:
     rows = []
     for name, s in stages.items():
         n = s.get("n_input") or s.get("n_encoded") or s.get("n_samples")
-        if isinstance(s, dict) and s.get("seconds") is not None:
+        if s.get("seconds") is not None:
             rows.append({"stage": name, "seconds": s["seconds"], "samples": n,
                          "samples_per_s": round(n / s["seconds"], 1) if n and s["seconds"] else None})
     return rows

@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 import ray
 
 from raysel.config import RunConfig
-from raysel.encode import Encoder
-from raysel.stages import Resources, map_stage
+from raysel.encode import Encoder, model_resources
+from raysel.stages import map_stage
 from raysel.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,7 @@ def run_spans(cfg: RunConfig, storage: Storage, encode_fingerprint: str, feature
                                   filters=pc.field("id").isin(sorted(by_sample))).read(columns=["id", "text"])
         jobs = pa.table({"id": texts["id"], "text": texts["text"],
                          "features": pa.array([by_sample[i] for i in texts["id"].to_pylist()], pa.list_(pa.int32()))})
-        gpus = ray.cluster_resources().get("GPU", 0) > 0 and cfg.encode.device != "cpu"
-        resources = Resources(actors=cfg.encode.actors, batch_size=64, num_cpus=cfg.encode.num_cpus,
-                              num_gpus=cfg.encode.num_gpus if gpus else 0, memory=int(cfg.encode.memory_gb * 2**30))
-        found = map_stage(ray.data.from_arrow(jobs), SpanFinder, resources, cfg=cfg)
+        found = map_stage(ray.data.from_arrow(jobs), SpanFinder, model_resources(cfg, cfg.encode.actors, 64), cfg=cfg)
         stored = ranked(pa.concat_tables([stored, *ray.get(found.to_arrow_refs())]))
         storage.remove(MARKER)
         storage.fs.create_dir(storage.path("stats"), recursive=True)

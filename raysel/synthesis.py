@@ -26,10 +26,10 @@ import pyarrow.compute as pc
 import ray
 
 from raysel.config import ModelConfig, RunConfig
-from raysel.encode import Encoder
+from raysel.encode import Encoder, model_resources
 from raysel.models import load_model, load_tokenizer
 from raysel.records import chat_template_for
-from raysel.stages import Resources, map_stage
+from raysel.stages import map_stage
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,8 @@ def synthesize(cfg: RunConfig, missing: list[int], spans: pa.Table) -> pa.Table:
     texts = {j: ["".join(r["tokens"]) for r in spans.filter(pc.equal(spans["feature"], j)).to_pylist()[: cfg.synth.spans]]
              for j in todo}
     jobs = pa.table({"feature": todo, "spans": [texts[j] for j in todo]})
-    gpus = ray.cluster_resources().get("GPU", 0) > 0 and cfg.encode.device != "cpu"
-    resources = Resources(actors=min(cfg.synth.actors, max(len(todo), 1)), batch_size=1, num_cpus=cfg.encode.num_cpus,
-                          num_gpus=cfg.encode.num_gpus if gpus else 0, memory=int(cfg.encode.memory_gb * 2**30))
-    out = map_stage(ray.data.from_arrow(jobs).repartition(max(len(todo), 1)), Synthesizer, resources, cfg=cfg)
+    out = map_stage(ray.data.from_arrow(jobs).repartition(len(todo)), Synthesizer,
+                    model_resources(cfg, min(cfg.synth.actors, len(todo))), cfg=cfg)
     table = pa.concat_tables([CANDIDATES.empty_table(), *ray.get(out.to_arrow_refs())])
     return table.sort_by([("feature", "ascending"), ("step", "ascending"), ("id", "ascending")])
 
