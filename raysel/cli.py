@@ -115,8 +115,8 @@ def summary_lines(verb: str, manifest: dict) -> list[str]:
         lines.append(f"  encoded   {counts['n_encoded']:,} samples into the feature store (features/)")
     if select:
         lines.append(f"  selected  share of the pool's {select['n_features_activated']:,} activated features covered:")
-        lines += [f"    {method:<9} {share:.4f}  ({select['budgets'][method]:,} samples)"
-                  for method, share in select["methods"].items()]
+        order = [m for m in manifest["config"]["select"]["methods"] if m in select["methods"]]  # as configured
+        lines += [f"    {m:<9} {select['methods'][m]:.4f}  ({select['budgets'][m]:,} samples)" for m in order]
     synth = manifest["stages"].get("synthesis")
     if synth:
         lines.append(f"  synthesis {synth['n_kept']} samples kept for {synth['features_tried']} missing features "
