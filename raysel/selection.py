@@ -102,10 +102,11 @@ MARKER = "stages/select.json"
 
 def run_select(cfg: RunConfig, storage: Storage, manifest_base: dict, tau: float) -> dict:
     task_methods = [m for m in cfg.select.methods if m in ("mona", "igds")]
-    key = {"encode_fingerprint": manifest_base["fingerprints"]["encode"], "tau": tau,
-           "select": cfg.select.model_dump(mode="json")} | {
-           s: getattr(cfg, s).model_dump(mode="json") for s in ("task", "mona", "igds") if task_methods} | (
-           {"fac": cfg.fac.model_dump(mode="json")} if "fac" in cfg.select.methods else {})
+    # the config sections the chosen methods read: a change to any of them redoes the selection
+    sections = ["select", *(["task", "mona", "igds"] if task_methods else []),
+                *(["fac"] if "fac" in cfg.select.methods else [])]
+    key = {"encode_fingerprint": manifest_base["fingerprints"]["encode"], "tau": tau} | {
+        s: getattr(cfg, s).model_dump(mode="json") for s in sections}
     done = storage.read_json(MARKER)
     if done and {k: done.get(k) for k in key} == key:
         log.info("select: up to date; skipping")
