@@ -125,7 +125,10 @@ class SelectConfig(Section):
         "coverage", "random", "longest"]
     budget: float = Field(0.1, gt=0)  # a count (>= 1) or a fraction of the encoded pool (< 1)
     idf: bool = False  # weigh each feature's gain by its inverse document frequency
-    seed: int = 0  # for `random`
+    seed: int = 0  # for `random`, and RandGreeDi's partitioning
+    distributed: Literal["auto", "on", "off"] = "auto"  # `coverage` by RandGreeDi over the cluster; auto: past distributed_rows
+    distributed_rows: int = Field(2_000_000, gt=0)  # auto distributes larger pools; RandGreeDi's rows per partition
+    partitions: Optional[int] = Field(None, ge=2)  # RandGreeDi partitions; None: one per distributed_rows, at least 2
 
 
 class TaskConfig(Section):

@@ -57,8 +57,8 @@ def greedy_coverage(indptr: np.ndarray, indices: np.ndarray, budget: int,
     if np.any(units / UNIT != w) or np.any(units < 0):
         raise ValueError(f"coverage weights must be non-negative multiples of 1/{UNIT} (idf_weights gives such)")
     indptr, indices = np.asarray(indptr, np.int64), np.asarray(indices, np.int32)
-    totals = np.add.reduceat(units[indices], indptr[:-1]) if indices.size else np.zeros(n)
-    totals[np.diff(indptr) == 0] = 0  # reduceat repeats the next value for empty rows
+    running = np.r_[0, np.cumsum(units[indices])]  # integers in float64: exact far past any real pool
+    totals = running[indptr[1:]] - running[indptr[:-1]]
     if n and totals.max() >= 2**31:
         raise ValueError("a sample's total feature weight overflows the greedy's 32-bit gains")
     post_ptr, post_rows = _postings(indptr, indices, d)

@@ -27,6 +27,7 @@ from raysel import task
 from raysel.activation import activated_sets
 from raysel.config import RunConfig
 from raysel.coverage import greedy_coverage, idf_weights
+from raysel.randgreedi import partitions_for, randgreedi
 from raysel.results import write_selection
 from raysel.simscale import simscale
 from raysel.storage import Storage
@@ -55,6 +56,11 @@ def pick(method: str, cfg: RunConfig, pool: Pool, k: int):
     n = len(pool.ids)
     if method == "coverage":
         weights = idf_weights(pool.indices, n) if cfg.select.idf else None
+        sel = cfg.select
+        if sel.distributed == "on" or (sel.distributed == "auto" and n > sel.distributed_rows):
+            m = partitions_for(n, sel.distributed_rows, sel.partitions)
+            ids, gains, settled = randgreedi(pool.storage, pool.tau, k, m, sel.seed, weights)
+            return rows_of(pool, ids), gains, settled
         chosen = greedy_coverage(pool.indptr, pool.indices, k, weights)
         return chosen.order, chosen.gains, {"resets": chosen.resets}
     if method == "simscale":
@@ -62,13 +68,16 @@ def pick(method: str, cfg: RunConfig, pool: Pool, k: int):
         return kept.order, np.full(len(kept.order), np.nan), {"theta": kept.theta, "theta_passes": kept.passes}
     if method in ("mona", "igds", "fac"):
         ids, scores, settled = against_examples(method, cfg, pool, k)
-        row_of = {i: r for r, i in enumerate(pool.ids)}
-        return np.array([row_of[i] for i in ids], dtype=np.int64), scores, settled
+        return rows_of(pool, ids), scores, settled
     if method == "random":
         order = np.random.default_rng(cfg.select.seed).permutation(n)[:k]
     else:  # longest: most response tokens first, ties to the earlier id
         order = np.lexsort((np.arange(n), -pool.response_tokens))[:k]
     return order, np.full(k, np.nan), {}
+
+
+def rows_of(pool: Pool, ids: list[str]) -> np.ndarray:
+    return np.searchsorted(pool.ids, np.asarray(ids, dtype=object)) if ids else np.empty(0, np.int64)
 
 
 def against_examples(method: str, cfg: RunConfig, pool: Pool, k: int):

@@ -103,3 +103,9 @@ def test_picks_cover_then_reset_exactly_when_no_gain_remains():
     assert sel.gains.tolist() == [3, 1, 2, 1, 0]
     assert sel.resets == [2, 4]
     assert sel.resets == naive_greedy(indptr, indices, budget=5)[2]
+
+
+def test_empty_rows_at_the_end_are_picked_last():
+    # rows: {0, 1}, {}, {} -- a partition can end in samples with nothing above tau
+    sel = greedy_coverage(np.array([0, 2, 2, 2]), np.array([0, 1]), budget=3)
+    assert sel.order.tolist() == [0, 1, 2] and sel.gains.tolist() == [2, 0, 0]
