@@ -103,6 +103,7 @@ class EncodeConfig(Section):
     num_gpus: float = Field(1.0, ge=0)  # per actor when the cluster has GPUs; fractions share one
     num_cpus: float = Field(1.0, gt=0)  # per actor
     memory_gb: float = Field(4.0, gt=0)  # heap per actor, reserved with Ray
+    resources: dict[str, float] = {}  # custom Ray resources per actor, e.g. {"encoder": 1}: pins actors to a node group
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tokens_per_batch: int = Field(8192, gt=0)  # padded tokens per forward pass
     skip_prefix: bool = True  # leave the chat template's shared prefix out of pooling

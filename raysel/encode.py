@@ -177,7 +177,8 @@ class EncodeShards:
             pq.write_table(features, self.storage.path("features", shard), filesystem=fs)
             n_tokens = int(pc.sum(features["n_tokens"]).as_py() or 0)
             summary = {"shard": shard, "rows": features.num_rows, "tokens": n_tokens,
-                       "seconds": round(time.time() - start, 3), "fingerprint": self.fingerprint}
+                       "seconds": round(time.time() - start, 3), "fingerprint": self.fingerprint,
+                       "node": ray.get_runtime_context().get_node_id()}  # where it ran, for the record
             self.storage.write_json(posixpath.join(DONE, f"{shard}.json"), summary)  # last: the shard is done
             log.info("encode: %s: %d samples in %.1fs (%.0f samples/s)", shard, summary["rows"],
                      summary["seconds"], summary["rows"] / max(summary["seconds"], 1e-9))
@@ -190,7 +191,8 @@ def model_resources(cfg: RunConfig, actors: int, batch_size: int = 1) -> Resourc
     config does not pin the CPU), else encode.num_cpus CPUs; encode.memory_gb of heap either way."""
     gpus = ray.cluster_resources().get("GPU", 0) > 0 and cfg.encode.device != "cpu"
     return Resources(actors=actors, batch_size=batch_size, num_cpus=cfg.encode.num_cpus,
-                     num_gpus=cfg.encode.num_gpus if gpus else 0, memory=int(cfg.encode.memory_gb * 2**30))
+                     num_gpus=cfg.encode.num_gpus if gpus else 0, memory=int(cfg.encode.memory_gb * 2**30),
+                     custom=cfg.encode.resources or None)
 
 
 def encode_fingerprint(cfg: RunConfig, prepared_fp: str, meta: dict) -> str:

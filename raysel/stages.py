@@ -24,12 +24,13 @@ class Resources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0  # fractional values share a GPU between actors
     memory: Optional[int] = None  # bytes; Ray Data does not count heap memory by itself
+    custom: Optional[dict] = None  # custom Ray resources, e.g. {"encoder": 1}: run only on nodes that offer them
 
 
 def map_stage(ds: Dataset, stage: type, resources: Resources, **stage_kwargs) -> Dataset:
     """Run `stage(**stage_kwargs)` over every batch of `ds`."""
     common = dict(batch_size=resources.batch_size, batch_format="pyarrow", num_cpus=resources.num_cpus,
-                  num_gpus=resources.num_gpus, memory=resources.memory)
+                  num_gpus=resources.num_gpus, memory=resources.memory, resources=resources.custom)
     if resources.actors:
         return ds.map_batches(stage, fn_constructor_kwargs=stage_kwargs,
                               compute=ActorPoolStrategy(size=resources.actors), **common)

@@ -123,15 +123,32 @@ def test_feature_store_holds_every_valid_id_once(ray_cluster, tiny_model_dir, ti
     assert (again["n_shards_encoded"], again["n_shards_skipped"]) == (0, 5)
 
 
+def settled_markers(done_dir, quiet: float = 3.0) -> dict[str, str]:
+    """The markers once nothing has written one for `quiet` seconds: workers the kill orphaned
+    can finish the shard in hand before they notice their raylet is gone."""
+    seen, since = None, time.time()
+    while time.time() - since < quiet:
+        now = {p.name: p.read_text() for p in done_dir.glob("*.json")}
+        if now != seen:
+            seen, since = now, time.time()
+        time.sleep(0.2)
+    return seen
+
+
+def table_by_id(path) -> list[dict]:
+    return pq.read_table(path).sort_by("id").to_pylist()
+
+
 @pytest.mark.integration
-def test_an_interrupted_encode_resumes_without_redoing_finished_shards(tiny_model_dir, tiny_sae_dir, tmp_path):
+def test_a_run_whose_driver_is_killed_resumes_to_the_uninterrupted_result(tiny_model_dir, tiny_sae_dir, tmp_path):
     raw = run_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, 240)
     raw["encode"]["tokens_per_batch"] = 96  # small forward passes: ~30 shards take a while
+    raw["output"]["report"] = False
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(raw))
     done_dir = tmp_path / "out" / DONE
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "raysel.cli", "encode", str(config), "--set", "ray.num_cpus=2"]
+    cmd = [sys.executable, "-m", "raysel.cli", "run", str(config), "--set", "ray.num_cpus=2"]
     log = open(tmp_path / "first.log", "wb")
     first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
@@ -140,8 +157,9 @@ def test_an_interrupted_encode_resumes_without_redoing_finished_shards(tiny_mode
     os.killpg(first.pid, signal.SIGKILL)  # the driver, its local cluster and its actors, mid-encode
     first.wait()
     log.close()
-    finished = {p.name: p.read_text() for p in done_dir.glob("*.json")}
+    finished = settled_markers(done_dir)
     assert 3 <= len(finished) < 30, (tmp_path / "first.log").read_text()[-3000:]
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -153,3 +171,14 @@ def test_an_interrupted_encode_resumes_without_redoing_finished_shards(tiny_mode
     ids = pq.read_table(tmp_path / "out" / "features")["id"].to_pylist()
     prepared_ids = pq.read_table(tmp_path / "out" / "prepared", columns=["id"])["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 240 and sorted(ids) == sorted(prepared_ids)
+
+    clean = subprocess.run(cmd + ["--set", f"output.root={tmp_path / 'clean'}"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert table_by_id(tmp_path / "out" / "features") == table_by_id(tmp_path / "clean" / "features")
+    stats = [pq.read_table(tmp_path / root / "stats" / "features.parquet") for root in ("out", "clean")]
+    assert stats[0].equals(stats[1])
+    for method in ("coverage", "random", "longest"):
+        resumed, uninterrupted = (pq.read_table(tmp_path / root / "selection" / method / "records.parquet")
+                                  for root in ("out", "clean"))
+        assert resumed.equals(uninterrupted) and resumed.num_rows == 24
