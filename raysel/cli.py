@@ -78,12 +78,26 @@ def main(argv: list[str] | None = None) -> int:
             from raysel.report import write_report
 
             page = write_report(Storage(cfg.output.root, cfg.s3))
-    except (ConfigError, InputError, StorageError) as err:
-        print(f"raysel {args.verb}: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 -- user errors raised inside Ray tasks arrive wrapped
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"raysel {args.verb}: {cause}", file=sys.stderr)
         return 2
     lines = summary_lines(args.verb, manifest)
     print("\n".join(lines[:-1] + ([f"  report    {page}"] if page else []) + lines[-1:]))
     return 0
+
+
+def user_error(err: BaseException | None) -> Exception | None:
+    """The config, input or storage error behind `err`, through Ray's wrappers; None for a bug."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (ConfigError, InputError, StorageError)):
+            return err
+        seen.add(id(err))
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return None
 
 
 def report(run_dir: str, overrides: list[str]) -> int:

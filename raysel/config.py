@@ -195,6 +195,8 @@ class S3Config(Section):
     access_key: Optional[SecretStr] = None
     secret_key: Optional[SecretStr] = None
     max_attempts: int = Field(5, gt=0)  # retries of a throttled or failed request
+    connect_timeout: float = Field(5.0, gt=0)  # seconds; a wrong endpoint fails fast
+    outage_seconds: float = Field(120.0, ge=0)  # how long a shard's reads and writes retry through an outage
 
 
 class OutputConfig(Section):

@@ -35,7 +35,7 @@ from raysel.models import load_model, load_tokenizer, resolve_device, truncate_t
 from raysel.records import chat_template_for, shared_prefix
 from raysel.sae import check_against_model, hook_layer, load_sae, sae_metadata
 from raysel.stages import Resources, map_stage
-from raysel.storage import Storage
+from raysel.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -169,21 +169,33 @@ class EncodeShards:
     def __call__(self, batch: pa.Table) -> pa.Table:
         done = []
         for shard in batch["shard"].to_pylist():
-            start = time.time()
-            fs = self.storage.fs
-            rows = pq.read_table(self.storage.path("prepared", shard), columns=["id", "text"], filesystem=fs)
-            features = self.encoder(rows["id"].to_pylist(), rows["text"].to_pylist())
-            fs.create_dir(self.storage.path("features"), recursive=True)
-            pq.write_table(features, self.storage.path("features", shard), filesystem=fs)
-            n_tokens = int(pc.sum(features["n_tokens"]).as_py() or 0)
-            summary = {"shard": shard, "rows": features.num_rows, "tokens": n_tokens,
-                       "seconds": round(time.time() - start, 3), "fingerprint": self.fingerprint,
-                       "node": ray.get_runtime_context().get_node_id()}  # where it ran, for the record
-            self.storage.write_json(posixpath.join(DONE, f"{shard}.json"), summary)  # last: the shard is done
-            log.info("encode: %s: %d samples in %.1fs (%.0f samples/s)", shard, summary["rows"],
-                     summary["seconds"], summary["rows"] / max(summary["seconds"], 1e-9))
-            done.append(summary)
-        return pa.Table.from_pylist(done)
+            try:
+                self.encode_shard(shard)
+                done.append({"shard": shard, "error": None})
+            except StorageError as err:  # the driver raises it: Ray Data would only pass on its traceback
+                done.append({"shard": shard, "error": str(err)})
+        return pa.Table.from_pylist(done, schema=pa.schema([("shard", pa.string()), ("error", pa.string())]))
+
+    def encode_shard(self, shard: str) -> None:
+        storage, fs = self.storage, self.storage.fs
+        start = time.time()
+        rows = storage.retrying(f"reading prepared/{shard}", lambda: pq.read_table(
+            storage.path("prepared", shard), columns=["id", "text"], filesystem=fs))
+        features = self.encoder(rows["id"].to_pylist(), rows["text"].to_pylist())
+        n_tokens = int(pc.sum(features["n_tokens"]).as_py() or 0)
+        summary = {"shard": shard, "rows": features.num_rows, "tokens": n_tokens,
+                   "seconds": round(time.time() - start, 3), "fingerprint": self.fingerprint,
+                   "node": ray.get_runtime_context().get_node_id()}  # where it ran, for the record
+
+        def commit():
+            fs.create_dir(storage.path("features"), recursive=True)
+            pq.write_table(features, storage.path("features", shard), filesystem=fs)
+            storage.write_json(posixpath.join(DONE, f"{shard}.json"), summary)  # last: the shard is done
+
+        storage.retrying(f"writing features/{shard}", commit)
+        log.info("encode: %s: %d samples in %.1fs (%.0f samples/s)", shard, summary["rows"],
+                 summary["seconds"], summary["rows"] / max(summary["seconds"], 1e-9))
+
 
 
 def model_resources(cfg: RunConfig, actors: int, batch_size: int = 1) -> Resources:
@@ -218,7 +230,11 @@ def run_encode(cfg: RunConfig, storage: Storage, prepared: dict) -> dict:
     if todo:
         resources = model_resources(cfg, min(cfg.encode.actors, len(todo)))
         items = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-        map_stage(items, EncodeShards, resources, cfg=cfg, fingerprint=fp).materialize()
+        failed = [r["error"] for r in map_stage(items, EncodeShards, resources, cfg=cfg, fingerprint=fp).take_all()
+                  if r["error"]]
+        if failed:
+            raise StorageError(f"encode: {len(failed)} shard(s) could not be written; the others are committed, "
+                               f"and a re-run encodes only these. First: {failed[0]}")
     markers = done_shards(storage)
     missing = [s for s in shards if s not in markers]
     if missing:
@@ -241,6 +257,8 @@ def run_encode(cfg: RunConfig, storage: Storage, prepared: dict) -> dict:
 def done_shards(storage: Storage) -> dict[str, dict]:
     markers = {}
     for info in _listing(storage, DONE):
+        if not info.path.endswith(".json"):  # a local marker caught mid-write, before its rename
+            continue
         name = posixpath.basename(info.path).removesuffix(".json")
         with storage.fs.open_input_stream(info.path) as f:
             markers[name] = json.loads(f.read())

@@ -19,7 +19,7 @@ from raysel.sae import default_sae_dir, train_sae
 from raysel.selection import run_select
 from raysel.stats import run_stats
 from raysel.task import measure_fac, run_synthesis
-from raysel.storage import Storage
+from raysel.storage import Storage, StorageError, redact
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,16 @@ def run(cfg: RunConfig, until: str = "select", train_missing_sae: bool = False) 
     storage = Storage(cfg.output.root, cfg.s3)
     storage.check()
     init_ray(cfg)
+    try:
+        return run_stages(cfg, storage, until, train_missing_sae)
+    except OSError as err:
+        if "AWS Error" not in str(err):
+            raise
+        raise StorageError(f"output root {storage.root}: {redact(str(err), cfg.s3)}; "
+                           "finished work is committed, re-run to resume") from None
+
+
+def run_stages(cfg: RunConfig, storage: Storage, until: str, train_missing_sae: bool) -> dict:
     log.info("run: output at %s", storage.uri())
     stages = {"prepare": run_prepare(cfg, storage)}
     default_missing = cfg.sae.path is None and not cfg.sae.release and not (default_sae_dir(cfg) / "cfg.json").is_file()

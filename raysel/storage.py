@@ -4,12 +4,19 @@ pyarrow filesystem, so every stage reads and writes the same way."""
 from __future__ import annotations
 
 import json
+import logging
+import os
 import posixpath
+import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import pyarrow.fs as pafs
 
 from raysel.config import S3Config
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def filesystem_for(uri: str, s3: S3Config) -> tuple[pafs.FileSystem, str]:
@@ -30,6 +37,7 @@ def s3_filesystem(s3: S3Config) -> pafs.S3FileSystem:
         scheme=s3.scheme,
         endpoint_override=s3.endpoint_override,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=s3.max_attempts),
+        connect_timeout=s3.connect_timeout,
     )
 
 
@@ -79,11 +87,32 @@ class Storage:
             return json.loads(f.read())
 
     def write_json(self, rel: str, obj: dict) -> None:
-        # One put of the whole object: a reader sees the old file or the new
-        # one, never half of one. Markers rely on this.
-        self.fs.create_dir(posixpath.dirname(self.path(rel)), recursive=True)
-        with self.fs.open_output_stream(self.path(rel)) as f:
+        # A reader sees the old file or the new one, never half of one; markers rely on this.
+        # On S3 one put is atomic; a local file is written aside and renamed over.
+        path = self.path(rel)
+        self.fs.create_dir(posixpath.dirname(path), recursive=True)
+        local = isinstance(self.fs, pafs.LocalFileSystem)
+        with self.fs.open_output_stream(f"{path}.{os.getpid()}.tmp" if local else path) as f:
             f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+        if local:
+            self.fs.move(f"{path}.{os.getpid()}.tmp", path)
+
+    def retrying(self, what: str, fn: Callable[[], T]) -> T:
+        """fn(), retried with backoff while S3 fails for up to s3.outage_seconds; then a StorageError
+        naming `what` and the root. A local folder's errors are not transient: they raise at once."""
+        if not self.root.startswith("s3://"):
+            return fn()
+        start, wait = time.monotonic(), 1.0
+        while True:
+            try:
+                return fn()
+            except OSError as err:
+                if time.monotonic() - start + wait > self.s3.outage_seconds:
+                    raise StorageError(f"{what} at {self.root} failed for {time.monotonic() - start:.0f}s "
+                                       f"(s3.outage_seconds): {redact(str(err), self.s3)}") from None
+                log.warning("%s at %s: %s; retrying in %.0fs", what, self.root, redact(str(err), self.s3), wait)
+                time.sleep(wait)
+                wait = min(2 * wait, 30.0)
 
     def remove(self, rel: str) -> None:
         info = self.fs.get_file_info(self.path(rel))

@@ -101,11 +101,16 @@ class SeaweedS3:
                 f"-debug.port={free_port()}"]
         for name, port in ports.items():
             args += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
+        self.args, self.root = args, root
+        self.start()
+
+    def start(self) -> None:
+        """Start (or start again, on the same ports and data) and wait until S3 answers."""
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
-        self.log = open(root / "weed.out", "wb")
-        self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        self.log = open(self.root / "weed.out", "ab")
+        self.proc = subprocess.Popen(self.args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        self._wait_ready(root)
+        self._wait_ready(self.root)
 
     @property
     def endpoint(self) -> str:

@@ -100,7 +100,7 @@ def test_the_page_renders_its_plots_and_feature_table_in_chromium(two_runs, brow
     assert len(rows) >= 2 and browser.find_elements("css selector", "#features mark")
     first_feature = rows[0].find_elements("tag name", "td")[0].text
     search = browser.find_element("id", "search")
-    search.send_keys(f"zzz-no-such-text")
+    search.send_keys("zzz-no-such-text")
     assert all(not r.is_displayed() for r in browser.find_elements("css selector", "#features tbody tr"))
     search.clear()
     search.send_keys(" ")  # an input event with a blank query shows every row again

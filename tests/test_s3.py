@@ -13,6 +13,7 @@ from raysel.corpus import InputError
 from raysel.pipeline import run
 from raysel.prepare import MARKER, run_prepare
 from raysel.storage import Storage
+from tests.conftest import free_port
 from tests.test_encode import DEMO, run_cfg
 from tests.test_prepare import BAD, mixed_lines
 
@@ -125,6 +126,7 @@ def test_run_to_s3_writes_what_the_same_run_writes_locally(ray_cluster, s3_serve
 @pytest.mark.parametrize("root, s3, expect", [
     ("s3://runs/bad-key", {"secret_key": "wrong-secret-value"}, "access_denied"),
     ("s3://no-such-bucket/run", {}, "bucket 'no-such-bucket' does not exist"),
+    ("s3://runs/wrong-endpoint", {"endpoint_override": f"127.0.0.1:{free_port()}"}, "could not connect to server"),
 ])
 def test_an_unusable_output_root_fails_before_any_work_and_writes_nothing(s3_server, tmp_path, capsys, caplog,
                                                                           root, s3, expect):
