@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS = "sae_weights.safetensors"
 SAE_CONFIG = "cfg.json"
+PICKLED = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
 
 def default_sae_dir(cfg: RunConfig) -> Path:
@@ -40,9 +41,25 @@ def local_sae_dir(cfg: RunConfig) -> Path:
     if cfg.sae.path.startswith("s3://"):
         return _fetch_from_s3(cfg)
     path = Path(cfg.sae.path).expanduser()
+    pickled = [p.name for p in (path.glob("*") if path.is_dir() else [path]) if p.suffix in PICKLED]
+    if pickled and not (path / WEIGHTS).is_file():
+        raise ConfigError(f"sae.path: {cfg.sae.path!r} holds pickled weights ({', '.join(pickled)}); raysel loads "
+                          f"SAEs from safetensors only, since unpickling runs code: save it with sae-lens as {WEIGHTS}")
     if not (path / WEIGHTS).is_file() or not (path / SAE_CONFIG).is_file():
         raise ConfigError(f"sae.path: {cfg.sae.path!r} holds no saved SAE ({SAE_CONFIG} and {WEIGHTS} expected)")
     return path
+
+
+def check_safetensors(path: Path) -> None:
+    """Read the weights' header: a file that only bears the name is refused before any work."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            f.keys()
+    except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types for bad headers
+        raise ConfigError(f"sae.path: {path / WEIGHTS} is not a safetensors file ({err}); raysel loads SAEs "
+                          "from safetensors only") from None
 
 
 def _fetch_from_s3(cfg: RunConfig) -> Path:
@@ -66,6 +83,7 @@ def sae_metadata(cfg: RunConfig) -> dict:
     if cfg.sae.release:
         return {"d_in": None, "layer": cfg.sae.hook_layer, "identity": f"{cfg.sae.release}/{cfg.sae.sae_id}"}
     path = local_sae_dir(cfg)
+    check_safetensors(path)
     meta = json.loads((path / SAE_CONFIG).read_text())
     hook_name = (meta.get("metadata") or {}).get("hook_name") or meta.get("hook_name")
     return {"d_in": meta["d_in"], "d_sae": meta["d_sae"], "layer": hook_layer(cfg, hook_name),

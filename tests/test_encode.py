@@ -3,6 +3,7 @@ real local Ray cluster with a tiny Llama and a tiny sae-lens TopK SAE built from
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raysel.config import ConfigError, RunConfig
 from raysel.encode import DONE, Encoder, read_features, run_encode
 from raysel.models import truncate_to_layer
 from raysel.prepare import run_prepare
+from raysel.sae import sae_metadata
 from raysel.storage import Storage
 from tests.conftest import DEMO, build_tiny_sae, write_jsonl
 
@@ -97,6 +100,24 @@ def test_sae_width_mismatch_is_a_config_error_before_work(ray_cluster, tiny_mode
     with pytest.raises(ConfigError, match=r"d_in\) but model .* has hidden size 64"):
         run_encode(cfg, Storage(cfg.output.root, cfg.s3), {"fingerprint": "x"})
     assert not (tmp_path / "out" / "features").exists()
+
+
+@pytest.mark.parametrize("kind", ["pickle named safetensors", "pickled weights file", "path to a .pt file"])
+def test_an_sae_that_is_not_safetensors_is_refused_before_work(tiny_sae_dir, tmp_path, kind):
+    sae = tmp_path / "sae"
+    shutil.copytree(tiny_sae_dir, sae)
+    # copies: load_file maps the file, which is overwritten below
+    tensors = {k: v.clone() for k, v in load_file(sae / "sae_weights.safetensors").items()}
+    if kind == "pickle named safetensors":
+        torch.save(tensors, sae / "sae_weights.safetensors")
+        path, match = sae, "is not a safetensors file"
+    else:
+        (sae / "sae_weights.safetensors").unlink()
+        torch.save(tensors, sae / "sae_weights.pt")
+        path, match = (sae if kind == "pickled weights file" else sae / "sae_weights.pt"), "safetensors only"
+    cfg = RunConfig.model_validate({"input": {"paths": [str(DEMO)]}, "sae": {"path": str(path)}})
+    with pytest.raises(ConfigError, match=match):
+        sae_metadata(cfg)
 
 
 def run_cfg(tmp_path, model_dir, sae_dir, n_rows: int) -> dict:
