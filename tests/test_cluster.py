@@ -1,0 +1,89 @@
+"""cluster/ holds what a user deploys; these parse it and check that it names entrypoints, files,
+config keys and versions that exist."""
+
+import re
+import shlex
+
+import ray
+import yaml
+
+from raysel.cli import UNTIL
+from raysel.config import RunConfig, load_config
+from tests.conftest import REPO
+
+CLUSTER = REPO / "cluster"
+
+
+def load(name: str):
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def entrypoint_config(command: list[str]) -> RunConfig:
+    """What `python jobs/run.py --config C [--set K=V ...]` would run, validated as the job would."""
+    assert command[:2] == ["python", "jobs/run.py"] and (REPO / command[1]).is_file()
+    config = command[command.index("--config") + 1]
+    assert (REPO / config).is_file(), f"{config} is not in the repository (the image copies it)"
+    overrides = [command[i + 1] for i, arg in enumerate(command) if arg == "--set"]
+    return load_config(str(REPO / config), overrides)
+
+
+def test_the_rayjob_runs_the_job_entrypoint_on_a_gpu_worker_group_sized_to_the_encode_pool():
+    job = load("rayjob.yaml")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    cfg = entrypoint_config(shlex.split(job["spec"]["entrypoint"]))
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["rayVersion"] == ray.__version__
+    [workers] = spec["workerGroupSpecs"]
+    [container] = workers["template"]["spec"]["containers"]
+    gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpus >= 1 and workers["maxReplicas"] * gpus >= cfg.encode.actors * cfg.encode.num_gpus
+    cpus = int(container["resources"]["limits"]["cpu"])
+    assert cpus >= cfg.encode.num_cpus * gpus / cfg.encode.num_gpus, "the node must hold its actors' CPUs"
+    images = {c["image"] for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+              for c in g["template"]["spec"]["containers"]}
+    assert len(images) == 1, "every node runs the same image"
+    assert cfg.output.root.startswith("s3://") and cfg.model.dtype == "auto"
+
+
+def test_the_autoscaler_config_has_a_gpu_worker_type_that_fits_the_encode_pool():
+    launcher = load("autoscaler.yaml")
+    types = launcher["available_node_types"]
+    assert launcher["head_node_type"] in types
+    submit = re.search(r"ray job submit .*? -- (python jobs/run\.py[^\n]*)",
+                       (CLUSTER / "autoscaler.yaml").read_text()).group(1)
+    cfg = entrypoint_config(shlex.split(submit))
+    gpu_types = [t for name, t in types.items() if name != launcher["head_node_type"]]
+    assert sum(t["max_workers"] for t in gpu_types) >= cfg.encode.actors * cfg.encode.num_gpus
+    assert launcher["max_workers"] >= cfg.encode.actors * cfg.encode.num_gpus
+    assert launcher["provider"]["type"] == "aws" and launcher["docker"]["image"] == image_of("rayjob.yaml")
+
+
+def image_of(name: str) -> str:
+    [container] = load(name)["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    return container["image"]
+
+
+def test_the_image_is_rays_at_the_pinned_version_and_copies_what_the_job_runs():
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    base = re.search(r"^FROM rayproject/ray:(\S+)-py(\d)(\d+)-gpu$", dockerfile, re.M)
+    assert base and base.group(1) == ray.__version__ and f'"ray[data,default]=={base.group(1)}"' in (
+        REPO / "pyproject.toml").read_text()
+    for src in re.findall(r"^COPY --chown=ray (.+?) \S+$", dockerfile, re.M):
+        for path in src.split():
+            assert (REPO / path).exists(), path
+    for needed in ("jobs", "cluster", "raysel"):
+        assert re.search(rf"^COPY .*\b{needed}\b", dockerfile, re.M), needed
+
+
+def test_every_config_key_the_guide_names_exists():
+    guide = (CLUSTER / "README.md").read_text()
+    named = re.findall(r"`([a-z_][a-z0-9_]*\.[a-z0-9_]+)(?::[^`]*)?`", guide)
+    keys = {k for k in named if k.rsplit(".", 1)[1] not in ("yaml", "toml", "py", "md")}  # not file names
+    assert len(keys) > 10
+    fields = RunConfig.model_fields
+    for key in keys:
+        section, name = key.split(".")
+        assert section in fields and name in fields[section].annotation.model_fields, key
+    sentence = re.search(r"`jobs/run.py --verb` runs [^.]*\.", guide).group(0)
+    assert set(re.findall(r"`([a-z-]+)`", sentence)) == {v for v in UNTIL if v != "demo"}
+    assert "ray job submit" in guide and "encode.actors" in guide
