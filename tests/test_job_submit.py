@@ -63,6 +63,16 @@ def _wait_for_jobs_api(address, env, head, log_path):
     raise RuntimeError("the Ray head's job API did not come up in 120 s")
 
 
+def submit(address: str, env: dict, job_id: str, *entrypoint: str) -> str:
+    """`ray job submit` of this repository, waiting for the end; the job's final status, or its logs."""
+    done = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id,
+                           "--working-dir", str(REPO), "--", "python", "jobs/run.py", *entrypoint],
+                          env=env, capture_output=True, text=True, timeout=600)
+    ask = f"from ray.job_submission import JobSubmissionClient as C; print(C({address!r}).get_job_status({job_id!r}).value)"
+    status = subprocess.run([sys.executable, "-c", ask], env=env, capture_output=True, text=True)
+    return status.stdout.strip() if status.stdout.strip() == "SUCCEEDED" else done.stdout[-4000:] + done.stderr[-4000:]
+
+
 @pytest.mark.integration
 def test_job_submit_round_trip(ray_head, tmp_path):
     address, env = ray_head
@@ -76,21 +86,13 @@ def test_job_submit_round_trip(ray_head, tmp_path):
         "sae": {"path": str(sae)},
         "output": {"root": str(tmp_path / "out")},
     }))
-    ray = str(BIN / "ray")
-
-    wrong = subprocess.run([ray, "job", "list", "--address", address], capture_output=True, text=True,
+    wrong = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True, text=True,
                            env={**env, "RAY_AUTH_TOKEN": "0" * 64})
     assert wrong.returncode != 0, "the head must refuse a client with the wrong token"
 
-    job_id = f"raysel-test-{secrets.token_hex(4)}"
-    submit = subprocess.run(
-        [ray, "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", str(REPO),
-         "--", "python", "jobs/run.py", "--config", str(config), "--set", "prepare.dedup=true"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    ask = f"from ray.job_submission import JobSubmissionClient as C; print(C({address!r}).get_job_status({job_id!r}).value)"
-    status = subprocess.run([sys.executable, "-c", ask], env=env, capture_output=True, text=True)
-    assert status.stdout.strip() == "SUCCEEDED", submit.stdout[-4000:] + submit.stderr[-4000:] + status.stderr
+    job = submit(address, env, f"raysel-test-{secrets.token_hex(4)}", "--config", str(config),
+                 "--set", "prepare.dedup=true")
+    assert job == "SUCCEEDED", job
 
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["counts"] == {"n_input": 3, "n_valid": 2, "n_rejected": 1,
@@ -106,3 +108,14 @@ def test_job_submit_round_trip(ray_head, tmp_path):
     assert set(features) == {"a1", "a9"} and manifest["stages"]["encode"]["layer"] == 3
     # SmolLM2's 21-token system prompt and the user header are not pooled; the long one keeps the rest
     assert features["a9"]["n_tokens"] < 128 - 21 and len(features["a9"]["feat_ids"]) > 16
+
+    # the same cluster runs `raysel fac` as a job: the anchor is encoded beside the pool, FAC reported
+    anchor = write_jsonl(tmp_path / "anchor.jsonl", [{"id": "q1", "instruction": "Name a prime number.",
+                                                      "output": "Two is the only even prime."}])
+    job = submit(address, env, f"raysel-fac-{secrets.token_hex(4)}", "--verb", "fac", "--config", str(config),
+                 "--set", f"fac.anchor={json.dumps([str(anchor)])}", "--set", "fac.n_features=20")
+    assert job == "SUCCEEDED", job
+    report = json.loads((tmp_path / "out" / "fac" / "report.json").read_text())
+    assert report["n_anchor"] == 1 and report["n_evaluated"] == 2 and 0 <= report["fac"] <= 1
+    assert report["n_in_anchor"] == report["n_covered"] + len(report["missing"])
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["stages"]["fac"]["fac"] == report["fac"]
