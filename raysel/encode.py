@@ -34,7 +34,7 @@ from raysel.corpus import fingerprint
 from raysel.models import load_model, load_tokenizer, resolve_device, truncate_to_layer
 from raysel.records import chat_template_for, shared_prefix
 from raysel.sae import check_against_model, hook_layer, load_sae, sae_metadata
-from raysel.stages import Resources, map_stage
+from raysel.stages import Resources, log_to_driver, map_stage
 from raysel.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class EncodeShards:
     """Stage: each input row names a prepared file; encode it and write its features shard, then its marker."""
 
     def __init__(self, cfg: RunConfig, fingerprint: str):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log_to_driver()
         self.encoder = Encoder(cfg)
         self.storage = Storage(cfg.output.root, cfg.s3)
         self.fingerprint = fingerprint

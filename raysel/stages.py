@@ -8,6 +8,7 @@ process building the stage once (CPU-only transforms)."""
 
 from __future__ import annotations
 
+import logging
 import pickle
 from dataclasses import dataclass
 from typing import Optional
@@ -44,3 +45,8 @@ def _in_task(batch, stage: type, spec: bytes):
     if (stage, spec) not in _built:
         _built[(stage, spec)] = stage(**pickle.loads(spec))
     return _built[(stage, spec)](batch)
+
+
+def log_to_driver() -> None:
+    """In an actor: raysel's INFO logs (progress per unit of work) go to the driver like the driver's own."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

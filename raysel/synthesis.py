@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +30,7 @@ from raysel.config import ModelConfig, RunConfig
 from raysel.encode import Encoder, model_resources
 from raysel.models import load_model, load_tokenizer
 from raysel.records import chat_template_for
-from raysel.stages import map_stage
+from raysel.stages import log_to_driver, map_stage
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Synthesizer:
     def __init__(self, cfg: RunConfig):
         import torch
 
+        log_to_driver()
         self.torch, self.cfg, self.s = torch, cfg, cfg.synth
         self.encoder = Encoder(cfg)
         generator = ModelConfig(name=self.s.generator or cfg.model.name, dtype=cfg.model.dtype,
@@ -100,6 +102,7 @@ class Synthesizer:
         return pa.Table.from_pylist(rows, schema=CANDIDATES)
 
     def for_feature(self, j: int, spans: list[str]) -> list[dict]:
+        start = time.time()
         delta = self.cfg.activation.tau if self.s.delta is None else self.s.delta
         first = FIRST.format(spans="\n\n".join(f"- {s}" for s in spans))
         step1 = self.candidates(j, 1, first, self.s.n_candidates)
@@ -109,8 +112,12 @@ class Synthesizer:
         step2 = self.candidates(j, 2, second, self.s.n_contrastive)
         for c in step2:
             c["passed"] = c["score"] > delta
-        for i in passing([c["score"] for c in step2], delta, self.s.keep):
+        kept = passing([c["score"] for c in step2], delta, self.s.keep)
+        for i in kept:
             step2[i]["kept"] = True
+        log.info("synthesize: feature %d: step 1 best %.2f, worst %.2f; step 2: %d of %d above delta %.2f, %d kept "
+                 "(%.0fs)", j, best["score"], worst["score"], sum(c["passed"] for c in step2), len(step2), delta,
+                 len(kept), time.time() - start)
         return step1 + step2
 
     def candidates(self, j: int, step: int, prompt: str, n: int) -> list[dict]:
