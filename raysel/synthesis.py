@@ -154,9 +154,10 @@ def synthesize(cfg: RunConfig, missing: list[int], spans: pa.Table) -> pa.Table:
         return CANDIDATES.empty_table()
     texts = {j: ["".join(r["tokens"]) for r in spans.filter(pc.equal(spans["feature"], j)).to_pylist()[: cfg.synth.spans]]
              for j in todo}
-    jobs = pa.table({"feature": todo, "spans": [texts[j] for j in todo]})
-    out = map_stage(ray.data.from_arrow(jobs).repartition(len(todo)), Synthesizer,
-                    model_resources(cfg, min(cfg.synth.actors, len(todo))), cfg=cfg)
+    # one block per feature, made on the driver: a repartition task could wait forever for a CPU
+    # that the actors, already started, hold
+    jobs = ray.data.from_items([{"feature": j, "spans": texts[j]} for j in todo], override_num_blocks=len(todo))
+    out = map_stage(jobs, Synthesizer, model_resources(cfg, min(cfg.synth.actors, len(todo))), cfg=cfg)
     table = pa.concat_tables([CANDIDATES.empty_table(), *ray.get(out.to_arrow_refs())])
     return table.sort_by([("feature", "ascending"), ("step", "ascending"), ("id", "ascending")])
 

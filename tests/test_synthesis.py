@@ -59,6 +59,7 @@ def test_raysel_synthesize_writes_samples_with_provenance_and_fac_before_and_aft
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[30:] if r["category"] == "code"][:8])
     raw |= {"fac": {"anchor": [str(anchor)], "n_features": 40}, "activation": {"target_active": 2},
             "synth": {"max_features": 2, "n_candidates": 3, "n_contrastive": 3, "max_new_tokens": 24, "delta": 0.0}}
+    raw["encode"]["num_cpus"] = 2  # every CPU of the test cluster to the actor, as `raysel demo` does
     manifest = run(RunConfig.model_validate(raw), until="synthesize")
     out = tmp_path / "out"
     report = json.loads((out / "fac" / "report.json").read_text())
