@@ -165,7 +165,16 @@ class FACConfig(Section):
     anchor: list[str] = []  # files, globs or s3:// paths of the anchor (task) examples
     evaluated: list[str] = []  # method fac: the dataset you already have (empty: start from nothing)
     features: list[int] = []  # task-relevant features F; empty: the n_features most enriched on the anchor
-    n_features: int = Field(100, gt=0)
+    n_features: int = Field(100, gt=0)  # size of the enriched F, or of the shortlist the judge rates
+    judge_task: Optional[str] = None  # set: F is what an LLM judge rates relevant to this task, of the shortlist
+    judge_generator: Optional[str] = None  # the judge: any causal LM (local dir, HF id, embedded default); None: model.name
+    judge_keep: Literal["yes", "probably", "maybe"] = "maybe"  # the weakest relevance verdict kept
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.features and self.judge_task:
+            raise ValueError("fac: set fac.features (a list) or fac.judge_task (an LLM judge), not both")
+        return self
 
 
 class SynthConfig(Section):

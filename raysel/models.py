@@ -28,6 +28,11 @@ def model_source(cfg: ModelConfig) -> str:
     return cfg.name
 
 
+def generator_config(model: ModelConfig, name: str | None) -> ModelConfig:
+    """A second causal LM (a generator, a judge), loaded like the run's model; None: the run's model."""
+    return model.model_copy(update={"name": name or model.name})
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 

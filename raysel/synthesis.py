@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from raysel.config import ModelConfig, RunConfig
+from raysel.config import RunConfig
 from raysel.encode import Encoder, model_resources
-from raysel.models import load_model, load_tokenizer
+from raysel.models import generator_config, load_model, load_tokenizer
 from raysel.records import chat_template_for
 from raysel.stages import log_to_driver, map_stage
 
@@ -87,8 +87,7 @@ class Synthesizer:
         log_to_driver()
         self.torch, self.cfg, self.s = torch, cfg, cfg.synth
         self.encoder = Encoder(cfg)
-        generator = ModelConfig(name=self.s.generator or cfg.model.name, dtype=cfg.model.dtype,
-                                cache_dir=cfg.model.cache_dir)
+        generator = generator_config(cfg.model, self.s.generator)
         self.generator_name = generator.name
         self.tokenizer = load_tokenizer(generator)
         self.model = load_model(generator, self.encoder.device)

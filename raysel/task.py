@@ -18,6 +18,7 @@ from raysel.config import RunConfig
 from raysel.encode import feature_paths, read_features, run_encode
 from raysel.fac import fac, fac_greedy, task_features
 from raysel.igds import feature_effects, frequency_recall, resonant_scores
+from raysel.judge import judge_features, kept
 from raysel.models import load_tokenizer
 from raysel.mona import distributed_top_k, mona_scores, prototype
 from raysel.prepare import run_prepare
@@ -110,21 +111,49 @@ def igds(cfg: RunConfig, storage: Storage, targets: Storage, tau: float, k: int)
                  "feature_effects": [r | recall[r["feature"]] for r in effects.to_pylist()]}
 
 
+def feature_source(cfg: RunConfig) -> str:
+    if cfg.fac.features:
+        return "list"
+    shortlist = f"the {cfg.fac.n_features} most enriched on the anchor"
+    return f"{shortlist}, judged by an LLM ({cfg.fac.judge_keep} or better)" if cfg.fac.judge_task else shortlist
+
+
+def anchor_spans(cfg: RunConfig, anchor: Storage, features: list[int]) -> pa.Table:
+    return run_spans(cfg, anchor, anchor.read_json("stages/encode.json")["fingerprint"], features)
+
+
+def fac_features(cfg: RunConfig, storage: Storage, anchor: Storage, anchored: pa.Table, pool: pa.Table, tau: float,
+                 d_sae: int) -> np.ndarray:
+    """F: fac.features; else the fac.n_features most enriched on the anchor over the pool; with
+    fac.judge_task, those of them an LLM judge finds relevant (fac/judged.parquet holds every verdict)."""
+    features = task_features(anchored, pool, tau, d_sae, cfg.fac.features, cfg.fac.n_features)
+    if not cfg.fac.judge_task:
+        return features
+    start = time.time()
+    verdicts = judge_features(cfg, anchor_spans(cfg, anchor, features.tolist()), features.tolist())
+    storage.fs.create_dir(storage.path("fac"), recursive=True)
+    pq.write_table(verdicts, storage.path("fac", "judged.parquet"), filesystem=storage.fs)
+    chosen = kept(verdicts, cfg.fac.judge_keep)
+    log.info("fac: the judge kept %d of %d enriched features as relevant to %r (%s or better) in %.0fs", len(chosen),
+             len(features), cfg.fac.judge_task, cfg.fac.judge_keep, time.time() - start)
+    return np.array(chosen, dtype=np.int64)
+
+
 def measure_fac(cfg: RunConfig, storage: Storage, tau: float) -> dict:
     """`raysel fac`: FAC of the run's input against fac.anchor, with the missing features' spans.
     Writes fac/features.parquet, fac/missing_spans.parquet and, last, fac/report.json."""
     anchor = example_store(cfg, storage, cfg.fac.anchor, "anchor", tau)
     d_sae = storage.read_json("stats/summary.json")["d_sae"]
     anchored, evaluated = read_store(anchor), read_store(storage)
-    features = task_features(anchored, evaluated, tau, d_sae, cfg.fac.features, cfg.fac.n_features)
+    features = fac_features(cfg, storage, anchor, anchored, evaluated, tau, d_sae)
     summary, table = fac(anchored, evaluated, features, tau, d_sae)
-    spans = run_spans(cfg, anchor, anchor.read_json("stages/encode.json")["fingerprint"], summary["missing"])
+    spans = anchor_spans(cfg, anchor, summary["missing"])
     storage.remove("fac/report.json")
     storage.fs.create_dir(storage.path("fac"), recursive=True)
     pq.write_table(table, storage.path("fac", "features.parquet"), filesystem=storage.fs)
     pq.write_table(spans, storage.path("fac", "missing_spans.parquet"), filesystem=storage.fs)
     report = {**summary, "tau": tau, "n_anchor": anchored.num_rows, "n_evaluated": evaluated.num_rows,
-              "feature_source": "list" if cfg.fac.features else f"the {cfg.fac.n_features} most enriched on the anchor",
+              "feature_source": feature_source(cfg),
               "missing_examples": {str(j): [{"id": r["id"], "value": r["value"], "text": "".join(r["tokens"])}
                                             for r in spans.filter(pc.equal(spans["feature"], j)).to_pylist()[:3]]
                                    for j in summary["missing"]}}
@@ -137,9 +166,10 @@ def measure_fac(cfg: RunConfig, storage: Storage, tau: float) -> dict:
 
 def fac_select(cfg: RunConfig, storage: Storage, tau: float, d_sae: int, k: int) -> tuple[list[str], list[int], dict]:
     """`method: fac`: pool samples covering the anchor features that fac.evaluated (or nothing) misses."""
-    anchored, pool = read_store(example_store(cfg, storage, cfg.fac.anchor, "anchor", tau)), read_store(storage)
+    anchor = example_store(cfg, storage, cfg.fac.anchor, "anchor", tau)
+    anchored, pool = read_store(anchor), read_store(storage)
     have = read_store(example_store(cfg, storage, cfg.fac.evaluated, "evaluated")) if cfg.fac.evaluated else pool.slice(0, 0)
-    features = task_features(anchored, pool, tau, d_sae, cfg.fac.features, cfg.fac.n_features)
+    features = fac_features(cfg, storage, anchor, anchored, pool, tau, d_sae)
     before, _ = fac(anchored, have, features, tau, d_sae)
     order, added = fac_greedy(pool, np.array(before["missing"], dtype=np.int64), tau, k)
 

@@ -143,3 +143,44 @@ def test_fac_selection_raises_fac_over_what_the_evaluated_set_had(stats_run, tmp
     selected = pq.read_table(tmp_path / "out" / "selection" / "fac" / "selected.parquet").to_pylist()
     assert len(selected) == 6 and selected[0]["gain"] >= selected[1]["gain"]
     assert manifest["stages"]["select"]["budgets"] == {"fac": 6}
+
+
+def test_an_llm_judge_explains_verifies_and_rates_the_enriched_shortlist(stats_run, tmp_path):
+    from raysel.judge import LEVELS, kept
+
+    root, cfg, _ = stats_run
+    demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
+    anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "math"][:6])
+    raw = json.loads(cfg.model_dump_json()) | {"activation": {"target_active": 2}, "fac": {
+        "anchor": [str(anchor)], "n_features": 6, "judge_task": "grade-school math word problems"}}
+    raw["s3"] = {}
+    manifest = run(RunConfig.model_validate(raw), until="fac")
+    verdicts = pq.read_table(root / "fac" / "judged.parquet").to_pylist()
+    assert 0 < len(verdicts) <= 6
+    spans = pq.read_table(root / "anchor" / "stats" / "spans.parquet").to_pylist()
+    for v in verdicts:
+        assert v["relevance"] in LEVELS and len(v["relevance_logprobs"]) == 4 and v["generator"] == str(raw["model"]["name"])
+        assert v["relevance"] == LEVELS[int(np.argmax(v["relevance_logprobs"]))]  # the likeliest answer is the verdict
+        # the explain prompt shows the feature's own spans, peak marked
+        top = next(s for s in spans if s["feature"] == v["feature"] and s["rank"] == 1)
+        assert "[[" + top["tokens"][top["peak"]] + "]]" in v["explain_prompt"]
+    features = pq.read_table(root / "fac" / "features.parquet")["feature"].to_pylist()
+    assert features == kept(pq.read_table(root / "fac" / "judged.parquet"), "maybe")
+    assert set(kept(pq.read_table(root / "fac" / "judged.parquet"), "yes")) <= set(features)
+    assert "judged by an LLM" in manifest["stages"]["fac"]["feature_source"]
+    with pytest.raises(ValueError, match="fac.features .* or fac.judge_task"):
+        RunConfig.model_validate(raw | {"fac": raw["fac"] | {"features": [1]}})
+
+
+def test_the_judge_keeps_verified_features_at_or_above_the_floor():
+    import pyarrow as pa
+
+    from raysel.judge import VERDICTS, kept
+
+    verdicts = pa.Table.from_pylist([
+        {"feature": 1, "verified": True, "relevance": "Yes"}, {"feature": 2, "verified": True, "relevance": "Maybe"},
+        {"feature": 3, "verified": False, "relevance": "Yes"}, {"feature": 4, "verified": True, "relevance": "No"},
+        {"feature": 5, "verified": True, "relevance": "Probably"}], schema=VERDICTS)
+    assert kept(verdicts, "maybe") == [1, 2, 5]
+    assert kept(verdicts, "probably") == [1, 5]
+    assert kept(verdicts, "yes") == [1]

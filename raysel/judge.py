@@ -1,0 +1,117 @@
+"""An LLM judge of task-relevant features: the paper's explain -> verify -> judge relevance.
+
+Each feature of a shortlist is shown to a generator (any HF causal LM: fac.judge_generator, by
+default the run's model) through its top-activating spans, the peak token marked [[so]]:
+
+1. explain: the generator writes a short label for what the feature detects (greedy decoding);
+2. verify: does the label fit the spans? Yes or No;
+3. judge: how relevant is a feature that detects the label to the task (fac.judge_task)?
+   Yes, Probably, Maybe or No.
+
+Steps 2 and 3 take the allowed answer with the highest log-likelihood after the prompt, so even a
+small model gives a well-formed verdict. A verified feature judged fac.judge_keep or better
+(Maybe, as in the paper) joins F. The judge runs as a Ray actor pool, like the encoder.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import ray
+
+from raysel.config import RunConfig
+from raysel.encode import model_resources
+from raysel.models import generator_config, load_model, load_tokenizer, resolve_device
+from raysel.records import chat_template_for
+from raysel.stages import log_to_driver, map_stage
+
+log = logging.getLogger(__name__)
+
+LEVELS = ["No", "Maybe", "Probably", "Yes"]  # weakest first
+EXPLAIN = ("Below are text snippets where one feature of a language model fires most strongly; the token where it "
+           "fires hardest is marked [[like this]].\n\n{spans}\n\nIn a few words, what does this feature detect? "
+           "Answer with the description only.")
+VERIFY = ("Snippets, with the strongest token marked [[like this]]:\n\n{spans}\n\nDoes the description \"{label}\" "
+          "fit what the marked tokens have in common? Answer Yes or No.")
+JUDGE = ("Task: {task}\n\nA feature of a language model detects: \"{label}\". Is this feature relevant to the task? "
+         "Answer Yes, Probably, Maybe or No.")
+VERDICTS = pa.schema([("feature", pa.int32()), ("label", pa.string()), ("verified", pa.bool_()),
+                      ("relevance", pa.string()), ("relevance_logprobs", pa.list_(pa.float32())),
+                      ("explain_prompt", pa.string()), ("generator", pa.string())])
+
+
+def marked(tokens: list[str], peak: int) -> str:
+    return "".join(tokens[:peak]) + "[[" + tokens[peak] + "]]" + "".join(tokens[peak + 1:])
+
+
+def kept(verdicts: pa.Table, keep: str) -> list[int]:
+    """The verified features judged `keep` or better."""
+    floor = LEVELS.index(keep.capitalize())
+    return sorted(r["feature"] for r in verdicts.to_pylist() if r["verified"] and LEVELS.index(r["relevance"]) >= floor)
+
+
+class Judge:
+    """Stage: rows (feature, spans) in, one verdict per feature out."""
+
+    def __init__(self, cfg: RunConfig):
+        import torch
+
+        log_to_driver()
+        self.torch, self.cfg = torch, cfg
+        generator = generator_config(cfg.model, cfg.fac.judge_generator)
+        self.name = generator.name
+        self.device = resolve_device(cfg.encode.device)
+        self.tokenizer = load_tokenizer(generator)
+        self.model = load_model(generator, self.device)
+        self.template = chat_template_for(self.tokenizer, cfg.prepare.chat_template)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self.judge(j, spans) for j, spans in zip(batch["feature"].to_pylist(), batch["spans"].to_pylist())]
+        return pa.Table.from_pylist(rows, schema=VERDICTS)
+
+    def judge(self, feature: int, spans: list[str]) -> dict:
+        shown = "\n".join(f"- {s}" for s in spans)
+        explain = EXPLAIN.format(spans=shown)
+        label = self.generate(explain).strip().splitlines()[0].strip(" .\"'")[:200] if spans else ""
+        verified, _ = self.choose(VERIFY.format(spans=shown, label=label), ["Yes", "No"])
+        relevance, logprobs = self.choose(JUDGE.format(task=self.cfg.fac.judge_task, label=label), LEVELS)
+        log.info("judge: feature %d: %r, verified %s, relevance %s", feature, label, verified, relevance)
+        return {"feature": feature, "label": label, "verified": verified == "Yes", "relevance": relevance,
+                "relevance_logprobs": logprobs, "explain_prompt": explain, "generator": self.name}
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, chat_template=self.template, return_dict=True)["input_ids"]
+
+    def generate(self, prompt: str) -> str:
+        ids = self.torch.tensor([self.prompt_ids(prompt)], device=self.device)
+        with self.torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=24,
+                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) or " "
+
+    def choose(self, prompt: str, options: list[str]) -> tuple[str, list[float]]:
+        """The option the model finds likeliest as the answer, and each option's log-likelihood."""
+        torch, base = self.torch, self.prompt_ids(prompt)
+        scores = []
+        for option in options:
+            ids = self.tokenizer(option, add_special_tokens=False)["input_ids"]
+            x = torch.tensor([base + ids], device=self.device)
+            with torch.inference_mode():
+                logp = self.model(input_ids=x).logits[0, len(base) - 1: -1].float().log_softmax(-1)
+            scores.append(float(logp[torch.arange(len(ids)), torch.tensor(ids, device=self.device)].sum()))
+        return options[max(range(len(options)), key=scores.__getitem__)], scores
+
+
+def judge_features(cfg: RunConfig, spans: pa.Table, features: list[int]) -> pa.Table:
+    """A verdict for each feature, from its top spans (at most stats.top_n), on fac.judge actors."""
+    shown = {j: [] for j in features}
+    for r in spans.sort_by([("feature", "ascending"), ("rank", "ascending")]).to_pylist():
+        if r["feature"] in shown:
+            shown[r["feature"]].append(marked(r["tokens"], r["peak"]))
+    items = ray.data.from_items([{"feature": j, "spans": shown[j]} for j in features],
+                                override_num_blocks=max(1, len(features)))
+    out = map_stage(items, Judge, model_resources(cfg, min(cfg.encode.actors, max(1, len(features)))), cfg=cfg)
+    return pa.concat_tables([VERDICTS.empty_table(), *ray.get(out.to_arrow_refs())]).sort_by("feature")
