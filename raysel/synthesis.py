@@ -81,11 +81,11 @@ def passing(scores: list[float], delta: float, keep: int) -> list[int]:
 class Synthesizer:
     """Stage: each row is a missing feature with its spans; out come all its candidates with provenance."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, delta: float):
         import torch
 
         log_to_driver()
-        self.torch, self.cfg, self.s = torch, cfg, cfg.synth
+        self.torch, self.cfg, self.s, self.delta = torch, cfg, cfg.synth, delta
         self.encoder = Encoder(cfg)
         generator = generator_config(cfg.model, self.s.generator)
         self.generator_name = generator.name
@@ -102,7 +102,7 @@ class Synthesizer:
 
     def for_feature(self, j: int, spans: list[str]) -> list[dict]:
         start = time.time()
-        delta = self.cfg.activation.tau if self.s.delta is None else self.s.delta
+        delta = self.delta
         first = FIRST.format(spans="\n\n".join(f"- {s}" for s in spans))
         step1 = self.candidates(j, 1, first, self.s.n_candidates)
         best, worst = max(step1, key=lambda c: c["score"]), min(step1, key=lambda c: c["score"])
@@ -146,8 +146,9 @@ class Synthesizer:
         return self.encoder.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.render_template)
 
 
-def synthesize(cfg: RunConfig, missing: list[int], spans: pa.Table) -> pa.Table:
-    """Every candidate for the first synth.max_features missing features, on synth.actors actors."""
+def synthesize(cfg: RunConfig, missing: list[int], spans: pa.Table, delta: float) -> pa.Table:
+    """Every candidate for the first synth.max_features missing features, on synth.actors actors; a
+    step-2 candidate passes when its activation of the feature exceeds `delta`."""
     todo = missing[: cfg.synth.max_features]
     if not todo:
         return CANDIDATES.empty_table()
@@ -156,7 +157,8 @@ def synthesize(cfg: RunConfig, missing: list[int], spans: pa.Table) -> pa.Table:
     # one block per feature, made on the driver: a repartition task could wait forever for a CPU
     # that the actors, already started, hold
     jobs = ray.data.from_items([{"feature": j, "spans": texts[j]} for j in todo], override_num_blocks=len(todo))
-    out = map_stage(jobs, Synthesizer, model_resources(cfg, min(cfg.synth.actors, len(todo))), cfg=cfg)
+    out = map_stage(jobs, Synthesizer, model_resources(cfg, min(cfg.synth.actors, len(todo))), cfg=cfg,
+                    delta=delta)
     table = pa.concat_tables([CANDIDATES.empty_table(), *ray.get(out.to_arrow_refs())])
     return table.sort_by([("feature", "ascending"), ("step", "ascending"), ("id", "ascending")])
 

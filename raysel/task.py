@@ -187,13 +187,19 @@ def fac_select(cfg: RunConfig, storage: Storage, tau: float, d_sae: int, k: int)
     return order, added, settled
 
 
+def synth_delta(cfg: RunConfig, tau: float) -> float:
+    """synth.delta, or the run's tau as resolved (calibrated, when activation.target_active sets it)."""
+    return tau if cfg.synth.delta is None else cfg.synth.delta
+
+
 def run_synthesis(cfg: RunConfig, storage: Storage, tau: float) -> dict:
     """`raysel synthesize`: FAC of the input, then new samples for its missing features, written like a
     selection under selection/synthesis/ (records carry their provenance), with FAC before and after."""
     start = time.time()
     before = measure_fac(cfg, storage, tau)
     spans = pq.read_table(storage.path("fac", "missing_spans.parquet"), filesystem=storage.fs)
-    candidates = synthesize(cfg, before["missing"], spans)
+    delta = synth_delta(cfg, tau)
+    candidates = synthesize(cfg, before["missing"], spans, delta)
     kept = candidates.filter(candidates["kept"])
     anchored = read_store(Storage(storage.uri("anchor"), cfg.s3))
     features = pq.read_table(storage.path("fac", "features.parquet"), columns=["feature"],
@@ -206,7 +212,7 @@ def run_synthesis(cfg: RunConfig, storage: Storage, tau: float) -> dict:
     pq.write_table(candidates.drop_columns(["feat_ids", "feat_max", "feat_sum", "n_tokens"]),
                    storage.path("synthesis", "candidates.parquet"), filesystem=storage.fs)
     seconds = time.time() - start
-    summary = {"fac_before": before["fac"], "fac_after": after["fac"], "missing_before": len(before["missing"]),
+    summary = {"delta": delta, "fac_before": before["fac"], "fac_after": after["fac"], "missing_before": len(before["missing"]),
                "missing_after": len(after["missing"]), "features_tried": len(set(candidates["feature"].to_pylist())),
                **acceptance(candidates), "seconds": round(seconds, 1),
                "seconds_per_kept": round(seconds / kept.num_rows, 1) if kept.num_rows else None}

@@ -30,8 +30,8 @@ def test_each_feature_gets_scored_candidates_and_a_contrastive_second_step(tiny_
     cfg = RunConfig.model_validate({
         "input": {"paths": ["x"]}, "model": {"name": str(tiny_model_dir)}, "sae": {"path": str(tiny_sae_dir)},
         "encode": {"device": "cpu"},
-        "synth": {"n_candidates": 4, "n_contrastive": 6, "keep": 2, "delta": 0.0, "max_new_tokens": 24}})
-    synth = Synthesizer(cfg)
+        "synth": {"n_candidates": 4, "n_contrastive": 6, "keep": 2, "max_new_tokens": 24}})
+    synth = Synthesizer(cfg, delta=0.0)
     rows = synth.for_feature(5, ["a span where feature five is strong", "another one"])
     step1, step2 = [r for r in rows if r["step"] == 1], [r for r in rows if r["step"] == 2]
     assert len(step1) == 4 and len(step2) == 6
@@ -74,3 +74,12 @@ def test_raysel_synthesize_writes_samples_with_provenance_and_fac_before_and_aft
         assert {"instruction", "output", "provenance"} <= set(r) and set(PROVENANCE) <= set(r["provenance"])
         assert r["provenance"]["step"] == 2 and r["provenance"]["score"] > 0.0
     assert manifest["stages"]["synthesis"]["acceptance_rate"] == m["acceptance_rate"]
+
+
+def test_delta_defaults_to_the_resolved_tau_not_the_configured_one():
+    from raysel.task import synth_delta
+
+    calibrated = RunConfig.model_validate({"input": {"paths": ["x"]}, "activation": {"target_active": 32}})
+    assert calibrated.activation.tau == 0.0 and synth_delta(calibrated, tau=36.4) == 36.4
+    pinned = RunConfig.model_validate({"input": {"paths": ["x"]}, "synth": {"delta": 5.0}})
+    assert synth_delta(pinned, tau=36.4) == 5.0
