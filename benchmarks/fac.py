@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--budget", type=int, default=100)
     parser.add_argument("--n-features", type=int, default=100)
-    parser.add_argument("--synth-size", type=int, default=200)
+    parser.add_argument("--synth-size", type=int, default=50)  # small enough to miss ~20 anchor features
     parser.add_argument("--synth-features", type=int, default=20)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -191,7 +191,8 @@ class SynthConfig(Section):
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(160, gt=0)
     seed: int = 0
-    actors: int = Field(1, gt=0)  # generator + encoder pairs, one feature at a time each
+    actors: int = Field(1, gt=0)  # generator actors (vllm: engine replicas); scoring runs on encode.actors
+    engine: Literal["transformers", "vllm"] = "transformers"  # vllm: ray.data.llm's vLLM processor, on GPU nodes
 
 
 class S3Config(Section):

@@ -8,14 +8,16 @@ For each missing feature j (from `raysel fac`, with its top-activating spans):
 2. prompt again with the contrastive pair (x+, x- and their scores), sample m
    more, keep those with g_j > delta, and retain the top `keep`.
 
-Generation and scoring run together on a Ray actor pool (a generator model with
-transformers `generate`, plus the encoder); features are spread over the
-actors. Every candidate, kept or not, is recorded with its provenance: feature,
-step, prompt, score, generator, and whether it passed.
+Each step is two Ray stages: generation, then scoring on the encode actors. Generation runs a
+generator model on an actor pool with transformers `generate` (synth.engine: transformers), or,
+with synth.engine: vllm on GPU nodes with vLLM installed, through ray.data.llm's vLLM processor.
+Every candidate, kept or not, is recorded with its provenance: feature, step, prompt, score,
+generator, and whether it passed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
@@ -26,9 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from raysel.config import RunConfig
+from raysel.config import ConfigError, RunConfig
 from raysel.encode import Encoder, model_resources
-from raysel.models import generator_config, load_model, load_tokenizer
+from raysel.models import generator_config, load_model, load_tokenizer, model_source, resolve_device
 from raysel.records import chat_template_for
 from raysel.stages import log_to_driver, map_stage
 
@@ -57,6 +59,8 @@ Instruction: <the instruction>
 Response: <the response>"""
 
 
+GENERATED = pa.schema([("id", pa.string()), ("feature", pa.int64()), ("step", pa.int64()), ("prompt", pa.string()),
+                       ("text", pa.string()), ("generator", pa.string())])
 CANDIDATES = pa.schema([
     ("id", pa.string()), ("feature", pa.int64()), ("step", pa.int64()), ("prompt", pa.string()), ("text", pa.string()),
     ("record", pa.string()), ("score", pa.float64()), ("generator", pa.string()), ("passed", pa.bool_()),
@@ -78,88 +82,145 @@ def passing(scores: list[float], delta: float, keep: int) -> list[int]:
     return sorted(above, key=lambda i: (-scores[i], i))[:keep]
 
 
-class Synthesizer:
-    """Stage: each row is a missing feature with its spans; out come all its candidates with provenance."""
+class Generator:
+    """Stage (transformers): each row is a prompt with how many samples it wants; out come the samples."""
 
-    def __init__(self, cfg: RunConfig, delta: float):
+    def __init__(self, cfg: RunConfig):
         import torch
 
         log_to_driver()
-        self.torch, self.cfg, self.s, self.delta = torch, cfg, cfg.synth, delta
-        self.encoder = Encoder(cfg)
+        self.torch, self.s = torch, cfg.synth
         generator = generator_config(cfg.model, self.s.generator)
-        self.generator_name = generator.name
+        self.name, self.device = generator.name, resolve_device(cfg.encode.device)
         self.tokenizer = load_tokenizer(generator)
-        self.model = load_model(generator, self.encoder.device)
+        self.model = load_model(generator, self.device)
         self.template = chat_template_for(self.tokenizer, cfg.prepare.chat_template)
-        self.render_template = chat_template_for(self.encoder.tokenizer, cfg.prepare.chat_template)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = []
-        for feature, spans in zip(batch["feature"].to_pylist(), batch["spans"].to_pylist()):
-            rows += self.for_feature(feature, spans)
-        return pa.Table.from_pylist(rows, schema=CANDIDATES)
+        return pa.Table.from_pylist([c for p in batch.to_pylist() for c in self.sample(p)], schema=GENERATED)
 
-    def for_feature(self, j: int, spans: list[str]) -> list[dict]:
-        start = time.time()
-        delta = self.delta
-        first = FIRST.format(spans="\n\n".join(f"- {s}" for s in spans))
-        step1 = self.candidates(j, 1, first, self.s.n_candidates)
-        best, worst = max(step1, key=lambda c: c["score"]), min(step1, key=lambda c: c["score"])
-        second = CONTRASTIVE.format(best=best["text"], best_score=best["score"], worst=worst["text"],
-                                    worst_score=worst["score"])
-        step2 = self.candidates(j, 2, second, self.s.n_contrastive)
-        for c in step2:
-            c["passed"] = c["score"] > delta
-        kept = passing([c["score"] for c in step2], delta, self.s.keep)
-        for i in kept:
-            step2[i]["kept"] = True
-        log.info("synthesize: feature %d: step 1 best %.2f, worst %.2f; step 2: %d of %d above delta %.2f, %d kept "
-                 "(%.0fs)", j, best["score"], worst["score"], sum(c["passed"] for c in step2), len(step2), delta,
-                 len(kept), time.time() - start)
-        return step1 + step2
-
-    def candidates(self, j: int, step: int, prompt: str, n: int) -> list[dict]:
-        torch = self.torch
-        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+    def sample(self, p: dict) -> list[dict]:
+        torch, start = self.torch, time.time()
+        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True,
                                                  return_tensors="pt", chat_template=self.template, return_dict=True)
-        ids = {k: v.to(self.encoder.device) for k, v in ids.items()}
-        torch.manual_seed(self.s.seed * 1_000_003 + j * 10 + step)  # the same feature gets the same samples
+        ids = {k: v.to(self.device) for k, v in ids.items()}
+        torch.manual_seed(p["seed"])  # the same feature and step get the same samples
         with torch.inference_mode():
             out = self.model.generate(**ids, do_sample=True, temperature=self.s.temperature, top_p=self.s.top_p,
-                                      max_new_tokens=self.s.max_new_tokens, num_return_sequences=n,
+                                      max_new_tokens=self.s.max_new_tokens, num_return_sequences=p["n"],
                                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-        records = [as_record(t) for t in texts]
-        features = self.encoder([f"synth-{j}-{step}-{i}" for i in range(n)], [self.render(r) for r in records])
-        scores = [dict(zip(f, m)).get(j, 0.0) for f, m in
-                  zip(features["feat_ids"].to_pylist(), features["feat_max"].to_pylist())]
-        return [{"id": f"synth-{j}-{step}-{i}", "feature": j, "step": step, "prompt": prompt, "text": texts[i],
-                 "record": json.dumps(records[i]), "score": float(scores[i]), "generator": self.generator_name,
-                 "passed": False, "kept": False, "feat_ids": features["feat_ids"][i].as_py(), "feat_max": features["feat_max"][i].as_py(),
-                 "feat_sum": features["feat_sum"][i].as_py(), "n_tokens": features["n_tokens"][i].as_py()}
-                for i in range(n)]
+        log.info("synthesize: feature %d, step %d: %d samples in %.0fs", p["feature"], p["step"], p["n"],
+                 time.time() - start)
+        return [candidate(p, i, text, self.name) for i, text in enumerate(texts)]
+
+
+def candidate(p: dict, i: int, text: str, generator: str) -> dict:
+    return {"id": f"synth-{p['feature']}-{p['step']}-{i}", "feature": p["feature"], "step": p["step"],
+            "prompt": p["prompt"], "text": text, "generator": generator}
+
+
+def generate_vllm(cfg: RunConfig, prompts: list[dict]) -> pa.Table:
+    """The same samples through vLLM on the GPU nodes (ray.data.llm), one request per sample, seeded."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    s, name = cfg.synth, generator_config(cfg.model, cfg.synth.generator)
+    processor = build_processor(
+        vLLMEngineProcessorConfig(model_source=model_source(name), concurrency=s.actors, batch_size=64,
+                                  engine_kwargs={"dtype": "auto", "max_model_len": 4096}),
+        preprocess=lambda r: {**r, "messages": [{"role": "user", "content": r["prompt"]}], "sampling_params": {
+            "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_new_tokens, "seed": r["seed"] + r["i"]}},
+        postprocess=lambda r: candidate(r, r["i"], r["generated_text"], name.name))
+    requests = [p | {"i": i} for p in prompts for i in range(p["n"])]
+    return pa.Table.from_pylist(processor(ray.data.from_items(requests)).take_all(), schema=GENERATED)
+
+
+def check_vllm() -> None:
+    """synth.engine: vllm needs vLLM where the driver runs and GPUs in the cluster; say so before any work."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("synth.engine: 'vllm' needs the vllm package (pip install vllm, on GPU nodes); "
+                          "the allowed values are 'transformers' and 'vllm'")
+    if not ray.cluster_resources().get("GPU"):
+        raise ConfigError("synth.engine: 'vllm' runs on GPU nodes and this cluster has none; use 'transformers'")
+
+
+def generate(cfg: RunConfig, prompts: list[dict]) -> pa.Table:
+    """`n` samples for each prompt, from synth.generator on synth.actors actors (synth.engine picks how)."""
+    if cfg.synth.engine == "vllm":
+        return generate_vllm(cfg, prompts)
+    # one block per prompt, made on the driver: a repartition task could wait forever for a CPU
+    # that the actors, already started, hold
+    items = ray.data.from_items(prompts, override_num_blocks=len(prompts))
+    out = map_stage(items, Generator, model_resources(cfg, min(cfg.synth.actors, len(prompts))), cfg=cfg)
+    return pa.concat_tables([GENERATED.empty_table(), *ray.get(out.to_arrow_refs())])
+
+
+class Scorer:
+    """Stage: generated samples in, as alpaca records, encoded, each scored by g_j of its own feature."""
+
+    def __init__(self, cfg: RunConfig):
+        log_to_driver()
+        self.encoder = Encoder(cfg)
+        self.template = chat_template_for(self.encoder.tokenizer, cfg.prepare.chat_template)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        records = [as_record(t) for t in batch["text"].to_pylist()]
+        features = self.encoder(batch["id"].to_pylist(), [self.render(r) for r in records])
+        scores = [dict(zip(f, m)).get(j, 0.0) for j, f, m in zip(
+            batch["feature"].to_pylist(), features["feat_ids"].to_pylist(), features["feat_max"].to_pylist())]
+        n = batch.num_rows
+        scored = batch.append_column("record", pa.array([json.dumps(r) for r in records]))
+        for name, column in [("score", pa.array(scores, pa.float64())), ("passed", pa.array([False] * n)),
+                             ("kept", pa.array([False] * n)), *zip(features.column_names[1:], features.columns[1:])]:
+            scored = scored.append_column(name, column)
+        return scored.select(CANDIDATES.names).cast(CANDIDATES)
 
     def render(self, record: dict) -> str:
         messages = [{"role": "user", "content": record["instruction"] or " "},
                     {"role": "assistant", "content": record["output"] or " "}]
-        return self.encoder.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.render_template)
+        return self.encoder.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.template)
+
+
+def score(cfg: RunConfig, generated: pa.Table) -> pa.Table:
+    blocks = max(1, min(generated.num_rows, 4 * cfg.encode.actors))
+    items = ray.data.from_arrow([generated.slice(o, -(-generated.num_rows // blocks))
+                                 for o in range(0, generated.num_rows, -(-generated.num_rows // blocks))])
+    out = map_stage(items, Scorer, model_resources(cfg, cfg.encode.actors, 64), cfg=cfg)
+    return pa.concat_tables([CANDIDATES.empty_table(), *ray.get(out.to_arrow_refs())])
 
 
 def synthesize(cfg: RunConfig, missing: list[int], spans: pa.Table, delta: float) -> pa.Table:
-    """Every candidate for the first synth.max_features missing features, on synth.actors actors; a
-    step-2 candidate passes when its activation of the feature exceeds `delta`."""
-    todo = missing[: cfg.synth.max_features]
+    """Every candidate for the first synth.max_features missing features; a step-2 candidate passes
+    when its activation of the feature exceeds `delta`."""
+    s, todo = cfg.synth, missing[: cfg.synth.max_features]
     if not todo:
         return CANDIDATES.empty_table()
-    texts = {j: ["".join(r["tokens"]) for r in spans.filter(pc.equal(spans["feature"], j)).to_pylist()[: cfg.synth.spans]]
+    shown = {j: ["".join(r["tokens"]) for r in spans.filter(pc.equal(spans["feature"], j)).to_pylist()[: s.spans]]
              for j in todo}
-    # one block per feature, made on the driver: a repartition task could wait forever for a CPU
-    # that the actors, already started, hold
-    jobs = ray.data.from_items([{"feature": j, "spans": texts[j]} for j in todo], override_num_blocks=len(todo))
-    out = map_stage(jobs, Synthesizer, model_resources(cfg, min(cfg.synth.actors, len(todo))), cfg=cfg,
-                    delta=delta)
-    table = pa.concat_tables([CANDIDATES.empty_table(), *ray.get(out.to_arrow_refs())])
+
+    def prompts(step: int, text: dict, n: int) -> list[dict]:
+        return [{"feature": j, "step": step, "prompt": text[j], "n": n, "seed": s.seed * 1_000_003 + j * 10 + step}
+                for j in todo]
+
+    first = score(cfg, generate(cfg, prompts(1, {j: FIRST.format(spans="\n\n".join(f"- {t}" for t in shown[j]))
+                                                 for j in todo}, s.n_candidates))).to_pylist()
+    pairs = {}
+    for j in todo:
+        mine = [c for c in first if c["feature"] == j]
+        pairs[j] = max(mine, key=lambda c: c["score"]), min(mine, key=lambda c: c["score"])
+    second = score(cfg, generate(cfg, prompts(2, {j: CONTRASTIVE.format(
+        best=b["text"], best_score=b["score"], worst=w["text"], worst_score=w["score"]) for j, (b, w) in pairs.items()},
+        s.n_contrastive))).to_pylist()
+    for j in todo:
+        mine = sorted((c for c in second if c["feature"] == j), key=lambda c: c["id"])
+        for c in mine:
+            c["passed"] = c["score"] > delta
+        for i in passing([c["score"] for c in mine], delta, s.keep):
+            mine[i]["kept"] = True
+        log.info("synthesize: feature %d: step 1 best %.2f, worst %.2f; step 2: %d of %d above delta %.2f, %d kept", j,
+                 pairs[j][0]["score"], pairs[j][1]["score"], sum(c["passed"] for c in mine), len(mine), delta,
+                 sum(c["kept"] for c in mine))
+    table = pa.Table.from_pylist(first + second, schema=CANDIDATES)
     return table.sort_by([("feature", "ascending"), ("step", "ascending"), ("id", "ascending")])
 
 

@@ -27,7 +27,7 @@ from raysel.results import write_selection
 from raysel.spans import run_spans
 from raysel.stats import run_stats
 from raysel.storage import Storage
-from raysel.synthesis import acceptance, synthesize
+from raysel.synthesis import acceptance, check_vllm, synthesize
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +196,8 @@ def run_synthesis(cfg: RunConfig, storage: Storage, tau: float) -> dict:
     """`raysel synthesize`: FAC of the input, then new samples for its missing features, written like a
     selection under selection/synthesis/ (records carry their provenance), with FAC before and after."""
     start = time.time()
+    if cfg.synth.engine == "vllm":
+        check_vllm()
     before = measure_fac(cfg, storage, tau)
     spans = pq.read_table(storage.path("fac", "missing_spans.parquet"), filesystem=storage.fs)
     delta = synth_delta(cfg, tau)

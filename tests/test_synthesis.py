@@ -3,11 +3,13 @@
 
 import json
 
+import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from raysel.config import RunConfig
+from raysel.config import ConfigError, RunConfig
 from raysel.pipeline import run
-from raysel.synthesis import Synthesizer, as_record, passing
+from raysel.synthesis import as_record, check_vllm, passing, synthesize
 from tests.conftest import write_jsonl
 from tests.test_encode import DEMO, run_cfg
 
@@ -26,30 +28,38 @@ def test_generated_text_becomes_an_alpaca_record():
     assert as_record("no markers here") == {"instruction": "no markers here", "input": "", "output": ""}
 
 
-def test_each_feature_gets_scored_candidates_and_a_contrastive_second_step(tiny_model_dir, tiny_sae_dir):
+def test_each_feature_gets_scored_candidates_and_a_contrastive_second_step(ray_cluster, tiny_model_dir, tiny_sae_dir):
     cfg = RunConfig.model_validate({
         "input": {"paths": ["x"]}, "model": {"name": str(tiny_model_dir)}, "sae": {"path": str(tiny_sae_dir)},
-        "encode": {"device": "cpu"},
-        "synth": {"n_candidates": 4, "n_contrastive": 6, "keep": 2, "max_new_tokens": 24}})
-    synth = Synthesizer(cfg, delta=0.0)
-    rows = synth.for_feature(5, ["a span where feature five is strong", "another one"])
+        "encode": {"device": "cpu"}, "synth": {"n_candidates": 4, "n_contrastive": 6, "keep": 2, "max_new_tokens": 24}})
+    spans = pa.table({"feature": [5, 5, 9], "tokens": [["a span where ", "feature five", " is strong"], ["another one"],
+                                                        ["nine"]]})
+    rows = synthesize(cfg, [5, 9], spans, delta=0.0).to_pylist()
+    assert {r["feature"] for r in rows} == {5, 9}
+    rows = [r for r in rows if r["feature"] == 5]
     step1, step2 = [r for r in rows if r["step"] == 1], [r for r in rows if r["step"] == 2]
     assert len(step1) == 4 and len(step2) == 6
     for r in rows:
         assert all(r[k] is not None for k in PROVENANCE) and r["feature"] == 5
         assert r["generator"] == str(tiny_model_dir)
         assert r["score"] == dict(zip(r["feat_ids"], r["feat_max"])).get(5, 0.0)  # g_5 of the candidate itself
-    assert "a span where feature five is strong" in step1[0]["prompt"]
+        assert json.loads(r["record"]) == as_record(r["text"])
+    assert "a span where feature five is strong" in step1[0]["prompt"] and "nine" not in step1[0]["prompt"]
     best, worst = max(step1, key=lambda r: r["score"]), min(step1, key=lambda r: r["score"])
     assert best["text"] in step2[0]["prompt"] and worst["text"] in step2[0]["prompt"]  # the contrastive pair
     assert f"{best['score']:.2f}" in step2[0]["prompt"] and f"{worst['score']:.2f}" in step2[0]["prompt"]
-    assert all(r["passed"] == (r["score"] > 0.0) for r in step2)
+    assert all(r["passed"] == (r["score"] > 0.0) for r in step2) and not any(r["passed"] for r in step1)
     kept = [r for r in step2 if r["kept"]]
     assert len(kept) == min(2, sum(r["passed"] for r in step2)) and all(r["passed"] for r in kept)
     assert min((r["score"] for r in kept), default=0) >= max((r["score"] for r in step2 if not r["kept"] and r["passed"]),
                                                               default=0)
-    again = synth.for_feature(5, ["a span where feature five is strong", "another one"])
+    again = synthesize(cfg, [5], spans, delta=0.0).to_pylist()
     assert [r["text"] for r in again] == [r["text"] for r in rows]  # seeded per feature
+
+
+def test_the_vllm_engine_without_vllm_is_a_config_error_naming_the_key(ray_cluster):
+    with pytest.raises(ConfigError, match="synth.engine: 'vllm' needs the vllm package"):
+        check_vllm()
 
 
 def test_raysel_synthesize_writes_samples_with_provenance_and_fac_before_and_after(
