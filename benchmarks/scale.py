@@ -197,7 +197,7 @@ def main() -> None:
     print("10M samples on 8 GPUs, extrapolated:")
     for k, v in plan["assumptions"].items():
         print(f"  assume {k}: {v}")
-    print(f"  encode: {plan['encode_hours_8_gpus']:.2f} h on 8 GPUs "
+    print(f"  encode: {plan['encode_hours_8_gpus']:.2f} h on 8 GPUs, the compute-bound floor "
           f"({plan['encode_hours_8_cpu_actors_like_here']:.0f} h on 8 CPU actors like this machine's)")
     print(f"  select: {plan['select_single_node_s']:.0f} s on one node; RandGreeDi "
           f"{plan['select_randgreedi_s']:.0f} s (partitions in parallel, then the merge)", flush=True)
