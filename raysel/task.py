@@ -134,6 +134,10 @@ def fac_features(cfg: RunConfig, storage: Storage, anchor: Storage, anchored: pa
     storage.fs.create_dir(storage.path("fac"), recursive=True)
     pq.write_table(verdicts, storage.path("fac", "judged.parquet"), filesystem=storage.fs)
     chosen = kept(verdicts, cfg.fac.judge_keep)
+    if not chosen:
+        log.warning("fac: the judge kept none of the %d features, so F is empty and FAC means nothing; see its "
+                    "verdicts in fac/judged.parquet, and try a stronger fac.judge_generator or fac.judge_keep: maybe",
+                    len(features))
     log.info("fac: the judge kept %d of %d enriched features as relevant to %r (%s or better) in %.0fs", len(chosen),
              len(features), cfg.fac.judge_task, cfg.fac.judge_keep, time.time() - start)
     return np.array(chosen, dtype=np.int64)
