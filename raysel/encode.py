@@ -197,7 +197,6 @@ class EncodeShards:
                  summary["seconds"], summary["rows"] / max(summary["seconds"], 1e-9))
 
 
-
 def model_resources(cfg: RunConfig, actors: int, batch_size: int = 1) -> Resources:
     """What an actor holding a model needs: encode.num_gpus of a GPU when the cluster has GPUs (and the
     config does not pin the CPU), else encode.num_cpus CPUs; encode.memory_gb of heap either way."""

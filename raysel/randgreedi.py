@@ -2,7 +2,7 @@
 
 The samples are split into m random partitions (a seeded hash of the id). Each partition runs
 the coverage greedy for the whole budget k on its own, as one Ray Data group read straight from
-the feature store, so no node ever holds more than its partition. The m * k candidates come back
+the feature store, so no worker holds more than its partition. The m * k candidates come back
 to the driver, the greedy runs again on them, and the answer is the better of that and the best
 partition's own pick, by covered weight. In expectation that is within (1 - 1/e) / 2 of the
 optimum; on real pools it is within a few percent of the single-node greedy (benchmarks/scale.py
@@ -73,8 +73,8 @@ def randgreedi(storage, tau: float, budget: int, partitions: int, seed: int,
     start = time.time()
     ds = read_features(storage).map_batches(assign, fn_kwargs={"tau": tau, "partitions": partitions, "seed": seed},
                                             batch_format="pyarrow")
-    candidates = ds.groupby("part", num_partitions=partitions).map_groups(local_greedy, fn_kwargs={"budget": budget, "weights": weights},
-                                               batch_format="pyarrow")
+    candidates = ds.groupby("part", num_partitions=partitions).map_groups(
+        local_greedy, fn_kwargs={"budget": budget, "weights": weights}, batch_format="pyarrow")
     pool = pa.concat_tables(ray.get(candidates.to_arrow_refs())).sort_by("id")
     log.info("select: RandGreeDi: %d candidates from %d partitions in %.1fs", pool.num_rows, partitions,
              time.time() - start)

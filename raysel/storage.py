@@ -91,11 +91,11 @@ class Storage:
         # On S3 one put is atomic; a local file is written aside and renamed over.
         path = self.path(rel)
         self.fs.create_dir(posixpath.dirname(path), recursive=True)
-        local = isinstance(self.fs, pafs.LocalFileSystem)
-        with self.fs.open_output_stream(f"{path}.{os.getpid()}.tmp" if local else path) as f:
+        aside = f"{path}.{os.getpid()}.tmp" if isinstance(self.fs, pafs.LocalFileSystem) else path
+        with self.fs.open_output_stream(aside) as f:
             f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-        if local:
-            self.fs.move(f"{path}.{os.getpid()}.tmp", path)
+        if aside != path:
+            self.fs.move(aside, path)
 
     def retrying(self, what: str, fn: Callable[[], T]) -> T:
         """fn(), retried with backoff while S3 fails for up to s3.outage_seconds; then a StorageError
