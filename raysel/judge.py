@@ -81,8 +81,9 @@ class Judge:
                 "relevance_logprobs": logprobs, "explain_prompt": explain, "generator": self.name}
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  tokenize=True, chat_template=self.template, return_dict=True)["input_ids"]
+        rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                      tokenize=True, chat_template=self.template, return_dict=True)
+        return rendered["input_ids"]
 
     def generate(self, prompt: str) -> str:
         ids = self.torch.tensor([self.prompt_ids(prompt)], device=self.device)

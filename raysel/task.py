@@ -218,7 +218,8 @@ def run_synthesis(cfg: RunConfig, storage: Storage, tau: float) -> dict:
     pq.write_table(candidates.drop_columns(["feat_ids", "feat_max", "feat_sum", "n_tokens"]),
                    storage.path("synthesis", "candidates.parquet"), filesystem=storage.fs)
     seconds = time.time() - start
-    summary = {"delta": delta, "fac_before": before["fac"], "fac_after": after["fac"], "missing_before": len(before["missing"]),
+    summary = {"delta": delta, "fac_before": before["fac"], "fac_after": after["fac"],
+               "missing_before": len(before["missing"]),
                "missing_after": len(after["missing"]), "features_tried": len(set(candidates["feature"].to_pylist())),
                **acceptance(candidates), "seconds": round(seconds, 1),
                "seconds_per_kept": round(seconds / kept.num_rows, 1) if kept.num_rows else None}
