@@ -25,6 +25,7 @@ import sys
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -46,12 +47,17 @@ from raysel.randgreedi import covered_weight, randgreedi  # noqa: E402
 from raysel.storage import Storage  # noqa: E402
 
 
-def zipf_rows(n: int):
-    """benchmarks/select.py's generator, loaded by path: that file's name shadows a stdlib module."""
+@functools.cache
+def select_benchmark():
+    """benchmarks/select.py, loaded by path (once): that file's name shadows a stdlib module."""
     spec = importlib.util.spec_from_file_location("select_benchmark", Path(__file__).with_name("select.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.zipf_rows(n)
+    return module
+
+
+def zipf_rows(n: int):
+    return select_benchmark().zipf_rows(n)
 
 
 def encode_run(out: Path, pool: Path, n: int, actors: int) -> dict:

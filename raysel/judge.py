@@ -22,8 +22,7 @@ import ray
 
 from raysel.config import RunConfig
 from raysel.encode import model_resources
-from raysel.models import generator_config, load_model, load_tokenizer, resolve_device
-from raysel.records import chat_template_for
+from raysel.models import ChatModel
 from raysel.stages import log_to_driver, map_stage
 
 log = logging.getLogger(__name__)
@@ -59,12 +58,7 @@ class Judge:
 
         log_to_driver()
         self.torch, self.cfg = torch, cfg
-        generator = generator_config(cfg.model, cfg.fac.judge_generator)
-        self.name = generator.name
-        self.device = resolve_device(cfg.encode.device)
-        self.tokenizer = load_tokenizer(generator)
-        self.model = load_model(generator, self.device)
-        self.template = chat_template_for(self.tokenizer, cfg.prepare.chat_template)
+        self.lm = ChatModel(cfg, cfg.fac.judge_generator)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self.judge(j, spans) for j, spans in zip(batch["feature"].to_pylist(), batch["spans"].to_pylist())]
@@ -78,31 +72,27 @@ class Judge:
         relevance, logprobs = self.choose(JUDGE.format(task=self.cfg.fac.judge_task, label=label), LEVELS)
         log.info("judge: feature %d: %r, verified %s, relevance %s", feature, label, verified, relevance)
         return {"feature": feature, "label": label, "verified": verified == "Yes", "relevance": relevance,
-                "relevance_logprobs": logprobs, "explain_prompt": explain, "generator": self.name}
-
-    def prompt_ids(self, prompt: str) -> list[int]:
-        rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                      tokenize=True, chat_template=self.template, return_dict=True)
-        return rendered["input_ids"]
+                "relevance_logprobs": logprobs, "explain_prompt": explain, "generator": self.lm.name}
 
     def generate(self, prompt: str) -> str:
-        ids = self.torch.tensor([self.prompt_ids(prompt)], device=self.device)
-        with self.torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=24,
-                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) or " "
+        torch, lm = self.torch, self.lm
+        ids = torch.tensor([lm.prompt_ids(prompt)], device=lm.device)
+        with torch.inference_mode():
+            out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=24, pad_token_id=lm.pad_id)
+        return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) or " "
 
     def choose(self, prompt: str, options: list[str]) -> tuple[str, list[float]]:
         """The option the model finds likeliest as the answer, and each option's log-likelihood."""
-        torch, base = self.torch, self.prompt_ids(prompt)
+        torch, lm = self.torch, self.lm
+        base = lm.prompt_ids(prompt)
         scores = []
         for option in options:
-            ids = self.tokenizer(option, add_special_tokens=False)["input_ids"]
-            x = torch.tensor([base + ids], device=self.device)
+            ids = lm.tokenizer(option, add_special_tokens=False)["input_ids"]
+            x = torch.tensor([base + ids], device=lm.device)
             with torch.inference_mode():
-                logp = self.model(input_ids=x).logits[0, len(base) - 1: -1].float().log_softmax(-1)
-            scores.append(float(logp[torch.arange(len(ids)), torch.tensor(ids, device=self.device)].sum()))
+                logp = lm.model(input_ids=x).logits[0, len(base) - 1: -1].float().log_softmax(-1)
+            scores.append(float(logp[torch.arange(len(ids)), torch.tensor(ids, device=lm.device)].sum()))
         return options[max(range(len(options)), key=scores.__getitem__)], scores
 
 

@@ -8,7 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-from raysel.config import EMBEDDED_MODEL, ConfigError, ModelConfig
+from raysel.config import EMBEDDED_MODEL, ConfigError, ModelConfig, RunConfig
+from raysel.records import chat_template_for
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,25 @@ def model_source(cfg: ModelConfig) -> str:
 def generator_config(model: ModelConfig, name: str | None) -> ModelConfig:
     """A second causal LM (a generator, a judge), loaded like the run's model; None: the run's model."""
     return model.model_copy(update={"name": name or model.name})
+
+
+class ChatModel:
+    """A second causal LM that answers chat prompts (FAC Synthesis's generator, FAC's judge), on the
+    device the encoder uses; `name` None is the run's model."""
+
+    def __init__(self, cfg: RunConfig, name: str | None):
+        config = generator_config(cfg.model, name)
+        self.name, self.device = config.name, resolve_device(cfg.encode.device)
+        self.tokenizer = load_tokenizer(config)
+        self.model = load_model(config, self.device)
+        self.template = chat_template_for(self.tokenizer, cfg.prepare.chat_template)
+        self.pad_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """One user turn, rendered with the model's chat template up to the assistant's reply."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, chat_template=self.template,
+                                                  return_dict=True)["input_ids"]
 
 
 def load_tokenizer(cfg: ModelConfig):

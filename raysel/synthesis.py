@@ -30,7 +30,7 @@ import ray
 
 from raysel.config import ConfigError, RunConfig
 from raysel.encode import Encoder, model_resources
-from raysel.models import generator_config, load_model, load_tokenizer, model_source, resolve_device
+from raysel.models import ChatModel, generator_config, model_source
 from raysel.records import chat_template_for
 from raysel.stages import log_to_driver, map_stage
 
@@ -90,29 +90,24 @@ class Generator:
 
         log_to_driver()
         self.torch, self.s = torch, cfg.synth
-        generator = generator_config(cfg.model, self.s.generator)
-        self.name, self.device = generator.name, resolve_device(cfg.encode.device)
-        self.tokenizer = load_tokenizer(generator)
-        self.model = load_model(generator, self.device)
-        self.template = chat_template_for(self.tokenizer, cfg.prepare.chat_template)
+        self.lm = ChatModel(cfg, self.s.generator)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist([c for p in batch.to_pylist() for c in self.sample(p)], schema=GENERATED)
 
     def sample(self, p: dict) -> list[dict]:
-        torch, start = self.torch, time.time()
-        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True,
-                                                 return_tensors="pt", chat_template=self.template, return_dict=True)
-        ids = {k: v.to(self.device) for k, v in ids.items()}
+        torch, lm, start = self.torch, self.lm, time.time()
+        ids = torch.tensor([lm.prompt_ids(p["prompt"])], device=lm.device)
         torch.manual_seed(p["seed"])  # the same feature and step get the same samples
         with torch.inference_mode():
-            out = self.model.generate(**ids, do_sample=True, temperature=self.s.temperature, top_p=self.s.top_p,
-                                      max_new_tokens=self.s.max_new_tokens, num_return_sequences=p["n"],
-                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
-        texts = self.tokenizer.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                    temperature=self.s.temperature, top_p=self.s.top_p,
+                                    max_new_tokens=self.s.max_new_tokens, num_return_sequences=p["n"],
+                                    pad_token_id=lm.pad_id)
+        texts = lm.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         log.info("synthesize: feature %d, step %d: %d samples in %.0fs", p["feature"], p["step"], p["n"],
                  time.time() - start)
-        return [candidate(p, i, text, self.name) for i, text in enumerate(texts)]
+        return [candidate(p, i, text, lm.name) for i, text in enumerate(texts)]
 
 
 def candidate(p: dict, i: int, text: str, generator: str) -> dict:
@@ -182,9 +177,9 @@ class Scorer:
 
 
 def score(cfg: RunConfig, generated: pa.Table) -> pa.Table:
-    blocks = max(1, min(generated.num_rows, 4 * cfg.encode.actors))
-    items = ray.data.from_arrow([generated.slice(o, -(-generated.num_rows // blocks))
-                                 for o in range(0, generated.num_rows, -(-generated.num_rows // blocks))])
+    """Every generated sample scored, in blocks for the encode actors made on the driver (see generate)."""
+    size = max(1, -(-generated.num_rows // (4 * cfg.encode.actors)))  # ceil: about 4 blocks per actor
+    items = ray.data.from_arrow([generated.slice(o, size) for o in range(0, generated.num_rows, size)])
     out = map_stage(items, Scorer, model_resources(cfg, cfg.encode.actors, 64), cfg=cfg)
     return pa.concat_tables([CANDIDATES.empty_table(), *ray.get(out.to_arrow_refs())])
 
