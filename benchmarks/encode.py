@@ -35,8 +35,8 @@ import torch  # noqa: E402
 
 from raysel.config import FieldMap, RunConfig  # noqa: E402
 from raysel.encode import Encoder  # noqa: E402
-from raysel.models import load_model, load_tokenizer  # noqa: E402
-from raysel.records import chat_template_for, normalize, render  # noqa: E402
+from raysel.core.models import load_model, load_tokenizer  # noqa: E402
+from raysel.core.records import chat_template_for, normalize, render  # noqa: E402
 from raysel.sae import default_sae_dir, load_sae, train_sae  # noqa: E402
 
 

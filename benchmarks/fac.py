@@ -37,9 +37,9 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from raysel.config import RunConfig  # noqa: E402
-from raysel.fac import fac, task_features  # noqa: E402
+from raysel.methods.fac import fac, task_features  # noqa: E402
 from raysel.pipeline import run  # noqa: E402
-from raysel.storage import Storage  # noqa: E402
+from raysel.core.storage import Storage  # noqa: E402
 from raysel.task import read_store  # noqa: E402
 
 

@@ -40,11 +40,11 @@ import ray  # noqa: E402
 
 from raysel.activation import activated_sets, resolve_tau  # noqa: E402
 from raysel.config import RunConfig  # noqa: E402
-from raysel.coverage import greedy_coverage  # noqa: E402
+from raysel.methods.coverage_kernel import greedy_coverage  # noqa: E402
 from raysel.encode import FEATURE_SCHEMA, done_shards  # noqa: E402
 from raysel.pipeline import run  # noqa: E402
-from raysel.randgreedi import covered_weight, randgreedi  # noqa: E402
-from raysel.storage import Storage  # noqa: E402
+from raysel.methods.coverage import covered_weight, randgreedi  # noqa: E402
+from raysel.core.storage import Storage  # noqa: E402
 
 
 @functools.cache
@@ -126,7 +126,7 @@ def fit_exponent(by_n: dict[int, float]) -> float:
 
 def matmul_params(cfg: RunConfig, layer: int) -> int:
     """Weights the forward pass multiplies by, up to the SAE's layer (embeddings are lookups)."""
-    from raysel.models import load_model, truncate_to_layer
+    from raysel.core.models import load_model, truncate_to_layer
 
     model = truncate_to_layer(load_model(cfg.model, "cpu"), layer)
     return sum(p.numel() for name, p in model.named_parameters() if "embed" not in name and p.dim() == 2)

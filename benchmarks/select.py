@@ -64,7 +64,7 @@ def peak_rss_gb() -> float:
 
 
 def run_raysel(n: int, budget: int) -> dict:
-    from raysel.coverage import greedy_coverage
+    from raysel.methods.coverage_kernel import greedy_coverage
 
     indptr, indices = zipf_rows(n)
     greedy_coverage(indptr[:101], indices[:indptr[100]], 10)  # compile (or load numba's cache) off the clock
@@ -84,7 +84,7 @@ def run_apricot(n: int, budget: int) -> dict:
 
 
 def run_simscale(n: int, budget: int) -> dict:
-    from raysel.simscale import simscale
+    from raysel.methods.simscale_kernel import simscale
 
     indptr, indices = zipf_rows(n)
     simscale(indptr[:101], indices[:indptr[100]], 10)

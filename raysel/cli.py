@@ -11,8 +11,8 @@ import sys
 from importlib import resources
 
 from raysel.config import ConfigError, load_config
-from raysel.corpus import InputError
-from raysel.storage import Storage, StorageError
+from raysel.core.corpus import InputError
+from raysel.core.storage import Storage, StorageError
 
 UNTIL = {"run": "select", "encode": "encode", "select": "select", "demo": "select", "train-sae": "train-sae",
          "fac": "fac", "synthesize": "synthesize"}
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = run(cfg, until=UNTIL[args.verb], train_missing_sae=args.verb == "demo")
         page = None
         if args.verb in ("run", "demo") and cfg.output.report:
-            from raysel.report import write_report
+            from raysel.stages.report import write_report
 
             page = write_report(Storage(cfg.output.root, cfg.s3))
     except Exception as err:  # noqa: BLE001 -- user errors raised inside Ray tasks arrive wrapped
@@ -102,8 +102,8 @@ def user_error(err: BaseException | None) -> Exception | None:
 
 def report(run_dir: str, overrides: list[str]) -> int:
     """`raysel report RUN_DIR_OR_S3_URI`: the run's own config says how to read it; --set s3.* reaches an S3 run."""
-    from raysel.pipeline import init_ray
-    from raysel.report import run_config, write_report
+    from raysel.core.ray_adapter import init_ray
+    from raysel.stages.report import run_config, write_report
 
     s3 = load_config(None, [*overrides, 'input.paths=["unused"]']).s3
     storage = Storage(run_dir, s3)
@@ -112,7 +112,7 @@ def report(run_dir: str, overrides: list[str]) -> int:
     if manifest is None:
         print(f"raysel report: {run_dir} has no manifest.json; is it the output root of a finished run?", file=sys.stderr)
         return 2
-    init_ray(run_config(manifest))
+    init_ray(run_config(manifest).ray)
     print(f"raysel report: {write_report(storage)}")
     return 0
 
@@ -129,7 +129,7 @@ def summary_lines(verb: str, manifest: dict) -> list[str]:
         lines.append(f"  encoded   {counts['n_encoded']:,} samples into the feature store (features/)")
     if select:
         lines.append(f"  selected  share of the pool's {select['n_features_activated']:,} activated features covered:")
-        order = [m for m in manifest["config"]["select"]["methods"] if m in select["methods"]]  # as configured
+        order = [e["name"] for e in manifest["config"]["select"]["methods"] if e["name"] in select["methods"]]
         lines += [f"    {m:<9} {select['methods'][m]:.4f}  ({select['budgets'][m]:,} samples)" for m in order]
     synth = manifest["stages"].get("synthesis")
     if synth:

@@ -10,18 +10,15 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
-EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+from raysel.core.models import EMBEDDED_MODEL
+from raysel.core.section import ConfigError, Section
+from raysel.methods import LEGACY_KEYS, METHODS, MethodEntry
+from raysel.methods.fac import FACConfig, FACSelectConfig
+
 SECRET_KEYS = {"access_key", "secret_key"}
-
-
-class ConfigError(ValueError):
-    """A config problem, worded for the person who wrote the config."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+__all__ = ["ConfigError", "RunConfig", "load_config"]
 
 
 class FieldMap(Section):
@@ -122,59 +119,26 @@ class StatsConfig(Section):
 
 
 class SelectConfig(Section):
-    methods: list[Literal["coverage", "simscale", "random", "longest", "mona", "igds", "fac"]] = [
-        "coverage", "random", "longest"]
-    budget: float = Field(0.1, gt=0)  # a count (>= 1) or a fraction of the encoded pool (< 1)
-    idf: bool = False  # weigh each feature's gain by its inverse document frequency
-    seed: int = 0  # for `random`, and RandGreeDi's partitioning
-    distributed: Literal["auto", "on", "off"] = "auto"  # `coverage` by RandGreeDi over the cluster; auto: past distributed_rows
-    distributed_rows: int = Field(2_000_000, gt=0)  # auto distributes larger pools; RandGreeDi's rows per partition
-    partitions: Optional[int] = Field(None, ge=2)  # RandGreeDi partitions; None: one per distributed_rows, at least 2
+    """Which selection methods run, and what they share. An entry is a method's name, or a mapping
+    with its name and its own settings: [coverage, {name: mona, targets: [t.jsonl]}] (see raysel.methods)."""
 
+    methods: list[MethodEntry] = ["coverage", "random", "longest"]
+    budget: float = Field(0.1, gt=0)  # a count (>= 1) or a fraction of the encoded pool (< 1); an entry's budget wins
+    seed: int = 0  # for `random`, RandGreeDi's partitioning and the baselines
 
-class TaskConfig(Section):
-    """Target-task examples for the task methods (`mona`, `igds`). They are read like the input
-    (input.format, input.fields) and encoded with the same model and SAE."""
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _names_are_entries(cls, v):
+        return [{"name": e} if isinstance(e, str) else e for e in v] if isinstance(v, list) else v
 
-    targets: list[str] = []  # files, globs or s3:// paths of target examples
-    dev_fraction: float = Field(0.5, gt=0, lt=1)  # IGDS: the held-out share on which interventions are measured
-    seed: int = 0  # which targets are held out
-
-
-class MonaConfig(Section):
-    pooling: Literal["mean", "sum"] = "mean"  # the paper's choice is mean; sum is kept for ablation
-    similarity: Literal["jaccard", "cosine"] = "jaccard"  # weighted Jaccard to the prototype, or cosine
-
-
-class IGDSConfig(Section):
-    candidates: int = Field(50, gt=0)  # N features kept by frequency recall (target share minus pool share)
-    alpha: float = Field(4.0, gt=0)  # amplification: h += alpha * max activation * decoder direction
-    keep: int = Field(3, gt=0)  # task features: the top ones by delta, among those with delta > 0
-    metric: Literal["loglik", "exact_match"] = "loglik"  # exact_match generates and compares the final number
-    pooling: Literal["sum", "mean"] = "sum"  # of the feature-resonant score
-    budget: float = Field(0.5, gt=0)  # a count or a fraction, as select.budget; the paper keeps 50 %
-    actors: int = Field(1, gt=0)  # full models evaluating candidate features in parallel
-    batch_size: int = Field(8, gt=0)  # dev examples per forward pass
-    max_new_tokens: int = Field(256, gt=0)  # exact_match: generation length
-
-
-class FACConfig(Section):
-    """FAC against an anchor set. `raysel fac` measures the run's input; `method: fac` selects from
-    the input (the pool) the samples that cover what `evaluated` (if any) is missing."""
-
-    anchor: list[str] = []  # files, globs or s3:// paths of the anchor (task) examples
-    evaluated: list[str] = []  # method fac: the dataset you already have (empty: start from nothing)
-    features: list[int] = []  # task-relevant features F; empty: the n_features most enriched on the anchor
-    n_features: int = Field(100, gt=0)  # size of the enriched F, or of the shortlist the judge rates
-    judge_task: Optional[str] = None  # set: F is what an LLM judge rates relevant to this task, of the shortlist
-    judge_generator: Optional[str] = None  # the judge: any causal LM (local dir, HF id, embedded default); None: model.name
-    judge_keep: Literal["yes", "probably", "maybe"] = "maybe"  # the weakest relevance verdict kept
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if self.features and self.judge_task:
-            raise ValueError("fac: set fac.features (a list) or fac.judge_task (an LLM judge), not both")
-        return self
+    @field_validator("methods")
+    @classmethod
+    def _each_once(cls, v):
+        names = [e.name for e in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"select.methods: {', '.join(twice)} listed twice; each method writes selection/<name>/ once")
+        return v
 
 
 class SynthConfig(Section):
@@ -229,29 +193,53 @@ class RunConfig(Section):
     activation: ActivationConfig = ActivationConfig()
     stats: StatsConfig = StatsConfig()
     select: SelectConfig = SelectConfig()
-    task: TaskConfig = TaskConfig()
-    mona: MonaConfig = MonaConfig()
-    igds: IGDSConfig = IGDSConfig()
     fac: FACConfig = FACConfig()
     synth: SynthConfig = SynthConfig()
     s3: S3Config = S3Config()
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_legacy_keys(cls, raw):
+        """Settings that moved into a method's entry name their new place."""
+        if isinstance(raw, dict):
+            for (section, key), moved in LEGACY_KEYS.items():
+                value = raw.get(section)
+                present = section in raw if key is None else isinstance(value, dict) and key in value
+                if present:
+                    raise ValueError(f"{section}{'.' + key if key else ''}: {moved}")
+        return raw
+
     @model_validator(mode="after")
     def _one_input_source(self):
         if bool(self.input.paths) == bool(self.input.hf_dataset):
             raise ValueError("input: set exactly one of input.paths or input.hf_dataset")
-        task_methods = [m for m in self.select.methods if m in ("mona", "igds")]
-        if task_methods and not self.task.targets:
-            raise ValueError(f"task.targets: select.methods has {', '.join(task_methods)}, which need target examples")
-        if "fac" in self.select.methods and not self.fac.anchor:
-            raise ValueError("fac.anchor: select.methods has fac, which needs anchor examples")
+        fac_select = [e for e in self.select.methods if isinstance(e, FACSelectConfig)]
+        if fac_select and not self.fac.anchor:
+            raise ValueError(f"fac.anchor: select.methods has {fac_select[0].name}, which needs anchor examples")
         return self
 
     def public_dict(self) -> dict:
         """The resolved config for manifests and logs; secrets come out masked."""
         return self.model_dump(mode="json")
+
+    def stack(self) -> "ModelStack":
+        return ModelStack(model=self.model, sae=self.sae, train_sae=self.train_sae, encode=self.encode,
+                          prepare=self.prepare, s3=self.s3, shape=self.input.shape)
+
+
+class ModelStack(Section):
+    """What a component that runs the model and its SAE reads (the encoder, spans, IGDS's metric, the
+    judge and generator): the run's model, SAE, encode and prepare sections, and the input's shape."""
+
+    model: ModelConfig
+    sae: SAESection
+    train_sae: TrainSAEConfig  # where the default SAE lives when sae.* names none
+    encode: EncodeConfig
+    prepare: PrepareConfig
+    s3: S3Config
+    shape: str  # the input's shape: plain text has no chat-template prefix to skip
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -308,8 +296,16 @@ def _describe(err: ValidationError) -> str:
 
 
 def _section_at(loc: tuple) -> type[BaseModel]:
-    model: type[BaseModel] = RunConfig
+    model: type[BaseModel] | None = RunConfig
     for part in loc:
+        if isinstance(part, int):  # an index into a list of entries
+            continue
+        if model is None:  # select.methods: the entry's name picks its config
+            model = METHODS[part].Config
+            continue
+        if model is SelectConfig and part == "methods":
+            model = None
+            continue
         annotation = model.model_fields[part].annotation
         if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
             annotation = next(a for a in typing.get_args(annotation) if a is not type(None))

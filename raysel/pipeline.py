@@ -1,45 +1,46 @@
-"""The whole job, stage after stage, with the run manifest written last."""
+"""The whole job, as one map: the run's input and every side set (targets, an anchor, an
+evaluated set) go through the same `encode_set`: prepare -> (train-sae) -> encode -> stats; then
+the verb's last stage (select, fac or synthesize) runs on the input's store, asking for side
+sets as it needs them. Each stage commits through stages/base.py, so finished ones are skipped
+and the run manifest is written last.
+
+    input ──► prepare ─► [train_sae] ─► encode ─► stats ─┬─► select (methods/) ─► selection/<method>/
+                                                          ├─► fac ─► fac/
+    targets/anchor/evaluated ──► encode_set (same path) ──┘   └─► synthesize ─► selection/synthesis/
+"""
 
 from __future__ import annotations
 
 import datetime
 import importlib.metadata
 import logging
-import os
 
-import pyarrow.parquet as pq
-import ray
-
-from raysel.activation import resolve_tau
-from raysel.config import RunConfig
-from raysel.encode import read_features, run_encode
-from raysel.models import resolve_device
-from raysel.prepare import run_prepare
-from raysel.sae import default_sae_dir, train_sae
-from raysel.selection import run_select
-from raysel.stats import run_stats
-from raysel.task import measure_fac, run_synthesis
-from raysel.storage import Storage, StorageError, redact
+from raysel.config import InputConfig, RunConfig
+from raysel.core import paths
+from raysel.core.features import FeatureStore
+from raysel.core.ray_adapter import init_ray
+from raysel.core.sae import WEIGHTS, default_sae_dir
+from raysel.core.storage import Storage, StorageError, redact
+from raysel.methods import Context
+from raysel.stages.base import execute
+from raysel.stages.encode import Encode
+from raysel.stages.fac import MeasureFAC
+from raysel.stages.prepare import Prepare
+from raysel.stages.select import Select
+from raysel.stages.stats import Stats
+from raysel.stages.synthesize import Synthesize, check_engine
+from raysel.stages.train_sae import TrainSAE
 
 log = logging.getLogger(__name__)
 
 PACKAGES = ("raysel", "ray", "torch", "transformers", "sae-lens", "datasets", "pyarrow", "numpy")
 
 
-def init_ray(cfg: RunConfig) -> None:
-    if ray.is_initialized():
-        return
-    # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise start one here.
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    local = {"num_cpus": cfg.ray.num_cpus} if address is None else {}
-    ray.init(address=address, **local)
-
-
 def run(cfg: RunConfig, until: str = "select", train_missing_sae: bool = False) -> dict:
-    """Run the stages up to `until` (train-sae, encode, stats or select); finished ones are skipped."""
+    """Run the stages up to `until`; finished ones are skipped."""
     storage = Storage(cfg.output.root, cfg.s3)
     storage.check()
-    init_ray(cfg)
+    init_ray(cfg.ray)
     try:
         return run_stages(cfg, storage, until, train_missing_sae)
     except OSError as err:
@@ -49,57 +50,74 @@ def run(cfg: RunConfig, until: str = "select", train_missing_sae: bool = False) 
                            "finished work is committed, re-run to resume") from None
 
 
+def encode_set(cfg: RunConfig, storage: Storage, input: InputConfig, until: str = "stats", tau: float | None = None,
+               train_sae: bool = False) -> dict:
+    """One set of samples through prepare, encode and stats under `storage`: the run's input, or a
+    side set at <root>/<name>/ (then with the input's tau, so activation means the same in both)."""
+    stack = cfg.stack()
+    stages = {"prepare": execute(Prepare(input, cfg.prepare, cfg.model, cfg.s3, storage))}
+    if train_sae:
+        stages["train_sae"] = execute(TrainSAE(stack, storage))
+    if until == "train-sae":
+        return stages
+    stages["encode"] = execute(Encode(stack, storage, stages["prepare"]))
+    if until == "encode":
+        return stages
+    if tau is None:
+        tau = FeatureStore(storage).resolve_tau(cfg.activation.tau, cfg.activation.target_active)
+    stages["stats"] = execute(Stats(storage, stages["encode"], tau, cfg.stats.top_n))
+    return stages
+
+
 def run_stages(cfg: RunConfig, storage: Storage, until: str, train_missing_sae: bool) -> dict:
     log.info("run: output at %s", storage.uri())
-    stages = {"prepare": run_prepare(cfg, storage)}
-    default_missing = cfg.sae.path is None and not cfg.sae.release and not (default_sae_dir(cfg) / "cfg.json").is_file()
-    if until == "train-sae" or (train_missing_sae and default_missing):
-        stages["train_sae"] = run_train_sae(cfg, storage)
-    if until in ("encode", "stats", "select", "fac", "synthesize"):
-        stages["encode"] = run_encode(cfg, storage, stages["prepare"])
-    if until in ("stats", "select", "fac", "synthesize"):
-        encoded = stages["encode"]
-        tau = resolve_tau(storage, cfg)
-        stages["stats"] = run_stats(storage, read_features(storage), encoded["d_sae"], tau,
-                                    cfg.stats.top_n, encoded["fingerprint"])
+    default_missing = (cfg.sae.path is None and not cfg.sae.release
+                       and not (default_sae_dir(cfg.stack()) / WEIGHTS).is_file())
+    stages = encode_set(cfg, storage, cfg.input, until,
+                        train_sae=until == "train-sae" or (train_missing_sae and default_missing))
     prepared = stages["prepare"]
     manifest = {
-        "config": cfg.public_dict(),
-        "versions": versions(),
-        "output": storage.uri(),
-        "model": cfg.model.name,
+        "config": cfg.public_dict(), "versions": versions(), "output": storage.uri(), "model": cfg.model.name,
         "stages": stages,
         "counts": {k: prepared[k] for k in ("n_input", "n_valid", "n_rejected", "rejected_by_reason")}
         | ({"n_encoded": stages["encode"]["n_encoded"]} if "encode" in stages else {}),
     }
-    if until == "select":
-        encoded = stages["encode"]
-        base = {k: manifest[k] for k in ("config", "versions", "model", "counts")} | {
-            "sae": encoded["sae"], "layer": encoded["layer"],
-            "fingerprints": {"prepare": prepared["fingerprint"], "encode": encoded["fingerprint"]}}
-        stages["select"] = run_select(cfg, storage, base, tau)
-    if until == "fac":
-        stages["fac"] = measure_fac(cfg, storage, tau)
-    if until == "synthesize":
-        stages["synthesis"] = run_synthesis(cfg, storage, tau)
+    if until in ("select", "fac", "synthesize"):
+        ctx = context(cfg, storage, stages["stats"])
+        if until == "select":
+            encoded = stages["encode"]
+            base = {k: manifest[k] for k in ("config", "versions", "model", "counts")} | {
+                "sae": encoded["sae"], "layer": encoded["layer"],
+                "fingerprints": {"prepare": prepared["fingerprint"], "encode": encoded["fingerprint"]}}
+            stages["select"] = execute(Select(cfg.select, cfg.s3, ctx, encoded, base))
+        else:
+            if until == "synthesize":
+                check_engine(cfg.synth)  # before any work
+            stages["fac"] = execute(MeasureFAC(ctx, cfg.stack(), cfg.stats.top_n))
+            if until == "synthesize":
+                stages["synthesis"] = execute(Synthesize(cfg.synth, cfg.stack(), ctx, stages["fac"],
+                                                         cfg.public_dict()))
     manifest["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    storage.write_json("manifest.json", manifest)
-    log.info("run: done; manifest at %s", storage.uri("manifest.json"))
+    storage.write_json(paths.MANIFEST, manifest)
+    log.info("run: done; manifest at %s", storage.uri(paths.MANIFEST))
     return manifest
 
 
-def run_train_sae(cfg: RunConfig, storage: Storage) -> dict:
-    """Train the default SAE on the prepared texts: enough of them for the token budget."""
-    texts, tokens = [], 0
-    table = pq.read_table(storage.path("prepared"), columns=["text", "n_tokens"], filesystem=storage.fs)
-    for text, n in zip(table["text"].to_pylist(), table["n_tokens"].to_pylist()):
-        if tokens >= 2 * cfg.train_sae.training_tokens:
-            break
-        texts.append(text)
-        tokens += n
-    summary = train_sae(cfg, texts, resolve_device(cfg.encode.device))
-    storage.write_json("stages/train_sae.json", summary)
-    return summary
+def context(cfg: RunConfig, storage: Storage, stats: dict) -> Context:
+    """What the last stages share: the run's tau and width, the model stack, and side sets on demand."""
+    encoded: dict[tuple, FeatureStore] = {}
+
+    def side_set(name: str, paths_: list[str]) -> FeatureStore:
+        if (name, tuple(paths_)) not in encoded:
+            sub = Storage(storage.uri(name), cfg.s3)
+            stages = encode_set(cfg, sub, InputConfig(**{**cfg.input.model_dump(), "paths": list(paths_),
+                                                         "hf_dataset": None}), tau=stats["tau"])
+            log.info("%s: %d examples encoded", name, stages["encode"]["n_encoded"])
+            encoded[(name, tuple(paths_))] = FeatureStore(sub)
+        return encoded[(name, tuple(paths_))]
+
+    return Context(tau=stats["tau"], seed=cfg.select.seed, d_sae=stats["d_sae"], storage=storage, stack=cfg.stack(),
+                   fac=cfg.fac, side_set=side_set)
 
 
 def versions() -> dict[str, str]:

@@ -1,6 +1,7 @@
-"""Shared fixtures: a real local Ray cluster, tiny real tokenizers built from
-config, a real SeaweedFS S3 server on loopback. Each is stopped by its own
-handle or PID when the session ends."""
+"""Shared fixtures and helpers, the one file every test module draws on: a real local Ray
+cluster, tiny real tokenizers, models and SAEs built from config, a real SeaweedFS S3 server on
+loopback (each stopped by its own handle or PID when the session ends), run configs over the
+demo data, and hand-built feature-store tables."""
 
 from __future__ import annotations
 
@@ -194,3 +195,40 @@ def build_tiny_sae(out: Path, d_in: int = 64, d_sae: int = 128, k: int = 8, laye
 @pytest.fixture(scope="session")
 def tiny_sae_dir(tmp_path_factory) -> Path:
     return build_tiny_sae(tmp_path_factory.mktemp("tiny-sae"))
+
+
+def run_cfg(tmp_path, model_dir, sae_dir, n_rows: int) -> dict:
+    """A run over the first n_rows demo rows with the tiny model and SAE, small shards, output under tmp_path/out."""
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:n_rows]]
+    data = write_jsonl(tmp_path / "corpus.jsonl", rows)
+    return {"input": {"paths": [str(data)], "fields": {"id": "id"}},
+            "prepare": {"max_tokens": 96, "rows_per_file": 8},
+            "model": {"name": str(model_dir)}, "sae": {"path": str(sae_dir)},
+            "encode": {"tokens_per_batch": 256}, "output": {"root": str(tmp_path / "out")}}
+
+
+def prepare(cfg, storage) -> dict:
+    """The prepare stage of `cfg`'s input, committed into `storage`."""
+    from raysel.stages.base import execute
+    from raysel.stages.prepare import Prepare
+
+    return execute(Prepare(cfg.input, cfg.prepare, cfg.model, cfg.s3, storage))
+
+
+def encode(cfg, storage, prepared: dict) -> dict:
+    from raysel.stages.base import execute
+    from raysel.stages.encode import Encode
+
+    return execute(Encode(cfg.stack(), storage, prepared))
+
+
+def store_table(rows: list[dict]):
+    """A feature-store table from {id, n_tokens, feats: {feature: (max, sum)}} rows."""
+    import pyarrow as pa
+
+    return pa.table({
+        "id": [r["id"] for r in rows], "n_tokens": pa.array([r["n_tokens"] for r in rows], pa.int32()),
+        "feat_ids": pa.array([sorted(r["feats"]) for r in rows], pa.list_(pa.int32())),
+        "feat_max": pa.array([[r["feats"][j][0] for j in sorted(r["feats"])] for r in rows], pa.list_(pa.float32())),
+        "feat_sum": pa.array([[r["feats"][j][1] for j in sorted(r["feats"])] for r in rows], pa.list_(pa.float32())),
+    })

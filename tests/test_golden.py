@@ -15,7 +15,7 @@ import pytest
 from raysel.config import RunConfig
 from raysel.pipeline import run
 from tests.conftest import DEMO, write_jsonl
-from tests.test_encode import run_cfg
+from tests.conftest import run_cfg
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny.json"
 METHODS = ["coverage", "simscale", "random", "longest", "mona", "igds", "fac"]
@@ -28,10 +28,12 @@ def golden_config(tmp, model_dir, sae_dir) -> dict:
     have = write_jsonl(tmp / "have.jsonl", [r for r in demo[60:] if r["category"] == "safety"][:5])
     return run_cfg(tmp, model_dir, sae_dir, 60) | {
         "activation": {"target_active": 4},
-        "select": {"budget": 10, "methods": METHODS},
-        "task": {"targets": [str(targets)]},
-        "igds": {"candidates": 6, "keep": 2, "budget": 0.25},
-        "fac": {"anchor": [str(anchor)], "evaluated": [str(have)], "n_features": 30},
+        "select": {"budget": 10, "methods": [
+            "coverage", "simscale", "random", "longest",
+            {"name": "mona", "targets": [str(targets)]},
+            {"name": "igds", "targets": [str(targets)], "candidates": 6, "keep": 2, "budget": 0.25},
+            {"name": "fac", "evaluated": [str(have)]}]},
+        "fac": {"anchor": [str(anchor)], "n_features": 30},
     }
 
 

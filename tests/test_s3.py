@@ -9,12 +9,12 @@ import yaml
 
 from raysel import cli
 from raysel.config import RunConfig
-from raysel.corpus import InputError
+from raysel.core.corpus import InputError
 from raysel.pipeline import run
 from raysel.prepare import MARKER, run_prepare
-from raysel.storage import Storage
+from raysel.core.storage import Storage
 from tests.conftest import free_port
-from tests.test_encode import DEMO, run_cfg
+from tests.conftest import DEMO, run_cfg
 from tests.test_prepare import BAD, mixed_lines
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from raysel.encode import DONE
 from tests.conftest import SeaweedS3
-from tests.test_encode import run_cfg
+from tests.conftest import run_cfg
 
 pytestmark = pytest.mark.integration
 ENV = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}

@@ -17,7 +17,7 @@ import yaml
 from ray.cluster_utils import Cluster
 
 from raysel.encode import DONE
-from tests.test_encode import run_cfg
+from tests.conftest import run_cfg
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,129 @@
+"""The encoder: a model cut at the SAE's hook layer plus the SAE, texts in, sparse pooled features
+out (the feature store's rows, core/features.py).
+
+Samples are sorted by length and packed into forward passes under a padded-token budget;
+padding, the first position (an attention sink) and, optionally, the chat template's shared
+prefix are dropped before the SAE. Per sample only the features that fire are kept."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from raysel.core.features import FEATURE_SCHEMA
+from raysel.core.models import load_model, load_tokenizer, resolve_device, truncate_to_layer
+from raysel.core.records import chat_template_for, shared_prefix
+from raysel.core.sae import hook_layer, load_sae
+from raysel.core.section import ConfigError
+
+if TYPE_CHECKING:
+    from raysel.config import ModelStack
+
+
+class Encoder:
+    """A model cut at the hook layer plus its SAE: texts in, sparse features out."""
+
+    def __init__(self, stack: ModelStack):
+        import torch
+
+        self.torch, self.encode, self.max_tokens = torch, stack.encode, stack.prepare.max_tokens
+        self.device = resolve_device(stack.encode.device)
+        if self.device == "cpu":  # one thread per CPU Ray gave this actor
+            torch.set_num_threads(max(1, int(stack.encode.num_cpus)))
+        self.tokenizer = load_tokenizer(stack.model)
+        self.sae = load_sae(stack, self.device).eval()
+        model = load_model(stack.model, self.device)
+        if self.sae.cfg.d_in != model.config.hidden_size:
+            raise ConfigError(f"sae: d_in {self.sae.cfg.d_in} is not the model's hidden size {model.config.hidden_size}")
+        self.layer = hook_layer(stack, self.sae.cfg.metadata.hook_name)
+        self.model = truncate_to_layer(model, self.layer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        prefix = ""
+        if stack.encode.skip_prefix and stack.shape != "text":
+            prefix = shared_prefix(self.tokenizer, chat_template_for(self.tokenizer, stack.prepare.chat_template))
+        self.prefix_ids = self.tokenizer(prefix)["input_ids"] if prefix else []
+
+    def __call__(self, ids: list[str], texts: list[str]) -> pa.Table:
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
+        buckets = list(self.length_buckets(enc))
+        parts = [self._encode_batch([enc[i] for i in batch]) for batch in buckets]
+        order = np.concatenate(buckets)
+        n_tokens = np.concatenate([p[0] for p in parts])
+        columns = [pa.concat_arrays([p[k] for p in parts]) for k in (1, 2, 3)]
+        table = pa.table([pa.array(np.asarray(ids, dtype=object)[order], pa.string()),
+                          pa.array(n_tokens, pa.int32()), *columns], schema=FEATURE_SCHEMA)
+        return table.take(np.argsort(order))
+
+    def length_buckets(self, enc: list[list[int]]):
+        """Indices in batches of similar length, each under the padded-token budget."""
+        order = np.argsort([-len(x) for x in enc], kind="stable")
+        batch: list[int] = []
+        for i in order:
+            if batch and len(enc[batch[0]]) * (len(batch) + 1) > self.encode.tokens_per_batch:
+                yield np.array(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            yield np.array(batch)
+
+    def _encode_batch(self, seqs: list[list[int]]):
+        hidden, counted = self.hidden_states(seqs)
+        with self.torch.inference_mode():
+            z = self.sae.encode(hidden[counted].to(self.sae.dtype))
+            return self._pool(z, counted.sum(1).cpu())
+
+    def activations(self, seqs: list[list[int]]) -> list[tuple]:
+        """Per sequence: the first counted position, and the SAE's activations at every counted
+        position from there on (positions x d_sae), for looking inside one sample."""
+        hidden, counted = self.hidden_states(seqs)
+        with self.torch.inference_mode():
+            z = self.sae.encode(hidden[counted].to(self.sae.dtype)).float().cpu()
+        first = self._first_counted(seqs).tolist()
+        return list(zip(first, z.split(counted.sum(1).cpu().tolist())))
+
+    def hidden_states(self, seqs: list[list[int]]):
+        """The residual stream after the hook layer for a padded batch, and which positions count."""
+        torch = self.torch
+        width = max(len(s) for s in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            input_ids[row, : len(s)] = torch.tensor(s)
+        lengths = torch.tensor([len(s) for s in seqs])
+        positions = torch.arange(width)
+        attention = (positions[None, :] < lengths[:, None]).long()
+        counted = attention.bool() & (positions[None, :] >= self._first_counted(seqs)[:, None])
+        with torch.inference_mode():
+            hidden = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                use_cache=False).last_hidden_state
+        return hidden, counted.to(self.device)
+
+    def _first_counted(self, seqs: list[list[int]]):
+        """Position 0 is an attention sink, never pooled; the template's shared prefix neither, when set."""
+        k = len(self.prefix_ids)
+        skip = [k if k and s[:k] == self.prefix_ids else 1 for s in seqs]
+        return self.torch.tensor(skip)
+
+    def _pool(self, z, n_counted):
+        """Max- and sum-pool each sample's rows of z, and keep the features that fire."""
+        torch = self.torch
+        has = n_counted > 0  # a sample with nothing left to pool gets no features
+        feat_max = torch.zeros(len(n_counted), z.shape[1], dtype=z.dtype, device=z.device)
+        feat_sum = torch.zeros_like(feat_max)
+        if has.any():
+            lengths = n_counted[has].to(z.device)
+            feat_max[has.to(z.device)] = torch.segment_reduce(z, "max", lengths=lengths, axis=0)
+            feat_sum[has.to(z.device)] = torch.segment_reduce(z, "sum", lengths=lengths, axis=0)
+        if self.encode.top_m:
+            kth = feat_max.topk(min(self.encode.top_m, z.shape[1]), dim=1).values[:, -1:]
+            feat_max = torch.where(feat_max >= kth, feat_max, torch.zeros_like(feat_max))
+        rows, cols = (feat_max > 0).nonzero(as_tuple=True)  # row-major: ids ascend within a row
+        offsets = np.concatenate([[0], torch.bincount(rows, minlength=len(n_counted)).cumsum(0).cpu().numpy()])
+        offsets = pa.array(offsets.astype(np.int32))
+
+        def lists(values, arrow_type):
+            return pa.ListArray.from_arrays(offsets, pa.array(values.cpu().numpy(), arrow_type))
+
+        return (n_counted.numpy(), lists(cols.int(), pa.int32()),
+                lists(feat_max[rows, cols].float(), pa.float32()), lists(feat_sum[rows, cols].float(), pa.float32()))

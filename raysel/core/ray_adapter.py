@@ -1,0 +1,75 @@
+"""The thin adapter between raysel's stages and Ray (Ray Data for the work).
+
+A unit of Ray work is a callable class that maps one pyarrow batch to another and holds
+whatever is costly to build (a tokenizer, a model). What it needs from the
+cluster is declared once, as Resources. With `actors` set it runs on a fixed
+actor pool (models); with `actors=0` it runs as plain Ray tasks, each worker
+process building the stage once (CPU-only transforms)."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import ray
+from ray.data import ActorPoolStrategy, Dataset
+
+if TYPE_CHECKING:
+    from raysel.config import EncodeConfig, RayConfig
+
+
+@dataclass(frozen=True)
+class Resources:
+    # A fixed pool: autoscaling GPU pools do not always scale up. Tasks (0) for
+    # CPU transforms, since a pool holding every CPU starves the read tasks.
+    actors: int = 0
+    batch_size: int = 256
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # fractional values share a GPU between actors
+    memory: Optional[int] = None  # bytes; Ray Data does not count heap memory by itself
+    custom: Optional[dict] = None  # custom Ray resources, e.g. {"encoder": 1}: run only on nodes that offer them
+
+
+def map_stage(ds: Dataset, stage: type, resources: Resources, **stage_kwargs) -> Dataset:
+    """Run `stage(**stage_kwargs)` over every batch of `ds`."""
+    common = dict(batch_size=resources.batch_size, batch_format="pyarrow", num_cpus=resources.num_cpus,
+                  num_gpus=resources.num_gpus, memory=resources.memory, resources=resources.custom)
+    if resources.actors:
+        return ds.map_batches(stage, fn_constructor_kwargs=stage_kwargs,
+                              compute=ActorPoolStrategy(size=resources.actors), **common)
+    return ds.map_batches(_in_task, fn_kwargs={"stage": stage, "spec": pickle.dumps(stage_kwargs)}, **common)
+
+
+_built: dict = {}  # per worker process: (stage, its pickled kwargs) -> the stage object
+
+
+def _in_task(batch, stage: type, spec: bytes):
+    if (stage, spec) not in _built:
+        _built[(stage, spec)] = stage(**pickle.loads(spec))
+    return _built[(stage, spec)](batch)
+
+
+def log_to_driver() -> None:
+    """In an actor: raysel's INFO logs (progress per unit of work) go to the driver like the driver's own."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def init_ray(cfg: RayConfig) -> None:
+    if ray.is_initialized():
+        return
+    # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise start one here.
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+    local = {"num_cpus": cfg.num_cpus} if address is None else {}
+    ray.init(address=address, **local)
+
+
+def model_resources(encode: EncodeConfig, actors: int, batch_size: int = 1) -> Resources:
+    """What an actor holding a model needs: encode.num_gpus of a GPU when the cluster has GPUs (and the
+    config does not pin the CPU), else encode.num_cpus CPUs; encode.memory_gb of heap either way."""
+    gpus = ray.cluster_resources().get("GPU", 0) > 0 and encode.device != "cpu"
+    return Resources(actors=actors, batch_size=batch_size, num_cpus=encode.num_cpus,
+                     num_gpus=encode.num_gpus if gpus else 0, memory=int(encode.memory_gb * 2**30),
+                     custom=encode.resources or None)

@@ -1,0 +1,157 @@
+"""One input record to one sample: shape detection, field mapping, validation,
+the stable id, and rendering through the chat template.
+
+Every sample, whatever its input shape, comes out as `messages` (a list of
+role/content turns; null for plain text) plus the rendered `text`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from raysel.config import FieldMap
+
+# Used when the tokenizer has no chat template, or when prepare.chat_template is
+# "fallback". Each turn becomes "### Role:\n<content>\n\n".
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "### {{ message['role'] | capitalize }}:\n{{ message['content'] }}\n\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
+# Reason codes a row can be rejected with, at each step of the way.
+REASONS = (
+    "invalid_utf8",  # the line is not valid UTF-8
+    "malformed_json",  # the line (or file) does not parse as JSON
+    "not_a_record",  # valid JSON, but not an object
+    "missing_field",  # a required field of the shape is absent or null
+    "wrong_type",  # a field holds the wrong type
+    "empty_text",  # nothing but whitespace once formatted
+    "template_error",  # the chat template refused the conversation (e.g. roles out of order)
+    "duplicate_id",  # an earlier row has the same id
+    "duplicate_text",  # an earlier row has the same content (prepare.dedup)
+)
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class Sample:
+    shape: str  # alpaca | messages | text
+    messages: list[dict] | None  # [{"role", "content"}]; None for plain text
+    text: str | None  # the input text of a plain-text record
+    id: str
+    content_hash: str
+
+
+def normalize(record: dict, fields: FieldMap, shape: str = "auto") -> Sample:
+    """Map a record of any supported shape to a Sample, or raise Rejected."""
+    shape = _detect_shape(record, fields) if shape == "auto" else shape
+    if shape == "messages":
+        messages, text = _chat_messages(record, fields), None
+    elif shape == "alpaca":
+        messages, text = _alpaca_messages(record, fields), None
+    else:
+        messages, text = None, _string(record, fields.text, required=True)
+    contents = [m["content"] for m in messages] if messages is not None else [text]
+    if not any(c.strip() for c in contents):
+        raise Rejected("empty_text", "every text field is empty or whitespace")
+    content_hash = _hash({"messages": messages} if messages is not None else {"text": text})
+    return Sample(shape, messages, text, _sample_id(record, fields, content_hash), content_hash)
+
+
+def chat_template_for(tokenizer, choice: str) -> str | None:
+    """The template to pass to apply_chat_template: None means the tokenizer's own."""
+    return None if choice == "auto" and tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE
+
+
+def shared_prefix(tokenizer, chat_template: str | None) -> str:
+    """What the template puts before every conversation's first user text (a
+    default system prompt, role headers): the common start of two renderings."""
+    a, b = (tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                          chat_template=chat_template) for c in ("A", "B"))
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return a[:n]
+
+
+def render(sample: Sample, tokenizer, chat_template: str | None) -> str:
+    """The text the model sees. Plain-text records are taken as already rendered."""
+    if sample.messages is None:
+        return sample.text
+    try:
+        return tokenizer.apply_chat_template(sample.messages, tokenize=False, chat_template=chat_template)
+    except Exception as err:  # templates raise their own errors (jinja's raise_exception), per row
+        raise Rejected("template_error", f"{type(err).__name__}: {err}") from None
+
+
+def _detect_shape(record: dict, fields: FieldMap) -> str:
+    for shape, key in (("messages", fields.messages), ("alpaca", fields.instruction), ("text", fields.text)):
+        if record.get(key) is not None:
+            return shape
+    raise Rejected(
+        "missing_field",
+        f"no field of a known shape: expected {fields.messages!r} (chat), "
+        f"{fields.instruction!r} (alpaca) or {fields.text!r} (plain text)",
+    )
+
+
+def _alpaca_messages(record: dict, fields: FieldMap) -> list[dict]:
+    instruction = _string(record, fields.instruction, required=True)
+    extra = _string(record, fields.input, required=False)
+    output = _string(record, fields.output, required=True)
+    system = _string(record, fields.system, required=False)
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    turns = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return ([{"role": "system", "content": system}] if system.strip() else []) + turns
+
+
+def _chat_messages(record: dict, fields: FieldMap) -> list[dict]:
+    turns = record.get(fields.messages)
+    if turns is None:
+        raise Rejected("missing_field", f"field {fields.messages!r} is missing")
+    if not isinstance(turns, list):
+        raise Rejected("wrong_type", f"field {fields.messages!r} must be a list, got {type(turns).__name__}")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise Rejected("wrong_type", f"{fields.messages}[{i}] must be an object, got {type(turn).__name__}")
+        role = _string(turn, fields.role, required=True, where=f"{fields.messages}[{i}].")
+        content = _string(turn, fields.content, required=True, where=f"{fields.messages}[{i}].")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _string(record: dict, key: str, required: bool, where: str = "") -> str:
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise Rejected("missing_field", f"field {where}{key!r} is missing")
+        return ""
+    if not isinstance(value, str):
+        raise Rejected("wrong_type", f"field {where}{key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _sample_id(record: dict, fields: FieldMap, content_hash: str) -> str:
+    if fields.id is None:
+        return content_hash
+    value = record.get(fields.id)
+    if value is None or value == "":
+        raise Rejected("missing_field", f"id field {fields.id!r} is missing")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise Rejected("wrong_type", f"id field {fields.id!r} must be a string or integer, got {type(value).__name__}")
+    return str(value)
+
+
+def _hash(obj) -> str:
+    canonical = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:24]

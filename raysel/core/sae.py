@@ -1,0 +1,122 @@
+"""Finding, checking and loading the SAE. sae-lens is imported lazily: it costs seconds to
+import, and most commands never touch it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from raysel.core.models import model_source
+from raysel.core.section import ConfigError
+
+if TYPE_CHECKING:
+    from raysel.config import ModelStack
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "sae_weights.safetensors"
+SAE_CONFIG = "cfg.json"
+PICKLED = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+
+
+def default_sae_dir(stack: ModelStack) -> Path:
+    """Where `raysel train-sae` puts the SAE that runs use when none is configured."""
+    t = stack.train_sae
+    if t.output:
+        return Path(t.output).expanduser()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", stack.model.name).strip("-").lower()
+    return Path(stack.model.cache_dir).expanduser() / "saes" / f"{slug}-L{t.layer}-topk{t.k}-{t.d_sae}"
+
+
+def local_sae_dir(stack: ModelStack) -> Path:
+    """The SAE's directory on this machine, fetched from S3 into the cache when needed."""
+    if stack.sae.path is None:
+        path = default_sae_dir(stack)
+        if not (path / WEIGHTS).is_file():
+            raise ConfigError(f"sae.path: not set, and no default SAE at {path}; run `raysel train-sae CONFIG` "
+                              f"first, or set sae.path (a saved SAE) or sae.release and sae.sae_id")
+        return path
+    if stack.sae.path.startswith("s3://"):
+        return _fetch_from_s3(stack)
+    path = Path(stack.sae.path).expanduser()
+    pickled = [p.name for p in (path.glob("*") if path.is_dir() else [path]) if p.suffix in PICKLED]
+    if pickled and not (path / WEIGHTS).is_file():
+        raise ConfigError(f"sae.path: {stack.sae.path!r} holds pickled weights ({', '.join(pickled)}); raysel loads "
+                          f"SAEs from safetensors only, since unpickling runs code: save it with sae-lens as {WEIGHTS}")
+    if not (path / WEIGHTS).is_file() or not (path / SAE_CONFIG).is_file():
+        raise ConfigError(f"sae.path: {stack.sae.path!r} holds no saved SAE ({SAE_CONFIG} and {WEIGHTS} expected)")
+    return path
+
+
+def check_safetensors(path: Path) -> None:
+    """Read the weights' header: a file that only bears the name is refused before any work."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            f.keys()
+    except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types for bad headers
+        raise ConfigError(f"sae.path: {path / WEIGHTS} is not a safetensors file ({err}); raysel loads SAEs "
+                          "from safetensors only") from None
+
+
+def _fetch_from_s3(stack: ModelStack) -> Path:
+    import pyarrow.fs as pafs
+
+    from raysel.core.storage import filesystem_for
+
+    key = hashlib.sha256(stack.sae.path.encode()).hexdigest()[:16]
+    target = Path(stack.model.cache_dir).expanduser() / "saes" / "s3" / key
+    if not (target / WEIGHTS).is_file():
+        fs, path = filesystem_for(stack.sae.path, stack.s3)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (SAE_CONFIG, WEIGHTS):
+            pafs.copy_files(f"{path}/{name}", str(target / name), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+    return target
+
+
+def sae_metadata(stack: ModelStack) -> dict:
+    """d_in and hook layer of the configured SAE, read without loading its weights."""
+    if stack.sae.release:
+        return {"d_in": None, "layer": stack.sae.hook_layer, "identity": f"{stack.sae.release}/{stack.sae.sae_id}"}
+    path = local_sae_dir(stack)
+    check_safetensors(path)
+    meta = json.loads((path / SAE_CONFIG).read_text())
+    hook_name = (meta.get("metadata") or {}).get("hook_name") or meta.get("hook_name")
+    return {"d_in": meta["d_in"], "d_sae": meta["d_sae"], "layer": hook_layer(stack, hook_name),
+            "identity": str(stack.sae.path or path), "architecture": meta.get("architecture")}
+
+
+def hook_layer(stack: ModelStack, hook_name: str | None) -> int:
+    if stack.sae.hook_layer is not None:
+        return stack.sae.hook_layer
+    match = re.search(r"layers\.(\d+)", hook_name or "")
+    if not match:
+        raise ConfigError(f"sae.hook_layer: the SAE's hook_name {hook_name!r} names no layer; set sae.hook_layer")
+    return int(match.group(1))
+
+
+def check_against_model(stack: ModelStack, meta: dict) -> None:
+    """A d_in that is not the model's width is a config error, found before any work."""
+    from transformers import AutoConfig
+
+    model_cfg = AutoConfig.from_pretrained(model_source(stack.model))
+    if meta["d_in"] is not None and meta["d_in"] != model_cfg.hidden_size:
+        raise ConfigError(f"sae: the SAE reads vectors of {meta['d_in']} (d_in) but model {stack.model.name!r} "
+                          f"has hidden size {model_cfg.hidden_size}; use an SAE trained on this model")
+    if meta["layer"] is not None and meta["layer"] >= model_cfg.num_hidden_layers:
+        raise ConfigError(f"sae.hook_layer: layer {meta['layer']} does not exist "
+                          f"(model {stack.model.name!r} has layers 0..{model_cfg.num_hidden_layers - 1})")
+
+
+def load_sae(stack: ModelStack, device: str):
+    from sae_lens import SAE
+
+    if stack.sae.release:
+        return SAE.from_pretrained(stack.sae.release, stack.sae.sae_id, device=device)
+    return SAE.load_from_disk(local_sae_dir(stack), device=device)

@@ -1,0 +1,128 @@
+"""Where a run's files live: a local folder or an s3:// prefix, both through one
+pyarrow filesystem, so every stage reads and writes the same way."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    from raysel.config import S3Config
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def filesystem_for(uri: str, s3: S3Config) -> tuple[pafs.FileSystem, str]:
+    """The filesystem that holds `uri`, and the path of `uri` inside it."""
+    if uri.startswith("s3://"):
+        return s3_filesystem(s3), uri.removeprefix("s3://").rstrip("/")
+    if "://" in uri:
+        raise ValueError(f"unsupported location {uri!r}: use a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def s3_filesystem(s3: S3Config) -> pafs.S3FileSystem:
+    secret = lambda v: v.get_secret_value() if v is not None else None  # noqa: E731
+    return pafs.S3FileSystem(
+        access_key=secret(s3.access_key),
+        secret_key=secret(s3.secret_key),
+        region=s3.region,
+        scheme=s3.scheme,
+        endpoint_override=s3.endpoint_override,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=s3.max_attempts),
+        connect_timeout=s3.connect_timeout,
+    )
+
+
+class StorageError(RuntimeError):
+    """The output root cannot be reached or used; the message names its URI, never the keys."""
+
+
+def redact(message: str, s3: S3Config) -> str:
+    for key in (s3.access_key, s3.secret_key):
+        if key is not None and key.get_secret_value():
+            message = message.replace(key.get_secret_value(), "<secret>")
+    return message
+
+
+class Storage:
+    """A run's output root. Paths given to it are relative to the root."""
+
+    def __init__(self, root: str, s3: S3Config):
+        self.root = root.rstrip("/")
+        self.s3 = s3
+        self.fs, self.base = filesystem_for(root, s3)
+
+    def check(self) -> None:
+        """Fail fast, before any work, when the root's bucket is missing or refuses these credentials.
+        Reads only: a run that cannot write must leave nothing behind."""
+        bucket = self.base.split("/")[0] if self.root.startswith("s3://") else None
+        try:
+            if bucket and self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise StorageError(f"output root {self.root}: bucket {bucket!r} does not exist")
+            self.fs.get_file_info(self.base)
+        except OSError as err:
+            raise StorageError(f"output root {self.root}: {redact(str(err), self.s3)}") from None
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.base, *parts)
+
+    def uri(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def read_json(self, rel: str) -> dict | None:
+        if not self.exists(rel):
+            return None
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return json.loads(f.read())
+
+    def write_json(self, rel: str, obj: dict) -> None:
+        # A reader sees the old file or the new one, never half of one; markers rely on this.
+        # On S3 one put is atomic; a local file is written aside and renamed over.
+        path = self.path(rel)
+        self.fs.create_dir(posixpath.dirname(path), recursive=True)
+        aside = f"{path}.{os.getpid()}.tmp" if isinstance(self.fs, pafs.LocalFileSystem) else path
+        with self.fs.open_output_stream(aside) as f:
+            f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+        if aside != path:
+            self.fs.move(aside, path)
+
+    def retrying(self, what: str, fn: Callable[[], T]) -> T:
+        """fn(), retried with backoff while S3 fails for up to s3.outage_seconds; then a StorageError
+        naming `what` and the root. A local folder's errors are not transient: they raise at once."""
+        if not self.root.startswith("s3://"):
+            return fn()
+        start, wait = time.monotonic(), 1.0
+        while True:
+            try:
+                return fn()
+            except OSError as err:
+                if time.monotonic() - start + wait > self.s3.outage_seconds:
+                    raise StorageError(f"{what} at {self.root} failed for {time.monotonic() - start:.0f}s "
+                                       f"(s3.outage_seconds): {redact(str(err), self.s3)}") from None
+                log.warning("%s at %s: %s; retrying in %.0fs", what, self.root, redact(str(err), self.s3), wait)
+                time.sleep(wait)
+                wait = min(2 * wait, 30.0)
+
+    def listing(self, rel: str) -> list[pafs.FileInfo]:
+        """The files directly under a folder of the root; none when it does not exist."""
+        selector = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        return [i for i in self.fs.get_file_info(selector) if i.is_file]
+
+    def remove(self, rel: str) -> None:
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(rel))
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path(rel))

@@ -1,0 +1,91 @@
+"""What every selection method is: a config of its own (told apart by `name`) and one class with
+one interface. The select stage builds the pool once, gives each method its budget and a context,
+and writes whatever it picks the same way.
+
+    side_inputs(ctx)     the named lists of paths it reads besides the pool (targets, an anchor):
+                         the select stage's resume key holds their content fingerprints
+    pick(pool, k, ctx)   Picks: the chosen ids in order, a score per pick, details for the manifest
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional
+
+import numpy as np
+from pydantic import Field
+
+from raysel.core.features import FeatureStore
+from raysel.core.section import Section
+
+if TYPE_CHECKING:
+    from raysel.config import ModelStack
+    from raysel.core.storage import Storage
+    from raysel.methods.fac import FACConfig
+
+
+class MethodConfig(Section):
+    """The settings every method entry has; a method's config adds its own and a `name: Literal[...]`."""
+
+    name: str
+    budget: Optional[float] = Field(None, gt=0)  # a count or a fraction, as select.budget; None: select.budget
+
+
+@dataclass
+class Pool:
+    """What the methods pick from: the activated sets of the run's feature store (CSR, sorted by
+    id), each sample's response length, and the store itself for methods that read more of it."""
+
+    ids: np.ndarray
+    indptr: np.ndarray
+    indices: np.ndarray
+    response_tokens: np.ndarray
+    store: FeatureStore
+
+    def rows_of(self, ids) -> np.ndarray:
+        return np.searchsorted(self.ids, np.asarray(ids, dtype=object)) if len(ids) else np.empty(0, np.int64)
+
+
+@dataclass
+class Context:
+    """What a method may use besides the pool and its own config."""
+
+    tau: float  # the run's activation threshold, as the statistics used it
+    seed: int  # select.seed
+    d_sae: int
+    storage: Storage  # the run's output root
+    stack: ModelStack  # for methods that run the model (IGDS's interventions, FAC's judge)
+    fac: FACConfig  # the task features' definition, shared with `raysel fac`
+    side_set: Callable[[str, list[str]], FeatureStore]  # encodes a side input (once) and returns its store
+
+
+@dataclass
+class Picks:
+    ids: list[str]  # in selection order
+    scores: np.ndarray  # the gain or score of each pick; NaN where the method has none
+    details: dict = field(default_factory=dict)  # what it settled on, for the selection's manifest
+
+    @classmethod
+    def unscored(cls, ids: list[str], details: dict | None = None) -> "Picks":
+        return cls(list(ids), np.full(len(ids), np.nan), details or {})
+
+
+class Method:
+    """A selection method. A subclass sets `Config` and implements `pick`."""
+
+    Config: ClassVar[type[MethodConfig]]
+    ranks_by_score: ClassVar[bool] = False  # its scores rank the pool (the report plots them)
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def side_inputs(self, ctx: Context) -> dict[str, list[str]]:
+        """Side sets by name: ctx.side_set(name, paths) encodes one when `pick` asks for it."""
+        return {}
+
+    def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
+        raise NotImplementedError

@@ -1,0 +1,199 @@
+"""FAC, feature activation coverage: how much of a task's feature set a dataset reaches.
+
+F is the set of task-relevant features: a user's list, or the features most
+enriched on an anchor set P over the evaluated set Q (share of samples
+activating them, as IGDS's frequency recall). With A(x) = {j : g_j(x) > tau}:
+
+    F(P) = {j in F : some anchor sample activates j}
+    F(Q) = {j in F(P) : some sample of Q activates j}
+    FAC(Q) = |F(Q)| / |F(P)|,   missing = F(P) minus F(Q)
+
+and two weighted variants over F(P): by the share of anchor samples activating
+j (frequency) and by the anchor's max activation of j (magnitude).
+
+FAC-guided selection (method `fac`) covers the missing features from a pool: each
+pick is the sample activating the most still-uncovered missing features, ties to
+the one whose activations of them sum highest, then the smaller id. Once no pick
+adds a feature, coverage starts over, as in SAE-GreedSelect.
+
+FACConfig, the top-level `fac` section, defines F and the anchor for `raysel fac`,
+`raysel synthesize` and method `fac` alike; a method entry adds only what it selects against.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Literal, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from raysel.core import paths
+from raysel.core.features import FeatureStore, activation_profile, is_active
+from raysel.core.section import Section
+from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
+from raysel.methods.igds import frequency_recall
+
+if TYPE_CHECKING:
+    from raysel.config import ModelStack
+    from raysel.core.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+class FACConfig(Section):
+    """The task features F and the anchor they come from (the top-level `fac` section). `raysel fac`
+    measures the run's input against the anchor; method `fac` selects from the input (the pool) the
+    samples that cover what its `evaluated` set (if any) is missing."""
+
+    anchor: list[str] = []  # files, globs or s3:// paths of the anchor (task) examples
+    features: list[int] = []  # task-relevant features F; empty: the n_features most enriched on the anchor
+    n_features: int = Field(100, gt=0)  # size of the enriched F, or of the shortlist the judge rates
+    judge_task: Optional[str] = None  # set: F is what an LLM judge rates relevant to this task, of the shortlist
+    judge_generator: Optional[str] = None  # the judge: any causal LM (local dir, HF id, embedded default); None: model.name
+    judge_keep: Literal["yes", "probably", "maybe"] = "maybe"  # the weakest relevance verdict kept
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.features and self.judge_task:
+            raise ValueError("fac: set fac.features (a list) or fac.judge_task (an LLM judge), not both")
+        return self
+
+
+class FACSelectConfig(MethodConfig):
+    name: Literal["fac"] = "fac"
+    evaluated: list[str] = []  # the dataset you already have (empty: start from nothing)
+
+
+class FACSelect(Method):
+    """`method: fac`: pool samples covering the anchor features that `evaluated` (or nothing) misses."""
+
+    Config = FACSelectConfig
+
+    def side_inputs(self, ctx: Context) -> dict[str, list[str]]:
+        return {"anchor": ctx.fac.anchor, "evaluated": self.cfg.evaluated}
+
+    def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
+        anchor = ctx.side_set("anchor", ctx.fac.anchor)
+        anchored, table = anchor.table(), pool.store.table()
+        have = ctx.side_set("evaluated", self.cfg.evaluated).table() if self.cfg.evaluated else table.slice(0, 0)
+        features = fac_features(ctx.fac, ctx.stack, ctx.storage, anchor, anchored, table, ctx.tau, ctx.d_sae)
+        before, _ = fac(anchored, have, features, ctx.tau, ctx.d_sae)
+        order, added = fac_greedy(table, np.array(before["missing"], dtype=np.int64), ctx.tau, k)
+
+        def fac_with(ids: list[str]) -> float:
+            picked = table.filter(pc.is_in(table["id"], pa.array(ids, pa.string())))
+            return fac(anchored, pa.concat_tables([have, picked]), features, ctx.tau, ctx.d_sae)[0]["fac"]
+
+        random_ids = np.asarray(table["id"].to_pylist(), dtype=object)[
+            np.random.default_rng(ctx.seed).permutation(table.num_rows)[:k]].tolist()
+        settled = {"fac_features": int(features.size), "fac_in_anchor": before["n_in_anchor"],
+                   "fac_missing_before": len(before["missing"]), "fac_before": before["fac"],
+                   "fac_after": fac_with(order), "fac_random_after": fac_with(random_ids),
+                   "fac_pool": fac_with(table["id"].to_pylist())}
+        log.info("fac: FAC %.3f before, %.3f after %d picks (random picks: %.3f; the whole pool: %.3f)",
+                 settled["fac_before"], settled["fac_after"], len(order), settled["fac_random_after"],
+                 settled["fac_pool"])
+        return Picks(order, np.asarray(added, np.float64), settled)
+
+
+def feature_source(cfg: FACConfig) -> str:
+    if cfg.features:
+        return "list"
+    shortlist = f"the {cfg.n_features} most enriched on the anchor"
+    return f"{shortlist}, judged by an LLM ({cfg.judge_keep} or better)" if cfg.judge_task else shortlist
+
+
+def anchor_spans(stack: ModelStack, top_n: int, anchor: FeatureStore, features: list[int]) -> pa.Table:
+    from raysel.stages.spans import find_spans  # a stage's helper; imported late, stages import the methods
+
+    return find_spans(stack, top_n, anchor.storage, features)
+
+
+def fac_features(cfg: FACConfig, stack: ModelStack, storage: Storage, anchor: FeatureStore, anchored: pa.Table,
+                 against: pa.Table, tau: float, d_sae: int) -> np.ndarray:
+    """F: fac.features; else the fac.n_features most enriched on the anchor over `against`; with
+    fac.judge_task, those of them an LLM judge finds relevant (fac/judged.parquet holds every verdict)."""
+    from raysel.methods.fac_judge import judge_features, kept
+
+    features = task_features(anchored, against, tau, d_sae, cfg.features, cfg.n_features)
+    if not cfg.judge_task:
+        return features
+    start = time.time()
+    top_n = anchor.storage.read_json(paths.marker("stats"))["top_n"]
+    verdicts = judge_features(stack, cfg, anchor_spans(stack, top_n, anchor, features.tolist()), features.tolist())
+    storage.fs.create_dir(storage.path(paths.FAC), recursive=True)
+    pq.write_table(verdicts, storage.path(paths.FAC, "judged.parquet"), filesystem=storage.fs)
+    chosen = kept(verdicts, cfg.judge_keep)
+    if not chosen:
+        log.warning("fac: the judge kept none of the %d features, so F is empty and FAC means nothing; see its "
+                    "verdicts in fac/judged.parquet, and try a stronger fac.judge_generator or fac.judge_keep: maybe",
+                    len(features))
+    log.info("fac: the judge kept %d of %d enriched features as relevant to %r (%s or better) in %.0fs", len(chosen),
+             len(features), cfg.judge_task, cfg.judge_keep, time.time() - start)
+    return np.array(chosen, dtype=np.int64)
+
+
+def task_features(anchor: pa.Table, evaluated: pa.Table, tau: float, d_sae: int, listed: list[int],
+                  n: int) -> np.ndarray:
+    """F: the listed features, or the n most enriched on the anchor over the evaluated set."""
+    if listed:
+        return np.array(sorted(set(listed)), dtype=np.int64)
+    q_share, _ = activation_profile(evaluated, tau, d_sae)
+    enriched = frequency_recall(anchor, tau, q_share * max(evaluated.num_rows, 1), evaluated.num_rows, n)
+    return np.sort(enriched.filter(pc.greater(enriched["lift"], 0))["feature"].to_numpy())
+
+
+def fac(anchor: pa.Table, evaluated: pa.Table, features: np.ndarray, tau: float, d_sae: int) -> tuple[dict, pa.Table]:
+    """The FAC figures, and one row per feature of F with what they rest on."""
+    a_share, a_max = activation_profile(anchor, tau, d_sae)
+    q_share, q_max = activation_profile(evaluated, tau, d_sae)
+    in_p = a_share[features] > 0
+    in_q = in_p & (q_share[features] > 0)
+    fp, fq = features[in_p], features[in_q]
+
+    def weighted(w: np.ndarray) -> float:
+        total = w[fp].sum()
+        return float(w[fq].sum() / total) if total > 0 else 0.0
+
+    summary = {"n_features": int(features.size), "n_in_anchor": int(fp.size), "n_covered": int(fq.size),
+               "fac": fq.size / fp.size if fp.size else 0.0, "fac_frequency": weighted(a_share),
+               "fac_magnitude": weighted(a_max), "missing": sorted(set(fp.tolist()) - set(fq.tolist()))}
+    table = pa.table({"feature": features, "anchor_share": a_share[features], "anchor_max": a_max[features],
+                      "evaluated_share": q_share[features], "evaluated_max": q_max[features],
+                      "in_anchor": in_p, "covered": in_q, "missing": in_p & ~in_q})
+    return summary, table
+
+
+def fac_greedy(table: pa.Table, missing: np.ndarray, tau: float, k: int) -> tuple[list[str], list[int]]:
+    """FAC-guided selection of k samples of `table`: ids in pick order, and the missing features each adds.
+    Only samples activating a missing feature compete (each step costs their entries, not the pool);
+    if the budget outlasts them, the rest follow in id order, adding nothing."""
+    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+    rows = pc.list_parent_indices(table["feat_ids"]).to_numpy()
+    feats = pc.list_flatten(table["feat_ids"]).to_numpy().astype(np.int64)
+    values = pc.list_flatten(table["feat_max"]).to_numpy().astype(np.float64)
+    hit = np.isin(feats, missing) & is_active(values, tau)
+    candidates, local = np.unique(rows[hit], return_inverse=True)
+    column, values = np.searchsorted(missing, feats[hit]), values[hit]
+    tie = np.argsort(np.argsort(ids[candidates].astype(str)))  # smaller id first on full ties
+    covered, chosen = np.zeros(missing.size, bool), np.zeros(candidates.size, bool)
+    order, added = [], []
+    while len(order) < k and not chosen.all():
+        fresh = ~covered[column] & ~chosen[local]
+        count = np.bincount(local[fresh], minlength=candidates.size)
+        if count.max() == 0 and covered.any():
+            covered[:] = False  # every coverable missing feature is covered: start over
+            continue
+        strength = np.bincount(local[fresh], values[fresh], minlength=candidates.size)
+        best = np.lexsort((tie, -strength, -count, chosen))[0]
+        order.append(ids[candidates[best]])
+        added.append(int(count[best]))
+        chosen[best] = True
+        covered[column[local == best]] = True
+    rest = sorted(set(ids.tolist()) - set(order))[: max(0, k - len(order))]
+    return order + rest, added + [0] * len(rest)

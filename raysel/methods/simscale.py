@@ -1,0 +1,21 @@
+"""SAE-SimScale: keep a sample unless it is Jaccard-similar to one already kept, with theta
+binary-searched so the kept set reaches the budget (the filter itself: simscale_kernel.py)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
+from raysel.methods.simscale_kernel import simscale
+
+
+class SimScaleConfig(MethodConfig):
+    name: Literal["simscale"] = "simscale"
+
+
+class SimScale(Method):
+    Config = SimScaleConfig
+
+    def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
+        kept = simscale(pool.indptr, pool.indices, k)
+        return Picks.unscored(pool.ids[kept.order].tolist(), {"theta": kept.theta, "theta_passes": kept.passes})

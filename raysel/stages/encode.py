@@ -1,0 +1,129 @@
+"""The encode stage: prepared samples to the feature store (core/features.py), on a Ray actor pool
+of encoders (core/encoder.py).
+
+One features/ shard per prepared file, under the same name, then its marker in features/_done/,
+both through the one commit mechanism (stages/base.py). A re-run encodes only the shards
+without a marker of the current fingerprint."""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from raysel.config import ModelStack
+from raysel.core import paths
+from raysel.core.corpus import fingerprint
+from raysel.core.encoder import Encoder
+from raysel.core.features import FEATURE_SCHEMA, FeatureStore
+from raysel.core.ray_adapter import Resources, log_to_driver, map_stage, model_resources
+from raysel.core.sae import check_against_model, sae_metadata
+from raysel.core.storage import Storage, StorageError
+from raysel.stages.base import Stage, commit
+
+log = logging.getLogger(__name__)
+
+
+class EncodeShards:
+    """Ray work: each input row names a prepared file; encode it, write its features shard, then its marker."""
+
+    def __init__(self, stack: ModelStack, root: str, fingerprint: str):
+        log_to_driver()
+        self.encoder = Encoder(stack)
+        self.storage = Storage(root, stack.s3)
+        self.fingerprint = fingerprint
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        done = []
+        for shard in batch["shard"].to_pylist():
+            try:
+                self.encode_shard(shard)
+                done.append({"shard": shard, "error": None})
+            except StorageError as err:  # the driver raises it: Ray Data would only pass on its traceback
+                done.append({"shard": shard, "error": str(err)})
+        return pa.Table.from_pylist(done, schema=pa.schema([("shard", pa.string()), ("error", pa.string())]))
+
+    def encode_shard(self, shard: str) -> None:
+        storage, fs = self.storage, self.storage.fs
+        start = time.time()
+        rows = storage.retrying(f"reading prepared/{shard}", lambda: pq.read_table(
+            storage.path(paths.PREPARED, shard), columns=["id", "text"], filesystem=fs))
+        features = self.encoder(rows["id"].to_pylist(), rows["text"].to_pylist())
+        n_tokens = int(pc.sum(features["n_tokens"]).as_py() or 0)
+        summary = {"shard": shard, "rows": features.num_rows, "tokens": n_tokens,
+                   "seconds": round(time.time() - start, 3),
+                   "node": ray.get_runtime_context().get_node_id()}  # where it ran, for the record
+
+        def write() -> dict:
+            fs.create_dir(storage.path(paths.FEATURES), recursive=True)
+            pq.write_table(features, storage.path(paths.FEATURES, shard), filesystem=fs)
+            return summary
+
+        storage.retrying(f"writing features/{shard}", lambda: commit(
+            storage, paths.shard_marker(shard), {"fingerprint": self.fingerprint}, write))
+        log.info("encode: %s: %d samples in %.1fs (%.0f samples/s)", shard, summary["rows"],
+                 summary["seconds"], summary["rows"] / max(summary["seconds"], 1e-9))
+
+
+class Encode(Stage):
+    """Every prepared shard through the encoders. Its key is the fingerprint of the prepared store, the
+    model, the SAE and the encode settings; shards already committed under it are skipped."""
+
+    name = "encode"
+    needs = ("prepare",)
+
+    def __init__(self, stack: ModelStack, storage: Storage, prepared: dict):
+        self.stack, self.storage, self.prepared = stack, storage, prepared
+        self.meta = sae_metadata(stack)
+        check_against_model(stack, self.meta)
+        self.fingerprint = fingerprint(
+            [], prepared["fingerprint"], stack.model.name, stack.model.dtype, self.meta, stack.prepare.max_tokens,
+            stack.prepare.chat_template, stack.encode.skip_prefix, stack.encode.top_m, FEATURE_SCHEMA.to_string())
+
+    def key(self) -> dict | None:
+        return None  # always looks: the shard markers say what is left to do
+
+    def resources(self) -> Resources:
+        return model_resources(self.stack.encode, self.stack.encode.actors)
+
+    def run(self) -> dict:
+        storage, store = self.storage, FeatureStore(self.storage)
+        shards = sorted(posixpath.basename(i.path) for i in storage.listing(paths.PREPARED)
+                        if i.path.endswith(".parquet"))
+        key = {"fingerprint": self.fingerprint}
+        markers = store.done_shards()
+        finished = {name: m for name, m in markers.items() if m.get("key") == key}
+        if len(finished) < len(markers):  # features of another input or config: start over
+            log.info("encode: features from an earlier input or config; re-encoding everything")
+            storage.remove(paths.FEATURES)
+            finished = {}
+        todo = [s for s in shards if s not in finished]
+        log.info("encode: %d shard(s), %d already done, %d to encode (layer %s, SAE %s)",
+                 len(shards), len(finished), len(todo), self.meta["layer"], self.meta["identity"])
+        start = time.time()
+        if todo:
+            resources = model_resources(self.stack.encode, min(self.stack.encode.actors, len(todo)))
+            items = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+            failed = [r["error"] for r in map_stage(items, EncodeShards, resources, stack=self.stack,
+                                                    root=storage.root, fingerprint=self.fingerprint).take_all()
+                      if r["error"]]
+            if failed:
+                raise StorageError(f"encode: {len(failed)} shard(s) could not be written; the others are committed, "
+                                   f"and a re-run encodes only these. First: {failed[0]}")
+        markers = store.done_shards()
+        missing = [s for s in shards if s not in markers]
+        if missing:
+            raise RuntimeError(f"encode: shards {missing[:5]} have no completion marker; re-run to finish them")
+        seconds = time.time() - start
+        encoded_now = sum(markers[s]["rows"] for s in todo)
+        log.info("encode: %d samples encoded now in %.1fs (%.1f samples/s); %d in the store",
+                 encoded_now, seconds, encoded_now / max(seconds, 1e-9), sum(markers[s]["rows"] for s in shards))
+        return {"fingerprint": self.fingerprint, "layer": self.meta["layer"], "sae": self.meta["identity"],
+                "d_sae": self.meta.get("d_sae"), "n_shards": len(shards), "n_shards_encoded": len(todo),
+                "n_shards_skipped": len(shards) - len(todo), "n_encoded": sum(markers[s]["rows"] for s in shards),
+                "n_tokens": sum(markers[s]["tokens"] for s in shards), "seconds": round(seconds, 2)}

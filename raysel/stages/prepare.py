@@ -1,0 +1,213 @@
+"""The prepare stage: corpus files in, validated and rendered samples out.
+
+Every input row lands either in `prepared/` (parquet, one row per sample) or
+in `rejects/` (JSON lines, with its source, row number, raw text and reason).
+Its resume key is the input's fingerprint (files, sizes, times, the input and
+prepare sections, the model): a re-run with the same inputs and config skips it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from ray.data import Dataset, SaveMode
+from ray.data.aggregate import Count, Min
+from ray.data.datasource import FilenameProvider
+from ray.data.expressions import col
+
+from raysel.config import InputConfig, ModelConfig, PrepareConfig, S3Config
+from raysel.core import paths
+from raysel.core.corpus import ORDER_BITS, CorpusDatasource, fingerprint, list_input_files
+from raysel.core.models import load_tokenizer, model_source
+from raysel.core.ray_adapter import Resources, map_stage
+from raysel.core.records import Rejected, chat_template_for, normalize, render
+from raysel.core.storage import Storage
+from raysel.stages.base import Stage
+
+log = logging.getLogger(__name__)
+
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+# The prepared store: what the encoder and every later stage read.
+PREPARED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # the configured id column, or a hash of the content
+        ("shape", pa.string()),  # alpaca | messages | text: the input record's shape
+        ("messages", MESSAGES),  # the normalised turns; null for plain text
+        ("text", pa.string()),  # rendered through the chat template, cut to max_tokens
+        ("n_tokens", pa.int32()),  # tokens in `text`
+        ("n_tokens_full", pa.int32()),  # tokens before truncation
+        ("truncated", pa.bool_()),
+        ("n_response_tokens", pa.int32()),  # tokens of the last assistant turn; 0 for plain text
+        ("content_hash", pa.string()),
+        ("source", pa.string()),  # input file
+        ("row", pa.int64()),  # row or line number in that file
+        ("record", pa.string()),  # the original record as JSON, for writing selections back
+    ]
+)
+REJECT_COLUMNS = ["source", "row", "reason", "detail", "raw"]
+SAMPLE_SCHEMA = pa.schema(
+    list(PREPARED_SCHEMA) + [pa.field(n, t) for n, t in (("order", pa.int64()), ("reason", pa.string()), ("detail", pa.string()))]
+)
+
+
+class Formatter:
+    """Stage: raw rows to samples: parse, normalise, render, count and cut tokens."""
+
+    def __init__(self, input: InputConfig, prepare: PrepareConfig, model: ModelConfig):
+        self.input, self.max_tokens = input, prepare.max_tokens
+        self.tokenizer = load_tokenizer(model)
+        self.template = chat_template_for(self.tokenizer, prepare.chat_template)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self._sample(r) for r in batch.to_pylist()]
+        self._cut_to_max_tokens([r for r in rows if r["reason"] is None])
+        return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+
+    def _sample(self, row: dict) -> dict:
+        out = {"source": row["source"], "row": row["row"], "order": row["order"], "record": row["raw"]}
+        if row["reason"]:
+            return {**out, "reason": row["reason"], "detail": row["detail"]}
+        try:
+            record = json.loads(row["raw"])
+            if not isinstance(record, dict):
+                raise Rejected("not_a_record", f"expected a JSON object, got {type(record).__name__}")
+            sample = normalize(record, self.input.fields, self.input.shape)
+            text = render(sample, self.tokenizer, self.template)
+        except json.JSONDecodeError as err:
+            return {**out, "reason": "malformed_json", "detail": str(err)}
+        except Rejected as rej:
+            return {**out, "reason": rej.reason, "detail": rej.detail}
+        return {**out, "id": sample.id, "shape": sample.shape, "messages": sample.messages,
+                "text": text, "content_hash": sample.content_hash, "reason": None}
+
+    def _cut_to_max_tokens(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        limit = self.max_tokens
+        enc = self.tokenizer([r["text"] for r in rows], return_offsets_mapping=True)
+        responses = [next((m["content"] for m in reversed(r["messages"] or []) if m["role"] == "assistant"), "")
+                     for r in rows]
+        for r, ids in zip(rows, self.tokenizer(responses, add_special_tokens=False)["input_ids"]):
+            r["n_response_tokens"] = len(ids)
+        for r, ids, offsets in zip(rows, enc["input_ids"], enc["offset_mapping"]):
+            r["n_tokens_full"] = len(ids)
+            r["truncated"] = len(ids) > limit
+            r["n_tokens"] = min(len(ids), limit)
+            if r["truncated"]:
+                r["text"] = r["text"][: offsets[limit - 1][1]]
+
+
+class PartNames(FilenameProvider):
+    """part-00000.<ext>: deterministic names, so a retried write overwrites."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{task_index:05d}.{self.file_format}"
+
+
+class Prepare(Stage):
+    name = "prepare"
+
+    def __init__(self, input: InputConfig, prepare: PrepareConfig, model: ModelConfig, s3: S3Config,
+                 storage: Storage):
+        self.input, self.prepare, self.model, self.storage = input, prepare, model, storage
+        self.fs, self.files = list_input_files(input, s3)  # an unreadable input fails here, before any work
+        # the output schema is part of it: a store written by another version of this stage is redone
+        self.fingerprint = fingerprint(self.files, input.model_dump(mode="json"), prepare.model_dump(mode="json"),
+                                       model.name, PREPARED_SCHEMA.to_string())
+
+    def key(self) -> dict:
+        return {"fingerprint": self.fingerprint}
+
+    def resources(self) -> Resources:
+        return Resources(batch_size=self.prepare.batch_size, memory=2 << 30)
+
+    def run(self) -> dict:
+        model_source(self.model)  # fail here, not in every worker; converts the embedded model once
+        storage, files = self.storage, self.files
+        start = time.time()
+        log.info("prepare: reading %d file(s) (%s)", len(files), ", ".join(sorted({f.format for f in files})))
+        kept, rejects, n_input = self.validate()
+        kept.write_parquet(storage.path(paths.PREPARED), filesystem=storage.fs, mode=SaveMode.OVERWRITE,
+                           filename_provider=PartNames(file_format="parquet"),
+                           max_rows_per_file=self.prepare.rows_per_file)
+        rejects.write_json(storage.path(paths.REJECTS), filesystem=storage.fs, mode=SaveMode.OVERWRITE,
+                           filename_provider=PartNames(file_format="jsonl"), force_ascii=False)
+        by_reason = count_by(rejects, "reason")
+        summary = {
+            "fingerprint": self.fingerprint,
+            "files": [f.path for f in files],
+            "n_input": n_input,
+            "n_valid": kept.count(),
+            "n_rejected": sum(by_reason.values()),
+            "rejected_by_reason": by_reason,
+            "n_truncated": kept.filter(expr=col("truncated")).count(),
+            "seconds": round(time.time() - start, 2),
+        }
+        assert summary["n_input"] == summary["n_valid"] + summary["n_rejected"], summary
+        rate = summary["n_input"] / max(summary["seconds"], 1e-9)
+        log.info("prepare: %d rows in %.1fs (%.0f rows/s): %d valid, %d rejected %s, %d truncated",
+                 summary["n_input"], summary["seconds"], rate, summary["n_valid"], summary["n_rejected"],
+                 by_reason, summary["n_truncated"])
+        return summary
+
+    def validate(self) -> tuple[Dataset, Dataset, int]:
+        """Every input row, split into valid samples and rejects (both materialised)."""
+        raw = ray.data.read_datasource(CorpusDatasource(self.files, self.fs))
+        samples = map_stage(raw, Formatter, self.resources(), input=self.input, prepare=self.prepare,
+                            model=self.model).materialize()
+        n_input, partitions = samples.count(), max(1, min(64, samples.num_blocks()))
+        paths_ = [f.path for f in self.files]
+        rejected = []
+        # Each pass sees only the rows still valid, so a row dropped as a repeated
+        # text cannot make a later row with its id a repeat.
+        for key, reason in [("content_hash", "duplicate_text")] * self.prepare.dedup + [("id", "duplicate_id")]:
+            rejected.append(samples.filter(expr=col("reason").is_not_null()).materialize())
+            samples = first_wins(samples.filter(expr=col("reason").is_null()), key, reason, paths_, partitions)
+            samples = samples.materialize()
+        rejected.append(samples.filter(expr=col("reason").is_not_null()).materialize())
+        kept = samples.filter(expr=col("reason").is_null()).select_columns(PREPARED_SCHEMA.names)
+        rejects = rejected[0].union(*rejected[1:]).rename_columns({"record": "raw"}).select_columns(REJECT_COLUMNS)
+        return kept, rejects.materialize(), n_input
+
+
+def first_wins(ds: Dataset, key: str, reason: str, files: list[str], num_partitions: int) -> Dataset:
+    """Mark every row whose `key` an earlier row (by file, then row) already has.
+
+    A vectorised hash aggregate finds the repeated keys and where each first
+    occurs; only those (few) keys travel to the marking tasks."""
+    repeated = (
+        ds.groupby(key, num_partitions=num_partitions)
+        .aggregate(Count(alias_name="n"), Min("order", alias_name="first"))
+        .filter(expr=col("n") > 1)
+        .select_columns([key, "first"])
+    )
+    firsts = [t for t in ray.get(repeated.to_arrow_refs()) if t.num_rows]
+    if not firsts:
+        return ds
+    return ds.map_batches(_mark_repeats, batch_format="pyarrow", fn_kwargs={
+        "firsts": pa.concat_tables(firsts), "key": key, "reason": reason, "files": files})
+
+
+def _mark_repeats(batch: pa.Table, firsts: pa.Table, key: str, reason: str, files: list[str]) -> pa.Table:
+    first = pc.take(firsts["first"], pc.index_in(batch[key], value_set=firsts[key]))
+    repeat = pc.fill_null(pc.not_equal(batch["order"], first), False)
+    if not pc.any(repeat).as_py():
+        return batch
+    mask = (1 << ORDER_BITS) - 1
+    details = [f"same {key} as {files[f >> ORDER_BITS]} row {f & mask}" if r else d
+               for f, r, d in zip(first.to_pylist(), repeat.to_pylist(), batch["detail"].to_pylist())]
+    batch = batch.set_column(batch.schema.get_field_index("reason"), "reason",
+                             pc.if_else(repeat, pa.scalar(reason), batch["reason"]))
+    return batch.set_column(batch.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
+
+
+def count_by(ds: Dataset, column: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for batch in ds.select_columns([column]).iter_batches(batch_format="pyarrow", batch_size=65536):
+        for item in batch[column].value_counts().to_pylist():
+            counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    return dict(sorted(counts.items()))

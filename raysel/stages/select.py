@@ -1,0 +1,140 @@
+"""The select stage: every configured method picks from the feature store, never re-encoding, and
+each selection is written the same way under selection/<method>/:
+
+    selected.parquet   rank, id, gain (the gain or score the method gave the pick) and
+                       new_features (features the pick adds to the running union)
+    records.parquet, records.jsonl   the selected records in their original fields
+    manifest.json      config, versions, model and SAE identity, fingerprints, counts, what the
+                       method settled on, the coverage curve, and coverage against the baselines
+                       (random, longest) at the same budget; written last
+
+The methods are raysel.methods' registry. The stage's resume key is derived: the method entries,
+the settings they share, and a content fingerprint of every side input they read, so an edited
+targets file redoes the selection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raysel.config import S3Config, SelectConfig
+from raysel.core import paths
+from raysel.core.corpus import content_fingerprint
+from raysel.core.features import FeatureStore
+from raysel.core.storage import Storage
+from raysel.methods import BASELINES, Context, Pool, build
+from raysel.stages.base import Stage
+
+log = logging.getLogger(__name__)
+
+
+def resolve_budget(budget: float, n: int) -> int:
+    return min(n, int(budget) if budget >= 1 else max(1, round(budget * n)))
+
+
+class Select(Stage):
+    name = "select"
+    needs = ("stats",)
+
+    def __init__(self, select: SelectConfig, s3: S3Config, ctx: Context, encoded: dict, manifest_base: dict):
+        self.select, self.s3, self.ctx, self.encoded = select, s3, ctx, encoded
+        self.storage, self.manifest_base = ctx.storage, manifest_base
+        self.methods = [build(entry) for entry in select.methods]
+
+    def key(self) -> dict:
+        side = {m.name: {name: content_fingerprint(p, self.s3) for name, p in m.side_inputs(self.ctx).items() if p}
+                for m in self.methods}
+        return {"encode_fingerprint": self.encoded["fingerprint"], "tau": self.ctx.tau,
+                "select": self.select.model_dump(mode="json"), "fac": self.ctx.fac.model_dump(mode="json"),
+                "side_inputs": side}
+
+    def run(self) -> dict:
+        start, ctx = time.time(), self.ctx
+        pool = read_pool(FeatureStore(self.storage), ctx.tau)
+        n, indices = len(pool.ids), pool.indices
+        budgets = {m.name: resolve_budget(m.cfg.budget or self.select.budget, n) for m in self.methods}
+        log.info("select: %d samples, %d activated features, %.1f per sample (tau %g), budgets %s", n,
+                 np.unique(indices).size, indices.size / max(n, 1), ctx.tau, budgets)
+        picks, curves = {}, {}
+        for method in self.methods:
+            chosen = method.pick(pool, budgets[method.name], ctx)
+            order = pool.rows_of(chosen.ids)
+            new, curves[method.name] = coverage_curve(order, pool.indptr, indices)
+            picks[method.name] = (order, chosen, new)
+        baselines = {str(k): {b.Config().name: coverage_curve(pool.rows_of(build(b.Config()).pick(pool, k, ctx).ids),
+                                                              pool.indptr, indices)[1][-1]["coverage"]
+                              for b in BASELINES} for k in set(budgets.values())}
+        raw = selected_records(self.storage, {i for order, _, _ in picks.values() for i in pool.ids[order]})
+        results = {}
+        for name, k in budgets.items():
+            order, chosen, new = picks[name]
+            results[name] = write_selection(self.storage, name, pool.ids[order], chosen.scores, new, raw, {
+                **self.manifest_base, "method": name, "budget": k, "tau": ctx.tau, **chosen.details,
+                "counts": {**self.manifest_base["counts"], "n_selected": int(len(order))},
+                "objective_curve": curves[name],
+                "coverage_at_budget": baselines[str(k)] | {m: curves[m][-1]["coverage"] for m in budgets
+                                                           if budgets[m] == k},
+            })
+        summary = {"budgets": budgets, "n_features_activated": int(np.unique(indices).size),
+                   "methods": {m: r["coverage_at_budget"][m] for m, r in results.items()},
+                   "baselines": baselines, "seconds": round(time.time() - start, 2)}
+        log.info("select: coverage %s against the baselines %s in %.1fs", summary["methods"], baselines,
+                 summary["seconds"])
+        return summary
+
+
+def read_pool(store: FeatureStore, tau: float) -> Pool:
+    ids, indptr, indices = store.activated_sets(tau)
+    prepared = pq.read_table(store.storage.path(paths.PREPARED), columns=["id", "n_response_tokens"],
+                             filesystem=store.storage.fs)
+    by_id = {i: n for n, i in enumerate(prepared["id"].to_pylist())}
+    response_tokens = prepared["n_response_tokens"].to_numpy()[np.array([by_id[i] for i in ids], dtype=np.int64)]
+    return Pool(ids, indptr, indices, response_tokens, store)
+
+
+def coverage_curve(order: np.ndarray, indptr, indices, points: int = 20) -> tuple[np.ndarray, list[dict]]:
+    """Features each pick adds to the running union, and the covered share at checkpoints."""
+    total = np.unique(indices).size or 1
+    seen = np.zeros(int(indices.max()) + 1 if indices.size else 1, dtype=bool)
+    new = np.zeros(len(order), dtype=np.int64)
+    for rank, i in enumerate(order):
+        feats = indices[indptr[i]: indptr[i + 1]]
+        new[rank] = np.count_nonzero(~seen[feats])
+        seen[feats] = True
+    covered = np.cumsum(new)
+    marks = sorted({max(1, round(len(order) * p / points)) for p in range(1, points + 1)})
+    return new, [{"k": m, "coverage": round(float(covered[m - 1]) / total, 4)} for m in marks]
+
+
+def selected_records(storage: Storage, wanted: set) -> dict[str, str]:
+    """The original record (JSON) of each wanted id, read with a filter: never the whole corpus's records."""
+    table = pq.ParquetDataset(storage.path(paths.PREPARED), filesystem=storage.fs,
+                              filters=pc.field("id").isin(sorted(wanted))).read(columns=["id", "record"])
+    return dict(zip(table["id"].to_pylist(), table["record"].to_pylist()))
+
+
+def write_selection(storage: Storage, method: str, ids, gains, new, records_by_id: dict, manifest: dict) -> dict:
+    base = paths.selection(method)
+    storage.remove(f"{base}/manifest.json")  # a half-rewritten selection must not look finished
+    storage.fs.create_dir(storage.path(base), recursive=True)
+    selected = pa.table({"rank": pa.array(np.arange(1, len(ids) + 1, dtype=np.int32)),
+                         "id": pa.array(list(ids), pa.string()),
+                         "gain": pa.array(gains, pa.float64(), from_pandas=True),  # NaN (no gain) -> null
+                         "new_features": pa.array(new, pa.int64())})
+    pq.write_table(selected, storage.path(base, "selected.parquet"), filesystem=storage.fs)
+    raw = [records_by_id[i] for i in ids]
+    with storage.fs.open_output_stream(storage.path(base, "records.jsonl")) as f:
+        f.write("".join(r + "\n" for r in raw).encode())
+    records = [json.loads(r) for r in raw]
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]),
+                   storage.path(base, "records.parquet"), filesystem=storage.fs)
+    storage.write_json(f"{base}/manifest.json", manifest)  # last: the selection is committed
+    return manifest

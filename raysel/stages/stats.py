@@ -1,0 +1,159 @@
+"""The reduce stage: per-feature statistics over the whole feature store.
+
+Each block of the store is reduced to a partial (arrays of d_sae, plus the
+block's top-N samples per feature), and the partials are merged as they stream
+in, so memory is O(d_sae * N) whatever the corpus size. Per feature j:
+
+    doc_freq     samples with g_j(x) > tau (g: the max-pool)
+    mass         sum over samples of s_j(x) (s: the sum-pool)
+    max          max over samples of g_j(x)
+    mean_active  mean of g_j(x) over the samples counted in doc_freq
+    top_ids      the N samples with the largest g_j(x), strongest first
+    top_values   their g_j(x)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from raysel.core import paths
+from raysel.core.features import FeatureStore, is_active
+from raysel.core.storage import Storage
+from raysel.stages.base import Stage
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class FeatureStats:
+    doc_freq: np.ndarray
+    mass: np.ndarray
+    max: np.ndarray
+    active_sum: np.ndarray  # sum of g_j over the samples counted in doc_freq
+    top_feat: np.ndarray  # (feature, sample id, value) of the running top-N, as three arrays
+    top_ids: np.ndarray
+    top_values: np.ndarray
+    n_samples: int
+
+    @classmethod
+    def empty(cls, d_sae: int) -> "FeatureStats":
+        z = np.zeros(d_sae)
+        return cls(z.astype(np.int64), z.copy(), z.copy(), z.copy(), np.zeros(0, np.int64),
+                   np.zeros(0, object), np.zeros(0, np.float32), 0)
+
+    def merge(self, other: "FeatureStats", top_n: int) -> "FeatureStats":
+        feat, ids, values = top_per_feature(np.concatenate([self.top_feat, other.top_feat]),
+                                            np.concatenate([self.top_ids, other.top_ids]),
+                                            np.concatenate([self.top_values, other.top_values]), top_n)
+        return FeatureStats(self.doc_freq + other.doc_freq, self.mass + other.mass,
+                            np.maximum(self.max, other.max), self.active_sum + other.active_sum,
+                            feat, ids, values, self.n_samples + other.n_samples)
+
+
+def block_stats(table: pa.Table, d_sae: int, tau: float, top_n: int) -> FeatureStats:
+    """The partial statistics of one block of the feature store."""
+    feats = pc.list_flatten(table["feat_ids"]).to_numpy().astype(np.int64)
+    maxes = pc.list_flatten(table["feat_max"]).to_numpy().astype(np.float64)
+    sums = pc.list_flatten(table["feat_sum"]).to_numpy().astype(np.float64)
+    rows = pc.list_parent_indices(table["feat_ids"]).to_numpy()
+    if feats.size and feats.max() >= d_sae:
+        raise ValueError(f"stats: feature id {feats.max()} is out of range for d_sae {d_sae}")
+    active = is_active(maxes, tau)
+    peak = np.zeros(d_sae)
+    np.maximum.at(peak, feats, maxes)
+    ids = np.asarray(table["id"].to_pylist(), dtype=object)[rows]
+    top = top_per_feature(feats, ids, maxes.astype(np.float32), top_n)
+    return FeatureStats(
+        doc_freq=np.bincount(feats[active], minlength=d_sae),
+        mass=np.bincount(feats, weights=sums, minlength=d_sae),
+        max=peak,
+        active_sum=np.bincount(feats[active], weights=maxes[active], minlength=d_sae),
+        top_feat=top[0], top_ids=top[1], top_values=top[2], n_samples=table.num_rows,
+    )
+
+
+def top_per_feature(feat: np.ndarray, ids: np.ndarray, values: np.ndarray, top_n: int):
+    """Keep the top_n (feature, id, value) entries of each feature by value; ties go to the smaller id."""
+    if not feat.size:
+        return feat, ids, values
+    order = np.lexsort((ids.astype(str), -values, feat))
+    feat, ids, values = feat[order], ids[order], values[order]
+    starts = np.flatnonzero(np.r_[True, feat[1:] != feat[:-1]])
+    rank = np.arange(feat.size) - np.repeat(starts, np.diff(np.r_[starts, feat.size]))
+    keep = rank < top_n
+    return feat[keep], ids[keep], values[keep]
+
+
+def compute_stats(ds: ray.data.Dataset, d_sae: int, tau: float, top_n: int) -> FeatureStats:
+    """Reduce every block on the cluster, merge the partials on the driver as they arrive."""
+    partials = ds.map_batches(
+        lambda t: {"partial": [block_stats(t, d_sae, tau, top_n)]}, batch_format="pyarrow", batch_size=None,
+    )
+    total = FeatureStats.empty(d_sae)
+    for batch in partials.iter_batches(batch_size=1, batch_format="numpy"):
+        for partial in batch["partial"]:
+            total = total.merge(partial, top_n)
+    return total
+
+
+def to_table(stats: FeatureStats) -> pa.Table:
+    d_sae = len(stats.doc_freq)
+    starts = np.searchsorted(stats.top_feat, np.arange(d_sae + 1))  # top_feat is sorted by feature
+    offsets = pa.array(starts.astype(np.int32))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_active = np.where(stats.doc_freq > 0, stats.active_sum / stats.doc_freq, 0.0)
+    return pa.table({
+        "feature": pa.array(np.arange(d_sae, dtype=np.int32)),
+        "doc_freq": pa.array(stats.doc_freq.astype(np.int64)),
+        "mass": pa.array(stats.mass),
+        "max": pa.array(stats.max.astype(np.float32)),
+        "mean_active": pa.array(mean_active.astype(np.float32)),
+        "top_ids": pa.ListArray.from_arrays(offsets, pa.array(stats.top_ids.tolist(), pa.string())),
+        "top_values": pa.ListArray.from_arrays(offsets, pa.array(stats.top_values, pa.float32())),
+    })
+
+
+def observed_width(ds: ray.data.Dataset) -> int:
+    """1 + the largest feature id in the store, for SAEs whose d_sae the driver cannot read."""
+    widths = ds.map_batches(lambda t: {"w": [int(pc.max(pc.list_flatten(t["feat_ids"])).as_py() or -1) + 1]},
+                            batch_format="pyarrow", batch_size=None)
+    return max(widths.to_pandas()["w"], default=0)
+
+
+class Stats(Stage):
+    """The reduce over the store at the run's tau; its key is the store's encode fingerprint, tau and top_n."""
+
+    name = "stats"
+    needs = ("encode",)
+
+    def __init__(self, storage: Storage, encoded: dict, tau: float, top_n: int):
+        self.storage, self.encoded, self.tau, self.top_n = storage, encoded, tau, top_n
+
+    def key(self) -> dict:
+        return {"encode_fingerprint": self.encoded["fingerprint"], "tau": self.tau, "top_n": self.top_n}
+
+    def run(self) -> dict:
+        start = time.time()
+        features = FeatureStore(self.storage).dataset()
+        d_sae = self.encoded["d_sae"] or observed_width(features)
+        stats = compute_stats(features, d_sae, self.tau, self.top_n)
+        self.storage.fs.create_dir(self.storage.path(paths.STATS), recursive=True)
+        pq.write_table(to_table(stats), self.storage.path(paths.FEATURE_STATS), filesystem=self.storage.fs)
+        summary = {
+            "n_samples": stats.n_samples, "d_sae": d_sae, "tau": self.tau, "top_n": self.top_n,
+            "n_features_active": int((stats.doc_freq > 0).sum()),
+            "mean_features_per_sample": round(float(stats.doc_freq.sum()) / max(stats.n_samples, 1), 2),
+            "seconds": round(time.time() - start, 2),
+        }
+        self.storage.write_json(paths.STATS_SUMMARY, summary)
+        log.info("stats: %d samples, %d of %d features fire (tau %g), %.1f per sample, in %.1fs", stats.n_samples,
+                 summary["n_features_active"], d_sae, self.tau, summary["mean_features_per_sample"],
+                 summary["seconds"])
+        return summary

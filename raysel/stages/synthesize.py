@@ -1,0 +1,299 @@
+"""FAC Synthesis: write new samples for the task features a dataset is missing.
+
+For each missing feature j (from `raysel fac`, with its top-activating spans):
+
+1. prompt a generator with the spans where j is strongest and sample n
+   candidates; score each by g_j, the feature's max activation over the
+   candidate (encoded like any sample); the best is x+ and the worst x-;
+2. prompt again with the contrastive pair (x+, x- and their scores), sample m
+   more, keep those with g_j > delta, and retain the top `keep`.
+
+Each step is two Ray stages: generation, then scoring on the encode actors. Generation runs a
+generator model on an actor pool with transformers `generate` (synth.engine: transformers), or,
+with synth.engine: vllm on GPU nodes with vLLM installed, through ray.data.llm's vLLM processor.
+Every candidate, kept or not, is recorded with its provenance: feature, step, prompt, score,
+generator, and whether it passed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from raysel.config import ModelStack, SynthConfig
+from raysel.core import paths
+from raysel.core.encoder import Encoder
+from raysel.core.features import FeatureStore
+from raysel.core.models import ChatModel, generator_config, model_source
+from raysel.core.ray_adapter import log_to_driver, map_stage, model_resources
+from raysel.core.records import chat_template_for
+from raysel.core.section import ConfigError
+from raysel.methods import Context
+from raysel.methods.fac import fac
+from raysel.stages.base import Stage
+from raysel.stages.select import write_selection
+
+log = logging.getLogger(__name__)
+
+FIRST = """Here are passages from instruction data, each with a marked span where one particular pattern is strong:
+
+{spans}
+
+Write one new instruction and the assistant's response in which this pattern is strong.
+Answer in the form:
+Instruction: <the instruction>
+Response: <the response>"""
+
+CONTRASTIVE = """We are writing instruction data that shows one particular pattern strongly.
+
+This example shows it strongly (score {best_score:.2f}):
+{best}
+
+This example barely shows it (score {worst_score:.2f}):
+{worst}
+
+Write one new instruction and response that shows the pattern even more strongly than the first example.
+Answer in the form:
+Instruction: <the instruction>
+Response: <the response>"""
+
+
+GENERATED = pa.schema([("id", pa.string()), ("feature", pa.int64()), ("step", pa.int64()), ("prompt", pa.string()),
+                       ("text", pa.string()), ("generator", pa.string())])
+CANDIDATES = pa.schema([
+    ("id", pa.string()), ("feature", pa.int64()), ("step", pa.int64()), ("prompt", pa.string()), ("text", pa.string()),
+    ("record", pa.string()), ("score", pa.float64()), ("generator", pa.string()), ("passed", pa.bool_()),
+    ("kept", pa.bool_()), ("feat_ids", pa.list_(pa.int32())), ("feat_max", pa.list_(pa.float32())),
+    ("feat_sum", pa.list_(pa.float32())), ("n_tokens", pa.int32()),
+])
+
+
+def as_record(text: str) -> dict:
+    """A generated text as an alpaca record; without the markers, the whole text is the instruction."""
+    found = re.search(r"Instruction:\s*(.*?)\s*Response:\s*(.*)", text, flags=re.S)
+    instruction, output = (found.group(1), found.group(2)) if found else (text, "")
+    return {"instruction": instruction.strip(), "input": "", "output": output.strip()}
+
+
+def passing(scores: list[float], delta: float, keep: int) -> list[int]:
+    """Indices of the candidates above delta, strongest first, at most `keep`."""
+    above = [i for i, s in enumerate(scores) if s > delta]
+    return sorted(above, key=lambda i: (-scores[i], i))[:keep]
+
+
+class Generator:
+    """Stage (transformers): each row is a prompt with how many samples it wants; out come the samples."""
+
+    def __init__(self, stack: ModelStack, synth: SynthConfig):
+        import torch
+
+        log_to_driver()
+        self.torch, self.s = torch, synth
+        self.lm = ChatModel(stack, synth.generator)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist([c for p in batch.to_pylist() for c in self.sample(p)], schema=GENERATED)
+
+    def sample(self, p: dict) -> list[dict]:
+        torch, lm, start = self.torch, self.lm, time.time()
+        ids = torch.tensor([lm.prompt_ids(p["prompt"])], device=lm.device)
+        torch.manual_seed(p["seed"])  # the same feature and step get the same samples
+        with torch.inference_mode():
+            out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                    temperature=self.s.temperature, top_p=self.s.top_p,
+                                    max_new_tokens=self.s.max_new_tokens, num_return_sequences=p["n"],
+                                    pad_token_id=lm.pad_id)
+        texts = lm.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        log.info("synthesize: feature %d, step %d: %d samples in %.0fs", p["feature"], p["step"], p["n"],
+                 time.time() - start)
+        return [candidate(p, i, text, lm.name) for i, text in enumerate(texts)]
+
+
+def candidate(p: dict, i: int, text: str, generator: str) -> dict:
+    return {"id": f"synth-{p['feature']}-{p['step']}-{i}", "feature": p["feature"], "step": p["step"],
+            "prompt": p["prompt"], "text": text, "generator": generator}
+
+
+def generate_vllm(stack: ModelStack, synth: SynthConfig, prompts: list[dict]) -> pa.Table:
+    """The same samples through vLLM on the GPU nodes (ray.data.llm), one request per sample, seeded."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    s, name = synth, generator_config(stack.model, synth.generator)
+    processor = build_processor(
+        vLLMEngineProcessorConfig(model_source=model_source(name), concurrency=s.actors, batch_size=64,
+                                  engine_kwargs={"dtype": "auto", "max_model_len": 4096}),
+        preprocess=lambda r: {**r, "messages": [{"role": "user", "content": r["prompt"]}], "sampling_params": {
+            "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_new_tokens, "seed": r["seed"] + r["i"]}},
+        postprocess=lambda r: candidate(r, r["i"], r["generated_text"], name.name))
+    requests = [p | {"i": i} for p in prompts for i in range(p["n"])]
+    return pa.Table.from_pylist(processor(ray.data.from_items(requests)).take_all(), schema=GENERATED)
+
+
+def check_vllm() -> None:
+    """synth.engine: vllm needs vLLM where the driver runs and GPUs in the cluster; say so before any work."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("synth.engine: 'vllm' needs the vllm package (pip install vllm, on GPU nodes); "
+                          "the allowed values are 'transformers' and 'vllm'")
+    if not ray.cluster_resources().get("GPU"):
+        raise ConfigError("synth.engine: 'vllm' runs on GPU nodes and this cluster has none; use 'transformers'")
+
+
+def generate(stack: ModelStack, synth: SynthConfig, prompts: list[dict]) -> pa.Table:
+    """`n` samples for each prompt, from synth.generator on synth.actors actors (synth.engine picks how)."""
+    if synth.engine == "vllm":
+        return generate_vllm(stack, synth, prompts)
+    # one block per prompt, made on the driver: a repartition task could wait forever for a CPU
+    # that the actors, already started, hold
+    items = ray.data.from_items(prompts, override_num_blocks=len(prompts))
+    out = map_stage(items, Generator, model_resources(stack.encode, min(synth.actors, len(prompts))), stack=stack,
+                    synth=synth)
+    return pa.concat_tables([GENERATED.empty_table(), *ray.get(out.to_arrow_refs())])
+
+
+class Scorer:
+    """Stage: generated samples in, as alpaca records, encoded, each scored by g_j of its own feature."""
+
+    def __init__(self, stack: ModelStack):
+        log_to_driver()
+        self.encoder = Encoder(stack)
+        self.template = chat_template_for(self.encoder.tokenizer, stack.prepare.chat_template)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        records = [as_record(t) for t in batch["text"].to_pylist()]
+        features = self.encoder(batch["id"].to_pylist(), [self.render(r) for r in records])
+        scores = [dict(zip(f, m)).get(j, 0.0) for j, f, m in zip(
+            batch["feature"].to_pylist(), features["feat_ids"].to_pylist(), features["feat_max"].to_pylist())]
+        n = batch.num_rows
+        scored = batch.append_column("record", pa.array([json.dumps(r) for r in records]))
+        for name, column in [("score", pa.array(scores, pa.float64())), ("passed", pa.array([False] * n)),
+                             ("kept", pa.array([False] * n)), *zip(features.column_names[1:], features.columns[1:])]:
+            scored = scored.append_column(name, column)
+        return scored.select(CANDIDATES.names).cast(CANDIDATES)
+
+    def render(self, record: dict) -> str:
+        messages = [{"role": "user", "content": record["instruction"] or " "},
+                    {"role": "assistant", "content": record["output"] or " "}]
+        return self.encoder.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.template)
+
+
+def score(stack: ModelStack, generated: pa.Table) -> pa.Table:
+    """Every generated sample scored, in blocks for the encode actors made on the driver (see generate)."""
+    size = max(1, -(-generated.num_rows // (4 * stack.encode.actors)))  # ceil: about 4 blocks per actor
+    items = ray.data.from_arrow([generated.slice(o, size) for o in range(0, generated.num_rows, size)])
+    out = map_stage(items, Scorer, model_resources(stack.encode, stack.encode.actors, 64), stack=stack)
+    return pa.concat_tables([CANDIDATES.empty_table(), *ray.get(out.to_arrow_refs())])
+
+
+def synthesize(stack: ModelStack, synth: SynthConfig, missing: list[int], spans: pa.Table, delta: float) -> pa.Table:
+    """Every candidate for the first synth.max_features missing features; a step-2 candidate passes
+    when its activation of the feature exceeds `delta`."""
+    s, todo = synth, missing[: synth.max_features]
+    if not todo:
+        return CANDIDATES.empty_table()
+    shown = {j: ["".join(r["tokens"]) for r in spans.filter(pc.equal(spans["feature"], j)).to_pylist()[: s.spans]]
+             for j in todo}
+
+    def prompts(step: int, text: dict, n: int) -> list[dict]:
+        return [{"feature": j, "step": step, "prompt": text[j], "n": n, "seed": s.seed * 1_000_003 + j * 10 + step}
+                for j in todo]
+
+    first = score(stack, generate(stack, synth, prompts(1, {j: FIRST.format(spans="\n\n".join(f"- {t}" for t in shown[j]))
+                                                 for j in todo}, s.n_candidates))).to_pylist()
+    pairs = {}
+    for j in todo:
+        mine = [c for c in first if c["feature"] == j]
+        pairs[j] = max(mine, key=lambda c: c["score"]), min(mine, key=lambda c: c["score"])
+    second = score(stack, generate(stack, synth, prompts(2, {j: CONTRASTIVE.format(
+        best=b["text"], best_score=b["score"], worst=w["text"], worst_score=w["score"]) for j, (b, w) in pairs.items()},
+        s.n_contrastive))).to_pylist()
+    for j in todo:
+        mine = sorted((c for c in second if c["feature"] == j), key=lambda c: c["id"])
+        for c in mine:
+            c["passed"] = c["score"] > delta
+        for i in passing([c["score"] for c in mine], delta, s.keep):
+            mine[i]["kept"] = True
+        log.info("synthesize: feature %d: step 1 best %.2f, worst %.2f; step 2: %d of %d above delta %.2f, %d kept", j,
+                 pairs[j][0]["score"], pairs[j][1]["score"], sum(c["passed"] for c in mine), len(mine), delta,
+                 sum(c["kept"] for c in mine))
+    table = pa.Table.from_pylist(first + second, schema=CANDIDATES)
+    return table.sort_by([("feature", "ascending"), ("step", "ascending"), ("id", "ascending")])
+
+
+def acceptance(candidates: pa.Table) -> dict:
+    """How many step-2 candidates cleared delta, and how many were kept."""
+    step2 = candidates.filter(pc.equal(candidates["step"], 2))
+    return {"n_candidates": candidates.num_rows, "n_kept": int(pc.sum(candidates["kept"]).as_py() or 0),
+            "acceptance_rate": float(np.mean(step2["passed"].to_numpy(zero_copy_only=False))) if step2.num_rows else 0.0}
+
+
+def synth_delta(synth: SynthConfig, tau: float) -> float:
+    """synth.delta, or the run's tau as resolved (calibrated, when activation.target_active sets it)."""
+    return tau if synth.delta is None else synth.delta
+
+
+class Synthesize(Stage):
+    """`raysel synthesize`: FAC of the input (the fac stage's report, `before`), then new samples for its
+    missing features, written like a selection under selection/synthesis/ (records carry their
+    provenance), with FAC before and after."""
+
+    name = "synthesis"
+    needs = ("fac",)
+
+    def __init__(self, synth: SynthConfig, stack: ModelStack, ctx: Context, before: dict, config: dict):
+        self.synth, self.stack, self.ctx, self.before, self.config = synth, stack, ctx, before, config
+        self.storage = ctx.storage
+
+    def key(self) -> dict | None:
+        return None  # sampling is seeded, but the generator is costly to judge unchanged: always runs
+
+    def run(self) -> dict:
+        return run_synthesis(self.synth, self.stack, self.ctx, self.before, self.config)
+
+
+def check_engine(synth: SynthConfig) -> None:
+    if synth.engine == "vllm":
+        check_vllm()
+
+
+def run_synthesis(synth: SynthConfig, stack: ModelStack, ctx: Context, before: dict, config: dict) -> dict:
+    start, storage, tau = time.time(), ctx.storage, ctx.tau
+    spans = pq.read_table(storage.path(paths.FAC, "missing_spans.parquet"), filesystem=storage.fs)
+    delta = synth_delta(synth, tau)
+    candidates = synthesize(stack, synth, before["missing"], spans, delta)
+    kept = candidates.filter(candidates["kept"])
+    anchored = ctx.side_set("anchor", ctx.fac.anchor).table()
+    features = pq.read_table(storage.path(paths.FAC, "features.parquet"), columns=["feature"],
+                             filesystem=storage.fs)["feature"].to_numpy()
+    d_sae = ctx.d_sae
+    evaluated = FeatureStore(storage).table()
+    grown = pa.concat_tables([evaluated, kept.select(evaluated.column_names).cast(evaluated.schema)])
+    after, _ = fac(anchored, grown, features, tau, d_sae)
+    storage.fs.create_dir(storage.path(paths.SYNTHESIS), recursive=True)
+    pq.write_table(candidates.drop_columns(["feat_ids", "feat_max", "feat_sum", "n_tokens"]),
+                   storage.path(paths.SYNTHESIS, "candidates.parquet"), filesystem=storage.fs)
+    seconds = time.time() - start
+    summary = {"delta": delta, "fac_before": before["fac"], "fac_after": after["fac"],
+               "missing_before": len(before["missing"]),
+               "missing_after": len(after["missing"]), "features_tried": len(set(candidates["feature"].to_pylist())),
+               **acceptance(candidates), "seconds": round(seconds, 1),
+               "seconds_per_kept": round(seconds / kept.num_rows, 1) if kept.num_rows else None}
+    records = {r["id"]: json.dumps(json.loads(r["record"]) | {"provenance": {
+        k: r[k] for k in ("feature", "step", "prompt", "score", "generator")}}) for r in kept.to_pylist()}
+    write_selection(storage, "synthesis", kept["id"].to_pylist(), kept["score"].to_numpy(),
+                    np.zeros(kept.num_rows, np.int64), records,
+                    {"config": config, "method": "synthesis", "tau": tau, **summary,
+                     "counts": {"n_selected": kept.num_rows}})
+    log.info("synthesis: FAC %.3f -> %.3f; %d of %d step-2 candidates above delta (%.0f %%), %d kept, %.1fs",
+             summary["fac_before"], summary["fac_after"], round(summary["acceptance_rate"] * synth.n_contrastive
+             * summary["features_tried"]), synth.n_contrastive * summary["features_tried"],
+             100 * summary["acceptance_rate"], kept.num_rows, seconds)
+    return summary

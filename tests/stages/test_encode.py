@@ -1,0 +1,198 @@
+"""The encoder against a dense reference, and the feature store's resume, on a
+real local Ray cluster with a tiny Llama and a tiny sae-lens TopK SAE built from config."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from raysel.config import ConfigError, RunConfig
+from raysel.core.encoder import Encoder
+from raysel.core.features import FeatureStore
+from raysel.core.models import truncate_to_layer
+from raysel.core.paths import FEATURES_DONE
+from raysel.core.sae import sae_metadata
+from raysel.core.storage import Storage
+from tests.conftest import DEMO, build_tiny_sae, encode, prepare, run_cfg
+
+TEXTS = [
+    "<|user|>Name a prime number.\n<|assistant|>Seven is prime.\n",
+    "<|user|>Write a long answer about the sea and the sky and the land and all of it.\n<|assistant|>Fine.\n",
+    "Plain text that does not start with the template prefix.",
+    "x",
+]
+
+
+def encoder_stack(model_dir, sae_dir, **encode):
+    return RunConfig.model_validate({"input": {"paths": ["unused"]}, "model": {"name": str(model_dir)},
+                                     "sae": {"path": str(sae_dir)},
+                                     "encode": {"tokens_per_batch": 64, **encode}}).stack()
+
+
+def test_truncated_model_equals_the_full_models_hidden_state(tiny_model_dir):
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = tok(TEXTS[:2], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        reference = full(**batch, output_hidden_states=True).hidden_states[2]  # after block 1
+        truncated = truncate_to_layer(full, 1)(**batch, use_cache=False).last_hidden_state
+    assert len(truncated_layers := full.model.layers) == 2, truncated_layers
+    assert torch.equal(truncated, reference)
+
+
+def dense_reference(model_dir, sae_dir, texts, skip_prefix_ids):
+    """Full model, output_hidden_states, one sample at a time, dense SAE encode."""
+    from sae_lens import SAE
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    sae = SAE.load_from_disk(sae_dir)
+    out = []
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        k = len(skip_prefix_ids)
+        start = k if k and ids[:k] == skip_prefix_ids else 1
+        with torch.no_grad():
+            h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0, start:]
+            z = sae.encode(h)
+        out.append((z.shape[0], z.max(0).values if len(z) else None, z.sum(0) if len(z) else None))
+    return out
+
+
+@pytest.mark.parametrize("skip_prefix", [True, False])
+def test_encoder_matches_a_dense_reference(tiny_model_dir, tiny_sae_dir, skip_prefix):
+    encoder = Encoder(encoder_stack(tiny_model_dir, tiny_sae_dir, skip_prefix=skip_prefix))
+    assert encoder.layer == 1 and bool(encoder.prefix_ids) == skip_prefix
+    table = encoder(["a", "b", "c", "d"], TEXTS)
+    assert table["id"].to_pylist() == ["a", "b", "c", "d"]  # input order, whatever the buckets
+    reference = dense_reference(tiny_model_dir, tiny_sae_dir, TEXTS, encoder.prefix_ids)
+    for row, (n, ref_max, ref_sum) in zip(table.to_pylist(), reference):
+        assert row["n_tokens"] == n
+        if n == 0:
+            assert row["feat_ids"] == []
+            continue
+        ids = ref_max.nonzero().flatten().tolist()
+        assert row["feat_ids"] == ids and ids == sorted(ids)
+        np.testing.assert_allclose(row["feat_max"], ref_max[ids].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(row["feat_sum"], ref_sum[ids].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_top_m_keeps_the_strongest_features(tiny_model_dir, tiny_sae_dir):
+    full = Encoder(encoder_stack(tiny_model_dir, tiny_sae_dir))(["b"], [TEXTS[1]]).to_pylist()[0]
+    capped = Encoder(encoder_stack(tiny_model_dir, tiny_sae_dir, top_m=5))(["b"], [TEXTS[1]]).to_pylist()[0]
+    strongest = sorted(sorted(zip(full["feat_max"], full["feat_ids"]), reverse=True)[:5], key=lambda p: p[1])
+    assert capped["feat_ids"] == [i for _, i in strongest] and len(full["feat_ids"]) > 5
+
+
+def test_sae_width_mismatch_is_a_config_error_before_work(ray_cluster, tiny_model_dir, tmp_path):
+    sae = build_tiny_sae(tmp_path / "wide-sae", d_in=32)
+    cfg = RunConfig.model_validate({"input": {"paths": [str(DEMO)]}, "model": {"name": str(tiny_model_dir)},
+                                    "sae": {"path": str(sae)}, "output": {"root": str(tmp_path / "out")}})
+    with pytest.raises(ConfigError, match=r"d_in\) but model .* has hidden size 64"):
+        encode(cfg, Storage(cfg.output.root, cfg.s3), {"fingerprint": "x"})
+    assert not (tmp_path / "out" / "features").exists()
+
+
+@pytest.mark.parametrize("kind", ["pickle named safetensors", "pickled weights file", "path to a .pt file"])
+def test_an_sae_that_is_not_safetensors_is_refused_before_work(tiny_sae_dir, tmp_path, kind):
+    sae = tmp_path / "sae"
+    shutil.copytree(tiny_sae_dir, sae)
+    # copies: load_file maps the file, which is overwritten below
+    tensors = {k: v.clone() for k, v in load_file(sae / "sae_weights.safetensors").items()}
+    if kind == "pickle named safetensors":
+        torch.save(tensors, sae / "sae_weights.safetensors")
+        path, match = sae, "is not a safetensors file"
+    else:
+        (sae / "sae_weights.safetensors").unlink()
+        torch.save(tensors, sae / "sae_weights.pt")
+        path, match = (sae if kind == "pickled weights file" else sae / "sae_weights.pt"), "safetensors only"
+    cfg = RunConfig.model_validate({"input": {"paths": [str(DEMO)]}, "sae": {"path": str(path)}})
+    with pytest.raises(ConfigError, match=match):
+        sae_metadata(cfg.stack())
+
+
+def test_feature_store_holds_every_valid_id_once(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path):
+    cfg = RunConfig.model_validate(run_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, 40))
+    storage = Storage(cfg.output.root, cfg.s3)
+    prepared = prepare(cfg, storage)
+    summary = encode(cfg, storage, prepared)
+    assert summary["n_shards"] == summary["n_shards_encoded"] == 5
+    features = FeatureStore(storage).dataset().to_pandas()
+    prepared_ids = pq.read_table(tmp_path / "out" / "prepared", columns=["id"])["id"].to_pylist()
+    assert sorted(features["id"]) == sorted(prepared_ids) and len(set(prepared_ids)) == 40
+    assert summary["n_encoded"] == 40 and summary["n_tokens"] == features["n_tokens"].sum()
+    assert all(len(i) == len(m) == len(s) for i, m, s in zip(features.feat_ids, features.feat_max, features.feat_sum))
+    again = encode(cfg, storage, prepared)
+    assert (again["n_shards_encoded"], again["n_shards_skipped"]) == (0, 5)
+
+
+def settled_markers(done_dir, quiet: float = 3.0) -> dict[str, str]:
+    """The markers once nothing has written one for `quiet` seconds: workers the kill orphaned
+    can finish the shard in hand before they notice their raylet is gone."""
+    seen, since = None, time.time()
+    while time.time() - since < quiet:
+        now = {p.name: p.read_text() for p in done_dir.glob("*.json")}
+        if now != seen:
+            seen, since = now, time.time()
+        time.sleep(0.2)
+    return seen
+
+
+def table_by_id(path) -> list[dict]:
+    return pq.read_table(path).sort_by("id").to_pylist()
+
+
+@pytest.mark.integration
+def test_a_run_whose_driver_is_killed_resumes_to_the_uninterrupted_result(tiny_model_dir, tiny_sae_dir, tmp_path):
+    raw = run_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, 240)
+    raw["encode"]["tokens_per_batch"] = 96  # small forward passes: ~30 shards take a while
+    raw["output"]["report"] = False
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    done_dir = tmp_path / "out" / FEATURES_DONE
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "raysel.cli", "run", str(config), "--set", "ray.num_cpus=2"]
+    log = open(tmp_path / "first.log", "wb")
+    first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(done_dir.glob("*.json"))) < 3 and first.poll() is None:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver, its local cluster and its actors, mid-encode
+    first.wait()
+    log.close()
+    finished = settled_markers(done_dir)
+    assert 3 <= len(finished) < 30, (tmp_path / "first.log").read_text()[-3000:]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    encode = manifest["stages"]["encode"]
+    assert encode["n_shards_skipped"] == len(finished)
+    assert encode["n_shards_encoded"] == encode["n_shards"] - len(finished)
+    assert {p.name: p.read_text() for p in done_dir.glob("*.json") if p.name in finished} == finished
+    ids = pq.read_table(tmp_path / "out" / "features")["id"].to_pylist()
+    prepared_ids = pq.read_table(tmp_path / "out" / "prepared", columns=["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 240 and sorted(ids) == sorted(prepared_ids)
+
+    clean = subprocess.run(cmd + ["--set", f"output.root={tmp_path / 'clean'}"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert table_by_id(tmp_path / "out" / "features") == table_by_id(tmp_path / "clean" / "features")
+    stats = [pq.read_table(tmp_path / root / "stats" / "features.parquet") for root in ("out", "clean")]
+    assert stats[0].equals(stats[1])
+    for method in ("coverage", "random", "longest"):
+        resumed, uninterrupted = (pq.read_table(tmp_path / root / "selection" / method / "records.parquet")
+                                  for root in ("out", "clean"))
+        assert resumed.equals(uninterrupted) and resumed.num_rows == 24

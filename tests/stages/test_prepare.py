@@ -1,0 +1,242 @@
+"""The prepare stage on a real local Ray cluster: every row ends up valid or in
+rejects/ with its reason, whatever the input format or shape."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raysel.config import RunConfig
+from raysel.prepare import MARKER, run_prepare
+from raysel.core.storage import Storage
+from tests.conftest import write_jsonl
+
+GOOD = {"id": "a1", "instruction": "Name a prime number.", "output": "Seven is prime."}
+LONG = {"id": "a9", "instruction": "Count.", "output": " ".join(f"number {i}" for i in range(200))}
+CHAT = {"id": "m1", "messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}]}
+
+# (line number in the file, the line, the reason it must be rejected with)
+BAD = [
+    (2, '{"id": "a2", "instruction": "unfinished', "malformed_json"),
+    (3, b'{"id": "a3", "instruction": "caf\xe9", "output": "x"}', "invalid_utf8"),
+    (4, {"id": "a4", "instruction": "no output here"}, "missing_field"),
+    (5, {"id": "a5", "instruction": "hi", "output": 42}, "wrong_type"),
+    (6, {"id": "a6", "instruction": "   ", "output": ""}, "empty_text"),
+    (7, {"id": "a1", "instruction": "A different question", "output": "and answer"}, "duplicate_id"),
+    (8, {**GOOD, "id": "a8"}, "duplicate_text"),
+    (10, "[1, 2]", "not_a_record"),
+]
+
+
+def mixed_lines() -> list:
+    lines = {1: GOOD, 9: LONG, 11: "", 12: CHAT} | {n: line for n, line, _ in BAD}
+    return [lines[n] for n in sorted(lines)]
+
+
+def make_cfg(tokenizer_dir, paths, root, **sections) -> RunConfig:
+    raw = {"input": {"paths": [str(p) for p in paths], "fields": {"id": "id"}},
+           "prepare": {"max_tokens": 64, "batch_size": 4},
+           "model": {"name": str(tokenizer_dir)}, "output": {"root": str(root)}}
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return RunConfig.model_validate(raw)
+
+
+def read_rejects(root: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted((root / "rejects").glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def read_prepared(root: Path) -> list[dict]:
+    return sorted(pq.read_table(root / "prepared").to_pylist(), key=lambda r: (r["source"], r["row"]))
+
+
+@pytest.fixture(scope="module")
+def mixed_run(ray_cluster, tiny_tokenizer_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mixed")
+    path = write_jsonl(tmp / "mixed.jsonl", mixed_lines())
+    cfg = make_cfg(tiny_tokenizer_dir, [path], tmp / "out")
+    summary = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    return {"path": path, "root": tmp / "out", "cfg": cfg, "summary": summary,
+            "rejects": read_rejects(tmp / "out"), "prepared": read_prepared(tmp / "out")}
+
+
+@pytest.mark.parametrize("line, content, reason", BAD, ids=[b[2] for b in BAD])
+def test_bad_row_lands_in_rejects_with_its_reason(mixed_run, line, content, reason):
+    found = [r for r in mixed_run["rejects"] if r["row"] == line]
+    assert len(found) == 1, f"line {line} should be rejected exactly once"
+    reject = found[0]
+    assert reject["reason"] == reason
+    assert reject["source"] == str(mixed_run["path"])
+    assert reject["detail"]
+    if isinstance(content, dict):
+        assert json.loads(reject["raw"]) == content
+    elif isinstance(content, bytes):
+        assert reject["raw"] == content.decode("utf-8", "backslashreplace")  # the bad byte shows as \xe9
+    else:
+        assert reject["raw"] == content
+
+
+def test_counts_add_up(mixed_run):
+    s = mixed_run["summary"]
+    assert s["n_input"] == 11  # the blank line 11 is not a row
+    assert s["n_valid"] == len(mixed_run["prepared"]) == 3
+    assert s["n_rejected"] == len(mixed_run["rejects"]) == len(BAD)
+    assert s["n_input"] == s["n_valid"] + s["n_rejected"]
+    assert s["rejected_by_reason"] == {reason: 1 for _, _, reason in BAD}
+    assert Storage(str(mixed_run["root"]), mixed_run["cfg"].s3).read_json(MARKER) == s
+
+
+def test_first_occurrence_of_a_duplicate_is_kept(mixed_run):
+    assert [r["id"] for r in mixed_run["prepared"]] == ["a1", "a9", "m1"]
+    kept = mixed_run["prepared"][0]
+    assert json.loads(kept["record"]) == GOOD
+    dup = next(r for r in mixed_run["rejects"] if r["row"] == 8)
+    assert dup["detail"].endswith("row 1")
+
+
+def test_over_long_sample_is_truncated_and_flagged_not_dropped(mixed_run, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    long = next(r for r in mixed_run["prepared"] if r["id"] == "a9")
+    assert long["truncated"] and long["n_tokens"] == 64 and long["n_tokens_full"] > 64
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    assert len(tok(long["text"])["input_ids"]) <= 64
+    assert long["text"].startswith("### User:\nCount.\n\n### Assistant:\nnumber 0 number 1")
+    short = next(r for r in mixed_run["prepared"] if r["id"] == "a1")
+    assert not short["truncated"] and short["n_tokens"] == short["n_tokens_full"] < 64
+
+
+def test_rerun_skips_when_inputs_are_unchanged_and_redoes_when_they_change(mixed_run):
+    cfg, root = mixed_run["cfg"], mixed_run["root"]
+    before = {p: p.stat().st_mtime_ns for p in (root / "prepared").iterdir()}
+    again = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    assert again == mixed_run["summary"]
+    assert {p: p.stat().st_mtime_ns for p in (root / "prepared").iterdir()} == before
+
+    with open(mixed_run["path"], "a") as f:
+        f.write(json.dumps({"id": "z1", "text": "A new row."}) + "\n")
+    redone = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    assert redone["fingerprint"] != mixed_run["summary"]["fingerprint"]
+    assert (redone["n_input"], redone["n_valid"]) == (12, 4)
+    assert [r["id"] for r in read_prepared(root)] == ["a1", "a9", "m1", "z1"]
+    assert len(read_rejects(root)) == len(BAD)  # rewritten, not appended
+
+
+def test_dedup_can_be_turned_off(ray_cluster, tiny_tokenizer_dir, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {**GOOD, "id": "b"}, {**GOOD, "id": "a1"}])
+    cfg = make_cfg(tiny_tokenizer_dir, [path], tmp_path / "out", prepare={"dedup": False})
+    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    assert (s["n_valid"], s["rejected_by_reason"]) == (2, {"duplicate_id": 1})
+
+
+RECORDS = [
+    {"id": "r1", "instruction": "Say hi.", "input": "", "output": "Hi!"},
+    {"id": "r2", "messages": [{"role": "user", "content": "Say bye."}, {"role": "assistant", "content": "Bye!"}]},
+    {"id": "r3", "text": "Plain text sample."},
+]
+
+
+def write_all_formats(d: Path) -> dict[str, Path]:
+    import datasets
+
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {"jsonl": write_jsonl(d / "a.jsonl", RECORDS)}
+    paths["json"] = d / "b.json"
+    paths["json"].write_text(json.dumps(RECORDS, indent=1))
+    paths["json_lines_named_json"] = write_jsonl(d / "c.json", RECORDS)
+    # parquet and arrow need one schema for all rows: fill the absent fields with nulls
+    keys = sorted({k for r in RECORDS for k in r})
+    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in RECORDS])
+    pq.write_table(table, d / "d.parquet")
+    paths["parquet"] = d / "d.parquet"
+    datasets.Dataset(table).save_to_disk(str(d / "hf"))
+    paths["hf_disk"] = d / "hf"
+    return paths
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "json_lines_named_json", "parquet", "hf_disk"])
+def test_every_format_gives_the_same_samples(ray_cluster, tiny_chat_tokenizer_dir, tmp_path, fmt):
+    path = write_all_formats(tmp_path / "in")[fmt]
+    cfg = make_cfg(tiny_chat_tokenizer_dir, [path], tmp_path / "out")
+    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    assert (s["n_input"], s["n_valid"], s["n_rejected"]) == (3, 3, 0)
+    rows = read_prepared(tmp_path / "out")
+    assert [(r["id"], r["shape"], r["row"]) for r in rows] == [("r1", "alpaca", 1), ("r2", "messages", 2), ("r3", "text", 3)]
+    assert [r["text"] for r in rows] == ["<|user|>Say hi.\n<|assistant|>Hi!\n", "<|user|>Say bye.\n<|assistant|>Bye!\n",
+                                         "Plain text sample."]
+    assert rows[0]["messages"] == [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]
+    assert rows[2]["messages"] is None
+
+
+def test_globs_and_directories_read_every_file_once(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        write_jsonl(tmp_path / "in" / f"part{i}.jsonl", [{"text": f"file {i} row {j}"} for j in range(4)])
+    cfg = make_cfg(tiny_chat_tokenizer_dir, [tmp_path / "in" / "part*.jsonl", tmp_path / "in"], tmp_path / "out",
+                   input={"fields": {"id": None}})
+    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    assert (s["n_input"], s["n_valid"]) == (12, 12)
+    assert len(s["files"]) == 3
+    assert len({r["id"] for r in read_prepared(tmp_path / "out")}) == 12
+
+
+def test_malformed_json_array_is_one_reject_for_the_file(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text('[{"text": "a"}, {"text": ')
+    cfg = make_cfg(tiny_chat_tokenizer_dir, [bad], tmp_path / "out")
+    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    assert (s["n_input"], s["n_rejected"], s["rejected_by_reason"]) == (1, 1, {"malformed_json": 1})
+    assert read_rejects(tmp_path / "out")[0]["row"] == 0
+
+
+def test_hf_load_dataset_path(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
+    """input.hf_dataset goes through datasets.load_dataset; a local data dir takes the hub's place here."""
+    (tmp_path / "hub").mkdir()
+    write_jsonl(tmp_path / "hub" / "train.jsonl", RECORDS)
+    cfg = make_cfg(tiny_chat_tokenizer_dir, [], tmp_path / "out",
+                   input={"paths": [], "hf_dataset": str(tmp_path / "hub"), "hf_split": "train"})
+    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    assert (s["n_input"], s["n_valid"]) == (3, 3)
+    assert [r["id"] for r in read_prepared(tmp_path / "out")] == ["r1", "r2", "r3"]
+
+
+def test_missing_input_is_a_clear_error_before_any_work(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
+    from raysel.core.corpus import InputError
+
+    cfg = make_cfg(tiny_chat_tokenizer_dir, [tmp_path / "nope" / "*.jsonl"], tmp_path / "out")
+    with pytest.raises(InputError, match="input.paths: nothing matches"):
+        run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    assert not (tmp_path / "out").exists()
+
+
+def test_template_error_is_a_reject_not_a_crash(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
+    odd = {"id": "n1", "messages": [{"role": "narrator", "content": "Once upon a time"}]}
+    path = write_jsonl(tmp_path / "t.jsonl", [RECORDS[0], odd])
+    cfg = make_cfg(tiny_chat_tokenizer_dir, [path], tmp_path / "out")
+    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    assert (s["n_valid"], s["rejected_by_reason"]) == (1, {"template_error": 1})
+    assert read_rejects(tmp_path / "out")[0]["row"] == 2
+
+
+def test_missing_model_directory_is_a_config_error(ray_cluster, tmp_path):
+    from raysel.config import ConfigError
+
+    path = write_jsonl(tmp_path / "t.jsonl", RECORDS)
+    cfg = make_cfg(tmp_path / "no-such-model", [path], tmp_path / "out")
+    with pytest.raises(ConfigError, match="model.name: .*no-such-model.* is not a model directory"):
+        run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+
+
+def test_a_row_dropped_as_repeated_text_frees_its_id(ray_cluster, tiny_tokenizer_dir, tmp_path):
+    b = {**GOOD, "id": "y"}  # same text as GOOD: dropped as duplicate_text
+    c = {"id": "y", "text": "Another text with the id of the dropped row."}
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD, b, c, {**c, "text": "Third text, id y again."}])
+    cfg = make_cfg(tiny_tokenizer_dir, [path], tmp_path / "out")
+    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    assert s["rejected_by_reason"] == {"duplicate_text": 1, "duplicate_id": 1}
+    assert [(r["id"], r["row"]) for r in read_prepared(tmp_path / "out")] == [("a1", 1), ("y", 3)]
+    rejects = {r["row"]: r for r in read_rejects(tmp_path / "out")}
+    assert rejects[2]["reason"] == "duplicate_text" and rejects[4]["reason"] == "duplicate_id"
+    assert rejects[4]["detail"] == f"same id as {path} row 3"

@@ -1,0 +1,119 @@
+"""The select stage end to end on a real local Ray cluster (tiny model and SAE):
+what it writes under selection/<method>/ and that coverage beats its baselines."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raysel.cli import summary_lines
+from raysel.config import RunConfig
+from raysel.pipeline import run
+from raysel.activation import activated_sets, calibrate_tau, resolve_tau
+from raysel.stages.select import resolve_budget
+from raysel.core.storage import Storage
+from tests.conftest import run_cfg
+
+
+def test_budget_is_a_count_or_a_fraction():
+    assert (resolve_budget(10, 100), resolve_budget(0.25, 100), resolve_budget(0.001, 100)) == (10, 25, 1)
+    assert resolve_budget(500, 100) == 100
+
+
+@pytest.fixture(scope="module")
+def selected_run(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("select")
+    raw = run_cfg(tmp, tiny_model_dir, tiny_sae_dir, 60)
+    raw["select"] = {"budget": 12, "methods": ["coverage", "simscale", "random", "longest"]}
+    manifest = run(RunConfig.model_validate(raw), until="select")
+    corpus = {r["id"]: r for r in map(json.loads, (tmp / "corpus.jsonl").read_text().splitlines())}
+    return tmp / "out", manifest, corpus
+
+
+@pytest.mark.parametrize("method", ["coverage", "simscale", "random", "longest"])
+def test_each_method_writes_ids_records_and_a_manifest(selected_run, method):
+    root, run_manifest, corpus = selected_run
+    base = root / "selection" / method
+    selected = pq.read_table(base / "selected.parquet").to_pylist()
+    ids = [r["id"] for r in selected]
+    assert [r["rank"] for r in selected] == list(range(1, 13)) and len(set(ids)) == 12
+    records = [json.loads(line) for line in (base / "records.jsonl").read_text().splitlines()]
+    assert records == [corpus[i] for i in ids]  # the original fields, in selection order
+    assert pq.read_table(base / "records.parquet").to_pylist() == records
+    manifest = json.loads((base / "manifest.json").read_text())
+    assert manifest["counts"] == {**run_manifest["counts"], "n_selected": 12}
+    assert manifest["fingerprints"]["encode"] == run_manifest["stages"]["encode"]["fingerprint"]
+    assert manifest["model"] == run_manifest["config"]["model"]["name"] and manifest["layer"] == 1
+    curve = [p["coverage"] for p in manifest["objective_curve"]]
+    assert curve == sorted(curve) and manifest["objective_curve"][-1]["k"] == 12
+    assert manifest["coverage_at_budget"][method] == curve[-1]
+    assert sum(r["new_features"] for r in selected) > 0
+
+
+def test_coverage_beats_random_and_longest_and_longest_is_longest(selected_run):
+    root, _, _ = selected_run
+    at_budget = json.loads((root / "selection" / "coverage" / "manifest.json").read_text())["coverage_at_budget"]
+    assert at_budget["coverage"] >= at_budget["random"] and at_budget["coverage"] >= at_budget["longest"]
+    prepared = {r["id"]: r for r in pq.read_table(root / "prepared").to_pylist()}
+    longest = [r["id"] for r in pq.read_table(root / "selection" / "longest" / "selected.parquet").to_pylist()]
+    lengths = [prepared[i]["n_response_tokens"] for i in longest]
+    assert lengths == sorted(lengths, reverse=True)
+    assert min(lengths) >= max(r["n_response_tokens"] for i, r in prepared.items() if i not in longest)
+    selected = pq.read_table(root / "selection" / "coverage" / "selected.parquet").to_pylist()
+    first = selected[0]  # greedy's first pick is the sample with the most activated features
+    assert first["gain"] == first["new_features"] == max(r["new_features"] for r in selected)
+
+
+def test_simscale_keeps_samples_below_its_theta(selected_run):
+    root, manifest, _ = selected_run
+    ids, indptr, indices = activated_sets(Storage(str(root), RunConfig.model_validate(manifest["config"]).s3), 0.0)
+    sets = {i: set(indices[indptr[n]: indptr[n + 1]].tolist()) for n, i in enumerate(ids)}
+    theta = json.loads((root / "selection" / "simscale" / "manifest.json").read_text())["theta"]
+    kept = [r["id"] for r in pq.read_table(root / "selection" / "simscale" / "selected.parquet").to_pylist()]
+    assert 0 < theta <= 1
+    for n, a in enumerate(kept):
+        for b in kept[:n]:
+            assert len(sets[a] & sets[b]) / len(sets[a] | sets[b]) < theta
+
+
+def test_calibrated_tau_gives_the_target_mean_active_count():
+    values = np.random.default_rng(0).gamma(2.0, 1.0, 5000)
+    tau = calibrate_tau(values, n_samples=100, target_active=12)
+    assert np.count_nonzero(values > tau) == 1200
+    assert calibrate_tau(values, n_samples=100, target_active=80) == 0.0  # more than exist: keep all
+
+
+def test_a_calibrated_tau_is_shared_by_stats_and_select_and_a_finished_select_is_skipped(selected_run, tmp_path):
+    root, manifest, _ = selected_run
+    shutil.copytree(root, tmp_path / "run")
+    cfg = RunConfig.model_validate(manifest["config"] | {"activation": {"target_active": 5},
+                                                         "output": {"root": str(tmp_path / "run")}})
+    storage = Storage(cfg.output.root, cfg.s3)
+    tau = resolve_tau(storage, cfg)
+    ids, indptr, indices = activated_sets(storage, tau)
+    assert tau > 0 and len(ids) == 60 and indices.size == 5 * 60
+
+    again = run(cfg, until="select")  # the store is reused; stats and select follow the new tau
+    assert again["stages"]["encode"]["n_shards_encoded"] == 0
+    doc_freq = pq.read_table(tmp_path / "run" / "stats" / "features.parquet")["doc_freq"].to_numpy()
+    assert doc_freq.sum() == indices.size and np.array_equal(doc_freq, np.bincount(indices, minlength=doc_freq.size))
+    assert json.loads((tmp_path / "run" / "selection" / "coverage" / "manifest.json").read_text())["tau"] == tau
+    assert again["stages"]["select"]["methods"] != manifest["stages"]["select"]["methods"]
+
+    manifest_file = tmp_path / "run" / "selection" / "coverage" / "manifest.json"
+    stamp = manifest_file.stat().st_mtime_ns
+    third = run(cfg, until="select")
+    assert third["stages"]["select"] == again["stages"]["select"] and manifest_file.stat().st_mtime_ns == stamp
+
+
+def test_the_printed_summary_gives_counts_coverage_per_method_and_the_output(selected_run):
+    root, manifest, _ = selected_run
+    lines = summary_lines("run", manifest)
+    text = "\n".join(lines[:-1])
+    assert "60 rows: 60 valid, 0 rejected" in text and "encoded   60 samples" in text
+    for method, share in manifest["stages"]["select"]["methods"].items():
+        assert any(line.split() == [method, f"{share:.4f}", "(12", "samples)"] for line in lines)
+    assert f"outputs   {root}" in text
+    assert json.loads(lines[-1])["coverage"] == manifest["stages"]["select"]["methods"]

@@ -1,0 +1,51 @@
+"""Feature statistics on a real local Ray cluster against a dense numpy reference."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+
+from raysel.stages.stats import compute_stats, to_table
+
+
+def random_store(seed: int, n: int = 120, d_sae: int = 40, blocks: int = 4):
+    """A sparse store in several blocks, and its dense max- and sum-pools."""
+    rng = np.random.default_rng(seed)
+    dense_max = np.where(rng.random((n, d_sae)) < 0.15, rng.gamma(2.0, 1.0, (n, d_sae)), 0.0).astype(np.float32)
+    dense_max[:, 7] = 0  # a feature that never fires
+    dense_sum = dense_max * rng.integers(1, 5, (n, d_sae))
+    rows = []
+    for i in range(n):
+        nz = np.flatnonzero(dense_max[i])
+        rows.append({"id": f"s{i:03d}", "n_tokens": 10, "feat_ids": nz.astype(np.int32).tolist(),
+                     "feat_max": dense_max[i, nz].tolist(), "feat_sum": dense_sum[i, nz].tolist()})
+    schema = pa.schema([("id", pa.string()), ("n_tokens", pa.int32()), ("feat_ids", pa.list_(pa.int32())),
+                        ("feat_max", pa.list_(pa.float32())), ("feat_sum", pa.list_(pa.float32()))])
+    tables = [pa.Table.from_pylist(part, schema=schema) for part in np.array_split(rows, blocks)]
+    return ray.data.from_arrow(tables), dense_max, dense_sum.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stats_match_a_numpy_reference(ray_cluster, seed):
+    ds, g, s = random_store(seed)
+    tau, top_n = 1.0, 5
+    table = to_table(compute_stats(ds, d_sae=g.shape[1], tau=tau, top_n=top_n)).to_pylist()
+    active = g > tau
+    for j, row in enumerate(table):
+        assert row["feature"] == j
+        assert row["doc_freq"] == active[:, j].sum()
+        assert row["mass"] == pytest.approx(s[:, j].sum(), rel=1e-5)
+        assert row["max"] == pytest.approx(g[:, j].max(), rel=1e-6)
+        expected_mean = g[active[:, j], j].mean() if active[:, j].any() else 0.0
+        assert row["mean_active"] == pytest.approx(expected_mean, rel=1e-5)
+        fired = np.flatnonzero(g[:, j] > 0)
+        best = sorted(fired, key=lambda i: (-g[i, j], i))[:top_n]
+        assert row["top_ids"] == [f"s{i:03d}" for i in best]
+        np.testing.assert_allclose(row["top_values"], g[best, j], rtol=1e-6)
+    assert table[7]["doc_freq"] == 0 and table[7]["top_ids"] == []
+
+
+def test_feature_id_beyond_d_sae_is_an_error(ray_cluster):
+    ds, g, _ = random_store(0)
+    with pytest.raises(Exception, match="out of range for d_sae 10"):
+        compute_stats(ds, d_sae=10, tau=0.0, top_n=3)
