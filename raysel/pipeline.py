@@ -53,9 +53,11 @@ def run(cfg: RunConfig, until: str = "select", train_missing_sae: bool = False) 
 def encode_set(cfg: RunConfig, storage: Storage, input: InputConfig, until: str = "stats", tau: float | None = None,
                train_sae: bool = False) -> dict:
     """One set of samples through prepare, encode and stats under `storage`: the run's input, or a
-    side set at <root>/<name>/ (then with the input's tau, so activation means the same in both)."""
+    side set at <root>/<name>/ (then with the input's tau, so activation means the same in both, and
+    known by its content: side sets are small and edited in place)."""
     stack = cfg.stack()
-    stages = {"prepare": execute(Prepare(input, cfg.prepare, cfg.model, cfg.s3, storage))}
+    side = tau is not None
+    stages = {"prepare": execute(Prepare(input, cfg.prepare, cfg.model, cfg.s3, storage, by_content=side))}
     if train_sae:
         stages["train_sae"] = execute(TrainSAE(stack, storage))
     if until == "train-sae":

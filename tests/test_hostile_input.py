@@ -8,7 +8,7 @@ import pytest
 
 from raysel.config import RunConfig
 from raysel.pipeline import run
-from tests.test_prepare import read_rejects
+from tests.stages.test_prepare import read_rejects
 
 pytestmark = pytest.mark.integration
 N = 100_000

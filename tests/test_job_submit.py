@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, build_tiny_sae, free_port, write_jsonl
-from tests.test_prepare import GOOD, LONG
+from tests.stages.test_prepare import GOOD, LONG
 
 BIN = Path(sys.executable).parent
 

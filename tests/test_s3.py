@@ -11,11 +11,10 @@ from raysel import cli
 from raysel.config import RunConfig
 from raysel.core.corpus import InputError
 from raysel.pipeline import run
-from raysel.prepare import MARKER, run_prepare
+from raysel.core.paths import marker
 from raysel.core.storage import Storage
-from tests.conftest import free_port
-from tests.conftest import DEMO, run_cfg
-from tests.test_prepare import BAD, mixed_lines
+from tests.conftest import DEMO, free_port, prepare, run_cfg
+from tests.stages.test_prepare import BAD, mixed_lines
 
 
 def put(fs, path: str, lines: list) -> None:
@@ -44,7 +43,7 @@ def test_prepare_reads_and_writes_s3(ray_cluster, s3_server, tiny_tokenizer_dir)
     put(fs, "corpus/in/notes.txt", ["not matched by the glob"])
 
     cfg = s3_cfg(s3_server, tiny_tokenizer_dir, ["s3://corpus/in/*.jsonl"], "s3://results/run1")
-    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert s["files"] == ["corpus/in/part-0.jsonl", "corpus/in/part-1.jsonl"]
     assert s["n_input"] == 11 and s["n_input"] == s["n_valid"] + s["n_rejected"]
     assert s["rejected_by_reason"] == {reason: 1 for _, _, reason in BAD}
@@ -54,7 +53,7 @@ def test_prepare_reads_and_writes_s3(ray_cluster, s3_server, tiny_tokenizer_dir)
     rejects = [json.loads(line) for info in fs.get_file_info(_selector("results/run1/rejects"))
                for line in fs.open_input_stream(info.path).read().decode().splitlines()]
     assert len(rejects) == len(BAD)
-    assert Storage("s3://results/run1", cfg.s3).read_json(MARKER) == s
+    assert Storage("s3://results/run1", cfg.s3).read_json(marker("prepare")) == s
 
 
 def test_wrong_credentials_fail_clearly_and_write_nothing(ray_cluster, s3_server, tiny_tokenizer_dir):
@@ -64,7 +63,7 @@ def test_wrong_credentials_fail_clearly_and_write_nothing(ray_cluster, s3_server
     cfg = s3_cfg(s3_server, tiny_tokenizer_dir, ["s3://corpus2/*.jsonl"], "s3://corpus2/out",
                  secret_key="not-the-secret")
     with pytest.raises(InputError) as err:
-        run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+        prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert "s3://corpus2/*.jsonl" in str(err.value) and "signature" in str(err.value).lower()
     assert "not-the-secret" not in str(err.value) and s3_server.secret_key not in str(err.value)
     assert [i.path for i in fs.get_file_info(_selector("corpus2"))] == ["corpus2/a.jsonl"]
@@ -75,7 +74,7 @@ def _selector(path):
 
 
 def test_sae_from_s3_is_fetched_into_the_cache_and_loads(s3_server, tiny_sae_dir, tmp_path):
-    from raysel.sae import load_sae, local_sae_dir
+    from raysel.core.sae import load_sae, local_sae_dir
 
     fs = s3_server.filesystem()
     fs.create_dir("saes")
@@ -84,10 +83,10 @@ def test_sae_from_s3_is_fetched_into_the_cache_and_loads(s3_server, tiny_sae_dir
             out.write(f.read_bytes())
     cfg = RunConfig.model_validate({"input": {"paths": ["unused"]}, "sae": {"path": "s3://saes/tiny"},
                                     "model": {"cache_dir": str(tmp_path / "cache")}, "s3": s3_server.config()})
-    local = local_sae_dir(cfg)
+    local = local_sae_dir(cfg.stack())
     assert local.is_relative_to(tmp_path / "cache")
     assert (local / "sae_weights.safetensors").read_bytes() == (tiny_sae_dir / "sae_weights.safetensors").read_bytes()
-    sae = load_sae(cfg, "cpu")
+    sae = load_sae(cfg.stack(), "cpu")
     assert (sae.cfg.d_in, sae.cfg.d_sae) == (64, 128)
 
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from raysel.encode import DONE
+from raysel.core.paths import FEATURES_DONE as DONE
 from tests.conftest import SeaweedS3
 from tests.conftest import run_cfg
 

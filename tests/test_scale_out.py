@@ -16,7 +16,7 @@ import pytest
 import yaml
 from ray.cluster_utils import Cluster
 
-from raysel.encode import DONE
+from raysel.core.paths import FEATURES_DONE as DONE
 from tests.conftest import run_cfg
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ from ray.data.expressions import col
 
 from raysel.config import InputConfig, ModelConfig, PrepareConfig, S3Config
 from raysel.core import paths
-from raysel.core.corpus import ORDER_BITS, CorpusDatasource, fingerprint, list_input_files
+from raysel.core.corpus import ORDER_BITS, CorpusDatasource, content_fingerprint, fingerprint, list_input_files
 from raysel.core.models import load_tokenizer, model_source
 from raysel.core.ray_adapter import Resources, map_stage
 from raysel.core.records import Rejected, chat_template_for, normalize, render
@@ -112,12 +112,14 @@ class Prepare(Stage):
     name = "prepare"
 
     def __init__(self, input: InputConfig, prepare: PrepareConfig, model: ModelConfig, s3: S3Config,
-                 storage: Storage):
+                 storage: Storage, by_content: bool = False):
         self.input, self.prepare, self.model, self.storage = input, prepare, model, storage
         self.fs, self.files = list_input_files(input, s3)  # an unreadable input fails here, before any work
-        # the output schema is part of it: a store written by another version of this stage is redone
+        # Files count by path, size and time; a side set (small, edited in place) by its bytes too. The
+        # output schema is part of it: a store written by another version of this stage is redone.
+        content = content_fingerprint(input.paths, s3) if by_content else None
         self.fingerprint = fingerprint(self.files, input.model_dump(mode="json"), prepare.model_dump(mode="json"),
-                                       model.name, PREPARED_SCHEMA.to_string())
+                                       model.name, PREPARED_SCHEMA.to_string(), content)
 
     def key(self) -> dict:
         return {"fingerprint": self.fingerprint}

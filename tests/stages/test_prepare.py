@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysel.config import RunConfig
-from raysel.prepare import MARKER, run_prepare
+from raysel.core.paths import marker
 from raysel.core.storage import Storage
-from tests.conftest import write_jsonl
+from tests.conftest import prepare, write_jsonl
 
 GOOD = {"id": "a1", "instruction": "Name a prime number.", "output": "Seven is prime."}
 LONG = {"id": "a9", "instruction": "Count.", "output": " ".join(f"number {i}" for i in range(200))}
@@ -57,7 +57,7 @@ def mixed_run(ray_cluster, tiny_tokenizer_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mixed")
     path = write_jsonl(tmp / "mixed.jsonl", mixed_lines())
     cfg = make_cfg(tiny_tokenizer_dir, [path], tmp / "out")
-    summary = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    summary = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     return {"path": path, "root": tmp / "out", "cfg": cfg, "summary": summary,
             "rejects": read_rejects(tmp / "out"), "prepared": read_prepared(tmp / "out")}
 
@@ -85,7 +85,7 @@ def test_counts_add_up(mixed_run):
     assert s["n_rejected"] == len(mixed_run["rejects"]) == len(BAD)
     assert s["n_input"] == s["n_valid"] + s["n_rejected"]
     assert s["rejected_by_reason"] == {reason: 1 for _, _, reason in BAD}
-    assert Storage(str(mixed_run["root"]), mixed_run["cfg"].s3).read_json(MARKER) == s
+    assert Storage(str(mixed_run["root"]), mixed_run["cfg"].s3).read_json(marker("prepare")) == s
 
 
 def test_first_occurrence_of_a_duplicate_is_kept(mixed_run):
@@ -111,13 +111,13 @@ def test_over_long_sample_is_truncated_and_flagged_not_dropped(mixed_run, tiny_t
 def test_rerun_skips_when_inputs_are_unchanged_and_redoes_when_they_change(mixed_run):
     cfg, root = mixed_run["cfg"], mixed_run["root"]
     before = {p: p.stat().st_mtime_ns for p in (root / "prepared").iterdir()}
-    again = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    again = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert again == mixed_run["summary"]
     assert {p: p.stat().st_mtime_ns for p in (root / "prepared").iterdir()} == before
 
     with open(mixed_run["path"], "a") as f:
         f.write(json.dumps({"id": "z1", "text": "A new row."}) + "\n")
-    redone = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    redone = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert redone["fingerprint"] != mixed_run["summary"]["fingerprint"]
     assert (redone["n_input"], redone["n_valid"]) == (12, 4)
     assert [r["id"] for r in read_prepared(root)] == ["a1", "a9", "m1", "z1"]
@@ -127,7 +127,7 @@ def test_rerun_skips_when_inputs_are_unchanged_and_redoes_when_they_change(mixed
 def test_dedup_can_be_turned_off(ray_cluster, tiny_tokenizer_dir, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {**GOOD, "id": "b"}, {**GOOD, "id": "a1"}])
     cfg = make_cfg(tiny_tokenizer_dir, [path], tmp_path / "out", prepare={"dedup": False})
-    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert (s["n_valid"], s["rejected_by_reason"]) == (2, {"duplicate_id": 1})
 
 
@@ -160,7 +160,7 @@ def write_all_formats(d: Path) -> dict[str, Path]:
 def test_every_format_gives_the_same_samples(ray_cluster, tiny_chat_tokenizer_dir, tmp_path, fmt):
     path = write_all_formats(tmp_path / "in")[fmt]
     cfg = make_cfg(tiny_chat_tokenizer_dir, [path], tmp_path / "out")
-    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert (s["n_input"], s["n_valid"], s["n_rejected"]) == (3, 3, 0)
     rows = read_prepared(tmp_path / "out")
     assert [(r["id"], r["shape"], r["row"]) for r in rows] == [("r1", "alpaca", 1), ("r2", "messages", 2), ("r3", "text", 3)]
@@ -176,7 +176,7 @@ def test_globs_and_directories_read_every_file_once(ray_cluster, tiny_chat_token
         write_jsonl(tmp_path / "in" / f"part{i}.jsonl", [{"text": f"file {i} row {j}"} for j in range(4)])
     cfg = make_cfg(tiny_chat_tokenizer_dir, [tmp_path / "in" / "part*.jsonl", tmp_path / "in"], tmp_path / "out",
                    input={"fields": {"id": None}})
-    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert (s["n_input"], s["n_valid"]) == (12, 12)
     assert len(s["files"]) == 3
     assert len({r["id"] for r in read_prepared(tmp_path / "out")}) == 12
@@ -186,7 +186,7 @@ def test_malformed_json_array_is_one_reject_for_the_file(ray_cluster, tiny_chat_
     bad = tmp_path / "broken.json"
     bad.write_text('[{"text": "a"}, {"text": ')
     cfg = make_cfg(tiny_chat_tokenizer_dir, [bad], tmp_path / "out")
-    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert (s["n_input"], s["n_rejected"], s["rejected_by_reason"]) == (1, 1, {"malformed_json": 1})
     assert read_rejects(tmp_path / "out")[0]["row"] == 0
 
@@ -197,7 +197,7 @@ def test_hf_load_dataset_path(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
     write_jsonl(tmp_path / "hub" / "train.jsonl", RECORDS)
     cfg = make_cfg(tiny_chat_tokenizer_dir, [], tmp_path / "out",
                    input={"paths": [], "hf_dataset": str(tmp_path / "hub"), "hf_split": "train"})
-    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert (s["n_input"], s["n_valid"]) == (3, 3)
     assert [r["id"] for r in read_prepared(tmp_path / "out")] == ["r1", "r2", "r3"]
 
@@ -207,7 +207,7 @@ def test_missing_input_is_a_clear_error_before_any_work(ray_cluster, tiny_chat_t
 
     cfg = make_cfg(tiny_chat_tokenizer_dir, [tmp_path / "nope" / "*.jsonl"], tmp_path / "out")
     with pytest.raises(InputError, match="input.paths: nothing matches"):
-        run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+        prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert not (tmp_path / "out").exists()
 
 
@@ -215,7 +215,7 @@ def test_template_error_is_a_reject_not_a_crash(ray_cluster, tiny_chat_tokenizer
     odd = {"id": "n1", "messages": [{"role": "narrator", "content": "Once upon a time"}]}
     path = write_jsonl(tmp_path / "t.jsonl", [RECORDS[0], odd])
     cfg = make_cfg(tiny_chat_tokenizer_dir, [path], tmp_path / "out")
-    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert (s["n_valid"], s["rejected_by_reason"]) == (1, {"template_error": 1})
     assert read_rejects(tmp_path / "out")[0]["row"] == 2
 
@@ -226,7 +226,7 @@ def test_missing_model_directory_is_a_config_error(ray_cluster, tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", RECORDS)
     cfg = make_cfg(tmp_path / "no-such-model", [path], tmp_path / "out")
     with pytest.raises(ConfigError, match="model.name: .*no-such-model.* is not a model directory"):
-        run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+        prepare(cfg, Storage(cfg.output.root, cfg.s3))
 
 
 def test_a_row_dropped_as_repeated_text_frees_its_id(ray_cluster, tiny_tokenizer_dir, tmp_path):
@@ -234,7 +234,7 @@ def test_a_row_dropped_as_repeated_text_frees_its_id(ray_cluster, tiny_tokenizer
     c = {"id": "y", "text": "Another text with the id of the dropped row."}
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, b, c, {**c, "text": "Third text, id y again."}])
     cfg = make_cfg(tiny_tokenizer_dir, [path], tmp_path / "out")
-    s = run_prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert s["rejected_by_reason"] == {"duplicate_text": 1, "duplicate_id": 1}
     assert [(r["id"], r["row"]) for r in read_prepared(tmp_path / "out")] == [("a1", 1), ("y", 3)]
     rejects = {r["row"]: r for r in read_rejects(tmp_path / "out")}

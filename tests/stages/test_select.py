@@ -10,11 +10,13 @@ import pytest
 
 from raysel.cli import summary_lines
 from raysel.config import RunConfig
-from raysel.pipeline import run
-from raysel.activation import activated_sets, calibrate_tau, resolve_tau
-from raysel.stages.select import resolve_budget
+from raysel.core.features import FeatureStore, calibrate_tau
 from raysel.core.storage import Storage
-from tests.conftest import run_cfg
+from raysel.pipeline import run
+from raysel.stages.select import resolve_budget
+from tests.conftest import DEMO, run_cfg, write_jsonl
+
+METHODS = ["coverage", "simscale", "random", "longest", "kcenter"]
 
 
 def test_budget_is_a_count_or_a_fraction():
@@ -26,13 +28,13 @@ def test_budget_is_a_count_or_a_fraction():
 def selected_run(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("select")
     raw = run_cfg(tmp, tiny_model_dir, tiny_sae_dir, 60)
-    raw["select"] = {"budget": 12, "methods": ["coverage", "simscale", "random", "longest"]}
+    raw["select"] = {"budget": 12, "methods": METHODS}
     manifest = run(RunConfig.model_validate(raw), until="select")
     corpus = {r["id"]: r for r in map(json.loads, (tmp / "corpus.jsonl").read_text().splitlines())}
     return tmp / "out", manifest, corpus
 
 
-@pytest.mark.parametrize("method", ["coverage", "simscale", "random", "longest"])
+@pytest.mark.parametrize("method", METHODS)
 def test_each_method_writes_ids_records_and_a_manifest(selected_run, method):
     root, run_manifest, corpus = selected_run
     base = root / "selection" / method
@@ -68,7 +70,8 @@ def test_coverage_beats_random_and_longest_and_longest_is_longest(selected_run):
 
 def test_simscale_keeps_samples_below_its_theta(selected_run):
     root, manifest, _ = selected_run
-    ids, indptr, indices = activated_sets(Storage(str(root), RunConfig.model_validate(manifest["config"]).s3), 0.0)
+    store = FeatureStore(Storage(str(root), RunConfig.model_validate(manifest["config"]).s3))
+    ids, indptr, indices = store.activated_sets(0.0)
     sets = {i: set(indices[indptr[n]: indptr[n + 1]].tolist()) for n, i in enumerate(ids)}
     theta = json.loads((root / "selection" / "simscale" / "manifest.json").read_text())["theta"]
     kept = [r["id"] for r in pq.read_table(root / "selection" / "simscale" / "selected.parquet").to_pylist()]
@@ -90,9 +93,9 @@ def test_a_calibrated_tau_is_shared_by_stats_and_select_and_a_finished_select_is
     shutil.copytree(root, tmp_path / "run")
     cfg = RunConfig.model_validate(manifest["config"] | {"activation": {"target_active": 5},
                                                          "output": {"root": str(tmp_path / "run")}})
-    storage = Storage(cfg.output.root, cfg.s3)
-    tau = resolve_tau(storage, cfg)
-    ids, indptr, indices = activated_sets(storage, tau)
+    store = FeatureStore(Storage(cfg.output.root, cfg.s3))
+    tau = store.resolve_tau(cfg.activation.tau, cfg.activation.target_active)
+    ids, indptr, indices = store.activated_sets(tau)
     assert tau > 0 and len(ids) == 60 and indices.size == 5 * 60
 
     again = run(cfg, until="select")  # the store is reused; stats and select follow the new tau
@@ -117,3 +120,32 @@ def test_the_printed_summary_gives_counts_coverage_per_method_and_the_output(sel
         assert any(line.split() == [method, f"{share:.4f}", "(12", "samples)"] for line in lines)
     assert f"outputs   {root}" in text
     assert json.loads(lines[-1])["coverage"] == manifest["stages"]["select"]["methods"]
+
+
+def test_a_targets_file_edited_in_place_redoes_the_selection(selected_run, tmp_path):
+    """The resume key holds the targets' content, not their path, size or time: an edit that keeps all
+    three must still redo MONA rather than return the stale selection."""
+    import os
+
+    root, manifest, _ = selected_run
+    shutil.copytree(root, tmp_path / "run")
+    demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
+    math = [r for r in demo[60:] if r["category"] == "math"][:6]
+    safety = [r for r in demo[60:] if r["category"] == "safety"][:6]
+    targets = write_jsonl(tmp_path / "targets.jsonl", math)
+    raw = manifest["config"] | {"output": {"root": str(tmp_path / "run")}, "s3": {}}
+    raw["select"] = {"budget": 5, "methods": [{"name": "mona", "targets": [str(targets)]}]}
+    cfg = RunConfig.model_validate(raw)
+    first = run(cfg, until="select")
+    picked = pq.read_table(tmp_path / "run" / "selection" / "mona" / "selected.parquet")["id"].to_pylist()
+
+    stat = targets.stat()
+    body = "\n".join(json.dumps(r) for r in safety).encode()
+    body = body[: stat.st_size - 1].ljust(stat.st_size - 1) + b"\n"  # the same size, other content
+    targets.write_bytes(body)
+    os.utime(targets, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same time
+    assert targets.stat().st_size == stat.st_size and targets.stat().st_mtime_ns == stat.st_mtime_ns
+    second = run(cfg, until="select")
+    assert second["stages"]["select"]["key"] != first["stages"]["select"]["key"]
+    again = pq.read_table(tmp_path / "run" / "selection" / "mona" / "selected.parquet")["id"].to_pylist()
+    assert len(again) == 5 and again != picked
