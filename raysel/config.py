@@ -122,7 +122,7 @@ class SelectConfig(Section):
     """Which selection methods run, and what they share. An entry is a method's name, or a mapping
     with its name and its own settings: [coverage, {name: mona, targets: [t.jsonl]}] (see raysel.methods)."""
 
-    methods: list[MethodEntry] = ["coverage", "random", "longest"]
+    methods: list[MethodEntry] = Field(["coverage", "random", "longest"], validate_default=True)
     budget: float = Field(0.1, gt=0)  # a count (>= 1) or a fraction of the encoded pool (< 1); an entry's budget wins
     seed: int = 0  # for `random`, RandGreeDi's partitioning and the baselines
 

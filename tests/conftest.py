@@ -232,3 +232,33 @@ def store_table(rows: list[dict]):
         "feat_max": pa.array([[r["feats"][j][0] for j in sorted(r["feats"])] for r in rows], pa.list_(pa.float32())),
         "feat_sum": pa.array([[r["feats"][j][1] for j in sorted(r["feats"])] for r in rows], pa.list_(pa.float32())),
     })
+
+
+@pytest.fixture(scope="session")
+def task_run(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
+    """mona, igds and coverage selected from 60 demo rows against 8 math targets (tests of both methods read it)."""
+    from raysel.config import RunConfig
+    from raysel.pipeline import run
+
+    tmp = tmp_path_factory.mktemp("task")
+    raw = run_cfg(tmp, tiny_model_dir, tiny_sae_dir, 60)
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()]
+    targets = write_jsonl(tmp / "targets.jsonl", [r for r in rows[60:] if r["category"] == "math"][:8])
+    raw |= {"select": {"budget": 10, "methods": [
+        {"name": "mona", "targets": [str(targets)]},
+        {"name": "igds", "targets": [str(targets)], "candidates": 6, "keep": 2, "budget": 0.25, "actors": 2},
+        "coverage"]}}
+    manifest = run(RunConfig.model_validate(raw), until="select")
+    return tmp / "out", manifest, RunConfig.model_validate(raw)
+
+
+@pytest.fixture(scope="session")
+def stats_run(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
+    """40 demo rows encoded with statistics: the store the spans and FAC tests read."""
+    from raysel.config import RunConfig
+    from raysel.pipeline import run
+
+    tmp = tmp_path_factory.mktemp("spans")
+    raw = run_cfg(tmp, tiny_model_dir, tiny_sae_dir, 40)
+    manifest = run(RunConfig.model_validate(raw), until="stats")
+    return tmp / "out", RunConfig.model_validate(raw), manifest

@@ -8,18 +8,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysel.activation import activated_sets
 from raysel.config import RunConfig, S3Config
-from raysel.methods.coverage_kernel import greedy_coverage
-from raysel.encode import FEATURE_SCHEMA
-from raysel.methods.coverage import assign, covered_weight, csr, randgreedi
-from raysel.stages.select import Pool, pick
+from raysel.core.features import FEATURE_SCHEMA, FeatureStore
 from raysel.core.storage import Storage
+from raysel.methods import Context, Pool, build
+from raysel.methods.coverage import assign, covered_weight, csr, randgreedi
+from raysel.methods.coverage_kernel import greedy_coverage
 
 TAU = 0.5
 
 
-def write_store(root, n: int, d: int, seed: int, shards: int = 4) -> Storage:
+def write_store(root, n: int, d: int, seed: int, shards: int = 4) -> FeatureStore:
     """A feature store as encode leaves it: Zipf-like sets, half the entries below TAU."""
     rng = np.random.default_rng(seed)
     popularity = 1.0 / np.arange(1, d + 1) ** 0.8
@@ -33,7 +32,7 @@ def write_store(root, n: int, d: int, seed: int, shards: int = 4) -> Storage:
         name = f"part-{s}.parquet"
         pq.write_table(pa.Table.from_pylist([rows[i] for i in part], FEATURE_SCHEMA), root / "features" / name)
         (root / "features" / "_done" / f"{name}.json").write_text(json.dumps({"rows": len(part)}))
-    return Storage(str(root), S3Config())
+    return FeatureStore(Storage(str(root), S3Config()))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,7 @@ def test_randgreedi_equals_the_greedy_on_the_union_of_each_partitions_picks(stor
     budget, m = 60, 3
     ids, gains, settled = randgreedi(store, TAU, budget, m, seed=5, weights=None)
     # the same partitions, replayed on the driver without Ray
-    table = pq.ParquetDataset(str(store.path("features"))).read().sort_by("id")
+    table = pq.ParquetDataset(str(store.storage.path("features"))).read().sort_by("id")
     parts = assign(table, TAU, m, seed=5)
     picks = []
     for p in range(m):
@@ -61,7 +60,7 @@ def test_randgreedi_equals_the_greedy_on_the_union_of_each_partitions_picks(stor
 
 
 def test_randgreedi_is_within_5_percent_of_the_single_node_greedy(store):
-    pool_ids, indptr, indices = activated_sets(store, TAU)
+    pool_ids, indptr, indices = store.activated_sets(TAU)
     single = greedy_coverage(indptr, indices, 80)
     ids, _, settled = randgreedi(store, TAU, 80, 4, seed=0, weights=None)
     rows = np.searchsorted(pool_ids, np.asarray(ids, dtype=object))
@@ -81,10 +80,13 @@ def test_the_seed_picks_the_partitioning():
 @pytest.mark.parametrize("mode, rows, distributed", [("on", 2_000_000, True), ("off", 10, False),
                                                      ("auto", 1000, True), ("auto", 2_000_000, False)])
 def test_select_distributed_switch(store, mode, rows, distributed):
-    cfg = RunConfig.model_validate({"input": {"paths": ["unused"]}, "select": {"distributed": mode, "distributed_rows": rows}})
-    ids, indptr, indices = activated_sets(store, TAU)
-    pool = Pool(ids, indptr, indices, np.zeros(len(ids)), store, TAU, None)
-    order, gains, settled = pick("coverage", cfg, pool, 50)
+    cfg = RunConfig.model_validate({"input": {"paths": ["unused"]}, "select": {"methods": [
+        {"name": "coverage", "distributed": mode, "distributed_rows": rows}]}})
+    ids, indptr, indices = store.activated_sets(TAU)
+    pool = Pool(ids, indptr, indices, np.zeros(len(ids)), store)
+    ctx = Context(tau=TAU, seed=0, d_sae=500, storage=store.storage, stack=cfg.stack(), fac=cfg.fac, side_set=None)
+    picks = build(cfg.select.methods[0]).pick(pool, 50, ctx)
+    order, gains, settled = pool.rows_of(picks.ids), picks.scores, picks.details
     assert settled.get("distributed", False) == distributed
     assert len(set(order.tolist())) == 50 and np.all(gains[:-1] >= 0)
     if distributed:

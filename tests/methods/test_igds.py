@@ -1,0 +1,118 @@
+"""IGDS: frequency recall, the intervention hook, planted-feature recovery (tiny real models), and
+the method end to end through the select stage."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raysel.config import ModelConfig, RunConfig
+from raysel.core.features import FeatureStore
+from raysel.core.models import load_model
+from raysel.core.storage import Storage
+from raysel.methods.igds import FeatureEffects, IGDSConfig, TaskMetric, amplified, decoder_layers, final_number
+from raysel.methods.igds import frequency_recall
+from tests.conftest import build_tiny_sae, store_table
+
+
+def test_frequency_recall_ranks_features_by_target_share_minus_pool_share():
+    targets = store_table([{"id": "a", "n_tokens": 1, "feats": {1: (2.0, 2.0), 2: (2.0, 2.0), 3: (0.5, 0.5)}},
+                           {"id": "b", "n_tokens": 1, "feats": {1: (2.0, 2.0), 3: (2.0, 2.0)}}])
+    pool_doc_freq = np.array([5, 9, 0, 1, 3])  # of 10 pool samples
+    got = frequency_recall(targets, tau=1.0, pool_doc_freq=pool_doc_freq, n_pool=10, n=3).to_pylist()
+    # target shares above tau: 1 -> 1.0, 2 -> 0.5, 3 -> 0.5; lifts: 0.1, 0.5, 0.4; feature 0, 4 never fire on targets
+    assert [r["feature"] for r in got] == [2, 3, 1]
+    assert [round(r["lift"], 6) for r in got] == [0.5, 0.4, 0.1]
+
+
+def test_final_number_reads_gsm8k_answers_and_plain_text():
+    assert final_number("so 3 + 4 = 7.\n#### 1,234") == "1234"
+    assert final_number("The answer is 42.") == "42" and final_number("no digits") is None
+
+
+def test_amplification_adds_exactly_the_vector_on_counted_tokens_and_is_gone_after(tiny_model_dir):
+    model = load_model(ModelConfig(name=str(tiny_model_dir)), "cpu")
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
+    attention = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    counted = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.bool)
+    vector = torch.randn(64)
+
+    def after_layer_1():  # what block 2 receives: the residual stream after block 1
+        seen = []
+        probe = decoder_layers(model)[2].register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+            (args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=attention)
+        probe.remove()
+        return seen[0]
+
+    base = after_layer_1()
+    with amplified(model, 1, vector, counted):
+        shifted = after_layer_1()
+    torch.testing.assert_close(shifted - base, counted[..., None] * vector, rtol=0, atol=1e-5)
+    assert not decoder_layers(model)[1]._forward_hooks
+    assert torch.equal(after_layer_1(), base)
+
+
+def planted_sae(out, stack, igds, prompts, answers, planted: int):
+    """The tiny SAE with decoder row `planted` set to the direction that most raises the answers'
+    log-likelihood when added after layer 1 (the gradient); every other row stays random."""
+    metric = TaskMetric(stack, igds, prompts, answers)
+    shift = torch.zeros(64, requires_grad=True)
+    handle = decoder_layers(metric.model)[1].register_forward_hook(
+        lambda m, a, out: (out[0] + shift, *out[1:]) if isinstance(out, tuple) else out + shift)
+    try:
+        with torch.enable_grad():
+            loss = 0.0
+            for prompt, answer in zip(prompts, answers):
+                p = metric.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                a = metric.tokenizer(answer + metric.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+                logits = metric.model(input_ids=torch.tensor([p + a])).logits[0]
+                logp = torch.log_softmax(logits[len(p) - 1: -1], -1).gather(-1, torch.tensor(a)[:, None])
+                loss = loss + logp.mean() / len(prompts)
+            loss.backward()
+    finally:
+        handle.remove()
+    build_tiny_sae(out)
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(out)
+    with torch.no_grad():
+        sae.W_dec[planted] = shift.grad / shift.grad.norm()
+    sae.save_model(out)
+    return out
+
+
+def test_igds_recovers_the_planted_helpful_feature(tiny_model_dir, tmp_path):
+    prompts = [f"### User:\nWhat is {a} plus {b}?\n### Assistant:\n" for a, b in [(2, 3), (4, 1), (6, 2), (1, 1)]]
+    answers = ["The sum is 5.", "The sum is 5.", "The sum is 8.", "The sum is 2."]
+    raw = {"input": {"paths": ["x"]}, "model": {"name": str(tiny_model_dir)}, "encode": {"device": "cpu"}}
+    igds = IGDSConfig(targets=["t"], alpha=1.0)
+    sae_dir = planted_sae(tmp_path / "sae", RunConfig.model_validate(raw).stack(), igds, prompts, answers, planted=37)
+    stack = RunConfig.model_validate(raw | {"sae": {"path": str(sae_dir)}}).stack()
+    effects = FeatureEffects(stack, igds, prompts, answers, {j: 0.5 for j in range(128)}, layer=1)
+    deltas = effects(pa.table({"feature": list(range(0, 128, 3)) + [37]})).to_pylist()
+    best = max(deltas, key=lambda r: r["delta"])
+    assert best["feature"] == 37 and best["delta"] > 0
+    assert all(r["base"] == effects.base for r in deltas)
+    assert not decoder_layers(effects.metric.model)[1]._forward_hooks
+    assert effects.metric() == effects.base  # no intervention left behind
+
+
+def test_igds_writes_its_delta_table_and_selects_by_the_task_features(task_run):
+    root, manifest, _ = task_run
+    m = json.loads((root / "selection" / "igds" / "manifest.json").read_text())
+    effects = m["feature_effects"]
+    assert len(effects) == 6 and {"feature", "delta", "base", "amplified", "lift", "target_share"} <= set(effects[0])
+    deltas = [e["delta"] for e in effects]
+    assert deltas == sorted(deltas, reverse=True)
+    positive = [e["feature"] for e in effects if e["delta"] > 0][:2]
+    assert m["task_features"] == (positive or [e["feature"] for e in effects[:2]])
+    assert m["counts"]["n_selected"] == 15 and m["budget"] == 15
+    pool = FeatureStore(Storage(str(root), RunConfig.model_validate(manifest["config"]).s3)).table()
+    sums = {i: sum(s for j, s in zip(f, v) if j in m["task_features"])
+            for i, f, v in zip(pool["id"].to_pylist(), pool["feat_ids"].to_pylist(), pool["feat_sum"].to_pylist())}
+    selected = pq.read_table(root / "selection" / "igds" / "selected.parquet").to_pylist()
+    assert [r["id"] for r in selected] == sorted(sums, key=lambda i: (-sums[i], i))[:15]
