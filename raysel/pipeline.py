@@ -28,7 +28,7 @@ from raysel.stages.fac import MeasureFAC
 from raysel.stages.prepare import Prepare
 from raysel.stages.select import Select
 from raysel.stages.stats import Stats
-from raysel.stages.synthesize import Synthesize, check_engine
+from raysel.stages.synthesize import Synthesize, check_vllm
 from raysel.stages.train_sae import TrainSAE
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,8 @@ def run_stages(cfg: RunConfig, storage: Storage, until: str, train_missing_sae: 
                 "fingerprints": {"prepare": prepared["fingerprint"], "encode": encoded["fingerprint"]}}
             stages["select"] = execute(Select(cfg.select, cfg.s3, ctx, encoded, base))
         else:
-            if until == "synthesize":
-                check_engine(cfg.synth)  # before any work
+            if until == "synthesize" and cfg.synth.engine == "vllm":
+                check_vllm()  # before any work
             stages["fac"] = execute(MeasureFAC(ctx, cfg.stack(), cfg.stats.top_n))
             if until == "synthesize":
                 stages["synthesis"] = execute(Synthesize(cfg.synth, cfg.stack(), ctx, stages["fac"],

@@ -253,47 +253,39 @@ class Synthesize(Stage):
         self.storage = ctx.storage
 
     def key(self) -> dict | None:
-        return None  # sampling is seeded, but the generator is costly to judge unchanged: always runs
+        return None  # a costly generator, but asking for it again means sampling again
 
     def run(self) -> dict:
-        return run_synthesis(self.synth, self.stack, self.ctx, self.before, self.config)
-
-
-def check_engine(synth: SynthConfig) -> None:
-    if synth.engine == "vllm":
-        check_vllm()
-
-
-def run_synthesis(synth: SynthConfig, stack: ModelStack, ctx: Context, before: dict, config: dict) -> dict:
-    start, storage, tau = time.time(), ctx.storage, ctx.tau
-    spans = pq.read_table(storage.path(paths.FAC, "missing_spans.parquet"), filesystem=storage.fs)
-    delta = synth_delta(synth, tau)
-    candidates = synthesize(stack, synth, before["missing"], spans, delta)
-    kept = candidates.filter(candidates["kept"])
-    anchored = ctx.side_set("anchor", ctx.fac.anchor).table()
-    features = pq.read_table(storage.path(paths.FAC, "features.parquet"), columns=["feature"],
-                             filesystem=storage.fs)["feature"].to_numpy()
-    d_sae = ctx.d_sae
-    evaluated = FeatureStore(storage).table()
-    grown = pa.concat_tables([evaluated, kept.select(evaluated.column_names).cast(evaluated.schema)])
-    after, _ = fac(anchored, grown, features, tau, d_sae)
-    storage.fs.create_dir(storage.path(paths.SYNTHESIS), recursive=True)
-    pq.write_table(candidates.drop_columns(["feat_ids", "feat_max", "feat_sum", "n_tokens"]),
-                   storage.path(paths.SYNTHESIS, "candidates.parquet"), filesystem=storage.fs)
-    seconds = time.time() - start
-    summary = {"delta": delta, "fac_before": before["fac"], "fac_after": after["fac"],
-               "missing_before": len(before["missing"]),
-               "missing_after": len(after["missing"]), "features_tried": len(set(candidates["feature"].to_pylist())),
-               **acceptance(candidates), "seconds": round(seconds, 1),
-               "seconds_per_kept": round(seconds / kept.num_rows, 1) if kept.num_rows else None}
-    records = {r["id"]: json.dumps(json.loads(r["record"]) | {"provenance": {
-        k: r[k] for k in ("feature", "step", "prompt", "score", "generator")}}) for r in kept.to_pylist()}
-    write_selection(storage, "synthesis", kept["id"].to_pylist(), kept["score"].to_numpy(),
-                    np.zeros(kept.num_rows, np.int64), records,
-                    {"config": config, "method": "synthesis", "tau": tau, **summary,
-                     "counts": {"n_selected": kept.num_rows}})
-    log.info("synthesis: FAC %.3f -> %.3f; %d of %d step-2 candidates above delta (%.0f %%), %d kept, %.1fs",
-             summary["fac_before"], summary["fac_after"], round(summary["acceptance_rate"] * synth.n_contrastive
-             * summary["features_tried"]), synth.n_contrastive * summary["features_tried"],
-             100 * summary["acceptance_rate"], kept.num_rows, seconds)
-    return summary
+        synth, ctx, storage, tau = self.synth, self.ctx, self.storage, self.ctx.tau
+        start = time.time()
+        spans = pq.read_table(storage.path(paths.FAC, "missing_spans.parquet"), filesystem=storage.fs)
+        delta = synth_delta(synth, tau)
+        candidates = synthesize(self.stack, synth, self.before["missing"], spans, delta)
+        kept = candidates.filter(candidates["kept"])
+        anchored = ctx.side_set("anchor", ctx.fac.anchor).table()
+        features = pq.read_table(storage.path(paths.FAC, "features.parquet"), columns=["feature"],
+                                 filesystem=storage.fs)["feature"].to_numpy()
+        d_sae = ctx.d_sae
+        evaluated = FeatureStore(storage).table()
+        grown = pa.concat_tables([evaluated, kept.select(evaluated.column_names).cast(evaluated.schema)])
+        after, _ = fac(anchored, grown, features, tau, d_sae)
+        storage.fs.create_dir(storage.path(paths.SYNTHESIS), recursive=True)
+        pq.write_table(candidates.drop_columns(["feat_ids", "feat_max", "feat_sum", "n_tokens"]),
+                       storage.path(paths.SYNTHESIS, "candidates.parquet"), filesystem=storage.fs)
+        seconds = time.time() - start
+        summary = {"delta": delta, "fac_before": self.before["fac"], "fac_after": after["fac"],
+                   "missing_before": len(self.before["missing"]),
+                   "missing_after": len(after["missing"]), "features_tried": len(set(candidates["feature"].to_pylist())),
+                   **acceptance(candidates), "seconds": round(seconds, 1),
+                   "seconds_per_kept": round(seconds / kept.num_rows, 1) if kept.num_rows else None}
+        records = {r["id"]: json.dumps(json.loads(r["record"]) | {"provenance": {
+            k: r[k] for k in ("feature", "step", "prompt", "score", "generator")}}) for r in kept.to_pylist()}
+        write_selection(storage, "synthesis", kept["id"].to_pylist(), kept["score"].to_numpy(),
+                        np.zeros(kept.num_rows, np.int64), records,
+                        {"config": self.config, "method": "synthesis", "tau": tau, **summary,
+                         "counts": {"n_selected": kept.num_rows}})
+        log.info("synthesis: FAC %.3f -> %.3f; %d of %d step-2 candidates above delta (%.0f %%), %d kept, %.1fs",
+                 summary["fac_before"], summary["fac_after"], round(summary["acceptance_rate"] * synth.n_contrastive
+                 * summary["features_tried"]), synth.n_contrastive * summary["features_tried"],
+                 100 * summary["acceptance_rate"], kept.num_rows, seconds)
+        return summary

@@ -34,7 +34,7 @@ def test_each_feature_gets_scored_candidates_and_a_contrastive_second_step(ray_c
         "encode": {"device": "cpu"}, "synth": {"n_candidates": 4, "n_contrastive": 6, "keep": 2, "max_new_tokens": 24}})
     spans = pa.table({"feature": [5, 5, 9], "tokens": [["a span where ", "feature five", " is strong"], ["another one"],
                                                         ["nine"]]})
-    rows = synthesize(cfg, [5, 9], spans, delta=0.0).to_pylist()
+    rows = synthesize(cfg.stack(), cfg.synth, [5, 9], spans, delta=0.0).to_pylist()
     assert {r["feature"] for r in rows} == {5, 9}
     rows = [r for r in rows if r["feature"] == 5]
     step1, step2 = [r for r in rows if r["step"] == 1], [r for r in rows if r["step"] == 2]
@@ -53,7 +53,7 @@ def test_each_feature_gets_scored_candidates_and_a_contrastive_second_step(ray_c
     assert len(kept) == min(2, sum(r["passed"] for r in step2)) and all(r["passed"] for r in kept)
     assert min((r["score"] for r in kept), default=0) >= max((r["score"] for r in step2 if not r["kept"] and r["passed"]),
                                                               default=0)
-    again = synthesize(cfg, [5], spans, delta=0.0).to_pylist()
+    again = synthesize(cfg.stack(), cfg.synth, [5], spans, delta=0.0).to_pylist()
     assert [r["text"] for r in again] == [r["text"] for r in rows]  # seeded per feature
 
 
@@ -87,9 +87,9 @@ def test_raysel_synthesize_writes_samples_with_provenance_and_fac_before_and_aft
 
 
 def test_delta_defaults_to_the_resolved_tau_not_the_configured_one():
-    from raysel.task import synth_delta
+    from raysel.stages.synthesize import synth_delta
 
     calibrated = RunConfig.model_validate({"input": {"paths": ["x"]}, "activation": {"target_active": 32}})
-    assert calibrated.activation.tau == 0.0 and synth_delta(calibrated, tau=36.4) == 36.4
+    assert calibrated.activation.tau == 0.0 and synth_delta(calibrated.synth, tau=36.4) == 36.4
     pinned = RunConfig.model_validate({"input": {"paths": ["x"]}, "synth": {"delta": 5.0}})
-    assert synth_delta(pinned, tau=36.4) == 5.0
+    assert synth_delta(pinned.synth, tau=36.4) == 5.0
