@@ -116,3 +116,17 @@ def test_demo_runs_the_bundled_data_into_out_or_the_documented_default(tmp_path)
     assert cfg.output.root == str(tmp_path / "here") and cfg.select.budget == 20
     assert cfg.input.paths == [demo_data_path()] and cfg.model.name == "embedded:smollm2-135m-instruct"
     assert build_parser().parse_args(["demo", "--out", "d"]).out == "d"
+
+
+@pytest.mark.parametrize("override, names", [
+    ("task.targets=[t.jsonl]", "select.methods: [{name: mona, targets: [...]}]"),
+    ("igds.candidates=5", "select.methods: [{name: igds"),
+    ("mona.pooling=sum", "select.methods: [{name: mona"),
+    ("select.idf=true", "select.methods: [{name: coverage, idf: true}]"),
+    ("select.distributed=on", "{name: coverage, distributed: on}"),
+    ("fac.evaluated=[have.jsonl]", "{name: fac, evaluated: [...]}"),
+])
+def test_a_setting_that_moved_into_a_method_entry_names_its_new_place(override, names):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ['input.paths=["x"]', override])
+    assert override.split("=")[0].rsplit(".", 1)[0] in str(err.value) and names in str(err.value)

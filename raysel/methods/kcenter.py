@@ -8,7 +8,7 @@ activations (mean-pooled by default), L2-normalised unless `normalize: false`.
 Vectors are sparse and the picks dense: ||x - c||^2 = ||x||^2 + ||c||^2 - 2 x.c, and x.c for every
 x is one pass over the pool's non-zeros. Each pick costs O(nnz), so k picks cost O(k nnz): a
 baseline for pools up to a few hundred thousand samples, not a million-row method. The first
-pick is a seeded random sample (select.seed); ties go to the earlier id.
+pick is a seeded random sample (select.seed); ties, up to rounding, go to the earlier id.
 """
 
 from __future__ import annotations
@@ -73,6 +73,13 @@ def k_center_greedy(rows, feats, values, n: int, k: int, start: int) -> tuple[np
         dist = sq_norm + sq_norm[pick] - 2 * np.bincount(rows, values * center[feats], minlength=n)
         np.minimum(nearest, np.maximum(dist, 0.0), out=nearest)
         nearest[order[: i + 1]] = -1.0  # picked: never again
-        pick = int(np.argmax(nearest))  # the first of equals: the earlier id
+        pick = first_of_max(nearest)
         radius = float(np.sqrt(max(nearest[pick], 0.0)))
     return order, radii
+
+
+def first_of_max(values: np.ndarray, rel: float = 1e-9) -> int:
+    """The first index at the maximum, counting as equal what differs only by rounding (unit vectors
+    with disjoint features are all exactly sqrt(2) apart; their computed distances are not)."""
+    best = values.max()
+    return int(np.flatnonzero(values >= best - rel * abs(best))[0])

@@ -1,0 +1,45 @@
+"""The registry is the one list of methods: the config accepts exactly its names, each entry
+validates its own settings, and the README documents every one."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from raysel.config import ConfigError, load_config
+from raysel.methods import METHODS
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def config(methods: str):
+    return load_config(None, ['input.paths=["x"]', "fac.anchor=[a.jsonl]", f"select.methods={methods}"])
+
+
+def test_the_config_accepts_every_registered_name_and_only_those():
+    # the methods that need no setting of their own go by name alone
+    plain = [n for n, m in METHODS.items() if not any(f.is_required() for f in m.Config.model_fields.values())]
+    assert {"coverage", "random", "kcenter"} <= set(plain)
+    assert [e.name for e in config(f"[{', '.join(plain)}]").select.methods] == plain
+    with pytest.raises(ConfigError) as err:
+        config("[coverage, nonesuch]")
+    assert "select.methods.1" in str(err.value) and all(f"'{n}'" in str(err.value) for n in METHODS)
+
+
+def test_an_entry_is_checked_by_its_own_config():
+    with pytest.raises(ConfigError, match=r"select.methods.0.mona.targets: Field required"):
+        config("[mona]")
+    with pytest.raises(ConfigError, match=r"select.methods.0.kcenter.pooling: .*'mean', 'sum' or 'max'"):
+        config("[{name: kcenter, pooling: median}]")
+    with pytest.raises(ConfigError, match=r"select.methods.0.coverage.idff: unknown key \(allowed keys: name, budget, idf"):
+        config("[{name: coverage, idff: true}]")
+    with pytest.raises(ConfigError, match="coverage listed twice"):
+        config("[coverage, random, coverage]")
+
+
+def test_the_readme_documents_every_registered_method():
+    text = README.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `select.methods`"))
+    assert set(re.findall(r"`([a-z]+)`", row)) >= set(METHODS)
+    for name in METHODS:
+        assert re.search(rf"^\| `{name}` \|", text, re.M), f"no config reference row for method {name}"
