@@ -6,7 +6,7 @@ batch and then one timed pass:
 
 - naive: the full model with output_hidden_states, corpus-order batches padded
   to the longest sample, a dense sae-lens encode of every position;
-- raysel: raysel.encode.Encoder (model cut at the hook layer, length buckets,
+- raysel: raysel.core.encoder.Encoder (model cut at the hook layer, length buckets,
   padding dropped before the SAE, sparse pooled output).
 
 Both pool the same positions (no padding, not position 0). The matmul peak is
@@ -34,10 +34,11 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from raysel.config import FieldMap, RunConfig  # noqa: E402
-from raysel.encode import Encoder  # noqa: E402
+from raysel.core.encoder import Encoder  # noqa: E402
 from raysel.core.models import load_model, load_tokenizer  # noqa: E402
 from raysel.core.records import chat_template_for, normalize, render  # noqa: E402
-from raysel.sae import default_sae_dir, load_sae, train_sae  # noqa: E402
+from raysel.core.sae import default_sae_dir, load_sae  # noqa: E402
+from raysel.stages.train_sae import train_sae  # noqa: E402
 
 
 def main() -> None:
@@ -57,11 +58,12 @@ def main() -> None:
     })
     tokenizer = load_tokenizer(cfg.model)
     ids, texts = load_samples(args.pool, args.n, tokenizer)
-    if not (default_sae_dir(cfg) / "cfg.json").is_file():
+    stack = cfg.stack()
+    if not (default_sae_dir(stack) / "cfg.json").is_file():
         print("no default SAE yet: training it with train_sae defaults (about 2 minutes on 2 cores)")
-        train_sae(cfg, texts * 4, "cpu")
+        train_sae(stack, texts * 4, "cpu")
 
-    encoder = Encoder(cfg)
+    encoder = Encoder(stack)
     device = encoder.device
     peak = matmul_peak_gflops(device)
     naive = NaiveEncoder(cfg, device, encoder.layer, args.naive_batch)
@@ -131,7 +133,7 @@ class NaiveEncoder:
     def __init__(self, cfg: RunConfig, device: str, layer: int, batch: int):
         self.model = load_model(cfg.model, device)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.sae = load_sae(cfg, device).eval()
+        self.sae = load_sae(cfg.stack(), device).eval()
         self.layer, self.batch, self.device = layer, batch, device
         self.max_tokens = cfg.prepare.max_tokens
         self.padded_tokens = 0

@@ -37,10 +37,10 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from raysel.config import RunConfig  # noqa: E402
+from raysel.core.features import FeatureStore  # noqa: E402
+from raysel.core.storage import Storage  # noqa: E402
 from raysel.methods.fac import fac, task_features  # noqa: E402
 from raysel.pipeline import run  # noqa: E402
-from raysel.core.storage import Storage  # noqa: E402
-from raysel.task import read_store  # noqa: E402
 
 
 def subset(table: pa.Table, ids: list[str]) -> pa.Table:
@@ -66,9 +66,9 @@ def main() -> None:
            "select": {"methods": ["coverage", "fac", "random"], "budget": args.budget},
            "fac": {"anchor": args.anchor, "n_features": args.n_features}}
     manifest = run(RunConfig.model_validate(raw), until="select", train_missing_sae=True)
-    tau = manifest["stages"]["select"]["tau"]
+    tau = manifest["stages"]["stats"]["tau"]
     storage = Storage(args.out, RunConfig.model_validate(raw).s3)
-    pool, anchor = read_store(storage), read_store(Storage(storage.uri("anchor"), storage.s3))
+    pool, anchor = FeatureStore(storage).table(), FeatureStore(Storage(storage.uri("anchor"), storage.s3)).table()
     d_sae = storage.read_json("stats/summary.json")["d_sae"]
     features = task_features(anchor, pool, tau, d_sae, [], args.n_features)
 

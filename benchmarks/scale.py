@@ -38,13 +38,12 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
-from raysel.activation import activated_sets, resolve_tau  # noqa: E402
 from raysel.config import RunConfig  # noqa: E402
-from raysel.methods.coverage_kernel import greedy_coverage  # noqa: E402
-from raysel.encode import FEATURE_SCHEMA, done_shards  # noqa: E402
-from raysel.pipeline import run  # noqa: E402
-from raysel.methods.coverage import covered_weight, randgreedi  # noqa: E402
+from raysel.core.features import FEATURE_SCHEMA, FeatureStore  # noqa: E402
 from raysel.core.storage import Storage  # noqa: E402
+from raysel.methods.coverage import CoverageConfig, covered_weight, randgreedi  # noqa: E402
+from raysel.methods.coverage_kernel import greedy_coverage  # noqa: E402
+from raysel.pipeline import run  # noqa: E402
 
 
 @functools.cache
@@ -73,7 +72,7 @@ def encode_run(out: Path, pool: Path, n: int, actors: int) -> dict:
     cfg = RunConfig.model_validate(raw)
     stage = run(cfg, until="encode", train_missing_sae=True)["stages"]["encode"]
     storage = Storage(cfg.output.root, cfg.s3)
-    compute = sum(m["seconds"] for m in done_shards(storage).values())
+    compute = sum(m["seconds"] for m in FeatureStore(storage).done_shards().values())
     return {"actors": actors, "samples": stage["n_encoded"], "tokens": stage["n_tokens"], "seconds": stage["seconds"],
             "samples_per_s": stage["n_encoded"] / stage["seconds"], "compute_s_per_sample": compute / stage["n_encoded"],
             "layer": stage["layer"], "storage": storage, "cfg": cfg}
@@ -107,10 +106,10 @@ def write_store(root: Path, indptr: np.ndarray, indices: np.ndarray, shards: int
 
 
 def ratio(storage: Storage, tau: float, budget: int, partitions: int) -> dict:
-    ids, indptr, indices = activated_sets(storage, tau)
+    ids, indptr, indices = FeatureStore(storage).activated_sets(tau)
     single = greedy_coverage(indptr, indices, budget)
     start = time.perf_counter()
-    picked, _, settled = randgreedi(storage, tau, budget, partitions, seed=0, weights=None)
+    picked, _, settled = randgreedi(FeatureStore(storage), tau, budget, partitions, seed=0, weights=None)
     seconds = time.perf_counter() - start
     rows = np.searchsorted(ids, np.asarray(picked, dtype=object))
     ours, theirs = covered_weight(indptr, indices, rows, None), covered_weight(indptr, indices, single.order, None)
@@ -143,7 +142,7 @@ def extrapolate(encode1: dict, by_n: dict[int, float], exponent: float, args) ->
     gpu_s = n * flops / (args.gpu_tflops * 1e12) / gpus
     biggest = max(by_n)
     select_at = lambda m: by_n[biggest] * (m / biggest) ** exponent  # noqa: E731
-    partitions = math.ceil(n / cfg.select.distributed_rows)
+    partitions = math.ceil(n / CoverageConfig().distributed_rows)
     return {
         "assumptions": {
             "tokens_per_sample": round(tokens, 1), "params_to_sae_layer": params,
@@ -192,7 +191,7 @@ def main() -> None:
     synthetic = write_store(args.out / "synthetic_store", *zipf_rows(100_000))
     cases = [ratio(synthetic, 0.0, b, 4) for b in (100, 1000)]
     real = encode[1]["storage"]
-    tau = resolve_tau(real, encode[1]["cfg"])
+    tau = FeatureStore(real).resolve_tau(0.0, encode[1]["cfg"].activation.target_active)
     cases += [ratio(real, tau, b, 2) for b in (8, 16)]
     for c in cases:
         print(f"  n = {c['n']:,} ({c['features_activated']:,} features), budget {c['budget']:,}, {c['partitions']} "

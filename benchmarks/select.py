@@ -9,7 +9,7 @@ process, so its peak RSS is its own and a run over its cap can be killed.
   timed to its cap; a run that does not finish counts at the cap. Its curve is
   compared with raysel's wherever it finishes (always at n = 10k, the size the
   exactness check uses).
-- raysel `coverage` (raysel.coverage.greedy_coverage), warm: the numba code is
+- raysel `coverage` (raysel.methods.coverage_kernel.greedy_coverage), warm: the numba code is
   compiled in the child before the clock starts.
 - checks: equal to a naive exact greedy (scipy, every row scored every step) at
   n = 10k; coverage at every curve checkpoint >= apricot's; no duplicate

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from raysel.config import RunConfig  # noqa: E402
-from raysel.encode import Encoder  # noqa: E402
+from raysel.core.encoder import Encoder  # noqa: E402
 from raysel.pipeline import run  # noqa: E402
 
 METHODS = ("mona", "igds", "bm25", "dense", "random")
@@ -121,11 +121,12 @@ def main() -> None:
             "input": {"paths": [args.pool], "fields": {"id": "id"}}, "prepare": {"max_tokens": args.max_tokens},
             "encode": {"num_cpus": os.cpu_count() or 1}, "output": {"root": args.out},
             "activation": {"target_active": args.target_active},
-            "select": {"methods": ["mona", "igds"], "budget": k}, "task": {"targets": [targets_path]},
-            "igds": {"candidates": args.igds_candidates, "budget": k},
+            "select": {"budget": k, "methods": [
+                {"name": "mona", "targets": [targets_path]},
+                {"name": "igds", "targets": [targets_path], "candidates": args.igds_candidates, "budget": k}]},
         })
         run(cfg, until="select", train_missing_sae=True)
-        encoder = encoder or Encoder(cfg)
+        encoder = encoder or Encoder(cfg.stack())
         prepared = pq.read_table(os.path.join(args.out, "prepared"), columns=["id", "text"])
         if pool_vectors is None:  # the pool's dense vectors serve both target sets
             pool_vectors = dense_vectors(encoder, prepared["text"].to_pylist())

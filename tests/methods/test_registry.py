@@ -41,5 +41,22 @@ def test_the_readme_documents_every_registered_method():
     text = README.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| `select.methods`"))
     assert set(re.findall(r"`([a-z]+)`", row)) >= set(METHODS)
-    for name in METHODS:
-        assert re.search(rf"^\| `{name}` \|", text, re.M), f"no config reference row for method {name}"
+    for name, method in METHODS.items():
+        found = re.search(rf"^\| `{name}` \|([^\n]*)", text, re.M)
+        assert found, f"no row for method {name} in the README's Selection methods table"
+        for key in set(method.Config.model_fields) - {"name", "budget"}:
+            assert f"`{key}`" in found.group(1), f"the README's {name} row does not document its {key!r}"
+
+
+def test_the_readmes_example_method_runs_against_the_real_interface():
+    import numpy as np
+
+    from raysel.methods import Pool
+
+    code = re.search(r"```python\n(# raysel/methods/shortest.py\n.*?)```", README.read_text(), re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    pool = Pool(np.array(["a", "b", "c", "d"], dtype=object), np.zeros(5, np.int64), np.zeros(0, np.int64),
+                np.array([30, 5, 12, 5]), store=None)
+    picks = scope["Shortest"](scope["ShortestConfig"]()).pick(pool, 3, ctx=None)
+    assert picks.ids == ["b", "d", "c"] and np.isnan(picks.scores).all()
