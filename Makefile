@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml Makefile | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: setup browser demo test
+.PHONY: setup browser demo lint test
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,5 +28,9 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
 	  echo "no chromium: the report's browser test skips here (apt-get install chromium chromium-driver)"
 
-test: setup browser
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup browser lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -52,10 +52,13 @@ def main() -> None:
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    cfg = RunConfig.model_validate({
-        "input": {"paths": [args.pool]}, "prepare": {"max_tokens": args.max_tokens},
-        "encode": {"device": args.device, "num_cpus": threads, "skip_prefix": False},
-    })
+    cfg = RunConfig.model_validate(
+        {
+            "input": {"paths": [args.pool]},
+            "prepare": {"max_tokens": args.max_tokens},
+            "encode": {"device": args.device, "num_cpus": threads, "skip_prefix": False},
+        }
+    )
     tokenizer = load_tokenizer(cfg.model)
     ids, texts = load_samples(args.pool, args.n, tokenizer)
     stack = cfg.stack()
@@ -82,7 +85,9 @@ def main() -> None:
     real_tokens = sum(len(x) for x in enc)
     padded_ours = sum(len(enc[b[0]]) * len(b) for b in encoder.length_buckets(enc))
     counted = int(np.sum(ours["n_tokens"].to_numpy()))
-    flops = 2 * linear_params(encoder.model) * padded_ours + 2 * 2 * encoder.sae.cfg.d_in * encoder.sae.cfg.d_sae * counted
+    flops = (
+        2 * linear_params(encoder.model) * padded_ours + 2 * 2 * encoder.sae.cfg.d_in * encoder.sae.cfg.d_sae * counted
+    )
     achieved = flops / ours_s / 1e9
     buf = io.BytesIO()
     pq.write_table(ours, buf)
@@ -99,17 +104,26 @@ def main() -> None:
         "fraction_of_matmul_peak": round(achieved / peak, 3),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "bytes_per_sample": round(buf.tell() / len(texts), 1),
-        "n_samples": len(texts), "real_tokens": real_tokens, "padded_tokens_raysel": padded_ours,
-        "padded_tokens_naive": naive.padded_tokens, "layer": encoder.layer, "device": device,
-        "threads": threads, "max_abs_diff_feat_max": agreement["max_abs_diff"],
+        "n_samples": len(texts),
+        "real_tokens": real_tokens,
+        "padded_tokens_raysel": padded_ours,
+        "padded_tokens_naive": naive.padded_tokens,
+        "layer": encoder.layer,
+        "device": device,
+        "threads": threads,
+        "max_abs_diff_feat_max": agreement["max_abs_diff"],
         "active_set_jaccard": agreement["jaccard"],
     }
     print(f"{'':8} {'samples/s':>10} {'tokens/s':>10} {'padded tokens':>14}")
-    print(f"{'naive':8} {result['naive_samples_per_s']:>10} {result['naive_tokens_per_s']:>10} {naive.padded_tokens:>14}")
+    print(
+        f"{'naive':8} {result['naive_samples_per_s']:>10} {result['naive_tokens_per_s']:>10} {naive.padded_tokens:>14}"
+    )
     print(f"{'raysel':8} {result['samples_per_s']:>10} {result['tokens_per_s']:>10} {padded_ours:>14}")
-    print(f"speedup vs naive: {result['speedup_vs_naive']}x; {achieved:.0f} GFLOP/s of a {peak:.0f} GFLOP/s "
-          f"matmul peak ({100 * result['fraction_of_matmul_peak']:.0f}%); features agree with the naive path "
-          f"(max |diff| {agreement['max_abs_diff']:.2e}, active-set Jaccard {agreement['jaccard']:.4f})")
+    print(
+        f"speedup vs naive: {result['speedup_vs_naive']}x; {achieved:.0f} GFLOP/s of a {peak:.0f} GFLOP/s "
+        f"matmul peak ({100 * result['fraction_of_matmul_peak']:.0f}%); features agree with the naive path "
+        f"(max |diff| {agreement['max_abs_diff']:.2e}, active-set Jaccard {agreement['jaccard']:.4f})"
+    )
     print(json.dumps(result))
 
 
@@ -142,8 +156,13 @@ class NaiveEncoder:
     def __call__(self, texts: list[str]) -> list[torch.Tensor]:
         pooled, self.padded_tokens = [], 0
         for i in range(0, len(texts), self.batch):
-            enc = self.tokenizer(texts[i: i + self.batch], padding=True, truncation=True,
-                                 max_length=self.max_tokens, return_tensors="pt").to(self.device)
+            enc = self.tokenizer(
+                texts[i : i + self.batch],
+                padding=True,
+                truncation=True,
+                max_length=self.max_tokens,
+                return_tensors="pt",
+            ).to(self.device)
             self.padded_tokens += enc["input_ids"].numel()
             hidden = self.model(**enc, output_hidden_states=True).hidden_states[self.layer + 1]
             z = self.sae.encode(hidden.to(self.sae.dtype))  # (batch, seq, d_sae), padding included

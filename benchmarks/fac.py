@@ -60,11 +60,15 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    raw = {"input": {"paths": [args.pool], "fields": {"id": "id"}}, "prepare": {"max_tokens": args.max_tokens},
-           "encode": {"num_cpus": os.cpu_count() or 1}, "output": {"root": args.out},
-           "activation": {"target_active": 32},
-           "select": {"methods": ["coverage", "fac", "random"], "budget": args.budget},
-           "fac": {"anchor": args.anchor, "n_features": args.n_features}}
+    raw = {
+        "input": {"paths": [args.pool], "fields": {"id": "id"}},
+        "prepare": {"max_tokens": args.max_tokens},
+        "encode": {"num_cpus": os.cpu_count() or 1},
+        "output": {"root": args.out},
+        "activation": {"target_active": 32},
+        "select": {"methods": ["coverage", "fac", "random"], "budget": args.budget},
+        "fac": {"anchor": args.anchor, "n_features": args.n_features},
+    }
     manifest = run(RunConfig.model_validate(raw), until="select", train_missing_sae=True)
     tau = manifest["stages"]["stats"]["tau"]
     storage = Storage(args.out, RunConfig.model_validate(raw).s3)
@@ -81,8 +85,10 @@ def main() -> None:
     by_size = {s: round(fac_of([ids[i] for i in order[:s]]), 4) for s in sizes}
     print(f"\nanchor: {anchor.num_rows} examples; F: {features.size} features enriched on it; tau {tau:.3g}")
     print("FAC of random subsets:", ", ".join(f"{s}: {v:.3f}" for s, v in by_size.items()))
-    picked = {m: pq.read_table(os.path.join(args.out, "selection", m, "selected.parquet"))["id"].to_pylist()
-              for m in ("coverage", "fac", "random")}
+    picked = {
+        m: pq.read_table(os.path.join(args.out, "selection", m, "selected.parquet"))["id"].to_pylist()
+        for m in ("coverage", "fac", "random")
+    }
     at_budget = {m: round(fac_of(picked[m]), 4) for m in picked}
     print(f"FAC at budget {args.budget}: " + ", ".join(f"{m} {v:.3f}" for m, v in at_budget.items()), flush=True)
 
@@ -90,21 +96,37 @@ def main() -> None:
     wanted = {ids[i] for i in order[: args.synth_size]}
     with open(args.pool) as src, open(evaluated, "w") as dst:
         dst.writelines(line for line in src if json.loads(line)["id"] in wanted)
-    synth_raw = raw | {"input": {"paths": [evaluated], "fields": {"id": "id"}},
-                       "output": {"root": os.path.join(args.out, "synth_run")},
-                       "select": {"methods": ["coverage"]},
-                       "synth": {"max_features": args.synth_features}}
+    synth_raw = raw | {
+        "input": {"paths": [evaluated], "fields": {"id": "id"}},
+        "output": {"root": os.path.join(args.out, "synth_run")},
+        "select": {"methods": ["coverage"]},
+        "synth": {"max_features": args.synth_features},
+    }
     start = time.time()
     synth = run(RunConfig.model_validate(synth_raw), until="synthesize")["stages"]["synthesis"]
-    print(f"synthesis on a {args.synth_size}-sample subset: FAC {synth['fac_before']:.3f} -> {synth['fac_after']:.3f} "
-          f"({synth['missing_before']} -> {synth['missing_after']} missing); {synth['features_tried']} features tried, "
-          f"{synth['acceptance_rate']:.0%} of step-2 candidates above delta, {synth['n_kept']} kept, "
-          f"{synth['seconds_per_kept']} s per kept sample ({time.time() - start:.0f} s in all)", flush=True)
-    print(json.dumps({"fac_by_random_size": by_size, "fac_coverage": at_budget["coverage"], "fac_fac": at_budget["fac"],
-                      "fac_random": at_budget["random"], "budget": args.budget,
-                      "synth_acceptance_rate": round(synth["acceptance_rate"], 4),
-                      "synth_fac_before": synth["fac_before"], "synth_fac_after": synth["fac_after"],
-                      "synth_kept": synth["n_kept"], "synth_seconds_per_kept": synth["seconds_per_kept"]}))
+    print(
+        f"synthesis on a {args.synth_size}-sample subset: FAC {synth['fac_before']:.3f} -> {synth['fac_after']:.3f} "
+        f"({synth['missing_before']} -> {synth['missing_after']} missing); {synth['features_tried']} features tried, "
+        f"{synth['acceptance_rate']:.0%} of step-2 candidates above delta, {synth['n_kept']} kept, "
+        f"{synth['seconds_per_kept']} s per kept sample ({time.time() - start:.0f} s in all)",
+        flush=True,
+    )
+    print(
+        json.dumps(
+            {
+                "fac_by_random_size": by_size,
+                "fac_coverage": at_budget["coverage"],
+                "fac_fac": at_budget["fac"],
+                "fac_random": at_budget["random"],
+                "budget": args.budget,
+                "synth_acceptance_rate": round(synth["acceptance_rate"], 4),
+                "synth_fac_before": synth["fac_before"],
+                "synth_fac_after": synth["fac_after"],
+                "synth_kept": synth["n_kept"],
+                "synth_seconds_per_kept": synth["seconds_per_kept"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

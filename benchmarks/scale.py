@@ -65,22 +65,33 @@ def encode_run(out: Path, pool: Path, n: int, actors: int) -> dict:
     if not sample.exists():
         with open(pool) as src:
             sample.write_text("".join(line for _, line in zip(range(n), src)))
-    raw = {"input": {"paths": [str(sample)], "fields": {"id": "id"}},
-           "prepare": {"max_tokens": 256, "rows_per_file": max(1, n // 8)},  # 8 shards to share out
-           "encode": {"actors": actors, "num_cpus": 1}, "output": {"root": str(out / f"encode_{actors}")},
-           "activation": {"target_active": 32}}
+    raw = {
+        "input": {"paths": [str(sample)], "fields": {"id": "id"}},
+        "prepare": {"max_tokens": 256, "rows_per_file": max(1, n // 8)},  # 8 shards to share out
+        "encode": {"actors": actors, "num_cpus": 1},
+        "output": {"root": str(out / f"encode_{actors}")},
+        "activation": {"target_active": 32},
+    }
     cfg = RunConfig.model_validate(raw)
     stage = run(cfg, until="encode", train_missing_sae=True)["stages"]["encode"]
     storage = Storage(cfg.output.root, cfg.s3)
     compute = sum(m["seconds"] for m in FeatureStore(storage).done_shards().values())
-    return {"actors": actors, "samples": stage["n_encoded"], "tokens": stage["n_tokens"], "seconds": stage["seconds"],
-            "samples_per_s": stage["n_encoded"] / stage["seconds"], "compute_s_per_sample": compute / stage["n_encoded"],
-            "layer": stage["layer"], "storage": storage, "cfg": cfg}
+    return {
+        "actors": actors,
+        "samples": stage["n_encoded"],
+        "tokens": stage["n_tokens"],
+        "seconds": stage["seconds"],
+        "samples_per_s": stage["n_encoded"] / stage["seconds"],
+        "compute_s_per_sample": compute / stage["n_encoded"],
+        "layer": stage["layer"],
+        "storage": storage,
+        "cfg": cfg,
+    }
 
 
 def time_select(n: int) -> float:
     indptr, indices = zipf_rows(n)
-    greedy_coverage(indptr[:101], indices[:indptr[100]], 10)  # compile (or load numba's cache) off the clock
+    greedy_coverage(indptr[:101], indices[: indptr[100]], 10)  # compile (or load numba's cache) off the clock
     start = time.perf_counter()
     greedy_coverage(indptr, indices, n // 10)
     return time.perf_counter() - start
@@ -91,10 +102,16 @@ def write_store(root: Path, indptr: np.ndarray, indices: np.ndarray, shards: int
     n = len(indptr) - 1
     offsets = pa.array(indptr.astype(np.int32))
     ones = pa.array(np.ones(indices.size, np.float32))
-    table = pa.table({"id": [f"r{i:08d}" for i in range(n)], "n_tokens": pa.array(np.ones(n, np.int32)),
-                      "feat_ids": pa.ListArray.from_arrays(offsets, pa.array(indices, pa.int32())),
-                      "feat_max": pa.ListArray.from_arrays(offsets, ones),
-                      "feat_sum": pa.ListArray.from_arrays(offsets, ones)}, schema=FEATURE_SCHEMA)
+    table = pa.table(
+        {
+            "id": [f"r{i:08d}" for i in range(n)],
+            "n_tokens": pa.array(np.ones(n, np.int32)),
+            "feat_ids": pa.ListArray.from_arrays(offsets, pa.array(indices, pa.int32())),
+            "feat_max": pa.ListArray.from_arrays(offsets, ones),
+            "feat_sum": pa.ListArray.from_arrays(offsets, ones),
+        },
+        schema=FEATURE_SCHEMA,
+    )
     storage = Storage(str(root), RunConfig.model_fields["s3"].default)
     (root / "features").mkdir(parents=True, exist_ok=True)
     for s, start in enumerate(range(0, n, math.ceil(n / shards))):
@@ -113,9 +130,17 @@ def ratio(storage: Storage, tau: float, budget: int, partitions: int) -> dict:
     seconds = time.perf_counter() - start
     rows = np.searchsorted(ids, np.asarray(picked, dtype=object))
     ours, theirs = covered_weight(indptr, indices, rows, None), covered_weight(indptr, indices, single.order, None)
-    return {"n": len(ids), "budget": budget, "partitions": partitions, "single": theirs, "randgreedi": ours,
-            "ratio": ours / theirs, "answer": settled["answer"], "randgreedi_s": seconds,
-            "features_activated": int(np.unique(indices).size)}
+    return {
+        "n": len(ids),
+        "budget": budget,
+        "partitions": partitions,
+        "single": theirs,
+        "randgreedi": ours,
+        "ratio": ours / theirs,
+        "answer": settled["answer"],
+        "randgreedi_s": seconds,
+        "features_activated": int(np.unique(indices).size),
+    }
 
 
 def fit_exponent(by_n: dict[int, float]) -> float:
@@ -145,12 +170,18 @@ def extrapolate(encode1: dict, by_n: dict[int, float], exponent: float, args) ->
     partitions = math.ceil(n / CoverageConfig().distributed_rows)
     return {
         "assumptions": {
-            "tokens_per_sample": round(tokens, 1), "params_to_sae_layer": params,
-            "flops_per_sample": flops, "cpu_gflops_measured_per_core": round(cpu_gflops, 2),
-            "gpu_effective_tflops": args.gpu_tflops, "gpus": gpus,
-            "encode_scales_linearly_with_gpus": True, "select_budget": "n / 10",
+            "tokens_per_sample": round(tokens, 1),
+            "params_to_sae_layer": params,
+            "flops_per_sample": flops,
+            "cpu_gflops_measured_per_core": round(cpu_gflops, 2),
+            "gpu_effective_tflops": args.gpu_tflops,
+            "gpus": gpus,
+            "encode_scales_linearly_with_gpus": True,
+            "select_budget": "n / 10",
             "select_growth": f"t(n) = t({biggest:,}) * (n / {biggest:,})^{exponent:.2f}",
-            "randgreedi_partitions": partitions, "io_and_stats": "not modelled (stats streams, O(d_sae * top_n) memory)"},
+            "randgreedi_partitions": partitions,
+            "io_and_stats": "not modelled (stats streams, O(d_sae * top_n) memory)",
+        },
         "encode_hours_8_gpus": gpu_s / 3600,
         "encode_hours_8_cpu_actors_like_here": n * encode1["compute_s_per_sample"] / 8 / 3600,
         "select_single_node_s": select_at(n),
@@ -164,8 +195,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/scale_bench"))
     parser.add_argument("--encode-samples", type=int, default=256)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--gpu-tflops", type=float, default=100.0,
-                        help="assumed effective bf16 TFLOP/s of one GPU on this small model (H100 dense peak: ~990)")
+    parser.add_argument(
+        "--gpu-tflops",
+        type=float,
+        default=100.0,
+        help="assumed effective bf16 TFLOP/s of one GPU on this small model (H100 dense peak: ~990)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -174,8 +209,11 @@ def main() -> None:
     print(f"encode: {args.encode_samples} samples of {args.pool}, default model and SAE, actors of 1 CPU", flush=True)
     encode = {a: encode_run(args.out, args.pool, args.encode_samples, a) for a in (1, 2)}
     for a, e in encode.items():
-        print(f"  {a} actor(s): {e['samples_per_s']:.2f} samples/s over the stage ({e['seconds']:.1f} s, actors' "
-              f"start included); {e['compute_s_per_sample'] * 1000:.0f} ms of actor compute per sample", flush=True)
+        print(
+            f"  {a} actor(s): {e['samples_per_s']:.2f} samples/s over the stage ({e['seconds']:.1f} s, actors' "
+            f"start included); {e['compute_s_per_sample'] * 1000:.0f} ms of actor compute per sample",
+            flush=True,
+        )
     speedup = encode[2]["samples_per_s"] / encode[1]["samples_per_s"]
     print(f"  2 actors vs 1: {speedup:.2f}x", flush=True)
 
@@ -194,27 +232,39 @@ def main() -> None:
     tau = FeatureStore(real).resolve_tau(0.0, encode[1]["cfg"].activation.target_active)
     cases += [ratio(real, tau, b, 2) for b in (8, 16)]
     for c in cases:
-        print(f"  n = {c['n']:,} ({c['features_activated']:,} features), budget {c['budget']:,}, {c['partitions']} "
-              f"partitions: {c['randgreedi']:.0f} vs {c['single']:.0f} features, ratio {c['ratio']:.4f} "
-              f"({c['answer']}; {c['randgreedi_s']:.1f} s)", flush=True)
+        print(
+            f"  n = {c['n']:,} ({c['features_activated']:,} features), budget {c['budget']:,}, {c['partitions']} "
+            f"partitions: {c['randgreedi']:.0f} vs {c['single']:.0f} features, ratio {c['ratio']:.4f} "
+            f"({c['answer']}; {c['randgreedi_s']:.1f} s)",
+            flush=True,
+        )
 
     plan = extrapolate(encode[1], by_n, exponent, args)
     print("10M samples on 8 GPUs, extrapolated:")
     for k, v in plan["assumptions"].items():
         print(f"  assume {k}: {v}")
-    print(f"  encode: {plan['encode_hours_8_gpus']:.2f} h on 8 GPUs, the compute-bound floor "
-          f"({plan['encode_hours_8_cpu_actors_like_here']:.0f} h on 8 CPU actors like this machine's)")
-    print(f"  select: {plan['select_single_node_s']:.0f} s on one node; RandGreeDi "
-          f"{plan['select_randgreedi_s']:.0f} s (partitions in parallel, then the merge)", flush=True)
-    print(json.dumps({
-        "actors_2_vs_1_speedup": round(speedup, 3),
-        "encode_samples_per_s": {a: round(e["samples_per_s"], 3) for a, e in encode.items()},
-        "randgreedi_objective_ratio": round(min(c["ratio"] for c in cases), 4),
-        "randgreedi_cases": [{k: c[k] for k in ("n", "budget", "partitions", "ratio")} for c in cases],
-        "select_seconds_by_n": {n: round(s, 3) for n, s in by_n.items()},
-        "select_growth_exponent": round(exponent, 3),
-        "extrapolation_10m_8_gpus": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in plan.items()},
-    }))
+    print(
+        f"  encode: {plan['encode_hours_8_gpus']:.2f} h on 8 GPUs, the compute-bound floor "
+        f"({plan['encode_hours_8_cpu_actors_like_here']:.0f} h on 8 CPU actors like this machine's)"
+    )
+    print(
+        f"  select: {plan['select_single_node_s']:.0f} s on one node; RandGreeDi "
+        f"{plan['select_randgreedi_s']:.0f} s (partitions in parallel, then the merge)",
+        flush=True,
+    )
+    print(
+        json.dumps(
+            {
+                "actors_2_vs_1_speedup": round(speedup, 3),
+                "encode_samples_per_s": {a: round(e["samples_per_s"], 3) for a, e in encode.items()},
+                "randgreedi_objective_ratio": round(min(c["ratio"] for c in cases), 4),
+                "randgreedi_cases": [{k: c[k] for k in ("n", "budget", "partitions", "ratio")} for c in cases],
+                "select_seconds_by_n": {n: round(s, 3) for n, s in by_n.items()},
+                "select_growth_exponent": round(exponent, 3),
+                "extrapolation_10m_8_gpus": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in plan.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -67,11 +67,16 @@ def run_raysel(n: int, budget: int) -> dict:
     from raysel.methods.coverage_kernel import greedy_coverage
 
     indptr, indices = zipf_rows(n)
-    greedy_coverage(indptr[:101], indices[:indptr[100]], 10)  # compile (or load numba's cache) off the clock
+    greedy_coverage(indptr[:101], indices[: indptr[100]], 10)  # compile (or load numba's cache) off the clock
     start = time.perf_counter()
     sel = greedy_coverage(indptr, indices, budget)
-    return {"seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb(), "order": sel.order,
-            "resets": sel.resets, "gains": sel.gains}
+    return {
+        "seconds": time.perf_counter() - start,
+        "peak_rss_gb": peak_rss_gb(),
+        "order": sel.order,
+        "resets": sel.resets,
+        "gains": sel.gains,
+    }
 
 
 def run_apricot(n: int, budget: int) -> dict:
@@ -87,11 +92,16 @@ def run_simscale(n: int, budget: int) -> dict:
     from raysel.methods.simscale_kernel import simscale
 
     indptr, indices = zipf_rows(n)
-    simscale(indptr[:101], indices[:indptr[100]], 10)
+    simscale(indptr[:101], indices[: indptr[100]], 10)
     start = time.perf_counter()
     kept = simscale(indptr, indices, budget)
-    return {"seconds": time.perf_counter() - start, "kept": len(kept.order), "theta": kept.theta,
-            "passes": kept.passes, "peak_rss_gb": peak_rss_gb()}
+    return {
+        "seconds": time.perf_counter() - start,
+        "kept": len(kept.order),
+        "theta": kept.theta,
+        "passes": kept.passes,
+        "peak_rss_gb": peak_rss_gb(),
+    }
 
 
 def in_child(fn, *args, cap: float | None = None) -> dict | None:
@@ -114,7 +124,7 @@ def naive_greedy(indptr, indices, budget: int) -> list[int]:
             continue
         best = int(np.argmax(np.where(gain == gain.max(), sizes, -1)))  # then the larger set, then the earlier row
         order.append(best)
-        covered[indices[indptr[best]:indptr[best + 1]]] = True
+        covered[indices[indptr[best] : indptr[best + 1]]] = True
         left[best] = False
     return order
 
@@ -123,7 +133,7 @@ def curve(order, indptr, indices, checkpoints: np.ndarray) -> np.ndarray:
     """Distinct features covered by the first k picks, at each checkpoint k."""
     first = np.full(D, np.iinfo(np.int64).max)
     lengths = np.diff(indptr)[order]
-    feats = np.concatenate([indices[indptr[r]:indptr[r + 1]] for r in order])
+    feats = np.concatenate([indices[indptr[r] : indptr[r + 1]] for r in order])
     np.minimum.at(first, feats, np.repeat(np.arange(len(order)), lengths))
     return np.searchsorted(np.sort(first), checkpoints, side="left")
 
@@ -136,7 +146,7 @@ def resets_exact(sel: dict, indptr, indices) -> bool:
     bounds = [0, *sel["resets"]]
     for start, stop in zip(bounds, bounds[1:]):
         covered = np.zeros(D, bool)
-        covered[np.concatenate([indices[indptr[r]:indptr[r + 1]] for r in order[start:stop]])] = True
+        covered[np.concatenate([indices[indptr[r] : indptr[r + 1]] for r in order[start:stop]])] = True
         left = np.ones(x.shape[0], bool)
         left[order[:stop]] = False
         if (x[left] @ (~covered).astype(np.float32)).max() > 0:
@@ -149,16 +159,29 @@ def compare(n: int, budget: int, cap: float) -> dict:
     ours = in_child(run_raysel, n, budget)
     theirs = in_child(run_apricot, n, budget, cap=cap)
     indptr, indices = zipf_rows(n)
-    row = {"n": n, "budget": budget, "raysel_s": ours["seconds"], "apricot_finished": theirs is not None,
-           "apricot_s": theirs["seconds"] if theirs else cap, "raysel_duplicates": len(ours["order"]) - len(set(ours["order"])),
-           "resets": len(ours["resets"]), "resets_exact": resets_exact(ours, indptr, indices)}
+    row = {
+        "n": n,
+        "budget": budget,
+        "raysel_s": ours["seconds"],
+        "apricot_finished": theirs is not None,
+        "apricot_s": theirs["seconds"] if theirs else cap,
+        "raysel_duplicates": len(ours["order"]) - len(set(ours["order"])),
+        "resets": len(ours["resets"]),
+        "resets_exact": resets_exact(ours, indptr, indices),
+    }
     row["speedup"] = row["apricot_s"] / row["raysel_s"]
     if theirs:
         points = np.linspace(budget / 20, budget, 20).astype(int)
-        ours_c, theirs_c = curve(ours["order"], indptr, indices, points), curve(theirs["order"], indptr, indices, points)
-        row |= {"apricot_duplicates": len(theirs["order"]) - len(set(theirs["order"].tolist())),
-                "checkpoints_at_least_apricot": int((ours_c >= theirs_c).sum()), "checkpoints": len(points),
-                "coverage_at_budget": {"raysel": int(ours_c[-1]), "apricot": int(theirs_c[-1])}}
+        ours_c, theirs_c = (
+            curve(ours["order"], indptr, indices, points),
+            curve(theirs["order"], indptr, indices, points),
+        )
+        row |= {
+            "apricot_duplicates": len(theirs["order"]) - len(set(theirs["order"].tolist())),
+            "checkpoints_at_least_apricot": int((ours_c >= theirs_c).sum()),
+            "checkpoints": len(points),
+            "coverage_at_budget": {"raysel": int(ours_c[-1]), "apricot": int(theirs_c[-1])},
+        }
     if n <= 10_000:
         row["equals_naive_greedy"] = ours["order"].tolist() == naive_greedy(indptr, indices, budget)
     print("  " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
@@ -171,8 +194,11 @@ def main() -> None:
     parser.add_argument("--apricot-cap", type=float, default=600.0)
     parser.add_argument("--simscale-cap", type=float, default=900.0)
     args = parser.parse_args()
-    sizes = ({"apricot_n": 10_000, "coverage_big_n": 100_000, "simscale_n": 20_000} if args.quick else
-             {"apricot_n": 100_000, "coverage_big_n": 1_000_000, "simscale_n": 1_000_000})
+    sizes = (
+        {"apricot_n": 10_000, "coverage_big_n": 100_000, "simscale_n": 20_000}
+        if args.quick
+        else {"apricot_n": 100_000, "coverage_big_n": 1_000_000, "simscale_n": 1_000_000}
+    )
 
     big = sizes["coverage_big_n"]
     print(f"n = {big:,}, budget {big // 10:,}: raysel `coverage`", flush=True)
@@ -181,27 +207,39 @@ def main() -> None:
     rows = [compare(10_000, 1_000, args.apricot_cap)]
     if sizes["apricot_n"] != 10_000:
         rows.append(compare(sizes["apricot_n"], sizes["apricot_n"] // 10, args.apricot_cap))
-    print(f"n = {sizes['simscale_n']:,}, budget 10 %: raysel `simscale` (capped at {args.simscale_cap:.0f} s)", flush=True)
+    print(
+        f"n = {sizes['simscale_n']:,}, budget 10 %: raysel `simscale` (capped at {args.simscale_cap:.0f} s)", flush=True
+    )
     sim = in_child(run_simscale, sizes["simscale_n"], sizes["simscale_n"] // 10, cap=args.simscale_cap)
-    print(f"  {sim['seconds']:.1f} s, kept {sim['kept']:,}, theta {sim['theta']:.3f}, {sim['passes']} passes"
-          if sim else "  did not finish within the cap", flush=True)
+    print(
+        f"  {sim['seconds']:.1f} s, kept {sim['kept']:,}, theta {sim['theta']:.3f}, {sim['passes']} passes"
+        if sim
+        else "  did not finish within the cap",
+        flush=True,
+    )
 
     compared = [r for r in rows if r["apricot_finished"]]
-    print(json.dumps({
-        "speedup_vs_apricot": round(rows[-1]["speedup"], 1),
-        "apricot_finished": rows[-1]["apricot_finished"],
-        "objective_at_least_apricot": all(r["checkpoints_at_least_apricot"] == r["checkpoints"] for r in compared),
-        "objective_compared_at_n": [r["n"] for r in compared],
-        "no_duplicate_picks": all(r["raysel_duplicates"] == 0 for r in rows),
-        "apricot_duplicate_picks": {r["n"]: r["apricot_duplicates"] for r in compared},
-        "resets_exact": all(r["resets_exact"] for r in rows),
-        "equals_naive_greedy_10k": rows[0]["equals_naive_greedy"],
-        "coverage_1m_s": round(cov["seconds"], 2),
-        "coverage_1m_peak_rss_gb": round(cov["peak_rss_gb"], 2),
-        "simscale_1m_s": round(sim["seconds"], 1) if sim else None,
-        "simscale_cap_s": args.simscale_cap,
-        "sizes": sizes,
-    }))
+    print(
+        json.dumps(
+            {
+                "speedup_vs_apricot": round(rows[-1]["speedup"], 1),
+                "apricot_finished": rows[-1]["apricot_finished"],
+                "objective_at_least_apricot": all(
+                    r["checkpoints_at_least_apricot"] == r["checkpoints"] for r in compared
+                ),
+                "objective_compared_at_n": [r["n"] for r in compared],
+                "no_duplicate_picks": all(r["raysel_duplicates"] == 0 for r in rows),
+                "apricot_duplicate_picks": {r["n"]: r["apricot_duplicates"] for r in compared},
+                "resets_exact": all(r["resets_exact"] for r in rows),
+                "equals_naive_greedy_10k": rows[0]["equals_naive_greedy"],
+                "coverage_1m_s": round(cov["seconds"], 2),
+                "coverage_1m_peak_rss_gb": round(cov["peak_rss_gb"], 2),
+                "simscale_1m_s": round(sim["seconds"], 1) if sim else None,
+                "simscale_cap_s": args.simscale_cap,
+                "sizes": sizes,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,9 @@ def plain_text(record: dict) -> str:
 
 def bm25_ranking(pool: list[dict], targets: list[dict]) -> list[str]:
     retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize([plain_text(r) for r in pool], stopwords="en", show_progress=False),
-                    show_progress=False)
+    retriever.index(
+        bm25s.tokenize([plain_text(r) for r in pool], stopwords="en", show_progress=False), show_progress=False
+    )
     queries = bm25s.tokenize([plain_text(t) for t in targets], stopwords="en", return_ids=False, show_progress=False)
     scores = np.mean([retriever.get_scores(q) for q in queries], axis=0)
     return ranked([r["id"] for r in pool], scores)
@@ -104,8 +105,13 @@ def main() -> None:
     parser.add_argument("--out", default="runs/task_bench", help="the run's output root (the pool's feature store)")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--igds-candidates", type=int, default=20, help="features measured by intervention")
-    parser.add_argument("--target-active", type=float, default=32, help="tau is calibrated to this many activated "
-                        "features per sample (IGDS's frequency recall counts activations above it)")
+    parser.add_argument(
+        "--target-active",
+        type=float,
+        default=32,
+        help="tau is calibrated to this many activated "
+        "features per sample (IGDS's frequency recall counts activations above it)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(os.cpu_count() or 1)
@@ -117,20 +123,30 @@ def main() -> None:
     for name, targets_path in (("math", args.targets_math), ("code", args.targets_code)):
         targets = read_jsonl(targets_path)
         k = sum(c == name for c in category.values())
-        cfg = RunConfig.model_validate({
-            "input": {"paths": [args.pool], "fields": {"id": "id"}}, "prepare": {"max_tokens": args.max_tokens},
-            "encode": {"num_cpus": os.cpu_count() or 1}, "output": {"root": args.out},
-            "activation": {"target_active": args.target_active},
-            "select": {"budget": k, "methods": [
-                {"name": "mona", "targets": [targets_path]},
-                {"name": "igds", "targets": [targets_path], "candidates": args.igds_candidates, "budget": k}]},
-        })
+        cfg = RunConfig.model_validate(
+            {
+                "input": {"paths": [args.pool], "fields": {"id": "id"}},
+                "prepare": {"max_tokens": args.max_tokens},
+                "encode": {"num_cpus": os.cpu_count() or 1},
+                "output": {"root": args.out},
+                "activation": {"target_active": args.target_active},
+                "select": {
+                    "budget": k,
+                    "methods": [
+                        {"name": "mona", "targets": [targets_path]},
+                        {"name": "igds", "targets": [targets_path], "candidates": args.igds_candidates, "budget": k},
+                    ],
+                },
+            }
+        )
         run(cfg, until="select", train_missing_sae=True)
         encoder = encoder or Encoder(cfg.stack())
         prepared = pq.read_table(os.path.join(args.out, "prepared"), columns=["id", "text"])
         if pool_vectors is None:  # the pool's dense vectors serve both target sets
             pool_vectors = dense_vectors(encoder, prepared["text"].to_pylist())
-        target_texts = pq.read_table(os.path.join(args.out, "targets", "prepared"), columns=["text"])["text"].to_pylist()
+        target_texts = pq.read_table(os.path.join(args.out, "targets", "prepared"), columns=["text"])[
+            "text"
+        ].to_pylist()
         rankings = {
             "mona": selected_ids(args.out, "mona"),
             "igds": selected_ids(args.out, "igds"),
@@ -138,17 +154,28 @@ def main() -> None:
             "dense": dense_ranking(encoder, prepared["id"].to_pylist(), pool_vectors, target_texts),
             "random": [pool[i]["id"] for i in np.random.default_rng(0).permutation(len(pool))],
         }
-        results[name] = {m: {"at_k": precision(rankings[m], category, name, k),
-                             "at_5pct": precision(rankings[m], category, name, k5)} for m in METHODS}
+        results[name] = {
+            m: {
+                "at_k": precision(rankings[m], category, name, k),
+                "at_5pct": precision(rankings[m], category, name, k5),
+            }
+            for m in METHODS
+        }
         igds_manifest = json.load(open(os.path.join(args.out, "selection", "igds", "manifest.json")))
         print(f"\n{name}: {len(targets)} targets; {k} of {len(pool)} pool samples are {name}; 5 % = {k5}")
         print(f"{'method':<8} {'P@' + str(k):>8} {'P@' + str(k5):>8}")
         for m in METHODS:
             print(f"{m:<8} {results[name][m]['at_k']:>8.3f} {results[name][m]['at_5pct']:>8.3f}")
-        print(f"igds task features {igds_manifest['task_features']} (delta > 0 found: {igds_manifest['any_positive_delta']})",
-              flush=True)
-    print(json.dumps({name: {m: round(r[m]["at_k"], 4) for m in METHODS} for name, r in results.items()}
-                     | {"at_5pct": {name: {m: round(r[m]["at_5pct"], 4) for m in METHODS} for name, r in results.items()}}))
+        print(
+            f"igds task features {igds_manifest['task_features']} (delta > 0 found: {igds_manifest['any_positive_delta']})",
+            flush=True,
+        )
+    print(
+        json.dumps(
+            {name: {m: round(r[m]["at_k"], 4) for m in METHODS} for name, r in results.items()}
+            | {"at_5pct": {name: {m: round(r[m]["at_5pct"], 4) for m in METHODS} for name, r in results.items()}}
+        )
+    )
 
 
 if __name__ == "__main__":

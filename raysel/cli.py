@@ -11,11 +11,19 @@ import sys
 from importlib import resources
 
 from raysel.config import ConfigError, load_config
+from raysel.core import paths
 from raysel.core.corpus import InputError
 from raysel.core.storage import Storage, StorageError
 
-UNTIL = {"run": "select", "encode": "encode", "select": "select", "demo": "select", "train-sae": "train-sae",
-         "fac": "fac", "synthesize": "synthesize"}
+UNTIL = {
+    "run": "select",
+    "encode": "encode",
+    "select": "select",
+    "demo": "select",
+    "train-sae": "train-sae",
+    "fac": "fac",
+    "synthesize": "synthesize",
+}
 
 
 def demo_data_path() -> str:
@@ -40,23 +48,39 @@ def build_parser() -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help, description=help)
         if config:
             p.add_argument("config", metavar="CONFIG", help="YAML config file")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one config value, e.g. --set prepare.max_tokens=256 (repeatable)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override one config value, e.g. --set prepare.max_tokens=256 (repeatable)",
+        )
         return p
 
     verb("run", "Run the whole job: prepare, encode, feature statistics, selection.")
     verb("encode", "Prepare and encode samples into the SAE feature store.")
     verb("select", "Select subsets from the feature store (select.methods), encoding first what is missing.")
     verb("train-sae", "Prepare the corpus and train a TopK SAE on it with sae-lens (the default SAE).")
-    verb("fac", "Measure FAC of the input against fac.anchor: coverage of the anchor's task features, and the "
-                "missing ones with their top-activating spans (fac/).")
-    verb("synthesize", "FAC Synthesis: write new samples for the features `raysel fac` finds missing "
-                       "(selection/synthesis/, with provenance), and report FAC before and after.")
+    verb(
+        "fac",
+        "Measure FAC of the input against fac.anchor: coverage of the anchor's task features, and the "
+        "missing ones with their top-activating spans (fac/).",
+    )
+    verb(
+        "synthesize",
+        "FAC Synthesis: write new samples for the features `raysel fac` finds missing "
+        "(selection/synthesis/, with provenance), and report FAC before and after.",
+    )
     report = verb("report", "Write report.html for a finished run.", config=False)
     report.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
     demo = verb("demo", "Run the job on the bundled demo data with the embedded default model.", config=False)
-    demo.add_argument("--out", metavar="DIR", default=None,
-                      help="where the results go: a folder or s3://bucket/prefix (default: runs/demo)")
+    demo.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="where the results go: a folder or s3://bucket/prefix (default: runs/demo)",
+    )
     return parser
 
 
@@ -108,9 +132,11 @@ def report(run_dir: str, overrides: list[str]) -> int:
     s3 = load_config(None, [*overrides, 'input.paths=["unused"]']).s3
     storage = Storage(run_dir, s3)
     storage.check()
-    manifest = storage.read_json("manifest.json")
+    manifest = storage.read_json(paths.MANIFEST)
     if manifest is None:
-        print(f"raysel report: {run_dir} has no manifest.json; is it the output root of a finished run?", file=sys.stderr)
+        print(
+            f"raysel report: {run_dir} has no manifest.json; is it the output root of a finished run?", file=sys.stderr
+        )
         return 2
     init_ray(run_config(manifest).ray)
     print(f"raysel report: {write_report(storage)}")
@@ -122,9 +148,11 @@ def summary_lines(verb: str, manifest: dict) -> list[str]:
     then the same as one JSON line, for scripts."""
     counts, select = manifest["counts"], manifest["stages"].get("select")
     rejected = ", ".join(f"{n} {reason}" for reason, n in sorted(counts["rejected_by_reason"].items()))
-    lines = [f"raysel {verb}: done",
-             f"  input     {counts['n_input']:,} rows: {counts['n_valid']:,} valid, {counts['n_rejected']:,} rejected"
-             + (f" ({rejected}; see rejects/)" if rejected else "")]
+    lines = [
+        f"raysel {verb}: done",
+        f"  input     {counts['n_input']:,} rows: {counts['n_valid']:,} valid, {counts['n_rejected']:,} rejected"
+        + (f" ({rejected}; see rejects/)" if rejected else ""),
+    ]
     if "n_encoded" in counts:
         lines.append(f"  encoded   {counts['n_encoded']:,} samples into the feature store (features/)")
     if select:
@@ -133,18 +161,27 @@ def summary_lines(verb: str, manifest: dict) -> list[str]:
         lines += [f"    {m:<9} {select['methods'][m]:.4f}  ({select['budgets'][m]:,} samples)" for m in order]
     synth = manifest["stages"].get("synthesis")
     if synth:
-        lines.append(f"  synthesis {synth['n_kept']} samples kept for {synth['features_tried']} missing features "
-                     f"({synth['acceptance_rate']:.0%} of step-2 candidates above delta); "
-                     f"FAC {synth['fac_before']:.4f} -> {synth['fac_after']:.4f}")
+        lines.append(
+            f"  synthesis {synth['n_kept']} samples kept for {synth['features_tried']} missing features "
+            f"({synth['acceptance_rate']:.0%} of step-2 candidates above delta); "
+            f"FAC {synth['fac_before']:.4f} -> {synth['fac_after']:.4f}"
+        )
     fac = manifest["stages"].get("fac")
     if fac:
-        lines.append(f"  FAC       {fac['fac']:.4f}: {fac['n_covered']} of the anchor's {fac['n_in_anchor']} task features "
-                     f"(frequency-weighted {fac['fac_frequency']:.4f}, magnitude-weighted {fac['fac_magnitude']:.4f}); "
-                     f"{len(fac['missing'])} missing, with spans in fac/")
-    lines.append(f"  outputs   {manifest['output']} (manifest.json" + (", selection/<method>/" if select else "")
-                 + (", fac/" if fac else "") + ")")
-    return lines + [json.dumps({"output": manifest["output"], **counts}
-                               | ({"coverage": select["methods"]} if select else {}))]
+        lines.append(
+            f"  FAC       {fac['fac']:.4f}: {fac['n_covered']} of the anchor's {fac['n_in_anchor']} task features "
+            f"(frequency-weighted {fac['fac_frequency']:.4f}, magnitude-weighted {fac['fac_magnitude']:.4f}); "
+            f"{len(fac['missing'])} missing, with spans in fac/"
+        )
+    lines.append(
+        f"  outputs   {manifest['output']} (manifest.json"
+        + (", selection/<method>/" if select else "")
+        + (", fac/" if fac else "")
+        + ")"
+    )
+    return lines + [
+        json.dumps({"output": manifest["output"], **counts} | ({"coverage": select["methods"]} if select else {}))
+    ]
 
 
 if __name__ == "__main__":

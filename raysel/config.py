@@ -7,7 +7,7 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -24,7 +24,7 @@ __all__ = ["ConfigError", "RunConfig", "load_config"]
 class FieldMap(Section):
     """Which column of an input record holds each part of a sample."""
 
-    id: Optional[str] = None  # None: the id is a hash of the normalised content
+    id: str | None = None  # None: the id is a hash of the normalised content
     instruction: str = "instruction"
     input: str = "input"
     output: str = "output"
@@ -37,7 +37,7 @@ class FieldMap(Section):
 
 class InputConfig(Section):
     paths: list[str] = Field(default_factory=list)  # files, directories, globs, s3:// URIs
-    hf_dataset: Optional[str] = None  # a hub dataset id, read through `datasets`
+    hf_dataset: str | None = None  # a hub dataset id, read through `datasets`
     hf_split: str = "train"
     format: Literal["auto", "jsonl", "json", "parquet", "hf_disk"] = "auto"
     shape: Literal["auto", "alpaca", "messages", "text"] = "auto"
@@ -67,10 +67,10 @@ class SAESection(Section):
     """Which SAE reads the model: a saved one, a published one, or the default
     that `raysel train-sae` makes for the configured model."""
 
-    path: Optional[str] = None  # a directory (or s3:// prefix) saved by sae-lens; safetensors only
-    release: Optional[str] = None  # a sae-lens pretrained release, with sae_id (needs a hub)
-    sae_id: Optional[str] = None
-    hook_layer: Optional[int] = Field(None, ge=0)  # overrides the layer in the SAE's metadata
+    path: str | None = None  # a directory (or s3:// prefix) saved by sae-lens; safetensors only
+    release: str | None = None  # a sae-lens pretrained release, with sae_id (needs a hub)
+    sae_id: str | None = None
+    hook_layer: int | None = Field(None, ge=0)  # overrides the layer in the SAE's metadata
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -92,7 +92,7 @@ class TrainSAEConfig(Section):
     batch_size_tokens: int = Field(256, gt=0)
     lr: float = Field(1e-3, gt=0)
     seed: int = 42
-    output: Optional[str] = None  # None: the cache dir, where runs find the default SAE
+    output: str | None = None  # None: the cache dir, where runs find the default SAE
 
 
 class EncodeConfig(Section):
@@ -104,14 +104,14 @@ class EncodeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     tokens_per_batch: int = Field(8192, gt=0)  # padded tokens per forward pass
     skip_prefix: bool = True  # leave the chat template's shared prefix out of pooling
-    top_m: Optional[int] = Field(None, gt=0)  # keep only the M strongest features per sample
+    top_m: int | None = Field(None, gt=0)  # keep only the M strongest features per sample
 
 
 class ActivationConfig(Section):
     """When a feature counts as activated in a sample, for statistics and selection alike."""
 
     tau: float = Field(0.0, ge=0)  # activated when the sample's max-pool exceeds tau
-    target_active: Optional[float] = Field(None, gt=0)  # set tau instead: samples average this many activated features
+    target_active: float | None = Field(None, gt=0)  # set tau instead: samples average this many activated features
 
 
 class StatsConfig(Section):
@@ -137,20 +137,22 @@ class SelectConfig(Section):
         names = [e.name for e in v]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise ValueError(f"select.methods: {', '.join(twice)} listed twice; each method writes selection/<name>/ once")
+            raise ValueError(
+                f"select.methods: {', '.join(twice)} listed twice; each method writes selection/<name>/ once"
+            )
         return v
 
 
 class SynthConfig(Section):
     """`raysel synthesize`: new samples for the features FAC finds missing (two steps, contrastive)."""
 
-    generator: Optional[str] = None  # a causal LM (local dir, HF id, or the embedded default); None: model.name
+    generator: str | None = None  # a causal LM (local dir, HF id, or the embedded default); None: model.name
     max_features: int = Field(20, gt=0)  # missing features to write for, in feature order
     spans: int = Field(5, gt=0)  # top-activating spans shown to the generator in step 1
     n_candidates: int = Field(8, gt=0)  # step 1: samples per feature, scored to find x+ and x-
     n_contrastive: int = Field(8, gt=0)  # step 2: samples from the contrastive prompt
     keep: int = Field(2, gt=0)  # per feature, the strongest step-2 samples above delta
-    delta: Optional[float] = None  # activation a kept sample must exceed; None: activation.tau
+    delta: float | None = None  # activation a kept sample must exceed; None: activation.tau
     temperature: float = Field(0.8, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(160, gt=0)
@@ -163,11 +165,11 @@ class S3Config(Section):
     """Settings for every s3:// location, input and output alike. Credentials
     fall back to the standard AWS environment variables."""
 
-    endpoint_override: Optional[str] = None  # host:port of an S3-compatible store
+    endpoint_override: str | None = None  # host:port of an S3-compatible store
     scheme: Literal["https", "http"] = "https"
-    region: Optional[str] = None
-    access_key: Optional[SecretStr] = None
-    secret_key: Optional[SecretStr] = None
+    region: str | None = None
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
     max_attempts: int = Field(5, gt=0)  # retries of a throttled or failed request
     connect_timeout: float = Field(5.0, gt=0)  # seconds; a wrong endpoint fails fast
     outage_seconds: float = Field(120.0, ge=0)  # how long a shard's reads and writes retry through an outage
@@ -179,8 +181,8 @@ class OutputConfig(Section):
 
 
 class RayConfig(Section):
-    address: Optional[str] = None  # None: the cluster of RAY_ADDRESS, or a new local one
-    num_cpus: Optional[int] = Field(None, gt=0)  # only for a new local cluster
+    address: str | None = None  # None: the cluster of RAY_ADDRESS, or a new local one
+    num_cpus: int | None = Field(None, gt=0)  # only for a new local cluster
 
 
 class RunConfig(Section):
@@ -224,9 +226,16 @@ class RunConfig(Section):
         """The resolved config for manifests and logs; secrets come out masked."""
         return self.model_dump(mode="json")
 
-    def stack(self) -> "ModelStack":
-        return ModelStack(model=self.model, sae=self.sae, train_sae=self.train_sae, encode=self.encode,
-                          prepare=self.prepare, s3=self.s3, shape=self.input.shape)
+    def stack(self) -> ModelStack:
+        return ModelStack(
+            model=self.model,
+            sae=self.sae,
+            train_sae=self.train_sae,
+            encode=self.encode,
+            prepare=self.prepare,
+            s3=self.s3,
+            shape=self.input.shape,
+        )
 
 
 class ModelStack(Section):

@@ -46,12 +46,19 @@ def run(cfg: RunConfig, until: str = "select", train_missing_sae: bool = False) 
     except OSError as err:
         if "AWS Error" not in str(err):
             raise
-        raise StorageError(f"output root {storage.root}: {redact(str(err), cfg.s3)}; "
-                           "finished work is committed, re-run to resume") from None
+        raise StorageError(
+            f"output root {storage.root}: {redact(str(err), cfg.s3)}; finished work is committed, re-run to resume"
+        ) from None
 
 
-def encode_set(cfg: RunConfig, storage: Storage, input: InputConfig, until: str = "stats", tau: float | None = None,
-               train_sae: bool = False) -> dict:
+def encode_set(
+    cfg: RunConfig,
+    storage: Storage,
+    input: InputConfig,
+    until: str = "stats",
+    tau: float | None = None,
+    train_sae: bool = False,
+) -> dict:
     """One set of samples through prepare, encode and stats under `storage`: the run's input, or a
     side set at <root>/<name>/ (then with the input's tau, so activation means the same in both, and
     known by its content: side sets are small and edited in place)."""
@@ -73,13 +80,18 @@ def encode_set(cfg: RunConfig, storage: Storage, input: InputConfig, until: str 
 
 def run_stages(cfg: RunConfig, storage: Storage, until: str, train_missing_sae: bool) -> dict:
     log.info("run: output at %s", storage.uri())
-    default_missing = (cfg.sae.path is None and not cfg.sae.release
-                       and not (default_sae_dir(cfg.stack()) / WEIGHTS).is_file())
-    stages = encode_set(cfg, storage, cfg.input, until,
-                        train_sae=until == "train-sae" or (train_missing_sae and default_missing))
+    default_missing = (
+        cfg.sae.path is None and not cfg.sae.release and not (default_sae_dir(cfg.stack()) / WEIGHTS).is_file()
+    )
+    stages = encode_set(
+        cfg, storage, cfg.input, until, train_sae=until == "train-sae" or (train_missing_sae and default_missing)
+    )
     prepared = stages["prepare"]
     manifest = {
-        "config": cfg.public_dict(), "versions": versions(), "output": storage.uri(), "model": cfg.model.name,
+        "config": cfg.public_dict(),
+        "versions": versions(),
+        "output": storage.uri(),
+        "model": cfg.model.name,
         "stages": stages,
         "counts": {k: prepared[k] for k in ("n_input", "n_valid", "n_rejected", "rejected_by_reason")}
         | ({"n_encoded": stages["encode"]["n_encoded"]} if "encode" in stages else {}),
@@ -89,16 +101,17 @@ def run_stages(cfg: RunConfig, storage: Storage, until: str, train_missing_sae: 
         if until == "select":
             encoded = stages["encode"]
             base = {k: manifest[k] for k in ("config", "versions", "model", "counts")} | {
-                "sae": encoded["sae"], "layer": encoded["layer"],
-                "fingerprints": {"prepare": prepared["fingerprint"], "encode": encoded["fingerprint"]}}
+                "sae": encoded["sae"],
+                "layer": encoded["layer"],
+                "fingerprints": {"prepare": prepared["fingerprint"], "encode": encoded["fingerprint"]},
+            }
             stages["select"] = execute(Select(cfg.select, cfg.s3, ctx, encoded, base))
         else:
             if until == "synthesize" and cfg.synth.engine == "vllm":
                 check_vllm()  # before any work
             stages["fac"] = execute(MeasureFAC(ctx, cfg.stack(), cfg.stats.top_n))
             if until == "synthesize":
-                stages["synthesis"] = execute(Synthesize(cfg.synth, cfg.stack(), ctx, stages["fac"],
-                                                         cfg.public_dict()))
+                stages["synthesis"] = execute(Synthesize(cfg.synth, cfg.stack(), ctx, stages["fac"], cfg.public_dict()))
     manifest["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     storage.write_json(paths.MANIFEST, manifest)
     log.info("run: done; manifest at %s", storage.uri(paths.MANIFEST))
@@ -112,14 +125,25 @@ def context(cfg: RunConfig, storage: Storage, stats: dict) -> Context:
     def side_set(name: str, paths_: list[str]) -> FeatureStore:
         if (name, tuple(paths_)) not in encoded:
             sub = Storage(storage.uri(name), cfg.s3)
-            stages = encode_set(cfg, sub, InputConfig(**{**cfg.input.model_dump(), "paths": list(paths_),
-                                                         "hf_dataset": None}), tau=stats["tau"])
+            stages = encode_set(
+                cfg,
+                sub,
+                InputConfig(**{**cfg.input.model_dump(), "paths": list(paths_), "hf_dataset": None}),
+                tau=stats["tau"],
+            )
             log.info("%s: %d examples encoded", name, stages["encode"]["n_encoded"])
             encoded[(name, tuple(paths_))] = FeatureStore(sub)
         return encoded[(name, tuple(paths_))]
 
-    return Context(tau=stats["tau"], seed=cfg.select.seed, d_sae=stats["d_sae"], storage=storage, stack=cfg.stack(),
-                   fac=cfg.fac, side_set=side_set)
+    return Context(
+        tau=stats["tau"],
+        seed=cfg.select.seed,
+        d_sae=stats["d_sae"],
+        storage=storage,
+        stack=cfg.stack(),
+        fac=cfg.fac,
+        side_set=side_set,
+    )
 
 
 def versions() -> dict[str, str]:

@@ -63,8 +63,12 @@ def _build_tiny_tokenizer(out: Path, chat_template: str | None) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
     if chat_template:
         fast.chat_template = chat_template
@@ -95,11 +99,22 @@ class SeaweedS3:
         ports = {name: free_port() for name in ("master", "volume", "filer", "admin")}
         (root / "data").mkdir()
         (root / "logs").mkdir()
-        args = [weed, f"-logdir={root / 'logs'}", "mini", f"-dir={root / 'data'}",
-                "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false",
-                "-master.telemetry=false", f"-s3.port={self.port}", f"-s3.port.grpc={free_port()}",
-                f"-s3.port.iceberg={free_port()}", f"-s3.port.lance={free_port()}",
-                f"-debug.port={free_port()}"]
+        args = [
+            weed,
+            f"-logdir={root / 'logs'}",
+            "mini",
+            f"-dir={root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-master.telemetry=false",
+            f"-s3.port={self.port}",
+            f"-s3.port.grpc={free_port()}",
+            f"-s3.port.iceberg={free_port()}",
+            f"-s3.port.lance={free_port()}",
+            f"-debug.port={free_port()}",
+        ]
         for name, port in ports.items():
             args += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
         self.args, self.root = args, root
@@ -109,8 +124,9 @@ class SeaweedS3:
         """Start (or start again, on the same ports and data) and wait until S3 answers."""
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         self.log = open(self.root / "weed.out", "ab")
-        self.proc = subprocess.Popen(self.args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.args, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self._wait_ready(self.root)
 
     @property
@@ -120,13 +136,24 @@ class SeaweedS3:
     def filesystem(self, secret_key: str | None = None):
         import pyarrow.fs as pafs
 
-        return pafs.S3FileSystem(access_key=self.access_key, secret_key=secret_key or self.secret_key,
-                                 endpoint_override=self.endpoint, scheme="http", region="us-east-1",
-                                 allow_bucket_creation=True)
+        return pafs.S3FileSystem(
+            access_key=self.access_key,
+            secret_key=secret_key or self.secret_key,
+            endpoint_override=self.endpoint,
+            scheme="http",
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
 
     def config(self) -> dict:
-        return {"endpoint_override": self.endpoint, "scheme": "http", "region": "us-east-1",
-                "access_key": self.access_key, "secret_key": self.secret_key, "max_attempts": 2}
+        return {
+            "endpoint_override": self.endpoint,
+            "scheme": "http",
+            "region": "us-east-1",
+            "access_key": self.access_key,
+            "secret_key": self.secret_key,
+            "max_attempts": 2,
+        }
 
     def _wait_ready(self, root: Path) -> None:
         deadline = time.time() + 60
@@ -169,9 +196,16 @@ def tiny_model_dir(tmp_path_factory, tiny_chat_tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny-llama")
     tok = AutoTokenizer.from_pretrained(tiny_chat_tokenizer_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
-                         pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -201,10 +235,14 @@ def run_cfg(tmp_path, model_dir, sae_dir, n_rows: int) -> dict:
     """A run over the first n_rows demo rows with the tiny model and SAE, small shards, output under tmp_path/out."""
     rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:n_rows]]
     data = write_jsonl(tmp_path / "corpus.jsonl", rows)
-    return {"input": {"paths": [str(data)], "fields": {"id": "id"}},
-            "prepare": {"max_tokens": 96, "rows_per_file": 8},
-            "model": {"name": str(model_dir)}, "sae": {"path": str(sae_dir)},
-            "encode": {"tokens_per_batch": 256}, "output": {"root": str(tmp_path / "out")}}
+    return {
+        "input": {"paths": [str(data)], "fields": {"id": "id"}},
+        "prepare": {"max_tokens": 96, "rows_per_file": 8},
+        "model": {"name": str(model_dir)},
+        "sae": {"path": str(sae_dir)},
+        "encode": {"tokens_per_batch": 256},
+        "output": {"root": str(tmp_path / "out")},
+    }
 
 
 def prepare(cfg, storage) -> dict:
@@ -226,12 +264,19 @@ def store_table(rows: list[dict]):
     """A feature-store table from {id, n_tokens, feats: {feature: (max, sum)}} rows."""
     import pyarrow as pa
 
-    return pa.table({
-        "id": [r["id"] for r in rows], "n_tokens": pa.array([r["n_tokens"] for r in rows], pa.int32()),
-        "feat_ids": pa.array([sorted(r["feats"]) for r in rows], pa.list_(pa.int32())),
-        "feat_max": pa.array([[r["feats"][j][0] for j in sorted(r["feats"])] for r in rows], pa.list_(pa.float32())),
-        "feat_sum": pa.array([[r["feats"][j][1] for j in sorted(r["feats"])] for r in rows], pa.list_(pa.float32())),
-    })
+    return pa.table(
+        {
+            "id": [r["id"] for r in rows],
+            "n_tokens": pa.array([r["n_tokens"] for r in rows], pa.int32()),
+            "feat_ids": pa.array([sorted(r["feats"]) for r in rows], pa.list_(pa.int32())),
+            "feat_max": pa.array(
+                [[r["feats"][j][0] for j in sorted(r["feats"])] for r in rows], pa.list_(pa.float32())
+            ),
+            "feat_sum": pa.array(
+                [[r["feats"][j][1] for j in sorted(r["feats"])] for r in rows], pa.list_(pa.float32())
+            ),
+        }
+    )
 
 
 @pytest.fixture(scope="session")
@@ -244,10 +289,16 @@ def task_run(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
     raw = run_cfg(tmp, tiny_model_dir, tiny_sae_dir, 60)
     rows = [json.loads(line) for line in DEMO.read_text().splitlines()]
     targets = write_jsonl(tmp / "targets.jsonl", [r for r in rows[60:] if r["category"] == "math"][:8])
-    raw |= {"select": {"budget": 10, "methods": [
-        {"name": "mona", "targets": [str(targets)]},
-        {"name": "igds", "targets": [str(targets)], "candidates": 6, "keep": 2, "budget": 0.25, "actors": 2},
-        "coverage"]}}
+    raw |= {
+        "select": {
+            "budget": 10,
+            "methods": [
+                {"name": "mona", "targets": [str(targets)]},
+                {"name": "igds", "targets": [str(targets)], "candidates": 6, "keep": 2, "budget": 0.25, "actors": 2},
+                "coverage",
+            ],
+        }
+    }
     manifest = run(RunConfig.model_validate(raw), until="select")
     return tmp / "out", manifest, RunConfig.model_validate(raw)
 

@@ -39,8 +39,11 @@ def test_the_rayjob_runs_the_job_entrypoint_on_a_gpu_worker_group_sized_to_the_e
     assert gpus >= 1 and workers["maxReplicas"] * gpus >= cfg.encode.actors * cfg.encode.num_gpus
     cpus = int(container["resources"]["limits"]["cpu"])
     assert cpus >= cfg.encode.num_cpus * gpus / cfg.encode.num_gpus, "the node must hold its actors' CPUs"
-    images = {c["image"] for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-              for c in g["template"]["spec"]["containers"]}
+    images = {
+        c["image"]
+        for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for c in g["template"]["spec"]["containers"]
+    }
     assert len(images) == 1, "every node runs the same image"
     assert cfg.output.root.startswith("s3://") and cfg.model.dtype == "auto"
 
@@ -49,8 +52,9 @@ def test_the_autoscaler_config_has_a_gpu_worker_type_that_fits_the_encode_pool()
     launcher = load("autoscaler.yaml")
     types = launcher["available_node_types"]
     assert launcher["head_node_type"] in types
-    submit = re.search(r"ray job submit .*? -- (python jobs/run\.py[^\n]*)",
-                       (CLUSTER / "autoscaler.yaml").read_text()).group(1)
+    submit = re.search(
+        r"ray job submit .*? -- (python jobs/run\.py[^\n]*)", (CLUSTER / "autoscaler.yaml").read_text()
+    ).group(1)
     cfg = entrypoint_config(shlex.split(submit))
     gpu_types = [t for name, t in types.items() if name != launcher["head_node_type"]]
     assert sum(t["max_workers"] for t in gpu_types) >= cfg.encode.actors * cfg.encode.num_gpus
@@ -66,8 +70,11 @@ def image_of(name: str) -> str:
 def test_the_image_is_rays_at_the_pinned_version_and_copies_what_the_job_runs():
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     base = re.search(r"^FROM rayproject/ray:(\S+)-py(\d)(\d+)-gpu$", dockerfile, re.M)
-    assert base and base.group(1) == ray.__version__ and f'"ray[data,default]=={base.group(1)}"' in (
-        REPO / "pyproject.toml").read_text()
+    assert (
+        base
+        and base.group(1) == ray.__version__
+        and f'"ray[data,default]=={base.group(1)}"' in (REPO / "pyproject.toml").read_text()
+    )
     for src in re.findall(r"^COPY --chown=ray (.+?) \S+$", dockerfile, re.M):
         for path in src.split():
             assert (REPO / path).exists(), path

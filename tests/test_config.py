@@ -19,8 +19,10 @@ def error_of(tmp_path, text: str, overrides=()) -> str:
 
 
 def test_valid_config_resolves_defaults_and_overrides(tmp_path):
-    cfg = load_config(write(tmp_path, "input:\n  paths: data/*.jsonl\nprepare:\n  max_tokens: 128\n"),
-                      ["prepare.dedup=false", "input.fields.id=uid", "output.root=s3://b/p"])
+    cfg = load_config(
+        write(tmp_path, "input:\n  paths: data/*.jsonl\nprepare:\n  max_tokens: 128\n"),
+        ["prepare.dedup=false", "input.fields.id=uid", "output.root=s3://b/p"],
+    )
     assert cfg.input.paths == ["data/*.jsonl"]
     assert cfg.prepare.max_tokens == 128
     assert cfg.prepare.dedup is False
@@ -78,7 +80,9 @@ def test_missing_and_unparsable_files(tmp_path):
 
 
 def test_secrets_stay_out_of_manifests_and_errors(tmp_path):
-    cfg = load_config(write(tmp_path, "input:\n  paths: [a.jsonl]\ns3:\n  access_key: AKIA123\n  secret_key: hunter2\n"))
+    cfg = load_config(
+        write(tmp_path, "input:\n  paths: [a.jsonl]\ns3:\n  access_key: AKIA123\n  secret_key: hunter2\n")
+    )
     dumped = json.dumps(cfg.public_dict())
     assert "hunter2" not in dumped and "AKIA123" not in dumped
     assert cfg.s3.secret_key.get_secret_value() == "hunter2"
@@ -118,14 +122,17 @@ def test_demo_runs_the_bundled_data_into_out_or_the_documented_default(tmp_path)
     assert build_parser().parse_args(["demo", "--out", "d"]).out == "d"
 
 
-@pytest.mark.parametrize("override, names", [
-    ("task.targets=[t.jsonl]", "select.methods: [{name: mona, targets: [...]}]"),
-    ("igds.candidates=5", "select.methods: [{name: igds"),
-    ("mona.pooling=sum", "select.methods: [{name: mona"),
-    ("select.idf=true", "select.methods: [{name: coverage, idf: true}]"),
-    ("select.distributed=on", "{name: coverage, distributed: on}"),
-    ("fac.evaluated=[have.jsonl]", "{name: fac, evaluated: [...]}"),
-])
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("task.targets=[t.jsonl]", "select.methods: [{name: mona, targets: [...]}]"),
+        ("igds.candidates=5", "select.methods: [{name: igds"),
+        ("mona.pooling=sum", "select.methods: [{name: mona"),
+        ("select.idf=true", "select.methods: [{name: coverage, idf: true}]"),
+        ("select.distributed=on", "{name: coverage, distributed: on}"),
+        ("fac.evaluated=[have.jsonl]", "{name: fac, evaluated: [...]}"),
+    ],
+)
 def test_a_setting_that_moved_into_a_method_entry_names_its_new_place(override, names):
     with pytest.raises(ConfigError) as err:
         load_config(None, ['input.paths=["x"]', override])

@@ -15,10 +15,19 @@ from tests.conftest import DEMO, write_jsonl
 def test_train_sae_then_encode_with_the_default_model(ray_cluster, tmp_path):
     rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:60]]
     data = write_jsonl(tmp_path / "corpus.jsonl", rows)
-    raw = {"input": {"paths": [str(data)], "fields": {"id": "id"}}, "prepare": {"max_tokens": 256},
-           "train_sae": {"layer": 6, "d_sae": 512, "k": 16, "training_tokens": 8192, "batch_size_tokens": 256,
-                         "output": str(tmp_path / "sae")},
-           "output": {"root": str(tmp_path / "out")}}
+    raw = {
+        "input": {"paths": [str(data)], "fields": {"id": "id"}},
+        "prepare": {"max_tokens": 256},
+        "train_sae": {
+            "layer": 6,
+            "d_sae": 512,
+            "k": 16,
+            "training_tokens": 8192,
+            "batch_size_tokens": 256,
+            "output": str(tmp_path / "sae"),
+        },
+        "output": {"root": str(tmp_path / "out")},
+    }
     trained = run(RunConfig.model_validate(raw), until="train-sae")["stages"]["train_sae"]
     assert (tmp_path / "sae" / "sae_weights.safetensors").is_file()
     assert trained["layer"] == 6 and trained["mean_l0"] == pytest.approx(16, abs=0.01)

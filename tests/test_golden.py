@@ -14,8 +14,7 @@ import pytest
 
 from raysel.config import RunConfig
 from raysel.pipeline import run
-from tests.conftest import DEMO, write_jsonl
-from tests.conftest import run_cfg
+from tests.conftest import DEMO, run_cfg, write_jsonl
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny.json"
 METHODS = ["coverage", "simscale", "random", "longest", "mona", "igds", "fac"]
@@ -28,11 +27,18 @@ def golden_config(tmp, model_dir, sae_dir) -> dict:
     have = write_jsonl(tmp / "have.jsonl", [r for r in demo[60:] if r["category"] == "safety"][:5])
     return run_cfg(tmp, model_dir, sae_dir, 60) | {
         "activation": {"target_active": 4},
-        "select": {"budget": 10, "methods": [
-            "coverage", "simscale", "random", "longest",
-            {"name": "mona", "targets": [str(targets)]},
-            {"name": "igds", "targets": [str(targets)], "candidates": 6, "keep": 2, "budget": 0.25},
-            {"name": "fac", "evaluated": [str(have)]}]},
+        "select": {
+            "budget": 10,
+            "methods": [
+                "coverage",
+                "simscale",
+                "random",
+                "longest",
+                {"name": "mona", "targets": [str(targets)]},
+                {"name": "igds", "targets": [str(targets)], "candidates": 6, "keep": 2, "budget": 0.25},
+                {"name": "fac", "evaluated": [str(have)]},
+            ],
+        },
         "fac": {"anchor": [str(anchor)], "n_features": 30},
     }
 
@@ -41,15 +47,19 @@ def captured(root: Path) -> dict:
     out = {}
     for method in METHODS:
         rows = pq.read_table(root / "selection" / method / "selected.parquet").to_pylist()
-        out[method] = {"ids": [r["id"] for r in rows], "new_features": [r["new_features"] for r in rows],
-                       "gains": [None if r["gain"] is None else round(r["gain"], 4) for r in rows]}
+        out[method] = {
+            "ids": [r["id"] for r in rows],
+            "new_features": [r["new_features"] for r in rows],
+            "gains": [None if r["gain"] is None else round(r["gain"], 4) for r in rows],
+        }
     report = json.loads((root / "fac" / "report.json").read_text())
     out["fac_measure"] = {k: report[k] for k in ("fac", "n_in_anchor", "n_covered", "missing")}
     return out
 
 
 def test_every_method_and_the_fac_measure_pick_what_they_picked_before_the_refactor(
-        ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path):
+    ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path
+):
     cfg = RunConfig.model_validate(golden_config(tmp_path, tiny_model_dir, tiny_sae_dir))
     run(cfg, until="select")
     run(cfg, until="fac")

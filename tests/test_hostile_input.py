@@ -30,8 +30,9 @@ BAD_KINDS = {  # kind -> the bad line made from row i (always after some good ro
 }
 
 
-def test_a_100k_corpus_with_10_percent_bad_rows_accounts_for_every_row(ray_cluster, tiny_model_dir, tiny_sae_dir,
-                                                                       tmp_path):
+def test_a_100k_corpus_with_10_percent_bad_rows_accounts_for_every_row(
+    ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path
+):
     kinds = list(BAD_KINDS)
     expected = {}  # 1-based line -> reason
     with open(tmp_path / "corpus.jsonl", "wb") as f:
@@ -42,11 +43,17 @@ def test_a_100k_corpus_with_10_percent_bad_rows_accounts_for_every_row(ray_clust
                 f.write(BAD_KINDS[kind](i) + b"\n")
             else:
                 f.write(json.dumps(good(i)).encode() + b"\n")
-    cfg = RunConfig.model_validate({
-        "input": {"paths": [str(tmp_path / "corpus.jsonl")], "fields": {"id": "id"}},
-        "prepare": {"max_tokens": 32, "rows_per_file": 8192}, "model": {"name": str(tiny_model_dir)},
-        "sae": {"path": str(tiny_sae_dir)}, "encode": {"tokens_per_batch": 4096},
-        "select": {"budget": 1000}, "output": {"root": str(tmp_path / "out"), "report": False}})
+    cfg = RunConfig.model_validate(
+        {
+            "input": {"paths": [str(tmp_path / "corpus.jsonl")], "fields": {"id": "id"}},
+            "prepare": {"max_tokens": 32, "rows_per_file": 8192},
+            "model": {"name": str(tiny_model_dir)},
+            "sae": {"path": str(tiny_sae_dir)},
+            "encode": {"tokens_per_batch": 4096},
+            "select": {"budget": 1000},
+            "output": {"root": str(tmp_path / "out"), "report": False},
+        }
+    )
     manifest = run(cfg, until="select")
 
     counts = manifest["counts"]

@@ -24,14 +24,37 @@ BIN = Path(sys.executable).parent
 def ray_head(tmp_path):
     temp = Path(f"/tmp/rs-head-{secrets.token_hex(3)}")  # short: Ray's socket paths have a length limit
     dash = free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_ADDRESS": ""}
-    ports = ["--port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-             "--metrics-export-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port"]
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-           "--object-store-memory=400000000", f"--temp-dir={temp}", "--disable-usage-stats",
-           *(f"{flag}={free_port()}" for flag in ports)]
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_ADDRESS": "",
+    }
+    ports = [
+        "--port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+        "--ray-client-server-port",
+        "--node-manager-port",
+        "--object-manager-port",
+    ]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--num-cpus=2",
+        "--object-store-memory=400000000",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        *(f"{flag}={free_port()}" for flag in ports),
+    ]
     log = open(tmp_path / "head.log", "wb")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
@@ -55,8 +78,9 @@ def _wait_for_jobs_api(address, env, head, log_path):
     while time.time() < deadline:
         if head.poll() is not None:
             raise RuntimeError(f"ray start exited: {log_path.read_text()[-3000:]}")
-        probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                               capture_output=True, text=True)
+        probe = subprocess.run(
+            [str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, text=True
+        )
         if probe.returncode == 0:
             return
         time.sleep(2)
@@ -65,9 +89,27 @@ def _wait_for_jobs_api(address, env, head, log_path):
 
 def submit(address: str, env: dict, job_id: str, *entrypoint: str) -> str:
     """`ray job submit` of this repository, waiting for the end; the job's final status, or its logs."""
-    done = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id,
-                           "--working-dir", str(REPO), "--", "python", "jobs/run.py", *entrypoint],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--submission-id",
+            job_id,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            "jobs/run.py",
+            *entrypoint,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     ask = f"from ray.job_submission import JobSubmissionClient as C; print(C({address!r}).get_job_status({job_id!r}).value)"
     status = subprocess.run([sys.executable, "-c", ask], env=env, capture_output=True, text=True)
     return status.stdout.strip() if status.stdout.strip() == "SUCCEEDED" else done.stdout[-4000:] + done.stderr[-4000:]
@@ -80,23 +122,37 @@ def test_job_submit_round_trip(ray_head, tmp_path):
     config = tmp_path / "job.yaml"
     # an SAE for SmolLM2's 576-wide residual stream after block 3, built from config
     sae = build_tiny_sae(tmp_path / "sae", d_in=576, d_sae=256, k=16, layer=3)
-    config.write_text(yaml.safe_dump({
-        "input": {"paths": [str(data)], "fields": {"id": "id"}},
-        "prepare": {"max_tokens": 128},
-        "sae": {"path": str(sae)},
-        "output": {"root": str(tmp_path / "out")},
-    }))
-    wrong = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True, text=True,
-                           env={**env, "RAY_AUTH_TOKEN": "0" * 64})
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"paths": [str(data)], "fields": {"id": "id"}},
+                "prepare": {"max_tokens": 128},
+                "sae": {"path": str(sae)},
+                "output": {"root": str(tmp_path / "out")},
+            }
+        )
+    )
+    wrong = subprocess.run(
+        [str(BIN / "ray"), "job", "list", "--address", address],
+        capture_output=True,
+        text=True,
+        env={**env, "RAY_AUTH_TOKEN": "0" * 64},
+    )
     assert wrong.returncode != 0, "the head must refuse a client with the wrong token"
 
-    job = submit(address, env, f"raysel-test-{secrets.token_hex(4)}", "--config", str(config),
-                 "--set", "prepare.dedup=true")
+    job = submit(
+        address, env, f"raysel-test-{secrets.token_hex(4)}", "--config", str(config), "--set", "prepare.dedup=true"
+    )
     assert job == "SUCCEEDED", job
 
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["counts"] == {"n_input": 3, "n_valid": 2, "n_rejected": 1,
-                                  "rejected_by_reason": {"wrong_type": 1}, "n_encoded": 2}
+    assert manifest["counts"] == {
+        "n_input": 3,
+        "n_valid": 2,
+        "n_rejected": 1,
+        "rejected_by_reason": {"wrong_type": 1},
+        "n_encoded": 2,
+    }
     assert manifest["config"]["input"]["paths"] == [str(data)]
     assert manifest["config"]["model"]["name"] == "embedded:smollm2-135m-instruct"
     rows = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "prepared").to_pylist()}
@@ -110,10 +166,23 @@ def test_job_submit_round_trip(ray_head, tmp_path):
     assert features["a9"]["n_tokens"] < 128 - 21 and len(features["a9"]["feat_ids"]) > 16
 
     # the same cluster runs `raysel fac` as a job: the anchor is encoded beside the pool, FAC reported
-    anchor = write_jsonl(tmp_path / "anchor.jsonl", [{"id": "q1", "instruction": "Name a prime number.",
-                                                      "output": "Two is the only even prime."}])
-    job = submit(address, env, f"raysel-fac-{secrets.token_hex(4)}", "--verb", "fac", "--config", str(config),
-                 "--set", f"fac.anchor={json.dumps([str(anchor)])}", "--set", "fac.n_features=20")
+    anchor = write_jsonl(
+        tmp_path / "anchor.jsonl",
+        [{"id": "q1", "instruction": "Name a prime number.", "output": "Two is the only even prime."}],
+    )
+    job = submit(
+        address,
+        env,
+        f"raysel-fac-{secrets.token_hex(4)}",
+        "--verb",
+        "fac",
+        "--config",
+        str(config),
+        "--set",
+        f"fac.anchor={json.dumps([str(anchor)])}",
+        "--set",
+        "fac.n_features=20",
+    )
     assert job == "SUCCEEDED", job
     report = json.loads((tmp_path / "out" / "fac" / "report.json").read_text())
     assert report["n_anchor"] == 1 and report["n_evaluated"] == 2 and 0 <= report["fac"] <= 1

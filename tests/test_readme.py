@@ -24,5 +24,9 @@ def test_every_config_key_is_in_the_readme():
 
 def test_ci_runs_the_readme_test_command():
     assert "make test " in (REPO / "README.md").read_text()
-    commands = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    commands = [
+        line
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd "))
+    ]
     assert commands == ["make test"]

@@ -10,9 +10,9 @@ import yaml
 from raysel import cli
 from raysel.config import RunConfig
 from raysel.core.corpus import InputError
-from raysel.pipeline import run
 from raysel.core.paths import marker
 from raysel.core.storage import Storage
+from raysel.pipeline import run
 from tests.conftest import DEMO, free_port, prepare, run_cfg
 from tests.stages.test_prepare import BAD, mixed_lines
 
@@ -20,17 +20,22 @@ from tests.stages.test_prepare import BAD, mixed_lines
 def put(fs, path: str, lines: list) -> None:
     with fs.open_output_stream(path) as f:
         for line in lines:
-            f.write((json.dumps(line) if isinstance(line, dict) else line).encode()
-                    if not isinstance(line, bytes) else line)
+            f.write(
+                (json.dumps(line) if isinstance(line, dict) else line).encode() if not isinstance(line, bytes) else line
+            )
             f.write(b"\n")
 
 
 def s3_cfg(server, tokenizer_dir, paths, root, **s3) -> RunConfig:
-    return RunConfig.model_validate({
-        "input": {"paths": paths, "fields": {"id": "id"}}, "prepare": {"max_tokens": 64},
-        "model": {"name": str(tokenizer_dir)}, "output": {"root": root},
-        "s3": {**server.config(), **s3},
-    })
+    return RunConfig.model_validate(
+        {
+            "input": {"paths": paths, "fields": {"id": "id"}},
+            "prepare": {"max_tokens": 64},
+            "model": {"name": str(tokenizer_dir)},
+            "output": {"root": root},
+            "s3": {**server.config(), **s3},
+        }
+    )
 
 
 def test_prepare_reads_and_writes_s3(ray_cluster, s3_server, tiny_tokenizer_dir):
@@ -50,8 +55,11 @@ def test_prepare_reads_and_writes_s3(ray_cluster, s3_server, tiny_tokenizer_dir)
 
     prepared = pq.read_table("results/run1/prepared", filesystem=fs)
     assert sorted(prepared["id"].to_pylist()) == ["a1", "a9", "m1"]
-    rejects = [json.loads(line) for info in fs.get_file_info(_selector("results/run1/rejects"))
-               for line in fs.open_input_stream(info.path).read().decode().splitlines()]
+    rejects = [
+        json.loads(line)
+        for info in fs.get_file_info(_selector("results/run1/rejects"))
+        for line in fs.open_input_stream(info.path).read().decode().splitlines()
+    ]
     assert len(rejects) == len(BAD)
     assert Storage("s3://results/run1", cfg.s3).read_json(marker("prepare")) == s
 
@@ -60,8 +68,9 @@ def test_wrong_credentials_fail_clearly_and_write_nothing(ray_cluster, s3_server
     fs = s3_server.filesystem()
     fs.create_dir("corpus2")
     put(fs, "corpus2/a.jsonl", [{"id": "x", "text": "hello"}])
-    cfg = s3_cfg(s3_server, tiny_tokenizer_dir, ["s3://corpus2/*.jsonl"], "s3://corpus2/out",
-                 secret_key="not-the-secret")
+    cfg = s3_cfg(
+        s3_server, tiny_tokenizer_dir, ["s3://corpus2/*.jsonl"], "s3://corpus2/out", secret_key="not-the-secret"
+    )
     with pytest.raises(InputError) as err:
         prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert "s3://corpus2/*.jsonl" in str(err.value) and "signature" in str(err.value).lower()
@@ -81,8 +90,14 @@ def test_sae_from_s3_is_fetched_into_the_cache_and_loads(s3_server, tiny_sae_dir
     for f in tiny_sae_dir.iterdir():
         with fs.open_output_stream(f"saes/tiny/{f.name}") as out:
             out.write(f.read_bytes())
-    cfg = RunConfig.model_validate({"input": {"paths": ["unused"]}, "sae": {"path": "s3://saes/tiny"},
-                                    "model": {"cache_dir": str(tmp_path / "cache")}, "s3": s3_server.config()})
+    cfg = RunConfig.model_validate(
+        {
+            "input": {"paths": ["unused"]},
+            "sae": {"path": "s3://saes/tiny"},
+            "model": {"cache_dir": str(tmp_path / "cache")},
+            "s3": s3_server.config(),
+        }
+    )
     local = local_sae_dir(cfg.stack())
     assert local.is_relative_to(tmp_path / "cache")
     assert (local / "sae_weights.safetensors").read_bytes() == (tiny_sae_dir / "sae_weights.safetensors").read_bytes()
@@ -91,12 +106,16 @@ def test_sae_from_s3_is_fetched_into_the_cache_and_loads(s3_server, tiny_sae_dir
 
 
 def _files(fs, base: str) -> dict[str, bytes]:
-    return {info.path.removeprefix(base + "/"): fs.open_input_stream(info.path).read()
-            for info in fs.get_file_info(_selector(base)) if info.type == pafs.FileType.File}
+    return {
+        info.path.removeprefix(base + "/"): fs.open_input_stream(info.path).read()
+        for info in fs.get_file_info(_selector(base))
+        if info.type == pafs.FileType.File
+    }
 
 
-def test_run_to_s3_writes_what_the_same_run_writes_locally(ray_cluster, s3_server, tiny_model_dir, tiny_sae_dir,
-                                                             tmp_path):
+def test_run_to_s3_writes_what_the_same_run_writes_locally(
+    ray_cluster, s3_server, tiny_model_dir, tiny_sae_dir, tmp_path
+):
     raw = run_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, 30)
     raw["select"] = {"budget": 8, "methods": ["coverage", "random"]}
     local = run(RunConfig.model_validate(raw), until="select")
@@ -122,19 +141,24 @@ def test_run_to_s3_writes_what_the_same_run_writes_locally(ray_cluster, s3_serve
     assert again["stages"]["encode"]["n_shards_skipped"] == remote["stages"]["encode"]["n_shards"]
 
 
-@pytest.mark.parametrize("root, s3, expect", [
-    ("s3://runs/bad-key", {"secret_key": "wrong-secret-value"}, "access_denied"),
-    ("s3://no-such-bucket/run", {}, "bucket 'no-such-bucket' does not exist"),
-    ("s3://runs/wrong-endpoint", {"endpoint_override": f"127.0.0.1:{free_port()}"}, "could not connect to server"),
-])
-def test_an_unusable_output_root_fails_before_any_work_and_writes_nothing(s3_server, tmp_path, capsys, caplog,
-                                                                          root, s3, expect):
+@pytest.mark.parametrize(
+    "root, s3, expect",
+    [
+        ("s3://runs/bad-key", {"secret_key": "wrong-secret-value"}, "access_denied"),
+        ("s3://no-such-bucket/run", {}, "bucket 'no-such-bucket' does not exist"),
+        ("s3://runs/wrong-endpoint", {"endpoint_override": f"127.0.0.1:{free_port()}"}, "could not connect to server"),
+    ],
+)
+def test_an_unusable_output_root_fails_before_any_work_and_writes_nothing(
+    s3_server, tmp_path, capsys, caplog, root, s3, expect
+):
     fs = s3_server.filesystem()
     fs.create_dir("runs")
     before = sorted(_files(fs, "runs"))
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"input": {"paths": [str(DEMO)]}, "output": {"root": root},
-                                      "s3": {**s3_server.config(), **s3}}))
+    config.write_text(
+        yaml.safe_dump({"input": {"paths": [str(DEMO)]}, "output": {"root": root}, "s3": {**s3_server.config(), **s3}})
+    )
     assert cli.main(["run", str(config)]) == 2
     err = capsys.readouterr().err
     assert root in err and expect in err.lower()

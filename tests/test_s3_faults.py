@@ -14,8 +14,7 @@ import pytest
 import yaml
 
 from raysel.core.paths import FEATURES_DONE as DONE
-from tests.conftest import SeaweedS3
-from tests.conftest import run_cfg
+from tests.conftest import SeaweedS3, run_cfg
 
 pytestmark = pytest.mark.integration
 ENV = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
@@ -55,8 +54,7 @@ def command(tmp, raw: dict) -> list[str]:
 
 def s3_files(fs, base: str) -> list[str]:
     selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
-    return sorted(i.path.removeprefix(base + "/") for i in fs.get_file_info(selector)
-                  if i.is_file)
+    return sorted(i.path.removeprefix(base + "/") for i in fs.get_file_info(selector) if i.is_file)
 
 
 def outage_once_markers_appear(server: SeaweedS3, driver: subprocess.Popen, base: str, down_s: float) -> int:
@@ -92,8 +90,9 @@ def assert_committed_results_equal(fs, base: str, clean) -> None:
 def test_a_short_outage_mid_write_is_retried_through(server, tiny_model_dir, tiny_sae_dir, tmp_path, uninterrupted):
     raw = config(tmp_path, tiny_model_dir, tiny_sae_dir, "s3://faults/short", server.config() | {"outage_seconds": 120})
     log = open(tmp_path / "driver.log", "wb")
-    driver = subprocess.Popen(command(tmp_path, raw), env=ENV, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    driver = subprocess.Popen(
+        command(tmp_path, raw), env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         before = outage_once_markers_appear(server, driver, "faults/short", down_s=8)
         driver.wait(timeout=600)
@@ -107,12 +106,14 @@ def test_a_short_outage_mid_write_is_retried_through(server, tiny_model_dir, tin
     assert_committed_results_equal(server.filesystem(), "faults/short", uninterrupted)
 
 
-def test_a_long_outage_fails_clearly_and_the_rerun_resumes(server, tiny_model_dir, tiny_sae_dir, tmp_path,
-                                                            uninterrupted):
+def test_a_long_outage_fails_clearly_and_the_rerun_resumes(
+    server, tiny_model_dir, tiny_sae_dir, tmp_path, uninterrupted
+):
     raw = config(tmp_path, tiny_model_dir, tiny_sae_dir, "s3://faults/long", server.config() | {"outage_seconds": 3})
     cmd = command(tmp_path, raw)
-    driver = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True)
+    driver = subprocess.Popen(
+        cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         before = outage_once_markers_appear(server, driver, "faults/long", down_s=20)
         _, err = driver.communicate(timeout=600)

@@ -46,8 +46,13 @@ def start_run(tmp_path, cluster: Cluster, model_sae: tuple, rows: int, tokens_pe
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "driver.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "raysel.cli", "run", str(tmp_path / "run.yaml")], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "raysel.cli", "run", str(tmp_path / "run.yaml")],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def finish(driver: subprocess.Popen, tmp_path, timeout: float = 600) -> dict:

@@ -12,8 +12,9 @@ import fnmatch
 import hashlib
 import json
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.fs as pafs

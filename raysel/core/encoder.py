@@ -36,7 +36,9 @@ class Encoder:
         self.sae = load_sae(stack, self.device).eval()
         model = load_model(stack.model, self.device)
         if self.sae.cfg.d_in != model.config.hidden_size:
-            raise ConfigError(f"sae: d_in {self.sae.cfg.d_in} is not the model's hidden size {model.config.hidden_size}")
+            raise ConfigError(
+                f"sae: d_in {self.sae.cfg.d_in} is not the model's hidden size {model.config.hidden_size}"
+            )
         self.layer = hook_layer(stack, self.sae.cfg.metadata.hook_name)
         self.model = truncate_to_layer(model, self.layer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -52,8 +54,10 @@ class Encoder:
         order = np.concatenate(buckets)
         n_tokens = np.concatenate([p[0] for p in parts])
         columns = [pa.concat_arrays([p[k] for p in parts]) for k in (1, 2, 3)]
-        table = pa.table([pa.array(np.asarray(ids, dtype=object)[order], pa.string()),
-                          pa.array(n_tokens, pa.int32()), *columns], schema=FEATURE_SCHEMA)
+        table = pa.table(
+            [pa.array(np.asarray(ids, dtype=object)[order], pa.string()), pa.array(n_tokens, pa.int32()), *columns],
+            schema=FEATURE_SCHEMA,
+        )
         return table.take(np.argsort(order))
 
     def length_buckets(self, enc: list[list[int]]):
@@ -95,8 +99,9 @@ class Encoder:
         attention = (positions[None, :] < lengths[:, None]).long()
         counted = attention.bool() & (positions[None, :] >= self._first_counted(seqs)[:, None])
         with torch.inference_mode():
-            hidden = self.model(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                use_cache=False).last_hidden_state
+            hidden = self.model(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), use_cache=False
+            ).last_hidden_state
         return hidden, counted.to(self.device)
 
     def _first_counted(self, seqs: list[list[int]]):
@@ -125,5 +130,9 @@ class Encoder:
         def lists(values, arrow_type):
             return pa.ListArray.from_arrays(offsets, pa.array(values.cpu().numpy(), arrow_type))
 
-        return (n_counted.numpy(), lists(cols.int(), pa.int32()),
-                lists(feat_max[rows, cols].float(), pa.float32()), lists(feat_sum[rows, cols].float(), pa.float32()))
+        return (
+            n_counted.numpy(),
+            lists(cols.int(), pa.int32()),
+            lists(feat_max[rows, cols].float(), pa.float32()),
+            lists(feat_sum[rows, cols].float(), pa.float32()),
+        )

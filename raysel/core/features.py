@@ -23,7 +23,6 @@ import posixpath
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysel.core import paths
@@ -31,13 +30,15 @@ from raysel.core.storage import Storage
 
 log = logging.getLogger(__name__)
 
-FEATURE_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("n_tokens", pa.int32()),
-    ("feat_ids", pa.list_(pa.int32())),
-    ("feat_max", pa.list_(pa.float32())),
-    ("feat_sum", pa.list_(pa.float32())),
-])
+FEATURE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("n_tokens", pa.int32()),
+        ("feat_ids", pa.list_(pa.int32())),
+        ("feat_max", pa.list_(pa.float32())),
+        ("feat_sum", pa.list_(pa.float32())),
+    ]
+)
 
 
 def is_active(max_pool, tau: float):

@@ -29,8 +29,10 @@ def model_source(cfg: ModelConfig) -> str:
         return str(materialize_embedded(Path(cfg.cache_dir).expanduser()))
     looks_local = cfg.name.startswith(("/", ".", "~")) or Path(cfg.name).exists()
     if looks_local and not Path(cfg.name).expanduser().is_dir():
-        raise ConfigError(f"model.name: {cfg.name!r} is not a model directory "
-                          f"(allowed: {EMBEDDED_MODEL}, a local model directory, or an HF hub id)")
+        raise ConfigError(
+            f"model.name: {cfg.name!r} is not a model directory "
+            f"(allowed: {EMBEDDED_MODEL}, a local model directory, or an HF hub id)"
+        )
     return cfg.name
 
 
@@ -53,9 +55,13 @@ class ChatModel:
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """One user turn, rendered with the model's chat template up to the assistant's reply."""
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                  tokenize=True, chat_template=self.template,
-                                                  return_dict=True)["input_ids"]
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            tokenize=True,
+            chat_template=self.template,
+            return_dict=True,
+        )["input_ids"]
 
 
 def load_tokenizer(cfg: ModelConfig):

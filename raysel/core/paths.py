@@ -1,15 +1,15 @@
 """The run's layout: every folder and marker name, relative to the output root, in one place.
 
-    prepared/              the validated, rendered samples (parquet)
-    rejects/               every input row that was not kept, with its reason (JSON lines)
-    features/              the feature store (parquet shards), and features/_done/ its shard markers
-    stats/                 per-feature statistics and top-activating spans
-    selection/<method>/    one committed selection per method
-    fac/                   FAC of the input against an anchor
-    synthesis/             FAC Synthesis's candidates
-    stages/<stage>.json    each stage's completion marker, written last
-    <side set>/            a side set (targets, anchor, ...) encoded with the same layout
-    manifest.json          the run's manifest, written when the run finishes
+prepared/              the validated, rendered samples (parquet)
+rejects/               every input row that was not kept, with its reason (JSON lines)
+features/              the feature store (parquet shards), and features/_done/ its shard markers
+stats/                 per-feature statistics and top-activating spans
+selection/<method>/    one committed selection per method
+fac/                   FAC of the input against an anchor
+synthesis/             FAC Synthesis's candidates
+stages/<stage>.json    each stage's completion marker, written last
+<side set>/            a side set (targets, anchor, ...) encoded with the same layout
+manifest.json          the run's manifest, written when the run finishes
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ process building the stage once (CPU-only transforms)."""
 from __future__ import annotations
 
 import logging
-import pickle
 import os
+import pickle
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import ray
 from ray.data import ActorPoolStrategy, Dataset
@@ -29,17 +29,24 @@ class Resources:
     batch_size: int = 256
     num_cpus: float = 1.0
     num_gpus: float = 0.0  # fractional values share a GPU between actors
-    memory: Optional[int] = None  # bytes; Ray Data does not count heap memory by itself
-    custom: Optional[dict] = None  # custom Ray resources, e.g. {"encoder": 1}: run only on nodes that offer them
+    memory: int | None = None  # bytes; Ray Data does not count heap memory by itself
+    custom: dict | None = None  # custom Ray resources, e.g. {"encoder": 1}: run only on nodes that offer them
 
 
 def map_stage(ds: Dataset, stage: type, resources: Resources, **stage_kwargs) -> Dataset:
     """Run `stage(**stage_kwargs)` over every batch of `ds`."""
-    common = dict(batch_size=resources.batch_size, batch_format="pyarrow", num_cpus=resources.num_cpus,
-                  num_gpus=resources.num_gpus, memory=resources.memory, resources=resources.custom)
+    common = dict(
+        batch_size=resources.batch_size,
+        batch_format="pyarrow",
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
+        memory=resources.memory,
+        resources=resources.custom,
+    )
     if resources.actors:
-        return ds.map_batches(stage, fn_constructor_kwargs=stage_kwargs,
-                              compute=ActorPoolStrategy(size=resources.actors), **common)
+        return ds.map_batches(
+            stage, fn_constructor_kwargs=stage_kwargs, compute=ActorPoolStrategy(size=resources.actors), **common
+        )
     return ds.map_batches(_in_task, fn_kwargs={"stage": stage, "spec": pickle.dumps(stage_kwargs)}, **common)
 
 
@@ -70,6 +77,11 @@ def model_resources(encode: EncodeConfig, actors: int, batch_size: int = 1) -> R
     """What an actor holding a model needs: encode.num_gpus of a GPU when the cluster has GPUs (and the
     config does not pin the CPU), else encode.num_cpus CPUs; encode.memory_gb of heap either way."""
     gpus = ray.cluster_resources().get("GPU", 0) > 0 and encode.device != "cpu"
-    return Resources(actors=actors, batch_size=batch_size, num_cpus=encode.num_cpus,
-                     num_gpus=encode.num_gpus if gpus else 0, memory=int(encode.memory_gb * 2**30),
-                     custom=encode.resources or None)
+    return Resources(
+        actors=actors,
+        batch_size=batch_size,
+        num_cpus=encode.num_cpus,
+        num_gpus=encode.num_gpus if gpus else 0,
+        memory=int(encode.memory_gb * 2**30),
+        custom=encode.resources or None,
+    )

@@ -77,8 +77,10 @@ def chat_template_for(tokenizer, choice: str) -> str | None:
 def shared_prefix(tokenizer, chat_template: str | None) -> str:
     """What the template puts before every conversation's first user text (a
     default system prompt, role headers): the common start of two renderings."""
-    a, b = (tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
-                                          chat_template=chat_template) for c in ("A", "B"))
+    a, b = (
+        tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False, chat_template=chat_template)
+        for c in ("A", "B")
+    )
     n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     return a[:n]
 

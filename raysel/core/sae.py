@@ -37,16 +37,20 @@ def local_sae_dir(stack: ModelStack) -> Path:
     if stack.sae.path is None:
         path = default_sae_dir(stack)
         if not (path / WEIGHTS).is_file():
-            raise ConfigError(f"sae.path: not set, and no default SAE at {path}; run `raysel train-sae CONFIG` "
-                              f"first, or set sae.path (a saved SAE) or sae.release and sae.sae_id")
+            raise ConfigError(
+                f"sae.path: not set, and no default SAE at {path}; run `raysel train-sae CONFIG` "
+                f"first, or set sae.path (a saved SAE) or sae.release and sae.sae_id"
+            )
         return path
     if stack.sae.path.startswith("s3://"):
         return _fetch_from_s3(stack)
     path = Path(stack.sae.path).expanduser()
     pickled = [p.name for p in (path.glob("*") if path.is_dir() else [path]) if p.suffix in PICKLED]
     if pickled and not (path / WEIGHTS).is_file():
-        raise ConfigError(f"sae.path: {stack.sae.path!r} holds pickled weights ({', '.join(pickled)}); raysel loads "
-                          f"SAEs from safetensors only, since unpickling runs code: save it with sae-lens as {WEIGHTS}")
+        raise ConfigError(
+            f"sae.path: {stack.sae.path!r} holds pickled weights ({', '.join(pickled)}); raysel loads "
+            f"SAEs from safetensors only, since unpickling runs code: save it with sae-lens as {WEIGHTS}"
+        )
     if not (path / WEIGHTS).is_file() or not (path / SAE_CONFIG).is_file():
         raise ConfigError(f"sae.path: {stack.sae.path!r} holds no saved SAE ({SAE_CONFIG} and {WEIGHTS} expected)")
     return path
@@ -60,8 +64,9 @@ def check_safetensors(path: Path) -> None:
         with safe_open(str(path / WEIGHTS), framework="pt") as f:
             f.keys()
     except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types for bad headers
-        raise ConfigError(f"sae.path: {path / WEIGHTS} is not a safetensors file ({err}); raysel loads SAEs "
-                          "from safetensors only") from None
+        raise ConfigError(
+            f"sae.path: {path / WEIGHTS} is not a safetensors file ({err}); raysel loads SAEs from safetensors only"
+        ) from None
 
 
 def _fetch_from_s3(stack: ModelStack) -> Path:
@@ -75,8 +80,12 @@ def _fetch_from_s3(stack: ModelStack) -> Path:
         fs, path = filesystem_for(stack.sae.path, stack.s3)
         target.mkdir(parents=True, exist_ok=True)
         for name in (SAE_CONFIG, WEIGHTS):
-            pafs.copy_files(f"{path}/{name}", str(target / name), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+            pafs.copy_files(
+                f"{path}/{name}",
+                str(target / name),
+                source_filesystem=fs,
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
     return target
 
 
@@ -88,8 +97,13 @@ def sae_metadata(stack: ModelStack) -> dict:
     check_safetensors(path)
     meta = json.loads((path / SAE_CONFIG).read_text())
     hook_name = (meta.get("metadata") or {}).get("hook_name") or meta.get("hook_name")
-    return {"d_in": meta["d_in"], "d_sae": meta["d_sae"], "layer": hook_layer(stack, hook_name),
-            "identity": str(stack.sae.path or path), "architecture": meta.get("architecture")}
+    return {
+        "d_in": meta["d_in"],
+        "d_sae": meta["d_sae"],
+        "layer": hook_layer(stack, hook_name),
+        "identity": str(stack.sae.path or path),
+        "architecture": meta.get("architecture"),
+    }
 
 
 def hook_layer(stack: ModelStack, hook_name: str | None) -> int:
@@ -107,11 +121,15 @@ def check_against_model(stack: ModelStack, meta: dict) -> None:
 
     model_cfg = AutoConfig.from_pretrained(model_source(stack.model))
     if meta["d_in"] is not None and meta["d_in"] != model_cfg.hidden_size:
-        raise ConfigError(f"sae: the SAE reads vectors of {meta['d_in']} (d_in) but model {stack.model.name!r} "
-                          f"has hidden size {model_cfg.hidden_size}; use an SAE trained on this model")
+        raise ConfigError(
+            f"sae: the SAE reads vectors of {meta['d_in']} (d_in) but model {stack.model.name!r} "
+            f"has hidden size {model_cfg.hidden_size}; use an SAE trained on this model"
+        )
     if meta["layer"] is not None and meta["layer"] >= model_cfg.num_hidden_layers:
-        raise ConfigError(f"sae.hook_layer: layer {meta['layer']} does not exist "
-                          f"(model {stack.model.name!r} has layers 0..{model_cfg.num_hidden_layers - 1})")
+        raise ConfigError(
+            f"sae.hook_layer: layer {meta['layer']} does not exist "
+            f"(model {stack.model.name!r} has layers 0..{model_cfg.num_hidden_layers - 1})"
+        )
 
 
 def load_sae(stack: ModelStack, device: str):

@@ -8,8 +8,9 @@ import logging
 import os
 import posixpath
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pyarrow.fs as pafs
 
@@ -109,8 +110,10 @@ class Storage:
                 return fn()
             except OSError as err:
                 if time.monotonic() - start + wait > self.s3.outage_seconds:
-                    raise StorageError(f"{what} at {self.root} failed for {time.monotonic() - start:.0f}s "
-                                       f"(s3.outage_seconds): {redact(str(err), self.s3)}") from None
+                    raise StorageError(
+                        f"{what} at {self.root} failed for {time.monotonic() - start:.0f}s "
+                        f"(s3.outage_seconds): {redact(str(err), self.s3)}"
+                    ) from None
                 log.warning("%s at %s: %s; retrying in %.0fs", what, self.root, redact(str(err), self.s3), wait)
                 time.sleep(wait)
                 wait = min(2 * wait, 30.0)

@@ -9,8 +9,9 @@ and writes whatever it picks the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from pydantic import Field
@@ -28,7 +29,7 @@ class MethodConfig(Section):
     """The settings every method entry has; a method's config adds its own and a `name: Literal[...]`."""
 
     name: str
-    budget: Optional[float] = Field(None, gt=0)  # a count or a fraction, as select.budget; None: select.budget
+    budget: float | None = Field(None, gt=0)  # a count or a fraction, as select.budget; None: select.budget
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Picks:
     details: dict = field(default_factory=dict)  # what it settled on, for the selection's manifest
 
     @classmethod
-    def unscored(cls, ids: list[str], details: dict | None = None) -> "Picks":
+    def unscored(cls, ids: list[str], details: dict | None = None) -> Picks:
         return cls(list(ids), np.full(len(ids), np.nan), details or {})
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -36,7 +36,7 @@ class CoverageConfig(MethodConfig):
     idf: bool = False  # weigh each feature's gain by its inverse document frequency
     distributed: Literal["auto", "on", "off"] = "auto"  # RandGreeDi over the cluster; auto: past distributed_rows
     distributed_rows: int = Field(2_000_000, gt=0)  # auto distributes larger pools; RandGreeDi's rows per partition
-    partitions: Optional[int] = Field(None, ge=2)  # RandGreeDi partitions; None: one per distributed_rows, at least 2
+    partitions: int | None = Field(None, ge=2)  # RandGreeDi partitions; None: one per distributed_rows, at least 2
 
 
 class Coverage(Method):
@@ -72,8 +72,13 @@ def assign(batch: pa.Table, tau: float, partitions: int, seed: int) -> pa.Table:
     offsets = pa.array(np.r_[0, np.cumsum(np.bincount(rows, minlength=batch.num_rows))].astype(np.int32))
     key = f"raysel{seed:010d}"[-16:]  # the 16-byte siphash key: the seed picks the partitioning
     part = pd.util.hash_array(np.asarray(batch["id"].to_pylist(), dtype=object), hash_key=key) % np.uint64(partitions)
-    return pa.table({"id": batch["id"], "feats": pa.ListArray.from_arrays(offsets, pa.array(feats, pa.int32())),
-                     "part": pa.array(part.astype(np.int32))})
+    return pa.table(
+        {
+            "id": batch["id"],
+            "feats": pa.ListArray.from_arrays(offsets, pa.array(feats, pa.int32())),
+            "part": pa.array(part.astype(np.int32)),
+        }
+    )
 
 
 def csr(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -91,24 +96,36 @@ def local_greedy(group: pa.Table, budget: int, weights: np.ndarray | None) -> pa
     return picked.append_column("objective", pa.array(np.full(picked.num_rows, objective)))
 
 
-def randgreedi(store: FeatureStore, tau: float, budget: int, partitions: int, seed: int,
-               weights: np.ndarray | None) -> tuple[list[str], np.ndarray, dict]:
+def randgreedi(
+    store: FeatureStore, tau: float, budget: int, partitions: int, seed: int, weights: np.ndarray | None
+) -> tuple[list[str], np.ndarray, dict]:
     """Ids in selection order, each pick's gain, and what the run settled on."""
     start = time.time()
-    ds = store.dataset().map_batches(assign, fn_kwargs={"tau": tau, "partitions": partitions, "seed": seed},
-                                            batch_format="pyarrow")
+    ds = store.dataset().map_batches(
+        assign, fn_kwargs={"tau": tau, "partitions": partitions, "seed": seed}, batch_format="pyarrow"
+    )
     candidates = ds.groupby("part", num_partitions=partitions).map_groups(
-        local_greedy, fn_kwargs={"budget": budget, "weights": weights}, batch_format="pyarrow")
+        local_greedy, fn_kwargs={"budget": budget, "weights": weights}, batch_format="pyarrow"
+    )
     pool = pa.concat_tables(ray.get(candidates.to_arrow_refs())).sort_by("id")
-    log.info("select: RandGreeDi: %d candidates from %d partitions in %.1fs", pool.num_rows, partitions,
-             time.time() - start)
+    log.info(
+        "select: RandGreeDi: %d candidates from %d partitions in %.1fs", pool.num_rows, partitions, time.time() - start
+    )
     indptr, indices = csr(pool)
     merged = greedy_coverage(indptr, indices, budget, weights)
     objective = covered_weight(indptr, indices, merged.order, weights)
-    parts = pool.group_by("part").aggregate([("objective", "max")]).sort_by([("objective_max", "descending"),
-                                                                              ("part", "ascending")])
-    settled = {"distributed": True, "partitions": partitions, "n_candidates": pool.num_rows,
-               "objective_merged": objective, "objective_best_partition": parts["objective_max"][0].as_py()}
+    parts = (
+        pool.group_by("part")
+        .aggregate([("objective", "max")])
+        .sort_by([("objective_max", "descending"), ("part", "ascending")])
+    )
+    settled = {
+        "distributed": True,
+        "partitions": partitions,
+        "n_candidates": pool.num_rows,
+        "objective_merged": objective,
+        "objective_best_partition": parts["objective_max"][0].as_py(),
+    }
     if settled["objective_best_partition"] > objective:  # the guarantee needs the better of the two
         best = parts["part"][0].as_py()
         rows = np.flatnonzero(pool["part"].to_numpy() == best)

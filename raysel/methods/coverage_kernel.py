@@ -48,8 +48,9 @@ def idf_weights(indices: np.ndarray, n: int) -> np.ndarray:
     return np.round((np.log((n + 1) / (df + 1)) + 1.0) * UNIT) / UNIT
 
 
-def greedy_coverage(indptr: np.ndarray, indices: np.ndarray, budget: int,
-                    weights: np.ndarray | None = None) -> Selection:
+def greedy_coverage(
+    indptr: np.ndarray, indices: np.ndarray, budget: int, weights: np.ndarray | None = None
+) -> Selection:
     n = len(indptr) - 1
     d = int(indices.max()) + 1 if indices.size else 1
     w = np.ones(d) if weights is None else np.asarray(weights, dtype=np.float64)[:d]
@@ -63,8 +64,9 @@ def greedy_coverage(indptr: np.ndarray, indices: np.ndarray, budget: int,
         raise ValueError("a sample's total feature weight overflows the greedy's 32-bit gains")
     post_ptr, post_rows = _postings(indptr, indices, d)
     split = _thread_splits(post_ptr, post_rows, n, numba.get_num_threads())
-    order, gains, resets = _greedy(indptr, indices, units.astype(np.int32), totals.astype(np.int32),
-                                   post_rows, split, min(budget, n))
+    order, gains, resets = _greedy(
+        indptr, indices, units.astype(np.int32), totals.astype(np.int32), post_rows, split, min(budget, n)
+    )
     return Selection(order, gains / UNIT, resets.tolist())
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -53,8 +53,10 @@ class FACConfig(Section):
     anchor: list[str] = []  # files, globs or s3:// paths of the anchor (task) examples
     features: list[int] = []  # task-relevant features F; empty: the n_features most enriched on the anchor
     n_features: int = Field(100, gt=0)  # size of the enriched F, or of the shortlist the judge rates
-    judge_task: Optional[str] = None  # set: F is what an LLM judge rates relevant to this task, of the shortlist
-    judge_generator: Optional[str] = None  # the judge: any causal LM (local dir, HF id, embedded default); None: model.name
+    judge_task: str | None = None  # set: F is what an LLM judge rates relevant to this task, of the shortlist
+    judge_generator: str | None = (
+        None  # the judge: any causal LM (local dir, HF id, embedded default); None: model.name
+    )
     judge_keep: Literal["yes", "probably", "maybe"] = "maybe"  # the weakest relevance verdict kept
 
     @model_validator(mode="after")
@@ -90,14 +92,25 @@ class FACSelect(Method):
             return fac(anchored, pa.concat_tables([have, picked]), features, ctx.tau, ctx.d_sae)[0]["fac"]
 
         random_ids = np.asarray(table["id"].to_pylist(), dtype=object)[
-            np.random.default_rng(ctx.seed).permutation(table.num_rows)[:k]].tolist()
-        settled = {"fac_features": int(features.size), "fac_in_anchor": before["n_in_anchor"],
-                   "fac_missing_before": len(before["missing"]), "fac_before": before["fac"],
-                   "fac_after": fac_with(order), "fac_random_after": fac_with(random_ids),
-                   "fac_pool": fac_with(table["id"].to_pylist())}
-        log.info("fac: FAC %.3f before, %.3f after %d picks (random picks: %.3f; the whole pool: %.3f)",
-                 settled["fac_before"], settled["fac_after"], len(order), settled["fac_random_after"],
-                 settled["fac_pool"])
+            np.random.default_rng(ctx.seed).permutation(table.num_rows)[:k]
+        ].tolist()
+        settled = {
+            "fac_features": int(features.size),
+            "fac_in_anchor": before["n_in_anchor"],
+            "fac_missing_before": len(before["missing"]),
+            "fac_before": before["fac"],
+            "fac_after": fac_with(order),
+            "fac_random_after": fac_with(random_ids),
+            "fac_pool": fac_with(table["id"].to_pylist()),
+        }
+        log.info(
+            "fac: FAC %.3f before, %.3f after %d picks (random picks: %.3f; the whole pool: %.3f)",
+            settled["fac_before"],
+            settled["fac_after"],
+            len(order),
+            settled["fac_random_after"],
+            settled["fac_pool"],
+        )
         return Picks(order, np.asarray(added, np.float64), settled)
 
 
@@ -114,8 +127,16 @@ def anchor_spans(stack: ModelStack, top_n: int, anchor: FeatureStore, features: 
     return find_spans(stack, top_n, anchor.storage, features)
 
 
-def fac_features(cfg: FACConfig, stack: ModelStack, storage: Storage, anchor: FeatureStore, anchored: pa.Table,
-                 against: pa.Table, tau: float, d_sae: int) -> np.ndarray:
+def fac_features(
+    cfg: FACConfig,
+    stack: ModelStack,
+    storage: Storage,
+    anchor: FeatureStore,
+    anchored: pa.Table,
+    against: pa.Table,
+    tau: float,
+    d_sae: int,
+) -> np.ndarray:
     """F: fac.features; else the fac.n_features most enriched on the anchor over `against`; with
     fac.judge_task, those of them an LLM judge finds relevant (fac/judged.parquet holds every verdict)."""
     from raysel.methods.fac_judge import judge_features, kept
@@ -130,16 +151,25 @@ def fac_features(cfg: FACConfig, stack: ModelStack, storage: Storage, anchor: Fe
     pq.write_table(verdicts, storage.path(paths.FAC, "judged.parquet"), filesystem=storage.fs)
     chosen = kept(verdicts, cfg.judge_keep)
     if not chosen:
-        log.warning("fac: the judge kept none of the %d features, so F is empty and FAC means nothing; see its "
-                    "verdicts in fac/judged.parquet, and try a stronger fac.judge_generator or fac.judge_keep: maybe",
-                    len(features))
-    log.info("fac: the judge kept %d of %d enriched features as relevant to %r (%s or better) in %.0fs", len(chosen),
-             len(features), cfg.judge_task, cfg.judge_keep, time.time() - start)
+        log.warning(
+            "fac: the judge kept none of the %d features, so F is empty and FAC means nothing; see its "
+            "verdicts in fac/judged.parquet, and try a stronger fac.judge_generator or fac.judge_keep: maybe",
+            len(features),
+        )
+    log.info(
+        "fac: the judge kept %d of %d enriched features as relevant to %r (%s or better) in %.0fs",
+        len(chosen),
+        len(features),
+        cfg.judge_task,
+        cfg.judge_keep,
+        time.time() - start,
+    )
     return np.array(chosen, dtype=np.int64)
 
 
-def task_features(anchor: pa.Table, evaluated: pa.Table, tau: float, d_sae: int, listed: list[int],
-                  n: int) -> np.ndarray:
+def task_features(
+    anchor: pa.Table, evaluated: pa.Table, tau: float, d_sae: int, listed: list[int], n: int
+) -> np.ndarray:
     """F: the listed features, or the n most enriched on the anchor over the evaluated set."""
     if listed:
         return np.array(sorted(set(listed)), dtype=np.int64)
@@ -160,12 +190,27 @@ def fac(anchor: pa.Table, evaluated: pa.Table, features: np.ndarray, tau: float,
         total = w[fp].sum()
         return float(w[fq].sum() / total) if total > 0 else 0.0
 
-    summary = {"n_features": int(features.size), "n_in_anchor": int(fp.size), "n_covered": int(fq.size),
-               "fac": fq.size / fp.size if fp.size else 0.0, "fac_frequency": weighted(a_share),
-               "fac_magnitude": weighted(a_max), "missing": sorted(set(fp.tolist()) - set(fq.tolist()))}
-    table = pa.table({"feature": features, "anchor_share": a_share[features], "anchor_max": a_max[features],
-                      "evaluated_share": q_share[features], "evaluated_max": q_max[features],
-                      "in_anchor": in_p, "covered": in_q, "missing": in_p & ~in_q})
+    summary = {
+        "n_features": int(features.size),
+        "n_in_anchor": int(fp.size),
+        "n_covered": int(fq.size),
+        "fac": fq.size / fp.size if fp.size else 0.0,
+        "fac_frequency": weighted(a_share),
+        "fac_magnitude": weighted(a_max),
+        "missing": sorted(set(fp.tolist()) - set(fq.tolist())),
+    }
+    table = pa.table(
+        {
+            "feature": features,
+            "anchor_share": a_share[features],
+            "anchor_max": a_max[features],
+            "evaluated_share": q_share[features],
+            "evaluated_max": q_max[features],
+            "in_anchor": in_p,
+            "covered": in_q,
+            "missing": in_p & ~in_q,
+        }
+    )
     return summary, table
 
 

@@ -16,11 +16,10 @@ small model gives a well-formed verdict. A verified feature judged fac.judge_kee
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import ray
-
-from typing import TYPE_CHECKING
 
 from raysel.core.models import ChatModel
 from raysel.core.ray_adapter import log_to_driver, map_stage, model_resources
@@ -32,20 +31,34 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LEVELS = ["No", "Maybe", "Probably", "Yes"]  # weakest first
-EXPLAIN = ("Below are text snippets where one feature of a language model fires most strongly; the token where it "
-           "fires hardest is marked [[like this]].\n\n{spans}\n\nIn a few words, what does this feature detect? "
-           "Answer with the description only.")
-VERIFY = ("Snippets, with the strongest token marked [[like this]]:\n\n{spans}\n\nDoes the description \"{label}\" "
-          "fit what the marked tokens have in common? Answer Yes or No.")
-JUDGE = ("Task: {task}\n\nA feature of a language model detects: \"{label}\". Is this feature relevant to the task? "
-         "Answer Yes, Probably, Maybe or No.")
-VERDICTS = pa.schema([("feature", pa.int32()), ("label", pa.string()), ("verified", pa.bool_()),
-                      ("relevance", pa.string()), ("relevance_logprobs", pa.list_(pa.float32())),
-                      ("explain_prompt", pa.string()), ("generator", pa.string())])
+EXPLAIN = (
+    "Below are text snippets where one feature of a language model fires most strongly; the token where it "
+    "fires hardest is marked [[like this]].\n\n{spans}\n\nIn a few words, what does this feature detect? "
+    "Answer with the description only."
+)
+VERIFY = (
+    'Snippets, with the strongest token marked [[like this]]:\n\n{spans}\n\nDoes the description "{label}" '
+    "fit what the marked tokens have in common? Answer Yes or No."
+)
+JUDGE = (
+    'Task: {task}\n\nA feature of a language model detects: "{label}". Is this feature relevant to the task? '
+    "Answer Yes, Probably, Maybe or No."
+)
+VERDICTS = pa.schema(
+    [
+        ("feature", pa.int32()),
+        ("label", pa.string()),
+        ("verified", pa.bool_()),
+        ("relevance", pa.string()),
+        ("relevance_logprobs", pa.list_(pa.float32())),
+        ("explain_prompt", pa.string()),
+        ("generator", pa.string()),
+    ]
+)
 
 
 def marked(tokens: list[str], peak: int) -> str:
-    return "".join(tokens[:peak]) + "[[" + tokens[peak] + "]]" + "".join(tokens[peak + 1:])
+    return "".join(tokens[:peak]) + "[[" + tokens[peak] + "]]" + "".join(tokens[peak + 1 :])
 
 
 def kept(verdicts: pa.Table, keep: str) -> list[int]:
@@ -75,16 +88,28 @@ class Judge:
         verified, _ = self.choose(VERIFY.format(spans=shown, label=label), ["Yes", "No"])
         relevance, logprobs = self.choose(JUDGE.format(task=self.cfg.judge_task, label=label), LEVELS)
         log.info("judge: feature %d: %r, verified %s, relevance %s", feature, label, verified, relevance)
-        return {"feature": feature, "label": label, "verified": verified == "Yes", "relevance": relevance,
-                "relevance_logprobs": logprobs, "explain_prompt": explain, "generator": self.lm.name}
+        return {
+            "feature": feature,
+            "label": label,
+            "verified": verified == "Yes",
+            "relevance": relevance,
+            "relevance_logprobs": logprobs,
+            "explain_prompt": explain,
+            "generator": self.lm.name,
+        }
 
     def generate(self, prompt: str) -> str:
         torch, lm = self.torch, self.lm
         ids = torch.tensor([lm.prompt_ids(prompt)], device=lm.device)
         with torch.inference_mode():
-            out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    max_new_tokens=24, pad_token_id=lm.pad_id)
-        return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) or " "
+            out = lm.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=24,
+                pad_token_id=lm.pad_id,
+            )
+        return lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) or " "
 
     def choose(self, prompt: str, options: list[str]) -> tuple[str, list[float]]:
         """The option the model finds likeliest as the answer, and each option's log-likelihood."""
@@ -95,7 +120,7 @@ class Judge:
             ids = lm.tokenizer(option, add_special_tokens=False)["input_ids"]
             x = torch.tensor([base + ids], device=lm.device)
             with torch.inference_mode():
-                logp = lm.model(input_ids=x).logits[0, len(base) - 1: -1].float().log_softmax(-1)
+                logp = lm.model(input_ids=x).logits[0, len(base) - 1 : -1].float().log_softmax(-1)
             scores.append(float(logp[torch.arange(len(ids)), torch.tensor(ids, device=lm.device)].sum()))
         return options[max(range(len(options)), key=scores.__getitem__)], scores
 
@@ -106,8 +131,14 @@ def judge_features(stack: ModelStack, cfg: FACConfig, spans: pa.Table, features:
     for r in spans.sort_by([("feature", "ascending"), ("rank", "ascending")]).to_pylist():
         if r["feature"] in shown:
             shown[r["feature"]].append(marked(r["tokens"], r["peak"]))
-    items = ray.data.from_items([{"feature": j, "spans": shown[j]} for j in features],
-                                override_num_blocks=max(1, len(features)))
-    out = map_stage(items, Judge, model_resources(stack.encode, min(stack.encode.actors, max(1, len(features)))),
-                    stack=stack, cfg=cfg)
+    items = ray.data.from_items(
+        [{"feature": j, "spans": shown[j]} for j in features], override_num_blocks=max(1, len(features))
+    )
+    out = map_stage(
+        items,
+        Judge,
+        model_resources(stack.encode, min(stack.encode.actors, max(1, len(features)))),
+        stack=stack,
+        cfg=cfg,
+    )
     return pa.concat_tables([VERDICTS.empty_table(), *ray.get(out.to_arrow_refs())]).sort_by("feature")

@@ -45,7 +45,9 @@ log = logging.getLogger(__name__)
 class IGDSConfig(MethodConfig):
     name: Literal["igds"] = "igds"
     targets: list[str] = Field(min_length=1)  # files, globs or s3:// paths of target-task examples, read like the input
-    dev_fraction: float = Field(0.5, gt=0, lt=1)  # the held-out share of the targets, on which interventions are measured
+    dev_fraction: float = Field(
+        0.5, gt=0, lt=1
+    )  # the held-out share of the targets, on which interventions are measured
     seed: int = 0  # which targets are held out
     candidates: int = Field(50, gt=0)  # N features kept by frequency recall (target share minus pool share)
     alpha: float = Field(4.0, gt=0)  # amplification: h += alpha * max activation * decoder direction
@@ -71,16 +73,23 @@ class IGDS(Method):
         store = targets.table()
         dev = held_out(store["id"].to_pylist(), cfg.dev_fraction, cfg.seed)
         fit = store.filter(pc.invert(pc.is_in(store["id"], pa.array(sorted(dev), pa.string()))))
-        stats = pq.read_table(ctx.storage.path(paths.FEATURE_STATS), columns=["doc_freq", "max"],
-                              filesystem=ctx.storage.fs)
+        stats = pq.read_table(
+            ctx.storage.path(paths.FEATURE_STATS), columns=["doc_freq", "max"], filesystem=ctx.storage.fs
+        )
         candidates = frequency_recall(fit, ctx.tau, stats["doc_freq"].to_numpy(), len(pool.ids), cfg.candidates)
         prompts, answers = dev_pairs(ctx.stack, targets.storage, dev)
         feature_max = dict(enumerate(stats["max"].to_numpy().tolist()))
-        log.info("igds: %d candidate features from %d targets; measuring each on %d held-out targets (%s)",
-                 candidates.num_rows, fit.num_rows, len(prompts), cfg.metric)
+        log.info(
+            "igds: %d candidate features from %d targets; measuring each on %d held-out targets (%s)",
+            candidates.num_rows,
+            fit.num_rows,
+            len(prompts),
+            cfg.metric,
+        )
         layer = ctx.storage.read_json(paths.marker("encode"))["layer"]
-        effects = feature_effects(ctx.stack, cfg, candidates["feature"].to_pylist(), prompts, answers, feature_max,
-                                  layer)
+        effects = feature_effects(
+            ctx.stack, cfg, candidates["feature"].to_pylist(), prompts, answers, feature_max, layer
+        )
         helpful = [r["feature"] for r in effects.to_pylist() if r["delta"] > 0][: cfg.keep]
         if not helpful:
             log.warning("igds: no candidate feature raised the task metric; scoring with the best %d anyway", cfg.keep)
@@ -88,9 +97,15 @@ class IGDS(Method):
         log.info("igds: task features %s", task_features)
         top = pool.store.top_k(lambda t: resonant_scores(t, np.array(task_features), cfg.pooling), k)
         recall = {r["feature"]: r for r in candidates.to_pylist()}
-        return Picks(top["id"].to_pylist(), top["score"].to_numpy(), {
-            "task_features": task_features, "any_positive_delta": bool(helpful),
-            "feature_effects": [r | recall[r["feature"]] for r in effects.to_pylist()]})
+        return Picks(
+            top["id"].to_pylist(),
+            top["score"].to_numpy(),
+            {
+                "task_features": task_features,
+                "any_positive_delta": bool(helpful),
+                "feature_effects": [r | recall[r["feature"]] for r in effects.to_pylist()],
+            },
+        )
 
 
 def held_out(ids: list[str], fraction: float, seed: int) -> set[str]:
@@ -110,8 +125,11 @@ def dev_pairs(stack: ModelStack, targets: Storage, dev: set[str]) -> tuple[list[
     prompts, answers = [], []
     for i, messages in sorted(zip(table["id"].to_pylist(), table["messages"].to_pylist()), key=lambda r: r[0]):
         if i in dev and messages and messages[-1]["role"] == "assistant" and len(messages) > 1:
-            prompts.append(tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True,
-                                                         chat_template=template))
+            prompts.append(
+                tokenizer.apply_chat_template(
+                    messages[:-1], tokenize=False, add_generation_prompt=True, chat_template=template
+                )
+            )
             answers.append(messages[-1]["content"])
     if not prompts:
         raise ValueError("igds.targets: IGDS needs targets with an answer (an assistant turn or an output field)")
@@ -126,14 +144,21 @@ def frequency_recall(targets: pa.Table, tau: float, pool_doc_freq: np.ndarray, n
     lift = target_share - pool_share
     order = np.lexsort((np.arange(lift.size), -lift))
     order = order[target_share[order] > 0][:n]
-    return pa.table({"feature": order.astype(np.int64), "target_share": target_share[order],
-                     "pool_share": pool_share[order], "lift": lift[order]})
+    return pa.table(
+        {
+            "feature": order.astype(np.int64),
+            "target_share": target_share[order],
+            "pool_share": pool_share[order],
+            "lift": lift[order],
+        }
+    )
 
 
 @contextlib.contextmanager
 def amplified(model, layer: int, vector, counted=None):
     """Add `vector` to the output of decoder block `layer` while inside; `counted` (batch, seq) masks
     the positions it is added to (all of them when None). The hook is removed on the way out."""
+
     def add(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         shift = vector.to(hidden.dtype)
@@ -194,21 +219,26 @@ class TaskMetric:
         attention = positions < lengths[:, None]
         counted = (attention & (positions >= max(self.prefix_len, 1))).to(self.device)
         with torch.inference_mode(), self._maybe(layer, vector, counted):
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=attention.long().to(self.device),
-                                use_cache=False).logits.float()
+            logits = self.model(
+                input_ids=ids.to(self.device), attention_mask=attention.long().to(self.device), use_cache=False
+            ).logits.float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(self.device))[..., 0]
         out = []
         for r, (s, start) in enumerate(zip(seqs, starts)):
-            out.append(float(logp[r, start - 1: len(s) - 1].mean()))  # predictions of the answer's tokens
+            out.append(float(logp[r, start - 1 : len(s) - 1].mean()))  # predictions of the answer's tokens
         return out
 
     def _exact(self, i: int, layer, vector) -> bool:
         torch, tok = self.torch, self.tokenizer
         ids = tok(self.prompts[i], add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
         with torch.inference_mode(), self._maybe(layer, vector, None):
-            out = self.model.generate(ids, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
-                                      pad_token_id=tok.pad_token_id or tok.eos_token_id)
-        said = final_number(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            out = self.model.generate(
+                ids,
+                max_new_tokens=self.cfg.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id or tok.eos_token_id,
+            )
+        said = final_number(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
         return said is not None and said == final_number(self.answers[i])
 
     def _maybe(self, layer, vector, counted):
@@ -225,8 +255,15 @@ def final_number(text: str) -> str | None:
 class FeatureEffects:
     """Stage: each row names a candidate feature; measure the task metric with it amplified."""
 
-    def __init__(self, stack: ModelStack, cfg: IGDSConfig, prompts: list[str], answers: list[str],
-                 feature_max: dict[int, float], layer: int):
+    def __init__(
+        self,
+        stack: ModelStack,
+        cfg: IGDSConfig,
+        prompts: list[str],
+        answers: list[str],
+        feature_max: dict[int, float],
+        layer: int,
+    ):
         self.metric = TaskMetric(stack, cfg, prompts, answers)
         self.decoder = load_sae(stack, self.metric.device).W_dec.detach()
         self.cfg, self.feature_max, self.layer = cfg, feature_max, layer
@@ -241,13 +278,29 @@ class FeatureEffects:
         return pa.Table.from_pylist(rows)
 
 
-def feature_effects(stack: ModelStack, cfg: IGDSConfig, candidates: list[int], prompts: list[str],
-                    answers: list[str], feature_max: dict[int, float], layer: int) -> pa.Table:
+def feature_effects(
+    stack: ModelStack,
+    cfg: IGDSConfig,
+    candidates: list[int],
+    prompts: list[str],
+    answers: list[str],
+    feature_max: dict[int, float],
+    layer: int,
+) -> pa.Table:
     """delta of every candidate, computed in parallel on `actors` full models."""
     resources = model_resources(stack.encode, min(cfg.actors, len(candidates)))
     items = ray.data.from_items([{"feature": j} for j in candidates], override_num_blocks=len(candidates))
-    effects = map_stage(items, FeatureEffects, resources, stack=stack, cfg=cfg, prompts=prompts, answers=answers,
-                        feature_max=feature_max, layer=layer)
+    effects = map_stage(
+        items,
+        FeatureEffects,
+        resources,
+        stack=stack,
+        cfg=cfg,
+        prompts=prompts,
+        answers=answers,
+        feature_max=feature_max,
+        layer=layer,
+    )
     table = pa.concat_tables(ray.get(effects.to_arrow_refs()))
     return table.sort_by([("delta", "descending"), ("feature", "ascending")])
 

@@ -37,8 +37,11 @@ class KCenter(Method):
         start = int(np.random.default_rng(ctx.seed).integers(table.num_rows)) if table.num_rows else 0
         order, radii = k_center_greedy(rows, feats, values, table.num_rows, k, start)
         ids = np.asarray(table["id"].to_pylist(), dtype=object)
-        return Picks(ids[order].tolist(), radii, {"radius": float(radii[-1]) if len(radii) else None,
-                                                  "first": str(ids[start]) if len(ids) else None})
+        return Picks(
+            ids[order].tolist(),
+            radii,
+            {"radius": float(radii[-1]) if len(radii) else None, "first": str(ids[start]) if len(ids) else None},
+        )
 
 
 def sparse_vectors(table, pooling: str, normalize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -37,8 +37,9 @@ class Mona(Method):
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
         p = prototype(ctx.side_set("targets", self.cfg.targets).table(), ctx.d_sae, self.cfg.pooling)
         top = pool.store.top_k(lambda t: mona_scores(t, p, self.cfg), k)
-        return Picks(top["id"].to_pylist(), top["score"].to_numpy(),
-                     {"prototype_active_features": int(np.count_nonzero(p))})
+        return Picks(
+            top["id"].to_pylist(), top["score"].to_numpy(), {"prototype_active_features": int(np.count_nonzero(p))}
+        )
 
 
 def prototype(targets: pa.Table, d_sae: int, pooling: str = "mean") -> np.ndarray:
@@ -51,7 +52,9 @@ def prototype(targets: pa.Table, d_sae: int, pooling: str = "mean") -> np.ndarra
 def weighted_jaccard(rows, feats, values, n_rows: int, p: np.ndarray) -> np.ndarray:
     pj = p[feats]
     low = np.bincount(rows, np.minimum(values, pj), minlength=n_rows)
-    high = p.sum() - np.bincount(rows, pj, minlength=n_rows) + np.bincount(rows, np.maximum(values, pj), minlength=n_rows)
+    high = (
+        p.sum() - np.bincount(rows, pj, minlength=n_rows) + np.bincount(rows, np.maximum(values, pj), minlength=n_rows)
+    )
     return np.divide(low, high, out=np.zeros(n_rows), where=high > 0)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 from raysel.core import paths
 from raysel.core.ray_adapter import Resources
@@ -62,7 +63,10 @@ class Stage:
 
 
 def execute(stage: Stage) -> dict:
-    key = stage.key()
-    if committed(stage.storage, paths.marker(stage.name), key) is not None:
+    """Run a stage unless its marker says it is done with the same key; its record either way."""
+    key, marker = stage.key(), paths.marker(stage.name)
+    done = committed(stage.storage, marker, key)
+    if done is not None:
         log.info("%s: up to date; skipping", stage.name)
-    return commit(stage.storage, paths.marker(stage.name), key, stage.run)
+        return done
+    return commit(stage.storage, marker, key, stage.run)

@@ -51,23 +51,36 @@ class EncodeShards:
     def encode_shard(self, shard: str) -> None:
         storage, fs = self.storage, self.storage.fs
         start = time.time()
-        rows = storage.retrying(f"reading prepared/{shard}", lambda: pq.read_table(
-            storage.path(paths.PREPARED, shard), columns=["id", "text"], filesystem=fs))
+        rows = storage.retrying(
+            f"reading prepared/{shard}",
+            lambda: pq.read_table(storage.path(paths.PREPARED, shard), columns=["id", "text"], filesystem=fs),
+        )
         features = self.encoder(rows["id"].to_pylist(), rows["text"].to_pylist())
         n_tokens = int(pc.sum(features["n_tokens"]).as_py() or 0)
-        summary = {"shard": shard, "rows": features.num_rows, "tokens": n_tokens,
-                   "seconds": round(time.time() - start, 3),
-                   "node": ray.get_runtime_context().get_node_id()}  # where it ran, for the record
+        summary = {
+            "shard": shard,
+            "rows": features.num_rows,
+            "tokens": n_tokens,
+            "seconds": round(time.time() - start, 3),
+            "node": ray.get_runtime_context().get_node_id(),
+        }  # where it ran, for the record
 
         def write() -> dict:
             fs.create_dir(storage.path(paths.FEATURES), recursive=True)
             pq.write_table(features, storage.path(paths.FEATURES, shard), filesystem=fs)
             return summary
 
-        storage.retrying(f"writing features/{shard}", lambda: commit(
-            storage, paths.shard_marker(shard), {"fingerprint": self.fingerprint}, write))
-        log.info("encode: %s: %d samples in %.1fs (%.0f samples/s)", shard, summary["rows"],
-                 summary["seconds"], summary["rows"] / max(summary["seconds"], 1e-9))
+        storage.retrying(
+            f"writing features/{shard}",
+            lambda: commit(storage, paths.shard_marker(shard), {"fingerprint": self.fingerprint}, write),
+        )
+        log.info(
+            "encode: %s: %d samples in %.1fs (%.0f samples/s)",
+            shard,
+            summary["rows"],
+            summary["seconds"],
+            summary["rows"] / max(summary["seconds"], 1e-9),
+        )
 
 
 class Encode(Stage):
@@ -82,8 +95,17 @@ class Encode(Stage):
         self.meta = sae_metadata(stack)
         check_against_model(stack, self.meta)
         self.fingerprint = fingerprint(
-            [], prepared["fingerprint"], stack.model.name, stack.model.dtype, self.meta, stack.prepare.max_tokens,
-            stack.prepare.chat_template, stack.encode.skip_prefix, stack.encode.top_m, FEATURE_SCHEMA.to_string())
+            [],
+            prepared["fingerprint"],
+            stack.model.name,
+            stack.model.dtype,
+            self.meta,
+            stack.prepare.max_tokens,
+            stack.prepare.chat_template,
+            stack.encode.skip_prefix,
+            stack.encode.top_m,
+            FEATURE_SCHEMA.to_string(),
+        )
 
     def key(self) -> dict | None:
         return None  # always looks: the shard markers say what is left to do
@@ -93,8 +115,9 @@ class Encode(Stage):
 
     def run(self) -> dict:
         storage, store = self.storage, FeatureStore(self.storage)
-        shards = sorted(posixpath.basename(i.path) for i in storage.listing(paths.PREPARED)
-                        if i.path.endswith(".parquet"))
+        shards = sorted(
+            posixpath.basename(i.path) for i in storage.listing(paths.PREPARED) if i.path.endswith(".parquet")
+        )
         key = {"fingerprint": self.fingerprint}
         markers = store.done_shards()
         finished = {name: m for name, m in markers.items() if m.get("key") == key}
@@ -103,27 +126,52 @@ class Encode(Stage):
             storage.remove(paths.FEATURES)
             finished = {}
         todo = [s for s in shards if s not in finished]
-        log.info("encode: %d shard(s), %d already done, %d to encode (layer %s, SAE %s)",
-                 len(shards), len(finished), len(todo), self.meta["layer"], self.meta["identity"])
+        log.info(
+            "encode: %d shard(s), %d already done, %d to encode (layer %s, SAE %s)",
+            len(shards),
+            len(finished),
+            len(todo),
+            self.meta["layer"],
+            self.meta["identity"],
+        )
         start = time.time()
         if todo:
             resources = model_resources(self.stack.encode, min(self.stack.encode.actors, len(todo)))
             items = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-            failed = [r["error"] for r in map_stage(items, EncodeShards, resources, stack=self.stack,
-                                                    root=storage.root, fingerprint=self.fingerprint).take_all()
-                      if r["error"]]
+            failed = [
+                r["error"]
+                for r in map_stage(
+                    items, EncodeShards, resources, stack=self.stack, root=storage.root, fingerprint=self.fingerprint
+                ).take_all()
+                if r["error"]
+            ]
             if failed:
-                raise StorageError(f"encode: {len(failed)} shard(s) could not be written; the others are committed, "
-                                   f"and a re-run encodes only these. First: {failed[0]}")
+                raise StorageError(
+                    f"encode: {len(failed)} shard(s) could not be written; the others are committed, "
+                    f"and a re-run encodes only these. First: {failed[0]}"
+                )
         markers = store.done_shards()
         missing = [s for s in shards if s not in markers]
         if missing:
             raise RuntimeError(f"encode: shards {missing[:5]} have no completion marker; re-run to finish them")
         seconds = time.time() - start
         encoded_now = sum(markers[s]["rows"] for s in todo)
-        log.info("encode: %d samples encoded now in %.1fs (%.1f samples/s); %d in the store",
-                 encoded_now, seconds, encoded_now / max(seconds, 1e-9), sum(markers[s]["rows"] for s in shards))
-        return {"fingerprint": self.fingerprint, "layer": self.meta["layer"], "sae": self.meta["identity"],
-                "d_sae": self.meta.get("d_sae"), "n_shards": len(shards), "n_shards_encoded": len(todo),
-                "n_shards_skipped": len(shards) - len(todo), "n_encoded": sum(markers[s]["rows"] for s in shards),
-                "n_tokens": sum(markers[s]["tokens"] for s in shards), "seconds": round(seconds, 2)}
+        log.info(
+            "encode: %d samples encoded now in %.1fs (%.1f samples/s); %d in the store",
+            encoded_now,
+            seconds,
+            encoded_now / max(seconds, 1e-9),
+            sum(markers[s]["rows"] for s in shards),
+        )
+        return {
+            "fingerprint": self.fingerprint,
+            "layer": self.meta["layer"],
+            "sae": self.meta["identity"],
+            "d_sae": self.meta.get("d_sae"),
+            "n_shards": len(shards),
+            "n_shards_encoded": len(todo),
+            "n_shards_skipped": len(shards) - len(todo),
+            "n_encoded": sum(markers[s]["rows"] for s in shards),
+            "n_tokens": sum(markers[s]["tokens"] for s in shards),
+            "seconds": round(seconds, 2),
+        }

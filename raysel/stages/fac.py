@@ -40,13 +40,28 @@ class MeasureFAC(Stage):
         storage.fs.create_dir(storage.path(paths.FAC), recursive=True)
         pq.write_table(table, storage.path(paths.FAC, "features.parquet"), filesystem=storage.fs)
         pq.write_table(spans, storage.path(paths.FAC, "missing_spans.parquet"), filesystem=storage.fs)
-        report = {**summary, "tau": ctx.tau, "n_anchor": anchored.num_rows, "n_evaluated": evaluated.num_rows,
-                  "feature_source": feature_source(ctx.fac),
-                  "missing_examples": {str(j): [{"id": r["id"], "value": r["value"], "text": "".join(r["tokens"])}
-                                                for r in spans.filter(pc.equal(spans["feature"], j)).to_pylist()[:3]]
-                                       for j in summary["missing"]}}
+        report = {
+            **summary,
+            "tau": ctx.tau,
+            "n_anchor": anchored.num_rows,
+            "n_evaluated": evaluated.num_rows,
+            "feature_source": feature_source(ctx.fac),
+            "missing_examples": {
+                str(j): [
+                    {"id": r["id"], "value": r["value"], "text": "".join(r["tokens"])}
+                    for r in spans.filter(pc.equal(spans["feature"], j)).to_pylist()[:3]
+                ]
+                for j in summary["missing"]
+            },
+        }
         storage.write_json(f"{paths.FAC}/report.json", report)
-        log.info("fac: %.3f (%d of %d anchor features; frequency-weighted %.3f, magnitude-weighted %.3f); %d missing",
-                 summary["fac"], summary["n_covered"], summary["n_in_anchor"], summary["fac_frequency"],
-                 summary["fac_magnitude"], len(summary["missing"]))
+        log.info(
+            "fac: %.3f (%d of %d anchor features; frequency-weighted %.3f, magnitude-weighted %.3f); %d missing",
+            summary["fac"],
+            summary["n_covered"],
+            summary["n_in_anchor"],
+            summary["fac_frequency"],
+            summary["fac_magnitude"],
+            len(summary["missing"]),
+        )
         return {k: v for k, v in report.items() if k != "missing_examples"}

@@ -50,7 +50,8 @@ PREPARED_SCHEMA = pa.schema(
 )
 REJECT_COLUMNS = ["source", "row", "reason", "detail", "raw"]
 SAMPLE_SCHEMA = pa.schema(
-    list(PREPARED_SCHEMA) + [pa.field(n, t) for n, t in (("order", pa.int64()), ("reason", pa.string()), ("detail", pa.string()))]
+    list(PREPARED_SCHEMA)
+    + [pa.field(n, t) for n, t in (("order", pa.int64()), ("reason", pa.string()), ("detail", pa.string()))]
 )
 
 
@@ -81,16 +82,24 @@ class Formatter:
             return {**out, "reason": "malformed_json", "detail": str(err)}
         except Rejected as rej:
             return {**out, "reason": rej.reason, "detail": rej.detail}
-        return {**out, "id": sample.id, "shape": sample.shape, "messages": sample.messages,
-                "text": text, "content_hash": sample.content_hash, "reason": None}
+        return {
+            **out,
+            "id": sample.id,
+            "shape": sample.shape,
+            "messages": sample.messages,
+            "text": text,
+            "content_hash": sample.content_hash,
+            "reason": None,
+        }
 
     def _cut_to_max_tokens(self, rows: list[dict]) -> None:
         if not rows:
             return
         limit = self.max_tokens
         enc = self.tokenizer([r["text"] for r in rows], return_offsets_mapping=True)
-        responses = [next((m["content"] for m in reversed(r["messages"] or []) if m["role"] == "assistant"), "")
-                     for r in rows]
+        responses = [
+            next((m["content"] for m in reversed(r["messages"] or []) if m["role"] == "assistant"), "") for r in rows
+        ]
         for r, ids in zip(rows, self.tokenizer(responses, add_special_tokens=False)["input_ids"]):
             r["n_response_tokens"] = len(ids)
         for r, ids, offsets in zip(rows, enc["input_ids"], enc["offset_mapping"]):
@@ -111,15 +120,28 @@ class PartNames(FilenameProvider):
 class Prepare(Stage):
     name = "prepare"
 
-    def __init__(self, input: InputConfig, prepare: PrepareConfig, model: ModelConfig, s3: S3Config,
-                 storage: Storage, by_content: bool = False):
+    def __init__(
+        self,
+        input: InputConfig,
+        prepare: PrepareConfig,
+        model: ModelConfig,
+        s3: S3Config,
+        storage: Storage,
+        by_content: bool = False,
+    ):
         self.input, self.prepare, self.model, self.storage = input, prepare, model, storage
         self.fs, self.files = list_input_files(input, s3)  # an unreadable input fails here, before any work
         # Files count by path, size and time; a side set (small, edited in place) by its bytes too. The
         # output schema is part of it: a store written by another version of this stage is redone.
         content = content_fingerprint(input.paths, s3) if by_content else None
-        self.fingerprint = fingerprint(self.files, input.model_dump(mode="json"), prepare.model_dump(mode="json"),
-                                       model.name, PREPARED_SCHEMA.to_string(), content)
+        self.fingerprint = fingerprint(
+            self.files,
+            input.model_dump(mode="json"),
+            prepare.model_dump(mode="json"),
+            model.name,
+            PREPARED_SCHEMA.to_string(),
+            content,
+        )
 
     def key(self) -> dict:
         return {"fingerprint": self.fingerprint}
@@ -133,11 +155,20 @@ class Prepare(Stage):
         start = time.time()
         log.info("prepare: reading %d file(s) (%s)", len(files), ", ".join(sorted({f.format for f in files})))
         kept, rejects, n_input = self.validate()
-        kept.write_parquet(storage.path(paths.PREPARED), filesystem=storage.fs, mode=SaveMode.OVERWRITE,
-                           filename_provider=PartNames(file_format="parquet"),
-                           max_rows_per_file=self.prepare.rows_per_file)
-        rejects.write_json(storage.path(paths.REJECTS), filesystem=storage.fs, mode=SaveMode.OVERWRITE,
-                           filename_provider=PartNames(file_format="jsonl"), force_ascii=False)
+        kept.write_parquet(
+            storage.path(paths.PREPARED),
+            filesystem=storage.fs,
+            mode=SaveMode.OVERWRITE,
+            filename_provider=PartNames(file_format="parquet"),
+            max_rows_per_file=self.prepare.rows_per_file,
+        )
+        rejects.write_json(
+            storage.path(paths.REJECTS),
+            filesystem=storage.fs,
+            mode=SaveMode.OVERWRITE,
+            filename_provider=PartNames(file_format="jsonl"),
+            force_ascii=False,
+        )
         by_reason = count_by(rejects, "reason")
         summary = {
             "fingerprint": self.fingerprint,
@@ -151,16 +182,24 @@ class Prepare(Stage):
         }
         assert summary["n_input"] == summary["n_valid"] + summary["n_rejected"], summary
         rate = summary["n_input"] / max(summary["seconds"], 1e-9)
-        log.info("prepare: %d rows in %.1fs (%.0f rows/s): %d valid, %d rejected %s, %d truncated",
-                 summary["n_input"], summary["seconds"], rate, summary["n_valid"], summary["n_rejected"],
-                 by_reason, summary["n_truncated"])
+        log.info(
+            "prepare: %d rows in %.1fs (%.0f rows/s): %d valid, %d rejected %s, %d truncated",
+            summary["n_input"],
+            summary["seconds"],
+            rate,
+            summary["n_valid"],
+            summary["n_rejected"],
+            by_reason,
+            summary["n_truncated"],
+        )
         return summary
 
     def validate(self) -> tuple[Dataset, Dataset, int]:
         """Every input row, split into valid samples and rejects (both materialised)."""
         raw = ray.data.read_datasource(CorpusDatasource(self.files, self.fs))
-        samples = map_stage(raw, Formatter, self.resources(), input=self.input, prepare=self.prepare,
-                            model=self.model).materialize()
+        samples = map_stage(
+            raw, Formatter, self.resources(), input=self.input, prepare=self.prepare, model=self.model
+        ).materialize()
         n_input, partitions = samples.count(), max(1, min(64, samples.num_blocks()))
         paths_ = [f.path for f in self.files]
         rejected = []
@@ -190,8 +229,11 @@ def first_wins(ds: Dataset, key: str, reason: str, files: list[str], num_partiti
     firsts = [t for t in ray.get(repeated.to_arrow_refs()) if t.num_rows]
     if not firsts:
         return ds
-    return ds.map_batches(_mark_repeats, batch_format="pyarrow", fn_kwargs={
-        "firsts": pa.concat_tables(firsts), "key": key, "reason": reason, "files": files})
+    return ds.map_batches(
+        _mark_repeats,
+        batch_format="pyarrow",
+        fn_kwargs={"firsts": pa.concat_tables(firsts), "key": key, "reason": reason, "files": files},
+    )
 
 
 def _mark_repeats(batch: pa.Table, firsts: pa.Table, key: str, reason: str, files: list[str]) -> pa.Table:
@@ -200,10 +242,13 @@ def _mark_repeats(batch: pa.Table, firsts: pa.Table, key: str, reason: str, file
     if not pc.any(repeat).as_py():
         return batch
     mask = (1 << ORDER_BITS) - 1
-    details = [f"same {key} as {files[f >> ORDER_BITS]} row {f & mask}" if r else d
-               for f, r, d in zip(first.to_pylist(), repeat.to_pylist(), batch["detail"].to_pylist())]
-    batch = batch.set_column(batch.schema.get_field_index("reason"), "reason",
-                             pc.if_else(repeat, pa.scalar(reason), batch["reason"]))
+    details = [
+        f"same {key} as {files[f >> ORDER_BITS]} row {f & mask}" if r else d
+        for f, r, d in zip(first.to_pylist(), repeat.to_pylist(), batch["detail"].to_pylist())
+    ]
+    batch = batch.set_column(
+        batch.schema.get_field_index("reason"), "reason", pc.if_else(repeat, pa.scalar(reason), batch["reason"])
+    )
     return batch.set_column(batch.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
 
 

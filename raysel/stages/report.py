@@ -33,6 +33,7 @@ from raysel.stages.spans import find_spans
 
 log = logging.getLogger(__name__)
 
+
 def run_config(manifest: dict) -> RunConfig:
     """The run's config from its manifest; masked keys are dropped, so the AWS environment supplies them."""
     config = json.loads(json.dumps(manifest["config"]))
@@ -64,16 +65,32 @@ def report_data(storage: Storage, n_features: int = 20, page: int = 50) -> dict:
     lengths = pq.read_table(storage.path(paths.PREPARED), columns=["id", "n_tokens"], filesystem=storage.fs)
     primary = "coverage" if "coverage" in picked else next((m for m in picked if m != "synthesis"), None)
     data = {
-        "output": storage.uri(), "model": manifest.get("model"), "counts": manifest["counts"],
-        "sae": stages.get("encode", {}).get("sae"), "layer": stages.get("encode", {}).get("layer"), "tau": tau,
-        "timings": timings(stages), "config": manifest["config"], "primary": primary,
+        "output": storage.uri(),
+        "model": manifest.get("model"),
+        "counts": manifest["counts"],
+        "sae": stages.get("encode", {}).get("sae"),
+        "layer": stages.get("encode", {}).get("layer"),
+        "tau": tau,
+        "timings": timings(stages),
+        "config": manifest["config"],
+        "primary": primary,
         "curves": {m: s["objective_curve"] for m, s in picked.items() if "objective_curve" in s},
-        "coverage_at_budget": {m: s["coverage_at_budget"].get(m) for m, s in picked.items() if "coverage_at_budget" in s},
-        "doc_freq": doc_freq.tolist(), "pool_tokens": lengths["n_tokens"].to_pylist(),
-        "scores": {m: pq.read_table(storage.path(paths.selection(m, "selected.parquet")), columns=["gain"],
-                                    filesystem=storage.fs)["gain"].to_pylist() for m in picked if m in METHODS and METHODS[m].ranks_by_score},
-        "igds_effects": picked.get("igds", {}).get("feature_effects", []),
-        "selected_tokens": [], "features": [], "samples": [],
+        "coverage_at_budget": {
+            m: s["coverage_at_budget"].get(m) for m, s in picked.items() if "coverage_at_budget" in s
+        },
+        "doc_freq": doc_freq.tolist(),
+        "pool_tokens": lengths["n_tokens"].to_pylist(),
+        "scores": {
+            m: pq.read_table(
+                storage.path(paths.selection(m, "selected.parquet")), columns=["gain"], filesystem=storage.fs
+            )["gain"].to_pylist()
+            for m in picked
+            if m in METHODS and METHODS[m].ranks_by_score
+        },
+        "igds_effects": next((s["feature_effects"] for s in picked.values() if "feature_effects" in s), []),
+        "selected_tokens": [],
+        "features": [],
+        "samples": [],
     }
     if primary:
         data |= selection_detail(cfg, storage, manifest, primary, tau, doc_freq, lengths, n_features, page)
@@ -85,19 +102,36 @@ def timings(stages: dict) -> list[dict]:
     for name, s in stages.items():
         n = s.get("n_input") or s.get("n_encoded") or s.get("n_samples")
         if s.get("seconds") is not None:
-            rows.append({"stage": name, "seconds": s["seconds"], "samples": n,
-                         "samples_per_s": round(n / s["seconds"], 1) if n and s["seconds"] else None})
+            rows.append(
+                {
+                    "stage": name,
+                    "seconds": s["seconds"],
+                    "samples": n,
+                    "samples_per_s": round(n / s["seconds"], 1) if n and s["seconds"] else None,
+                }
+            )
     return rows
 
 
-def selection_detail(cfg: RunConfig, storage: Storage, manifest: dict, method: str, tau: float, doc_freq: np.ndarray,
-                     lengths, n_features: int, page: int) -> dict:
+def selection_detail(
+    cfg: RunConfig,
+    storage: Storage,
+    manifest: dict,
+    method: str,
+    tau: float,
+    doc_freq: np.ndarray,
+    lengths,
+    n_features: int,
+    page: int,
+) -> dict:
     """What the primary selection covers and misses, with spans, and a page of its samples."""
     selected = pq.read_table(storage.path(paths.selection(method, "selected.parquet")), filesystem=storage.fs)
     ids = selected["id"].to_pylist()
     store = FeatureStore(storage).table(["id", "feat_ids", "feat_max"], ids=ids)
-    by_id = {i: (f, v) for i, f, v in zip(store["id"].to_pylist(), store["feat_ids"].to_pylist(),
-                                          store["feat_max"].to_pylist())}
+    by_id = {
+        i: (f, v)
+        for i, f, v in zip(store["id"].to_pylist(), store["feat_ids"].to_pylist(), store["feat_max"].to_pylist())
+    }
     hits = np.zeros(doc_freq.size, np.int64)
     for f, v in by_id.values():
         hits[np.asarray(f, np.int64)[is_active(np.asarray(v), tau)]] += 1
@@ -107,19 +141,38 @@ def selection_detail(cfg: RunConfig, storage: Storage, manifest: dict, method: s
     span_rows: dict[int, list] = {}
     for r in spans.to_pylist():
         span_rows.setdefault(r["feature"], []).append(r)
-    features = [{"feature": int(j), "status": status, "doc_freq": int(doc_freq[j]), "selected": int(hits[j]),
-                 "spans": [{k: r[k] for k in ("id", "value", "tokens", "acts", "peak")} for r in span_rows.get(int(j), [])[:3]]}
-                for status, group in (("covered", covered), ("missed", missed)) for j in group]
-    texts = pq.ParquetDataset(storage.path(paths.PREPARED), filesystem=storage.fs,
-                              filters=pc.field("id").isin(ids[:page])).read(columns=["id", "text"])
+    features = [
+        {
+            "feature": int(j),
+            "status": status,
+            "doc_freq": int(doc_freq[j]),
+            "selected": int(hits[j]),
+            "spans": [
+                {k: r[k] for k in ("id", "value", "tokens", "acts", "peak")} for r in span_rows.get(int(j), [])[:3]
+            ],
+        }
+        for status, group in (("covered", covered), ("missed", missed))
+        for j in group
+    ]
+    texts = pq.ParquetDataset(
+        storage.path(paths.PREPARED), filesystem=storage.fs, filters=pc.field("id").isin(ids[:page])
+    ).read(columns=["id", "text"])
     records = dict(zip(texts["id"].to_pylist(), texts["text"].to_pylist()))
     n_tokens = dict(zip(lengths["id"].to_pylist(), lengths["n_tokens"].to_pylist()))
     samples = []
     for r in selected.slice(0, page).to_pylist():
         f, v = by_id.get(r["id"], ([], []))
         top = [int(j) for _, j in sorted(zip(v, f), key=lambda p: (-p[0], p[1]))[:5]]
-        samples.append({"rank": r["rank"], "id": r["id"], "gain": None if r["gain"] != r["gain"] else r["gain"],
-                        "new_features": r["new_features"], "top_features": top, "text": records.get(r["id"], "")[:400]})
+        samples.append(
+            {
+                "rank": r["rank"],
+                "id": r["id"],
+                "gain": None if r["gain"] != r["gain"] else r["gain"],
+                "new_features": r["new_features"],
+                "top_features": top,
+                "text": records.get(r["id"], "")[:400],
+            }
+        )
     return {"features": features, "samples": samples, "selected_tokens": [n_tokens[i] for i in ids if i in n_tokens]}
 
 
@@ -142,8 +195,10 @@ def figure(draw, has_data: bool, title: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    return (f'<img class="plot" width="640" height="360" alt="{html.escape(title)}" '
-            f'src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">')
+    return (
+        f'<img class="plot" width="640" height="360" alt="{html.escape(title)}" '
+        f'src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    )
 
 
 def plots(data: dict) -> list[str]:
@@ -177,48 +232,76 @@ def plots(data: dict) -> list[str]:
 
     def deltas(ax):
         effects = data["igds_effects"]
-        ax.bar([str(e["feature"]) for e in effects], [e["delta"] for e in effects],
-               color=["#2a7" if e["delta"] > 0 else "#c44" for e in effects])
+        ax.bar(
+            [str(e["feature"]) for e in effects],
+            [e["delta"] for e in effects],
+            color=["#2a7" if e["delta"] > 0 else "#c44" for e in effects],
+        )
         ax.set_xlabel("candidate feature")
         ax.set_ylabel("delta of the task metric")
         ax.tick_params(axis="x", labelrotation=90, labelsize=7)
 
-    return [figure(curves, bool(data["curves"]), "Feature coverage against budget"),
-            figure(doc_freq, any(d > 0 for d in data["doc_freq"]), "Feature document frequency"),
-            figure(lengths, bool(data["pool_tokens"]) and bool(data["selected_tokens"]), "Token lengths"),
-            figure(scores, bool(data["scores"]), "Task scores (mona, igds)"),
-            figure(deltas, bool(data["igds_effects"]), "IGDS: delta per candidate feature")]
+    return [
+        figure(curves, bool(data["curves"]), "Feature coverage against budget"),
+        figure(doc_freq, any(d > 0 for d in data["doc_freq"]), "Feature document frequency"),
+        figure(lengths, bool(data["pool_tokens"]) and bool(data["selected_tokens"]), "Token lengths"),
+        figure(scores, bool(data["scores"]), "Task scores (mona, igds)"),
+        figure(deltas, bool(data["igds_effects"]), "IGDS: delta per candidate feature"),
+    ]
 
 
 def span_html(span: dict) -> str:
-    pieces = [f"<mark>{html.escape(t)}</mark>" if i == span["peak"] else html.escape(t) for i, t in enumerate(span["tokens"])]
+    pieces = [
+        f"<mark>{html.escape(t)}</mark>" if i == span["peak"] else html.escape(t) for i, t in enumerate(span["tokens"])
+    ]
     return f'<div class="span"><span class="val">{span["value"]:.2f}</span> {"".join(pieces)}</div>'
 
 
 def render(data: dict) -> str:
     e = html.escape
     counts = data["counts"]
-    rejected = "".join(f"<li>{e(r)}: {n:,}</li>" for r, n in sorted(counts.get("rejected_by_reason", {}).items())) or "<li>none</li>"
-    timing_rows = "".join(f"<tr><td>{e(t['stage'])}</td><td>{t['seconds']}</td><td>{t['samples'] or ''}</td>"
-                          f"<td>{t['samples_per_s'] or ''}</td></tr>" for t in data["timings"])
-    method_rows = "".join(f"<tr><td>{e(m)}</td><td>{c if c is not None else ''}</td></tr>"
-                          for m, c in data["coverage_at_budget"].items())
+    rejected = (
+        "".join(f"<li>{e(r)}: {n:,}</li>" for r, n in sorted(counts.get("rejected_by_reason", {}).items()))
+        or "<li>none</li>"
+    )
+    timing_rows = "".join(
+        f"<tr><td>{e(t['stage'])}</td><td>{t['seconds']}</td><td>{t['samples'] or ''}</td>"
+        f"<td>{t['samples_per_s'] or ''}</td></tr>"
+        for t in data["timings"]
+    )
+    method_rows = "".join(
+        f"<tr><td>{e(m)}</td><td>{c if c is not None else ''}</td></tr>" for m, c in data["coverage_at_budget"].items()
+    )
     feature_rows = "".join(
         f'<tr><td data-v="{f["feature"]}">{f["feature"]}</td><td>{f["status"]}</td><td data-v="{f["doc_freq"]}">'
         f'{f["doc_freq"]}</td><td data-v="{f["selected"]}">{f["selected"]}</td>'
-        f'<td>{"".join(span_html(s) for s in f["spans"])}</td></tr>' for f in data["features"])
+        f"<td>{''.join(span_html(s) for s in f['spans'])}</td></tr>"
+        for f in data["features"]
+    )
     sample_rows = "".join(
-        f'<tr><td>{s["rank"]}</td><td>{e(s["id"])}</td><td>{"" if s["gain"] is None else round(s["gain"], 4)}</td>'
+        f"<tr><td>{s['rank']}</td><td>{e(s['id'])}</td><td>{'' if s['gain'] is None else round(s['gain'], 4)}</td>"
         f'<td>{s["new_features"]}</td><td>{", ".join(map(str, s["top_features"]))}</td><td class="text">{e(s["text"])}</td></tr>'
-        for s in data["samples"])
+        for s in data["samples"]
+    )
     return PAGE.format(
-        output=e(data["output"]), model=e(str(data["model"])), sae=e(str(data["sae"])), layer=data["layer"], tau=data["tau"],
-        n_input=counts["n_input"], n_valid=counts.get("n_valid", ""), n_rejected=counts.get("n_rejected", 0),
-        n_encoded=counts.get("n_encoded", ""), rejected=rejected, timings=timing_rows, methods=method_rows,
-        primary=e(str(data["primary"])), plots="".join(f'<figure>{p}</figure>' for p in plots(data)),
+        output=e(data["output"]),
+        model=e(str(data["model"])),
+        sae=e(str(data["sae"])),
+        layer=data["layer"],
+        tau=data["tau"],
+        n_input=counts["n_input"],
+        n_valid=counts.get("n_valid", ""),
+        n_rejected=counts.get("n_rejected", 0),
+        n_encoded=counts.get("n_encoded", ""),
+        rejected=rejected,
+        timings=timing_rows,
+        methods=method_rows,
+        primary=e(str(data["primary"])),
+        plots="".join(f"<figure>{p}</figure>" for p in plots(data)),
         features=feature_rows or '<tr><td colspan="5">no selection in this run</td></tr>',
         samples=sample_rows or '<tr><td colspan="6">no selection in this run</td></tr>',
-        config=e(json.dumps(data["config"], indent=2)))
+        config=e(json.dumps(data["config"], indent=2)),
+    )
 
 
 def write_report(storage: Storage) -> str:

@@ -49,51 +49,87 @@ class Select(Stage):
         self.methods = [build(entry) for entry in select.methods]
 
     def key(self) -> dict:
-        side = {m.name: {name: content_fingerprint(p, self.s3) for name, p in m.side_inputs(self.ctx).items() if p}
-                for m in self.methods}
-        return {"encode_fingerprint": self.encoded["fingerprint"], "tau": self.ctx.tau,
-                "select": self.select.model_dump(mode="json"), "fac": self.ctx.fac.model_dump(mode="json"),
-                "side_inputs": side}
+        side = {
+            m.name: {name: content_fingerprint(p, self.s3) for name, p in m.side_inputs(self.ctx).items() if p}
+            for m in self.methods
+        }
+        return {
+            "encode_fingerprint": self.encoded["fingerprint"],
+            "tau": self.ctx.tau,
+            "select": self.select.model_dump(mode="json"),
+            "fac": self.ctx.fac.model_dump(mode="json"),
+            "side_inputs": side,
+        }
 
     def run(self) -> dict:
         start, ctx = time.time(), self.ctx
         pool = read_pool(FeatureStore(self.storage), ctx.tau)
         n, indices = len(pool.ids), pool.indices
         budgets = {m.name: resolve_budget(m.cfg.budget or self.select.budget, n) for m in self.methods}
-        log.info("select: %d samples, %d activated features, %.1f per sample (tau %g), budgets %s", n,
-                 np.unique(indices).size, indices.size / max(n, 1), ctx.tau, budgets)
+        log.info(
+            "select: %d samples, %d activated features, %.1f per sample (tau %g), budgets %s",
+            n,
+            np.unique(indices).size,
+            indices.size / max(n, 1),
+            ctx.tau,
+            budgets,
+        )
         picks, curves = {}, {}
         for method in self.methods:
             chosen = method.pick(pool, budgets[method.name], ctx)
             order = pool.rows_of(chosen.ids)
             new, curves[method.name] = coverage_curve(order, pool.indptr, indices)
             picks[method.name] = (order, chosen, new)
-        baselines = {str(k): {b.Config().name: coverage_curve(pool.rows_of(build(b.Config()).pick(pool, k, ctx).ids),
-                                                              pool.indptr, indices)[1][-1]["coverage"]
-                              for b in BASELINES} for k in set(budgets.values())}
+        baselines = {
+            str(k): {
+                b.Config().name: coverage_curve(
+                    pool.rows_of(build(b.Config()).pick(pool, k, ctx).ids), pool.indptr, indices
+                )[1][-1]["coverage"]
+                for b in BASELINES
+            }
+            for k in set(budgets.values())
+        }
         raw = selected_records(self.storage, {i for order, _, _ in picks.values() for i in pool.ids[order]})
         results = {}
         for name, k in budgets.items():
             order, chosen, new = picks[name]
-            results[name] = write_selection(self.storage, name, pool.ids[order], chosen.scores, new, raw, {
-                **self.manifest_base, "method": name, "budget": k, "tau": ctx.tau, **chosen.details,
-                "counts": {**self.manifest_base["counts"], "n_selected": int(len(order))},
-                "objective_curve": curves[name],
-                "coverage_at_budget": baselines[str(k)] | {m: curves[m][-1]["coverage"] for m in budgets
-                                                           if budgets[m] == k},
-            })
-        summary = {"budgets": budgets, "n_features_activated": int(np.unique(indices).size),
-                   "methods": {m: r["coverage_at_budget"][m] for m, r in results.items()},
-                   "baselines": baselines, "seconds": round(time.time() - start, 2)}
-        log.info("select: coverage %s against the baselines %s in %.1fs", summary["methods"], baselines,
-                 summary["seconds"])
+            results[name] = write_selection(
+                self.storage,
+                name,
+                pool.ids[order],
+                chosen.scores,
+                new,
+                raw,
+                {
+                    **self.manifest_base,
+                    "method": name,
+                    "budget": k,
+                    "tau": ctx.tau,
+                    **chosen.details,
+                    "counts": {**self.manifest_base["counts"], "n_selected": int(len(order))},
+                    "objective_curve": curves[name],
+                    "coverage_at_budget": baselines[str(k)]
+                    | {m: curves[m][-1]["coverage"] for m in budgets if budgets[m] == k},
+                },
+            )
+        summary = {
+            "budgets": budgets,
+            "n_features_activated": int(np.unique(indices).size),
+            "methods": {m: r["coverage_at_budget"][m] for m, r in results.items()},
+            "baselines": baselines,
+            "seconds": round(time.time() - start, 2),
+        }
+        log.info(
+            "select: coverage %s against the baselines %s in %.1fs", summary["methods"], baselines, summary["seconds"]
+        )
         return summary
 
 
 def read_pool(store: FeatureStore, tau: float) -> Pool:
     ids, indptr, indices = store.activated_sets(tau)
-    prepared = pq.read_table(store.storage.path(paths.PREPARED), columns=["id", "n_response_tokens"],
-                             filesystem=store.storage.fs)
+    prepared = pq.read_table(
+        store.storage.path(paths.PREPARED), columns=["id", "n_response_tokens"], filesystem=store.storage.fs
+    )
     by_id = {i: n for n, i in enumerate(prepared["id"].to_pylist())}
     response_tokens = prepared["n_response_tokens"].to_numpy()[np.array([by_id[i] for i in ids], dtype=np.int64)]
     return Pool(ids, indptr, indices, response_tokens, store)
@@ -105,7 +141,7 @@ def coverage_curve(order: np.ndarray, indptr, indices, points: int = 20) -> tupl
     seen = np.zeros(int(indices.max()) + 1 if indices.size else 1, dtype=bool)
     new = np.zeros(len(order), dtype=np.int64)
     for rank, i in enumerate(order):
-        feats = indices[indptr[i]: indptr[i + 1]]
+        feats = indices[indptr[i] : indptr[i + 1]]
         new[rank] = np.count_nonzero(~seen[feats])
         seen[feats] = True
     covered = np.cumsum(new)
@@ -115,8 +151,9 @@ def coverage_curve(order: np.ndarray, indptr, indices, points: int = 20) -> tupl
 
 def selected_records(storage: Storage, wanted: set) -> dict[str, str]:
     """The original record (JSON) of each wanted id, read with a filter: never the whole corpus's records."""
-    table = pq.ParquetDataset(storage.path(paths.PREPARED), filesystem=storage.fs,
-                              filters=pc.field("id").isin(sorted(wanted))).read(columns=["id", "record"])
+    table = pq.ParquetDataset(
+        storage.path(paths.PREPARED), filesystem=storage.fs, filters=pc.field("id").isin(sorted(wanted))
+    ).read(columns=["id", "record"])
     return dict(zip(table["id"].to_pylist(), table["record"].to_pylist()))
 
 
@@ -124,17 +161,24 @@ def write_selection(storage: Storage, method: str, ids, gains, new, records_by_i
     base = paths.selection(method)
     storage.remove(f"{base}/manifest.json")  # a half-rewritten selection must not look finished
     storage.fs.create_dir(storage.path(base), recursive=True)
-    selected = pa.table({"rank": pa.array(np.arange(1, len(ids) + 1, dtype=np.int32)),
-                         "id": pa.array(list(ids), pa.string()),
-                         "gain": pa.array(gains, pa.float64(), from_pandas=True),  # NaN (no gain) -> null
-                         "new_features": pa.array(new, pa.int64())})
+    selected = pa.table(
+        {
+            "rank": pa.array(np.arange(1, len(ids) + 1, dtype=np.int32)),
+            "id": pa.array(list(ids), pa.string()),
+            "gain": pa.array(gains, pa.float64(), from_pandas=True),  # NaN (no gain) -> null
+            "new_features": pa.array(new, pa.int64()),
+        }
+    )
     pq.write_table(selected, storage.path(base, "selected.parquet"), filesystem=storage.fs)
     raw = [records_by_id[i] for i in ids]
     with storage.fs.open_output_stream(storage.path(base, "records.jsonl")) as f:
         f.write("".join(r + "\n" for r in raw).encode())
     records = [json.loads(r) for r in raw]
     keys = list(dict.fromkeys(k for r in records for k in r))
-    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]),
-                   storage.path(base, "records.parquet"), filesystem=storage.fs)
+    pq.write_table(
+        pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in records]),
+        storage.path(base, "records.parquet"),
+        filesystem=storage.fs,
+    )
     storage.write_json(f"{base}/manifest.json", manifest)  # last: the selection is committed
     return manifest

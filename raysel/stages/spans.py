@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-
-from typing import TYPE_CHECKING
 
 from raysel.core import paths
 from raysel.core.encoder import Encoder
@@ -45,8 +44,17 @@ log = logging.getLogger(__name__)
 
 WINDOW = 32
 MARKER = paths.marker("spans")
-SPAN_SCHEMA = pa.schema([("feature", pa.int32()), ("rank", pa.int32()), ("id", pa.string()), ("value", pa.float32()),
-                         ("tokens", pa.list_(pa.string())), ("acts", pa.list_(pa.float32())), ("peak", pa.int32())])
+SPAN_SCHEMA = pa.schema(
+    [
+        ("feature", pa.int32()),
+        ("rank", pa.int32()),
+        ("id", pa.string()),
+        ("value", pa.float32()),
+        ("tokens", pa.list_(pa.string())),
+        ("acts", pa.list_(pa.float32())),
+        ("peak", pa.int32()),
+    ]
+)
 
 
 def window(peak: int, length: int, width: int = WINDOW) -> tuple[int, int]:
@@ -72,9 +80,18 @@ class SpanFinder:
                     col = z[:, j]
                     peak = int(col.argmax())
                     lo, hi = window(peak, len(col))
-                    pieces = tok.batch_decode([[t] for t in seqs[i][first + lo: first + hi]])
-                    rows.append({"feature": j, "rank": 0, "id": ids[i], "value": float(col[peak]), "tokens": pieces,
-                                 "acts": col[lo:hi].tolist(), "peak": peak - lo})
+                    pieces = tok.batch_decode([[t] for t in seqs[i][first + lo : first + hi]])
+                    rows.append(
+                        {
+                            "feature": j,
+                            "rank": 0,
+                            "id": ids[i],
+                            "value": float(col[peak]),
+                            "tokens": pieces,
+                            "acts": col[lo:hi].tolist(),
+                            "peak": peak - lo,
+                        }
+                    )
         return pa.Table.from_pylist(rows, schema=SPAN_SCHEMA)
 
 
@@ -87,8 +104,11 @@ def find_spans(stack: ModelStack, top_n: int, storage: Storage, features: list[i
     top = {f: ids for f, ids in zip(stats["feature"].to_pylist(), stats["top_ids"].to_pylist()) if ids}
     wanted = sorted(top) if features is None else sorted(set(features) & set(top))
     done = storage.read_json(MARKER)
-    stored = pq.read_table(storage.path(paths.SPANS), filesystem=storage.fs) if done and (
-        done["encode_fingerprint"] == encode_fingerprint and done["top_n"] == top_n) else SPAN_SCHEMA.empty_table()
+    stored = (
+        pq.read_table(storage.path(paths.SPANS), filesystem=storage.fs)
+        if done and (done["encode_fingerprint"] == encode_fingerprint and done["top_n"] == top_n)
+        else SPAN_SCHEMA.empty_table()
+    )
     have = set(stored["feature"].to_pylist())
     todo = [f for f in wanted if f not in have]
     if todo:
@@ -97,19 +117,35 @@ def find_spans(stack: ModelStack, top_n: int, storage: Storage, features: list[i
         for f in todo:
             for i in top[f]:
                 by_sample.setdefault(i, []).append(f)
-        texts = pq.ParquetDataset(storage.path(paths.PREPARED), filesystem=storage.fs,
-                                  filters=pc.field("id").isin(sorted(by_sample))).read(columns=["id", "text"])
-        jobs = pa.table({"id": texts["id"], "text": texts["text"],
-                         "features": pa.array([by_sample[i] for i in texts["id"].to_pylist()], pa.list_(pa.int32()))})
-        found = map_stage(ray.data.from_arrow(jobs), SpanFinder, model_resources(stack.encode, stack.encode.actors, 64),
-                          stack=stack)
+        texts = pq.ParquetDataset(
+            storage.path(paths.PREPARED), filesystem=storage.fs, filters=pc.field("id").isin(sorted(by_sample))
+        ).read(columns=["id", "text"])
+        jobs = pa.table(
+            {
+                "id": texts["id"],
+                "text": texts["text"],
+                "features": pa.array([by_sample[i] for i in texts["id"].to_pylist()], pa.list_(pa.int32())),
+            }
+        )
+        found = map_stage(
+            ray.data.from_arrow(jobs), SpanFinder, model_resources(stack.encode, stack.encode.actors, 64), stack=stack
+        )
         stored = ranked(pa.concat_tables([stored, *ray.get(found.to_arrow_refs())]))
         storage.remove(MARKER)
         storage.fs.create_dir(storage.path(paths.STATS), recursive=True)
         pq.write_table(stored, storage.path(paths.SPANS), filesystem=storage.fs)
-        storage.write_json(MARKER, {"encode_fingerprint": encode_fingerprint, "top_n": top_n,
-                                    "n_features": len(set(stored["feature"].to_pylist())), "n_spans": stored.num_rows})
-        log.info("spans: %d features from %d re-encoded samples in %.1fs", len(todo), jobs.num_rows, time.time() - start)
+        storage.write_json(
+            MARKER,
+            {
+                "encode_fingerprint": encode_fingerprint,
+                "top_n": top_n,
+                "n_features": len(set(stored["feature"].to_pylist())),
+                "n_spans": stored.num_rows,
+            },
+        )
+        log.info(
+            "spans: %d features from %d re-encoded samples in %.1fs", len(todo), jobs.num_rows, time.time() - start
+        )
     return stored.filter(pc.is_in(stored["feature"], pa.array(wanted, pa.int32())))
 
 

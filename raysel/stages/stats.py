@@ -31,6 +31,7 @@ from raysel.stages.base import Stage
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class FeatureStats:
     doc_freq: np.ndarray
@@ -43,18 +44,36 @@ class FeatureStats:
     n_samples: int
 
     @classmethod
-    def empty(cls, d_sae: int) -> "FeatureStats":
+    def empty(cls, d_sae: int) -> FeatureStats:
         z = np.zeros(d_sae)
-        return cls(z.astype(np.int64), z.copy(), z.copy(), z.copy(), np.zeros(0, np.int64),
-                   np.zeros(0, object), np.zeros(0, np.float32), 0)
+        return cls(
+            z.astype(np.int64),
+            z.copy(),
+            z.copy(),
+            z.copy(),
+            np.zeros(0, np.int64),
+            np.zeros(0, object),
+            np.zeros(0, np.float32),
+            0,
+        )
 
-    def merge(self, other: "FeatureStats", top_n: int) -> "FeatureStats":
-        feat, ids, values = top_per_feature(np.concatenate([self.top_feat, other.top_feat]),
-                                            np.concatenate([self.top_ids, other.top_ids]),
-                                            np.concatenate([self.top_values, other.top_values]), top_n)
-        return FeatureStats(self.doc_freq + other.doc_freq, self.mass + other.mass,
-                            np.maximum(self.max, other.max), self.active_sum + other.active_sum,
-                            feat, ids, values, self.n_samples + other.n_samples)
+    def merge(self, other: FeatureStats, top_n: int) -> FeatureStats:
+        feat, ids, values = top_per_feature(
+            np.concatenate([self.top_feat, other.top_feat]),
+            np.concatenate([self.top_ids, other.top_ids]),
+            np.concatenate([self.top_values, other.top_values]),
+            top_n,
+        )
+        return FeatureStats(
+            self.doc_freq + other.doc_freq,
+            self.mass + other.mass,
+            np.maximum(self.max, other.max),
+            self.active_sum + other.active_sum,
+            feat,
+            ids,
+            values,
+            self.n_samples + other.n_samples,
+        )
 
 
 def block_stats(table: pa.Table, d_sae: int, tau: float, top_n: int) -> FeatureStats:
@@ -75,7 +94,10 @@ def block_stats(table: pa.Table, d_sae: int, tau: float, top_n: int) -> FeatureS
         mass=np.bincount(feats, weights=sums, minlength=d_sae),
         max=peak,
         active_sum=np.bincount(feats[active], weights=maxes[active], minlength=d_sae),
-        top_feat=top[0], top_ids=top[1], top_values=top[2], n_samples=table.num_rows,
+        top_feat=top[0],
+        top_ids=top[1],
+        top_values=top[2],
+        n_samples=table.num_rows,
     )
 
 
@@ -94,7 +116,9 @@ def top_per_feature(feat: np.ndarray, ids: np.ndarray, values: np.ndarray, top_n
 def compute_stats(ds: ray.data.Dataset, d_sae: int, tau: float, top_n: int) -> FeatureStats:
     """Reduce every block on the cluster, merge the partials on the driver as they arrive."""
     partials = ds.map_batches(
-        lambda t: {"partial": [block_stats(t, d_sae, tau, top_n)]}, batch_format="pyarrow", batch_size=None,
+        lambda t: {"partial": [block_stats(t, d_sae, tau, top_n)]},
+        batch_format="pyarrow",
+        batch_size=None,
     )
     total = FeatureStats.empty(d_sae)
     for batch in partials.iter_batches(batch_size=1, batch_format="numpy"):
@@ -109,21 +133,26 @@ def to_table(stats: FeatureStats) -> pa.Table:
     offsets = pa.array(starts.astype(np.int32))
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_active = np.where(stats.doc_freq > 0, stats.active_sum / stats.doc_freq, 0.0)
-    return pa.table({
-        "feature": pa.array(np.arange(d_sae, dtype=np.int32)),
-        "doc_freq": pa.array(stats.doc_freq.astype(np.int64)),
-        "mass": pa.array(stats.mass),
-        "max": pa.array(stats.max.astype(np.float32)),
-        "mean_active": pa.array(mean_active.astype(np.float32)),
-        "top_ids": pa.ListArray.from_arrays(offsets, pa.array(stats.top_ids.tolist(), pa.string())),
-        "top_values": pa.ListArray.from_arrays(offsets, pa.array(stats.top_values, pa.float32())),
-    })
+    return pa.table(
+        {
+            "feature": pa.array(np.arange(d_sae, dtype=np.int32)),
+            "doc_freq": pa.array(stats.doc_freq.astype(np.int64)),
+            "mass": pa.array(stats.mass),
+            "max": pa.array(stats.max.astype(np.float32)),
+            "mean_active": pa.array(mean_active.astype(np.float32)),
+            "top_ids": pa.ListArray.from_arrays(offsets, pa.array(stats.top_ids.tolist(), pa.string())),
+            "top_values": pa.ListArray.from_arrays(offsets, pa.array(stats.top_values, pa.float32())),
+        }
+    )
 
 
 def observed_width(ds: ray.data.Dataset) -> int:
     """1 + the largest feature id in the store, for SAEs whose d_sae the driver cannot read."""
-    widths = ds.map_batches(lambda t: {"w": [int(pc.max(pc.list_flatten(t["feat_ids"])).as_py() or -1) + 1]},
-                            batch_format="pyarrow", batch_size=None)
+    widths = ds.map_batches(
+        lambda t: {"w": [int(pc.max(pc.list_flatten(t["feat_ids"])).as_py() or -1) + 1]},
+        batch_format="pyarrow",
+        batch_size=None,
+    )
     return max(widths.to_pandas()["w"], default=0)
 
 
@@ -147,13 +176,22 @@ class Stats(Stage):
         self.storage.fs.create_dir(self.storage.path(paths.STATS), recursive=True)
         pq.write_table(to_table(stats), self.storage.path(paths.FEATURE_STATS), filesystem=self.storage.fs)
         summary = {
-            "n_samples": stats.n_samples, "d_sae": d_sae, "tau": self.tau, "top_n": self.top_n,
+            "n_samples": stats.n_samples,
+            "d_sae": d_sae,
+            "tau": self.tau,
+            "top_n": self.top_n,
             "n_features_active": int((stats.doc_freq > 0).sum()),
             "mean_features_per_sample": round(float(stats.doc_freq.sum()) / max(stats.n_samples, 1), 2),
             "seconds": round(time.time() - start, 2),
         }
         self.storage.write_json(paths.STATS_SUMMARY, summary)
-        log.info("stats: %d samples, %d of %d features fire (tau %g), %.1f per sample, in %.1fs", stats.n_samples,
-                 summary["n_features_active"], d_sae, self.tau, summary["mean_features_per_sample"],
-                 summary["seconds"])
+        log.info(
+            "stats: %d samples, %d of %d features fire (tau %g), %.1f per sample, in %.1fs",
+            stats.n_samples,
+            summary["n_features_active"],
+            d_sae,
+            self.tau,
+            summary["mean_features_per_sample"],
+            summary["seconds"],
+        )
         return summary

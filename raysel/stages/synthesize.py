@@ -67,14 +67,34 @@ Instruction: <the instruction>
 Response: <the response>"""
 
 
-GENERATED = pa.schema([("id", pa.string()), ("feature", pa.int64()), ("step", pa.int64()), ("prompt", pa.string()),
-                       ("text", pa.string()), ("generator", pa.string())])
-CANDIDATES = pa.schema([
-    ("id", pa.string()), ("feature", pa.int64()), ("step", pa.int64()), ("prompt", pa.string()), ("text", pa.string()),
-    ("record", pa.string()), ("score", pa.float64()), ("generator", pa.string()), ("passed", pa.bool_()),
-    ("kept", pa.bool_()), ("feat_ids", pa.list_(pa.int32())), ("feat_max", pa.list_(pa.float32())),
-    ("feat_sum", pa.list_(pa.float32())), ("n_tokens", pa.int32()),
-])
+GENERATED = pa.schema(
+    [
+        ("id", pa.string()),
+        ("feature", pa.int64()),
+        ("step", pa.int64()),
+        ("prompt", pa.string()),
+        ("text", pa.string()),
+        ("generator", pa.string()),
+    ]
+)
+CANDIDATES = pa.schema(
+    [
+        ("id", pa.string()),
+        ("feature", pa.int64()),
+        ("step", pa.int64()),
+        ("prompt", pa.string()),
+        ("text", pa.string()),
+        ("record", pa.string()),
+        ("score", pa.float64()),
+        ("generator", pa.string()),
+        ("passed", pa.bool_()),
+        ("kept", pa.bool_()),
+        ("feat_ids", pa.list_(pa.int32())),
+        ("feat_max", pa.list_(pa.float32())),
+        ("feat_sum", pa.list_(pa.float32())),
+        ("n_tokens", pa.int32()),
+    ]
+)
 
 
 def as_record(text: str) -> dict:
@@ -108,19 +128,32 @@ class Generator:
         ids = torch.tensor([lm.prompt_ids(p["prompt"])], device=lm.device)
         torch.manual_seed(p["seed"])  # the same feature and step get the same samples
         with torch.inference_mode():
-            out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                    temperature=self.s.temperature, top_p=self.s.top_p,
-                                    max_new_tokens=self.s.max_new_tokens, num_return_sequences=p["n"],
-                                    pad_token_id=lm.pad_id)
-        texts = lm.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        log.info("synthesize: feature %d, step %d: %d samples in %.0fs", p["feature"], p["step"], p["n"],
-                 time.time() - start)
+            out = lm.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=self.s.temperature,
+                top_p=self.s.top_p,
+                max_new_tokens=self.s.max_new_tokens,
+                num_return_sequences=p["n"],
+                pad_token_id=lm.pad_id,
+            )
+        texts = lm.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+        log.info(
+            "synthesize: feature %d, step %d: %d samples in %.0fs", p["feature"], p["step"], p["n"], time.time() - start
+        )
         return [candidate(p, i, text, lm.name) for i, text in enumerate(texts)]
 
 
 def candidate(p: dict, i: int, text: str, generator: str) -> dict:
-    return {"id": f"synth-{p['feature']}-{p['step']}-{i}", "feature": p["feature"], "step": p["step"],
-            "prompt": p["prompt"], "text": text, "generator": generator}
+    return {
+        "id": f"synth-{p['feature']}-{p['step']}-{i}",
+        "feature": p["feature"],
+        "step": p["step"],
+        "prompt": p["prompt"],
+        "text": text,
+        "generator": generator,
+    }
 
 
 def generate_vllm(stack: ModelStack, synth: SynthConfig, prompts: list[dict]) -> pa.Table:
@@ -129,11 +162,24 @@ def generate_vllm(stack: ModelStack, synth: SynthConfig, prompts: list[dict]) ->
 
     s, name = synth, generator_config(stack.model, synth.generator)
     processor = build_processor(
-        vLLMEngineProcessorConfig(model_source=model_source(name), concurrency=s.actors, batch_size=64,
-                                  engine_kwargs={"dtype": "auto", "max_model_len": 4096}),
-        preprocess=lambda r: {**r, "messages": [{"role": "user", "content": r["prompt"]}], "sampling_params": {
-            "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_new_tokens, "seed": r["seed"] + r["i"]}},
-        postprocess=lambda r: candidate(r, r["i"], r["generated_text"], name.name))
+        vLLMEngineProcessorConfig(
+            model_source=model_source(name),
+            concurrency=s.actors,
+            batch_size=64,
+            engine_kwargs={"dtype": "auto", "max_model_len": 4096},
+        ),
+        preprocess=lambda r: {
+            **r,
+            "messages": [{"role": "user", "content": r["prompt"]}],
+            "sampling_params": {
+                "temperature": s.temperature,
+                "top_p": s.top_p,
+                "max_tokens": s.max_new_tokens,
+                "seed": r["seed"] + r["i"],
+            },
+        },
+        postprocess=lambda r: candidate(r, r["i"], r["generated_text"], name.name),
+    )
     requests = [p | {"i": i} for p in prompts for i in range(p["n"])]
     return pa.Table.from_pylist(processor(ray.data.from_items(requests)).take_all(), schema=GENERATED)
 
@@ -141,8 +187,10 @@ def generate_vllm(stack: ModelStack, synth: SynthConfig, prompts: list[dict]) ->
 def check_vllm() -> None:
     """synth.engine: vllm needs vLLM where the driver runs and GPUs in the cluster; say so before any work."""
     if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("synth.engine: 'vllm' needs the vllm package (pip install vllm, on GPU nodes); "
-                          "the allowed values are 'transformers' and 'vllm'")
+        raise ConfigError(
+            "synth.engine: 'vllm' needs the vllm package (pip install vllm, on GPU nodes); "
+            "the allowed values are 'transformers' and 'vllm'"
+        )
     if not ray.cluster_resources().get("GPU"):
         raise ConfigError("synth.engine: 'vllm' runs on GPU nodes and this cluster has none; use 'transformers'")
 
@@ -154,8 +202,9 @@ def generate(stack: ModelStack, synth: SynthConfig, prompts: list[dict]) -> pa.T
     # one block per prompt, made on the driver: a repartition task could wait forever for a CPU
     # that the actors, already started, hold
     items = ray.data.from_items(prompts, override_num_blocks=len(prompts))
-    out = map_stage(items, Generator, model_resources(stack.encode, min(synth.actors, len(prompts))), stack=stack,
-                    synth=synth)
+    out = map_stage(
+        items, Generator, model_resources(stack.encode, min(synth.actors, len(prompts))), stack=stack, synth=synth
+    )
     return pa.concat_tables([GENERATED.empty_table(), *ray.get(out.to_arrow_refs())])
 
 
@@ -170,18 +219,28 @@ class Scorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         records = [as_record(t) for t in batch["text"].to_pylist()]
         features = self.encoder(batch["id"].to_pylist(), [self.render(r) for r in records])
-        scores = [dict(zip(f, m)).get(j, 0.0) for j, f, m in zip(
-            batch["feature"].to_pylist(), features["feat_ids"].to_pylist(), features["feat_max"].to_pylist())]
+        scores = [
+            dict(zip(f, m)).get(j, 0.0)
+            for j, f, m in zip(
+                batch["feature"].to_pylist(), features["feat_ids"].to_pylist(), features["feat_max"].to_pylist()
+            )
+        ]
         n = batch.num_rows
         scored = batch.append_column("record", pa.array([json.dumps(r) for r in records]))
-        for name, column in [("score", pa.array(scores, pa.float64())), ("passed", pa.array([False] * n)),
-                             ("kept", pa.array([False] * n)), *zip(features.column_names[1:], features.columns[1:])]:
+        for name, column in [
+            ("score", pa.array(scores, pa.float64())),
+            ("passed", pa.array([False] * n)),
+            ("kept", pa.array([False] * n)),
+            *zip(features.column_names[1:], features.columns[1:]),
+        ]:
             scored = scored.append_column(name, column)
         return scored.select(CANDIDATES.names).cast(CANDIDATES)
 
     def render(self, record: dict) -> str:
-        messages = [{"role": "user", "content": record["instruction"] or " "},
-                    {"role": "assistant", "content": record["output"] or " "}]
+        messages = [
+            {"role": "user", "content": record["instruction"] or " "},
+            {"role": "assistant", "content": record["output"] or " "},
+        ]
         return self.encoder.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.template)
 
 
@@ -199,31 +258,62 @@ def synthesize(stack: ModelStack, synth: SynthConfig, missing: list[int], spans:
     s, todo = synth, missing[: synth.max_features]
     if not todo:
         return CANDIDATES.empty_table()
-    shown = {j: ["".join(r["tokens"]) for r in spans.filter(pc.equal(spans["feature"], j)).to_pylist()[: s.spans]]
-             for j in todo}
+    shown = {
+        j: ["".join(r["tokens"]) for r in spans.filter(pc.equal(spans["feature"], j)).to_pylist()[: s.spans]]
+        for j in todo
+    }
 
     def prompts(step: int, text: dict, n: int) -> list[dict]:
-        return [{"feature": j, "step": step, "prompt": text[j], "n": n, "seed": s.seed * 1_000_003 + j * 10 + step}
-                for j in todo]
+        return [
+            {"feature": j, "step": step, "prompt": text[j], "n": n, "seed": s.seed * 1_000_003 + j * 10 + step}
+            for j in todo
+        ]
 
-    first = score(stack, generate(stack, synth, prompts(1, {j: FIRST.format(spans="\n\n".join(f"- {t}" for t in shown[j]))
-                                                 for j in todo}, s.n_candidates))).to_pylist()
+    first = score(
+        stack,
+        generate(
+            stack,
+            synth,
+            prompts(1, {j: FIRST.format(spans="\n\n".join(f"- {t}" for t in shown[j])) for j in todo}, s.n_candidates),
+        ),
+    ).to_pylist()
     pairs = {}
     for j in todo:
         mine = [c for c in first if c["feature"] == j]
         pairs[j] = max(mine, key=lambda c: c["score"]), min(mine, key=lambda c: c["score"])
-    second = score(stack, generate(stack, synth, prompts(2, {j: CONTRASTIVE.format(
-        best=b["text"], best_score=b["score"], worst=w["text"], worst_score=w["score"]) for j, (b, w) in pairs.items()},
-        s.n_contrastive))).to_pylist()
+    second = score(
+        stack,
+        generate(
+            stack,
+            synth,
+            prompts(
+                2,
+                {
+                    j: CONTRASTIVE.format(
+                        best=b["text"], best_score=b["score"], worst=w["text"], worst_score=w["score"]
+                    )
+                    for j, (b, w) in pairs.items()
+                },
+                s.n_contrastive,
+            ),
+        ),
+    ).to_pylist()
     for j in todo:
         mine = sorted((c for c in second if c["feature"] == j), key=lambda c: c["id"])
         for c in mine:
             c["passed"] = c["score"] > delta
         for i in passing([c["score"] for c in mine], delta, s.keep):
             mine[i]["kept"] = True
-        log.info("synthesize: feature %d: step 1 best %.2f, worst %.2f; step 2: %d of %d above delta %.2f, %d kept", j,
-                 pairs[j][0]["score"], pairs[j][1]["score"], sum(c["passed"] for c in mine), len(mine), delta,
-                 sum(c["kept"] for c in mine))
+        log.info(
+            "synthesize: feature %d: step 1 best %.2f, worst %.2f; step 2: %d of %d above delta %.2f, %d kept",
+            j,
+            pairs[j][0]["score"],
+            pairs[j][1]["score"],
+            sum(c["passed"] for c in mine),
+            len(mine),
+            delta,
+            sum(c["kept"] for c in mine),
+        )
     table = pa.Table.from_pylist(first + second, schema=CANDIDATES)
     return table.sort_by([("feature", "ascending"), ("step", "ascending"), ("id", "ascending")])
 
@@ -231,8 +321,11 @@ def synthesize(stack: ModelStack, synth: SynthConfig, missing: list[int], spans:
 def acceptance(candidates: pa.Table) -> dict:
     """How many step-2 candidates cleared delta, and how many were kept."""
     step2 = candidates.filter(pc.equal(candidates["step"], 2))
-    return {"n_candidates": candidates.num_rows, "n_kept": int(pc.sum(candidates["kept"]).as_py() or 0),
-            "acceptance_rate": float(np.mean(step2["passed"].to_numpy(zero_copy_only=False))) if step2.num_rows else 0.0}
+    return {
+        "n_candidates": candidates.num_rows,
+        "n_kept": int(pc.sum(candidates["kept"]).as_py() or 0),
+        "acceptance_rate": float(np.mean(step2["passed"].to_numpy(zero_copy_only=False))) if step2.num_rows else 0.0,
+    }
 
 
 def synth_delta(synth: SynthConfig, tau: float) -> float:
@@ -263,29 +356,61 @@ class Synthesize(Stage):
         candidates = synthesize(self.stack, synth, self.before["missing"], spans, delta)
         kept = candidates.filter(candidates["kept"])
         anchored = ctx.side_set("anchor", ctx.fac.anchor).table()
-        features = pq.read_table(storage.path(paths.FAC, "features.parquet"), columns=["feature"],
-                                 filesystem=storage.fs)["feature"].to_numpy()
+        features = pq.read_table(
+            storage.path(paths.FAC, "features.parquet"), columns=["feature"], filesystem=storage.fs
+        )["feature"].to_numpy()
         d_sae = ctx.d_sae
         evaluated = FeatureStore(storage).table()
         grown = pa.concat_tables([evaluated, kept.select(evaluated.column_names).cast(evaluated.schema)])
         after, _ = fac(anchored, grown, features, tau, d_sae)
         storage.fs.create_dir(storage.path(paths.SYNTHESIS), recursive=True)
-        pq.write_table(candidates.drop_columns(["feat_ids", "feat_max", "feat_sum", "n_tokens"]),
-                       storage.path(paths.SYNTHESIS, "candidates.parquet"), filesystem=storage.fs)
+        pq.write_table(
+            candidates.drop_columns(["feat_ids", "feat_max", "feat_sum", "n_tokens"]),
+            storage.path(paths.SYNTHESIS, "candidates.parquet"),
+            filesystem=storage.fs,
+        )
         seconds = time.time() - start
-        summary = {"delta": delta, "fac_before": self.before["fac"], "fac_after": after["fac"],
-                   "missing_before": len(self.before["missing"]),
-                   "missing_after": len(after["missing"]), "features_tried": len(set(candidates["feature"].to_pylist())),
-                   **acceptance(candidates), "seconds": round(seconds, 1),
-                   "seconds_per_kept": round(seconds / kept.num_rows, 1) if kept.num_rows else None}
-        records = {r["id"]: json.dumps(json.loads(r["record"]) | {"provenance": {
-            k: r[k] for k in ("feature", "step", "prompt", "score", "generator")}}) for r in kept.to_pylist()}
-        write_selection(storage, "synthesis", kept["id"].to_pylist(), kept["score"].to_numpy(),
-                        np.zeros(kept.num_rows, np.int64), records,
-                        {"config": self.config, "method": "synthesis", "tau": tau, **summary,
-                         "counts": {"n_selected": kept.num_rows}})
-        log.info("synthesis: FAC %.3f -> %.3f; %d of %d step-2 candidates above delta (%.0f %%), %d kept, %.1fs",
-                 summary["fac_before"], summary["fac_after"], round(summary["acceptance_rate"] * synth.n_contrastive
-                 * summary["features_tried"]), synth.n_contrastive * summary["features_tried"],
-                 100 * summary["acceptance_rate"], kept.num_rows, seconds)
+        summary = {
+            "delta": delta,
+            "fac_before": self.before["fac"],
+            "fac_after": after["fac"],
+            "missing_before": len(self.before["missing"]),
+            "missing_after": len(after["missing"]),
+            "features_tried": len(set(candidates["feature"].to_pylist())),
+            **acceptance(candidates),
+            "seconds": round(seconds, 1),
+            "seconds_per_kept": round(seconds / kept.num_rows, 1) if kept.num_rows else None,
+        }
+        records = {
+            r["id"]: json.dumps(
+                json.loads(r["record"])
+                | {"provenance": {k: r[k] for k in ("feature", "step", "prompt", "score", "generator")}}
+            )
+            for r in kept.to_pylist()
+        }
+        write_selection(
+            storage,
+            "synthesis",
+            kept["id"].to_pylist(),
+            kept["score"].to_numpy(),
+            np.zeros(kept.num_rows, np.int64),
+            records,
+            {
+                "config": self.config,
+                "method": "synthesis",
+                "tau": tau,
+                **summary,
+                "counts": {"n_selected": kept.num_rows},
+            },
+        )
+        log.info(
+            "synthesis: FAC %.3f -> %.3f; %d of %d step-2 candidates above delta (%.0f %%), %d kept, %.1fs",
+            summary["fac_before"],
+            summary["fac_after"],
+            round(summary["acceptance_rate"] * synth.n_contrastive * summary["features_tried"]),
+            synth.n_contrastive * summary["features_tried"],
+            100 * summary["acceptance_rate"],
+            kept.num_rows,
+            seconds,
+        )
         return summary

@@ -36,8 +36,9 @@ class TrainSAE(Stage):
 
     def run(self) -> dict:
         texts, tokens = [], 0
-        table = pq.read_table(self.storage.path(paths.PREPARED), columns=["text", "n_tokens"],
-                              filesystem=self.storage.fs)
+        table = pq.read_table(
+            self.storage.path(paths.PREPARED), columns=["text", "n_tokens"], filesystem=self.storage.fs
+        )
         for text, n in zip(table["text"].to_pylist(), table["n_tokens"].to_pylist()):
             if tokens >= 2 * self.stack.train_sae.training_tokens:
                 break
@@ -54,8 +55,12 @@ def train_sae(stack: ModelStack, texts: list[str], device: str) -> dict:
 
     os.environ.setdefault("WANDB_MODE", "disabled")  # before sae-lens imports wandb: offline, no prompts
     import datasets
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
-    from sae_lens import TopKTrainingSAEConfig
+    from sae_lens import (
+        LanguageModelSAERunnerConfig,
+        LanguageModelSAETrainingRunner,
+        LoggingConfig,
+        TopKTrainingSAEConfig,
+    )
     from transformers import AutoConfig
 
     t, out = stack.train_sae, default_sae_dir(stack)
@@ -94,21 +99,35 @@ def train_sae(stack: ModelStack, texts: list[str], device: str) -> dict:
     )
     start = time.time()
     corpus = datasets.Dataset.from_dict({"text": texts})
-    runner = LanguageModelSAETrainingRunner(runner_cfg, override_dataset=corpus,
-                                            override_model=_hooked_truncated_model(stack, device))
+    runner = LanguageModelSAETrainingRunner(
+        runner_cfg, override_dataset=corpus, override_model=_hooked_truncated_model(stack, device)
+    )
     sae = runner.run()
     seconds = time.time() - start
-    summary = {**evaluate_sae(sae, runner.activations_store), "seconds": round(seconds, 1),
-               "training_tokens": t.training_tokens, "layer": t.layer, "d_sae": t.d_sae, "k": t.k,
-               "model": stack.model.name, "n_texts": len(texts)}
+    summary = {
+        **evaluate_sae(sae, runner.activations_store),
+        "seconds": round(seconds, 1),
+        "training_tokens": t.training_tokens,
+        "layer": t.layer,
+        "d_sae": t.d_sae,
+        "k": t.k,
+        "model": stack.model.name,
+        "n_texts": len(texts),
+    }
     tmp = out.with_name(f"{out.name}.tmp")
     sae.save_model(tmp)
     (tmp / "training.json").write_text(json.dumps(summary, indent=2))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    log.info("train-sae: %s in %.0fs: explained variance %.3f, mean L0 %.1f, dead %.1f%%", out, seconds,
-             summary["explained_variance"], summary["mean_l0"], 100 * summary["dead_fraction"])
+    log.info(
+        "train-sae: %s in %.0fs: explained variance %.3f, mean L0 %.1f, dead %.1f%%",
+        out,
+        seconds,
+        summary["explained_variance"],
+        summary["mean_l0"],
+        100 * summary["dead_fraction"],
+    )
     return {**summary, "path": str(out)}
 
 
@@ -144,5 +163,9 @@ def evaluate_sae(sae, store, n_batches: int = 32) -> dict:
             l0 += (z > 0).sum().item()
             n += x.shape[0]
             fired |= (z > 0).any(0).cpu()
-    return {"explained_variance": round(1 - sq_err / total_var, 4), "mean_l0": round(l0 / n, 2),
-            "dead_fraction": round(1 - fired.float().mean().item(), 4), "eval_tokens": int(n)}
+    return {
+        "explained_variance": round(1 - sq_err / total_var, 4),
+        "mean_l0": round(l0 / n, 2),
+        "dead_fraction": round(1 - fired.float().mean().item(), 4),
+        "eval_tokens": int(n),
+    }

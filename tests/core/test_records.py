@@ -5,8 +5,12 @@ from raysel.config import FieldMap
 from raysel.core.records import FALLBACK_CHAT_TEMPLATE, Rejected, normalize, render
 
 ALPACA = {"instruction": "Add 2 and 3.", "input": "Show your work.", "output": "2 + 3 = 5"}
-CHAT = {"messages": [{"role": "user", "content": "Add 2 and 3.\n\nShow your work."},
-                     {"role": "assistant", "content": "2 + 3 = 5"}]}
+CHAT = {
+    "messages": [
+        {"role": "user", "content": "Add 2 and 3.\n\nShow your work."},
+        {"role": "assistant", "content": "2 + 3 = 5"},
+    ]
+}
 
 
 def test_alpaca_and_chat_records_normalize_to_the_same_sample():
@@ -26,8 +30,11 @@ def test_field_mapping_and_id_column():
     fields = FieldMap(id="uid", instruction="q", output="a", input="ctx", system="sys")
     s = normalize({"uid": 17, "q": "Why?", "a": "Because.", "sys": "Be brief."}, fields)
     assert s.id == "17"
-    assert s.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"},
-                          {"role": "assistant", "content": "Because."}]
+    assert s.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Why?"},
+        {"role": "assistant", "content": "Because."},
+    ]
 
 
 def test_empty_input_field_is_left_out_of_the_prompt():

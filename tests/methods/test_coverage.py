@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from raysel.methods.coverage_kernel import idf_weights, greedy_coverage
+from raysel.methods.coverage_kernel import greedy_coverage, idf_weights
 
 
 def naive_greedy(indptr, indices, budget, weights=None):
     """The reference, on Python sets: every step scores every remaining sample."""
-    rows = [set(indices[indptr[i]: indptr[i + 1]].tolist()) for i in range(len(indptr) - 1)]
+    rows = [set(indices[indptr[i] : indptr[i + 1]].tolist()) for i in range(len(indptr) - 1)]
     w = np.ones(int(indices.max()) + 1) if weights is None else weights
 
     def gain(i, covered):

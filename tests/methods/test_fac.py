@@ -37,8 +37,12 @@ def test_fac_of_a_superset_is_at_least_that_of_its_subset(seed):
     rng = np.random.default_rng(seed)
 
     def random_rows(n):
-        return rows(*[{int(j): float(rng.gamma(1.5)) for j in rng.choice(40, rng.integers(1, 6), replace=False)}
-                      for _ in range(n)])
+        return rows(
+            *[
+                {int(j): float(rng.gamma(1.5)) for j in rng.choice(40, rng.integers(1, 6), replace=False)}
+                for _ in range(n)
+            ]
+        )
 
     anchor, pool = store_table(random_rows(20)), random_rows(30)
     features = np.arange(40)
@@ -64,9 +68,11 @@ def test_fac_selection_raises_fac_over_what_the_evaluated_set_had(stats_run, tmp
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "math"][:10])
     have = write_jsonl(tmp_path / "have.jsonl", [r for r in demo[60:] if r["category"] == "safety"][:5])
     raw = json.loads(cfg.model_dump_json()) | {
-        "fac": {"anchor": [str(anchor)], "n_features": 30}, "activation": {"target_active": 2},
+        "fac": {"anchor": [str(anchor)], "n_features": 30},
+        "activation": {"target_active": 2},
         "select": {"methods": [{"name": "fac", "evaluated": [str(have)]}], "budget": 6},
-        "output": {"root": str(tmp_path / "out")}}
+        "output": {"root": str(tmp_path / "out")},
+    }
     raw["s3"] = {}
     manifest = run(RunConfig.model_validate(raw), until="select")
     m = json.loads((tmp_path / "out" / "selection" / "fac" / "manifest.json").read_text())
@@ -83,10 +89,16 @@ def test_the_judge_keeps_verified_features_at_or_above_the_floor():
 
     from raysel.methods.fac_judge import VERDICTS, kept
 
-    verdicts = pa.Table.from_pylist([
-        {"feature": 1, "verified": True, "relevance": "Yes"}, {"feature": 2, "verified": True, "relevance": "Maybe"},
-        {"feature": 3, "verified": False, "relevance": "Yes"}, {"feature": 4, "verified": True, "relevance": "No"},
-        {"feature": 5, "verified": True, "relevance": "Probably"}], schema=VERDICTS)
+    verdicts = pa.Table.from_pylist(
+        [
+            {"feature": 1, "verified": True, "relevance": "Yes"},
+            {"feature": 2, "verified": True, "relevance": "Maybe"},
+            {"feature": 3, "verified": False, "relevance": "Yes"},
+            {"feature": 4, "verified": True, "relevance": "No"},
+            {"feature": 5, "verified": True, "relevance": "Probably"},
+        ],
+        schema=VERDICTS,
+    )
     assert kept(verdicts, "maybe") == [1, 2, 5]
     assert kept(verdicts, "probably") == [1, 5]
     assert kept(verdicts, "yes") == [1]

@@ -12,14 +12,25 @@ from raysel.config import ModelConfig, RunConfig
 from raysel.core.features import FeatureStore
 from raysel.core.models import load_model
 from raysel.core.storage import Storage
-from raysel.methods.igds import FeatureEffects, IGDSConfig, TaskMetric, amplified, decoder_layers, final_number
-from raysel.methods.igds import frequency_recall
+from raysel.methods.igds import (
+    FeatureEffects,
+    IGDSConfig,
+    TaskMetric,
+    amplified,
+    decoder_layers,
+    final_number,
+    frequency_recall,
+)
 from tests.conftest import build_tiny_sae, store_table
 
 
 def test_frequency_recall_ranks_features_by_target_share_minus_pool_share():
-    targets = store_table([{"id": "a", "n_tokens": 1, "feats": {1: (2.0, 2.0), 2: (2.0, 2.0), 3: (0.5, 0.5)}},
-                           {"id": "b", "n_tokens": 1, "feats": {1: (2.0, 2.0), 3: (2.0, 2.0)}}])
+    targets = store_table(
+        [
+            {"id": "a", "n_tokens": 1, "feats": {1: (2.0, 2.0), 2: (2.0, 2.0), 3: (0.5, 0.5)}},
+            {"id": "b", "n_tokens": 1, "feats": {1: (2.0, 2.0), 3: (2.0, 2.0)}},
+        ]
+    )
     pool_doc_freq = np.array([5, 9, 0, 1, 3])  # of 10 pool samples
     got = frequency_recall(targets, tau=1.0, pool_doc_freq=pool_doc_freq, n_pool=10, n=3).to_pylist()
     # target shares above tau: 1 -> 1.0, 2 -> 0.5, 3 -> 0.5; lifts: 0.1, 0.5, 0.4; feature 0, 4 never fire on targets
@@ -41,8 +52,10 @@ def test_amplification_adds_exactly_the_vector_on_counted_tokens_and_is_gone_aft
 
     def after_layer_1():  # what block 2 receives: the residual stream after block 1
         seen = []
-        probe = decoder_layers(model)[2].register_forward_pre_hook(lambda m, args, kwargs: seen.append(
-            (args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
+        probe = decoder_layers(model)[2].register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).clone()),
+            with_kwargs=True,
+        )
         with torch.inference_mode():
             model(input_ids=ids, attention_mask=attention)
         probe.remove()
@@ -62,7 +75,8 @@ def planted_sae(out, stack, igds, prompts, answers, planted: int):
     metric = TaskMetric(stack, igds, prompts, answers)
     shift = torch.zeros(64, requires_grad=True)
     handle = decoder_layers(metric.model)[1].register_forward_hook(
-        lambda m, a, out: (out[0] + shift, *out[1:]) if isinstance(out, tuple) else out + shift)
+        lambda m, a, out: (out[0] + shift, *out[1:]) if isinstance(out, tuple) else out + shift
+    )
     try:
         with torch.enable_grad():
             loss = 0.0
@@ -70,7 +84,7 @@ def planted_sae(out, stack, igds, prompts, answers, planted: int):
                 p = metric.tokenizer(prompt, add_special_tokens=False)["input_ids"]
                 a = metric.tokenizer(answer + metric.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
                 logits = metric.model(input_ids=torch.tensor([p + a])).logits[0]
-                logp = torch.log_softmax(logits[len(p) - 1: -1], -1).gather(-1, torch.tensor(a)[:, None])
+                logp = torch.log_softmax(logits[len(p) - 1 : -1], -1).gather(-1, torch.tensor(a)[:, None])
                 loss = loss + logp.mean() / len(prompts)
             loss.backward()
     finally:
@@ -112,7 +126,9 @@ def test_igds_writes_its_delta_table_and_selects_by_the_task_features(task_run):
     assert m["task_features"] == (positive or [e["feature"] for e in effects[:2]])
     assert m["counts"]["n_selected"] == 15 and m["budget"] == 15
     pool = FeatureStore(Storage(str(root), RunConfig.model_validate(manifest["config"]).s3)).table()
-    sums = {i: sum(s for j, s in zip(f, v) if j in m["task_features"])
-            for i, f, v in zip(pool["id"].to_pylist(), pool["feat_ids"].to_pylist(), pool["feat_sum"].to_pylist())}
+    sums = {
+        i: sum(s for j, s in zip(f, v) if j in m["task_features"])
+        for i, f, v in zip(pool["id"].to_pylist(), pool["feat_ids"].to_pylist(), pool["feat_sum"].to_pylist())
+    }
     selected = pq.read_table(root / "selection" / "igds" / "selected.parquet").to_pylist()
     assert [r["id"] for r in selected] == sorted(sums, key=lambda i: (-sums[i], i))[:15]

@@ -12,8 +12,13 @@ def random_store(n: int, d: int, seed: int):
     rows = []
     for i in range(n):
         feats = rng.choice(d, size=int(rng.integers(0, 8)), replace=False)
-        rows.append({"id": f"s{i:04d}", "n_tokens": int(rng.integers(1, 30)),
-                     "feats": {int(j): (float(rng.gamma(2.0)), float(rng.gamma(3.0))) for j in feats}})
+        rows.append(
+            {
+                "id": f"s{i:04d}",
+                "n_tokens": int(rng.integers(1, 30)),
+                "feats": {int(j): (float(rng.gamma(2.0)), float(rng.gamma(3.0))) for j in feats},
+            }
+        )
     return store_table(rows)
 
 
@@ -53,8 +58,13 @@ def test_k_center_takes_one_sample_from_each_planted_cluster_first():
     rows = []
     for i in range(60):
         c = i % 3
-        rows.append({"id": f"s{i:03d}", "n_tokens": 1,
-                     "feats": {j: (1.0, 1.0 + 0.05 * float(rng.random())) for j in centers[c]}})
+        rows.append(
+            {
+                "id": f"s{i:03d}",
+                "n_tokens": 1,
+                "feats": {j: (1.0, 1.0 + 0.05 * float(rng.random())) for j in centers[c]},
+            }
+        )
     table = store_table(rows)
     order, radii = k_center_greedy(*sparse_vectors(table, "sum", True), table.num_rows, 5, start=0)
     assert {int(i) % 3 for i in order[:3]} == {0, 1, 2}  # the first three cover every cluster

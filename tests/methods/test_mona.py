@@ -27,9 +27,14 @@ def test_weighted_jaccard_equals_the_hand_computed_value():
 
 def test_the_prototype_is_the_same_whatever_the_target_order():
     rng = np.random.default_rng(0)
-    rows = [{"id": f"t{i}", "n_tokens": int(rng.integers(1, 50)),
-             "feats": {int(j): (1.0, float(rng.gamma(2.0))) for j in rng.choice(64, 8, replace=False)}}
-            for i in range(40)]
+    rows = [
+        {
+            "id": f"t{i}",
+            "n_tokens": int(rng.integers(1, 50)),
+            "feats": {int(j): (1.0, float(rng.gamma(2.0))) for j in rng.choice(64, 8, replace=False)},
+        }
+        for i in range(40)
+    ]
     p = prototype(store_table(rows), 64)
     for seed in range(3):
         shuffled = [rows[i] for i in np.random.default_rng(seed + 1).permutation(len(rows))]

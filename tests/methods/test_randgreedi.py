@@ -25,8 +25,15 @@ def write_store(root, n: int, d: int, seed: int, shards: int = 4) -> FeatureStor
     rows = []
     for i in range(n):
         feats = np.unique(rng.choice(d, size=rng.integers(1, 25), p=popularity / popularity.sum()))
-        rows.append({"id": f"s{i:06d}", "n_tokens": 10, "feat_ids": feats.tolist(),
-                     "feat_max": rng.uniform(0, 1, feats.size).tolist(), "feat_sum": [1.0] * feats.size})
+        rows.append(
+            {
+                "id": f"s{i:06d}",
+                "n_tokens": 10,
+                "feat_ids": feats.tolist(),
+                "feat_max": rng.uniform(0, 1, feats.size).tolist(),
+                "feat_sum": [1.0] * feats.size,
+            }
+        )
     (root / "features" / "_done").mkdir(parents=True)
     for s, part in enumerate(np.array_split(rng.permutation(n), shards)):
         name = f"part-{s}.parquet"
@@ -77,11 +84,17 @@ def test_the_seed_picks_the_partitioning():
     assert set(a.tolist()) == {0, 1, 2, 3} and np.bincount(a).min() > 60  # all used, roughly even
 
 
-@pytest.mark.parametrize("mode, rows, distributed", [("on", 2_000_000, True), ("off", 10, False),
-                                                     ("auto", 1000, True), ("auto", 2_000_000, False)])
+@pytest.mark.parametrize(
+    "mode, rows, distributed",
+    [("on", 2_000_000, True), ("off", 10, False), ("auto", 1000, True), ("auto", 2_000_000, False)],
+)
 def test_select_distributed_switch(store, mode, rows, distributed):
-    cfg = RunConfig.model_validate({"input": {"paths": ["unused"]}, "select": {"methods": [
-        {"name": "coverage", "distributed": mode, "distributed_rows": rows}]}})
+    cfg = RunConfig.model_validate(
+        {
+            "input": {"paths": ["unused"]},
+            "select": {"methods": [{"name": "coverage", "distributed": mode, "distributed_rows": rows}]},
+        }
+    )
     ids, indptr, indices = store.activated_sets(TAU)
     pool = Pool(ids, indptr, indices, np.zeros(len(ids)), store)
     ctx = Context(tau=TAU, seed=0, d_sae=500, storage=store.storage, stack=cfg.stack(), fac=cfg.fac, side_set=None)

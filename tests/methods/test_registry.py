@@ -31,7 +31,9 @@ def test_an_entry_is_checked_by_its_own_config():
         config("[mona]")
     with pytest.raises(ConfigError, match=r"select.methods.0.kcenter.pooling: .*'mean', 'sum' or 'max'"):
         config("[{name: kcenter, pooling: median}]")
-    with pytest.raises(ConfigError, match=r"select.methods.0.coverage.idff: unknown key \(allowed keys: name, budget, idf"):
+    with pytest.raises(
+        ConfigError, match=r"select.methods.0.coverage.idff: unknown key \(allowed keys: name, budget, idf"
+    ):
         config("[{name: coverage, idff: true}]")
     with pytest.raises(ConfigError, match="coverage listed twice"):
         config("[coverage, random, coverage]")
@@ -56,7 +58,12 @@ def test_the_readmes_example_method_runs_against_the_real_interface():
     code = re.search(r"```python\n(# raysel/methods/shortest.py\n.*?)```", README.read_text(), re.S).group(1)
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
-    pool = Pool(np.array(["a", "b", "c", "d"], dtype=object), np.zeros(5, np.int64), np.zeros(0, np.int64),
-                np.array([30, 5, 12, 5]), store=None)
+    pool = Pool(
+        np.array(["a", "b", "c", "d"], dtype=object),
+        np.zeros(5, np.int64),
+        np.zeros(0, np.int64),
+        np.array([30, 5, 12, 5]),
+        store=None,
+    )
     picks = scope["Shortest"](scope["ShortestConfig"]()).pick(pool, 3, ctx=None)
     assert picks.ids == ["b", "d", "c"] and np.isnan(picks.scores).all()

@@ -35,9 +35,14 @@ TEXTS = [
 
 
 def encoder_stack(model_dir, sae_dir, **encode):
-    return RunConfig.model_validate({"input": {"paths": ["unused"]}, "model": {"name": str(model_dir)},
-                                     "sae": {"path": str(sae_dir)},
-                                     "encode": {"tokens_per_batch": 64, **encode}}).stack()
+    return RunConfig.model_validate(
+        {
+            "input": {"paths": ["unused"]},
+            "model": {"name": str(model_dir)},
+            "sae": {"path": str(sae_dir)},
+            "encode": {"tokens_per_batch": 64, **encode},
+        }
+    ).stack()
 
 
 def test_truncated_model_equals_the_full_models_hidden_state(tiny_model_dir):
@@ -97,8 +102,14 @@ def test_top_m_keeps_the_strongest_features(tiny_model_dir, tiny_sae_dir):
 
 def test_sae_width_mismatch_is_a_config_error_before_work(ray_cluster, tiny_model_dir, tmp_path):
     sae = build_tiny_sae(tmp_path / "wide-sae", d_in=32)
-    cfg = RunConfig.model_validate({"input": {"paths": [str(DEMO)]}, "model": {"name": str(tiny_model_dir)},
-                                    "sae": {"path": str(sae)}, "output": {"root": str(tmp_path / "out")}})
+    cfg = RunConfig.model_validate(
+        {
+            "input": {"paths": [str(DEMO)]},
+            "model": {"name": str(tiny_model_dir)},
+            "sae": {"path": str(sae)},
+            "output": {"root": str(tmp_path / "out")},
+        }
+    )
     with pytest.raises(ConfigError, match=r"d_in\) but model .* has hidden size 64"):
         encode(cfg, Storage(cfg.output.root, cfg.s3), {"fingerprint": "x"})
     assert not (tmp_path / "out" / "features").exists()
@@ -186,13 +197,15 @@ def test_a_run_whose_driver_is_killed_resumes_to_the_uninterrupted_result(tiny_m
     prepared_ids = pq.read_table(tmp_path / "out" / "prepared", columns=["id"])["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 240 and sorted(ids) == sorted(prepared_ids)
 
-    clean = subprocess.run(cmd + ["--set", f"output.root={tmp_path / 'clean'}"], env=env, capture_output=True,
-                           text=True, timeout=600)
+    clean = subprocess.run(
+        cmd + ["--set", f"output.root={tmp_path / 'clean'}"], env=env, capture_output=True, text=True, timeout=600
+    )
     assert clean.returncode == 0, clean.stderr[-3000:]
     assert table_by_id(tmp_path / "out" / "features") == table_by_id(tmp_path / "clean" / "features")
     stats = [pq.read_table(tmp_path / root / "stats" / "features.parquet") for root in ("out", "clean")]
     assert stats[0].equals(stats[1])
     for method in ("coverage", "random", "longest"):
-        resumed, uninterrupted = (pq.read_table(tmp_path / root / "selection" / method / "records.parquet")
-                                  for root in ("out", "clean"))
+        resumed, uninterrupted = (
+            pq.read_table(tmp_path / root / "selection" / method / "records.parquet") for root in ("out", "clean")
+        )
         assert resumed.equals(uninterrupted) and resumed.num_rows == 24

@@ -20,8 +20,10 @@ def test_raysel_fac_reports_coverage_and_the_missing_features_with_spans(stats_r
     demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "code"][:10])
     # few activated features per sample, so that the anchor has some the 40 samples never activate
-    raw = json.loads(cfg.model_dump_json()) | {"fac": {"anchor": [str(anchor)], "n_features": 40},
-                                               "activation": {"target_active": 2}}
+    raw = json.loads(cfg.model_dump_json()) | {
+        "fac": {"anchor": [str(anchor)], "n_features": 40},
+        "activation": {"target_active": 2},
+    }
     raw["s3"] = {}
     config = tmp_path / "fac.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -40,20 +42,25 @@ def test_raysel_fac_reports_coverage_and_the_missing_features_with_spans(stats_r
 
 
 def test_an_llm_judge_explains_verifies_and_rates_the_enriched_shortlist(stats_run, tmp_path):
-    from raysel.methods.fac_judge import LEVELS, kept
 
     root, cfg, _ = stats_run
     demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "math"][:6])
-    raw = json.loads(cfg.model_dump_json()) | {"activation": {"target_active": 2}, "fac": {
-        "anchor": [str(anchor)], "n_features": 6, "judge_task": "grade-school math word problems"}}
+    raw = json.loads(cfg.model_dump_json()) | {
+        "activation": {"target_active": 2},
+        "fac": {"anchor": [str(anchor)], "n_features": 6, "judge_task": "grade-school math word problems"},
+    }
     raw["s3"] = {}
     manifest = run(RunConfig.model_validate(raw), until="fac")
     verdicts = pq.read_table(root / "fac" / "judged.parquet").to_pylist()
     assert 0 < len(verdicts) <= 6
     spans = pq.read_table(root / "anchor" / "stats" / "spans.parquet").to_pylist()
     for v in verdicts:
-        assert v["relevance"] in LEVELS and len(v["relevance_logprobs"]) == 4 and v["generator"] == str(raw["model"]["name"])
+        assert (
+            v["relevance"] in LEVELS
+            and len(v["relevance_logprobs"]) == 4
+            and v["generator"] == str(raw["model"]["name"])
+        )
         assert v["relevance"] == LEVELS[int(np.argmax(v["relevance_logprobs"]))]  # the likeliest answer is the verdict
         # the explain prompt shows the feature's own spans, peak marked
         top = next(s for s in spans if s["feature"] == v["feature"] and s["rank"] == 1)

@@ -36,9 +36,12 @@ def mixed_lines() -> list:
 
 
 def make_cfg(tokenizer_dir, paths, root, **sections) -> RunConfig:
-    raw = {"input": {"paths": [str(p) for p in paths], "fields": {"id": "id"}},
-           "prepare": {"max_tokens": 64, "batch_size": 4},
-           "model": {"name": str(tokenizer_dir)}, "output": {"root": str(root)}}
+    raw = {
+        "input": {"paths": [str(p) for p in paths], "fields": {"id": "id"}},
+        "prepare": {"max_tokens": 64, "batch_size": 4},
+        "model": {"name": str(tokenizer_dir)},
+        "output": {"root": str(root)},
+    }
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     return RunConfig.model_validate(raw)
@@ -58,8 +61,14 @@ def mixed_run(ray_cluster, tiny_tokenizer_dir, tmp_path_factory):
     path = write_jsonl(tmp / "mixed.jsonl", mixed_lines())
     cfg = make_cfg(tiny_tokenizer_dir, [path], tmp / "out")
     summary = prepare(cfg, Storage(cfg.output.root, cfg.s3))
-    return {"path": path, "root": tmp / "out", "cfg": cfg, "summary": summary,
-            "rejects": read_rejects(tmp / "out"), "prepared": read_prepared(tmp / "out")}
+    return {
+        "path": path,
+        "root": tmp / "out",
+        "cfg": cfg,
+        "summary": summary,
+        "rejects": read_rejects(tmp / "out"),
+        "prepared": read_prepared(tmp / "out"),
+    }
 
 
 @pytest.mark.parametrize("line, content, reason", BAD, ids=[b[2] for b in BAD])
@@ -163,9 +172,16 @@ def test_every_format_gives_the_same_samples(ray_cluster, tiny_chat_tokenizer_di
     s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert (s["n_input"], s["n_valid"], s["n_rejected"]) == (3, 3, 0)
     rows = read_prepared(tmp_path / "out")
-    assert [(r["id"], r["shape"], r["row"]) for r in rows] == [("r1", "alpaca", 1), ("r2", "messages", 2), ("r3", "text", 3)]
-    assert [r["text"] for r in rows] == ["<|user|>Say hi.\n<|assistant|>Hi!\n", "<|user|>Say bye.\n<|assistant|>Bye!\n",
-                                         "Plain text sample."]
+    assert [(r["id"], r["shape"], r["row"]) for r in rows] == [
+        ("r1", "alpaca", 1),
+        ("r2", "messages", 2),
+        ("r3", "text", 3),
+    ]
+    assert [r["text"] for r in rows] == [
+        "<|user|>Say hi.\n<|assistant|>Hi!\n",
+        "<|user|>Say bye.\n<|assistant|>Bye!\n",
+        "Plain text sample.",
+    ]
     assert rows[0]["messages"] == [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]
     assert rows[2]["messages"] is None
 
@@ -174,8 +190,12 @@ def test_globs_and_directories_read_every_file_once(ray_cluster, tiny_chat_token
     (tmp_path / "in").mkdir()
     for i in range(3):
         write_jsonl(tmp_path / "in" / f"part{i}.jsonl", [{"text": f"file {i} row {j}"} for j in range(4)])
-    cfg = make_cfg(tiny_chat_tokenizer_dir, [tmp_path / "in" / "part*.jsonl", tmp_path / "in"], tmp_path / "out",
-                   input={"fields": {"id": None}})
+    cfg = make_cfg(
+        tiny_chat_tokenizer_dir,
+        [tmp_path / "in" / "part*.jsonl", tmp_path / "in"],
+        tmp_path / "out",
+        input={"fields": {"id": None}},
+    )
     s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert (s["n_input"], s["n_valid"]) == (12, 12)
     assert len(s["files"]) == 3
@@ -195,8 +215,12 @@ def test_hf_load_dataset_path(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
     """input.hf_dataset goes through datasets.load_dataset; a local data dir takes the hub's place here."""
     (tmp_path / "hub").mkdir()
     write_jsonl(tmp_path / "hub" / "train.jsonl", RECORDS)
-    cfg = make_cfg(tiny_chat_tokenizer_dir, [], tmp_path / "out",
-                   input={"paths": [], "hf_dataset": str(tmp_path / "hub"), "hf_split": "train"})
+    cfg = make_cfg(
+        tiny_chat_tokenizer_dir,
+        [],
+        tmp_path / "out",
+        input={"paths": [], "hf_dataset": str(tmp_path / "hub"), "hf_split": "train"},
+    )
     s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert (s["n_input"], s["n_valid"]) == (3, 3)
     assert [r["id"] for r in read_prepared(tmp_path / "out")] == ["r1", "r2", "r3"]

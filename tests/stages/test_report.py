@@ -11,9 +11,9 @@ import pytest
 
 from raysel import cli
 from raysel.config import RunConfig
+from raysel.core.storage import Storage
 from raysel.pipeline import run
 from raysel.stages.report import report_data, write_report
-from raysel.core.storage import Storage
 from tests.conftest import run_cfg
 
 
@@ -108,7 +108,10 @@ def test_the_page_renders_its_plots_and_feature_table_in_chromium(two_runs, brow
     assert all(r.is_displayed() for r in browser.find_elements("css selector", "#features tbody tr"))
     header = browser.find_elements("css selector", "#features th")[0]
     header.click()
-    ascending = [int(r.find_elements("tag name", "td")[0].text) for r in browser.find_elements("css selector", "#features tbody tr")]
+    ascending = [
+        int(r.find_elements("tag name", "td")[0].text)
+        for r in browser.find_elements("css selector", "#features tbody tr")
+    ]
     assert ascending == sorted(ascending) and str(ascending[0]) != "" and first_feature
     rejected = browser.find_element("id", "summary").text
     assert ("none" in rejected) == (which == "single")

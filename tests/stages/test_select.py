@@ -72,7 +72,7 @@ def test_simscale_keeps_samples_below_its_theta(selected_run):
     root, manifest, _ = selected_run
     store = FeatureStore(Storage(str(root), RunConfig.model_validate(manifest["config"]).s3))
     ids, indptr, indices = store.activated_sets(0.0)
-    sets = {i: set(indices[indptr[n]: indptr[n + 1]].tolist()) for n, i in enumerate(ids)}
+    sets = {i: set(indices[indptr[n] : indptr[n + 1]].tolist()) for n, i in enumerate(ids)}
     theta = json.loads((root / "selection" / "simscale" / "manifest.json").read_text())["theta"]
     kept = [r["id"] for r in pq.read_table(root / "selection" / "simscale" / "selected.parquet").to_pylist()]
     assert 0 < theta <= 1
@@ -91,8 +91,9 @@ def test_calibrated_tau_gives_the_target_mean_active_count():
 def test_a_calibrated_tau_is_shared_by_stats_and_select_and_a_finished_select_is_skipped(selected_run, tmp_path):
     root, manifest, _ = selected_run
     shutil.copytree(root, tmp_path / "run")
-    cfg = RunConfig.model_validate(manifest["config"] | {"activation": {"target_active": 5},
-                                                         "output": {"root": str(tmp_path / "run")}})
+    cfg = RunConfig.model_validate(
+        manifest["config"] | {"activation": {"target_active": 5}, "output": {"root": str(tmp_path / "run")}}
+    )
     store = FeatureStore(Storage(cfg.output.root, cfg.s3))
     tau = store.resolve_tau(cfg.activation.tau, cfg.activation.target_active)
     ids, indptr, indices = store.activated_sets(tau)

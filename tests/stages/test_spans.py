@@ -25,7 +25,9 @@ def test_spans_re_encode_the_top_samples_and_find_their_peak(stats_run):
     spans = find_spans(cfg.stack(), cfg.stats.top_n, storage, wanted).to_pylist()
     for j in wanted:
         mine = [r for r in spans if r["feature"] == j]
-        assert [r["id"] for r in mine] == stats[j]["top_ids"] and [r["rank"] for r in mine] == list(range(1, len(mine) + 1))
+        assert [r["id"] for r in mine] == stats[j]["top_ids"] and [r["rank"] for r in mine] == list(
+            range(1, len(mine) + 1)
+        )
         np.testing.assert_allclose([r["value"] for r in mine], stats[j]["top_values"], rtol=1e-4)
         for r in mine:
             assert 0 < len(r["tokens"]) == len(r["acts"]) <= WINDOW

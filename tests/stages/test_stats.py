@@ -17,10 +17,24 @@ def random_store(seed: int, n: int = 120, d_sae: int = 40, blocks: int = 4):
     rows = []
     for i in range(n):
         nz = np.flatnonzero(dense_max[i])
-        rows.append({"id": f"s{i:03d}", "n_tokens": 10, "feat_ids": nz.astype(np.int32).tolist(),
-                     "feat_max": dense_max[i, nz].tolist(), "feat_sum": dense_sum[i, nz].tolist()})
-    schema = pa.schema([("id", pa.string()), ("n_tokens", pa.int32()), ("feat_ids", pa.list_(pa.int32())),
-                        ("feat_max", pa.list_(pa.float32())), ("feat_sum", pa.list_(pa.float32()))])
+        rows.append(
+            {
+                "id": f"s{i:03d}",
+                "n_tokens": 10,
+                "feat_ids": nz.astype(np.int32).tolist(),
+                "feat_max": dense_max[i, nz].tolist(),
+                "feat_sum": dense_sum[i, nz].tolist(),
+            }
+        )
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("n_tokens", pa.int32()),
+            ("feat_ids", pa.list_(pa.int32())),
+            ("feat_max", pa.list_(pa.float32())),
+            ("feat_sum", pa.list_(pa.float32())),
+        ]
+    )
     tables = [pa.Table.from_pylist(part, schema=schema) for part in np.array_split(rows, blocks)]
     return ray.data.from_arrow(tables), dense_max, dense_sum.astype(np.float32)
 

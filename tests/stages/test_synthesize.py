@@ -10,8 +10,7 @@ import pytest
 from raysel.config import ConfigError, RunConfig
 from raysel.pipeline import run
 from raysel.stages.synthesize import as_record, check_vllm, passing, synthesize
-from tests.conftest import write_jsonl
-from tests.conftest import DEMO, run_cfg
+from tests.conftest import DEMO, run_cfg, write_jsonl
 
 PROVENANCE = ("feature", "step", "prompt", "score", "generator")
 
@@ -23,17 +22,27 @@ def test_the_activation_filter_rejects_candidates_at_or_below_delta():
 
 
 def test_generated_text_becomes_an_alpaca_record():
-    assert as_record("Instruction: Add 2 and 3.\nResponse: 5") == {"instruction": "Add 2 and 3.", "input": "",
-                                                                   "output": "5"}
+    assert as_record("Instruction: Add 2 and 3.\nResponse: 5") == {
+        "instruction": "Add 2 and 3.",
+        "input": "",
+        "output": "5",
+    }
     assert as_record("no markers here") == {"instruction": "no markers here", "input": "", "output": ""}
 
 
 def test_each_feature_gets_scored_candidates_and_a_contrastive_second_step(ray_cluster, tiny_model_dir, tiny_sae_dir):
-    cfg = RunConfig.model_validate({
-        "input": {"paths": ["x"]}, "model": {"name": str(tiny_model_dir)}, "sae": {"path": str(tiny_sae_dir)},
-        "encode": {"device": "cpu"}, "synth": {"n_candidates": 4, "n_contrastive": 6, "keep": 2, "max_new_tokens": 24}})
-    spans = pa.table({"feature": [5, 5, 9], "tokens": [["a span where ", "feature five", " is strong"], ["another one"],
-                                                        ["nine"]]})
+    cfg = RunConfig.model_validate(
+        {
+            "input": {"paths": ["x"]},
+            "model": {"name": str(tiny_model_dir)},
+            "sae": {"path": str(tiny_sae_dir)},
+            "encode": {"device": "cpu"},
+            "synth": {"n_candidates": 4, "n_contrastive": 6, "keep": 2, "max_new_tokens": 24},
+        }
+    )
+    spans = pa.table(
+        {"feature": [5, 5, 9], "tokens": [["a span where ", "feature five", " is strong"], ["another one"], ["nine"]]}
+    )
     rows = synthesize(cfg.stack(), cfg.synth, [5, 9], spans, delta=0.0).to_pylist()
     assert {r["feature"] for r in rows} == {5, 9}
     rows = [r for r in rows if r["feature"] == 5]
@@ -51,8 +60,9 @@ def test_each_feature_gets_scored_candidates_and_a_contrastive_second_step(ray_c
     assert all(r["passed"] == (r["score"] > 0.0) for r in step2) and not any(r["passed"] for r in step1)
     kept = [r for r in step2 if r["kept"]]
     assert len(kept) == min(2, sum(r["passed"] for r in step2)) and all(r["passed"] for r in kept)
-    assert min((r["score"] for r in kept), default=0) >= max((r["score"] for r in step2 if not r["kept"] and r["passed"]),
-                                                              default=0)
+    assert min((r["score"] for r in kept), default=0) >= max(
+        (r["score"] for r in step2 if not r["kept"] and r["passed"]), default=0
+    )
     again = synthesize(cfg.stack(), cfg.synth, [5], spans, delta=0.0).to_pylist()
     assert [r["text"] for r in again] == [r["text"] for r in rows]  # seeded per feature
 
@@ -63,12 +73,16 @@ def test_the_vllm_engine_without_vllm_is_a_config_error_naming_the_key(ray_clust
 
 
 def test_raysel_synthesize_writes_samples_with_provenance_and_fac_before_and_after(
-        ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path):
+    ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path
+):
     raw = run_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, 30)
     demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[30:] if r["category"] == "code"][:8])
-    raw |= {"fac": {"anchor": [str(anchor)], "n_features": 40}, "activation": {"target_active": 2},
-            "synth": {"max_features": 2, "n_candidates": 3, "n_contrastive": 3, "max_new_tokens": 24, "delta": 0.0}}
+    raw |= {
+        "fac": {"anchor": [str(anchor)], "n_features": 40},
+        "activation": {"target_active": 2},
+        "synth": {"max_features": 2, "n_candidates": 3, "n_contrastive": 3, "max_new_tokens": 24, "delta": 0.0},
+    }
     raw["encode"]["num_cpus"] = 2  # every CPU of the test cluster to the actor, as `raysel demo` does
     manifest = run(RunConfig.model_validate(raw), until="synthesize")
     out = tmp_path / "out"
@@ -78,7 +92,9 @@ def test_raysel_synthesize_writes_samples_with_provenance_and_fac_before_and_aft
     assert m["features_tried"] == min(2, len(report["missing"])) > 0
     candidates = pq.read_table(out / "synthesis" / "candidates.parquet").to_pylist()
     assert len(candidates) == m["features_tried"] * 6 and all(all(k in c for k in PROVENANCE) for c in candidates)
-    records = [json.loads(line) for line in (out / "selection" / "synthesis" / "records.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (out / "selection" / "synthesis" / "records.jsonl").read_text().splitlines()
+    ]
     assert len(records) == m["n_kept"] == sum(c["kept"] for c in candidates)
     for r in records:
         assert {"instruction", "output", "provenance"} <= set(r) and set(PROVENANCE) <= set(r["provenance"])
