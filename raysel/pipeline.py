@@ -80,6 +80,8 @@ def encode_set(
 
 def run_stages(cfg: RunConfig, storage: Storage, until: str, train_missing_sae: bool) -> dict:
     log.info("run: output at %s", storage.uri())
+    if until == "synthesize" and cfg.synth.engine == "vllm":
+        check_vllm()  # before any work
     default_missing = (
         cfg.sae.path is None and not cfg.sae.release and not (default_sae_dir(cfg.stack()) / WEIGHTS).is_file()
     )
@@ -98,24 +100,26 @@ def run_stages(cfg: RunConfig, storage: Storage, until: str, train_missing_sae: 
     }
     if until in ("select", "fac", "synthesize"):
         ctx = context(cfg, storage, stages["stats"])
-        if until == "select":
-            encoded = stages["encode"]
-            base = {k: manifest[k] for k in ("config", "versions", "model", "counts")} | {
-                "sae": encoded["sae"],
-                "layer": encoded["layer"],
-                "fingerprints": {"prepare": prepared["fingerprint"], "encode": encoded["fingerprint"]},
-            }
-            stages["select"] = execute(Select(cfg.select, cfg.s3, ctx, encoded, base))
-        else:
-            if until == "synthesize" and cfg.synth.engine == "vllm":
-                check_vllm()  # before any work
-            stages["fac"] = execute(MeasureFAC(ctx, cfg.stack(), cfg.stats.top_n))
-            if until == "synthesize":
-                stages["synthesis"] = execute(Synthesize(cfg.synth, cfg.stack(), ctx, stages["fac"], cfg.public_dict()))
+    if until == "select":
+        stages["select"] = execute(Select(cfg.select, cfg.s3, ctx, stages["encode"], selection_base(manifest)))
+    if until in ("fac", "synthesize"):
+        stages["fac"] = execute(MeasureFAC(ctx, cfg.stack(), cfg.stats.top_n))
+    if until == "synthesize":
+        stages["synthesis"] = execute(Synthesize(cfg.synth, cfg.stack(), ctx, stages["fac"], cfg.public_dict()))
     manifest["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     storage.write_json(paths.MANIFEST, manifest)
     log.info("run: done; manifest at %s", storage.uri(paths.MANIFEST))
     return manifest
+
+
+def selection_base(manifest: dict) -> dict:
+    """What every selection's manifest carries of the run's: config, versions, model, SAE, counts, fingerprints."""
+    prepared, encoded = manifest["stages"]["prepare"], manifest["stages"]["encode"]
+    return {k: manifest[k] for k in ("config", "versions", "model", "counts")} | {
+        "sae": encoded["sae"],
+        "layer": encoded["layer"],
+        "fingerprints": {"prepare": prepared["fingerprint"], "encode": encoded["fingerprint"]},
+    }
 
 
 def context(cfg: RunConfig, storage: Storage, stats: dict) -> Context:
@@ -125,12 +129,8 @@ def context(cfg: RunConfig, storage: Storage, stats: dict) -> Context:
     def side_set(name: str, paths_: list[str]) -> FeatureStore:
         if (name, tuple(paths_)) not in encoded:
             sub = Storage(storage.uri(name), cfg.s3)
-            stages = encode_set(
-                cfg,
-                sub,
-                InputConfig(**{**cfg.input.model_dump(), "paths": list(paths_), "hf_dataset": None}),
-                tau=stats["tau"],
-            )
+            side = cfg.input.model_copy(update={"paths": list(paths_), "hf_dataset": None})  # read like the input
+            stages = encode_set(cfg, sub, side, tau=stats["tau"])
             log.info("%s: %d examples encoded", name, stages["encode"]["n_encoded"])
             encoded[(name, tuple(paths_))] = FeatureStore(sub)
         return encoded[(name, tuple(paths_))]
