@@ -10,6 +10,7 @@ import os
 import sys
 from importlib import resources
 
+from raysel import __version__
 from raysel.config import ConfigError, load_config
 from raysel.core import paths
 from raysel.core.corpus import InputError
@@ -42,6 +43,10 @@ def demo_config(out: str | None, overrides: list[str]):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysel", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"raysel {__version__}")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="raysel's debug logs too")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="raysel's warnings and errors only")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, help: str, config: bool = True) -> argparse.ArgumentParser:
@@ -87,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("raysel").setLevel(
+        logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    )
     try:
         if args.verb == "demo":
             cfg = demo_config(args.out, args.overrides)

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 
@@ -137,3 +138,21 @@ def test_a_setting_that_moved_into_a_method_entry_names_its_new_place(override, 
     with pytest.raises(ConfigError) as err:
         load_config(None, ['input.paths=["x"]', override])
     assert override.split("=")[0].rsplit(".", 1)[0] in str(err.value) and names in str(err.value)
+
+
+def test_python_dash_m_raysel_is_the_cli_with_a_version():
+    import subprocess
+    import sys
+
+    import raysel
+
+    out = subprocess.run([sys.executable, "-m", "raysel", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"raysel {raysel.__version__}"
+
+
+@pytest.mark.parametrize("flag, level", [("-q", logging.WARNING), ("-v", logging.DEBUG), (None, logging.INFO)])
+def test_quiet_and_verbose_set_raysels_log_level(tmp_path, flag, level):
+    config = tmp_path / "bad.yaml"
+    config.write_text("input: {paths: [x]}\nprepare: {max_tokenz: 5}\n")  # stops at the config, before any work
+    assert main([*([flag] if flag else []), "run", str(config)]) == 2
+    assert logging.getLogger("raysel").level == level

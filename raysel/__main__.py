@@ -1,0 +1,7 @@
+"""`python -m raysel VERB ...`: the same CLI as the `raysel` command."""
+
+import sys
+
+from raysel.cli import main
+
+sys.exit(main())
