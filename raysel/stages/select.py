@@ -66,63 +66,44 @@ class Select(Stage):
         pool = read_pool(FeatureStore(self.storage), ctx.tau)
         n, indices = len(pool.ids), pool.indices
         budgets = {m.name: resolve_budget(m.cfg.budget or self.select.budget, n) for m in self.methods}
-        log.info(
-            "select: %d samples, %d activated features, %.1f per sample (tau %g), budgets %s",
-            n,
-            np.unique(indices).size,
-            indices.size / max(n, 1),
-            ctx.tau,
-            budgets,
-        )
-        picks, curves = {}, {}
+        log.info("select: %d samples, %d activated features, %.1f per sample (tau %g), budgets %s", n,
+                 np.unique(indices).size, indices.size / max(n, 1), ctx.tau, budgets)  # fmt: skip
+        picks = {}
         for method in self.methods:
             chosen = method.pick(pool, budgets[method.name], ctx)
             order = pool.rows_of(chosen.ids)
-            new, curves[method.name] = coverage_curve(order, pool.indptr, indices)
-            picks[method.name] = (order, chosen, new)
-        baselines = {
-            str(k): {
-                b.Config().name: coverage_curve(
-                    pool.rows_of(build(b.Config()).pick(pool, k, ctx).ids), pool.indptr, indices
-                )[1][-1]["coverage"]
-                for b in BASELINES
-            }
-            for k in set(budgets.values())
-        }
-        raw = selected_records(self.storage, {i for order, _, _ in picks.values() for i in pool.ids[order]})
-        results = {}
+            picks[method.name] = (order, chosen, *coverage_curve(order, pool.indptr, indices))
+        baselines = {str(k): baseline_coverage(pool, k, ctx) for k in set(budgets.values())}
+        raw = selected_records(self.storage, {i for order, *_ in picks.values() for i in pool.ids[order]})
+        at_budget = {}
         for name, k in budgets.items():
-            order, chosen, new = picks[name]
-            results[name] = write_selection(
-                self.storage,
-                name,
-                pool.ids[order],
-                chosen.scores,
-                new,
-                raw,
-                {
-                    **self.manifest_base,
-                    "method": name,
-                    "budget": k,
-                    "tau": ctx.tau,
-                    **chosen.details,
-                    "counts": {**self.manifest_base["counts"], "n_selected": int(len(order))},
-                    "objective_curve": curves[name],
-                    "coverage_at_budget": baselines[str(k)]
-                    | {m: curves[m][-1]["coverage"] for m in budgets if budgets[m] == k},
-                },
-            )
+            order, chosen, new, curve = picks[name]
+            at_budget[name] = baselines[str(k)] | {m: picks[m][3][-1]["coverage"] for m in budgets if budgets[m] == k}
+            write_selection(self.storage, name, pool.ids[order], chosen.scores, new, raw, {
+                **self.manifest_base, "method": name, "budget": k, "tau": ctx.tau, **chosen.details,
+                "counts": {**self.manifest_base["counts"], "n_selected": int(len(order))},
+                "objective_curve": curve, "coverage_at_budget": at_budget[name],
+            })  # fmt: skip
         summary = {
             "budgets": budgets,
             "n_features_activated": int(np.unique(indices).size),
-            "methods": {m: r["coverage_at_budget"][m] for m, r in results.items()},
+            "methods": {m: at_budget[m][m] for m in budgets},
             "baselines": baselines,
             "seconds": round(time.time() - start, 2),
         }
-        log.info(
-            "select: coverage %s against the baselines %s in %.1fs", summary["methods"], baselines, summary["seconds"]
-        )
+        log.info("select: coverage %s against the baselines %s in %.1fs", summary["methods"], baselines,
+                 summary["seconds"])  # fmt: skip
         return summary
+
+
+def baseline_coverage(pool: Pool, k: int, ctx: Context) -> dict[str, float]:
+    """The share of the pool's activated features each baseline covers with k picks."""
+    out = {}
+    for baseline in BASELINES:
+        method = build(baseline.Config())
+        _, curve = coverage_curve(pool.rows_of(method.pick(pool, k, ctx).ids), pool.indptr, pool.indices)
+        out[method.name] = curve[-1]["coverage"]
+    return out
 
 
 def read_pool(store: FeatureStore, tau: float) -> Pool:
