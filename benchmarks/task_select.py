@@ -68,7 +68,7 @@ def bm25_ranking(pool: list[dict], targets: list[dict]) -> list[str]:
 
 def dense_vectors(encoder: Encoder, texts: list[str]) -> np.ndarray:
     """Mean-pooled residual stream after the hook layer, over the positions the SAE path pools."""
-    seqs = encoder.tokenizer(texts, truncation=True, max_length=encoder.cfg.prepare.max_tokens)["input_ids"]
+    seqs = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_tokens)["input_ids"]
     out = np.zeros((len(texts), encoder.model.config.hidden_size))
     for batch in encoder.length_buckets(seqs):
         hidden, counted = encoder.hidden_states([seqs[i] for i in batch])
