@@ -103,9 +103,9 @@ def run_stages(cfg: RunConfig, storage: Storage, until: str, train_missing_sae: 
     if until == "select":
         stages["select"] = execute(Select(cfg.select, cfg.s3, ctx, stages["encode"], selection_base(manifest)))
     if until in ("fac", "synthesize"):
-        stages["fac"] = execute(MeasureFAC(ctx, cfg.stack(), cfg.stats.top_n))
+        stages["fac"] = execute(MeasureFAC(ctx, cfg.stats.top_n))
     if until == "synthesize":
-        stages["synthesis"] = execute(Synthesize(cfg.synth, cfg.stack(), ctx, stages["fac"], cfg.public_dict()))
+        stages["synthesis"] = execute(Synthesize(cfg.synth, ctx, stages["fac"], cfg.public_dict()))
     manifest["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     storage.write_json(paths.MANIFEST, manifest)
     log.info("run: done; manifest at %s", storage.uri(paths.MANIFEST))

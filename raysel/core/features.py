@@ -69,10 +69,11 @@ def activation_profile(table: pa.Table, tau: float, d_sae: int) -> tuple[np.ndar
 
 def pooled(table: pa.Table, pooling: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row of each entry, feature ids, values) of a feature-store table, flattened: the sum-pool s(x),
-    or the mean-pool s(x) / n_tokens."""
+    the mean-pool s(x) / n_tokens, or the max-pool g(x)."""
     rows = pc.list_parent_indices(table["feat_ids"]).to_numpy()
     feats = pc.list_flatten(table["feat_ids"]).to_numpy().astype(np.int64)
-    values = pc.list_flatten(table["feat_sum"]).to_numpy().astype(np.float64)
+    column = "feat_max" if pooling == "max" else "feat_sum"
+    values = pc.list_flatten(table[column]).to_numpy().astype(np.float64)
     if pooling == "mean":
         values = values / np.maximum(table["n_tokens"].to_numpy(), 1)[rows]
     return rows, feats, values

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import pyarrow.compute as pc
 
 from raysel.core.features import pooled
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
@@ -46,12 +45,7 @@ class KCenter(Method):
 
 def sparse_vectors(table, pooling: str, normalize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, feature, value) of each sample's pooled vector; unit length when `normalize`."""
-    if pooling == "max":
-        rows = pc.list_parent_indices(table["feat_ids"]).to_numpy()
-        feats = pc.list_flatten(table["feat_ids"]).to_numpy().astype(np.int64)
-        values = pc.list_flatten(table["feat_max"]).to_numpy().astype(np.float64)
-    else:
-        rows, feats, values = pooled(table, pooling)
+    rows, feats, values = pooled(table, pooling)
     if normalize:
         norms = np.sqrt(np.bincount(rows, values * values, minlength=table.num_rows))
         values = values / np.where(norms > 0, norms, 1.0)[rows]

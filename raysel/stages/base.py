@@ -37,6 +37,7 @@ def commit(storage: Storage, marker: str, key: dict | None, work: Callable[[], d
     A None key always runs."""
     done = committed(storage, marker, key)
     if done is not None:
+        log.info("%s: up to date; skipping", marker)
         return done
     storage.remove(marker)
     record = {**work(), "key": normalized(key)}
@@ -64,9 +65,4 @@ class Stage:
 
 def execute(stage: Stage) -> dict:
     """Run a stage unless its marker says it is done with the same key; its record either way."""
-    key, marker = stage.key(), paths.marker(stage.name)
-    done = committed(stage.storage, marker, key)
-    if done is not None:
-        log.info("%s: up to date; skipping", stage.name)
-        return done
-    return commit(stage.storage, marker, key, stage.run)
+    return commit(stage.storage, paths.marker(stage.name), stage.key(), stage.run)

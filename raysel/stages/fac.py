@@ -9,7 +9,6 @@ import logging
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raysel.config import ModelStack
 from raysel.core import paths
 from raysel.core.features import FeatureStore
 from raysel.methods import Context
@@ -23,8 +22,8 @@ class MeasureFAC(Stage):
     name = "fac"
     needs = ("stats",)
 
-    def __init__(self, ctx: Context, stack: ModelStack, top_n: int):
-        self.ctx, self.stack, self.top_n, self.storage = ctx, stack, top_n, ctx.storage
+    def __init__(self, ctx: Context, top_n: int):
+        self.ctx, self.top_n, self.storage = ctx, top_n, ctx.storage
 
     def key(self) -> dict | None:
         return None  # cheap next to encoding, and its side set resumes on its own
@@ -33,9 +32,9 @@ class MeasureFAC(Stage):
         ctx, storage = self.ctx, self.storage
         anchor = ctx.side_set("anchor", ctx.fac.anchor)
         anchored, evaluated = anchor.table(), FeatureStore(storage).table()
-        features = fac_features(ctx.fac, self.stack, storage, anchor, anchored, evaluated, ctx.tau, ctx.d_sae)
+        features = fac_features(ctx.fac, ctx.stack, storage, anchor, anchored, evaluated, ctx.tau, ctx.d_sae)
         summary, table = fac(anchored, evaluated, features, ctx.tau, ctx.d_sae)
-        spans = anchor_spans(self.stack, self.top_n, anchor, summary["missing"])
+        spans = anchor_spans(ctx.stack, self.top_n, anchor, summary["missing"])
         storage.remove(f"{paths.FAC}/report.json")
         storage.fs.create_dir(storage.path(paths.FAC), recursive=True)
         pq.write_table(table, storage.path(paths.FAC, "features.parquet"), filesystem=storage.fs)

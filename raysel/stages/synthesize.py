@@ -341,8 +341,8 @@ class Synthesize(Stage):
     name = "synthesis"
     needs = ("fac",)
 
-    def __init__(self, synth: SynthConfig, stack: ModelStack, ctx: Context, before: dict, config: dict):
-        self.synth, self.stack, self.ctx, self.before, self.config = synth, stack, ctx, before, config
+    def __init__(self, synth: SynthConfig, ctx: Context, before: dict, config: dict):
+        self.synth, self.ctx, self.before, self.config = synth, ctx, before, config
         self.storage = ctx.storage
 
     def key(self) -> dict | None:
@@ -353,7 +353,7 @@ class Synthesize(Stage):
         start = time.time()
         spans = pq.read_table(storage.path(paths.FAC, "missing_spans.parquet"), filesystem=storage.fs)
         delta = synth_delta(synth, tau)
-        candidates = synthesize(self.stack, synth, self.before["missing"], spans, delta)
+        candidates = synthesize(ctx.stack, synth, self.before["missing"], spans, delta)
         kept = candidates.filter(candidates["kept"])
         anchored = ctx.side_set("anchor", ctx.fac.anchor).table()
         features = pq.read_table(
