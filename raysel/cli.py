@@ -159,10 +159,15 @@ def summary_lines(verb: str, manifest: dict) -> list[str]:
     lines = [
         f"raysel {verb}: done",
         f"  input     {counts['n_input']:,} rows: {counts['n_valid']:,} valid, {counts['n_rejected']:,} rejected"
-        + (f" ({rejected}; see rejects/)" if rejected else ""),
+        + (f" ({rejected}; see rejects/)" if rejected else "")
+        + (f"; {counts['n_blank_lines']:,} blank lines skipped" if counts.get("n_blank_lines") else ""),
     ]
     if "n_encoded" in counts:
-        lines.append(f"  encoded   {counts['n_encoded']:,} samples into the feature store (features/)")
+        failed = counts.get("n_encode_rejected")
+        lines.append(
+            f"  encoded   {counts['n_encoded']:,} samples into the feature store (features/)"
+            + (f"; {failed:,} the encoder could not take (encode_error, see rejects/)" if failed else "")
+        )
     if select:
         lines.append(f"  selected  share of the pool's {select['n_features_activated']:,} activated features covered:")
         order = [e["name"] for e in manifest["config"]["select"]["methods"] if e["name"] in select["methods"]]

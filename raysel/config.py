@@ -55,6 +55,7 @@ class PrepareConfig(Section):
     dedup: bool = True  # reject exact duplicate texts
     batch_size: int = Field(512, gt=0)  # rows per formatting task; tasks run on every free CPU
     rows_per_file: int = Field(1024, gt=0)  # rows per prepared file: the encoder's unit of work and resume
+    max_row_bytes: int = Field(16 << 20, ge=1024)  # a larger row is rejected as too_large, its head kept
 
 
 class ModelConfig(Section):

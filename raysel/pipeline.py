@@ -95,8 +95,8 @@ def run_stages(cfg: RunConfig, storage: Storage, until: str, train_missing_sae: 
         "output": storage.uri(),
         "model": cfg.model.name,
         "stages": stages,
-        "counts": {k: prepared[k] for k in ("n_input", "n_valid", "n_rejected", "rejected_by_reason")}
-        | ({"n_encoded": stages["encode"]["n_encoded"]} if "encode" in stages else {}),
+        "counts": {k: prepared[k] for k in ("n_input", "n_blank_lines", "n_valid", "n_rejected", "rejected_by_reason")}
+        | ({k: stages["encode"][k] for k in ("n_encoded", "n_encode_rejected")} if "encode" in stages else {}),
     }
     if until in ("select", "fac", "synthesize"):
         ctx = context(cfg, storage, stages["stats"])

@@ -8,10 +8,14 @@ parsing and validation happen in the prepare stage."""
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import hashlib
+import itertools
 import json
+import math
 import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -47,6 +51,10 @@ EXTENSIONS = {
     ".arrow": "hf_disk",
 }
 ROWS_PER_BLOCK = 8192
+BOM = b"\xef\xbb\xbf"
+LINE_END = re.compile(rb"\r\n|\r|\n")
+BLANK_LINE = "blank_line"  # not a reject: blank lines are counted apart
+PREVIEW_BYTES = 4096  # of a row too large to keep, the head shown in its reject
 ORDER_BITS = 40  # rows per file < 2**40
 CHUNK_BYTES = 1 << 22
 
@@ -156,12 +164,14 @@ def _hub_dataset_files(cfg: InputConfig) -> list[InputFile]:
 
 
 class CorpusDatasource(FileBasedDatasource):
-    """Reads every input file into RAW_SCHEMA rows, one reader per format."""
+    """Reads every input file into RAW_SCHEMA rows, one reader per format. A row over `max_row_bytes`
+    keeps only its head: it is rejected, and a file with no line ends never fills the memory."""
 
-    def __init__(self, files: list[InputFile], filesystem: pafs.FileSystem):
+    def __init__(self, files: list[InputFile], filesystem: pafs.FileSystem, max_row_bytes: int):
         super().__init__([f.path for f in files], filesystem=filesystem)
         self._formats = {f.path: f.format for f in files}
         self._index = {f.path: i for i, f in enumerate(files)}
+        self._limit = max_row_bytes
 
     def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
         # Parquet readers seek to the footer; the other formats stream.
@@ -170,15 +180,8 @@ class CorpusDatasource(FileBasedDatasource):
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        fmt = self._formats[path]
-        if fmt == "parquet":
-            rows = _parquet_rows(f)
-        elif fmt == "hf_disk":
-            rows = _arrow_stream_rows(f)
-        else:
-            rows = _json_rows(f, array_ok=fmt == "json")
         batch, base = [], self._index[path] << ORDER_BITS
-        for row in rows:
+        for row in read_rows(f, self._formats[path], self._limit):
             batch.append({"source": path, "order": base | row["row"], **row})
             if len(batch) == ROWS_PER_BLOCK:
                 yield pa.Table.from_pylist(batch, schema=RAW_SCHEMA)
@@ -187,27 +190,52 @@ class CorpusDatasource(FileBasedDatasource):
             yield pa.Table.from_pylist(batch, schema=RAW_SCHEMA)
 
 
-def _json_rows(f: pa.NativeFile, array_ok: bool) -> Iterator[dict]:
+def read_rows(f: pa.NativeFile, fmt: str, limit: int) -> Iterator[dict]:
+    """Every row of one file as {row, raw, reason, detail}; never raises for a row's content."""
+    if fmt == "parquet":
+        return _table_rows(pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK), limit)
+    if fmt == "hf_disk":
+        return _table_rows(pa.ipc.open_stream(f), limit)
+    return _json_rows(f, limit, array_ok=fmt == "json")
+
+
+def _json_rows(f: pa.NativeFile, limit: int, array_ok: bool) -> Iterator[dict]:
     head = f.read(CHUNK_BYTES)
+    if head.startswith(BOM):
+        head = head[len(BOM) :]
     if array_ok and head.lstrip().startswith(b"["):
-        yield from _json_array_rows(head + f.read())
+        yield from _json_array_rows(head + f.read(), limit)
         return
-    for number, line in _lines(head, f):
-        if line.strip():  # blank lines separate records; they are not rows
+    for number, line, size in _lines(head, f, limit):
+        if line.startswith(BOM):  # files joined with cat keep each one's BOM
+            line = line[len(BOM) :]
+        if size > limit:
+            yield _too_large(number, line, size, limit)
+        elif not line.strip():  # counted, never a sample
+            yield _row(number, "", BLANK_LINE)
+        else:
             yield _decoded(number, line)
 
 
-def _lines(head: bytes, f: pa.NativeFile) -> Iterator[tuple[int, bytes]]:
-    number, tail, chunk = 0, b"", head
-    while chunk:
-        parts = (tail + chunk).split(b"\n")
-        tail = parts.pop()
-        for part in parts:
+def _lines(head: bytes, f: pa.NativeFile, limit: int) -> Iterator[tuple[int, bytes, int]]:
+    """(number, line, its full size) for each physical line, ended by LF, CRLF or a lone CR. Of a line
+    over `limit` bytes only the first PREVIEW_BYTES are kept."""
+    number, tail, dropped = 0, b"", 0
+    for chunk in itertools.chain([head], iter(lambda: f.read(CHUNK_BYTES), b"")):
+        data, start = tail + chunk, 0
+        for end in LINE_END.finditer(data):
+            if end.group() == b"\r" and end.end() == len(data):
+                break  # perhaps the first half of a CRLF split across chunks
             number += 1
-            yield number, part.rstrip(b"\r")
-        chunk = f.read(CHUNK_BYTES)
-    if tail:
-        yield number + 1, tail.rstrip(b"\r")
+            yield number, data[start : end.start()], dropped + end.start() - start
+            start, dropped = end.end(), 0
+        tail = data[start:]
+        if (dropped or len(tail) > limit) and not tail.endswith(b"\r"):
+            dropped += max(0, len(tail) - PREVIEW_BYTES)
+            tail = tail[:PREVIEW_BYTES]
+    if tail or dropped:  # the last line, without an end or with a lone CR held back above
+        line = tail.removesuffix(b"\r")
+        yield number + 1, line, dropped + len(line)
 
 
 def _decoded(number: int, line: bytes) -> dict:
@@ -217,36 +245,99 @@ def _decoded(number: int, line: bytes) -> dict:
         return _row(number, line.decode("utf-8", "backslashreplace"), "invalid_utf8", str(err))
 
 
-def _json_array_rows(data: bytes) -> Iterator[dict]:
-    # A JSON array is one document: if it does not decode or parse, the whole
-    # file is one reject, numbered row 0.
-    shown = data[:4096].decode("utf-8", "backslashreplace")
+def _too_large(number: int, head: bytes, size: int, limit: int) -> dict:
+    shown = head[:PREVIEW_BYTES].decode("utf-8", "backslashreplace")
+    return _row(number, shown, "too_large", f"{size:,} bytes, over prepare.max_row_bytes ({limit:,}); raw: the head")
+
+
+def _json_array_rows(data: bytes, limit: int) -> Iterator[dict]:
+    """One row per element of a JSON array, its raw text as written (line ends made spaces, which
+    JSON allows between tokens and never inside a string). From where the array stops parsing, the
+    rest of the file is one reject."""
     try:
-        records = json.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        yield _row(0, shown, "invalid_utf8", str(err))
+        yield _row(0, data[:PREVIEW_BYTES].decode("utf-8", "backslashreplace"), "invalid_utf8", str(err))
         return
-    except json.JSONDecodeError as err:
-        yield _row(0, shown, "malformed_json", str(err))
-        return
-    for number, record in enumerate(records, start=1):
-        yield _row(number, json.dumps(record, ensure_ascii=False))
+    pos, number = _after_ws(text, text.index("[") + 1), 0
+    while pos < len(text) and text[pos] != "]":
+        number += 1
+        try:
+            end = _value_end(text, pos)
+        except json.JSONDecodeError as err:
+            yield _row(number, text[pos : pos + PREVIEW_BYTES], "malformed_json", f"the array stops parsing: {err}")
+            return
+        raw = text[pos:end]
+        if len(raw.encode()) > limit:
+            yield _too_large(number, raw.encode(), len(raw.encode()), limit)
+        else:
+            yield _row(number, raw.replace("\r", " ").replace("\n", " "))
+        pos = _after_ws(text, end)
+        if pos < len(text) and text[pos] not in ",]":
+            yield _row(number + 1, text[pos : pos + PREVIEW_BYTES], "malformed_json", "expected ',' or ']'")
+            return
+        pos = _after_ws(text, pos + 1) if text[pos : pos + 1] == "," else pos
+    if pos >= len(text):  # a cut-off file: say so, whatever came before it
+        yield _row(number + 1, "", "malformed_json", "the array has no closing ']'")
 
 
-def _parquet_rows(f: pa.NativeFile) -> Iterator[dict]:
-    yield from _table_rows(pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK))
+# Scanning only: numbers stay text, so an element's value is parsed once, per row, in prepare.
+_SCANNER = json.JSONDecoder(parse_int=str, parse_float=str, parse_constant=str)
+_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_WS = re.compile(r"[ \t\n\r]*")
 
 
-def _arrow_stream_rows(f: pa.NativeFile) -> Iterator[dict]:
-    yield from _table_rows(pa.ipc.open_stream(f))
+def _after_ws(text: str, pos: int) -> int:
+    return _WS.match(text, pos).end()
 
 
-def _table_rows(batches) -> Iterator[dict]:
+def _value_end(text: str, pos: int) -> int:
+    """Where the JSON value at `pos` ends. One nested beyond what the parser's recursion allows is
+    skipped by its brackets, and left for prepare to reject as too deep."""
+    try:
+        return _SCANNER.raw_decode(text, pos)[1]
+    except RecursionError:
+        depth = 0
+        for token in _STRING_OR_BRACKET.finditer(text, pos):
+            depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(token.group(), 0)
+            if depth == 0:
+                return token.end()
+        raise json.JSONDecodeError("unbalanced brackets", text, pos) from None
+
+
+def _table_rows(batches, limit: int) -> Iterator[dict]:
     number = 0
     for batch in batches:
         for record in batch.to_pylist():
             number += 1
-            yield _row(number, json.dumps(record, ensure_ascii=False, default=str))
+            raw = table_record_json(record)
+            size = len(raw.encode())
+            yield _too_large(number, raw.encode(), size, limit) if size > limit else _row(number, raw)
+
+
+def table_record_json(record: dict) -> str:
+    """A parquet or arrow row as JSON. JSON has no bytes, NaN or infinity: binary values become base64
+    text, non-finite floats null; dates, times and decimals their ISO or decimal text."""
+    try:
+        return json.dumps(record, ensure_ascii=False, allow_nan=False, default=_json_default)
+    except ValueError:  # a NaN or an infinity somewhere in the row
+        return json.dumps(_finite(record), ensure_ascii=False, default=_json_default)
+
+
+def _json_default(value) -> str:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    return str(value)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _row(number: int, raw: str, reason: str | None = None, detail: str | None = None) -> dict:

@@ -40,6 +40,7 @@ class Encoder:
                 f"sae: d_in {self.sae.cfg.d_in} is not the model's hidden size {model.config.hidden_size}"
             )
         self.layer = hook_layer(stack, self.sae.cfg.metadata.hook_name)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.model = truncate_to_layer(model, self.layer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         prefix = ""
@@ -59,6 +60,20 @@ class Encoder:
             schema=FEATURE_SCHEMA,
         )
         return table.take(np.argsort(order))
+
+    def encode_isolated(self, ids: list[str], texts: list[str]) -> tuple[pa.Table, dict[str, str]]:
+        """As calling the encoder, but a sample that fails on its own is left out, with its error; the
+        others are encoded. A failed batch is halved until the failures are single samples."""
+        try:
+            return self(ids, texts), {}
+        except Exception as err:
+            if len(ids) == 1:
+                return FEATURE_SCHEMA.empty_table(), {ids[0]: f"{type(err).__name__}: {err}"[:2000]}
+        half = len(ids) // 2
+        (a, errors_a), (b, errors_b) = (
+            self.encode_isolated(i, t) for i, t in ((ids[:half], texts[:half]), (ids[half:], texts[half:]))
+        )
+        return pa.concat_tables([a, b]), errors_a | errors_b
 
     def length_buckets(self, enc: list[list[int]]):
         """Indices in batches of similar length, each under the padded-token budget."""
@@ -90,6 +105,9 @@ class Encoder:
     def hidden_states(self, seqs: list[list[int]]):
         """The residual stream after the hook layer for a padded batch, and which positions count."""
         torch = self.torch
+        if (top := max(max(s, default=0) for s in seqs)) >= self.vocab_size:
+            # On a GPU the embedding lookup would be a device-side assert that ends the whole actor.
+            raise ValueError(f"token id {top} is outside the model's embedding ({self.vocab_size} rows)")
         width = max(len(s) for s in seqs)
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         for row, s in enumerate(seqs):

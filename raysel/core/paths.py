@@ -1,7 +1,8 @@
 """The run's layout: every folder and marker name, relative to the output root, in one place.
 
 prepared/              the validated, rendered samples (parquet)
-rejects/               every input row that was not kept, with its reason (JSON lines)
+rejects/               every input row that was not kept, with its reason (JSON lines);
+                       rejects/encode-<shard>.jsonl: the samples the encoder could not take
 features/              the feature store (parquet shards), and features/_done/ its shard markers
 stats/                 per-feature statistics and top-activating spans
 selection/<method>/    one committed selection per method
@@ -41,3 +42,7 @@ def selection(method: str, *parts: str) -> str:
 
 def shard_marker(shard: str) -> str:
     return posixpath.join(FEATURES_DONE, f"{shard}.json")
+
+
+def encode_rejects(shard: str) -> str:
+    return posixpath.join(REJECTS, f"encode-{posixpath.splitext(shard)[0]}.jsonl")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,8 +27,13 @@ FALLBACK_CHAT_TEMPLATE = (
 
 # Reason codes a row can be rejected with, at each step of the way.
 REASONS = (
+    "too_large",  # the row is over prepare.max_row_bytes
     "invalid_utf8",  # the line is not valid UTF-8
-    "malformed_json",  # the line (or file) does not parse as JSON
+    "malformed_json",  # the line (or the rest of a JSON array) does not parse as JSON
+    "too_deep",  # nested deeper than the JSON parser's recursion allows (about 1,000 levels)
+    "invalid_unicode",  # a string holds a lone UTF-16 surrogate (an escaped \\ud800), which UTF-8 cannot carry
+    "number_out_of_range",  # an integer over 4,300 digits, or a float literal beyond double range (1e999)
+    "non_finite_number",  # NaN or Infinity: not JSON
     "not_a_record",  # valid JSON, but not an object
     "missing_field",  # a required field of the shape is absent or null
     "wrong_type",  # a field holds the wrong type
@@ -34,7 +41,10 @@ REASONS = (
     "template_error",  # the chat template refused the conversation (e.g. roles out of order)
     "duplicate_id",  # an earlier row has the same id
     "duplicate_text",  # an earlier row has the same content (prepare.dedup)
+    "internal_error",  # anything unforeseen while preparing the row: the exception's type and message
+    "encode_error",  # the tokenizer or the model failed on this sample alone, in the encode stage
 )
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class Rejected(Exception):
@@ -51,6 +61,37 @@ class Sample:
     text: str | None  # the input text of a plain-text record
     id: str
     content_hash: str
+
+
+def parse_record(raw: str) -> dict:
+    """One row's JSON text to a record, or Rejected with the reason it cannot be one."""
+    try:
+        record = json.loads(raw, parse_float=_finite_float, parse_constant=_non_finite)
+    except json.JSONDecodeError as err:
+        raise Rejected("malformed_json", str(err)) from None
+    except RecursionError:
+        raise Rejected("too_deep", "nested deeper than the JSON parser allows") from None
+    except ValueError as err:  # int() past sys.get_int_max_str_digits()
+        raise Rejected("number_out_of_range", str(err)) from None
+    if not isinstance(record, dict):
+        raise Rejected("not_a_record", f"expected a JSON object, got {type(record).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):  # only an escape can make a lone surrogate; decoded UTF-8 never does
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise Rejected("invalid_unicode", f"a lone surrogate {err.object[err.start]!r}") from None
+    return record
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise Rejected("number_out_of_range", f"{text[:40]} is beyond the range of a double")
+    return value
+
+
+def _non_finite(name: str):
+    raise Rejected("non_finite_number", f"{name} is not a JSON number")
 
 
 def normalize(record: dict, fields: FieldMap, shape: str = "auto") -> Sample:

@@ -7,6 +7,7 @@ without a marker of the current fingerprint."""
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 import time
@@ -53,13 +54,16 @@ class EncodeShards:
         start = time.time()
         rows = storage.retrying(
             f"reading prepared/{shard}",
-            lambda: pq.read_table(storage.path(paths.PREPARED, shard), columns=["id", "text"], filesystem=fs),
+            lambda: pq.read_table(
+                storage.path(paths.PREPARED, shard), columns=["id", "text", *REJECT_FIELDS], filesystem=fs
+            ),
         )
-        features = self.encoder(rows["id"].to_pylist(), rows["text"].to_pylist())
+        features, errors = self.encoder.encode_isolated(rows["id"].to_pylist(), rows["text"].to_pylist())
         n_tokens = int(pc.sum(features["n_tokens"]).as_py() or 0)
         summary = {
             "shard": shard,
             "rows": features.num_rows,
+            "rejected": len(errors),
             "tokens": n_tokens,
             "seconds": round(time.time() - start, 3),
             "node": ray.get_runtime_context().get_node_id(),
@@ -68,6 +72,7 @@ class EncodeShards:
         def write() -> dict:
             fs.create_dir(storage.path(paths.FEATURES), recursive=True)
             pq.write_table(features, storage.path(paths.FEATURES, shard), filesystem=fs)
+            write_encode_rejects(storage, shard, rows, errors)
             return summary
 
         storage.retrying(
@@ -81,6 +86,37 @@ class EncodeShards:
             summary["seconds"],
             summary["rows"] / max(summary["seconds"], 1e-9),
         )
+        if errors:
+            log.warning("encode: %s: %d sample(s) rejected as encode_error, first: %s", shard, len(errors),
+                        next(iter(errors.values())))  # fmt: skip
+
+
+REJECT_FIELDS = ["source", "row", "record"]
+
+
+def write_encode_rejects(storage: Storage, shard: str, rows: pa.Table, errors: dict[str, str]) -> None:
+    """The shard's samples the encoder could not take, as rejects with the reason encode_error."""
+    rel = paths.encode_rejects(shard)
+    storage.remove(rel)  # a re-encoded shard must not keep an earlier attempt's rejects
+    if not errors:
+        return
+    failed = rows.filter(pc.is_in(rows["id"], pa.array(list(errors), pa.string()))).to_pylist()
+    lines = [
+        json.dumps(
+            {
+                "source": r["source"],
+                "row": r["row"],
+                "reason": "encode_error",
+                "detail": errors[r["id"]],
+                "raw": r["record"],
+            },
+            ensure_ascii=False,
+        )
+        for r in failed
+    ]
+    storage.fs.create_dir(storage.path(paths.REJECTS), recursive=True)
+    with storage.fs.open_output_stream(storage.path(rel)) as f:
+        f.write("".join(line + "\n" for line in lines).encode())
 
 
 class Encode(Stage):
@@ -124,6 +160,9 @@ class Encode(Stage):
         if len(finished) < len(markers):  # features of another input or config: start over
             log.info("encode: features from an earlier input or config; re-encoding everything")
             storage.remove(paths.FEATURES)
+            for info in storage.listing(paths.REJECTS):
+                if posixpath.basename(info.path).startswith("encode-"):
+                    storage.fs.delete_file(info.path)
             finished = {}
         todo = [s for s in shards if s not in finished]
         log.info(
@@ -172,6 +211,7 @@ class Encode(Stage):
             "n_shards_encoded": len(todo),
             "n_shards_skipped": len(shards) - len(todo),
             "n_encoded": sum(markers[s]["rows"] for s in shards),
+            "n_encode_rejected": sum(markers[s].get("rejected", 0) for s in shards),
             "n_tokens": sum(markers[s]["tokens"] for s in shards),
             "seconds": round(seconds, 2),
         }

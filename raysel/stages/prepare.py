@@ -7,7 +7,6 @@ prepare sections, the model): a re-run with the same inputs and config skips it.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -21,10 +20,17 @@ from ray.data.expressions import col
 
 from raysel.config import InputConfig, ModelConfig, PrepareConfig, S3Config
 from raysel.core import paths
-from raysel.core.corpus import ORDER_BITS, CorpusDatasource, content_fingerprint, fingerprint, list_input_files
+from raysel.core.corpus import (
+    BLANK_LINE,
+    ORDER_BITS,
+    CorpusDatasource,
+    content_fingerprint,
+    fingerprint,
+    list_input_files,
+)
 from raysel.core.models import load_tokenizer, model_source
 from raysel.core.ray_adapter import Resources, map_stage
-from raysel.core.records import Rejected, chat_template_for, normalize, render
+from raysel.core.records import Rejected, chat_template_for, normalize, parse_record, render
 from raysel.core.storage import Storage
 from raysel.stages.base import Stage
 
@@ -64,22 +70,38 @@ class Formatter:
         self.template = chat_template_for(self.tokenizer, prepare.chat_template)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [self._sample(r) for r in batch.to_pylist()]
-        self._cut_to_max_tokens([r for r in rows if r["reason"] is None])
-        return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+        rows = [self._guarded(self._sample, r, "preparing") for r in batch.to_pylist()]
+        return _table(self._tokenized(rows))
+
+    def _tokenized(self, rows: list[dict]) -> list[dict]:
+        """The rows with their token counts; a valid row the tokenizer refuses becomes an internal_error."""
+        valid = [r for r in rows if r["reason"] is None]
+        try:
+            self._cut_to_max_tokens(valid)
+            return rows
+        except Exception:  # one row the tokenizer refuses: find it, and keep the others
+
+            def alone(row: dict) -> dict:
+                self._cut_to_max_tokens([row])
+                return row
+
+            return [self._guarded(alone, r, "tokenizing") if r["reason"] is None else r for r in rows]
+
+    @staticmethod
+    def _guarded(step, row: dict, doing: str) -> dict:
+        """`step(row)`, or the row as an internal_error: no row stops the batch."""
+        try:
+            return step(row)
+        except Exception as err:
+            return _internal_error(row, f"{doing}: {type(err).__name__}: {err}")
 
     def _sample(self, row: dict) -> dict:
         out = {"source": row["source"], "row": row["row"], "order": row["order"], "record": row["raw"]}
         if row["reason"]:
             return {**out, "reason": row["reason"], "detail": row["detail"]}
         try:
-            record = json.loads(row["raw"])
-            if not isinstance(record, dict):
-                raise Rejected("not_a_record", f"expected a JSON object, got {type(record).__name__}")
-            sample = normalize(record, self.input.fields, self.input.shape)
+            sample = normalize(parse_record(row["raw"]), self.input.fields, self.input.shape)
             text = render(sample, self.tokenizer, self.template)
-        except json.JSONDecodeError as err:
-            return {**out, "reason": "malformed_json", "detail": str(err)}
         except Rejected as rej:
             return {**out, "reason": rej.reason, "detail": rej.detail}
         return {
@@ -108,6 +130,26 @@ class Formatter:
             r["n_tokens"] = min(len(ids), limit)
             if r["truncated"]:
                 r["text"] = r["text"][: offsets[limit - 1][1]]
+
+
+def _internal_error(row: dict, detail: str) -> dict:
+    keep = ("source", "row", "order", "record")
+    return {**{k: row.get(k) for k in keep}, "reason": "internal_error", "detail": detail[:2000]}
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    """The batch's rows in SAMPLE_SCHEMA; a row arrow cannot take becomes an internal_error."""
+    try:
+        return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+    except Exception:
+        tables = []
+        for r in rows:
+            try:
+                tables.append(pa.Table.from_pylist([r], schema=SAMPLE_SCHEMA))
+            except Exception as err:
+                bad = _internal_error(r, f"writing: {type(err).__name__}: {err}")
+                tables.append(pa.Table.from_pylist([bad], schema=SAMPLE_SCHEMA))
+        return pa.concat_tables(tables)
 
 
 class PartNames(FilenameProvider):
@@ -154,7 +196,7 @@ class Prepare(Stage):
         storage, files = self.storage, self.files
         start = time.time()
         log.info("prepare: reading %d file(s) (%s)", len(files), ", ".join(sorted({f.format for f in files})))
-        kept, rejects, n_input = self.validate()
+        kept, rejects, n_input, n_blank = self.validate()
         kept.write_parquet(
             storage.path(paths.PREPARED),
             filesystem=storage.fs,
@@ -174,6 +216,7 @@ class Prepare(Stage):
             "fingerprint": self.fingerprint,
             "files": [f.path for f in files],
             "n_input": n_input,
+            "n_blank_lines": n_blank,  # skipped; with n_input, every physical line of the JSON lines files
             "n_valid": kept.count(),
             "n_rejected": sum(by_reason.values()),
             "rejected_by_reason": by_reason,
@@ -194,12 +237,16 @@ class Prepare(Stage):
         )
         return summary
 
-    def validate(self) -> tuple[Dataset, Dataset, int]:
-        """Every input row, split into valid samples and rejects (both materialised)."""
-        raw = ray.data.read_datasource(CorpusDatasource(self.files, self.fs))
-        samples = map_stage(
+    def validate(self) -> tuple[Dataset, Dataset, int, int]:
+        """Every input row, split into valid samples and rejects (both materialised), with the count of
+        rows and of blank lines."""
+        raw = ray.data.read_datasource(CorpusDatasource(self.files, self.fs, self.prepare.max_row_bytes))
+        formatted = map_stage(
             raw, Formatter, self.resources(), input=self.input, prepare=self.prepare, model=self.model
         ).materialize()
+        blank = col("reason") == BLANK_LINE
+        n_blank = formatted.filter(expr=blank).count()
+        samples = formatted.filter(expr=col("reason").is_null() | ~blank).materialize()
         n_input, partitions = samples.count(), max(1, min(64, samples.num_blocks()))
         paths_ = [f.path for f in self.files]
         rejected = []
@@ -212,7 +259,7 @@ class Prepare(Stage):
         rejected.append(samples.filter(expr=col("reason").is_not_null()).materialize())
         kept = samples.filter(expr=col("reason").is_null()).select_columns(PREPARED_SCHEMA.names)
         rejects = rejected[0].union(*rejected[1:]).rename_columns({"record": "raw"}).select_columns(REJECT_COLUMNS)
-        return kept, rejects.materialize(), n_input
+        return kept, rejects.materialize(), n_input, n_blank
 
 
 def first_wins(ds: Dataset, key: str, reason: str, files: list[str], num_partitions: int) -> Dataset:

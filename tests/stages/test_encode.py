@@ -209,3 +209,45 @@ def test_a_run_whose_driver_is_killed_resumes_to_the_uninterrupted_result(tiny_m
             pq.read_table(tmp_path / root / "selection" / method / "records.parquet") for root in ("out", "clean")
         )
         assert resumed.equals(uninterrupted) and resumed.num_rows == 24
+
+
+def test_a_sample_the_model_cannot_take_is_an_encode_error_and_the_shard_goes_on(
+    ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path
+):
+    # A tokenizer with a token the model's embedding lacks, as when a user's tokenizer gained tokens
+    # its model never saw: only the samples that hold it fail, each on its own.
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.add_tokens(["<unseen>"])
+    tok.save_pretrained(model_dir)
+    raw = run_cfg(tmp_path, model_dir, tiny_sae_dir, 24)
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:24]]
+    poisoned = {rows[i]["id"] for i in (2, 9, 10)}
+    for r in rows:
+        if r["id"] in poisoned:
+            r["output"] += " <unseen>"
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RunConfig.model_validate(raw)
+    storage = Storage(cfg.output.root, cfg.s3)
+    summary = encode(cfg, storage, prepare(cfg, storage))
+
+    assert (summary["n_encoded"], summary["n_encode_rejected"]) == (21, 3)
+    rejects = [json.loads(line) for f in sorted((tmp_path / "out" / "rejects").glob("encode-*.jsonl"))
+               for line in f.read_text().splitlines()]  # fmt: skip
+    assert sorted(json.loads(r["raw"])["id"] for r in rejects) == sorted(poisoned)
+    assert {r["reason"] for r in rejects} == {"encode_error"} and "outside the model's embedding" in rejects[0][
+        "detail"
+    ]
+    assert sorted(r["row"] for r in rejects) == [3, 10, 11]
+    store = pq.read_table(tmp_path / "out" / "features", columns=["id"])["id"].to_pylist()
+    assert sorted(store) == sorted(r["id"] for r in rows if r["id"] not in poisoned)
+    # the clean samples' features are what they would be in a run without the poisoned rows
+    alone = Encoder(encoder_stack(model_dir, tiny_sae_dir, tokens_per_batch=256))
+    prepared = pq.read_table(tmp_path / "out" / "prepared").to_pylist()
+    clean = [r for r in prepared if r["id"] not in poisoned][:4]
+    expected = alone([r["id"] for r in clean], [r["text"] for r in clean]).to_pylist()
+    got = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "features").to_pylist()}
+    for e in expected:
+        assert got[e["id"]]["feat_ids"] == e["feat_ids"]
+        np.testing.assert_allclose(got[e["id"]]["feat_max"], e["feat_max"], rtol=1e-4)

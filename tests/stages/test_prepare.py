@@ -48,7 +48,9 @@ def make_cfg(tokenizer_dir, paths, root, **sections) -> RunConfig:
 
 
 def read_rejects(root: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted((root / "rejects").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    # split on \n only: a raw row may hold U+2028 or other characters that splitlines() breaks at
+    files = sorted((root / "rejects").glob("*.jsonl"))
+    return [json.loads(line) for f in files for line in f.read_text().split("\n") if line]
 
 
 def read_prepared(root: Path) -> list[dict]:
@@ -202,13 +204,31 @@ def test_globs_and_directories_read_every_file_once(ray_cluster, tiny_chat_token
     assert len({r["id"] for r in read_prepared(tmp_path / "out")}) == 12
 
 
-def test_malformed_json_array_is_one_reject_for_the_file(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
+def test_a_cut_off_json_array_keeps_the_elements_before_the_cut(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
     bad = tmp_path / "broken.json"
-    bad.write_text('[{"text": "a"}, {"text": ')
+    bad.write_bytes(b'\xef\xbb\xbf[{"id": "k", "text": "a"},\r\n {"text": ')  # with a BOM, as Windows tools write
     cfg = make_cfg(tiny_chat_tokenizer_dir, [bad], tmp_path / "out")
     s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
-    assert (s["n_input"], s["n_rejected"], s["rejected_by_reason"]) == (1, 1, {"malformed_json": 1})
-    assert read_rejects(tmp_path / "out")[0]["row"] == 0
+    assert (s["n_input"], s["n_valid"], s["rejected_by_reason"]) == (2, 1, {"malformed_json": 1})
+    assert read_rejects(tmp_path / "out")[0]["row"] == 2
+    assert [r["id"] for r in read_prepared(tmp_path / "out")] == ["k"]
+
+
+def test_line_ends_boms_and_blank_lines_are_all_accounted_for(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
+    # CRLF, a lone CR (classic Mac) and LF in one file; a BOM at the head and one mid-file (files joined
+    # with cat); blank and whitespace-only lines: 9 physical lines, 5 records, 4 blank.
+    lines = [b'\xef\xbb\xbf{"id": "1", "text": "one"}', b"", b'{"id": "2", "text": "two"}', b"  ",
+             b'\xef\xbb\xbf{"id": "3", "text": "three"}', b'{"id": "4", "text": "four"}', b"\t", b"",
+             b'{"id": "5", "text": "five"}']  # fmt: skip
+    ends = [b"\r\n", b"\r\n", b"\r", b"\r", b"\n", b"\r\n", b"\n", b"\r", b""]
+    path = tmp_path / "ends.jsonl"
+    path.write_bytes(b"".join(line + end for line, end in zip(lines, ends)))
+    cfg = make_cfg(tiny_chat_tokenizer_dir, [path], tmp_path / "out")
+    s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    assert (s["n_input"], s["n_blank_lines"], s["n_valid"], s["n_rejected"]) == (5, 4, 5, 0)
+    assert [(r["id"], r["row"], r["text"]) for r in read_prepared(tmp_path / "out")] == [
+        ("1", 1, "one"), ("2", 3, "two"), ("3", 5, "three"), ("4", 6, "four"), ("5", 9, "five")
+    ]  # fmt: skip
 
 
 def test_hf_load_dataset_path(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):

@@ -43,7 +43,9 @@ def test_each_method_writes_ids_records_and_a_manifest(selected_run, method):
     assert [r["rank"] for r in selected] == list(range(1, 13)) and len(set(ids)) == 12
     records = [json.loads(line) for line in (base / "records.jsonl").read_text().splitlines()]
     assert records == [corpus[i] for i in ids]  # the original fields, in selection order
-    assert pq.read_table(base / "records.parquet").to_pylist() == records
+    table = pq.read_table(base / "records.parquet")
+    assert [json.loads(r) for r in table["record"].to_pylist()] == records
+    assert table["id"].to_pylist() == ids and table["instruction"].to_pylist() == [r["instruction"] for r in records]
     manifest = json.loads((base / "manifest.json").read_text())
     assert manifest["counts"] == {**run_manifest["counts"], "n_selected": 12}
     assert manifest["fingerprints"]["encode"] == run_manifest["stages"]["encode"]["fingerprint"]
