@@ -226,7 +226,7 @@ def test_a_sample_the_model_cannot_take_is_an_encode_error_and_the_shard_goes_on
     poisoned = {rows[i]["id"] for i in (2, 9, 10)}
     for r in rows:
         if r["id"] in poisoned:
-            r["output"] += " <unseen>"
+            r["instruction"] = "<unseen> " + r["instruction"]  # early: prepare cuts long samples
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = RunConfig.model_validate(raw)
     storage = Storage(cfg.output.root, cfg.s3)
