@@ -190,7 +190,10 @@ def test_a_row_the_tokenizer_refuses_is_an_internal_error_and_the_batch_goes_on(
     assert out[1]["reason"] == "internal_error" and out[1]["detail"].startswith("tokenizing: ")
 
 
-def test_parquet_columns_of_odd_types_come_through(formatter, tmp_path):
+@pytest.mark.parametrize("fmt", ["parquet", "hf_disk"])
+def test_table_columns_of_odd_types_come_through(formatter, tmp_path, fmt):
+    import datasets
+
     table = pa.table(
         {
             "instruction": ["a", "b"],
@@ -202,8 +205,13 @@ def test_parquet_columns_of_odd_types_come_through(formatter, tmp_path):
             "big": pa.array([2**63 - 1, None], pa.int64()),
         }
     )
-    pq.write_table(table, tmp_path / "odd.parquet")
-    _, out = formatted(formatter, (tmp_path / "odd.parquet").read_bytes(), "parquet")
+    if fmt == "parquet":
+        pq.write_table(table, tmp_path / "odd.parquet")
+        data = (tmp_path / "odd.parquet").read_bytes()
+    else:  # the arrow file `datasets` writes with save_to_disk
+        datasets.Dataset(table).save_to_disk(str(tmp_path / "hf"))
+        data = next((tmp_path / "hf").glob("*.arrow")).read_bytes()
+    _, out = formatted(formatter, data, fmt)
     assert [r["reason"] for r in out] == [None, None]
     first = json.loads(out[0]["record"])
     assert first == {"instruction": "a", "output": "x", "blob": "AP8=", "nested": {"k": [1, 2]}, "nothing": None,
