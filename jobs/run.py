@@ -1,20 +1,15 @@
-"""Ray job entrypoint: any raysel verb that takes a config, run as the job's driver.
+"""Ray job entrypoint: the raysel CLI, run as the job's driver, with exactly its syntax.
 
-    ray job submit --working-dir . -- python jobs/run.py --config CONFIG [--verb VERB] [--set KEY=VALUE ...]
+    ray job submit --working-dir . -- python jobs/run.py VERB CONFIG [--set KEY=VALUE ...]
 
-VERB is `run` (the default: prepare, encode, statistics, selection), `encode`, `select`,
-`train-sae`, `fac` or `synthesize`. Inside the job, raysel joins the job's cluster (RAY_ADDRESS).
+VERB is any verb that takes a config: `run` (prepare, encode, statistics, selection), `encode`,
+`select`, `train-sae`, `fac` or `synthesize`. Inside the job, raysel joins the job's cluster
+(RAY_ADDRESS). `python jobs/run.py --help` lists the verbs.
 """
 
-import argparse
 import sys
 
-from raysel.cli import UNTIL, main
+from raysel.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--verb", default="run", choices=sorted(v for v in UNTIL if v != "demo"))
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
-    sys.exit(main([args.verb, args.config, *(f"--set={o}" for o in args.overrides)]))
+    sys.exit(main())

@@ -7,7 +7,7 @@ import shlex
 import ray
 import yaml
 
-from raysel.cli import UNTIL
+from raysel.cli import UNTIL, build_parser
 from raysel.config import RunConfig, load_config
 from tests.conftest import REPO
 
@@ -19,12 +19,12 @@ def load(name: str):
 
 
 def entrypoint_config(command: list[str]) -> RunConfig:
-    """What `python jobs/run.py --config C [--set K=V ...]` would run, validated as the job would."""
+    """What `python jobs/run.py VERB CONFIG [--set K=V ...]` would run, validated as the job would."""
     assert command[:2] == ["python", "jobs/run.py"] and (REPO / command[1]).is_file()
-    config = command[command.index("--config") + 1]
+    args = build_parser().parse_args(command[2:])  # the CLI's own parser: the job takes its syntax
+    config = args.config
     assert (REPO / config).is_file(), f"{config} is not in the repository (the image copies it)"
-    overrides = [command[i + 1] for i, arg in enumerate(command) if arg == "--set"]
-    return load_config(str(REPO / config), overrides)
+    return load_config(str(REPO / config), args.overrides)
 
 
 def test_the_rayjob_runs_the_job_entrypoint_on_a_gpu_worker_group_sized_to_the_encode_pool():
@@ -91,6 +91,6 @@ def test_every_config_key_the_guide_names_exists():
     for key in keys:
         section, name = key.split(".")
         assert section in fields and name in fields[section].annotation.model_fields, key
-    sentence = re.search(r"`jobs/run.py --verb` runs [^.]*\.", guide).group(0)
+    sentence = re.search(r"`jobs/run.py` takes exactly the CLI's syntax[^.]*\.", guide).group(0)
     assert set(re.findall(r"`([a-z-]+)`", sentence)) == {v for v in UNTIL if v != "demo"}
     assert "ray job submit" in guide and "encode.actors" in guide

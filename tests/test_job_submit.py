@@ -140,18 +140,18 @@ def test_job_submit_round_trip(ray_head, tmp_path):
     )
     assert wrong.returncode != 0, "the head must refuse a client with the wrong token"
 
-    job = submit(
-        address, env, f"raysel-test-{secrets.token_hex(4)}", "--config", str(config), "--set", "prepare.dedup=true"
-    )
+    job = submit(address, env, f"raysel-test-{secrets.token_hex(4)}", "run", str(config), "--set", "prepare.dedup=true")
     assert job == "SUCCEEDED", job
 
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["counts"] == {
         "n_input": 3,
+        "n_blank_lines": 0,
         "n_valid": 2,
         "n_rejected": 1,
         "rejected_by_reason": {"wrong_type": 1},
         "n_encoded": 2,
+        "n_encode_rejected": 0,
     }
     assert manifest["config"]["input"]["paths"] == [str(data)]
     assert manifest["config"]["model"]["name"] == "embedded:smollm2-135m-instruct"
@@ -174,9 +174,7 @@ def test_job_submit_round_trip(ray_head, tmp_path):
         address,
         env,
         f"raysel-fac-{secrets.token_hex(4)}",
-        "--verb",
         "fac",
-        "--config",
         str(config),
         "--set",
         f"fac.anchor={json.dumps([str(anchor)])}",
