@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report = verb("report", "Write report.html for a finished run.", config=False)
     report.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
+    status = verb(
+        "status",
+        "Where a run stands, from its output root alone (also while it runs, from any machine that can "
+        "read the root): each stage done or pending, encode shards k/N, samples/s and ETA.",
+        config=False,
+    )
+    status.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
     demo = verb("demo", "Run the job on the bundled demo data with the embedded default model.", config=False)
     demo.add_argument(
         "--out",
@@ -100,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = demo_config(args.out, args.overrides)
         elif args.verb == "report":
             return report(args.run_dir, args.overrides)
+        elif args.verb == "status":
+            return status(args.run_dir, args.overrides)
         else:
             cfg = load_config(args.config, args.overrides)
         from raysel.pipeline import run
@@ -130,6 +139,19 @@ def user_error(err: BaseException | None) -> Exception | None:
         seen.add(id(err))
         err = getattr(err, "cause", None) or err.__cause__ or err.__context__
     return None
+
+
+def status(run_dir: str, overrides: list[str]) -> int:
+    """`raysel status RUN_DIR_OR_S3_URI`; --set s3.* reaches an S3 root."""
+    from raysel.status import run_status, status_lines
+
+    storage = Storage(run_dir, load_config(None, [*overrides, 'input.paths=["unused"]']).s3)
+    storage.check()
+    if not storage.exists(paths.PREPARED) and not storage.exists(paths.STAGE_MARKERS):
+        print(f"raysel status: {run_dir} holds no run (no prepared/ and no stages/)", file=sys.stderr)
+        return 2
+    print("\n".join(status_lines(run_status(storage))))
+    return 0
 
 
 def report(run_dir: str, overrides: list[str]) -> int:

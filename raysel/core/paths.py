@@ -29,11 +29,12 @@ SELECTION = "selection"
 FAC = "fac"
 SYNTHESIS = "synthesis"
 MANIFEST = "manifest.json"
+STAGE_MARKERS = "stages"
 
 
 def marker(stage: str) -> str:
     """The completion marker of a stage: it exists, with the stage's resume key, once the stage is done."""
-    return posixpath.join("stages", f"{stage}.json")
+    return posixpath.join(STAGE_MARKERS, f"{stage}.json")
 
 
 def selection(method: str, *parts: str) -> str:
