@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help, description=help)
         if config:
             p.add_argument("config", metavar="CONFIG", help="YAML config file")
+            p.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="print what the run would do (input files, stages and shards to run or skip, actor "
+                "resources, model/SAE checks) and write nothing",
+            )
+            p.add_argument("--force", action="store_true", help="replace a run of other input files at output.root")
         p.add_argument(
             "--set",
             dest="overrides",
@@ -111,9 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             return status(args.run_dir, args.overrides)
         else:
             cfg = load_config(args.config, args.overrides)
+        if getattr(args, "dry_run", False):
+            return dry_run(cfg, args.verb)
         from raysel.pipeline import run
 
-        manifest = run(cfg, until=UNTIL[args.verb], train_missing_sae=args.verb == "demo")
+        force = getattr(args, "force", False)
+        manifest = run(cfg, until=UNTIL[args.verb], train_missing_sae=args.verb == "demo", force=force)
         page = None
         if args.verb in ("run", "demo") and cfg.output.report:
             from raysel.stages.report import write_report
@@ -139,6 +149,16 @@ def user_error(err: BaseException | None) -> Exception | None:
         seen.add(id(err))
         err = getattr(err, "cause", None) or err.__cause__ or err.__context__
     return None
+
+
+def dry_run(cfg, verb: str) -> int:
+    """Exit 2 when the run would fail at once: a root of another input, or an SAE that does not fit the model."""
+    from raysel.plan import dry_run, plan_lines
+
+    plan = dry_run(cfg, UNTIL[verb])
+    print("\n".join([*plan_lines(plan), json.dumps(plan)]))
+    refused = plan["root_note"].startswith("REFUSED") or str(plan["checks"].get("model", "")).startswith("MISMATCH")
+    return 2 if refused else 0
 
 
 def status(run_dir: str, overrides: list[str]) -> int:

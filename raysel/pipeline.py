@@ -17,6 +17,7 @@ import logging
 
 from raysel.config import InputConfig, RunConfig
 from raysel.core import paths
+from raysel.core.corpus import list_input_files
 from raysel.core.features import FeatureStore
 from raysel.core.ray_adapter import init_ray
 from raysel.core.sae import WEIGHTS, default_sae_dir
@@ -25,7 +26,7 @@ from raysel.methods import Context
 from raysel.stages.base import execute
 from raysel.stages.encode import Encode
 from raysel.stages.fac import MeasureFAC
-from raysel.stages.prepare import Prepare
+from raysel.stages.prepare import Prepare, check_root
 from raysel.stages.select import Select
 from raysel.stages.stats import Stats
 from raysel.stages.synthesize import Synthesize, check_vllm
@@ -36,10 +37,12 @@ log = logging.getLogger(__name__)
 PACKAGES = ("raysel", "ray", "torch", "transformers", "sae-lens", "datasets", "pyarrow", "numpy")
 
 
-def run(cfg: RunConfig, until: str = "select", train_missing_sae: bool = False) -> dict:
-    """Run the stages up to `until`; finished ones are skipped."""
+def run(cfg: RunConfig, until: str = "select", train_missing_sae: bool = False, force: bool = False) -> dict:
+    """Run the stages up to `until`; finished ones are skipped. A root holding a run of other input
+    files is refused unless `force`."""
     storage = Storage(cfg.output.root, cfg.s3)
     storage.check()
+    check_root(storage, [f.path for f in list_input_files(cfg.input, cfg.s3)[1]], force)
     init_ray(cfg.ray)
     try:
         return run_stages(cfg, storage, until, train_missing_sae)

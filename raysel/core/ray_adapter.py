@@ -73,10 +73,13 @@ def init_ray(cfg: RayConfig) -> None:
     ray.init(address=address, **local)
 
 
-def model_resources(encode: EncodeConfig, actors: int, batch_size: int = 1) -> Resources:
+def model_resources(encode: EncodeConfig, actors: int, batch_size: int = 1, has_gpus: bool | None = None) -> Resources:
     """What an actor holding a model needs: encode.num_gpus of a GPU when the cluster has GPUs (and the
-    config does not pin the CPU), else encode.num_cpus CPUs; encode.memory_gb of heap either way."""
-    gpus = ray.cluster_resources().get("GPU", 0) > 0 and encode.device != "cpu"
+    config does not pin the CPU), else encode.num_cpus CPUs; encode.memory_gb of heap either way.
+    `has_gpus` None: ask the running cluster."""
+    if has_gpus is None:
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    gpus = has_gpus and encode.device != "cpu"
     return Resources(
         actors=actors,
         batch_size=batch_size,

@@ -31,6 +31,7 @@ from raysel.core.corpus import (
 from raysel.core.models import load_tokenizer, model_source
 from raysel.core.ray_adapter import Resources, map_stage
 from raysel.core.records import Rejected, chat_template_for, normalize, parse_record, render
+from raysel.core.section import ConfigError
 from raysel.core.storage import Storage
 from raysel.stages.base import Stage
 
@@ -260,6 +261,23 @@ class Prepare(Stage):
         kept = samples.filter(expr=col("reason").is_null()).select_columns(PREPARED_SCHEMA.names)
         rejects = rejected[0].union(*rejected[1:]).rename_columns({"record": "raw"}).select_columns(REJECT_COLUMNS)
         return kept, rejects.materialize(), n_input, n_blank
+
+
+def held_input(storage: Storage) -> list[str] | None:
+    """The input files of the run a root holds, from its prepare marker; None for a root without one."""
+    done = storage.read_json(paths.marker(Prepare.name))
+    return None if done is None else sorted(done.get("files", []))
+
+
+def check_root(storage: Storage, files: list[str], force: bool) -> None:
+    """A root that holds a run of other input files is not overwritten unless forced: a second
+    experiment must not silently replace the first."""
+    held = held_input(storage)
+    if held is not None and held != sorted(files) and not force:
+        raise ConfigError(
+            f"output.root: {storage.uri()} holds a run of other input files ({', '.join(held[:3])}"
+            f"{', ...' if len(held) > 3 else ''}); set output.root to a new folder, or pass --force to replace it"
+        )
 
 
 def first_wins(ds: Dataset, key: str, reason: str, files: list[str], num_partitions: int) -> Dataset:
