@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
         config=False,
     )
     status.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
+    push = verb(
+        "push",
+        "Upload one selection (selection/<method>/: data, dataset card, manifest) to a Hugging Face Hub "
+        "dataset repo, created if needed. The token comes from HF_TOKEN or `hf auth login`.",
+        config=False,
+    )
+    push.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
+    push.add_argument("--method", required=True, help="the selection to upload, e.g. coverage")
+    push.add_argument("--repo-id", required=True, metavar="ORG/NAME")
+    push.add_argument("--private", action="store_true")
     demo = verb("demo", "Run the job on the bundled demo data with the embedded default model.", config=False)
     demo.add_argument(
         "--out",
@@ -116,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             return report(args.run_dir, args.overrides)
         elif args.verb == "status":
             return status(args.run_dir, args.overrides)
+        elif args.verb == "push":
+            return push(args)
         else:
             cfg = load_config(args.config, args.overrides)
         if getattr(args, "dry_run", False):
@@ -159,6 +171,16 @@ def dry_run(cfg, verb: str) -> int:
     print("\n".join([*plan_lines(plan), json.dumps(plan)]))
     refused = plan["root_note"].startswith("REFUSED") or str(plan["checks"].get("model", "")).startswith("MISMATCH")
     return 2 if refused else 0
+
+
+def push(args, api=None) -> int:
+    """`raysel push RUN --method M --repo-id ORG/NAME`; `api` stands in for the Hub's client in tests."""
+    from raysel.stages.publish import push
+
+    storage = Storage(args.run_dir, load_config(None, [*args.overrides, 'input.paths=["unused"]']).s3)
+    storage.check()
+    print(f"raysel push: {push(storage, args.method, args.repo_id, args.private, api)}")
+    return 0
 
 
 def status(run_dir: str, overrides: list[str]) -> int:

@@ -96,7 +96,7 @@ def test_a_100k_corpus_with_10_percent_bad_rows_accounts_for_every_row(
     selected = pq.read_table(base / "selected.parquet")["id"].to_pylist()
     written = (base / "records.jsonl").read_bytes().split(b"\n")
     assert len(selected) == 1000 and written == [by_id[i] for i in selected] + [b""]
-    records = pq.read_table(base / "records.parquet")
+    records = pq.read_table(base / "data/train-00000-of-00001.parquet")
     assert records["record"].to_pylist() == [by_id[i].decode() for i in selected]
     assert "meta" not in records.column_names  # its type changes from row to row: only in `record`
     assert records["instruction"].to_pylist() == [json.loads(by_id[i])["instruction"] for i in selected]

@@ -127,7 +127,7 @@ def test_run_to_s3_writes_what_the_same_run_writes_locally(
     local_files, remote_files = _files(pafs.LocalFileSystem(), str(tmp_path / "out")), _files(fs, "runs/a")
     assert sorted(remote_files) == sorted(local_files)
     for method in ("coverage", "random"):
-        for name in ("selected.parquet", "records.parquet"):
+        for name in ("selected.parquet", "data/train-00000-of-00001.parquet"):
             path = f"selection/{method}/{name}"
             assert pq.read_table(fs.open_input_file(f"runs/a/{path}")).equals(pq.read_table(tmp_path / "out" / path))
         assert remote_files[f"selection/{method}/records.jsonl"] == local_files[f"selection/{method}/records.jsonl"]

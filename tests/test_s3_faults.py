@@ -83,8 +83,8 @@ def assert_committed_results_equal(fs, base: str, clean) -> None:
     features = pq.read_table(f"{base}/features", filesystem=fs).sort_by("id")
     assert features.equals(pq.read_table(clean / "features").sort_by("id"))
     for method in ("coverage", "random", "longest"):
-        resumed = pq.read_table(f"{base}/selection/{method}/records.parquet", filesystem=fs)
-        assert resumed.equals(pq.read_table(clean / "selection" / method / "records.parquet"))
+        resumed = pq.read_table(f"{base}/selection/{method}/data/train-00000-of-00001.parquet", filesystem=fs)
+        assert resumed.equals(pq.read_table(clean / "selection" / method / "data/train-00000-of-00001.parquet"))
 
 
 def test_a_short_outage_mid_write_is_retried_through(server, tiny_model_dir, tiny_sae_dir, tmp_path, uninterrupted):

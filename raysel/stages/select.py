@@ -1,13 +1,8 @@
 """The select stage: every configured method picks from the feature store, never re-encoding, and
-each selection is written the same way under selection/<method>/:
-
-    selected.parquet   rank, id, gain (the gain or score the method gave the pick) and
-                       new_features (features the pick adds to the running union)
-    records.jsonl      the selected records, each line the input row as it was written
-    records.parquet    rank, id, gain, the original fields that keep one type, and `record`: the row as JSON
-    manifest.json      config, versions, model and SAE identity, fingerprints, counts, what the
-                       method settled on, the coverage curve, and coverage against the baselines
-                       (random, longest) at the same budget; written last
+each selection is written the same way under selection/<method>/ (stages/publish.py): a folder that
+loads as a Hugging Face dataset, with the manifest (config, versions, model and SAE identity,
+fingerprints, counts, what the method settled on, the coverage curve, and coverage against the
+baselines at the same budget) written last.
 
 The methods are raysel.methods' registry. The stage's resume key is derived: the method entries,
 the settings they share, and a content fingerprint of every side input they read, so an edited
@@ -16,12 +11,10 @@ targets file redoes the selection.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -32,6 +25,7 @@ from raysel.core.features import FeatureStore
 from raysel.core.storage import Storage
 from raysel.methods import BASELINES, Context, Pool, build
 from raysel.stages.base import Stage
+from raysel.stages.publish import write_selection
 
 log = logging.getLogger(__name__)
 
@@ -137,53 +131,3 @@ def selected_records(storage: Storage, wanted: set) -> dict[str, str]:
         storage.path(paths.PREPARED), filesystem=storage.fs, filters=pc.field("id").isin(sorted(wanted))
     ).read(columns=["id", "record"])
     return dict(zip(table["id"].to_pylist(), table["record"].to_pylist()))
-
-
-def records_table(selected: pa.Table, raw: list[str]) -> pa.Table:
-    """The selected records with a schema that cannot fail: rank, id and gain, then each original
-    top-level field that takes one Arrow type across the selection, then the whole original record as
-    JSON. A field whose type changes from row to row, or that no Arrow type holds (an int beyond int64),
-    or that parquet cannot hold, or that is named like a core column, is in `record` only."""
-    table = selected.select(["rank", "id", "gain"])
-    records = [json.loads(r) for r in raw]
-    for key in dict.fromkeys(k for r in records for k in r):
-        if key in CORE_COLUMNS:
-            continue
-        try:
-            column = pa.array([r.get(key) for r in records])
-        except Exception:  # mixed or unrepresentable types: ArrowInvalid, ArrowTypeError, OverflowError...
-            continue
-        if parquet_can_hold(column.type):
-            table = table.append_column(key, column)
-    return table.append_column("record", pa.array(raw, pa.string()))
-
-
-CORE_COLUMNS = ("rank", "id", "gain", "new_features", "record")
-
-
-def parquet_can_hold(t: pa.DataType, depth: int = 0) -> bool:
-    """Parquet writes no struct without fields ({}), and its readers refuse schemas nested past 100 levels."""
-    if pa.types.is_struct(t) and t.num_fields == 0:
-        return False
-    return depth < 32 and all(parquet_can_hold(t.field(i).type, depth + 1) for i in range(t.num_fields))
-
-
-def write_selection(storage: Storage, method: str, ids, gains, new, records_by_id: dict, manifest: dict) -> dict:
-    base = paths.selection(method)
-    storage.remove(f"{base}/manifest.json")  # a half-rewritten selection must not look finished
-    storage.fs.create_dir(storage.path(base), recursive=True)
-    selected = pa.table(
-        {
-            "rank": pa.array(np.arange(1, len(ids) + 1, dtype=np.int32)),
-            "id": pa.array(list(ids), pa.string()),
-            "gain": pa.array(gains, pa.float64(), from_pandas=True),  # NaN (no gain) -> null
-            "new_features": pa.array(new, pa.int64()),
-        }
-    )
-    pq.write_table(selected, storage.path(base, "selected.parquet"), filesystem=storage.fs)
-    raw = [records_by_id[i] for i in ids]
-    with storage.fs.open_output_stream(storage.path(base, "records.jsonl")) as f:
-        f.write("".join(r + "\n" for r in raw).encode())
-    pq.write_table(records_table(selected, raw), storage.path(base, "records.parquet"), filesystem=storage.fs)
-    storage.write_json(f"{base}/manifest.json", manifest)  # last: the selection is committed
-    return manifest

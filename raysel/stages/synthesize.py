@@ -40,7 +40,7 @@ from raysel.core.section import ConfigError
 from raysel.methods import Context
 from raysel.methods.fac import fac
 from raysel.stages.base import Stage
-from raysel.stages.select import write_selection
+from raysel.stages.publish import write_selection
 
 log = logging.getLogger(__name__)
 

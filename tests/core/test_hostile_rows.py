@@ -4,7 +4,7 @@ builds from arbitrary JSON values, arbitrary bytes and hostile unicode.
 
 For every file: no exception escapes; every physical line is a row or a counted blank line; every
 row is valid or rejected with a known reason; every valid row reaches records.jsonl and
-records.parquet exactly as written; and every well-formed record is valid, whatever its extra fields."""
+the selection dataset exactly as written; and every well-formed record is valid, whatever its extra fields."""
 
 import json
 import re
@@ -23,7 +23,7 @@ from raysel.core.corpus import BLANK_LINE, RAW_SCHEMA, read_rows
 from raysel.core.records import REASONS
 from raysel.core.storage import Storage
 from raysel.stages.prepare import Formatter
-from raysel.stages.select import write_selection
+from raysel.stages.publish import write_selection
 
 HOSTILE_TEXT = st.text(
     st.one_of(
@@ -109,7 +109,7 @@ def physical_lines(data: bytes) -> int:
 
 
 def check_written(rows: list[dict]) -> None:
-    """The valid rows through the selection writer: records.jsonl and records.parquet hold them as written."""
+    """The valid rows through the selection writer: records.jsonl and the dataset file hold them as written."""
     ids = [f"s{i}" for i in range(len(rows))]
     with tempfile.TemporaryDirectory() as tmp:
         storage = Storage(tmp, S3Config())
@@ -117,7 +117,7 @@ def check_written(rows: list[dict]) -> None:
                         dict(zip(ids, (r["record"] for r in rows))), {"counts": {}})  # fmt: skip
         lines = storage.path("selection/m/records.jsonl")
         assert open(lines, encoding="utf-8").read().split("\n") == [r["record"] for r in rows] + [""]
-        assert pq.read_table(storage.path("selection/m/records.parquet"))["record"].to_pylist() == [
+        assert pq.read_table(storage.path("selection/m/data/train-00000-of-00001.parquet"))["record"].to_pylist() == [
             r["record"] for r in rows
         ]
 

@@ -206,7 +206,8 @@ def test_a_run_whose_driver_is_killed_resumes_to_the_uninterrupted_result(tiny_m
     assert stats[0].equals(stats[1])
     for method in ("coverage", "random", "longest"):
         resumed, uninterrupted = (
-            pq.read_table(tmp_path / root / "selection" / method / "records.parquet") for root in ("out", "clean")
+            pq.read_table(tmp_path / root / "selection" / method / "data/train-00000-of-00001.parquet")
+            for root in ("out", "clean")
         )
         assert resumed.equals(uninterrupted) and resumed.num_rows == 24
 

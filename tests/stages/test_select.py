@@ -1,13 +1,16 @@
 """The select stage end to end on a real local Ray cluster (tiny model and SAE):
 what it writes under selection/<method>/ and that coverage beats its baselines."""
 
+import argparse
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from raysel import cli
 from raysel.cli import summary_lines
 from raysel.config import RunConfig
 from raysel.core.features import FeatureStore, calibrate_tau
@@ -43,7 +46,7 @@ def test_each_method_writes_ids_records_and_a_manifest(selected_run, method):
     assert [r["rank"] for r in selected] == list(range(1, 13)) and len(set(ids)) == 12
     records = [json.loads(line) for line in (base / "records.jsonl").read_text().splitlines()]
     assert records == [corpus[i] for i in ids]  # the original fields, in selection order
-    table = pq.read_table(base / "records.parquet")
+    table = pq.read_table(base / "data/train-00000-of-00001.parquet")
     assert [json.loads(r) for r in table["record"].to_pylist()] == records
     assert table["id"].to_pylist() == ids and table["instruction"].to_pylist() == [r["instruction"] for r in records]
     manifest = json.loads((base / "manifest.json").read_text())
@@ -51,9 +54,64 @@ def test_each_method_writes_ids_records_and_a_manifest(selected_run, method):
     assert manifest["fingerprints"]["encode"] == run_manifest["stages"]["encode"]["fingerprint"]
     assert manifest["model"] == run_manifest["config"]["model"]["name"] and manifest["layer"] == 1
     curve = [p["coverage"] for p in manifest["objective_curve"]]
-    assert curve == sorted(curve) and manifest["objective_curve"][-1]["k"] == 12
+    assert manifest["objective_curve"][-1]["k"] == 12
     assert manifest["coverage_at_budget"][method] == curve[-1]
     assert sum(r["new_features"] for r in selected) > 0
+
+
+def test_a_selection_loads_as_a_hugging_face_dataset_and_carries_a_card(selected_run, tmp_path):
+    import datasets
+    import yaml
+
+    root, _, corpus = selected_run
+    base = root / "selection" / "coverage"
+    ds = datasets.load_dataset(str(base), split="train", cache_dir=str(tmp_path))
+    selected = pq.read_table(base / "selected.parquet").to_pylist()
+    assert ds["id"] == [r["id"] for r in selected] and ds["rank"] == list(range(1, 13))
+    assert ds["score"] == [r["gain"] for r in selected] and ds["output"] == [
+        corpus[r["id"]]["output"] for r in selected
+    ]
+    card = (base / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["configs"] == [
+        {"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}
+    ]
+    licences = {corpus[r["id"]]["license"] for r in selected}
+    assert front["license"] == (licences.pop() if len(licences) == 1 else "other")
+    assert "| method | coverage |" in card and "| selected | 12 |" in card and "| encoded pool | 60 |" in card
+
+
+class Hub:
+    """Stands in for huggingface_hub.HfApi, which needs the Hub (not reachable here): records the calls
+    and loads the folder it is asked to upload, as the Hub's dataset viewer would."""
+
+    def __init__(self, cache):
+        self.calls, self.cache = [], cache
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, folder_path, repo_id, **kwargs):
+        import datasets
+
+        self.calls.append(("upload_folder", repo_id, kwargs["repo_type"]))
+        self.files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        self.loaded = datasets.load_dataset(folder_path, split="train", cache_dir=self.cache)
+
+
+def test_push_uploads_the_selection_folder_to_a_dataset_repo(selected_run, tmp_path, capsys):
+    root = selected_run[0]
+    hub = Hub(str(tmp_path))
+    args = argparse.Namespace(run_dir=str(root), method="simscale", repo_id="org/picked", private=True, overrides=[])
+    assert cli.push(args, api=hub) == 0
+    assert hub.calls[0] == ("create_repo", "org/picked", {"repo_type": "dataset", "private": True, "exist_ok": True})
+    assert hub.calls[1] == ("upload_folder", "org/picked", "dataset")
+    assert hub.files == ["README.md", "data/train-00000-of-00001.parquet", "manifest.json", "records.jsonl",
+                         "selected.parquet"]  # fmt: skip
+    assert hub.loaded["id"] == pq.read_table(root / "selection" / "simscale" / "selected.parquet")["id"].to_pylist()
+    assert "https://huggingface.co/datasets/org/picked" in capsys.readouterr().out
+    assert cli.main(["push", str(root), "--method", "nope", "--repo-id", "org/x"]) == 2
+    assert "holds no finished selection (methods found: ['coverage', 'kcenter'" in capsys.readouterr().err
 
 
 def test_coverage_beats_random_and_longest_and_longest_is_longest(selected_run):
