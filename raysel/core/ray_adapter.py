@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import ray
-from ray.data import ActorPoolStrategy, Dataset
+from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 if TYPE_CHECKING:
     from raysel.config import EncodeConfig, RayConfig
@@ -71,6 +72,16 @@ def init_ray(cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     local = {"num_cpus": cfg.num_cpus} if address is None else {}
     ray.init(address=address, **local)
+    quiet_off_a_terminal()
+
+
+def quiet_off_a_terminal() -> None:
+    """Ray Data's progress bars redraw many times a second: on a terminal that is a display, in a log
+    (CI, `ray job logs`) a flood. Off a terminal raysel's own progress lines take their place."""
+    if not sys.stderr.isatty():
+        context = DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
 
 
 def model_resources(encode: EncodeConfig, actors: int, batch_size: int = 1, has_gpus: bool | None = None) -> Resources:

@@ -22,12 +22,16 @@ from raysel.core import paths
 from raysel.core.corpus import fingerprint
 from raysel.core.encoder import Encoder
 from raysel.core.features import FEATURE_SCHEMA, FeatureStore
+from raysel.core.progress import Progress
 from raysel.core.ray_adapter import Resources, log_to_driver, map_stage, model_resources
 from raysel.core.sae import check_against_model, sae_metadata
 from raysel.core.storage import Storage, StorageError
 from raysel.stages.base import Stage, commit
 
 log = logging.getLogger(__name__)
+
+
+SHARD_RESULT = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("error", pa.string())])
 
 
 class EncodeShards:
@@ -43,13 +47,13 @@ class EncodeShards:
         done = []
         for shard in batch["shard"].to_pylist():
             try:
-                self.encode_shard(shard)
-                done.append({"shard": shard, "error": None})
+                summary = self.encode_shard(shard)
+                done.append({"shard": shard, "rows": summary["rows"] + summary["rejected"], "error": None})
             except StorageError as err:  # the driver raises it: Ray Data would only pass on its traceback
-                done.append({"shard": shard, "error": str(err)})
-        return pa.Table.from_pylist(done, schema=pa.schema([("shard", pa.string()), ("error", pa.string())]))
+                done.append({"shard": shard, "rows": 0, "error": str(err)})
+        return pa.Table.from_pylist(done, schema=SHARD_RESULT)
 
-    def encode_shard(self, shard: str) -> None:
+    def encode_shard(self, shard: str) -> dict:
         storage, fs = self.storage, self.storage.fs
         start = time.time()
         rows = storage.retrying(
@@ -89,6 +93,7 @@ class EncodeShards:
         if errors:
             log.warning("encode: %s: %d sample(s) rejected as encode_error, first: %s", shard, len(errors),
                         next(iter(errors.values())))  # fmt: skip
+        return summary
 
 
 REJECT_FIELDS = ["source", "row", "record"]
@@ -177,13 +182,17 @@ class Encode(Stage):
         if todo:
             resources = model_resources(self.stack.encode, min(self.stack.encode.actors, len(todo)))
             items = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-            failed = [
-                r["error"]
-                for r in map_stage(
-                    items, EncodeShards, resources, stack=self.stack, root=storage.root, fingerprint=self.fingerprint
-                ).take_all()
-                if r["error"]
-            ]
+            done = sum(m["rows"] + m.get("rejected", 0) for m in finished.values())
+            progress = Progress("encode", len(todo), self.prepared["n_valid"] - done)
+            failed = []
+            results = map_stage(
+                items, EncodeShards, resources, stack=self.stack, root=storage.root, fingerprint=self.fingerprint
+            )
+            for r in results.iter_rows():  # one row per shard, as each finishes
+                progress.update(r["rows"])
+                if r["error"]:
+                    failed.append(r["error"])
+            progress.close()
             if failed:
                 raise StorageError(
                     f"encode: {len(failed)} shard(s) could not be written; the others are committed, "

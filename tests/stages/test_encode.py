@@ -2,6 +2,7 @@
 real local Ray cluster with a tiny Llama and a tiny sae-lens TopK SAE built from config."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -213,7 +214,7 @@ def test_a_run_whose_driver_is_killed_resumes_to_the_uninterrupted_result(tiny_m
 
 
 def test_a_sample_the_model_cannot_take_is_an_encode_error_and_the_shard_goes_on(
-    ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path
+    ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path, caplog
 ):
     # A tokenizer with a token the model's embedding lacks, as when a user's tokenizer gained tokens
     # its model never saw: only the samples that hold it fail, each on its own.
@@ -231,9 +232,12 @@ def test_a_sample_the_model_cannot_take_is_an_encode_error_and_the_shard_goes_on
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = RunConfig.model_validate(raw)
     storage = Storage(cfg.output.root, cfg.s3)
-    summary = encode(cfg, storage, prepare(cfg, storage))
+    with caplog.at_level(logging.INFO, logger="raysel"):
+        summary = encode(cfg, storage, prepare(cfg, storage))
 
     assert (summary["n_encoded"], summary["n_encode_rejected"]) == (21, 3)
+    # the driver's progress line counts every sample a shard took, encoded or rejected
+    assert any(m.startswith("encode: shards 3/3, samples 24/24,") for m in caplog.messages), caplog.messages
     rejects = [json.loads(line) for f in sorted((tmp_path / "out" / "rejects").glob("encode-*.jsonl"))
                for line in f.read_text().splitlines()]  # fmt: skip
     assert sorted(json.loads(r["raw"])["id"] for r in rejects) == sorted(poisoned)
