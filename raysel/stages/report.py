@@ -6,8 +6,8 @@ config), plots (coverage against budget per method, feature document frequency,
 token lengths of the pool against the selection, task scores and IGDS deltas),
 the features the selection covers most and the pool features it misses, each
 with its top-activating spans (the peak token marked), and a page of the
-selected samples with their gains and top features. Sections keep their size
-when a run lacks their data, so the page never jumps.
+selected samples with their gains and top features, and the methods side by side. A panel
+without data in this run is left out, not drawn empty.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def report_data(storage: Storage, n_features: int = 20, page: int = 50) -> dict:
             if m in METHODS and METHODS[m].ranks_by_score
         },
         "igds_effects": next((s["feature_effects"] for s in picked.values() if "feature_effects" in s), []),
+        "methods": side_by_side(storage, picked, lengths),
         "selected_tokens": [],
         "features": [],
         "samples": [],
@@ -95,6 +96,28 @@ def report_data(storage: Storage, n_features: int = 20, page: int = 50) -> dict:
     if primary:
         data |= selection_detail(cfg, storage, manifest, primary, tau, doc_freq, lengths, n_features, page)
     return data
+
+
+def side_by_side(storage: Storage, picked: dict[str, dict], lengths) -> dict:
+    """Per method: budget, picks, coverage at its budget, mean tokens and score of its picks, and the
+    share of its picks each other method also made."""
+    n_tokens = dict(zip(lengths["id"].to_pylist(), lengths["n_tokens"].to_pylist()))
+    rows, ids = {}, {}
+    for m, manifest in picked.items():
+        table = pq.read_table(storage.path(paths.selection(m, "selected.parquet")), filesystem=storage.fs)
+        ids[m] = set(table["id"].to_pylist())
+        scores = [g for g in table["gain"].to_pylist() if g is not None and g == g]
+        tokens = [n_tokens[i] for i in ids[m] if i in n_tokens]
+        rows[m] = {
+            "budget": manifest.get("budget"),
+            "selected": table.num_rows,
+            "coverage": (manifest.get("coverage_at_budget") or {}).get(m),
+            "mean_tokens": round(float(np.mean(tokens)), 1) if tokens else None,
+            "mean_score": round(float(np.mean(scores)), 4) if scores else None,
+        }
+    for m in rows:
+        rows[m]["shared_with"] = {o: round(len(ids[m] & ids[o]) / max(len(ids[m]), 1), 3) for o in rows if o != m}
+    return rows
 
 
 def timings(stages: dict) -> list[dict]:
@@ -176,20 +199,15 @@ def selection_detail(
     return {"features": features, "samples": samples, "selected_tokens": [n_tokens[i] for i in ids if i in n_tokens]}
 
 
-def figure(draw, has_data: bool, title: str) -> str:
-    """One plot as an embedded PNG, always 640x360 so the page keeps its layout; a placeholder without data."""
+def figure(draw, title: str) -> str:
+    """One plot as an embedded PNG, 640x360."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    if has_data:
-        draw(ax)
-    else:
-        ax.text(0.5, 0.5, "no data in this run", ha="center", va="center", transform=ax.transAxes, color="#777")
-        ax.set_xticks([])
-        ax.set_yticks([])
+    draw(ax)
     ax.set_title(title, fontsize=11)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -241,13 +259,14 @@ def plots(data: dict) -> list[str]:
         ax.set_ylabel("delta of the task metric")
         ax.tick_params(axis="x", labelrotation=90, labelsize=7)
 
-    return [
-        figure(curves, bool(data["curves"]), "Feature coverage against budget"),
-        figure(doc_freq, any(d > 0 for d in data["doc_freq"]), "Feature document frequency"),
-        figure(lengths, bool(data["pool_tokens"]) and bool(data["selected_tokens"]), "Token lengths"),
-        figure(scores, bool(data["scores"]), "Task scores (mona, igds)"),
-        figure(deltas, bool(data["igds_effects"]), "IGDS: delta per candidate feature"),
+    panels = [
+        (curves, bool(data["curves"]), "Feature coverage against budget"),
+        (doc_freq, any(d > 0 for d in data["doc_freq"]), "Feature document frequency"),
+        (lengths, bool(data["pool_tokens"]) and bool(data["selected_tokens"]), "Token lengths"),
+        (scores, bool(data["scores"]), "Task scores (mona, igds)"),
+        (deltas, bool(data["igds_effects"]), "IGDS: delta per candidate feature"),
     ]
+    return [figure(draw, title) for draw, has_data, title in panels if has_data]  # no empty panels
 
 
 def span_html(span: dict) -> str:
@@ -258,50 +277,111 @@ def span_html(span: dict) -> str:
 
 
 def render(data: dict) -> str:
-    e = html.escape
-    counts = data["counts"]
-    rejected = (
-        "".join(f"<li>{e(r)}: {n:,}</li>" for r, n in sorted(counts.get("rejected_by_reason", {}).items()))
-        or "<li>none</li>"
+    """The page: only the panels this run has data for."""
+    sections = [summary_html(data)]
+    if data["methods"]:
+        sections.append(card("methods", "Methods side by side", methods_html(data["methods"])))
+    figures = plots(data)
+    if figures:
+        sections.append(
+            card("plots", "Plots", '<div class="plots">' + "".join(f"<figure>{f}</figure>" for f in figures) + "</div>")
+        )
+    if data["features"]:
+        sections.append(
+            card(
+                "features-section",
+                f"Features of the <code>{html.escape(str(data['primary']))}</code> selection",
+                features_html(data["features"]),
+            )
+        )
+    if data["samples"]:
+        sections.append(
+            card(
+                "samples",
+                f"Selected samples (<code>{html.escape(str(data['primary']))}</code>, first page)",
+                samples_html(data["samples"]),
+            )
+        )
+    config = f"<details><summary>the resolved config</summary><pre>{html.escape(json.dumps(data['config'], indent=2))}</pre></details>"
+    sections.append(card("config", "Config", config))
+    return PAGE.format(output=html.escape(data["output"]), sections="\n".join(sections))
+
+
+def card(id: str, title: str, body: str) -> str:
+    return f'<section id="{id}" class="card"><h2>{title}</h2>{body}</section>'
+
+
+def table(id: str, headers: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
+    """A table whose headers sort it; `rows` hold (text, sort value or None) cells."""
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td{' class=num' if i in numeric else ''}{'' if v is None else f' data-v={v}'}>{t}</td>"
+            for i, (t, v) in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
     )
-    timing_rows = "".join(
-        f"<tr><td>{e(t['stage'])}</td><td>{t['seconds']}</td><td>{t['samples'] or ''}</td>"
-        f"<td>{t['samples_per_s'] or ''}</td></tr>"
-        for t in data["timings"]
+    return f'<table id="{id}" class="sortable"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def summary_html(data: dict) -> str:
+    e, counts = html.escape, data["counts"]
+    facts = [("input rows", counts["n_input"]), ("blank lines", counts.get("n_blank_lines", 0)),
+             ("valid", counts.get("n_valid", "")), ("rejected", counts.get("n_rejected", 0)),
+             ("encoded", counts.get("n_encoded", "")), ("encode errors", counts.get("n_encode_rejected", 0))]  # fmt: skip
+    tiles = "".join(f'<div class="tile"><b>{v:,}</b>{k}</div>' if isinstance(v, int) else "" for k, v in facts)
+    reasons = counts.get("rejected_by_reason", {})
+    rejected = ", ".join(f"{e(r)} {n:,}" for r, n in sorted(reasons.items())) or "none"
+    timing = table("timings", ["stage", "seconds", "samples", "samples/s"], [
+        [(e(t["stage"]), None), (t["seconds"], t["seconds"]), (t["samples"] or "", t["samples"]),
+         (t["samples_per_s"] or "", t["samples_per_s"])] for t in data["timings"]], {1, 2, 3})  # fmt: skip
+    body = (
+        f"<p>Output <code>{e(data['output'])}</code><br>Model <code>{e(str(data['model']))}</code>, "
+        f"SAE <code>{e(str(data['sae']))}</code> (layer {data['layer']}), τ = {data['tau']:.4g}</p>"
+        f'<div class="tiles">{tiles}</div><p>Rejected by reason: {rejected}</p>{timing}'
     )
-    method_rows = "".join(
-        f"<tr><td>{e(m)}</td><td>{c if c is not None else ''}</td></tr>" for m, c in data["coverage_at_budget"].items()
+    return card("summary", "Run", body)
+
+
+def methods_html(methods: dict) -> str:
+    def num(v, fmt="{:,}"):
+        return ("", None) if v is None else (fmt.format(v), v)
+
+    rows = [
+        [(f"<b>{html.escape(m)}</b>", None), num(r["budget"], "{:g}"), num(r["selected"]),
+         num(r["coverage"], "{:.4f}"), num(r["mean_tokens"], "{:.1f}"), num(r["mean_score"], "{:.4f}"),
+         (", ".join(f"{html.escape(o)} {v:.0%}" for o, v in r["shared_with"].items()), None)]
+        for m, r in methods.items()
+    ]  # fmt: skip
+    headers = ["method", "budget", "selected", "feature coverage at its budget", "mean tokens", "mean score",
+               "its picks that each other method also made"]  # fmt: skip
+    return table("methods", headers, rows, {1, 2, 3, 4, 5})
+
+
+def features_html(features: list[dict]) -> str:
+    rows = [
+        [(f["feature"], f["feature"]), (f["status"], None), (f["doc_freq"], f["doc_freq"]),
+         (f["selected"], f["selected"]), ("".join(span_html(s) for s in f["spans"]), None)]
+        for f in features
+    ]  # fmt: skip
+    return (
+        "<p>The features it covers most, then the pool features it misses, with their top-activating spans "
+        '(peak token marked). Click a header to sort.</p><input id="search" placeholder="search features and spans">'
+        + table("features", ["feature", "status", "doc freq", "selected samples", "spans"], rows, {0, 2, 3})
     )
-    feature_rows = "".join(
-        f'<tr><td data-v="{f["feature"]}">{f["feature"]}</td><td>{f["status"]}</td><td data-v="{f["doc_freq"]}">'
-        f'{f["doc_freq"]}</td><td data-v="{f["selected"]}">{f["selected"]}</td>'
-        f"<td>{''.join(span_html(s) for s in f['spans'])}</td></tr>"
-        for f in data["features"]
-    )
-    sample_rows = "".join(
-        f"<tr><td>{s['rank']}</td><td>{e(s['id'])}</td><td>{'' if s['gain'] is None else round(s['gain'], 4)}</td>"
-        f'<td>{s["new_features"]}</td><td>{", ".join(map(str, s["top_features"]))}</td><td class="text">{e(s["text"])}</td></tr>'
-        for s in data["samples"]
-    )
-    return PAGE.format(
-        output=e(data["output"]),
-        model=e(str(data["model"])),
-        sae=e(str(data["sae"])),
-        layer=data["layer"],
-        tau=data["tau"],
-        n_input=counts["n_input"],
-        n_valid=counts.get("n_valid", ""),
-        n_rejected=counts.get("n_rejected", 0),
-        n_encoded=counts.get("n_encoded", ""),
-        rejected=rejected,
-        timings=timing_rows,
-        methods=method_rows,
-        primary=e(str(data["primary"])),
-        plots="".join(f"<figure>{p}</figure>" for p in plots(data)),
-        features=feature_rows or '<tr><td colspan="5">no selection in this run</td></tr>',
-        samples=sample_rows or '<tr><td colspan="6">no selection in this run</td></tr>',
-        config=e(json.dumps(data["config"], indent=2)),
-    )
+
+
+def samples_html(samples: list[dict]) -> str:
+    rows = [
+        [(s["rank"], s["rank"]), (html.escape(s["id"]), None),
+         ("" if s["gain"] is None else round(s["gain"], 4), s["gain"]), (s["new_features"], s["new_features"]),
+         (", ".join(map(str, s["top_features"])), None), (f'<div class="text">{html.escape(s["text"])}</div>', None)]
+        for s in samples
+    ]  # fmt: skip
+    return table("sample-table", ["rank", "id", "gain / score", "new features", "top features", "text"], rows,
+                 {0, 2, 3})  # fmt: skip
 
 
 def write_report(storage: Storage) -> str:
@@ -315,48 +395,55 @@ def write_report(storage: Storage) -> str:
 
 
 PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>raysel report: {output}</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>raysel report: {output}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }}
-h1 {{ font-size: 1.5em; }} h2 {{ border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }}
-table {{ border-collapse: collapse; margin: .5em 0; }} td, th {{ border: 1px solid #ddd; padding: 4px 8px;
-  vertical-align: top; font-size: 13px; }} th {{ background: #f4f4f4; cursor: pointer; }}
+:root {{ --ink: #1d2330; --muted: #5b6475; --line: #e3e6ec; --bg: #f5f6f8; --accent: #3b5bdb; }}
+body {{ font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: var(--ink);
+  background: var(--bg); }}
+header {{ background: var(--ink); color: #fff; padding: 14px 32px; }} header h1 {{ margin: 0; font-size: 20px; }}
+header code {{ color: #c5cdfa; }}
+main {{ max-width: 1480px; margin: 0 auto; padding: 16px 32px 48px; }}
+.card {{ background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 8px 20px 16px;
+  margin-top: 16px; box-shadow: 0 1px 2px rgba(0,0,0,.04); }}
+h2 {{ font-size: 17px; margin: 10px 0 12px; }} code {{ font-size: 13px; }}
+.tiles {{ display: flex; flex-wrap: wrap; gap: 10px; margin: 8px 0; }}
+.tile {{ border: 1px solid var(--line); border-radius: 6px; padding: 6px 14px; color: var(--muted);
+  min-width: 110px; }} .tile b {{ display: block; font-size: 20px; color: var(--ink); }}
+table {{ border-collapse: collapse; margin: 8px 0; }} #features, #sample-table {{ width: 100%; }}
+th, td {{ border-bottom: 1px solid var(--line); padding: 6px 10px; vertical-align: top; font-size: 13px;
+  text-align: left; }}
+th {{ position: sticky; top: 0; background: #eef0f4; cursor: pointer; user-select: none; white-space: nowrap; }}
+th[data-dir=asc]::after {{ content: " ▲"; }} th[data-dir=desc]::after {{ content: " ▼"; }}
+tbody tr:nth-child(even) {{ background: #fafbfc; }} tbody tr:hover {{ background: #f0f3ff; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 .plots {{ display: grid; grid-template-columns: repeat(auto-fill, 640px); gap: 12px; }}
 figure {{ margin: 0; width: 640px; height: 360px; }} img.plot {{ display: block; }}
-.span {{ font-family: monospace; white-space: pre-wrap; margin-bottom: 4px; }} .val {{ color: #777; }}
-mark {{ background: #ffd54f; font-weight: bold; }} td.text {{ font-family: monospace; white-space: pre-wrap;
-  max-width: 600px; }} #search {{ padding: 4px; width: 320px; }} pre {{ background: #f8f8f8; padding: 1em; }}
+.span {{ font-family: ui-monospace, monospace; white-space: pre-wrap; margin-bottom: 4px; }}
+.val {{ color: var(--muted); }} mark {{ background: #ffe066; font-weight: bold; border-radius: 2px; }}
+.text {{ font-family: ui-monospace, monospace; white-space: pre-wrap; max-width: 640px; max-height: 9em;
+  overflow: auto; }}
+#search {{ padding: 6px 10px; width: 340px; border: 1px solid var(--line); border-radius: 6px; }}
+pre {{ background: var(--bg); padding: 1em; overflow: auto; }}
 </style></head><body>
-<h1>raysel run report</h1>
-<section id="summary"><h2>Run</h2>
-<p>Output: <code>{output}</code><br>Model: <code>{model}</code>, SAE: <code>{sae}</code> (layer {layer}), τ = {tau:.4g}</p>
-<table><tr><th>input rows</th><th>valid</th><th>rejected</th><th>encoded</th></tr>
-<tr><td>{n_input}</td><td>{n_valid}</td><td>{n_rejected}</td><td>{n_encoded}</td></tr></table>
-<p>Rejected by reason:</p><ul>{rejected}</ul>
-<table><tr><th>stage</th><th>seconds</th><th>samples</th><th>samples/s</th></tr>{timings}</table>
-<table><tr><th>method</th><th>feature coverage at its budget</th></tr>{methods}</table></section>
-<section id="plots"><h2>Plots</h2><div class="plots">{plots}</div></section>
-<section id="features-section"><h2>Features of the <code>{primary}</code> selection</h2>
-<p>The features it covers most, then the pool features it misses, with their top-activating spans (peak token marked).</p>
-<input id="search" placeholder="search features and spans">
-<table id="features"><thead><tr><th>feature</th><th>status</th><th>doc freq</th><th>selected samples</th><th>spans</th></tr>
-</thead><tbody>{features}</tbody></table></section>
-<section id="samples"><h2>Selected samples (<code>{primary}</code>, first page)</h2>
-<table><tr><th>rank</th><th>id</th><th>gain / score</th><th>new features</th><th>top features</th><th>text</th></tr>{samples}</table>
-</section>
-<section id="config"><h2>Config</h2><pre>{config}</pre></section>
+<header><h1>raysel run report <code>{output}</code></h1></header>
+<main>
+{sections}
+</main>
 <script>
-const table = document.getElementById("features");
-document.getElementById("search").addEventListener("input", e => {{
+const features = document.getElementById("features"), search = document.getElementById("search");
+if (search) search.addEventListener("input", e => {{
   const q = e.target.value.toLowerCase();
-  for (const row of table.tBodies[0].rows) row.style.display = row.textContent.toLowerCase().includes(q) ? "" : "none";
+  for (const row of features.tBodies[0].rows) row.style.display = row.textContent.toLowerCase().includes(q) ? "" : "none";
 }});
-table.querySelectorAll("th").forEach((th, col) => th.addEventListener("click", () => {{
-  const rows = Array.from(table.tBodies[0].rows), up = th.dataset.dir !== "asc";
-  const key = r => {{ const c = r.cells[col]; return c && c.dataset.v !== undefined ? Number(c.dataset.v) : (c ? c.textContent : ""); }};
-  rows.sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (up ? 1 : -1));
-  th.dataset.dir = up ? "asc" : "desc";
-  rows.forEach(r => table.tBodies[0].appendChild(r));
-}}));
+document.querySelectorAll("table.sortable").forEach(table => table.querySelectorAll("th").forEach((th, col) =>
+  th.addEventListener("click", () => {{
+    const rows = Array.from(table.tBodies[0].rows), up = th.dataset.dir !== "asc";
+    const key = r => {{ const c = r.cells[col]; return c.dataset.v !== undefined ? Number(c.dataset.v) : c.textContent; }};
+    rows.sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (up ? 1 : -1));
+    table.querySelectorAll("th").forEach(h => delete h.dataset.dir);
+    th.dataset.dir = up ? "asc" : "desc";
+    rows.forEach(r => table.tBodies[0].appendChild(r));
+  }})));
 </script></body></html>
 """

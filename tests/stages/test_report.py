@@ -63,6 +63,16 @@ def test_the_report_data_matches_the_run(two_runs):
         assert 0 < len(f["spans"]) <= 3 and all(s["acts"][s["peak"]] == max(s["acts"]) for s in f["spans"])
     assert [s["id"] for s in data["samples"]] == ids[:7]
 
+    # the methods side by side: each one's coverage as its manifest has it, and the picks it shares
+    picks = {m: set(pq.read_table(os.path.join(root, "selection", m, "selected.parquet"))["id"].to_pylist())
+             for m in ("coverage", "random", "longest")}  # fmt: skip
+    for m, row in data["methods"].items():
+        selection = json.loads(open(os.path.join(root, "selection", m, "manifest.json")).read())
+        assert row["coverage"] == selection["coverage_at_budget"][m] and row["selected"] == 10
+        for other, share in row["shared_with"].items():
+            assert share == round(len(picks[m] & picks[other]) / 10, 3)
+    assert len(data["methods"]) == 3
+
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
@@ -76,7 +86,7 @@ def browser(tmp_path_factory):
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1500,1200"):
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1200"):
         options.add_argument(arg)
     session = webdriver.Chrome(service=Service(driver), options=options)
     yield session
@@ -92,10 +102,21 @@ def test_the_page_renders_its_plots_and_feature_table_in_chromium(two_runs, brow
     browser.save_screenshot(str(tmp_path / f"report-{which}.png"))
     assert (tmp_path / f"report-{which}.png").stat().st_size > 10_000
     images = browser.find_elements("css selector", "img.plot")
-    assert len(images) == 5  # every plot slot is there, with or without its data
+    # coverage curves, document frequency, token lengths; no task scores or IGDS deltas in these runs
+    assert [i.get_attribute("alt") for i in images] == [
+        "Feature coverage against budget", "Feature document frequency", "Token lengths"
+    ]  # fmt: skip
     for img in images:
         assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) == 640
         assert img.size == {"width": 640, "height": 360}
+    methods = browser.find_elements("css selector", "#methods tbody tr")
+    assert len(methods) == (3 if which == "full" else 1)
+    browser.find_elements("css selector", "#methods th")[3].click()  # sort by coverage, ascending
+    coverage = [
+        float(r.find_elements("tag name", "td")[3].text)
+        for r in browser.find_elements("css selector", "#methods tbody tr")
+    ]
+    assert coverage == sorted(coverage)
     rows = browser.find_elements("css selector", "#features tbody tr")
     assert len(rows) >= 2 and browser.find_elements("css selector", "#features mark")
     first_feature = rows[0].find_elements("tag name", "td")[0].text
@@ -114,7 +135,7 @@ def test_the_page_renders_its_plots_and_feature_table_in_chromium(two_runs, brow
     ]
     assert ascending == sorted(ascending) and str(ascending[0]) != "" and first_feature
     rejected = browser.find_element("id", "summary").text
-    assert ("none" in rejected) == (which == "single")
+    assert ("Rejected by reason: none" in rejected) == (which == "single")
 
 
 def test_raysel_report_cli_writes_the_page(two_runs, capsys):
