@@ -80,7 +80,7 @@ def list_input_files(cfg: InputConfig, s3: S3Config) -> tuple[pafs.FileSystem, l
     fs = None
     for entry in cfg.paths:
         fs, path = filesystem_for(entry, s3)
-        filesystems.add(entry.startswith("s3://"))
+        filesystems.add(entry.split("://", 1)[0] if "://" in entry else "local")
         try:
             infos = _expand(fs, path, entry)
         except OSError as err:  # pyarrow's message names the path and the S3 error, never the keys
@@ -91,7 +91,9 @@ def list_input_files(cfg: InputConfig, s3: S3Config) -> tuple[pafs.FileSystem, l
             fmt = cfg.format if cfg.format != "auto" else fmt
             found[info.path] = InputFile(info.path, fmt, info.size or 0, str(info.mtime_ns or info.mtime))
     if len(filesystems) > 1:
-        raise InputError("input.paths: mix of local and s3:// paths; put one kind in a run")
+        raise InputError(
+            f"input.paths: paths on {len(filesystems)} filesystems ({', '.join(sorted(filesystems))}); put one kind in a run"
+        )
     return fs, [found[p] for p in sorted(found)]
 
 

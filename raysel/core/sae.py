@@ -42,8 +42,8 @@ def local_sae_dir(stack: ModelStack) -> Path:
                 f"first, or set sae.path (a saved SAE) or sae.release and sae.sae_id"
             )
         return path
-    if stack.sae.path.startswith("s3://"):
-        return _fetch_from_s3(stack)
+    if "://" in stack.sae.path:
+        return _fetch_remote(stack)
     path = Path(stack.sae.path).expanduser()
     pickled = [p.name for p in (path.glob("*") if path.is_dir() else [path]) if p.suffix in PICKLED]
     if pickled and not (path / WEIGHTS).is_file():
@@ -69,13 +69,13 @@ def check_safetensors(path: Path) -> None:
         ) from None
 
 
-def _fetch_from_s3(stack: ModelStack) -> Path:
+def _fetch_remote(stack: ModelStack) -> Path:
     import pyarrow.fs as pafs
 
     from raysel.core.storage import filesystem_for
 
     key = hashlib.sha256(stack.sae.path.encode()).hexdigest()[:16]
-    target = Path(stack.model.cache_dir).expanduser() / "saes" / "s3" / key
+    target = Path(stack.model.cache_dir).expanduser() / "saes" / "remote" / key
     if not (target / WEIGHTS).is_file():
         fs, path = filesystem_for(stack.sae.path, stack.s3)
         target.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
-"""Where a run's files live: a local folder or an s3:// prefix, both through one
-pyarrow filesystem, so every stage reads and writes the same way."""
+"""Where a run's files live: a local folder, an s3:// or gs:// prefix, or any fsspec location, all
+through one pyarrow filesystem, so every stage reads and writes the same way."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 import pyarrow.fs as pafs
 
+from raysel.core.section import ConfigError
+
 if TYPE_CHECKING:
     from raysel.config import S3Config
 
@@ -22,12 +24,36 @@ T = TypeVar("T")
 
 
 def filesystem_for(uri: str, s3: S3Config) -> tuple[pafs.FileSystem, str]:
-    """The filesystem that holds `uri`, and the path of `uri` inside it."""
+    """The filesystem that holds `uri`, and the path of `uri` inside it: a local path, s3:// (pyarrow,
+    with the s3 section), gs:// (pyarrow's GCS client, Google's default credentials), or any other
+    scheme fsspec knows where its package is installed: abfs:// and az:// (adlfs), hf:// (huggingface_hub),
+    file://... Credentials for these come from their own environment, never from the config."""
     if uri.startswith("s3://"):
         return s3_filesystem(s3), uri.removeprefix("s3://").rstrip("/")
+    if uri.startswith(("gs://", "gcs://")):
+        return pafs.GcsFileSystem(), uri.split("://", 1)[1].rstrip("/")
     if "://" in uri:
-        raise ValueError(f"unsupported location {uri!r}: use a local path or s3://bucket/prefix")
+        return fsspec_filesystem(uri)
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def is_remote(uri: str) -> bool:
+    """Object stores, whose errors can be transient; a local folder's (and file://) are not."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def fsspec_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    import fsspec
+
+    protocol = uri.split("://", 1)[0]
+    try:
+        fs = fsspec.filesystem(protocol)
+    except (ImportError, ValueError) as err:  # an unknown scheme, or its package is not installed
+        raise ConfigError(
+            f"unsupported location {uri!r}: {err} (supported: a local path, s3://, gs://, and any fsspec "
+            f"scheme whose package is installed, e.g. abfs:// with adlfs, hf:// with huggingface_hub)"
+        ) from None
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs._strip_protocol(uri).rstrip("/")
 
 
 def s3_filesystem(s3: S3Config) -> pafs.S3FileSystem:
@@ -47,10 +73,16 @@ class StorageError(RuntimeError):
     """The output root cannot be reached or used; the message names its URI, never the keys."""
 
 
+# The secrets other filesystems read from the environment; an error message never shows them.
+SECRET_ENV = ("HF_TOKEN", "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN",
+              "AZURE_CLIENT_SECRET", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")  # fmt: skip
+
+
 def redact(message: str, s3: S3Config) -> str:
-    for key in (s3.access_key, s3.secret_key):
-        if key is not None and key.get_secret_value():
-            message = message.replace(key.get_secret_value(), "<secret>")
+    secrets = [k.get_secret_value() for k in (s3.access_key, s3.secret_key) if k is not None]
+    for value in secrets + [os.environ.get(name, "") for name in SECRET_ENV]:
+        if value:
+            message = message.replace(value, "<secret>")
     return message
 
 
@@ -102,7 +134,7 @@ class Storage:
     def retrying(self, what: str, fn: Callable[[], T]) -> T:
         """fn(), retried with backoff while S3 fails for up to s3.outage_seconds; then a StorageError
         naming `what` and the root. A local folder's errors are not transient: they raise at once."""
-        if not self.root.startswith("s3://"):
+        if not is_remote(self.root):
             return fn()
         start, wait = time.monotonic(), 1.0
         while True:
