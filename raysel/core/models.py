@@ -145,13 +145,14 @@ def truncate_to_layer(model, layer: int):
     """The base model cut after block `layer`: no later blocks, no final norm, no lm_head.
 
     Its last_hidden_state is the residual stream after block `layer`, equal to the
-    full model's hidden_states[layer + 1]. The final norm must go: it would
-    otherwise run on whichever block comes last."""
+    full model's hidden_states[layer + 1]; layer -1 keeps no block, so it is the embeddings
+    (hidden_states[0]). The final norm must go: it would otherwise run on whichever block
+    comes last."""
     import torch
 
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     n_layers = len(base.layers)
-    if not 0 <= layer < n_layers:
+    if not -1 <= layer < n_layers:
         raise ConfigError(f"sae.hook_layer: layer {layer} does not exist (the model has layers 0..{n_layers - 1})")
     base.layers = base.layers[: layer + 1]
     base.norm = torch.nn.Identity()

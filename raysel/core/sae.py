@@ -106,13 +106,29 @@ def sae_metadata(stack: ModelStack) -> dict:
     }
 
 
+# The residual-stream hook names raysel reads, each to the block whose output it is (-1: the
+# embeddings, what block 0 reads).
+HOOK_FORMS = (
+    (re.compile(r"^(?:model\.)?layers\.(\d+)$"), 0),  # HF module paths (sae-lens on HF models), sparsify hookpoints
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), 0),  # TransformerLens: the output of block L
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), -1),  # TransformerLens: the input of block L
+)
+SUPPORTED_HOOKS = "model.layers.L, layers.L, blocks.L.hook_resid_post, blocks.L.hook_resid_pre"
+
+
 def hook_layer(stack: ModelStack, hook_name: str | None) -> int:
+    """The block whose output the SAE reads, from its hook name; -1 means the embeddings.
+    `sae.hook_layer` overrides it (a block index)."""
     if stack.sae.hook_layer is not None:
         return stack.sae.hook_layer
-    match = re.search(r"layers\.(\d+)", hook_name or "")
-    if not match:
-        raise ConfigError(f"sae.hook_layer: the SAE's hook_name {hook_name!r} names no layer; set sae.hook_layer")
-    return int(match.group(1))
+    for form, shift in HOOK_FORMS:
+        if match := form.match(hook_name or ""):
+            return int(match.group(1)) + shift
+    raise ConfigError(
+        f"sae: the SAE's hook {hook_name!r} is not a residual-stream point raysel reads (supported: "
+        f"{SUPPORTED_HOOKS}; attention, MLP-out and other hooks are not); set sae.hook_layer to read "
+        f"the output of a block anyway"
+    )
 
 
 def check_against_model(stack: ModelStack, meta: dict) -> None:
@@ -125,7 +141,7 @@ def check_against_model(stack: ModelStack, meta: dict) -> None:
             f"sae: the SAE reads vectors of {meta['d_in']} (d_in) but model {stack.model.name!r} "
             f"has hidden size {model_cfg.hidden_size}; use an SAE trained on this model"
         )
-    if meta["layer"] is not None and meta["layer"] >= model_cfg.num_hidden_layers:
+    if meta["layer"] is not None and not -1 <= meta["layer"] < model_cfg.num_hidden_layers:
         raise ConfigError(
             f"sae.hook_layer: layer {meta['layer']} does not exist "
             f"(model {stack.model.name!r} has layers 0..{model_cfg.num_hidden_layers - 1})"

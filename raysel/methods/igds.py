@@ -156,8 +156,9 @@ def frequency_recall(targets: pa.Table, tau: float, pool_doc_freq: np.ndarray, n
 
 @contextlib.contextmanager
 def amplified(model, layer: int, vector, counted=None):
-    """Add `vector` to the output of decoder block `layer` while inside; `counted` (batch, seq) masks
-    the positions it is added to (all of them when None). The hook is removed on the way out."""
+    """Add `vector` to the output of decoder block `layer` (-1: of the embeddings) while inside; `counted`
+    (batch, seq) masks the positions it is added to (all of them when None). The hook is removed on the
+    way out."""
 
     def add(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -166,7 +167,8 @@ def amplified(model, layer: int, vector, counted=None):
             shift = counted[..., None].to(hidden.dtype) * shift
         return (hidden + shift, *output[1:]) if isinstance(output, tuple) else hidden + shift
 
-    handle = decoder_layers(model)[layer].register_forward_hook(add)
+    module = decoder_layers(model)[layer] if layer >= 0 else model.get_input_embeddings()
+    handle = module.register_forward_hook(add)
     try:
         yield
     finally:

@@ -68,6 +68,15 @@ def test_amplification_adds_exactly_the_vector_on_counted_tokens_and_is_gone_aft
     assert not decoder_layers(model)[1]._forward_hooks
     assert torch.equal(after_layer_1(), base)
 
+    # layer -1 (an SAE on blocks.0.hook_resid_pre): the shift lands on the embeddings, what block 0 reads
+    def embeddings():
+        with torch.inference_mode():
+            return model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states[0]
+
+    with amplified(model, -1, vector, counted):
+        moved = embeddings()
+    torch.testing.assert_close(moved - embeddings(), counted[..., None] * vector, rtol=0, atol=1e-5)
+
 
 def planted_sae(out, stack, igds, prompts, answers, planted: int):
     """The tiny SAE with decoder row `planted` set to the direction that most raises the answers'

@@ -57,7 +57,7 @@ def test_truncated_model_equals_the_full_models_hidden_state(tiny_model_dir):
     assert torch.equal(truncated, reference)
 
 
-def dense_reference(model_dir, sae_dir, texts, skip_prefix_ids):
+def dense_reference(model_dir, sae_dir, texts, skip_prefix_ids, hidden_index=2):
     """Full model, output_hidden_states, one sample at a time, dense SAE encode."""
     from sae_lens import SAE
 
@@ -70,7 +70,7 @@ def dense_reference(model_dir, sae_dir, texts, skip_prefix_ids):
         k = len(skip_prefix_ids)
         start = k if k and ids[:k] == skip_prefix_ids else 1
         with torch.no_grad():
-            h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0, start:]
+            h = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[hidden_index][0, start:]
             z = sae.encode(h)
         out.append((z.shape[0], z.max(0).values if len(z) else None, z.sum(0) if len(z) else None))
     return out
@@ -92,6 +92,44 @@ def test_encoder_matches_a_dense_reference(tiny_model_dir, tiny_sae_dir, skip_pr
         assert row["feat_ids"] == ids and ids == sorted(ids)
         np.testing.assert_allclose(row["feat_max"], ref_max[ids].numpy(), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(row["feat_sum"], ref_sum[ids].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def renamed_sae(tiny_sae_dir, out, hook_name: str):
+    shutil.copytree(tiny_sae_dir, out)
+    cfg = json.loads((out / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = hook_name
+    (out / "cfg.json").write_text(json.dumps(cfg))
+    return out
+
+
+# hook name -> the model's hidden_states index it names (0: the embeddings; L + 1: the output of block L)
+HOOKS = {
+    "model.layers.1": 2,  # an HF module path, as sae-lens writes for HF models
+    "layers.1": 2,  # a sparsify hookpoint
+    "blocks.1.hook_resid_post": 2,  # TransformerLens: the output of block 1
+    "blocks.2.hook_resid_pre": 2,  # TransformerLens: the input of block 2, the same point
+    "blocks.0.hook_resid_pre": 0,  # the input of block 0: the embeddings
+    "blocks.2.hook_resid_post": 3,  # another block (not the last: HF's last hidden state is after the final norm)
+}
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_each_hook_form_reads_the_point_of_the_residual_stream_it_names(tiny_model_dir, tiny_sae_dir, tmp_path, hook):
+    sae = renamed_sae(tiny_sae_dir, tmp_path / "sae", hook)
+    encoder = Encoder(encoder_stack(tiny_model_dir, sae, skip_prefix=False))
+    table = encoder(["a", "b"], TEXTS[:2]).to_pylist()
+    reference = dense_reference(tiny_model_dir, sae, TEXTS[:2], [], hidden_index=HOOKS[hook])
+    for row, (n, ref_max, _) in zip(table, reference, strict=True):
+        ids = ref_max.nonzero().flatten().tolist()
+        assert row["n_tokens"] == n and row["feat_ids"] == ids and ids
+        np.testing.assert_allclose(row["feat_max"], ref_max[ids].numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.attn.hook_z", "blocks.1.hook_mlp_out", "model.layers.1.mlp", None])
+def test_a_hook_that_is_not_a_residual_stream_point_is_a_config_error(tiny_model_dir, tiny_sae_dir, tmp_path, hook):
+    sae = renamed_sae(tiny_sae_dir, tmp_path / "sae", hook)
+    with pytest.raises(ConfigError, match="supported: model.layers.L, layers.L, blocks.L.hook_resid_post"):
+        sae_metadata(encoder_stack(tiny_model_dir, sae))
 
 
 def test_top_m_keeps_the_strongest_features(tiny_model_dir, tiny_sae_dir):
