@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysel.core.features import FEATURE_SCHEMA
-from raysel.core.models import load_model, load_tokenizer, resolve_device, truncate_to_layer
+from raysel.core.models import load_model, load_tokenizer, resolve_device, tokenize, truncate_to_layer
 from raysel.core.records import chat_template_for, shared_prefix
 from raysel.core.sae import hook_layer, load_sae
 from raysel.core.section import ConfigError
@@ -46,10 +46,10 @@ class Encoder:
         prefix = ""
         if stack.encode.skip_prefix and stack.shape != "text":
             prefix = shared_prefix(self.tokenizer, chat_template_for(self.tokenizer, stack.prepare.chat_template))
-        self.prefix_ids = self.tokenizer(prefix)["input_ids"] if prefix else []
+        self.prefix_ids = tokenize(self.tokenizer, [prefix])["input_ids"][0] if prefix else []
 
     def __call__(self, ids: list[str], texts: list[str]) -> pa.Table:
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
+        enc = tokenize(self.tokenizer, texts, truncation=True, max_length=self.max_tokens)["input_ids"]
         buckets = list(self.length_buckets(enc))
         parts = [self._encode_batch([enc[i] for i in batch]) for batch in buckets]
         order = np.concatenate(buckets)

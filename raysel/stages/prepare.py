@@ -28,7 +28,7 @@ from raysel.core.corpus import (
     fingerprint,
     list_input_files,
 )
-from raysel.core.models import load_tokenizer, model_source
+from raysel.core.models import load_tokenizer, model_source, tokenize
 from raysel.core.ray_adapter import Resources, map_stage
 from raysel.core.records import Rejected, chat_template_for, normalize, parse_record, render
 from raysel.core.section import ConfigError
@@ -119,7 +119,7 @@ class Formatter:
         if not rows:
             return
         limit = self.max_tokens
-        enc = self.tokenizer([r["text"] for r in rows], return_offsets_mapping=True)
+        enc = tokenize(self.tokenizer, [r["text"] for r in rows], return_offsets_mapping=True)
         responses = [
             next((m["content"] for m in reversed(r["messages"] or []) if m["role"] == "assistant"), "") for r in rows
         ]

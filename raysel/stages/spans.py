@@ -34,6 +34,7 @@ import ray
 
 from raysel.core import paths
 from raysel.core.encoder import Encoder
+from raysel.core.models import tokenize
 from raysel.core.ray_adapter import map_stage, model_resources
 from raysel.core.storage import Storage
 
@@ -71,7 +72,7 @@ class SpanFinder:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         tok, enc = self.encoder.tokenizer, self.encoder
-        seqs = tok(batch["text"].to_pylist(), truncation=True, max_length=enc.max_tokens)["input_ids"]
+        seqs = tokenize(tok, batch["text"].to_pylist(), truncation=True, max_length=enc.max_tokens)["input_ids"]
         ids, wanted = batch["id"].to_pylist(), batch["features"].to_pylist()
         rows = []
         for bucket in enc.length_buckets(seqs):
