@@ -90,7 +90,7 @@ def encode_plan(cfg: RunConfig, storage: Storage, prepared: dict | None, gpus: b
     if prepared is None:
         return {**pool, "shards": "all: prepare runs first"}
     try:
-        fingerprint = Encode(cfg.stack(), storage, prepared).fingerprint
+        fingerprint = Encode(cfg.stack(), storage, prepared, has_gpus=gpus).fingerprint
     except (ConfigError, OSError) as err:
         return {**pool, "shards": f"unknown: {err}"}
     names = sorted(i.path.rsplit("/", 1)[1] for i in storage.listing(paths.PREPARED) if i.path.endswith(".parquet"))

@@ -56,6 +56,18 @@ def local_sae_dir(stack: ModelStack) -> Path:
     return path
 
 
+def weights_digest(stack: ModelStack) -> str:
+    """A hash of the SAE's weights file (a few seconds for a 131k-latent SAE), or of its release and
+    id for one that sae-lens fetches itself."""
+    if stack.sae.release:
+        return f"{stack.sae.release}/{stack.sae.sae_id}"
+    h = hashlib.sha256()
+    with open(local_sae_dir(stack) / WEIGHTS, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def check_safetensors(path: Path) -> None:
     """Read the weights' header: a file that only bears the name is refused before any work."""
     from safetensors import safe_open

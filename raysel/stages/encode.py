@@ -22,9 +22,10 @@ from raysel.core import paths
 from raysel.core.corpus import fingerprint
 from raysel.core.encoder import Encoder
 from raysel.core.features import FEATURE_SCHEMA, FeatureStore
+from raysel.core.models import resolve_dtype
 from raysel.core.progress import Progress
 from raysel.core.ray_adapter import Resources, log_to_driver, map_stage, model_resources
-from raysel.core.sae import check_against_model, sae_metadata
+from raysel.core.sae import check_against_model, sae_metadata, weights_digest
 from raysel.core.storage import Storage, StorageError
 from raysel.stages.base import Stage, commit
 
@@ -131,15 +132,21 @@ class Encode(Stage):
     name = "encode"
     needs = ("prepare",)
 
-    def __init__(self, stack: ModelStack, storage: Storage, prepared: dict):
-        self.stack, self.storage, self.prepared = stack, storage, prepared
+    def __init__(self, stack: ModelStack, storage: Storage, prepared: dict, has_gpus: bool | None = None):
+        self.stack, self.storage, self.prepared, self.has_gpus = stack, storage, prepared, has_gpus
         self.meta = sae_metadata(stack)
         check_against_model(stack, self.meta)
+        # What the features depend on: the prepared store, the model and the dtype it runs in on the
+        # actors (auto: bf16 on GPUs), and the SAE's weights themselves, so one retrained in place
+        # under the same path is not mixed with the old.
+        device = "cuda" if self.resources().num_gpus else "cpu"
+        self.dtype = str(resolve_dtype(stack.model.dtype, device)).removeprefix("torch.")
         self.fingerprint = fingerprint(
             [],
             prepared["fingerprint"],
             stack.model.name,
-            stack.model.dtype,
+            self.dtype,
+            weights_digest(stack),
             self.meta,
             stack.prepare.max_tokens,
             stack.prepare.chat_template,
@@ -152,7 +159,7 @@ class Encode(Stage):
         return None  # always looks: the shard markers say what is left to do
 
     def resources(self) -> Resources:
-        return model_resources(self.stack.encode, self.stack.encode.actors)
+        return model_resources(self.stack.encode, self.stack.encode.actors, has_gpus=self.has_gpus)
 
     def run(self) -> dict:
         storage, store = self.storage, FeatureStore(self.storage)
@@ -213,6 +220,7 @@ class Encode(Stage):
         )
         return {
             "fingerprint": self.fingerprint,
+            "dtype": self.dtype,
             "layer": self.meta["layer"],
             "sae": self.meta["identity"],
             "d_sae": self.meta.get("d_sae"),

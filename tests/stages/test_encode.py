@@ -294,3 +294,29 @@ def test_a_sample_the_model_cannot_take_is_an_encode_error_and_the_shard_goes_on
     for e in expected:
         assert got[e["id"]]["feat_ids"] == e["feat_ids"]
         np.testing.assert_allclose(got[e["id"]]["feat_max"], e["feat_max"], rtol=1e-4)
+
+
+def test_the_encode_fingerprint_follows_the_sae_weights_and_the_resolved_dtype(tiny_model_dir, tiny_sae_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from raysel.stages.encode import Encode
+
+    sae = tmp_path / "sae"
+    shutil.copytree(tiny_sae_dir, sae)
+    storage = Storage(str(tmp_path / "out"), RunConfig.model_validate({"input": {"paths": ["-"]}}).s3)
+
+    def encode_stage(has_gpus=False, **model):
+        stack = encoder_stack(tiny_model_dir, sae)
+        stack = stack.model_copy(update={"model": stack.model.model_copy(update=model)})
+        return Encode(stack, storage, {"fingerprint": "p"}, has_gpus=has_gpus)
+
+    before = encode_stage()
+    weights = load_file(sae / "sae_weights.safetensors")
+    weights["W_enc"] = weights["W_enc"] * 1.5  # retrained in place: same path, same size
+    save_file(weights, sae / "sae_weights.safetensors")
+    after = encode_stage()
+    assert after.fingerprint != before.fingerprint
+    # auto is fp32 on CPU actors: the same features as asking for fp32; bf16 on GPU actors differs
+    assert (after.dtype, encode_stage(dtype="float32").fingerprint) == ("float32", after.fingerprint)
+    on_gpus = encode_stage(has_gpus=True)
+    assert on_gpus.dtype == "bfloat16" and on_gpus.fingerprint != after.fingerprint
