@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from raysel.config import ModelStack
 
 
+CHUNK_BYTES = 256 << 20  # the SAE's dense activations of one token chunk
+
+
 class Encoder:
     """A model cut at the hook layer plus its SAE: texts in, sparse features out."""
 
@@ -90,8 +93,25 @@ class Encoder:
     def _encode_batch(self, seqs: list[list[int]]):
         hidden, counted = self.hidden_states(seqs)
         with self.torch.inference_mode():
-            z = self.sae.encode(hidden[counted].to(self.sae.dtype))
-            return self._pool(z, counted.sum(1).cpu())
+            feat_max, feat_sum = self._pooled(hidden[counted].to(self.sae.dtype), counted.sum(1))
+            return self._pool(feat_max, feat_sum, counted.sum(1).cpu())
+
+    def _pooled(self, h, n_counted):
+        """Max- and sum-pool of the SAE's activations per sample, over token chunks of at most
+        CHUNK_BYTES of activations: tokens x d_sae never exists for a whole batch (4 GB at 131k latents
+        and 8k tokens). Only the non-zero activations of a chunk (k per token for TopK) are pooled."""
+        torch, d_sae = self.torch, self.sae.cfg.d_sae
+        sample = torch.repeat_interleave(torch.arange(len(n_counted), device=h.device), n_counted.to(h.device))
+        feat_max = torch.zeros(len(n_counted) * d_sae, dtype=h.dtype, device=h.device)
+        feat_sum = torch.zeros_like(feat_max)
+        chunk = max(1, CHUNK_BYTES // (d_sae * h.element_size()))
+        for start in range(0, h.shape[0], chunk):
+            z = self.sae.encode(h[start : start + chunk])
+            tokens, features = z.nonzero(as_tuple=True)
+            at, values = sample[start + tokens] * d_sae + features, z[tokens, features]
+            feat_max.scatter_reduce_(0, at, values, "amax")  # activations are >= 0: 0 is the empty max
+            feat_sum.scatter_add_(0, at, values)
+        return feat_max.view(-1, d_sae), feat_sum.view(-1, d_sae)
 
     def activations(self, seqs: list[list[int]]) -> list[tuple]:
         """Per sequence: the first counted position, and the SAE's activations at every counted
@@ -128,18 +148,11 @@ class Encoder:
         skip = [k if k and s[:k] == self.prefix_ids else 1 for s in seqs]
         return self.torch.tensor(skip)
 
-    def _pool(self, z, n_counted):
-        """Max- and sum-pool each sample's rows of z, and keep the features that fire."""
+    def _pool(self, feat_max, feat_sum, n_counted):
+        """Keep, per sample, the features that fire (the top_m strongest when set), as list columns."""
         torch = self.torch
-        has = n_counted > 0  # a sample with nothing left to pool gets no features
-        feat_max = torch.zeros(len(n_counted), z.shape[1], dtype=z.dtype, device=z.device)
-        feat_sum = torch.zeros_like(feat_max)
-        if has.any():
-            lengths = n_counted[has].to(z.device)
-            feat_max[has.to(z.device)] = torch.segment_reduce(z, "max", lengths=lengths, axis=0)
-            feat_sum[has.to(z.device)] = torch.segment_reduce(z, "sum", lengths=lengths, axis=0)
         if self.encode.top_m:
-            kth = feat_max.topk(min(self.encode.top_m, z.shape[1]), dim=1).values[:, -1:]
+            kth = feat_max.topk(min(self.encode.top_m, feat_max.shape[1]), dim=1).values[:, -1:]
             feat_max = torch.where(feat_max >= kth, feat_max, torch.zeros_like(feat_max))
         rows, cols = (feat_max > 0).nonzero(as_tuple=True)  # row-major: ids ascend within a row
         offsets = np.concatenate([[0], torch.bincount(rows, minlength=len(n_counted)).cumsum(0).cpu().numpy()])

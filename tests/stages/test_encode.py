@@ -132,6 +132,19 @@ def test_a_hook_that_is_not_a_residual_stream_point_is_a_config_error(tiny_model
         sae_metadata(encoder_stack(tiny_model_dir, sae))
 
 
+def test_pooling_over_token_chunks_equals_pooling_the_whole_batch(tiny_model_dir, tiny_sae_dir, monkeypatch):
+    import raysel.core.encoder as encoder_module
+
+    encoder = Encoder(encoder_stack(tiny_model_dir, tiny_sae_dir, tokens_per_batch=4096))
+    whole = encoder(["a", "b", "c", "d"], TEXTS).to_pylist()
+    monkeypatch.setattr(encoder_module, "CHUNK_BYTES", 128 * 4 * 3)  # 3 tokens a chunk: chunks cut samples
+    chunked = encoder(["a", "b", "c", "d"], TEXTS).to_pylist()
+    assert [r["feat_ids"] for r in chunked] == [r["feat_ids"] for r in whole] and whole[1]["feat_ids"]
+    for c, w in zip(chunked, whole):
+        np.testing.assert_allclose(c["feat_max"], w["feat_max"], rtol=1e-6)
+        np.testing.assert_allclose(c["feat_sum"], w["feat_sum"], rtol=1e-5)
+
+
 def test_top_m_keeps_the_strongest_features(tiny_model_dir, tiny_sae_dir):
     full = Encoder(encoder_stack(tiny_model_dir, tiny_sae_dir))(["b"], [TEXTS[1]]).to_pylist()[0]
     capped = Encoder(encoder_stack(tiny_model_dir, tiny_sae_dir, top_m=5))(["b"], [TEXTS[1]]).to_pylist()[0]
