@@ -12,7 +12,11 @@ batch and then one timed pass:
 Both pool the same positions (no padding, not position 0). The matmul peak is
 measured in the same run. The last line printed is one JSON object.
 
-    python benchmarks/encode.py [--pool ../shared/data/pool.jsonl] [--n 256]
+With --d-sae W1,W2,... it also encodes the same samples with a random-init TopK SAE (k 32) of each
+width on the default model's layer 15, each width in a fresh process so that its peak RSS is its
+own, and reports samples/s and peak RSS per width (`by_d_sae`).
+
+    python benchmarks/encode.py [--pool ../shared/data/pool.jsonl] [--n 256] [--d-sae 16384,65536,131072]
 """
 
 from __future__ import annotations
@@ -48,7 +52,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--naive-batch", type=int, default=16)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--d-sae", default="", help="comma-separated SAE widths to sweep, e.g. 16384,65536,131072")
+    parser.add_argument("--width-child", type=int, default=0, help=argparse.SUPPRESS)  # one width, in a child
     args = parser.parse_args()
+    if args.width_child:
+        return width_child(args)
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -124,7 +132,57 @@ def main() -> None:
         f"matmul peak ({100 * result['fraction_of_matmul_peak']:.0f}%); features agree with the naive path "
         f"(max |diff| {agreement['max_abs_diff']:.2e}, active-set Jaccard {agreement['jaccard']:.4f})"
     )
+    if args.d_sae:
+        result["by_d_sae"] = {int(w): run_width(args, int(w)) for w in args.d_sae.split(",")}
+        widths = sorted(result["by_d_sae"])
+        low, high = result["by_d_sae"][widths[0]], result["by_d_sae"][widths[-1]]
+        result["rss_ratio_widest_vs_narrowest"] = round(high["peak_rss_gb"] / low["peak_rss_gb"], 2)
+        result["speed_ratio_widest_vs_narrowest"] = round(high["samples_per_s"] / low["samples_per_s"], 2)
+        for w in widths:
+            r = result["by_d_sae"][w]
+            print(f"d_sae {w:>7}: {r['samples_per_s']:>6} samples/s, encoder process peak RSS {r['peak_rss_gb']} GB")
     print(json.dumps(result))
+
+
+def run_width(args, width: int) -> dict:
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--width-child", str(width), "--pool", args.pool,
+           "--n", str(args.n), "--max-tokens", str(args.max_tokens), "--device", args.device]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def width_child(args) -> None:
+    """Encode the samples with a random-init TopK SAE of `args.width_child` latents; one JSON line."""
+    import tempfile
+
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        sae = TopKSAE(TopKSAEConfig(d_in=576, d_sae=args.width_child, k=32,
+                                    metadata=SAEMetadata(hook_name="model.layers.15")))  # fmt: skip
+        with torch.no_grad():
+            sae.W_enc.normal_(0, 576**-0.5)
+            sae.W_dec.copy_(sae.W_enc.T)
+        sae.save_model(tmp)
+        del sae
+        cfg = RunConfig.model_validate({
+            "input": {"paths": [args.pool]}, "prepare": {"max_tokens": args.max_tokens}, "sae": {"path": tmp},
+            "encode": {"device": args.device, "num_cpus": threads, "skip_prefix": False},
+        })  # fmt: skip
+        ids, texts = load_samples(args.pool, args.n, load_tokenizer(cfg.model))
+        encoder = Encoder(cfg.stack())
+        encoder(ids[:16], texts[:16])  # warm-up
+        start = time.perf_counter()
+        encoder(ids, texts)
+        seconds = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({"samples_per_s": round(len(texts) / seconds, 2), "peak_rss_gb": round(rss, 2)}))
 
 
 def load_samples(pool: str, n: int, tokenizer) -> tuple[list[str], list[str]]:
