@@ -68,7 +68,8 @@ class SAESection(Section):
     """Which SAE reads the model: a saved one, a published one, or the default
     that `raysel train-sae` makes for the configured model."""
 
-    path: str | None = None  # a directory (or s3:// prefix) saved by sae-lens; safetensors only
+    path: str | None = None  # a directory (local or any location URI) saved by sae-lens or sparsify; safetensors only
+    format: Literal["auto", "sae_lens", "sparsify"] = "auto"  # auto: told by the weights file in sae.path
     release: str | None = None  # a sae-lens pretrained release, with sae_id (needs a hub)
     sae_id: str | None = None
     hook_layer: int | None = Field(None, ge=0)  # overrides the layer in the SAE's metadata

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"  # EleutherAI sparsify's checkpoint: cfg.json + sae.safetensors per hookpoint
 SAE_CONFIG = "cfg.json"
 PICKLED = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
@@ -51,9 +52,38 @@ def local_sae_dir(stack: ModelStack) -> Path:
             f"sae.path: {stack.sae.path!r} holds pickled weights ({', '.join(pickled)}); raysel loads "
             f"SAEs from safetensors only, since unpickling runs code: save it with sae-lens as {WEIGHTS}"
         )
-    if not (path / WEIGHTS).is_file() or not (path / SAE_CONFIG).is_file():
-        raise ConfigError(f"sae.path: {stack.sae.path!r} holds no saved SAE ({SAE_CONFIG} and {WEIGHTS} expected)")
+    if not (path / SAE_CONFIG).is_file() or not any((path / w).is_file() for w in (WEIGHTS, SPARSIFY_WEIGHTS)):
+        raise ConfigError(
+            f"sae.path: {stack.sae.path!r} holds no saved SAE ({SAE_CONFIG} with {WEIGHTS} from sae-lens, "
+            f"or with {SPARSIFY_WEIGHTS} from EleutherAI sparsify, expected)"
+        )
     return path
+
+
+def sae_format(stack: ModelStack, path: Path) -> str:
+    """sae_lens or sparsify: as configured, else told by the weights file the directory holds."""
+    if stack.sae.format != "auto":
+        return stack.sae.format
+    return "sparsify" if (path / SPARSIFY_WEIGHTS).is_file() and not (path / WEIGHTS).is_file() else "sae_lens"
+
+
+def weights_file(stack: ModelStack) -> Path:
+    path = local_sae_dir(stack)
+    return path / (SPARSIFY_WEIGHTS if sae_format(stack, path) == "sparsify" else WEIGHTS)
+
+
+def sparsify_config(stack: ModelStack, path: Path) -> dict:
+    """A sparsify checkpoint's config as sae-lens's TopK SAE takes it. Its hookpoint is the folder's
+    name (`layers.15`), as sparsify saves one folder per hookpoint."""
+    cfg = json.loads((path / SAE_CONFIG).read_text())
+    if cfg.get("activation", "topk") != "topk" or cfg.get("transcode"):
+        raise ConfigError(
+            f"sae.path: {stack.sae.path!r} is a sparsify {'transcoder' if cfg.get('transcode') else cfg['activation']} "
+            f"checkpoint; raysel reads sparsify's TopK SAEs"
+        )
+    hookpoint = (stack.sae.path or str(path)).rstrip("/").rsplit("/", 1)[-1]
+    return {"d_in": cfg["d_in"], "d_sae": cfg.get("num_latents") or cfg["d_in"] * cfg["expansion_factor"],
+            "k": cfg["k"], "hook_name": hookpoint}  # fmt: skip
 
 
 def weights_digest(stack: ModelStack) -> str:
@@ -62,22 +92,22 @@ def weights_digest(stack: ModelStack) -> str:
     if stack.sae.release:
         return f"{stack.sae.release}/{stack.sae.sae_id}"
     h = hashlib.sha256()
-    with open(local_sae_dir(stack) / WEIGHTS, "rb") as f:
+    with open(weights_file(stack), "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     return h.hexdigest()[:16]
 
 
-def check_safetensors(path: Path) -> None:
+def check_safetensors(weights: Path) -> None:
     """Read the weights' header: a file that only bears the name is refused before any work."""
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+        with safe_open(str(weights), framework="pt") as f:
             f.keys()
     except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types for bad headers
         raise ConfigError(
-            f"sae.path: {path / WEIGHTS} is not a safetensors file ({err}); raysel loads SAEs from safetensors only"
+            f"sae.path: {weights} is not a safetensors file ({err}); raysel loads SAEs from safetensors only"
         ) from None
 
 
@@ -91,7 +121,8 @@ def _fetch_remote(stack: ModelStack) -> Path:
     if not (target / WEIGHTS).is_file():
         fs, path = filesystem_for(stack.sae.path, stack.s3)
         target.mkdir(parents=True, exist_ok=True)
-        for name in (SAE_CONFIG, WEIGHTS):
+        present = [n for n in (WEIGHTS, SPARSIFY_WEIGHTS) if fs.get_file_info(f"{path}/{n}").is_file]
+        for name in (SAE_CONFIG, *present[:1]):
             pafs.copy_files(
                 f"{path}/{name}",
                 str(target / name),
@@ -102,11 +133,15 @@ def _fetch_remote(stack: ModelStack) -> Path:
 
 
 def sae_metadata(stack: ModelStack) -> dict:
-    """d_in and hook layer of the configured SAE, read without loading its weights."""
+    """d_in, width, hook layer and architecture of the configured SAE, read without loading its weights."""
     if stack.sae.release:
         return {"d_in": None, "layer": stack.sae.hook_layer, "identity": f"{stack.sae.release}/{stack.sae.sae_id}"}
     path = local_sae_dir(stack)
-    check_safetensors(path)
+    check_safetensors(weights_file(stack))
+    if sae_format(stack, path) == "sparsify":
+        cfg = sparsify_config(stack, path)
+        meta = {"d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "architecture": "topk (sparsify)"}
+        return {**meta, "layer": hook_layer(stack, cfg["hook_name"]), "identity": str(stack.sae.path or path)}
     meta = json.loads((path / SAE_CONFIG).read_text())
     hook_name = (meta.get("metadata") or {}).get("hook_name") or meta.get("hook_name")
     return {
@@ -165,4 +200,25 @@ def load_sae(stack: ModelStack, device: str):
 
     if stack.sae.release:
         return SAE.from_pretrained(stack.sae.release, stack.sae.sae_id, device=device)
-    return SAE.load_from_disk(local_sae_dir(stack), device=device)
+    path = local_sae_dir(stack)
+    if sae_format(stack, path) == "sparsify":
+        return load_sparsify(stack, path, device)
+    return SAE.load_from_disk(path, device=device)
+
+
+def load_sparsify(stack: ModelStack, path: Path, device: str):
+    """A sparsify TopK checkpoint as sae-lens's TopK SAE, which encodes the same way: subtract b_dec,
+    the encoder's affine map, the k largest, ReLU. Its encoder is stored as nn.Linear (d_sae x d_in)."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from safetensors.torch import load_file
+
+    cfg = sparsify_config(stack, path)
+    weights = load_file(str(path / SPARSIFY_WEIGHTS))
+    sae = TopKSAE(TopKSAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"], k=cfg["k"], device=device,
+                                dtype=str(weights["encoder.weight"].dtype).removeprefix("torch."),
+                                metadata=SAEMetadata(hook_name=cfg["hook_name"])))  # fmt: skip
+    state = {"W_enc": weights["encoder.weight"].T, "b_enc": weights["encoder.bias"], "b_dec": weights["b_dec"],
+             "W_dec": weights.get("W_dec", weights["encoder.weight"])}  # fmt: skip
+    sae.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
+    return sae.to(device)
