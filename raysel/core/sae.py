@@ -135,7 +135,7 @@ def _fetch_remote(stack: ModelStack) -> Path:
 def sae_metadata(stack: ModelStack) -> dict:
     """d_in, width, hook layer and architecture of the configured SAE, read without loading its weights."""
     if stack.sae.release:
-        return {"d_in": None, "layer": stack.sae.hook_layer, "identity": f"{stack.sae.release}/{stack.sae.sae_id}"}
+        return release_metadata(stack)
     path = local_sae_dir(stack)
     check_safetensors(weights_file(stack))
     if sae_format(stack, path) == "sparsify":
@@ -151,6 +151,24 @@ def sae_metadata(stack: ModelStack) -> dict:
         "identity": str(stack.sae.path or path),
         "architecture": meta.get("architecture"),
     }
+
+
+def release_metadata(stack: ModelStack) -> dict:
+    """A sae-lens release's config, read the way SAE.from_pretrained reads it (the Hub, or its files
+    in the HF cache with HF_HUB_OFFLINE=1), without its weights."""
+    from sae_lens.loading.pretrained_sae_loaders import load_sae_config_from_huggingface
+
+    release, sae_id = stack.sae.release, stack.sae.sae_id
+    try:
+        cfg = load_sae_config_from_huggingface(release, sae_id)
+    except (OSError, ValueError) as err:  # not in the registry, no Hub and no cache, a bad id
+        raise ConfigError(
+            f"sae.release: cannot read the config of {release}/{sae_id}: {err}. sae-lens needs the Hub "
+            f"for it, or its files in the HF cache (HF_HUB_OFFLINE=1)"
+        ) from None
+    hook_name = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    return {"d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "layer": hook_layer(stack, hook_name),
+            "identity": f"{release}/{sae_id}", "architecture": cfg.get("architecture")}  # fmt: skip
 
 
 # The residual-stream hook names raysel reads, each to the block whose output it is (-1: the
