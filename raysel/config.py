@@ -73,6 +73,7 @@ class SAESection(Section):
     release: str | None = None  # a sae-lens pretrained release, with sae_id (needs a hub)
     sae_id: str | None = None
     hook_layer: int | None = Field(None, ge=0)  # overrides the layer in the SAE's metadata
+    allow_poor_fit: bool = False  # encode even when the SAE's explained variance on the first samples is below 0
 
     @model_validator(mode="after")
     def _one_source(self):

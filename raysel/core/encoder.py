@@ -122,6 +122,27 @@ class Encoder:
         first = self._first_counted(seqs).tolist()
         return list(zip(first, z.split(counted.sum(1).cpu().tolist())))
 
+    def fit(self, texts: list[str]) -> dict:
+        """How well the SAE reconstructs the model's activations at its hook, over the counted positions
+        of `texts`: explained variance (1 - residual / total variance) and L0 (active latents a token)."""
+        torch = self.torch
+        seqs = tokenize(self.tokenizer, texts, truncation=True, max_length=self.max_tokens)["input_ids"]
+        hidden, counted = self.hidden_states(seqs)
+        h = hidden[counted].to(self.sae.dtype).float()
+        residual, active = 0.0, 0
+        chunk = max(1, CHUNK_BYTES // (self.sae.cfg.d_sae * 4))
+        with torch.inference_mode():
+            for start in range(0, h.shape[0], chunk):
+                z = self.sae.encode(h[start : start + chunk].to(self.sae.dtype))
+                residual += float((h[start : start + chunk] - self.sae.decode(z).float()).pow(2).sum())
+                active += int((z > 0).sum())
+        total = float((h - h.mean(0)).pow(2).sum())
+        return {
+            "explained_variance": round(1 - residual / total, 4) if total > 0 else None,
+            "l0": round(active / max(h.shape[0], 1), 2),
+            "tokens": int(h.shape[0]),
+        }
+
     def hidden_states(self, seqs: list[list[int]]):
         """The residual stream after the hook layer for a padded batch, and which positions count."""
         torch = self.torch

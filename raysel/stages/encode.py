@@ -26,13 +26,19 @@ from raysel.core.models import resolve_dtype
 from raysel.core.progress import Progress
 from raysel.core.ray_adapter import Resources, log_to_driver, map_stage, model_resources
 from raysel.core.sae import check_against_model, sae_metadata, weights_digest
+from raysel.core.section import ConfigError
 from raysel.core.storage import Storage, StorageError
 from raysel.stages.base import Stage, commit
 
 log = logging.getLogger(__name__)
 
 
-SHARD_RESULT = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("error", pa.string())])
+SHARD_RESULT = pa.schema(
+    [("shard", pa.string()), ("rows", pa.int64()), ("error", pa.string()),
+     ("explained_variance", pa.float64()), ("l0", pa.float64())]
+)  # fmt: skip
+FIT_SAMPLES = 32  # samples of each actor's first shard that the fit check reads
+POOR_FIT = 0.5  # explained variance below this warns; below 0 stops the run unless sae.allow_poor_fit
 
 
 class EncodeShards:
@@ -43,16 +49,30 @@ class EncodeShards:
         self.encoder = Encoder(stack)
         self.storage = Storage(root, stack.s3)
         self.fingerprint = fingerprint
+        self.measured = False  # the fit check runs on this actor's first shard
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         done = []
         for shard in batch["shard"].to_pylist():
             try:
                 summary = self.encode_shard(shard)
-                done.append({"shard": shard, "rows": summary["rows"] + summary["rejected"], "error": None})
+                fit = summary.get("fit") or {}
+                done.append({"shard": shard, "rows": summary["rows"] + summary["rejected"], "error": None,
+                             "explained_variance": fit.get("explained_variance"), "l0": fit.get("l0")})  # fmt: skip
             except StorageError as err:  # the driver raises it: Ray Data would only pass on its traceback
                 done.append({"shard": shard, "rows": 0, "error": str(err)})
         return pa.Table.from_pylist(done, schema=SHARD_RESULT)
+
+    def fit_check(self, texts: list[str]) -> dict | None:
+        """The SAE's fit on this actor's first FIT_SAMPLES samples; None after the first shard."""
+        if self.measured:
+            return None
+        self.measured = True
+        try:
+            return self.encoder.fit(texts[:FIT_SAMPLES])
+        except Exception as err:  # a sample the model cannot take: the fit is measured on the next actor's
+            log.warning("encode: fit check skipped: %s: %s", type(err).__name__, err)
+            return None
 
     def encode_shard(self, shard: str) -> dict:
         storage, fs = self.storage, self.storage.fs
@@ -63,6 +83,7 @@ class EncodeShards:
                 storage.path(paths.PREPARED, shard), columns=["id", "text", *REJECT_FIELDS], filesystem=fs
             ),
         )
+        fit = self.fit_check(rows["text"].to_pylist())
         features, errors = self.encoder.encode_isolated(rows["id"].to_pylist(), rows["text"].to_pylist())
         n_tokens = int(pc.sum(features["n_tokens"]).as_py() or 0)
         summary = {
@@ -72,7 +93,7 @@ class EncodeShards:
             "tokens": n_tokens,
             "seconds": round(time.time() - start, 3),
             "node": ray.get_runtime_context().get_node_id(),
-        }  # where it ran, for the record
+        } | ({"fit": fit} if fit else {})  # where it ran, for the record
 
         def write() -> dict:
             fs.create_dir(storage.path(paths.FEATURES), recursive=True)
@@ -98,6 +119,16 @@ class EncodeShards:
 
 
 REJECT_FIELDS = ["source", "row", "record"]
+
+
+def mean_fit(fits: list[dict]) -> dict | None:
+    """The fit checks of the actors' first shards, token-weighted."""
+    tokens = sum(f["tokens"] for f in fits if f.get("explained_variance") is not None)
+    if not tokens:
+        return None
+    weighted = {k: sum(f[k] * f["tokens"] for f in fits if f.get("explained_variance") is not None) / tokens
+                for k in ("explained_variance", "l0")}  # fmt: skip
+    return {k: round(v, 4) for k, v in weighted.items()} | {"tokens": tokens, "shards_measured": len(fits)}
 
 
 def write_encode_rejects(storage: Storage, shard: str, rows: pa.Table, errors: dict[str, str]) -> None:
@@ -161,6 +192,18 @@ class Encode(Stage):
     def resources(self) -> Resources:
         return model_resources(self.stack.encode, self.stack.encode.actors, has_gpus=self.has_gpus)
 
+    def judge_fit(self, ev: float, l0: float) -> None:
+        """Stop a run whose SAE does not fit the model where it reads, before it spends hours."""
+        where = f"layer {self.meta['layer']} of {self.stack.model.name!r}"
+        if ev < 0 and not self.stack.sae.allow_poor_fit:
+            raise ConfigError(
+                f"sae: explained variance {ev:.3f} (L0 {l0:.1f}) at {where} on the first samples: the SAE "
+                f"reconstructs these activations worse than their mean does. A wrong layer or hook, an SAE of "
+                f"another model, or a double BOS? Set sae.allow_poor_fit: true to encode anyway"
+            )
+        if ev < POOR_FIT:
+            log.warning("encode: the SAE explains only %.3f of the variance at %s (L0 %.1f)", ev, where, l0)
+
     def run(self) -> dict:
         storage, store = self.storage, FeatureStore(self.storage)
         shards = sorted(
@@ -199,6 +242,8 @@ class Encode(Stage):
                 progress.update(r["rows"])
                 if r["error"]:
                     failed.append(r["error"])
+                if r["explained_variance"] is not None:
+                    self.judge_fit(r["explained_variance"], r["l0"])
             progress.close()
             if failed:
                 raise StorageError(
@@ -229,6 +274,7 @@ class Encode(Stage):
             "n_shards_skipped": len(shards) - len(todo),
             "n_encoded": sum(markers[s]["rows"] for s in shards),
             "n_encode_rejected": sum(markers[s].get("rejected", 0) for s in shards),
+            "fit": mean_fit([markers[s]["fit"] for s in shards if markers[s].get("fit")]),
             "n_tokens": sum(markers[s]["tokens"] for s in shards),
             "seconds": round(seconds, 2),
         }

@@ -333,3 +333,52 @@ def test_the_encode_fingerprint_follows_the_sae_weights_and_the_resolved_dtype(t
     assert (after.dtype, encode_stage(dtype="float32").fingerprint) == ("float32", after.fingerprint)
     on_gpus = encode_stage(has_gpus=True)
     assert on_gpus.dtype == "bfloat16" and on_gpus.fingerprint != after.fingerprint
+
+
+def test_the_fit_check_records_the_saes_fit_and_stops_one_that_does_not_fit(
+    ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path
+):
+    from sae_lens import SAE
+
+    raw = run_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, 8)  # one shard
+    raw["encode"]["skip_prefix"] = False  # every position but the first is measured
+    cfg = RunConfig.model_validate(raw)
+    storage = Storage(cfg.output.root, cfg.s3)
+    prepared = prepare(cfg, storage)
+    summary = encode(cfg, storage, prepared)
+    # the same measure, recomputed from the full model's hidden states and sae-lens's own decode
+    [measured] = [
+        m for m in (tmp_path / "out" / "features" / "_done").glob("*.json") if "fit" in json.loads(m.read_text())
+    ]
+    shard = measured.name.removesuffix(".json")  # the one actor's first shard
+    texts = pq.read_table(tmp_path / "out" / "prepared" / shard)["text"].to_pylist()[:32]
+    model, tok = (
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(),
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    sae = SAE.load_from_disk(tiny_sae_dir)
+    with torch.no_grad():
+        h = torch.cat([model(torch.tensor([tok(t)["input_ids"]]), output_hidden_states=True).hidden_states[2][0, 1:]
+                       for t in texts])  # fmt: skip
+        ev = 1 - (h - sae.decode(sae.encode(h))).pow(2).sum() / (h - h.mean(0)).pow(2).sum()
+    assert summary["fit"]["tokens"] == h.shape[0] and summary["fit"]["l0"] == 8
+    assert summary["fit"]["explained_variance"] == pytest.approx(float(ev), abs=1e-3)
+
+    bad = tmp_path / "bad-sae"
+    shutil.copytree(tiny_sae_dir, bad)
+    weights = load_file(bad / "sae_weights.safetensors")
+    weights["W_dec"] = weights["W_dec"] * 20  # reconstructions far off: worse than the mean
+    from safetensors.torch import save_file
+
+    save_file(weights, bad / "sae_weights.safetensors")
+    stopped = RunConfig.model_validate({**raw, "sae": {"path": str(bad)}, "output": {"root": str(tmp_path / "o2")}})
+    with pytest.raises(ConfigError, match=r"sae: explained variance -\d.* at layer 1 .* sae.allow_poor_fit"):
+        encode(
+            stopped,
+            Storage(stopped.output.root, stopped.s3),
+            prepare(stopped, Storage(stopped.output.root, stopped.s3)),
+        )
+    allowed = RunConfig.model_validate({**raw, "sae": {"path": str(bad), "allow_poor_fit": True},
+                                        "output": {"root": str(tmp_path / "o3")}})  # fmt: skip
+    storage = Storage(allowed.output.root, allowed.s3)
+    assert encode(allowed, storage, prepare(allowed, storage))["fit"]["explained_variance"] < 0
