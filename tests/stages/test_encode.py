@@ -371,14 +371,8 @@ def test_the_fit_check_records_the_saes_fit_and_stops_one_that_does_not_fit(
     from safetensors.torch import save_file
 
     save_file(weights, bad / "sae_weights.safetensors")
-    stopped = RunConfig.model_validate({**raw, "sae": {"path": str(bad)}, "output": {"root": str(tmp_path / "o2")}})
+    stopped = RunConfig.model_validate({**raw, "sae": {"path": str(bad)}})
     with pytest.raises(ConfigError, match=r"sae: explained variance -\d.* at layer 1 .* sae.allow_poor_fit"):
-        encode(
-            stopped,
-            Storage(stopped.output.root, stopped.s3),
-            prepare(stopped, Storage(stopped.output.root, stopped.s3)),
-        )
-    allowed = RunConfig.model_validate({**raw, "sae": {"path": str(bad), "allow_poor_fit": True},
-                                        "output": {"root": str(tmp_path / "o3")}})  # fmt: skip
-    storage = Storage(allowed.output.root, allowed.s3)
-    assert encode(allowed, storage, prepare(allowed, storage))["fit"]["explained_variance"] < 0
+        encode(stopped, storage, prepared)  # the same prepared store: only the SAE differs
+    allowed = RunConfig.model_validate({**raw, "sae": {"path": str(bad), "allow_poor_fit": True}})
+    assert encode(allowed, storage, prepared)["fit"]["explained_variance"] < 0
