@@ -181,8 +181,9 @@ def width_child(args) -> None:
         start = time.perf_counter()
         encoder(ids, texts)
         seconds = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(json.dumps({"samples_per_s": round(len(texts) / seconds, 2), "peak_rss_gb": round(rss, 2)}))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child would report its parent's peak
+    hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"samples_per_s": round(len(texts) / seconds, 2), "peak_rss_gb": round(hwm_kb / 2**20, 2)}))
 
 
 def load_samples(pool: str, n: int, tokenizer) -> tuple[list[str], list[str]]:

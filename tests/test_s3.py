@@ -114,7 +114,7 @@ def _files(fs, base: str) -> dict[str, bytes]:
 
 
 def test_run_to_s3_writes_what_the_same_run_writes_locally(
-    ray_cluster, s3_server, tiny_model_dir, tiny_sae_dir, tmp_path
+    ray_cluster, s3_server, tiny_model_dir, tiny_sae_dir, tmp_path, capsys
 ):
     raw = run_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, 30)
     raw["select"] = {"budget": 8, "methods": ["coverage", "random"]}
@@ -138,6 +138,13 @@ def test_run_to_s3_writes_what_the_same_run_writes_locally(
 
     again = run(cfg, until="select")  # finished shards on S3 are found and skipped
     assert again["stages"]["encode"]["n_shards_encoded"] == 0
+
+    # `raysel status` reads where the run stands from the S3 root alone, as from another machine
+    overrides = [arg for k, v in s3_server.config().items() for arg in ("--set", f"s3.{k}={v}")]
+    assert cli.main(["status", "s3://runs/a", *overrides]) == 0
+    status = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert status["finished"] and status["stages"]["encode"]["n_encoded"] == 30
+    assert status["stages"]["select"]["state"] == "done"
     assert again["stages"]["encode"]["n_shards_skipped"] == remote["stages"]["encode"]["n_shards"]
 
 
