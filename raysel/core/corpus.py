@@ -73,12 +73,13 @@ class InputFile:
 
 def list_input_files(cfg: InputConfig, s3: S3Config) -> tuple[pafs.FileSystem, list[InputFile]]:
     """Expand input.paths (files, directories, globs) or input.hf_dataset into files."""
-    if cfg.hf_dataset:
-        return pafs.LocalFileSystem(), _hub_dataset_files(cfg)
+    entries = hub_dataset_files(cfg) if cfg.hf_dataset else cfg.paths
+    if cfg.hf_dataset and not entries:  # a dataset with no data files (a loading script): its local cache
+        return pafs.LocalFileSystem(), _hub_dataset_cache_files(cfg)
     found: dict[str, InputFile] = {}
     filesystems = set()
     fs = None
-    for entry in cfg.paths:
+    for entry in entries:
         fs, path = filesystem_for(entry, s3)
         filesystems.add(entry.split("://", 1)[0] if "://" in entry else "local")
         try:
@@ -158,7 +159,20 @@ def _format_of(path: str) -> str | None:
     return next((fmt for ext, fmt in EXTENSIONS.items() if name.endswith(ext)), None)
 
 
-def _hub_dataset_files(cfg: InputConfig) -> list[InputFile]:
+def hub_dataset_files(cfg: InputConfig) -> list[str]:
+    """The data files of input.hf_dataset's split as `datasets` resolves them, without downloading them:
+    hf:// URIs for a Hub dataset, which every worker then reads itself; paths for a local folder."""
+    import datasets
+
+    data_files = datasets.load_dataset_builder(cfg.hf_dataset).config.data_files or {}
+    split = next((files for name, files in data_files.items() if str(name) == cfg.hf_split), None)
+    if split is None and data_files:
+        raise InputError(f"input.hf_split: {cfg.hf_dataset!r} has no split {cfg.hf_split!r} "
+                         f"(it has: {', '.join(sorted(map(str, data_files)))})")  # fmt: skip
+    return list(split or [])
+
+
+def _hub_dataset_cache_files(cfg: InputConfig) -> list[InputFile]:
     import datasets
 
     ds = datasets.load_dataset(cfg.hf_dataset, split=cfg.hf_split)

@@ -232,7 +232,7 @@ def test_line_ends_boms_and_blank_lines_are_all_accounted_for(ray_cluster, tiny_
 
 
 def test_hf_load_dataset_path(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
-    """input.hf_dataset goes through datasets.load_dataset; a local data dir takes the hub's place here."""
+    """input.hf_dataset: `datasets` resolves the split's files; a local data dir takes the Hub's place here."""
     (tmp_path / "hub").mkdir()
     write_jsonl(tmp_path / "hub" / "train.jsonl", RECORDS)
     cfg = make_cfg(
@@ -244,6 +244,8 @@ def test_hf_load_dataset_path(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
     s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
     assert (s["n_input"], s["n_valid"]) == (3, 3)
     assert [r["id"] for r in read_prepared(tmp_path / "out")] == ["r1", "r2", "r3"]
+    # the workers read the split's data files themselves (hf:// URIs for a Hub dataset), not a driver cache
+    assert s["files"] == [str(tmp_path / "hub" / "train.jsonl")]
 
 
 def test_missing_input_is_a_clear_error_before_any_work(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
