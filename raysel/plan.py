@@ -13,7 +13,7 @@ from raysel.core import paths
 from raysel.core.features import FeatureStore
 from raysel.core.models import EMBEDDED_MODEL, embedded_dir
 from raysel.core.ray_adapter import model_resources
-from raysel.core.sae import WEIGHTS, check_against_model, default_sae_dir, sae_metadata
+from raysel.core.sae import check_against_model, default_sae_dir, sae_metadata
 from raysel.core.section import ConfigError
 from raysel.core.storage import Storage
 from raysel.methods import Context, build
@@ -24,18 +24,17 @@ from raysel.stages.prepare import Prepare, held_input
 LAST_STAGES = {"select": ["select"], "fac": ["fac"], "synthesize": ["fac", "synthesis"]}
 
 
-def dry_run(cfg: RunConfig, until: str, train_missing_sae: bool = False) -> dict:
+def dry_run(cfg: RunConfig, until: str) -> dict:
     storage = Storage(cfg.output.root, cfg.s3)
     storage.check()
     prepare = Prepare(cfg.input, cfg.prepare, cfg.model, cfg.s3, storage)
     prepared = committed(storage, paths.marker("prepare"), prepare.key())
     stages = {"prepare": {"action": "skip (up to date)" if prepared else "run", **resources(prepare.resources())}}
-    stack = cfg.stack()
-    default_missing = cfg.sae.path is None and not cfg.sae.release and not (default_sae_dir(stack) / WEIGHTS).is_file()
-    if until == "train-sae" or (train_missing_sae and default_missing):
-        stages["train_sae"] = {"action": "run", "sae": str(default_sae_dir(stack))}
-    checks = model_checks(cfg) if until != "train-sae" else {}
-    if until not in ("train-sae",):
+    checks = {}
+    if until == "train-sae":
+        stages["train_sae"] = {"action": "run", "sae": str(default_sae_dir(cfg.stack()))}
+    else:
+        checks = model_checks(cfg)
         stages["encode"] = encode_plan(cfg, storage, prepared, gpus=cluster_has_gpus(cfg))
     if until not in ("train-sae", "encode"):
         stages["stats"] = {"action": "run after encode, unless its marker matches"}
