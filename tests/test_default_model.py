@@ -27,6 +27,7 @@ def test_train_sae_then_encode_with_the_default_model(ray_cluster, tmp_path):
             "output": str(tmp_path / "sae"),
         },
         "output": {"root": str(tmp_path / "out")},
+        "sae": {"allow_poor_fit": True},  # 8,192 training tokens make an SAE, not a good one
     }
     trained = run(RunConfig.model_validate(raw), until="train-sae")["stages"]["train_sae"]
     assert (tmp_path / "sae" / "sae_weights.safetensors").is_file()
