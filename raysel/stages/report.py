@@ -278,32 +278,19 @@ def span_html(span: dict) -> str:
 
 def render(data: dict) -> str:
     """The page: only the panels this run has data for."""
-    sections = [summary_html(data)]
-    if data["methods"]:
-        sections.append(card("methods", "Methods side by side", methods_html(data["methods"])))
+    primary = f"<code>{html.escape(str(data['primary']))}</code>"
     figures = plots(data)
-    if figures:
-        sections.append(
-            card("plots", "Plots", '<div class="plots">' + "".join(f"<figure>{f}</figure>" for f in figures) + "</div>")
-        )
-    if data["features"]:
-        sections.append(
-            card(
-                "features-section",
-                f"Features of the <code>{html.escape(str(data['primary']))}</code> selection",
-                features_html(data["features"]),
-            )
-        )
-    if data["samples"]:
-        sections.append(
-            card(
-                "samples",
-                f"Selected samples (<code>{html.escape(str(data['primary']))}</code>, first page)",
-                samples_html(data["samples"]),
-            )
-        )
-    config = f"<details><summary>the resolved config</summary><pre>{html.escape(json.dumps(data['config'], indent=2))}</pre></details>"
-    sections.append(card("config", "Config", config))
+    panels = [  # (has data, id, title, body)
+        (data["methods"], "methods", "Methods side by side", lambda: methods_html(data["methods"])),
+        (figures, "plots", "Plots", lambda: '<div class="plots">' + "".join(f"<figure>{f}</figure>" for f in figures) + "</div>"),
+        (data["features"], "features-section", f"Features of the {primary} selection", lambda: features_html(data["features"])),
+        (data["samples"], "samples", f"Selected samples ({primary}, first page)", lambda: samples_html(data["samples"])),
+    ]  # fmt: skip
+    sections = [summary_html(data)] + [card(id, title, body()) for present, id, title, body in panels if present]
+    config = html.escape(json.dumps(data["config"], indent=2))
+    sections.append(
+        card("config", "Config", f"<details><summary>the resolved config</summary><pre>{config}</pre></details>")
+    )
     return PAGE.format(output=html.escape(data["output"]), sections="\n".join(sections))
 
 
