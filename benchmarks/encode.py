@@ -1,16 +1,19 @@
-"""raysel's encoder against a naive baseline, side by side in one process.
+"""raysel's encoder against two baselines, side by side in one process.
 
-Both read the same samples of pool.jsonl (rendered with the chat template, up
+All read the same samples of pool.jsonl (rendered with the chat template, up
 to --max-tokens tokens each) with the default model and SAE, run one warm-up
 batch and then one timed pass:
 
-- naive: the full model with output_hidden_states, corpus-order batches padded
-  to the longest sample, a dense sae-lens encode of every position;
+- naive: the full model with output_hidden_states, corpus-order batches of
+  --naive-batch padded to the longest sample, a dense sae-lens encode of every position;
+- careful: what a careful sae-lens user writes: the model stopped at the hook layer,
+  the same fixed-size corpus-order batches padded to the batch maximum, a dense encode;
 - raysel: raysel.core.encoder.Encoder (model cut at the hook layer, length buckets,
-  padding dropped before the SAE, sparse pooled output).
+  padding dropped before the SAE, the TopK read off sparse, sparse pooled output);
+- raysel in bf16 (model.dtype bfloat16), for its speed and active-set Jaccard against fp32.
 
-Both pool the same positions (no padding, not position 0). The matmul peak is
-measured in the same run. The last line printed is one JSON object.
+All pool the same positions (no padding, not position 0), in fp32 unless said. The matmul
+peak is measured in the same run. The last line printed is one JSON object.
 
 With --d-sae W1,W2,... it also encodes the same samples with a random-init TopK SAE (k 32) of each
 width on the default model's layer 15, each width in a fresh process so that its peak RSS is its
@@ -77,17 +80,15 @@ def main() -> None:
     encoder = Encoder(stack)
     device = encoder.device
     peak = matmul_peak_gflops(device)
-    naive = NaiveEncoder(cfg, device, encoder.layer, args.naive_batch)
+    naive = BaselineEncoder(cfg, device, encoder.layer, args.naive_batch, stop_at_hook=False)
+    careful = BaselineEncoder(cfg, device, encoder.layer, args.naive_batch, stop_at_hook=True)
 
-    encoder(ids[:16], texts[:16])  # warm-up
-    start = time.perf_counter()
-    ours = encoder(ids, texts)
-    ours_s = time.perf_counter() - start
-
-    naive(texts[:16])  # warm-up
-    start = time.perf_counter()
-    naive_max = naive(texts)
-    naive_s = time.perf_counter() - start
+    ours, ours_s = timed(lambda t: encoder(ids[: len(t)], t), texts)
+    naive_max, naive_s = timed(naive, texts)
+    careful_max, careful_s = timed(careful, texts)
+    del naive, careful
+    bf16 = Encoder(cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bfloat16"})}).stack())
+    ours_bf16, bf16_s = timed(lambda t: bf16(ids[: len(t)], t), texts)
 
     enc = tokenizer(texts, truncation=True, max_length=args.max_tokens)["input_ids"]
     real_tokens = sum(len(x) for x in enc)
@@ -99,12 +100,19 @@ def main() -> None:
     achieved = flops / ours_s / 1e9
     buf = io.BytesIO()
     pq.write_table(ours, buf)
-    agreement = compare(ours, naive_max)
+    agreement, careful_agreement = compare(ours, naive_max), compare(ours, careful_max)
 
     result = {
         "samples_per_s": round(len(texts) / ours_s, 2),
         "naive_samples_per_s": round(len(texts) / naive_s, 2),
         "speedup_vs_naive": round(naive_s / ours_s, 2),
+        "careful_samples_per_s": round(len(texts) / careful_s, 2),
+        "speedup_vs_careful": round(careful_s / ours_s, 2),
+        "careful_max_abs_diff_feat_max": careful_agreement["max_abs_diff"],
+        "careful_active_set_jaccard": careful_agreement["jaccard"],
+        "bf16_samples_per_s": round(len(texts) / bf16_s, 2),
+        "bf16_speedup": round(ours_s / bf16_s, 2),
+        "bf16_active_jaccard": active_jaccard(ours, ours_bf16),
         "tokens_per_s": round(real_tokens / ours_s, 1),
         "naive_tokens_per_s": round(real_tokens / naive_s, 1),
         "achieved_gflops": round(achieved, 1),
@@ -115,7 +123,7 @@ def main() -> None:
         "n_samples": len(texts),
         "real_tokens": real_tokens,
         "padded_tokens_raysel": padded_ours,
-        "padded_tokens_naive": naive.padded_tokens,
+        "padded_tokens_baselines": padded_tokens(enc, args.naive_batch),
         "layer": encoder.layer,
         "device": device,
         "threads": threads,
@@ -123,14 +131,16 @@ def main() -> None:
         "active_set_jaccard": agreement["jaccard"],
     }
     print(f"{'':8} {'samples/s':>10} {'tokens/s':>10} {'padded tokens':>14}")
+    for name, key in (("naive", "naive_samples_per_s"), ("careful", "careful_samples_per_s"),
+                      ("raysel", "samples_per_s"), ("bf16", "bf16_samples_per_s")):  # fmt: skip
+        print(f"{name:8} {result[key]:>10} samples/s")
     print(
-        f"{'naive':8} {result['naive_samples_per_s']:>10} {result['naive_tokens_per_s']:>10} {naive.padded_tokens:>14}"
-    )
-    print(f"{'raysel':8} {result['samples_per_s']:>10} {result['tokens_per_s']:>10} {padded_ours:>14}")
-    print(
-        f"speedup vs naive: {result['speedup_vs_naive']}x; {achieved:.0f} GFLOP/s of a {peak:.0f} GFLOP/s "
-        f"matmul peak ({100 * result['fraction_of_matmul_peak']:.0f}%); features agree with the naive path "
-        f"(max |diff| {agreement['max_abs_diff']:.2e}, active-set Jaccard {agreement['jaccard']:.4f})"
+        f"speedup vs naive {result['speedup_vs_naive']}x, vs careful {result['speedup_vs_careful']}x; "
+        f"{achieved:.0f} GFLOP/s of a {peak:.0f} GFLOP/s matmul peak ({100 * result['fraction_of_matmul_peak']:.0f}%); "
+        f"padded tokens {padded_ours} against the baselines' {result['padded_tokens_baselines']}; features agree "
+        f"with naive (max |diff| {agreement['max_abs_diff']:.2e}, Jaccard {agreement['jaccard']:.4f}) and careful "
+        f"(max |diff| {careful_agreement['max_abs_diff']:.2e}, Jaccard {careful_agreement['jaccard']:.4f}); "
+        f"bf16 {result['bf16_speedup']}x fp32's speed, active-set Jaccard {result['bf16_active_jaccard']}"
     )
     if args.d_sae:
         result["by_d_sae"] = {int(w): run_width(args, int(w)) for w in args.d_sae.split(",")}
@@ -200,20 +210,25 @@ def load_samples(pool: str, n: int, tokenizer) -> tuple[list[str], list[str]]:
     return ids, texts
 
 
-class NaiveEncoder:
-    """Full model, output_hidden_states, corpus order, padded batches, dense SAE on every position."""
+class BaselineEncoder:
+    """Corpus-order batches padded to their longest sample, a dense SAE encode of every position.
+    stop_at_hook=False runs the full model with output_hidden_states (naive); True stops the model at
+    the hook layer, as a careful user does (the blocks after it and the final norm dropped)."""
 
-    def __init__(self, cfg: RunConfig, device: str, layer: int, batch: int):
+    def __init__(self, cfg: RunConfig, device: str, layer: int, batch: int, stop_at_hook: bool):
         self.model = load_model(cfg.model, device)
+        if stop_at_hook:
+            self.model = self.model.model
+            self.model.layers = self.model.layers[: layer + 1]
+            self.model.norm = torch.nn.Identity()
         self.tokenizer = load_tokenizer(cfg.model)
         self.sae = load_sae(cfg.stack(), device).eval()
-        self.layer, self.batch, self.device = layer, batch, device
+        self.layer, self.batch, self.device, self.stop_at_hook = layer, batch, device, stop_at_hook
         self.max_tokens = cfg.prepare.max_tokens
-        self.padded_tokens = 0
 
     @torch.inference_mode()
     def __call__(self, texts: list[str]) -> list[torch.Tensor]:
-        pooled, self.padded_tokens = [], 0
+        pooled = []
         for i in range(0, len(texts), self.batch):
             enc = self.tokenizer(
                 texts[i : i + self.batch],
@@ -222,14 +237,34 @@ class NaiveEncoder:
                 max_length=self.max_tokens,
                 return_tensors="pt",
             ).to(self.device)
-            self.padded_tokens += enc["input_ids"].numel()
-            hidden = self.model(**enc, output_hidden_states=True).hidden_states[self.layer + 1]
+            if self.stop_at_hook:
+                hidden = self.model(**enc).last_hidden_state
+            else:
+                hidden = self.model(**enc, output_hidden_states=True).hidden_states[self.layer + 1]
             z = self.sae.encode(hidden.to(self.sae.dtype))  # (batch, seq, d_sae), padding included
             keep = enc["attention_mask"].bool().clone()
             keep[:, 0] = False
             z = torch.where(keep[..., None], z, torch.zeros_like(z))
             pooled.extend(z.max(dim=1).values.float().cpu())
         return pooled
+
+
+def timed(encode, texts: list[str]):
+    """One warm-up batch, then one timed pass over `texts`: (its output, seconds)."""
+    encode(texts[:16])
+    start = time.perf_counter()
+    out = encode(texts)
+    return out, time.perf_counter() - start
+
+
+def padded_tokens(enc: list[list[int]], batch: int) -> int:
+    return sum(max(len(x) for x in enc[i : i + batch]) * len(enc[i : i + batch]) for i in range(0, len(enc), batch))
+
+
+def active_jaccard(a, b) -> float:
+    """Jaccard of the (sample, feature) pairs active in two feature-store tables of the same samples."""
+    pairs = [{(i, f) for i, fs in enumerate(t["feat_ids"].to_pylist()) for f in fs} for t in (a, b)]
+    return round(len(pairs[0] & pairs[1]) / max(len(pairs[0] | pairs[1]), 1), 4)
 
 
 def compare(ours, naive_max: list[torch.Tensor]) -> dict:

@@ -36,7 +36,7 @@ class Encoder:
         if self.device == "cpu":  # one thread per CPU Ray gave this actor
             torch.set_num_threads(max(1, int(stack.encode.num_cpus)))
         self.tokenizer = load_tokenizer(stack.model)
-        self.sae = load_sae(stack, self.device).eval()
+        self.sae = sparse_topk(load_sae(stack, self.device).eval())
         model = load_model(stack.model, self.device)
         if self.sae.cfg.d_in != model.config.hidden_size:
             raise ConfigError(
@@ -97,30 +97,43 @@ class Encoder:
             return self._pool(feat_max, feat_sum, counted.sum(1).cpu())
 
     def _pooled(self, h, n_counted):
-        """Max- and sum-pool of the SAE's activations per sample, over token chunks of at most
-        CHUNK_BYTES of activations: tokens x d_sae never exists for a whole batch (4 GB at 131k latents
-        and 8k tokens). Only the non-zero activations of a chunk (k per token for TopK) are pooled."""
+        """Max- and sum-pool of the SAE's activations per sample, over the non-zero activations only."""
         torch, d_sae = self.torch, self.sae.cfg.d_sae
         sample = torch.repeat_interleave(torch.arange(len(n_counted), device=h.device), n_counted.to(h.device))
         feat_max = torch.zeros(len(n_counted) * d_sae, dtype=h.dtype, device=h.device)
         feat_sum = torch.zeros_like(feat_max)
-        chunk = max(1, CHUNK_BYTES // (d_sae * h.element_size()))
-        for start in range(0, h.shape[0], chunk):
-            z = self.sae.encode(h[start : start + chunk])
-            tokens, features = z.nonzero(as_tuple=True)
-            at, values = sample[start + tokens] * d_sae + features, z[tokens, features]
+        for tokens, features, values in self._active(h):
+            at = sample[tokens] * d_sae + features
             feat_max.scatter_reduce_(0, at, values, "amax")  # activations are >= 0: 0 is the empty max
             feat_sum.scatter_add_(0, at, values)
         return feat_max.view(-1, d_sae), feat_sum.view(-1, d_sae)
 
-    def activations(self, seqs: list[list[int]]) -> list[tuple]:
-        """Per sequence: the first counted position, and the SAE's activations at every counted
-        position from there on (positions x d_sae), for looking inside one sample."""
+    def _active(self, h):
+        """(token, feature, activation) of each non-zero activation of the SAE on the tokens `h`, over
+        token chunks of at most CHUNK_BYTES of pre-activations: tokens x d_sae never exists for a whole
+        batch (4 GB at 131k latents and 8k tokens). A TopK SAE yields its k per token directly."""
+        chunk = max(1, CHUNK_BYTES // (self.sae.cfg.d_sae * h.element_size()))
+        for start in range(0, h.shape[0], chunk):
+            tokens, features, values = nonzero(self.sae.encode(h[start : start + chunk]))
+            yield start + tokens, features, values
+
+    def activations(self, seqs: list[list[int]], features: list[list[int]]) -> list[tuple]:
+        """Per sequence: the first counted position, and the SAE's activations of its `features` at
+        every counted position from there on (positions x len(features)), for looking inside a sample."""
+        torch = self.torch
         hidden, counted = self.hidden_states(seqs)
-        with self.torch.inference_mode():
-            z = self.sae.encode(hidden[counted].to(self.sae.dtype)).float().cpu()
-        first = self._first_counted(seqs).tolist()
-        return list(zip(first, z.split(counted.sum(1).cpu().tolist())))
+        wanted = sorted({j for fs in features for j in fs})
+        column = torch.full((self.sae.cfg.d_sae,), -1, dtype=torch.long, device=hidden.device)
+        column[wanted] = torch.arange(len(wanted), device=hidden.device)
+        h = hidden[counted].to(self.sae.dtype)
+        z = torch.zeros(h.shape[0], len(wanted))
+        with torch.inference_mode():
+            for tokens, feats, values in self._active(h):
+                keep = column[feats] >= 0
+                z[tokens[keep].cpu(), column[feats[keep]].cpu()] = values[keep].float().cpu()
+        first, column = self._first_counted(seqs).tolist(), column.cpu()
+        per_seq = z.split(counted.sum(1).cpu().tolist())
+        return [(f, part[:, column[fs]]) for f, part, fs in zip(first, per_seq, features)]
 
     def fit(self, texts: list[str]) -> dict:
         """How well the SAE reconstructs the model's activations at its hook, over the counted positions
@@ -135,7 +148,7 @@ class Encoder:
             for start in range(0, h.shape[0], chunk):
                 z = self.sae.encode(h[start : start + chunk].to(self.sae.dtype))
                 residual += float((h[start : start + chunk] - self.sae.decode(z).float()).pow(2).sum())
-                active += int((z > 0).sum())
+                active += len(nonzero(z)[0])
         total = float((h - h.mean(0)).pow(2).sum())
         return {
             "explained_variance": round(1 - residual / total, 4) if total > 0 else None,
@@ -188,3 +201,27 @@ class Encoder:
             lists(feat_max[rows, cols].float(), pa.float32()),
             lists(feat_sum[rows, cols].float(), pa.float32()),
         )
+
+
+def sparse_topk(sae):
+    """A TopK SAE set to return its activations as a sparse tensor (sae-lens's own sparse TopK): the k
+    largest of each token are read off directly, not scattered into tokens x d_sae zeros and found again."""
+    import torch
+    from sae_lens.saes.topk_sae import TopK
+
+    # sae-lens builds the sparse tensor from indices it made itself; opting out of torch's check (off by
+    # default anyway) says so and stops its warning on every call
+    torch.sparse.check_sparse_tensor_invariants.disable()
+    if isinstance(sae.activation_fn, TopK):
+        sae.activation_fn = TopK(sae.activation_fn.k, use_sparse_activations=True)
+    return sae
+
+
+def nonzero(z):
+    """(token, feature, activation) of the non-zero entries of the SAE's output, dense or sparse."""
+    if z.is_sparse:
+        (tokens, features), values = z._indices(), z._values()
+        keep = values > 0  # the k largest can include zeros after the ReLU
+        return tokens[keep], features[keep], values[keep]
+    tokens, features = z.nonzero(as_tuple=True)
+    return tokens, features, z[tokens, features]

@@ -76,9 +76,9 @@ class SpanFinder:
         ids, wanted = batch["id"].to_pylist(), batch["features"].to_pylist()
         rows = []
         for bucket in enc.length_buckets(seqs):
-            for i, (first, z) in zip(bucket, enc.activations([seqs[i] for i in bucket])):
-                for j in wanted[i]:
-                    col = z[:, j]
+            acts = enc.activations([seqs[i] for i in bucket], [wanted[i] for i in bucket])
+            for i, (first, z) in zip(bucket, acts):
+                for col, j in zip(z.T, wanted[i]):
                     peak = int(col.argmax())
                     lo, hi = window(peak, len(col))
                     pieces = tok.batch_decode([[t] for t in seqs[i][first + lo : first + hi]])
