@@ -37,9 +37,10 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from raysel.config import RunConfig  # noqa: E402
+from raysel.core import paths  # noqa: E402
 from raysel.core.features import FeatureStore  # noqa: E402
 from raysel.core.storage import Storage  # noqa: E402
-from raysel.methods.fac import fac, task_features  # noqa: E402
+from raysel.methods.fac import fac  # noqa: E402
 from raysel.pipeline import run  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def main() -> None:
     storage = Storage(args.out, RunConfig.model_validate(raw).s3)
     pool, anchor = FeatureStore(storage).table(), FeatureStore(Storage(storage.uri("anchor"), storage.s3)).table()
     d_sae = storage.read_json("stats/summary.json")["d_sae"]
-    features = task_features(anchor, pool, tau, d_sae, [], args.n_features)
+    features = np.array(storage.read_json(paths.marker("fac_features"))["features"], dtype=np.int64)
 
     def fac_of(ids: list[str]) -> float:
         return fac(anchor, subset(pool, ids), features, tau, d_sae)[0]["fac"]
@@ -83,7 +84,9 @@ def main() -> None:
     order = np.random.default_rng(0).permutation(len(ids))
     sizes = [s for s in (25, 50, 100, 200, 500, 1000, 2000) if s < len(ids)] + [len(ids)]
     by_size = {s: round(fac_of([ids[i] for i in order[:s]]), 4) for s in sizes}
-    print(f"\nanchor: {anchor.num_rows} examples; F: {features.size} features enriched on it; tau {tau:.3g}")
+    print(
+        f"\nanchor: {anchor.num_rows} examples; F: {features.size} features enriched on it over the demo corpus; tau {tau:.3g}"
+    )
     print("FAC of random subsets:", ", ".join(f"{s}: {v:.3f}" for s, v in by_size.items()))
     picked = {
         m: pq.read_table(os.path.join(args.out, "selection", m, "selected.parquet"))["id"].to_pylist()

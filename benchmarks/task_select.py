@@ -20,7 +20,9 @@ re-runs. Encoding the 5,488-sample pool takes about 15 minutes on 2 CPU cores.
     python benchmarks/task_select.py [--pool ../shared/data/pool.jsonl]
         [--targets-math ../shared/data/targets_math.jsonl] [--targets-code ../shared/data/targets_code.jsonl]
 
-The last line printed is one JSON object: precision at k = category count per target set and method.
+The last line printed is one JSON object: precision at k = category count per target set and method,
+and per target set how many IGDS candidates had delta > 0 (`igds_positive_features`) and the alpha
+each task feature was kept at (`igds_alpha`).
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def main() -> None:
     pool = read_jsonl(args.pool)
     category = {r["id"]: r["category"] for r in pool}
     k5 = max(1, round(0.05 * len(pool)))
-    results, encoder, pool_vectors = {}, None, None
+    results, igds_found, encoder, pool_vectors = {}, {}, None, None
     for name, targets_path in (("math", args.targets_math), ("code", args.targets_code)):
         targets = read_jsonl(targets_path)
         k = sum(c == name for c in category.values())
@@ -134,7 +136,14 @@ def main() -> None:
                     "budget": k,
                     "methods": [
                         {"name": "mona", "targets": [targets_path]},
-                        {"name": "igds", "targets": [targets_path], "candidates": args.igds_candidates, "budget": k},
+                        # recall when no feature helps, so that the figures say so rather than stop
+                        {
+                            "name": "igds",
+                            "targets": [targets_path],
+                            "candidates": args.igds_candidates,
+                            "budget": k,
+                            "fallback": "recall",
+                        },  # fmt: skip
                     ],
                 },
             }
@@ -162,17 +171,24 @@ def main() -> None:
             for m in METHODS
         }
         igds_manifest = json.load(open(os.path.join(args.out, "selection", "igds", "manifest.json")))
+        igds_found[name] = {
+            "igds_positive_features": igds_manifest["positive_features"],
+            "igds_alpha": igds_manifest["alpha"],
+            "igds_task_feature_source": igds_manifest["task_feature_source"],
+        }
         print(f"\n{name}: {len(targets)} targets; {k} of {len(pool)} pool samples are {name}; 5 % = {k5}")
         print(f"{'method':<8} {'P@' + str(k):>8} {'P@' + str(k5):>8}")
         for m in METHODS:
             print(f"{m:<8} {results[name][m]['at_k']:>8.3f} {results[name][m]['at_5pct']:>8.3f}")
         print(
-            f"igds task features {igds_manifest['task_features']} (delta > 0 found: {igds_manifest['any_positive_delta']})",
+            f"igds task features {igds_manifest['task_features']} from {igds_manifest['task_feature_source']}; "
+            f"{igds_manifest['positive_features']} of {args.igds_candidates} candidates had delta > 0; "
+            f"alpha chosen {igds_manifest['alpha']}",
             flush=True,
         )
     print(
         json.dumps(
-            {name: {m: round(r[m]["at_k"], 4) for m in METHODS} for name, r in results.items()}
+            {name: {m: round(r[m]["at_k"], 4) for m in METHODS} | igds_found[name] for name, r in results.items()}
             | {"at_5pct": {name: {m: round(r[m]["at_5pct"], 4) for m in METHODS} for name, r in results.items()}}
         )
     )

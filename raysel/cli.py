@@ -27,17 +27,13 @@ UNTIL = {
 }
 
 
-def demo_data_path() -> str:
-    return str(resources.files("raysel") / "data" / "demo.jsonl")
-
-
 def demo_config_path() -> str:
     return str(resources.files("raysel") / "configs" / "demo.yaml")
 
 
 def demo_config(out: str | None, overrides: list[str]):
     # the one CPU encode actor gets every core of the machine it runs on
-    fixed = [f"input.paths={json.dumps([demo_data_path()])}", f"encode.num_cpus={os.cpu_count() or 1}"]
+    fixed = [f"input.paths={json.dumps([paths.demo_data()])}", f"encode.num_cpus={os.cpu_count() or 1}"]
     return load_config(demo_config_path(), fixed + overrides + ([f"output.root={out}"] if out else []))
 
 

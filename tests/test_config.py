@@ -3,8 +3,9 @@ import logging
 
 import pytest
 
-from raysel.cli import build_parser, demo_config, demo_data_path, main
+from raysel.cli import build_parser, demo_config, main
 from raysel.config import ConfigError, load_config
+from raysel.core.paths import demo_data
 
 
 def write(tmp_path, text: str):
@@ -119,7 +120,7 @@ def test_demo_runs_the_bundled_data_into_out_or_the_documented_default(tmp_path)
     assert demo_config(None, []).output.root == "runs/demo"
     cfg = demo_config(str(tmp_path / "here"), ["select.budget=20"])
     assert cfg.output.root == str(tmp_path / "here") and cfg.select.budget == 20
-    assert cfg.input.paths == [demo_data_path()] and cfg.model.name == "embedded:smollm2-135m-instruct"
+    assert cfg.input.paths == [demo_data()] and cfg.model.name == "embedded:smollm2-135m-instruct"
     assert build_parser().parse_args(["demo", "--out", "d"]).out == "d"
 
 

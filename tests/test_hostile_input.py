@@ -71,7 +71,7 @@ def test_a_100k_corpus_with_10_percent_bad_rows_accounts_for_every_row(
     config.write_text(yaml.safe_dump({
         "input": {"paths": [str(tmp_path / "corpus.jsonl")], "fields": {"id": "id"}},
         "prepare": {"max_tokens": 32, "rows_per_file": 8192, "max_row_bytes": 8192},
-        "model": {"name": str(tiny_model_dir)},
+        "model": {"name": str(tiny_model_dir), "dtype": "float32"},
         "sae": {"path": str(tiny_sae_dir), "allow_poor_fit": True},  # random, not trained
         "encode": {"tokens_per_batch": 4096},
         "select": {"budget": 1000},

@@ -145,9 +145,19 @@ def resolve_device(device: str) -> str:
 def resolve_dtype(dtype: str, device: str):
     import torch
 
-    if dtype == "auto":  # bf16 halves memory and doubles matmul rate on GPUs; CPUs get exact fp32
-        return torch.bfloat16 if device == "cuda" else torch.float32
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
     return getattr(torch, dtype)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU does bf16 matmuls natively (AVX512-BF16 or AMX). There bf16 encodes 2.3x as fast
+    as fp32 with an active-set Jaccard of 0.98 against it (benchmarks/encode.py); elsewhere it is
+    emulated and slower than fp32."""
+    import torch
+
+    cpu = torch.cpu  # oneDNN's own bf16 check also says yes to AVX512 without BF16, where it is emulated
+    return cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()
 
 
 def load_model(cfg: ModelConfig, device: str):

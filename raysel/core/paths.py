@@ -32,6 +32,13 @@ MANIFEST = "manifest.json"
 STAGE_MARKERS = "stages"
 
 
+def demo_data() -> str:
+    """The bundled demo corpus: 1,000 instruction rows (data/SOURCES.md), also FAC's default reference."""
+    from importlib import resources
+
+    return str(resources.files("raysel") / "data" / "demo.jsonl")
+
+
 def marker(stage: str) -> str:
     """The completion marker of a stage: it exists, with the stage's resume key, once the stage is done."""
     return posixpath.join(STAGE_MARKERS, f"{stage}.json")

@@ -13,7 +13,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from raysel.methods import baselines, coverage, fac, igds, kcenter, mona, simscale
+from raysel.methods import baselines, coverage, dense, fac, igds, kcenter, mona, simscale
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
 
 METHODS: dict[str, type[Method]] = {
@@ -27,6 +27,7 @@ METHODS: dict[str, type[Method]] = {
         igds.IGDS,
         fac.FACSelect,
         kcenter.KCenter,
+        dense.Dense,
     )
 }
 

@@ -1,8 +1,11 @@
 """FAC, feature activation coverage: how much of a task's feature set a dataset reaches.
 
 F is the set of task-relevant features: a user's list, or the features most
-enriched on an anchor set P over the evaluated set Q (share of samples
-activating them, as IGDS's frequency recall). With A(x) = {j : g_j(x) > tau}:
+enriched on an anchor set P over a fixed reference set R (share of samples
+activating them, as IGDS's frequency recall), never over the set being measured:
+F must not change with Q, or the FAC of two datasets could not be compared.
+R is fac.reference, by default the bundled demo corpus (a generic instruction mix).
+With A(x) = {j : g_j(x) > tau}:
 
     F(P) = {j in F : some anchor sample activates j}
     F(Q) = {j in F(P) : some sample of Q activates j}
@@ -51,6 +54,7 @@ class FACConfig(Section):
     samples that cover what its `evaluated` set (if any) is missing."""
 
     anchor: list[str] = []  # files, globs or s3:// paths of the anchor (task) examples
+    reference: list[str] = []  # the generic mix F is enriched against; empty: the bundled demo corpus
     features: list[int] = []  # task-relevant features F; empty: the n_features most enriched on the anchor
     n_features: int = Field(100, gt=0)  # size of the enriched F, or of the shortlist the judge rates
     judge_task: str | None = None  # set: F is what an LLM judge rates relevant to this task, of the shortlist
@@ -80,10 +84,9 @@ class FACSelect(Method):
         return {"anchor": ctx.fac.anchor, "evaluated": self.cfg.evaluated}
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
-        anchor = ctx.side_set("anchor", ctx.fac.anchor)
-        anchored, table = anchor.table(), pool.store.table()
+        anchored, table = ctx.side_set("anchor", ctx.fac.anchor).table(), pool.store.table()
         have = ctx.side_set("evaluated", self.cfg.evaluated).table() if self.cfg.evaluated else table.slice(0, 0)
-        features = fac_features(ctx.fac, ctx.stack, ctx.storage, anchor, anchored, table, ctx.tau, ctx.d_sae)
+        features = task_feature_set(ctx)
         before, _ = fac(anchored, have, features, ctx.tau, ctx.d_sae)
         order, added = fac_greedy(table, np.array(before["missing"], dtype=np.int64), ctx.tau, k)
 
@@ -117,7 +120,8 @@ class FACSelect(Method):
 def feature_source(cfg: FACConfig) -> str:
     if cfg.features:
         return "list"
-    shortlist = f"the {cfg.n_features} most enriched on the anchor"
+    against = "fac.reference" if cfg.reference else "the bundled demo corpus"
+    shortlist = f"the {cfg.n_features} most enriched on the anchor over {against}"
     return f"{shortlist}, judged by an LLM ({cfg.judge_keep} or better)" if cfg.judge_task else shortlist
 
 
@@ -127,21 +131,45 @@ def anchor_spans(stack: ModelStack, top_n: int, anchor: FeatureStore, features: 
     return find_spans(stack, top_n, anchor.storage, features)
 
 
+def task_feature_set(ctx: Context) -> np.ndarray:
+    """F: fac.features, or enriched on the anchor over the reference (and judged, with fac.judge_task).
+    Computed once per (anchor, reference, model, SAE) and reused by `raysel fac`, `raysel synthesize`
+    and method `fac`: its marker's key holds the two sets' encode keys, which cover their content,
+    the model, the SAE's weights and the dtype."""
+    from raysel.stages.base import commit  # the one marker mechanism; stages import the methods
+
+    cfg = ctx.fac
+    if cfg.features:
+        return np.array(sorted(set(cfg.features)), dtype=np.int64)
+    anchor = ctx.side_set("anchor", cfg.anchor)
+    reference = ctx.side_set("reference", cfg.reference or [paths.demo_data()])
+    key = {
+        name: s.storage.read_json(paths.marker("encode"))["key"]
+        for name, s in (("anchor", anchor), ("reference", reference))
+    }
+    key |= {"tau": ctx.tau} | cfg.model_dump(include={"n_features", "judge_task", "judge_generator", "judge_keep"})
+
+    def compute() -> dict:
+        features = fac_features(cfg, ctx.stack, ctx.storage, anchor, reference.table(), ctx.tau, ctx.d_sae)
+        return {"features": features.tolist(), "source": feature_source(cfg)}
+
+    return np.array(commit(ctx.storage, paths.marker("fac_features"), key, compute)["features"], dtype=np.int64)
+
+
 def fac_features(
     cfg: FACConfig,
     stack: ModelStack,
     storage: Storage,
     anchor: FeatureStore,
-    anchored: pa.Table,
     against: pa.Table,
     tau: float,
     d_sae: int,
 ) -> np.ndarray:
-    """F: fac.features; else the fac.n_features most enriched on the anchor over `against`; with
-    fac.judge_task, those of them an LLM judge finds relevant (fac/judged.parquet holds every verdict)."""
+    """The fac.n_features most enriched on the anchor over `against`; with fac.judge_task, those of
+    them an LLM judge finds relevant (fac/judged.parquet holds every verdict)."""
     from raysel.methods.fac_judge import judge_features, kept
 
-    features = task_features(anchored, against, tau, d_sae, cfg.features, cfg.n_features)
+    features = enriched_features(anchor.table(), against, tau, d_sae, cfg.n_features)
     if not cfg.judge_task:
         return features
     start = time.time()
@@ -167,14 +195,10 @@ def fac_features(
     return np.array(chosen, dtype=np.int64)
 
 
-def task_features(
-    anchor: pa.Table, evaluated: pa.Table, tau: float, d_sae: int, listed: list[int], n: int
-) -> np.ndarray:
-    """F: the listed features, or the n most enriched on the anchor over the evaluated set."""
-    if listed:
-        return np.array(sorted(set(listed)), dtype=np.int64)
-    q_share, _ = activation_profile(evaluated, tau, d_sae)
-    enriched = frequency_recall(anchor, tau, q_share * max(evaluated.num_rows, 1), evaluated.num_rows, n)
+def enriched_features(anchor: pa.Table, reference: pa.Table, tau: float, d_sae: int, n: int) -> np.ndarray:
+    """The n features most enriched on the anchor over the reference (positive lift only), by id."""
+    r_share, _ = activation_profile(reference, tau, d_sae)
+    enriched = frequency_recall(anchor, tau, r_share * max(reference.num_rows, 1), reference.num_rows, n)
     return np.sort(enriched.filter(pc.greater(enriched["lift"], 0))["feature"].to_numpy())
 
 

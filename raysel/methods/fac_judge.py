@@ -53,6 +53,7 @@ VERDICTS = pa.schema(
         ("relevance_logprobs", pa.list_(pa.float32())),
         ("explain_prompt", pa.string()),
         ("generator", pa.string()),
+        ("reason", pa.string()),  # why a feature was judged No without asking, else null
     ]
 )
 
@@ -84,19 +85,17 @@ class Judge:
     def judge(self, feature: int, spans: list[str]) -> dict:
         shown = "\n".join(f"- {s}" for s in spans)
         explain = EXPLAIN.format(spans=shown)
-        label = self.generate(explain).strip().splitlines()[0].strip(" .\"'")[:200] if spans else ""
+        lines = self.generate(explain).strip().splitlines() if spans else []
+        label = lines[0].strip(" .\"'")[:200] if lines else ""
+        verdict = {"feature": feature, "label": label, "explain_prompt": explain, "generator": self.lm.name}
+        if not label:  # nothing to verify or judge: No, and why
+            reason = "the generator wrote no description" if spans else "the feature has no spans to show"
+            log.info("judge: feature %d: No, %s", feature, reason)
+            return verdict | {"verified": False, "relevance": "No", "relevance_logprobs": [], "reason": reason}
         verified, _ = self.choose(VERIFY.format(spans=shown, label=label), ["Yes", "No"])
         relevance, logprobs = self.choose(JUDGE.format(task=self.cfg.judge_task, label=label), LEVELS)
         log.info("judge: feature %d: %r, verified %s, relevance %s", feature, label, verified, relevance)
-        return {
-            "feature": feature,
-            "label": label,
-            "verified": verified == "Yes",
-            "relevance": relevance,
-            "relevance_logprobs": logprobs,
-            "explain_prompt": explain,
-            "generator": self.lm.name,
-        }
+        return verdict | {"verified": verified == "Yes", "relevance": relevance, "relevance_logprobs": logprobs}
 
     def generate(self, prompt: str) -> str:
         torch, lm = self.torch, self.lm
@@ -109,7 +108,7 @@ class Judge:
                 max_new_tokens=24,
                 pad_token_id=lm.pad_id,
             )
-        return lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) or " "
+        return lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
     def choose(self, prompt: str, options: list[str]) -> tuple[str, list[float]]:
         """The option the model finds likeliest as the answer, and each option's log-likelihood."""

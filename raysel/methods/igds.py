@@ -3,13 +3,21 @@ samples by how strongly they carry those features.
 
 1. Frequency recall: rank features by (share of target examples activating
    them) - (share of pool samples activating them); keep the top N.
-2. Interventional filtering: for each candidate j, add alpha * max_j * W_dec[j]
-   to the residual stream after the SAE's hook layer, on every counted token,
-   in a full-model forward pass, and measure the change of the task metric on
-   held-out targets: delta_j = metric(amplified) - metric(base). The metric is
-   the mean log-likelihood of the reference answers, or exact match of the final
-   number by greedy generation. Candidates are spread over a Ray actor pool.
-3. Feature-resonant score: FRS(x) = sum over the kept features of s(x)_j (the
+2. Interventional filtering: for each candidate j and each alpha of a sweep
+   (0.5, 1, 2, 4), add alpha * a_j * W_dec[j] to the residual stream after the
+   SAE's hook layer, a_j the feature's typical activation where it is active
+   (its mean max-pool over the samples activating it), on the counted positions
+   (not BOS, not the template's shared prefix), in a full-model forward pass, and
+   measure the change of the task metric on held-out targets:
+   delta_j(alpha) = metric(amplified) - metric(base); each feature keeps its best alpha.
+   The metric is the mean log-likelihood of the reference answers, or exact match
+   of the final number by greedy generation (the generated tokens amplified too,
+   as the answer's are under log-likelihood). A held-out pair longer than
+   prepare.max_tokens is skipped and counted. Candidates are spread over a Ray actor pool.
+3. Features with delta > 0 are the task features (the `keep` best). When none
+   has, igds.fallback decides: `error`, or `recall` (the top of step 1), recorded
+   as such; features that hurt are never used.
+4. Feature-resonant score: FRS(x) = sum over the task features of s(x)_j (the
    sum-pool); the top fraction of the pool is selected.
 """
 
@@ -18,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -50,8 +58,9 @@ class IGDSConfig(MethodConfig):
     )  # the held-out share of the targets, on which interventions are measured
     seed: int = 0  # which targets are held out
     candidates: int = Field(50, gt=0)  # N features kept by frequency recall (target share minus pool share)
-    alpha: float = Field(4.0, gt=0)  # amplification: h += alpha * max activation * decoder direction
+    alphas: list[float] = Field([0.5, 1.0, 2.0, 4.0], min_length=1)  # h += alpha * typical activation * W_dec[j]
     keep: int = Field(3, gt=0)  # task features: the top ones by delta, among those with delta > 0
+    fallback: Literal["error", "recall"] = "error"  # no delta > 0: stop, or use frequency recall's top `keep`
     metric: Literal["loglik", "exact_match"] = "loglik"  # exact_match generates and compares the final number
     pooling: Literal["sum", "mean"] = "sum"  # of the feature-resonant score
     budget: float = Field(0.5, gt=0)  # a count or a fraction, as select.budget; the paper keeps 50 %
@@ -74,11 +83,11 @@ class IGDS(Method):
         dev = held_out(store["id"].to_pylist(), cfg.dev_fraction, cfg.seed)
         fit = store.filter(pc.invert(pc.is_in(store["id"], pa.array(sorted(dev), pa.string()))))
         stats = pq.read_table(
-            ctx.storage.path(paths.FEATURE_STATS), columns=["doc_freq", "max"], filesystem=ctx.storage.fs
+            ctx.storage.path(paths.FEATURE_STATS), columns=["doc_freq", "mean_active"], filesystem=ctx.storage.fs
         )
         candidates = frequency_recall(fit, ctx.tau, stats["doc_freq"].to_numpy(), len(pool.ids), cfg.candidates)
-        prompts, answers = dev_pairs(ctx.stack, targets.storage, dev)
-        feature_max = dict(enumerate(stats["max"].to_numpy().tolist()))
+        prompts, answers, skipped = dev_pairs(ctx.stack, targets.storage, dev)
+        typical = dict(enumerate(stats["mean_active"].to_numpy().tolist()))
         log.info(
             "igds: %d candidate features from %d targets; measuring each on %d held-out targets (%s)",
             candidates.num_rows,
@@ -87,14 +96,10 @@ class IGDS(Method):
             cfg.metric,
         )
         layer = ctx.storage.read_json(paths.marker("encode"))["layer"]
-        effects = feature_effects(
-            ctx.stack, cfg, candidates["feature"].to_pylist(), prompts, answers, feature_max, layer
-        )
-        helpful = [r["feature"] for r in effects.to_pylist() if r["delta"] > 0][: cfg.keep]
-        if not helpful:
-            log.warning("igds: no candidate feature raised the task metric; scoring with the best %d anyway", cfg.keep)
-        task_features = helpful or effects["feature"].to_pylist()[: cfg.keep]
-        log.info("igds: task features %s", task_features)
+        effects = feature_effects(ctx.stack, cfg, candidates["feature"].to_pylist(), prompts, answers, typical, layer)
+        helpful = [r["feature"] for r in effects.to_pylist() if r["delta"] > 0]
+        task_features, source = task_features_of(cfg, helpful, candidates["feature"].to_pylist(), len(effects))
+        log.info("igds: task features %s (%s)", task_features, source)
         top = pool.store.top_k(lambda t: resonant_scores(t, np.array(task_features), cfg.pooling), k)
         recall = {r["feature"]: r for r in candidates.to_pylist()}
         return Picks(
@@ -102,10 +107,30 @@ class IGDS(Method):
             top["score"].to_numpy(),
             {
                 "task_features": task_features,
+                "task_feature_source": source,
+                "positive_features": len(helpful),
                 "any_positive_delta": bool(helpful),
+                "alpha": {str(r["feature"]): r["alpha"] for r in effects.to_pylist() if r["feature"] in task_features},
+                "dev_skipped_overlong": skipped,
                 "feature_effects": [r | recall[r["feature"]] for r in effects.to_pylist()],
             },
         )
+
+
+def task_features_of(cfg: IGDSConfig, helpful: list[int], recalled: list[int], n: int) -> tuple[list[int], str]:
+    """The features that raised the metric (the `keep` best); with none, what igds.fallback names."""
+    if helpful:
+        return helpful[: cfg.keep], "interventions"
+    if cfg.fallback == "recall":
+        log.warning(
+            "igds: no candidate raised the task metric; igds.fallback recall: frequency recall's top %d", cfg.keep
+        )
+        return recalled[: cfg.keep], "recall (no feature raised the metric)"
+    raise ValueError(
+        f"igds: none of the {n} candidate features raised the task metric at any alpha in igds.alphas; "
+        "features that hurt are never used. Set igds.fallback: recall to rank by frequency recall instead, "
+        "or try more candidates, other alphas, or more targets"
+    )
 
 
 def held_out(ids: list[str], fraction: float, seed: int) -> set[str]:
@@ -117,8 +142,9 @@ def held_out(ids: list[str], fraction: float, seed: int) -> set[str]:
     return set(order[:n_dev].tolist())
 
 
-def dev_pairs(stack: ModelStack, targets: Storage, dev: set[str]) -> tuple[list[str], list[str]]:
-    """(prompt rendered up to the assistant's turn, reference answer) of each held-out target."""
+def dev_pairs(stack: ModelStack, targets: Storage, dev: set[str]) -> tuple[list[str], list[str], int]:
+    """(prompt rendered up to the assistant's turn, reference answer) of each held-out target that fits
+    prepare.max_tokens, and how many did not (checked here, on the driver, before any actor starts)."""
     table = pq.read_table(targets.path(paths.PREPARED), columns=["id", "messages"], filesystem=targets.fs)
     tokenizer = load_tokenizer(stack.model)
     template = chat_template_for(tokenizer, stack.prepare.chat_template)
@@ -133,7 +159,10 @@ def dev_pairs(stack: ModelStack, targets: Storage, dev: set[str]) -> tuple[list[
             answers.append(messages[-1]["content"])
     if not prompts:
         raise ValueError("igds.targets: IGDS needs targets with an answer (an assistant turn or an output field)")
-    return prompts, answers
+    pairs, skipped = fitting_pairs(tokenizer, prompts, answers, stack.prepare.max_tokens)
+    if skipped:
+        log.warning("igds: %d held-out targets are longer than prepare.max_tokens with their answer: skipped", skipped)
+    return [p.prompt for p in pairs], [p.answer for p in pairs], skipped
 
 
 def frequency_recall(targets: pa.Table, tau: float, pool_doc_freq: np.ndarray, n_pool: int, n: int) -> pa.Table:
@@ -157,8 +186,8 @@ def frequency_recall(targets: pa.Table, tau: float, pool_doc_freq: np.ndarray, n
 @contextlib.contextmanager
 def amplified(model, layer: int, vector, counted=None):
     """Add `vector` to the output of decoder block `layer` (-1: of the embeddings) while inside; `counted`
-    (batch, seq) masks the positions it is added to (all of them when None). The hook is removed on the
-    way out."""
+    (batch, seq) masks the positions it is added to (all of them when None, or when a forward's positions
+    are not those of `counted`: a generation step after the prompt). The hook is removed on the way out."""
 
     def add(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -182,69 +211,98 @@ def decoder_layers(model):
 
 class TaskMetric:
     """The task metric of a full causal LM on held-out (prompt, answer) pairs, with or without a
-    feature amplified: mean answer log-likelihood per token, or exact match of the final number."""
+    feature amplified: mean answer log-likelihood per token, or exact match of the final number.
+    A pair longer than prepare.max_tokens is skipped (counted in `skipped`): cut, its score would
+    land on prompt tokens."""
 
     def __init__(self, stack: ModelStack, cfg: IGDSConfig, prompts: list[str], answers: list[str]):
         import torch
 
-        self.torch, self.cfg, self.max_tokens = torch, cfg, stack.prepare.max_tokens
+        self.torch, self.cfg = torch, cfg
         self.device = resolve_device(stack.encode.device)
-        self.tokenizer = load_tokenizer(stack.model)
+        self.tokenizer = tok = load_tokenizer(stack.model)
         self.model = load_model(stack.model, self.device)
-        self.prompts, self.answers = prompts, answers
-        template = chat_template_for(self.tokenizer, stack.prepare.chat_template)
-        self.prefix_len = len(tokenize(self.tokenizer, [shared_prefix(self.tokenizer, template)])["input_ids"][0])
+        template = chat_template_for(tok, stack.prepare.chat_template)
+        # the positions amplified and scored from: not BOS (an attention sink), not the shared prefix
+        self.first = max(1, len(tokenize(tok, [shared_prefix(tok, template)])["input_ids"][0]))
+        self.pairs, self.skipped = fitting_pairs(tok, prompts, answers, stack.prepare.max_tokens)
 
     def __call__(self, layer: int | None = None, vector=None) -> float:
-        if self.cfg.metric == "exact_match":
-            return float(np.mean([self._exact(i, layer, vector) for i in range(len(self.prompts))]))
-        scores = []
-        for start in range(0, len(self.prompts), self.cfg.batch_size):
-            scores += self._loglik(range(start, min(start + self.cfg.batch_size, len(self.prompts))), layer, vector)
-        return float(np.mean(scores))
+        score = self._exact if self.cfg.metric == "exact_match" else self._loglik
+        size = self.cfg.batch_size
+        return float(
+            np.mean(
+                [v for i in range(0, len(self.pairs), size) for v in score(self.pairs[i : i + size], layer, vector)]
+            )
+        )
 
-    def _loglik(self, rows, layer, vector) -> list[float]:
-        torch, tok = self.torch, self.tokenizer
-        seqs, starts = [], []
-        for i in rows:
-            prompt = tokenize(tok, [self.prompts[i]])["input_ids"][0]  # as the encoder sees it: one BOS
-            answer = tok(self.answers[i] + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
-            seq = (prompt + answer)[: self.max_tokens]
-            seqs.append(seq)
-            starts.append(min(len(prompt), len(seq) - 1))
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), tok.pad_token_id or 0, dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-        lengths = torch.tensor([len(s) for s in seqs])
-        positions = torch.arange(width)[None, :]
-        attention = positions < lengths[:, None]
-        counted = (attention & (positions >= max(self.prefix_len, 1))).to(self.device)
-        with torch.inference_mode(), self._maybe(layer, vector, counted):
-            logits = self.model(
-                input_ids=ids.to(self.device), attention_mask=attention.long().to(self.device), use_cache=False
-            ).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(self.device))[..., 0]
-        out = []
-        for r, (s, start) in enumerate(zip(seqs, starts)):
-            out.append(float(logp[r, start - 1 : len(s) - 1].mean()))  # predictions of the answer's tokens
-        return out
+    def _loglik(self, pairs, layer, vector) -> list[float]:
+        ids, attention, counted = self._padded([p.prompt_ids + p.answer_ids for p in pairs], left=False)
+        with self.torch.inference_mode(), self._maybe(layer, vector, counted):
+            logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits.float()
+        logp = self.torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        # the predictions of the answer's tokens
+        return [
+            float(logp[r, len(p.prompt_ids) - 1 : len(p.prompt_ids) + len(p.answer_ids) - 1].mean())
+            for r, p in enumerate(pairs)
+        ]
 
-    def _exact(self, i: int, layer, vector) -> bool:
-        torch, tok = self.torch, self.tokenizer
-        ids = torch.tensor(tokenize(tok, [self.prompts[i]])["input_ids"], device=self.device)
-        with torch.inference_mode(), self._maybe(layer, vector, None):
+    def _exact(self, pairs, layer, vector) -> list[bool]:
+        tok = self.tokenizer
+        ids, attention, counted = self._padded([p.prompt_ids for p in pairs], left=True)  # generation appends right
+        with self.torch.inference_mode(), self._maybe(layer, vector, counted):
             out = self.model.generate(
-                ids,
+                input_ids=ids,
+                attention_mask=attention,
                 max_new_tokens=self.cfg.max_new_tokens,
                 do_sample=False,
-                pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
             )
-        said = final_number(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-        return said is not None and said == final_number(self.answers[i])
+        said = [final_number(t) for t in tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)]
+        return [s is not None and s == final_number(p.answer) for s, p in zip(said, pairs)]
+
+    def _padded(self, seqs: list[list[int]], left: bool):
+        """A padded batch, its attention mask, and the positions amplified (from `first` on, per row)."""
+        torch, width = self.torch, max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        at = torch.zeros((len(seqs), width), dtype=torch.long)  # position within its own sequence, -1 on padding
+        for r, s in enumerate(seqs):
+            lo = width - len(s) if left else 0
+            ids[r, lo : lo + len(s)] = torch.tensor(s)
+            at[r] = torch.arange(width) - lo
+            at[r, :lo] = -1
+            at[r, lo + len(s) :] = -1
+        attention = at >= 0
+        return ids.to(self.device), attention.long().to(self.device), (at >= self.first).to(self.device)
 
     def _maybe(self, layer, vector, counted):
+        # under generate, the steps after the prompt see one new position each: amplified whole (see amplified)
         return amplified(self.model, layer, vector, counted) if vector is not None else contextlib.nullcontext()
+
+
+class Pair(NamedTuple):
+    prompt_ids: list[int]
+    answer_ids: list[int]  # with EOS
+    prompt: str
+    answer: str
+
+
+def fitting_pairs(tokenizer, prompts: list[str], answers: list[str], max_tokens: int) -> tuple[list[Pair], int]:
+    """Each (prompt, answer) pair within max_tokens, tokenized, and how many were not. A pair cut at
+    max_tokens would have its score land on prompt tokens."""
+    pairs, skipped = [], 0
+    for ids, prompt, answer in zip(tokenize(tokenizer, prompts)["input_ids"], prompts, answers):  # one BOS
+        answer_ids = tokenizer(answer + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
+        if len(ids) + len(answer_ids) > max_tokens:
+            skipped += 1
+        else:
+            pairs.append(Pair(ids, answer_ids, prompt, answer))
+    if not pairs:
+        raise ValueError(
+            f"igds.targets: every held-out target is longer than prepare.max_tokens ({max_tokens}) with its "
+            "answer; raise prepare.max_tokens or use shorter targets"
+        )
+    return pairs, skipped
 
 
 def final_number(text: str) -> str | None:
@@ -255,7 +313,8 @@ def final_number(text: str) -> str | None:
 
 
 class FeatureEffects:
-    """Stage: each row names a candidate feature; measure the task metric with it amplified."""
+    """Stage: each row names a candidate feature; the task metric with it amplified, at each alpha of
+    the sweep, and the best of them."""
 
     def __init__(
         self,
@@ -263,20 +322,29 @@ class FeatureEffects:
         cfg: IGDSConfig,
         prompts: list[str],
         answers: list[str],
-        feature_max: dict[int, float],
+        typical: dict[int, float],
         layer: int,
     ):
         self.metric = TaskMetric(stack, cfg, prompts, answers)
         self.decoder = load_sae(stack, self.metric.device).W_dec.detach()
-        self.cfg, self.feature_max, self.layer = cfg, feature_max, layer
+        self.cfg, self.typical, self.layer = cfg, typical, layer
         self.base = self.metric()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for j in batch["feature"].to_pylist():
-            vector = self.cfg.alpha * self.feature_max[j] * self.decoder[j]
-            value = self.metric(self.layer, vector)
-            rows.append({"feature": j, "base": self.base, "amplified": value, "delta": value - self.base})
+            swept = {a: self.metric(self.layer, a * self.typical[j] * self.decoder[j]) for a in self.cfg.alphas}
+            alpha = max(swept, key=lambda a: (swept[a], -a))  # the best; on a tie, the gentler push
+            rows.append(
+                {
+                    "feature": j,
+                    "base": self.base,
+                    "amplified": swept[alpha],
+                    "delta": swept[alpha] - self.base,
+                    "alpha": alpha,
+                    "delta_by_alpha": [swept[a] - self.base for a in self.cfg.alphas],
+                }
+            )
         return pa.Table.from_pylist(rows)
 
 
@@ -286,10 +354,10 @@ def feature_effects(
     candidates: list[int],
     prompts: list[str],
     answers: list[str],
-    feature_max: dict[int, float],
+    typical: dict[int, float],
     layer: int,
 ) -> pa.Table:
-    """delta of every candidate, computed in parallel on `actors` full models."""
+    """delta of every candidate (its best alpha's), computed in parallel on `actors` full models."""
     resources = model_resources(stack.encode, min(cfg.actors, len(candidates)))
     items = ray.data.from_items([{"feature": j} for j in candidates], override_num_blocks=len(candidates))
     effects = map_stage(
@@ -300,7 +368,7 @@ def feature_effects(
         cfg=cfg,
         prompts=prompts,
         answers=answers,
-        feature_max=feature_max,
+        typical=typical,
         layer=layer,
     )
     table = pa.concat_tables(ray.get(effects.to_arrow_refs()))

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from raysel.core import paths
 from raysel.core.features import FeatureStore
 from raysel.methods import Context
-from raysel.methods.fac import anchor_spans, fac, fac_features, feature_source
+from raysel.methods.fac import anchor_spans, fac, feature_source, task_feature_set
 from raysel.stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class MeasureFAC(Stage):
         ctx, storage = self.ctx, self.storage
         anchor = ctx.side_set("anchor", ctx.fac.anchor)
         anchored, evaluated = anchor.table(), FeatureStore(storage).table()
-        features = fac_features(ctx.fac, ctx.stack, storage, anchor, anchored, evaluated, ctx.tau, ctx.d_sae)
+        features = task_feature_set(ctx)
         summary, table = fac(anchored, evaluated, features, ctx.tau, ctx.d_sae)
         spans = anchor_spans(ctx.stack, self.top_n, anchor, summary["missing"])
         storage.remove(f"{paths.FAC}/report.json")

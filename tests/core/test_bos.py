@@ -51,7 +51,7 @@ def test_prepare_and_the_encoder_see_one_bos(bos_model, tmp_path):
     [row] = formatter._tokenized(rows)
     assert row["n_tokens"] == len(one_bos)
 
-    stack = RunConfig.model_validate({"input": {"paths": ["-"]}, "model": {"name": str(bos_model)},
+    stack = RunConfig.model_validate({"input": {"paths": ["-"]}, "model": {"name": str(bos_model), "dtype": "float32"},
                                       "sae": {"path": str(build_tiny_sae(tmp_path / "sae"))},
                                       "encode": {"skip_prefix": False}}).stack()  # fmt: skip
     features = Encoder(stack)(["a", "b"], [row["text"], "plain text"]).to_pylist()

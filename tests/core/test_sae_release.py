@@ -40,7 +40,12 @@ def offline_hub(tiny_sae_dir, tmp_path, monkeypatch):
 
 
 def stack(model_dir, **sae):
-    raw = {"input": {"paths": ["-"]}, "model": {"name": str(model_dir)}, "sae": sae, "encode": {"skip_prefix": False}}
+    raw = {
+        "input": {"paths": ["-"]},
+        "model": {"name": str(model_dir), "dtype": "float32"},
+        "sae": sae,
+        "encode": {"skip_prefix": False},
+    }
     return RunConfig.model_validate(raw).stack()
 
 

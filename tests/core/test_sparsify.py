@@ -23,7 +23,9 @@ def sparsify_checkpoint(out, d_in: int = 64, latents: int = 128, k: int = 8) -> 
 
 def stack(sae_dir, model_dir=None):
     raw = {"input": {"paths": ["-"]}, "sae": {"path": str(sae_dir)}, "encode": {"skip_prefix": False}}
-    return RunConfig.model_validate(raw | ({"model": {"name": str(model_dir)}} if model_dir else {})).stack()
+    return RunConfig.model_validate(
+        raw | ({"model": {"name": str(model_dir), "dtype": "float32"}} if model_dir else {})
+    ).stack()
 
 
 def dense(coder: SparseCoder, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 from raysel.config import RunConfig
 from raysel.methods.fac import fac, fac_greedy
 from raysel.pipeline import run
-from tests.conftest import DEMO, store_table, write_jsonl
+from tests.conftest import DEMO, fac_reference, store_table, write_jsonl
 
 
 def rows(*samples: dict) -> list[dict]:
@@ -68,7 +68,7 @@ def test_fac_selection_raises_fac_over_what_the_evaluated_set_had(stats_run, tmp
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "math"][:10])
     have = write_jsonl(tmp_path / "have.jsonl", [r for r in demo[60:] if r["category"] == "safety"][:5])
     raw = json.loads(cfg.model_dump_json()) | {
-        "fac": {"anchor": [str(anchor)], "n_features": 30},
+        "fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 30},
         "activation": {"target_active": 2},
         "select": {"methods": [{"name": "fac", "evaluated": [str(have)]}], "budget": 6},
         "output": {"root": str(tmp_path / "out")},
@@ -102,3 +102,30 @@ def test_the_judge_keeps_verified_features_at_or_above_the_floor():
     assert kept(verdicts, "maybe") == [1, 2, 5]
     assert kept(verdicts, "probably") == [1, 5]
     assert kept(verdicts, "yes") == [1]
+
+
+def test_a_judge_whose_generator_writes_nothing_says_no_and_why(tiny_model_dir, tmp_path):
+    """An empty description once raised IndexError, which ended the judge's actor and the run."""
+    import shutil
+
+    import pyarrow as pa
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raysel.methods.fac import FACConfig
+    from raysel.methods.fac_judge import VERDICTS, Judge, kept
+
+    mute = tmp_path / "mute"
+    shutil.copytree(tiny_model_dir, mute)
+    model = AutoModelForCausalLM.from_pretrained(mute)
+    with torch.no_grad():  # every logit 0: the first token, <eos>, ends each reply before it starts
+        model.model.norm.weight.zero_()
+    model.save_pretrained(mute)
+    stack = RunConfig.model_validate({"input": {"paths": ["-"]}, "model": {"name": str(mute)}}).stack()
+    judge = Judge(stack, FACConfig(judge_task="grade-school math"))
+    assert judge.generate("Describe this.").strip() == ""
+    silent, spanless = judge.judge(7, ["a [[b]] c"]), judge.judge(8, [])
+    assert (silent["label"], silent["relevance"], silent["verified"]) == ("", "No", False)
+    assert silent["reason"] == "the generator wrote no description"
+    assert spanless["reason"] == "the feature has no spans to show"
+    assert kept(pa.Table.from_pylist([silent, spanless], schema=VERDICTS), "maybe") == []

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from raysel.config import ModelConfig, RunConfig
@@ -44,7 +45,7 @@ def test_final_number_reads_gsm8k_answers_and_plain_text():
 
 
 def test_amplification_adds_exactly_the_vector_on_counted_tokens_and_is_gone_after(tiny_model_dir):
-    model = load_model(ModelConfig(name=str(tiny_model_dir)), "cpu")
+    model = load_model(ModelConfig(name=str(tiny_model_dir), dtype="float32"), "cpu")
     ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 0, 0]])
     attention = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     counted = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 0, 0]], dtype=torch.bool)
@@ -111,8 +112,12 @@ def planted_sae(out, stack, igds, prompts, answers, planted: int):
 def test_igds_recovers_the_planted_helpful_feature(tiny_model_dir, tmp_path):
     prompts = [f"### User:\nWhat is {a} plus {b}?\n### Assistant:\n" for a, b in [(2, 3), (4, 1), (6, 2), (1, 1)]]
     answers = ["The sum is 5.", "The sum is 5.", "The sum is 8.", "The sum is 2."]
-    raw = {"input": {"paths": ["x"]}, "model": {"name": str(tiny_model_dir)}, "encode": {"device": "cpu"}}
-    igds = IGDSConfig(targets=["t"], alpha=1.0)
+    raw = {
+        "input": {"paths": ["x"]},
+        "model": {"name": str(tiny_model_dir), "dtype": "float32"},
+        "encode": {"device": "cpu"},
+    }
+    igds = IGDSConfig(targets=["t"], alphas=[1.0])
     sae_dir = planted_sae(tmp_path / "sae", RunConfig.model_validate(raw).stack(), igds, prompts, answers, planted=37)
     stack = RunConfig.model_validate(raw | {"sae": {"path": str(sae_dir)}}).stack()
     effects = FeatureEffects(stack, igds, prompts, answers, {j: 0.5 for j in range(128)}, layer=1)
@@ -131,8 +136,18 @@ def test_igds_writes_its_delta_table_and_selects_by_the_task_features(task_run):
     assert len(effects) == 6 and {"feature", "delta", "base", "amplified", "lift", "target_share"} <= set(effects[0])
     deltas = [e["delta"] for e in effects]
     assert deltas == sorted(deltas, reverse=True)
-    positive = [e["feature"] for e in effects if e["delta"] > 0][:2]
-    assert m["task_features"] == (positive or [e["feature"] for e in effects[:2]])
+    # each feature's delta is its best over the alpha sweep, at the alpha recorded
+    for e in effects:
+        assert len(e["delta_by_alpha"]) == 4 and e["delta"] == max(e["delta_by_alpha"])
+        assert e["alpha"] == [0.5, 1.0, 2.0, 4.0][e["delta_by_alpha"].index(e["delta"])]
+    positive = [e["feature"] for e in effects if e["delta"] > 0]
+    assert m["positive_features"] == len(positive)
+    if positive:  # never a feature that hurts
+        assert m["task_features"] == positive[:2] and m["task_feature_source"] == "interventions"
+    else:  # igds.fallback: recall, frequency recall's top 2
+        by_lift = sorted(effects, key=lambda e: (-e["lift"], e["feature"]))
+        assert m["task_features"] == [e["feature"] for e in by_lift[:2]]
+        assert m["task_feature_source"].startswith("recall")
     assert m["counts"]["n_selected"] == 15 and m["budget"] == 15
     pool = FeatureStore(Storage(str(root), RunConfig.model_validate(manifest["config"]).s3)).table()
     sums = {
@@ -141,3 +156,63 @@ def test_igds_writes_its_delta_table_and_selects_by_the_task_features(task_run):
     }
     selected = pq.read_table(root / "selection" / "igds" / "selected.parquet").to_pylist()
     assert [r["id"] for r in selected] == sorted(sums, key=lambda i: (-sums[i], i))[:15]
+
+
+def test_without_a_helpful_feature_igds_stops_or_falls_back_as_configured():
+    from raysel.methods.igds import task_features_of
+
+    default = IGDSConfig(targets=["t"], keep=2)
+    assert task_features_of(default, [7, 3, 9], [1, 2, 3], 6) == ([7, 3], "interventions")
+    with pytest.raises(ValueError, match="igds.fallback: recall"):
+        task_features_of(default, [], [1, 2, 3], 6)
+    features, source = task_features_of(default.model_copy(update={"fallback": "recall"}), [], [1, 2, 3], 6)
+    assert features == [1, 2] and source.startswith("recall")
+
+
+def metric_stack(model_dir, max_tokens=512):
+    raw = {"input": {"paths": ["x"]}, "model": {"name": str(model_dir), "dtype": "float32"},
+           "prepare": {"max_tokens": max_tokens}, "encode": {"device": "cpu"}}  # fmt: skip
+    return RunConfig.model_validate(raw).stack()
+
+
+def test_a_target_longer_than_max_tokens_is_skipped_and_counted_not_scored_on_its_prompt(tiny_model_dir):
+    prompts = [
+        "### User:\nWhat is 2 plus 3?\n### Assistant:\n",
+        "### User:\n" + "many words " * 30 + "\n### Assistant:\n",
+    ]
+    answers = ["5", "The sum is 5."]
+    metric = TaskMetric(metric_stack(tiny_model_dir, max_tokens=40), IGDSConfig(targets=["t"]), prompts, answers)
+    assert metric.skipped == 1 and [p.answer for p in metric.pairs] == ["5"]
+    with pytest.raises(ValueError, match="prepare.max_tokens"):
+        TaskMetric(metric_stack(tiny_model_dir, max_tokens=8), IGDSConfig(targets=["t"]), prompts, answers)
+
+
+def test_exact_match_generates_in_batches_and_amplifies_the_positions_loglik_does(tiny_model_dir):
+    """Left padding for batched generation must not move a row's amplified positions or its output."""
+    prompts = [
+        f"### User:\nWhat is {a} plus {b}?{' Think.' * a}\n### Assistant:\n" for a, b in [(2, 3), (4, 1), (1, 1)]
+    ]
+    answers = ["5", "5", "2"]
+    cfg = IGDSConfig(targets=["t"], metric="exact_match", max_new_tokens=6, batch_size=3)
+    metric = TaskMetric(metric_stack(tiny_model_dir), cfg, prompts, answers)
+    seqs = [p.prompt_ids for p in metric.pairs]
+    assert len({len(s) for s in seqs}) == 3  # the batch really pads
+    _, right_mask, right = metric._padded(seqs, left=False)
+    _, left_mask, left = metric._padded(seqs, left=True)
+    for r, s in enumerate(seqs):  # the same positions of each sequence, wherever its padding is
+        assert right[r][right_mask[r].bool()].tolist() == left[r][left_mask[r].bool()].tolist()
+        assert right[r][right_mask[r].bool()].tolist() == [i >= metric.first for i in range(len(s))]
+    assert 1 < metric.first < min(map(len, seqs))  # BOS and the template's shared prefix are left out
+    vector = torch.randn(64)
+    one_by_one = [metric._exact([pair], 1, vector) for pair in metric.pairs]
+    assert metric._exact(metric.pairs, 1, vector) == [r for [r] in one_by_one]
+    tok = metric.tokenizer
+
+    def said(batch):
+        ids, attention, counted = metric._padded([p.prompt_ids for p in batch], left=True)
+        with torch.inference_mode(), amplified(metric.model, 1, vector, counted):
+            out = metric.model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=6, do_sample=False,
+                                        pad_token_id=tok.pad_token_id)  # fmt: skip
+        return tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+
+    assert said(metric.pairs) == [t for pair in metric.pairs for t in said([pair])]

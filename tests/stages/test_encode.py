@@ -39,7 +39,7 @@ def encoder_stack(model_dir, sae_dir, **encode):
     return RunConfig.model_validate(
         {
             "input": {"paths": ["unused"]},
-            "model": {"name": str(model_dir)},
+            "model": {"name": str(model_dir), "dtype": "float32"},
             "sae": {"path": str(sae_dir)},
             "encode": {"tokens_per_batch": 64, **encode},
         }
@@ -157,7 +157,7 @@ def test_sae_width_mismatch_is_a_config_error_before_work(ray_cluster, tiny_mode
     cfg = RunConfig.model_validate(
         {
             "input": {"paths": [str(DEMO)]},
-            "model": {"name": str(tiny_model_dir)},
+            "model": {"name": str(tiny_model_dir), "dtype": "float32"},
             "sae": {"path": str(sae)},
             "output": {"root": str(tmp_path / "out")},
         }
@@ -323,16 +323,20 @@ def test_the_encode_fingerprint_follows_the_sae_weights_and_the_resolved_dtype(t
         stack = stack.model_copy(update={"model": stack.model.model_copy(update=model)})
         return Encode(stack, storage, {"fingerprint": "p"}, has_gpus=has_gpus)
 
-    before = encode_stage()
+    before = encode_stage(dtype="auto")
     weights = load_file(sae / "sae_weights.safetensors")
     weights["W_enc"] = weights["W_enc"] * 1.5  # retrained in place: same path, same size
     save_file(weights, sae / "sae_weights.safetensors")
-    after = encode_stage()
+    after = encode_stage(dtype="auto")
     assert after.fingerprint != before.fingerprint
-    # auto is fp32 on CPU actors: the same features as asking for fp32; bf16 on GPU actors differs
-    assert (after.dtype, encode_stage(dtype="float32").fingerprint) == ("float32", after.fingerprint)
-    on_gpus = encode_stage(has_gpus=True)
-    assert on_gpus.dtype == "bfloat16" and on_gpus.fingerprint != after.fingerprint
+    # auto on CPU actors is bf16 where the CPU does bf16 natively (as the kernel reports it), else fp32:
+    # the same features as asking for that dtype, and other features than the other one
+    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    native, other = ("bfloat16", "float32") if flags & {"avx512_bf16", "amx_bf16"} else ("float32", "bfloat16")
+    assert (after.dtype, encode_stage(dtype=native).fingerprint) == (native, after.fingerprint)
+    assert encode_stage(dtype=other).fingerprint != after.fingerprint
+    on_gpus = encode_stage(has_gpus=True, dtype="auto")
+    assert on_gpus.dtype == "bfloat16"
 
 
 def test_the_fit_check_records_the_saes_fit_and_stops_one_that_does_not_fit(

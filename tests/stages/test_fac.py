@@ -12,7 +12,7 @@ from raysel import cli
 from raysel.config import RunConfig
 from raysel.methods.fac_judge import LEVELS, kept
 from raysel.pipeline import run
-from tests.conftest import DEMO, write_jsonl
+from tests.conftest import DEMO, fac_reference, write_jsonl
 
 
 def test_raysel_fac_reports_coverage_and_the_missing_features_with_spans(stats_run, tmp_path, capsys):
@@ -21,7 +21,7 @@ def test_raysel_fac_reports_coverage_and_the_missing_features_with_spans(stats_r
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "code"][:10])
     # few activated features per sample, so that the anchor has some the 40 samples never activate
     raw = json.loads(cfg.model_dump_json()) | {
-        "fac": {"anchor": [str(anchor)], "n_features": 40},
+        "fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 40},
         "activation": {"target_active": 2},
     }
     raw["s3"] = {}
@@ -48,7 +48,12 @@ def test_an_llm_judge_explains_verifies_and_rates_the_enriched_shortlist(stats_r
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "math"][:6])
     raw = json.loads(cfg.model_dump_json()) | {
         "activation": {"target_active": 2},
-        "fac": {"anchor": [str(anchor)], "n_features": 6, "judge_task": "grade-school math word problems"},
+        "fac": {
+            "anchor": [str(anchor)],
+            "reference": [fac_reference(tmp_path)],
+            "n_features": 6,
+            "judge_task": "grade-school math word problems",
+        },
     }
     raw["s3"] = {}
     manifest = run(RunConfig.model_validate(raw), until="fac")
@@ -71,3 +76,29 @@ def test_an_llm_judge_explains_verifies_and_rates_the_enriched_shortlist(stats_r
     assert "judged by an LLM" in manifest["stages"]["fac"]["feature_source"]
     with pytest.raises(ValueError, match="fac.features .* or fac.judge_task"):
         RunConfig.model_validate(raw | {"fac": raw["fac"] | {"features": [1]}})
+
+
+def test_f_comes_from_the_anchor_and_reference_alone_so_a_subsets_fac_compares_with_its_supersets(stats_run, tmp_path):
+    """F was once enriched on the anchor over the evaluated set itself: a subset and its superset got
+    different F, and FACs that could not be compared. τ is fixed here: a calibrated τ is per run."""
+    root, cfg, manifest = stats_run
+    demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
+    anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "code"][:10])
+    superset = json.loads(cfg.model_dump_json()) | {
+        "fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 40},
+        "activation": {"tau": manifest["stages"]["stats"]["tau"]},
+        "s3": {},
+    }
+    subset_rows = write_jsonl(tmp_path / "subset.jsonl", demo[:15])
+    subset = superset | {
+        "input": superset["input"] | {"paths": [str(subset_rows)]},
+        "output": {"root": str(tmp_path / "subset")},
+    }
+    reports, features = [], []
+    for raw, out in ((superset, root), (subset, tmp_path / "subset")):
+        run(RunConfig.model_validate(raw), until="fac")
+        reports.append(json.loads((out / "fac" / "report.json").read_text()))
+        features.append(pq.read_table(out / "fac" / "features.parquet")["feature"].to_pylist())
+    assert features[0] == features[1] and len(features[0]) > 0
+    assert reports[1]["n_evaluated"] == 15 and reports[0]["n_evaluated"] == 40
+    assert reports[1]["fac"] <= reports[0]["fac"] and set(reports[0]["missing"]) <= set(reports[1]["missing"])

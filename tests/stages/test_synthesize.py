@@ -10,7 +10,7 @@ import pytest
 from raysel.config import ConfigError, RunConfig
 from raysel.pipeline import run
 from raysel.stages.synthesize import as_record, check_vllm, passing, synthesize
-from tests.conftest import DEMO, run_cfg, write_jsonl
+from tests.conftest import DEMO, fac_reference, run_cfg, write_jsonl
 
 PROVENANCE = ("feature", "step", "prompt", "score", "generator")
 
@@ -34,7 +34,7 @@ def test_each_feature_gets_scored_candidates_and_a_contrastive_second_step(ray_c
     cfg = RunConfig.model_validate(
         {
             "input": {"paths": ["x"]},
-            "model": {"name": str(tiny_model_dir)},
+            "model": {"name": str(tiny_model_dir), "dtype": "float32"},
             "sae": {"path": str(tiny_sae_dir)},
             "encode": {"device": "cpu"},
             "synth": {"n_candidates": 4, "n_contrastive": 6, "keep": 2, "max_new_tokens": 24},
@@ -79,7 +79,7 @@ def test_raysel_synthesize_writes_samples_with_provenance_and_fac_before_and_aft
     demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[30:] if r["category"] == "code"][:8])
     raw |= {
-        "fac": {"anchor": [str(anchor)], "n_features": 40},
+        "fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 40},
         "activation": {"target_active": 2},
         "synth": {"max_features": 2, "n_candidates": 3, "n_contrastive": 3, "max_new_tokens": 24, "delta": 0.0},
     }

@@ -1,0 +1,118 @@
+"""Dense-embedding diversity: the baseline SAE-GreedSelect and SAE-SimScale are compared against.
+
+SimScale's theta rule on dense vectors instead of activated sets: each sample is its hidden state
+at the SAE's hook layer, mean-pooled over the positions the encoder pools (no padding, not BOS,
+not the template's shared prefix), scaled to unit length. Samples are visited longest first (then
+by id); x is kept unless cos(x, y) >= theta for a kept y, and theta is binary-searched so that the
+kept set reaches the budget, which is then cut at the budget (any subset of a dissimilar set is
+dissimilar). The vectors take one forward pass of the pool up to the hook layer, on the encode
+actors; the filter holds n x d_in floats on the driver: a baseline for pools of up to a few
+hundred thousand samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from raysel.core import paths
+from raysel.core.encoder import Encoder
+from raysel.core.models import tokenize
+from raysel.core.ray_adapter import map_stage, model_resources
+from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
+
+if TYPE_CHECKING:
+    from raysel.config import ModelStack
+    from raysel.core.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+class DenseConfig(MethodConfig):
+    name: Literal["dense"] = "dense"
+
+
+class Dense(Method):
+    """`method: dense`: SimScale's theta rule on the cosine of mean-pooled hidden states."""
+
+    Config = DenseConfig
+
+    def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
+        ids, vectors = mean_hidden_states(ctx.stack, ctx.storage)
+        encoded = np.isin(ids, pool.ids)  # not a sample the encoder rejected
+        ids, vectors = ids[encoded], vectors[encoded]
+        lengths = pool.store.table(["id", "n_tokens"]).sort_by("id")
+        n_tokens = lengths["n_tokens"].to_numpy()[np.searchsorted(lengths["id"].to_numpy(zero_copy_only=False), ids)]
+        visit = np.lexsort((np.arange(len(ids)), -n_tokens))  # longest first, then by id
+        kept, theta, passes = cosine_filter(vectors, visit, k)
+        return Picks.unscored(ids[kept].tolist(), {"theta": theta, "theta_passes": passes})
+
+
+class MeanHidden:
+    """Stage: rows (id, text) in, (id, vector) out: the mean hidden state at the hook over the
+    positions the encoder pools, unit length."""
+
+    def __init__(self, stack: ModelStack):
+        self.encoder = Encoder(stack)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        enc, torch = self.encoder, self.encoder.torch
+        seqs = tokenize(enc.tokenizer, batch["text"].to_pylist(), truncation=True, max_length=enc.max_tokens)
+        seqs, vectors = seqs["input_ids"], [None] * batch.num_rows
+        for bucket in enc.length_buckets(seqs):
+            hidden, counted = enc.hidden_states([seqs[i] for i in bucket])
+            mask = counted[..., None].to(hidden.dtype)
+            mean = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
+            unit = torch.nn.functional.normalize(mean, dim=1).cpu().numpy()
+            for row, i in enumerate(bucket):
+                vectors[i] = unit[row]
+        return pa.table({"id": batch["id"], "vector": pa.array(list(vectors), pa.list_(pa.float32()))})
+
+
+def mean_hidden_states(stack: ModelStack, storage: Storage) -> tuple[np.ndarray, np.ndarray]:
+    """Every pool sample's unit mean hidden state at the hook: (ids sorted, n x d_in float32)."""
+    texts = pq.read_table(storage.path(paths.PREPARED), columns=["id", "text"], filesystem=storage.fs)
+    out = map_stage(
+        ray.data.from_arrow(texts), MeanHidden, model_resources(stack.encode, stack.encode.actors, 64), stack=stack
+    )
+    table = pa.concat_tables(ray.get(out.to_arrow_refs())).sort_by("id")
+    vectors = np.stack(table["vector"].to_numpy(zero_copy_only=False)) if table.num_rows else np.zeros((0, 1))
+    return np.asarray(table["id"].to_pylist(), dtype=object), vectors.astype(np.float32)
+
+
+def cosine_filter(
+    vectors: np.ndarray, visit: np.ndarray, budget: int, precision: float = 1e-4
+) -> tuple[np.ndarray, float, int]:
+    """Rows kept (in visit order, at most `budget`), the smallest theta whose pass keeps `budget`, and
+    the passes the search ran. Unit vectors: the cosine is the dot product."""
+    budget = min(budget, len(visit))
+    lo, hi, passes = -1.0, 1.0 + precision, 1  # above 1 no cosine reaches theta: every sample is kept
+    best = _keep_dissimilar(vectors, visit, hi, budget)
+    while hi - lo > precision:
+        mid = (lo + hi) / 2
+        kept = _keep_dissimilar(vectors, visit, mid, budget)
+        passes += 1
+        if len(kept) >= budget:
+            hi, best = mid, kept
+        else:
+            lo = mid
+    return best, round(hi, 6), passes
+
+
+def _keep_dissimilar(vectors: np.ndarray, visit: np.ndarray, theta: float, budget: int) -> np.ndarray:
+    """One pass: the rows whose cosine to every row kept before them is below theta, stopping at budget."""
+    kept = np.empty((budget, vectors.shape[1]), np.float32)
+    rows: list[int] = []
+    for i in visit:
+        if rows and float((kept[: len(rows)] @ vectors[i]).max()) >= theta:
+            continue
+        kept[len(rows)] = vectors[i]
+        rows.append(int(i))
+        if len(rows) == budget:
+            break
+    return np.array(rows, dtype=np.int64)
