@@ -150,13 +150,14 @@ class SynthConfig(Section):
     """`raysel synthesize`: new samples for the features FAC finds missing (two steps, contrastive)."""
 
     generator: str | None = None  # a causal LM (local dir, HF id, or the embedded default); None: model.name
-    max_features: int = Field(20, gt=0)  # missing features to write for, in feature order
+    max_features: int = Field(20, gt=0)  # missing features to write for, most common on the anchor first
     spans: int = Field(5, gt=0)  # top-activating spans shown to the generator in step 1
     n_candidates: int = Field(8, gt=0)  # step 1: samples per feature, scored to find x+ and x-
     n_contrastive: int = Field(8, gt=0)  # step 2: samples from the contrastive prompt
     keep: int = Field(2, gt=0)  # per feature, the strongest step-2 samples above delta
     delta: float | None = None  # activation a kept sample must exceed; None: activation.tau
     temperature: float = Field(0.8, gt=0)
+    retry_temperature: float = Field(1.2, gt=0)  # a step 1 whose samples all score 0 is redone once at this
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(160, gt=0)
     seed: int = 0

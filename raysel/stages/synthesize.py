@@ -1,10 +1,13 @@
 """FAC Synthesis: write new samples for the task features a dataset is missing.
 
-For each missing feature j (from `raysel fac`, with its top-activating spans):
+For each missing feature j (from `raysel fac`, with its top-activating spans), the most common on
+the anchor first:
 
-1. prompt a generator with the spans where j is strongest and sample n
-   candidates; score each by g_j, the feature's max activation over the
-   candidate (encoded like any sample); the best is x+ and the worst x-;
+1. prompt a generator with j's description (the FAC judge's label when it has one, else the
+   tokens where j peaks) and the spans where j is strongest, peak token marked, and sample n
+   candidates; score each by g_j, the feature's max activation over the candidate (encoded like
+   any sample); the best is x+ and the worst x-. When every candidate scores 0, step 1 is redone
+   once at synth.retry_temperature; still nothing, and j is recorded as `no_signal`;
 2. prompt again with the contrastive pair (x+, x- and their scores), sample m
    more, keep those with g_j > delta, and retain the top `keep`.
 
@@ -39,12 +42,13 @@ from raysel.core.records import chat_template_for
 from raysel.core.section import ConfigError
 from raysel.methods import Context
 from raysel.methods.fac import fac
+from raysel.methods.fac_judge import marked
 from raysel.stages.base import Stage
 from raysel.stages.publish import write_selection
 
 log = logging.getLogger(__name__)
 
-FIRST = """Here are passages from instruction data, each with a marked span where one particular pattern is strong:
+FIRST = """Here are passages from instruction data where one particular pattern is strong; the token where it is strongest is marked [[like this]]. The pattern: {description}.
 
 {spans}
 
@@ -132,7 +136,7 @@ class Generator:
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 do_sample=True,
-                temperature=self.s.temperature,
+                temperature=p.get("temperature", self.s.temperature),
                 top_p=self.s.top_p,
                 max_new_tokens=self.s.max_new_tokens,
                 num_return_sequences=p["n"],
@@ -147,7 +151,7 @@ class Generator:
 
 def candidate(p: dict, i: int, text: str, generator: str) -> dict:
     return {
-        "id": f"synth-{p['feature']}-{p['step']}-{i}",
+        "id": f"synth-{p['feature']}-{p.get('attempt', p['step'])}-{i}",
         "feature": p["feature"],
         "step": p["step"],
         "prompt": p["prompt"],
@@ -172,7 +176,7 @@ def generate_vllm(stack: ModelStack, synth: SynthConfig, prompts: list[dict]) ->
             **r,
             "messages": [{"role": "user", "content": r["prompt"]}],
             "sampling_params": {
-                "temperature": s.temperature,
+                "temperature": r.get("temperature", s.temperature),
                 "top_p": s.top_p,
                 "max_tokens": s.max_new_tokens,
                 "seed": r["seed"] + r["i"],
@@ -252,53 +256,47 @@ def score(stack: ModelStack, generated: pa.Table) -> pa.Table:
     return pa.concat_tables([CANDIDATES.empty_table(), *ray.get(out.to_arrow_refs())])
 
 
-def synthesize(stack: ModelStack, synth: SynthConfig, missing: list[int], spans: pa.Table, delta: float) -> pa.Table:
-    """Every candidate for the first synth.max_features missing features; a step-2 candidate passes
-    when its activation of the feature exceeds `delta`."""
+def synthesize(
+    stack: ModelStack, synth: SynthConfig, missing: list[int], spans: pa.Table, delta: float, labels: dict[int, str]
+) -> tuple[pa.Table, list[int]]:
+    """Every candidate for the first synth.max_features of `missing` (in the order given), and the
+    features step 1 found no signal for; a step-2 candidate passes when its activation exceeds `delta`."""
     s, todo = synth, missing[: synth.max_features]
     if not todo:
-        return CANDIDATES.empty_table()
-    shown = {
-        j: ["".join(r["tokens"]) for r in spans.filter(pc.equal(spans["feature"], j)).to_pylist()[: s.spans]]
-        for j in todo
-    }
+        return CANDIDATES.empty_table(), []
 
-    def prompts(step: int, text: dict, n: int) -> list[dict]:
+    def prompts(step: int, text: dict, n: int, features: list[int], **extra) -> list[dict]:
         return [
-            {"feature": j, "step": step, "prompt": text[j], "n": n, "seed": s.seed * 1_000_003 + j * 10 + step}
-            for j in todo
+            {"feature": j, "step": step, "prompt": text[j], "n": n, "seed": s.seed * 1_000_003 + j * 10 + step} | extra
+            for j in features
         ]
 
-    first = score(
-        stack,
-        generate(
-            stack,
-            synth,
-            prompts(1, {j: FIRST.format(spans="\n\n".join(f"- {t}" for t in shown[j])) for j in todo}, s.n_candidates),
-        ),
-    ).to_pylist()
+    first_prompts = {j: first_prompt(spans, j, s.spans, labels.get(j)) for j in todo}
+    first = score(stack, generate(stack, synth, prompts(1, first_prompts, s.n_candidates, todo))).to_pylist()
+    silent = [j for j in todo if not any(c["score"] > 0 for c in first if c["feature"] == j)]
+    if silent:  # hotter sampling, once; a new seed and ids of its own
+        log.info("synthesize: features %s: every step-1 sample scored 0; retrying at %.2f", silent, s.retry_temperature)
+        retry = prompts(1, first_prompts, s.n_candidates, silent, temperature=s.retry_temperature, attempt="1r")
+        for p in retry:
+            p["seed"] += 5
+        first += score(stack, generate(stack, synth, retry)).to_pylist()
+    no_signal = [j for j in silent if not any(c["score"] > 0 for c in first if c["feature"] == j)]
+    if no_signal:
+        log.warning("synthesize: features %s: no step-1 sample activates them, even hotter: no_signal", no_signal)
     pairs = {}
-    for j in todo:
+    for j in (j for j in todo if j not in no_signal):
         mine = [c for c in first if c["feature"] == j]
         pairs[j] = max(mine, key=lambda c: c["score"]), min(mine, key=lambda c: c["score"])
-    second = score(
-        stack,
-        generate(
-            stack,
-            synth,
-            prompts(
-                2,
-                {
-                    j: CONTRASTIVE.format(
-                        best=b["text"], best_score=b["score"], worst=w["text"], worst_score=w["score"]
-                    )
-                    for j, (b, w) in pairs.items()
-                },
-                s.n_contrastive,
-            ),
-        ),
-    ).to_pylist()
-    for j in todo:
+    contrastive = {
+        j: CONTRASTIVE.format(best=b["text"], best_score=b["score"], worst=w["text"], worst_score=w["score"])
+        for j, (b, w) in pairs.items()
+    }
+    second = (
+        score(stack, generate(stack, synth, prompts(2, contrastive, s.n_contrastive, list(pairs)))).to_pylist()
+        if pairs
+        else []
+    )
+    for j in pairs:
         mine = sorted((c for c in second if c["feature"] == j), key=lambda c: c["id"])
         for c in mine:
             c["passed"] = c["score"] > delta
@@ -315,7 +313,26 @@ def synthesize(stack: ModelStack, synth: SynthConfig, missing: list[int], spans:
             sum(c["kept"] for c in mine),
         )
     table = pa.Table.from_pylist(first + second, schema=CANDIDATES)
-    return table.sort_by([("feature", "ascending"), ("step", "ascending"), ("id", "ascending")])
+    return table.sort_by([("feature", "ascending"), ("step", "ascending"), ("id", "ascending")]), no_signal
+
+
+def first_prompt(spans: pa.Table, feature: int, n: int, label: str | None) -> str:
+    """Step 1's prompt: the feature's description (the judge's label, else the tokens where it peaks)
+    and its n strongest spans, peak token marked."""
+    top = spans.filter(pc.equal(spans["feature"], feature)).sort_by("rank").to_pylist()[:n]
+    peaks = list(dict.fromkeys(r["tokens"][r["peak"]].strip() for r in top if r["tokens"][r["peak"]].strip()))
+    description = label or ("it peaks on the tokens " + ", ".join(repr(t) for t in peaks) if peaks else "unknown")
+    return FIRST.format(description=description, spans="\n\n".join(f"- {marked(r['tokens'], r['peak'])}" for r in top))
+
+
+def judged_labels(storage) -> dict[int, str]:
+    """The FAC judge's label of each feature it described, when F came from the judge."""
+    if not storage.exists(f"{paths.FAC}/judged.parquet"):
+        return {}
+    verdicts = pq.read_table(
+        storage.path(paths.FAC, "judged.parquet"), columns=["feature", "label"], filesystem=storage.fs
+    )
+    return {j: label for j, label in zip(verdicts["feature"].to_pylist(), verdicts["label"].to_pylist()) if label}
 
 
 def acceptance(candidates: pa.Table) -> dict:
@@ -353,12 +370,13 @@ class Synthesize(Stage):
         start = time.time()
         spans = pq.read_table(storage.path(paths.FAC, "missing_spans.parquet"), filesystem=storage.fs)
         delta = synth_delta(synth, tau)
-        candidates = synthesize(ctx.stack, synth, self.before["missing"], spans, delta)
+        table = pq.read_table(storage.path(paths.FAC, "features.parquet"), filesystem=storage.fs)
+        share = dict(zip(table["feature"].to_pylist(), table["anchor_share"].to_pylist()))
+        missing = sorted(self.before["missing"], key=lambda j: (-share[j], j))  # the most common on the anchor first
+        candidates, no_signal = synthesize(ctx.stack, synth, missing, spans, delta, judged_labels(storage))
         kept = candidates.filter(candidates["kept"])
         anchored = ctx.side_set("anchor", ctx.fac.anchor).table()
-        features = pq.read_table(
-            storage.path(paths.FAC, "features.parquet"), columns=["feature"], filesystem=storage.fs
-        )["feature"].to_numpy()
+        features = table["feature"].to_numpy()
         d_sae = ctx.d_sae
         evaluated = FeatureStore(storage).table()
         grown = pa.concat_tables([evaluated, kept.select(evaluated.column_names).cast(evaluated.schema)])
@@ -377,6 +395,7 @@ class Synthesize(Stage):
             "missing_before": len(self.before["missing"]),
             "missing_after": len(after["missing"]),
             "features_tried": len(set(candidates["feature"].to_pylist())),
+            "no_signal": no_signal,
             **acceptance(candidates),
             "seconds": round(seconds, 1),
             "seconds_per_kept": round(seconds / kept.num_rows, 1) if kept.num_rows else None,
