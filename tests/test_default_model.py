@@ -22,17 +22,19 @@ def test_train_sae_then_encode_with_the_default_model(ray_cluster, tmp_path):
             "layer": 6,
             "d_sae": 512,
             "k": 16,
-            "training_tokens": 8192,
+            "training_tokens": 32768,
             "batch_size_tokens": 256,
             "output": str(tmp_path / "sae"),
         },
         "output": {"root": str(tmp_path / "out")},
-        "sae": {"allow_poor_fit": True},  # 8,192 training tokens make an SAE, not a good one
+        "sae": {"allow_poor_fit": True},  # 32,768 training tokens make a rough SAE, not a good one
     }
     trained = run(RunConfig.model_validate(raw), until="train-sae")["stages"]["train_sae"]
     assert (tmp_path / "sae" / "sae_weights.safetensors").is_file()
     assert trained["layer"] == 6 and trained["mean_l0"] == pytest.approx(16, abs=0.01)
-    assert 0 <= trained["dead_fraction"] < 1 and trained["explained_variance"] <= 1
+    # measured here at 32,768 tokens: explained variance 0.66, dead 52 %; at 8,192 it was -0.20, so the
+    # floor fails a trainer that learns little (a broken hook, loss or learning rate), with a margin
+    assert trained["explained_variance"] > 0.5 and trained["dead_fraction"] < 0.7
     meta = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert (meta["d_in"], meta["d_sae"], meta["metadata"]["hook_name"]) == (576, 512, "model.layers.6")
 
