@@ -67,6 +67,7 @@ def main() -> None:
         {
             "input": {"paths": [args.pool]},
             "prepare": {"max_tokens": args.max_tokens},
+            "model": {"dtype": "float32"},  # the comparisons are in fp32; bf16 is measured on its own below
             "encode": {"device": args.device, "num_cpus": threads, "skip_prefix": False},
         }
     )
@@ -183,6 +184,7 @@ def width_child(args) -> None:
         del sae
         cfg = RunConfig.model_validate({
             "input": {"paths": [args.pool]}, "prepare": {"max_tokens": args.max_tokens}, "sae": {"path": tmp},
+            "model": {"dtype": "float32"},
             "encode": {"device": args.device, "num_cpus": threads, "skip_prefix": False},
         })  # fmt: skip
         ids, texts = load_samples(args.pool, args.n, load_tokenizer(cfg.model))
