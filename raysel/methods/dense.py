@@ -54,24 +54,27 @@ class Dense(Method):
 
 
 class MeanHidden:
-    """Stage: rows (id, text) in, (id, vector) out: the mean hidden state at the hook over the
-    positions the encoder pools, unit length."""
+    """Stage: rows (id, text) in, (id, vector) out (see mean_hidden)."""
 
     def __init__(self, stack: ModelStack):
         self.encoder = Encoder(stack)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        enc, torch = self.encoder, self.encoder.torch
-        seqs = tokenize(enc.tokenizer, batch["text"].to_pylist(), truncation=True, max_length=enc.max_tokens)
-        seqs, vectors = seqs["input_ids"], [None] * batch.num_rows
-        for bucket in enc.length_buckets(seqs):
-            hidden, counted = enc.hidden_states([seqs[i] for i in bucket])
-            mask = counted[..., None].to(hidden.dtype)
-            mean = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
-            unit = torch.nn.functional.normalize(mean, dim=1).cpu().numpy()
-            for row, i in enumerate(bucket):
-                vectors[i] = unit[row]
+        vectors = mean_hidden(self.encoder, batch["text"].to_pylist())
         return pa.table({"id": batch["id"], "vector": pa.array(list(vectors), pa.list_(pa.float32()))})
+
+
+def mean_hidden(encoder: Encoder, texts: list[str]) -> np.ndarray:
+    """Each text's hidden state at the hook, mean-pooled over the positions the encoder pools, unit length."""
+    torch = encoder.torch
+    seqs = tokenize(encoder.tokenizer, texts, truncation=True, max_length=encoder.max_tokens)["input_ids"]
+    out = np.zeros((len(texts), encoder.sae.cfg.d_in), np.float32)
+    for bucket in encoder.length_buckets(seqs):
+        hidden, counted = encoder.hidden_states([seqs[i] for i in bucket])
+        mask = counted[..., None].to(hidden.dtype)
+        mean = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
+        out[bucket] = torch.nn.functional.normalize(mean, dim=1).cpu().numpy()
+    return out
 
 
 def mean_hidden_states(stack: ModelStack, storage: Storage) -> tuple[np.ndarray, np.ndarray]:
