@@ -78,24 +78,51 @@ def report_data(storage: Storage, n_features: int = 20, page: int = 50) -> dict:
         "coverage_at_budget": {
             m: s["coverage_at_budget"].get(m) for m, s in picked.items() if "coverage_at_budget" in s
         },
-        "doc_freq": doc_freq.tolist(),
-        "pool_tokens": lengths["n_tokens"].to_pylist(),
+        # histograms and top-N lists only: report.json stays small at a million rows
+        "doc_freq": log_histogram(doc_freq[doc_freq > 0]),
         "scores": {
-            m: pq.read_table(
-                storage.path(paths.selection(m, "selected.parquet")), columns=["gain"], filesystem=storage.fs
-            )["gain"].to_pylist()
+            m: histogram(
+                pq.read_table(
+                    storage.path(paths.selection(m, "selected.parquet")), columns=["gain"], filesystem=storage.fs
+                )["gain"].to_numpy(zero_copy_only=False),
+                30,
+            )
             for m in picked
             if m in METHODS and METHODS[m].ranks_by_score
         },
         "igds_effects": next((s["feature_effects"] for s in picked.values() if "feature_effects" in s), []),
         "methods": side_by_side(storage, picked, lengths),
-        "selected_tokens": [],
         "features": [],
         "samples": [],
     }
+    selected_tokens = np.zeros(0)
     if primary:
-        data |= selection_detail(cfg, storage, manifest, primary, tau, doc_freq, lengths, n_features, page)
+        detail = selection_detail(cfg, storage, manifest, primary, tau, doc_freq, lengths, n_features, page)
+        selected_tokens = np.asarray(detail.pop("selected_tokens"), np.float64)
+        data |= detail
+    pool_tokens = lengths["n_tokens"].to_numpy().astype(np.float64)
+    edges = np.linspace(0, pool_tokens.max() + 1 if pool_tokens.size else 1, 41)
+    data["token_lengths"] = {
+        "edges": edges.tolist(),
+        "pool": np.histogram(pool_tokens, edges)[0].tolist(),
+        "selected": np.histogram(selected_tokens, edges)[0].tolist(),
+    }
     return data
+
+
+def histogram(values: np.ndarray, bins: int) -> dict:
+    """Counts in equal bins over the values' range (NaN, a method's missing score, left out)."""
+    values = values[~np.isnan(values.astype(np.float64))] if values.size else values
+    counts, edges = np.histogram(values, bins=bins) if values.size else (np.zeros(0, int), np.zeros(0))
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+def log_histogram(values: np.ndarray, bins: int = 30) -> dict:
+    """Counts in log-spaced bins from 1 (document frequencies span orders of magnitude)."""
+    if not values.size:
+        return {"edges": [], "counts": []}
+    counts, edges = np.histogram(values, bins=np.logspace(0, np.log10(values.max() + 1), bins + 1))
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
 
 
 def side_by_side(storage: Storage, picked: dict[str, dict], lengths) -> dict:
@@ -228,23 +255,23 @@ def plots(data: dict) -> list[str]:
         ax.legend(fontsize=8)
 
     def doc_freq(ax):
-        df = np.array([d for d in data["doc_freq"] if d > 0])
-        ax.hist(df, bins=np.logspace(0, np.log10(df.max() + 1), 30))
+        ax.stairs(data["doc_freq"]["counts"], data["doc_freq"]["edges"], fill=True)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("samples activating the feature")
         ax.set_ylabel("features")
 
     def lengths(ax):
-        bins = np.linspace(0, max(data["pool_tokens"]) + 1, 40)
-        ax.hist(data["pool_tokens"], bins=bins, density=True, alpha=0.5, label="pool")
-        ax.hist(data["selected_tokens"], bins=bins, density=True, alpha=0.5, label=f"{data['primary']} selection")
+        t = data["token_lengths"]
+        for key, label in (("pool", "pool"), ("selected", f"{data['primary']} selection")):
+            share = np.asarray(t[key], np.float64) / max(sum(t[key]), 1)
+            ax.stairs(share, t["edges"], fill=True, alpha=0.5, label=label)
         ax.set_xlabel("tokens")
         ax.legend(fontsize=8)
 
     def scores(ax):
-        for method, values in data["scores"].items():
-            ax.hist(values, bins=30, alpha=0.6, label=method)
+        for method, h in data["scores"].items():
+            ax.stairs(h["counts"], h["edges"], fill=True, alpha=0.6, label=method)
         ax.set_xlabel("score of the selected samples")
         ax.legend(fontsize=8)
 
@@ -261,9 +288,9 @@ def plots(data: dict) -> list[str]:
 
     panels = [
         (curves, bool(data["curves"]), "Feature coverage against budget"),
-        (doc_freq, any(d > 0 for d in data["doc_freq"]), "Feature document frequency"),
-        (lengths, bool(data["pool_tokens"]) and bool(data["selected_tokens"]), "Token lengths"),
-        (scores, bool(data["scores"]), "Task scores (mona, igds)"),
+        (doc_freq, sum(data["doc_freq"]["counts"]) > 0, "Feature document frequency"),
+        (lengths, sum(data["token_lengths"]["selected"]) > 0, "Token lengths"),
+        (scores, any(h["counts"] for h in data["scores"].values()), "Task scores (mona, igds)"),
         (deltas, bool(data["igds_effects"]), "IGDS: delta per candidate feature"),
     ]
     return [figure(draw, title) for draw, has_data, title in panels if has_data]  # no empty panels

@@ -44,13 +44,16 @@ def test_the_report_data_matches_the_run(two_runs):
     assert data["counts"] == manifest["counts"] and data["counts"]["n_rejected"] == 2
     assert set(data["curves"]) == {"coverage", "random", "longest"} and data["primary"] == "coverage"
     assert data["coverage_at_budget"]["coverage"] == data["curves"]["coverage"][-1]["coverage"]
-    assert len(data["pool_tokens"]) == 50 and len(data["selected_tokens"]) == 10
+    # histograms, not per-sample arrays: every prepared sample in the pool's, the 10 picks in the selection's
+    assert sum(data["token_lengths"]["pool"]) == 50 and sum(data["token_lengths"]["selected"]) == 10
+    stats = pq.read_table(os.path.join(root, "stats", "features.parquet"))["doc_freq"].to_numpy()
+    assert sum(data["doc_freq"]["counts"]) == (stats > 0).sum() > 0
     assert {t["stage"] for t in data["timings"]} >= {"prepare", "encode", "stats", "select"}
 
     # covered and missed features, recomputed from the store at tau 0
     ids = pq.read_table(os.path.join(root, "selection", "coverage", "selected.parquet"))["id"].to_pylist()
     store = pq.read_table(os.path.join(root, "features")).to_pylist()
-    hits = np.zeros(len(data["doc_freq"]), int)
+    hits = np.zeros(len(stats), int)
     for r in store:
         if r["id"] in ids:
             hits[r["feat_ids"]] += 1
