@@ -128,6 +128,7 @@ class SelectConfig(Section):
     methods: list[MethodEntry] = Field(["coverage", "random", "longest"], validate_default=True)
     budget: float = Field(0.1, gt=0)  # a count (>= 1) or a fraction of the encoded pool (< 1); an entry's budget wins
     seed: int = 0  # for `random`, RandGreeDi's partitioning and the baselines
+    memory_check: bool = True  # refuse, naming the remedy, a pool the driver's free memory cannot hold
 
     @field_validator("methods", mode="before")
     @classmethod

@@ -142,6 +142,21 @@ class FeatureStore:
         # a fixed order, whatever the shard layout: ties break by id
         return table.sort_by("id") if "id" in table.column_names else table
 
+    def counts(self) -> tuple[int, int]:
+        """(rows, stored features) of the committed shards, from their parquet footers alone."""
+        rows = stored = 0
+        for path in self.shard_paths():
+            meta = pq.ParquetFile(path, filesystem=self.storage.fs).metadata
+            rows += meta.num_rows
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                stored += sum(
+                    group.column(c).num_values
+                    for c in range(group.num_columns)
+                    if group.column(c).path_in_schema == "feat_ids.list.element"
+                )
+        return rows, stored
+
     def top_k(self, score_block, k: int) -> pa.Table:
         """The k best (id, score) of the store by score_block(table) -> scores, in one pass on the cluster."""
         return distributed_top_k(self.dataset(), score_block, k)
