@@ -38,7 +38,7 @@ from pydantic import Field
 from raysel.core import paths
 from raysel.core.features import activated_entries, pooled
 from raysel.core.models import load_model, load_tokenizer, resolve_device, tokenize
-from raysel.core.ray_adapter import map_stage, model_resources
+from raysel.core.ray_adapter import log_to_driver, map_stage, model_resources
 from raysel.core.records import chat_template_for, shared_prefix
 from raysel.core.sae import load_sae
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
@@ -325,6 +325,7 @@ class FeatureEffects:
         typical: dict[int, float],
         layer: int,
     ):
+        log_to_driver()
         self.metric = TaskMetric(stack, cfg, prompts, answers)
         self.decoder = load_sae(stack, self.metric.device).W_dec.detach()
         self.cfg, self.typical, self.layer = cfg, typical, layer
@@ -335,6 +336,8 @@ class FeatureEffects:
         for j in batch["feature"].to_pylist():
             swept = {a: self.metric(self.layer, a * self.typical[j] * self.decoder[j]) for a in self.cfg.alphas}
             alpha = max(swept, key=lambda a: (swept[a], -a))  # the best; on a tie, the gentler push
+            log.info("igds: feature %d: best delta %+.4f at alpha %g (%s)", j, swept[alpha] - self.base, alpha,
+                     ", ".join(f"{a:g}: {v - self.base:+.4f}" for a, v in swept.items()))  # fmt: skip
             rows.append(
                 {
                     "feature": j,
