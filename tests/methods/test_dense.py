@@ -2,6 +2,7 @@
 method through the select stage against hidden states taken one sample at a time from the full model."""
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -39,8 +40,11 @@ def test_the_filter_keeps_the_budget_at_the_smallest_theta_that_reaches_it(seed)
 
 
 def test_dense_picks_from_mean_pooled_hidden_states_at_the_hook(stats_run, tmp_path):
-    root, cfg, _ = stats_run
+    shared, cfg, _ = stats_run
+    root = tmp_path / "run"  # a copy: the shared run's select stays pending for the tests that read it
+    shutil.copytree(shared, root)
     raw = json.loads(cfg.model_dump_json()) | {"select": {"methods": ["dense"], "budget": 10}, "s3": {}}
+    raw["output"] = {"root": str(root)}
     run(RunConfig.model_validate(raw), until="select")
     selected = pq.read_table(root / "selection" / "dense" / "selected.parquet")["id"].to_pylist()
     manifest = json.loads((root / "selection" / "dense" / "manifest.json").read_text())
