@@ -38,7 +38,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from raysel.config import RunConfig  # noqa: E402
 from raysel.core import paths  # noqa: E402
-from raysel.core.features import FeatureStore  # noqa: E402
+from raysel.core.features import FeatureStore, Profile  # noqa: E402
 from raysel.core.storage import Storage  # noqa: E402
 from raysel.methods.fac import fac  # noqa: E402
 from raysel.pipeline import run  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> None:
     features = np.array(storage.read_json(paths.marker("fac_features"))["features"], dtype=np.int64)
 
     def fac_of(ids: list[str]) -> float:
-        return fac(anchor, subset(pool, ids), features, tau, d_sae)[0]["fac"]
+        return fac(Profile.of(anchor, tau, d_sae), Profile.of(subset(pool, ids), tau, d_sae), features)[0]["fac"]
 
     ids = pool["id"].to_pylist()
     order = np.random.default_rng(0).permutation(len(ids))

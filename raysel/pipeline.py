@@ -28,7 +28,7 @@ from raysel.stages.encode import Encode
 from raysel.stages.fac import MeasureFAC
 from raysel.stages.prepare import Prepare, check_root
 from raysel.stages.select import Select
-from raysel.stages.stats import Stats
+from raysel.stages.stats import Calibrate, Stats
 from raysel.stages.synthesize import Synthesize, check_vllm
 from raysel.stages.train_sae import TrainSAE
 
@@ -76,7 +76,8 @@ def encode_set(
     if until == "encode":
         return stages
     if tau is None:
-        tau = FeatureStore(storage).resolve_tau(cfg.activation.tau, cfg.activation.target_active)
+        stages["tau"] = execute(Calibrate(storage, stages["encode"], cfg.activation))
+        tau = stages["tau"]["tau"]
     stages["stats"] = execute(Stats(storage, stages["encode"], tau, cfg.stats.top_n))
     return stages
 

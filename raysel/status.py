@@ -15,7 +15,7 @@ from raysel.core import paths
 from raysel.core.storage import Storage
 
 # The pipeline's stages in the order a run reaches them; the first four are in every run.
-STAGES = ("prepare", "train_sae", "encode", "stats", "spans", "select", "fac", "synthesis")
+STAGES = ("prepare", "train_sae", "encode", "tau", "stats", "spans", "select", "fac", "synthesis")
 CORE = ("prepare", "encode", "stats", "select")
 
 
@@ -42,6 +42,7 @@ def brief(name: str, record: dict) -> dict:
     keys = {
         "prepare": ("n_input", "n_blank_lines", "n_valid", "n_rejected", "rejected_by_reason"),
         "encode": ("n_encoded", "n_encode_rejected", "n_shards"),
+        "tau": ("tau",),
         "stats": ("tau", "n_samples", "d_sae"),
         "select": ("budgets", "methods"),
         "fac": ("fac",),

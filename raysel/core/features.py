@@ -16,9 +16,11 @@ Each row of the store:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import posixpath
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -57,14 +59,35 @@ def activated_entries(table: pa.Table, tau: float) -> tuple[np.ndarray, np.ndarr
     return rows, feats, values
 
 
-def activation_profile(table: pa.Table, tau: float, d_sae: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per feature: the share of the table's samples activating it, and its max activation."""
-    values = pc.list_flatten(table["feat_max"]).to_numpy().astype(np.float64)
-    feats = pc.list_flatten(table["feat_ids"]).to_numpy().astype(np.int64)
-    share = np.bincount(feats[is_active(values, tau)], minlength=d_sae) / max(table.num_rows, 1)
-    peak = np.zeros(d_sae)
-    np.maximum.at(peak, feats, values)
-    return share, peak
+def activated_block(table: pa.Table, tau: float) -> pa.Table:
+    """A block of the store cut to its activated features: (id, feats: list<int32>)."""
+    rows, feats, _ = activated_entries(table, tau)
+    offsets = np.r_[0, np.cumsum(np.bincount(rows, minlength=table.num_rows))].astype(np.int32)
+    return pa.table({"id": table["id"], "feats": pa.ListArray.from_arrays(offsets, feats.astype(np.int32))})
+
+
+@dataclass
+class Profile:
+    """Per feature over a set of samples: how many activate it, and its largest max-pool."""
+
+    counts: np.ndarray
+    peak: np.ndarray
+    rows: int
+
+    @property
+    def share(self) -> np.ndarray:
+        return self.counts / max(self.rows, 1)
+
+    @classmethod
+    def of(cls, table: pa.Table, tau: float, d_sae: int) -> Profile:
+        values = pc.list_flatten(table["feat_max"]).to_numpy().astype(np.float64)
+        feats = pc.list_flatten(table["feat_ids"]).to_numpy().astype(np.int64)
+        peak = np.zeros(d_sae)
+        np.maximum.at(peak, feats, values)
+        return cls(np.bincount(feats[is_active(values, tau)], minlength=d_sae), peak, table.num_rows)
+
+    def merge(self, other: Profile) -> Profile:
+        return Profile(self.counts + other.counts, np.maximum(self.peak, other.peak), self.rows + other.rows)
 
 
 def pooled(table: pa.Table, pooling: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,6 +111,44 @@ def calibrate_tau(feat_max: np.ndarray, n_samples: int, target_active: float) ->
     if k >= feat_max.size:
         return 0.0
     return float(np.partition(feat_max, feat_max.size - k - 1)[feat_max.size - k - 1])
+
+
+# Exact order statistics of float32 values in two histogram passes, never holding the values: a
+# float32's bits, mapped so that integer order is float order, split into a high part (pass one
+# finds the bin that holds the wanted rank) and a low part (pass two finds the value inside it).
+LOW_BITS = 12
+
+
+def ordered_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> uint32 with the same order (negatives flipped whole, positives above them)."""
+    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
+    return np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31))
+
+
+def from_ordered_bits(key: int) -> float:
+    bits = np.uint32(key)
+    bits = bits & np.uint32(0x7FFFFFFF) if bits >> 31 else ~bits
+    return float(np.array([bits], np.uint32).view(np.float32)[0])
+
+
+def max_pools(table: pa.Table) -> np.ndarray:
+    return pc.list_flatten(table["feat_max"]).to_numpy()
+
+
+def high_histogram(values: np.ndarray) -> np.ndarray:
+    return np.bincount(ordered_bits(values) >> LOW_BITS, minlength=1 << (32 - LOW_BITS))
+
+
+def low_histogram(values: np.ndarray, high: int) -> np.ndarray:
+    keys = ordered_bits(values)
+    return np.bincount(keys[(keys >> LOW_BITS) == high] & ((1 << LOW_BITS) - 1), minlength=1 << LOW_BITS)
+
+
+def rank_from_top(histogram: np.ndarray, rank: int) -> tuple[int, int]:
+    """(bin holding the rank-th largest value (0-based), how many values lie in higher bins)."""
+    above = np.cumsum(histogram[::-1])
+    b = int(np.searchsorted(above, rank, side="right"))  # reversed index of the bin
+    return histogram.size - 1 - b, int(above[b - 1]) if b else 0
 
 
 def top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> pa.Table:
@@ -162,20 +223,75 @@ class FeatureStore:
         return distributed_top_k(self.dataset(), score_block, k)
 
     def activated_sets(self, tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ids, and A(x) of every sample in CSR form (indptr, indices), sorted by id."""
-        table = self.table(["id", "feat_ids", "feat_max"])
-        rows, feats, _ = activated_entries(table, tau)
-        indptr = np.r_[0, np.cumsum(np.bincount(rows, minlength=table.num_rows))]
-        return np.asarray(table["id"].to_pylist(), dtype=object), indptr, feats
+        """ids, and A(x) of every sample in CSR form (indptr, int32 indices), sorted by id. Each block
+        is cut to its activated entries on the cluster, so the driver holds the CSR and nothing more."""
+        ids, counts, feats = [], [], []
+        for block in self.blocks(functools.partial(activated_block, tau=tau), ["id", "feat_ids", "feat_max"]):
+            ids.append(block["id"])
+            counts.append(pc.list_value_length(block["feats"]).to_numpy())
+            feats.append(pc.list_flatten(block["feats"]).to_numpy())
+        if not ids:
+            return np.zeros(0, object), np.zeros(1, np.int64), np.zeros(0, np.int32)
+        ids, counts, feats = pa.chunked_array(ids), np.concatenate(counts), np.concatenate(feats)
+        order = pc.sort_indices(ids).to_numpy()
+        ids = ids.take(order).to_numpy(zero_copy_only=False)
+        starts = np.r_[0, np.cumsum(counts)[:-1]][order]
+        counts = counts[order]
+        indptr = np.r_[0, np.cumsum(counts)].astype(np.int64)
+        gather = np.repeat(starts - indptr[:-1], counts) + np.arange(indptr[-1])
+        return ids, indptr, feats[gather]
+
+    def blocks(self, fn, columns: list[str]):
+        """fn(table) -> table over every shard's blocks on the cluster, the results streamed back here."""
+        import ray
+
+        ds = ray.data.read_parquet(self.shard_paths(), filesystem=self.storage.fs).select_columns(columns)
+        yield from ds.map_batches(fn, batch_format="pyarrow", batch_size=None).iter_batches(
+            batch_format="pyarrow", batch_size=None
+        )
 
     def resolve_tau(self, tau: float, target_active: float | None) -> float:
-        """`tau`, or the one calibrated so that samples average `target_active` activated features."""
+        """`tau`, or the one calibrated so that samples average `target_active` activated features:
+        the exact value calibrate_tau finds, from two histogram passes over the store on the cluster."""
         if not target_active:
             return tau
-        table = self.table(["feat_max"])
-        tau = calibrate_tau(pc.list_flatten(table["feat_max"]).to_numpy(), table.num_rows, target_active)
+        rows, stored = self.counts()
+        rank = int(round(rows * target_active))  # tau is the (rank + 1)-th largest max-pool
+        if rank >= stored:
+            return 0.0
+        high, above = rank_from_top(self.summed(lambda t: high_histogram(max_pools(t)), ["feat_max"]), rank)
+        low_counts = self.summed(lambda t: low_histogram(max_pools(t), high), ["feat_max"])
+        low, _ = rank_from_top(low_counts, rank - above)
+        tau = from_ordered_bits((high << LOW_BITS) | low)
         log.info("activation: tau %g gives %g activated features per sample on average", tau, target_active)
         return tau
+
+    def profile(self, tau: float, d_sae: int) -> Profile:
+        """The store's Profile, one per block on the cluster, merged here."""
+
+        def block(table: pa.Table) -> pa.Table:
+            p = Profile.of(table, tau, d_sae)
+            return pa.table({"counts": [p.counts], "peak": [p.peak], "rows": [p.rows]})
+
+        total = Profile(np.zeros(d_sae, np.int64), np.zeros(d_sae), 0)
+        for part in self.blocks(block, ["feat_ids", "feat_max"]):
+            for counts, peak, rows in zip(
+                *(part[c].to_numpy(zero_copy_only=False) for c in ("counts", "peak", "rows"))
+            ):
+                total = total.merge(Profile(counts, peak, int(rows)))
+        return total
+
+    def summed(self, fn, columns: list[str]) -> np.ndarray | None:
+        """The sum over the store's blocks of fn(table) -> a 1-D int64 array, each computed on the cluster."""
+
+        def block(table: pa.Table) -> pa.Table:
+            return pa.table({"counts": pa.array([fn(table).astype(np.int64)], pa.list_(pa.int64()))})
+
+        total = None
+        for part in self.blocks(block, columns):
+            for counts in part["counts"].to_numpy(zero_copy_only=False):
+                total = counts if total is None else total + counts
+        return total
 
     def summary(self) -> dict:
         """The statistics' summary: n_samples, d_sae, tau, ..."""

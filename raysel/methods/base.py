@@ -46,6 +46,12 @@ class Pool:
     def rows_of(self, ids) -> np.ndarray:
         return np.searchsorted(self.ids, np.asarray(ids, dtype=object)) if len(ids) else np.empty(0, np.int64)
 
+    def features_of(self, rows: np.ndarray) -> np.ndarray:
+        """The activated features of these rows, one after another."""
+        counts = np.diff(self.indptr)[rows]
+        starts = self.indptr[rows] - np.r_[0, np.cumsum(counts)[:-1]]
+        return self.indices[np.repeat(starts, counts) + np.arange(counts.sum())]
+
 
 @dataclass
 class Context:

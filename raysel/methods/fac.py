@@ -25,6 +25,8 @@ FACConfig, the top-level `fac` section, defines F and the anchor for `raysel fac
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import time
 from typing import TYPE_CHECKING, Literal
@@ -36,7 +38,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from raysel.core import paths
-from raysel.core.features import FeatureStore, activation_profile, is_active
+from raysel.core.features import FeatureStore, Profile, activated_entries, is_active
 from raysel.core.section import Section
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
 from raysel.methods.igds import frequency_recall
@@ -84,27 +86,33 @@ class FACSelect(Method):
         return {"anchor": ctx.fac.anchor, "evaluated": self.cfg.evaluated}
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
-        anchored, table = ctx.side_set("anchor", ctx.fac.anchor).table(), pool.store.table()
-        have = ctx.side_set("evaluated", self.cfg.evaluated).table() if self.cfg.evaluated else table.slice(0, 0)
+        """The pool is read as blocks on the cluster: its activated sets (in `pool`), and the entries
+        of the missing features alone, so the driver never holds the store."""
+        anchor = ctx.side_set("anchor", ctx.fac.anchor).profile(ctx.tau, ctx.d_sae)
+        empty = Profile(np.zeros(ctx.d_sae, np.int64), np.zeros(ctx.d_sae), 0)
+        have = (
+            ctx.side_set("evaluated", self.cfg.evaluated).profile(ctx.tau, ctx.d_sae) if self.cfg.evaluated else empty
+        )
         features = task_feature_set(ctx)
-        before, _ = fac(anchored, have, features, ctx.tau, ctx.d_sae)
-        order, added = fac_greedy(table, np.array(before["missing"], dtype=np.int64), ctx.tau, k)
+        before, _ = fac(anchor, have, features)
+        missing = np.array(before["missing"], dtype=np.int64)
+        hits = list(pool.store.blocks(functools.partial(restricted, features=missing, tau=ctx.tau), HIT_COLUMNS))
+        hits = pa.concat_tables(hits) if hits else pa.table({c: [] for c in HIT_COLUMNS})
+        order, added = fac_greedy(hits, missing, ctx.tau, k, pool.ids)
 
-        def fac_with(ids: list[str]) -> float:
-            picked = table.filter(pc.is_in(table["id"], pa.array(ids, pa.string())))
-            return fac(anchored, pa.concat_tables([have, picked]), features, ctx.tau, ctx.d_sae)[0]["fac"]
+        def fac_with(rows: np.ndarray) -> float:
+            picked = np.bincount(pool.features_of(rows), minlength=ctx.d_sae)
+            return fac(anchor, have.merge(Profile(picked, np.zeros(ctx.d_sae), len(rows))), features)[0]["fac"]
 
-        random_ids = np.asarray(table["id"].to_pylist(), dtype=object)[
-            np.random.default_rng(ctx.seed).permutation(table.num_rows)[:k]
-        ].tolist()
+        random_rows = np.random.default_rng(ctx.seed).permutation(len(pool.ids))[:k]
         settled = {
             "fac_features": int(features.size),
             "fac_in_anchor": before["n_in_anchor"],
             "fac_missing_before": len(before["missing"]),
             "fac_before": before["fac"],
-            "fac_after": fac_with(order),
-            "fac_random_after": fac_with(random_ids),
-            "fac_pool": fac_with(table["id"].to_pylist()),
+            "fac_after": fac_with(pool.rows_of(order)),
+            "fac_random_after": fac_with(random_rows),
+            "fac_pool": fac_with(np.arange(len(pool.ids))),
         }
         log.info(
             "fac: FAC %.3f before, %.3f after %d picks (random picks: %.3f; the whole pool: %.3f)",
@@ -197,15 +205,14 @@ def fac_features(
 
 def enriched_features(anchor: pa.Table, reference: pa.Table, tau: float, d_sae: int, n: int) -> np.ndarray:
     """The n features most enriched on the anchor over the reference (positive lift only), by id."""
-    r_share, _ = activation_profile(reference, tau, d_sae)
-    enriched = frequency_recall(anchor, tau, r_share * max(reference.num_rows, 1), reference.num_rows, n)
+    r_counts = Profile.of(reference, tau, d_sae).counts
+    enriched = frequency_recall(anchor, tau, r_counts, reference.num_rows, n)
     return np.sort(enriched.filter(pc.greater(enriched["lift"], 0))["feature"].to_numpy())
 
 
-def fac(anchor: pa.Table, evaluated: pa.Table, features: np.ndarray, tau: float, d_sae: int) -> tuple[dict, pa.Table]:
+def fac(anchor: Profile, evaluated: Profile, features: np.ndarray) -> tuple[dict, pa.Table]:
     """The FAC figures, and one row per feature of F with what they rest on."""
-    a_share, a_max = activation_profile(anchor, tau, d_sae)
-    q_share, q_max = activation_profile(evaluated, tau, d_sae)
+    a_share, a_max, q_share, q_max = anchor.share, anchor.peak, evaluated.share, evaluated.peak
     in_p = a_share[features] > 0
     in_q = in_p & (q_share[features] > 0)
     fp, fq = features[in_p], features[in_q]
@@ -238,10 +245,30 @@ def fac(anchor: pa.Table, evaluated: pa.Table, features: np.ndarray, tau: float,
     return summary, table
 
 
-def fac_greedy(table: pa.Table, missing: np.ndarray, tau: float, k: int) -> tuple[list[str], list[int]]:
+HIT_COLUMNS = ["id", "feat_ids", "feat_max"]
+
+
+def restricted(table: pa.Table, features: np.ndarray, tau: float) -> pa.Table:
+    """The block's samples that activate any of `features`, holding those entries alone."""
+    rows, feats, values = activated_entries(table, tau)
+    keep = np.isin(feats, features)
+    rows, feats, values = rows[keep], feats[keep], values[keep]
+    hit, counts = np.unique(rows, return_counts=True)
+    offsets = np.r_[0, np.cumsum(counts)].astype(np.int32)
+    return pa.table({
+        "id": table["id"].take(hit),
+        "feat_ids": pa.ListArray.from_arrays(offsets, feats.astype(np.int32)),
+        "feat_max": pa.ListArray.from_arrays(offsets, values.astype(np.float32)),
+    })  # fmt: skip
+
+
+def fac_greedy(
+    table: pa.Table, missing: np.ndarray, tau: float, k: int, pool_ids: np.ndarray | None = None
+) -> tuple[list[str], list[int]]:
     """FAC-guided selection of k samples of `table`: ids in pick order, and the missing features each adds.
     Only samples activating a missing feature compete (each step costs their entries, not the pool);
-    if the budget outlasts them, the rest follow in id order, adding nothing."""
+    if the budget outlasts them, the rest of `pool_ids` (sorted; default: the table's) follow in id
+    order, adding nothing."""
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     rows = pc.list_parent_indices(table["feat_ids"]).to_numpy()
     feats = pc.list_flatten(table["feat_ids"]).to_numpy().astype(np.int64)
@@ -264,5 +291,6 @@ def fac_greedy(table: pa.Table, missing: np.ndarray, tau: float, k: int) -> tupl
         added.append(int(count[best]))
         chosen[best] = True
         covered[column[local == best]] = True
-    rest = sorted(set(ids.tolist()) - set(order))[: max(0, k - len(order))]
+    everyone, taken = sorted(ids.tolist()) if pool_ids is None else pool_ids, set(order)
+    rest = list(itertools.islice((i for i in everyone if i not in taken), max(0, k - len(order))))
     return order + rest, added + [0] * len(rest)

@@ -16,6 +16,11 @@ with the longest posting lists. Each candidate is verified against a mark
 array of A(x), stopping as soon as the answer is known. The result is exact: no
 similar pair is missed. Samples with no activated feature are never similar
 to anything.
+
+With `rare` > 0 the search is approximate, and cheap at a million samples: a kept sample is indexed
+by, and a visited one probes with, at most its `rare` rarest features (METHODS.md's inverted index
+over rare features), so a similar pair that shares none of them is missed. At low theta the exact
+prefixes cover nearly whole sets, and the popular features' postings make a pass quadratic.
 """
 
 from __future__ import annotations
@@ -36,21 +41,23 @@ class Filtered:
     passes: int  # filter passes the search ran
 
 
-def simscale(indptr: np.ndarray, indices: np.ndarray, budget: int, precision: float = 1 / 128) -> Filtered:
+def simscale(
+    indptr: np.ndarray, indices: np.ndarray, budget: int, precision: float = 1 / 128, rare: int = 0
+) -> Filtered:
     indptr = np.asarray(indptr, np.int64)
     n = len(indptr) - 1
     budget = min(budget, n)
     ranked, visit = _rarest_first(indptr, np.asarray(indices, np.int64))
     df = np.bincount(ranked, minlength=int(ranked.max()) + 1 if ranked.size else 1).astype(np.int64)
     lo, hi, passes = 0.0, 1.0, 1
-    kept = _filter(indptr, ranked, visit, 1.0, budget, df)
+    kept = _filter(indptr, ranked, visit, 1.0, budget, df, rare)
     if len(kept) < budget:  # even theta = 1 (drop only identical sets) keeps too few: keep all it keeps
         log.warning("simscale: only %d samples have distinct activated sets; budget was %d", len(kept), budget)
         return Filtered(kept, 1.0, passes)
     best = kept
     while hi - lo > precision:  # the smallest theta whose pass still reaches the budget
         mid = (lo + hi) / 2
-        kept = _filter(indptr, ranked, visit, mid, budget, df)
+        kept = _filter(indptr, ranked, visit, mid, budget, df, rare)
         passes += 1
         if len(kept) >= budget:
             hi, best = mid, kept
@@ -83,8 +90,8 @@ def _need(theta, sx, sy):
 
 
 @numba.njit(cache=True)
-def _filter(indptr, ranked, visit, theta, stop_at, df):
-    """One pass at a fixed theta; stops once `stop_at` rows are kept."""
+def _filter(indptr, ranked, visit, theta, stop_at, df, rare):
+    """One pass at a fixed theta; stops once `stop_at` rows are kept. rare > 0: prefixes of at most `rare`."""
     n, d = indptr.size - 1, df.size
     start = np.zeros(d + 1, np.int64)  # feature f's postings (kept rows' prefixes) fill rows[start[f]:fill[f]]
     for f in range(d):
@@ -104,12 +111,15 @@ def _filter(indptr, ranked, visit, theta, stop_at, df):
             mark[ranked[p]] = x
         # y was visited first, so |A(y)| >= |A(x)| and they share at least _need(sx, sx) features
         probe = sx - _need(theta, sx, sx) + 1 if sx else 0
+        probe = min(probe, rare) if rare > 0 else probe
         if _similar_to_kept(x, a, a + probe, indptr, ranked, theta, start, fill, rows, mark, seen):
             continue
         kept[n_kept] = x
         n_kept += 1
         # a later x shares at least ceil(theta |A(y)|) features with this y, whatever its size
-        for p in range(a, min(b, a + sx - int(np.ceil(theta * sx - 1e-9)) + 1)):
+        indexed = sx - int(np.ceil(theta * sx - 1e-9)) + 1
+        indexed = min(indexed, rare) if rare > 0 else indexed
+        for p in range(a, min(b, a + indexed)):
             rows[fill[ranked[p]]] = x
             fill[ranked[p]] += 1
     return kept[:n_kept]

@@ -31,9 +31,10 @@ class MeasureFAC(Stage):
     def run(self) -> dict:
         ctx, storage = self.ctx, self.storage
         anchor = ctx.side_set("anchor", ctx.fac.anchor)
-        anchored, evaluated = anchor.table(), FeatureStore(storage).table()
+        anchored = anchor.profile(ctx.tau, ctx.d_sae)
+        evaluated = FeatureStore(storage).profile(ctx.tau, ctx.d_sae)  # per block: never the whole store here
         features = task_feature_set(ctx)
-        summary, table = fac(anchored, evaluated, features, ctx.tau, ctx.d_sae)
+        summary, table = fac(anchored, evaluated, features)
         spans = anchor_spans(ctx.stack, self.top_n, anchor, summary["missing"])
         storage.remove(f"{paths.FAC}/report.json")
         storage.fs.create_dir(storage.path(paths.FAC), recursive=True)
@@ -42,8 +43,8 @@ class MeasureFAC(Stage):
         report = {
             **summary,
             "tau": ctx.tau,
-            "n_anchor": anchored.num_rows,
-            "n_evaluated": evaluated.num_rows,
+            "n_anchor": anchored.rows,
+            "n_evaluated": evaluated.rows,
             "feature_source": feature_source(ctx.fac),
             "missing_examples": {
                 str(j): [

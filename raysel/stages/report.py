@@ -13,6 +13,7 @@ without data in this run is left out, not drawn empty.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -20,13 +21,14 @@ import logging
 import posixpath
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysel.config import RunConfig
 from raysel.core import paths
-from raysel.core.features import FeatureStore, is_active
+from raysel.core.features import FeatureStore, activated_entries
 from raysel.core.storage import Storage
 from raysel.methods import METHODS
 from raysel.stages.spans import find_spans
@@ -128,18 +130,19 @@ def log_histogram(values: np.ndarray, bins: int = 30) -> dict:
 def side_by_side(storage: Storage, picked: dict[str, dict], lengths) -> dict:
     """Per method: budget, picks, coverage at its budget, mean tokens and score of its picks, and the
     share of its picks each other method also made."""
-    n_tokens = dict(zip(lengths["id"].to_pylist(), lengths["n_tokens"].to_pylist()))
     rows, ids = {}, {}
     for m, manifest in picked.items():
         table = pq.read_table(storage.path(paths.selection(m, "selected.parquet")), filesystem=storage.fs)
         ids[m] = set(table["id"].to_pylist())
         scores = [g for g in table["gain"].to_pylist() if g is not None and g == g]
-        tokens = [n_tokens[i] for i in ids[m] if i in n_tokens]
+        tokens = lengths["n_tokens"].to_numpy()[
+            pc.index_in(table["id"], value_set=lengths["id"]).drop_null().to_numpy()
+        ]
         rows[m] = {
             "budget": manifest.get("budget"),
             "selected": table.num_rows,
             "coverage": (manifest.get("coverage_at_budget") or {}).get(m),
-            "mean_tokens": round(float(np.mean(tokens)), 1) if tokens else None,
+            "mean_tokens": round(float(np.mean(tokens)), 1) if tokens.size else None,
             "mean_score": round(float(np.mean(scores)), 4) if scores else None,
         }
     for m in rows:
@@ -177,14 +180,12 @@ def selection_detail(
     """What the primary selection covers and misses, with spans, and a page of its samples."""
     selected = pq.read_table(storage.path(paths.selection(method, "selected.parquet")), filesystem=storage.fs)
     ids = selected["id"].to_pylist()
-    store = FeatureStore(storage).table(["id", "feat_ids", "feat_max"], ids=ids)
-    by_id = {
-        i: (f, v)
-        for i, f, v in zip(store["id"].to_pylist(), store["feat_ids"].to_pylist(), store["feat_max"].to_pylist())
-    }
-    hits = np.zeros(doc_freq.size, np.int64)
-    for f, v in by_id.values():
-        hits[np.asarray(f, np.int64)[is_active(np.asarray(v), tau)]] += 1
+    store = FeatureStore(storage)
+    counted = functools.partial(selected_hits, ids=selected["id"], tau=tau, d_sae=doc_freq.size)
+    hits = store.summed(counted, ["id", "feat_ids", "feat_max"])
+    hits = np.zeros(doc_freq.size, np.int64) if hits is None else hits
+    shown = store.table(["id", "feat_ids", "feat_max"], ids=ids[:page])  # the page's samples alone
+    by_id = dict(zip(shown["id"].to_pylist(), zip(shown["feat_ids"].to_pylist(), shown["feat_max"].to_pylist())))
     covered = [j for j in np.lexsort((np.arange(hits.size), -hits)) if hits[j] > 0][:n_features]
     missed = [j for j in np.lexsort((np.arange(hits.size), -doc_freq)) if doc_freq[j] > 0 and hits[j] == 0][:n_features]
     spans = find_spans(cfg.stack(), cfg.stats.top_n, storage, [int(j) for j in covered + missed])
@@ -208,7 +209,6 @@ def selection_detail(
         storage.path(paths.PREPARED), filesystem=storage.fs, filters=pc.field("id").isin(ids[:page])
     ).read(columns=["id", "text"])
     records = dict(zip(texts["id"].to_pylist(), texts["text"].to_pylist()))
-    n_tokens = dict(zip(lengths["id"].to_pylist(), lengths["n_tokens"].to_pylist()))
     samples = []
     for r in selected.slice(0, page).to_pylist():
         f, v = by_id.get(r["id"], ([], []))
@@ -223,7 +223,14 @@ def selection_detail(
                 "text": records.get(r["id"], "")[:400],
             }
         )
-    return {"features": features, "samples": samples, "selected_tokens": [n_tokens[i] for i in ids if i in n_tokens]}
+    rows = pc.index_in(selected["id"], value_set=lengths["id"]).drop_null().to_numpy()
+    return {"features": features, "samples": samples, "selected_tokens": lengths["n_tokens"].to_numpy()[rows]}
+
+
+def selected_hits(table: pa.Table, ids: pa.Array, tau: float, d_sae: int) -> np.ndarray:
+    """Per feature, how many of the block's samples among `ids` activate it."""
+    _, feats, _ = activated_entries(table.filter(pc.is_in(table["id"], value_set=ids)), tau)
+    return np.bincount(feats, minlength=d_sae)
 
 
 def figure(draw, title: str) -> str:

@@ -15,6 +15,7 @@ import logging
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -30,28 +31,30 @@ from raysel.stages.publish import write_selection
 log = logging.getLogger(__name__)
 
 
-# The driver's peak while it reads the pool, measured on a synthetic store at the default encode's
-# density: 6.2 GB for 300,000 rows of about 670 stored features each (Arrow columns, then numpy).
-BYTES_PER_STORED_FEATURE = 32
-BYTES_PER_ROW = 200
+# The driver holds the pool's activated sets as one CSR, read block by block from the cluster, and
+# the methods' working copies of it; per activated (sample, feature) pair and per sample, measured by
+# benchmarks/select_stage.py at 1M samples (see README).
+BYTES_PER_ACTIVATED = 24
+BYTES_PER_ROW = 400
 
 
-def check_driver_memory(store: FeatureStore, available: int | None = None) -> dict:
-    """Refuse, before reading it, a pool the driver cannot hold: an estimate from the store's footers
-    against the memory free on this machine."""
+def check_driver_memory(stats: dict, available: int | None = None) -> dict:
+    """Refuse, before reading it, a pool the driver cannot hold: an estimate from the statistics'
+    counts against the memory free on this machine."""
     import psutil
 
-    rows, stored = store.counts()
-    need = BYTES_PER_STORED_FEATURE * stored + BYTES_PER_ROW * rows
+    rows = stats["n_samples"]
+    activated = stats.get("n_activated", round(stats["mean_features_per_sample"] * rows))
+    need = BYTES_PER_ACTIVATED * activated + BYTES_PER_ROW * rows
     available = psutil.virtual_memory().available if available is None else available
-    found = {"rows": rows, "stored_features": stored, "driver_gb": round(need / 2**30, 2),
+    found = {"rows": rows, "activated": activated, "driver_gb": round(need / 2**30, 2),
              "available_gb": round(available / 2**30, 2)}  # fmt: skip
     if need > available:
         raise MemoryError(
-            f"select: the pool ({rows:,} rows, {stored:,} stored features) needs about {found['driver_gb']} GB "
-            f"on the driver and this machine has {found['available_gb']} GB free. Store fewer features a row "
-            f"with encode.top_m (64 keeps what selection reads above a calibrated tau; re-encodes), run the "
-            f"driver on a larger head node, or set select.memory_check: false to try anyway"
+            f"select: the pool ({rows:,} samples, {activated:,} activated features at tau {stats['tau']:g}) needs "
+            f"about {found['driver_gb']} GB on the driver and this machine has {found['available_gb']} GB free. "
+            f"Activate fewer features a sample (a lower activation.target_active, or a higher activation.tau), "
+            f"run the driver on a larger head node, or set select.memory_check: false to try anyway"
         )
     return found
 
@@ -84,15 +87,19 @@ class Select(Stage):
 
     def run(self) -> dict:
         start, ctx = time.time(), self.ctx
-        memory = check_driver_memory(FeatureStore(self.storage)) if self.select.memory_check else None
-        pool = read_pool(FeatureStore(self.storage), ctx.tau)
+        store = FeatureStore(self.storage)
+        memory = check_driver_memory(store.summary()) if self.select.memory_check else None
+        pool = read_pool(store, ctx.tau)
         n, indices = len(pool.ids), pool.indices
         budgets = {m.name: resolve_budget(m.cfg.budget or self.select.budget, n) for m in self.methods}
         log.info("select: %d samples, %d activated features, %.1f per sample (tau %g), budgets %s", n,
                  np.unique(indices).size, indices.size / max(n, 1), ctx.tau, budgets)  # fmt: skip
-        picks = {}
+        picks, seconds = {}, {}
         for method in self.methods:
+            began = time.time()
             chosen = method.pick(pool, budgets[method.name], ctx)
+            seconds[method.name] = round(time.time() - began, 2)
+            log.info("select: %s picked %d in %.1fs", method.name, len(chosen.ids), seconds[method.name])
             order = pool.rows_of(chosen.ids)
             picks[method.name] = (order, chosen, *coverage_curve(order, pool.indptr, indices))
         baselines = {str(k): baseline_coverage(pool, k, ctx) for k in set(budgets.values())}
@@ -112,6 +119,7 @@ class Select(Stage):
             "methods": {m: at_budget[m][m] for m in budgets},
             "baselines": baselines,
             "driver_memory": memory,
+            "seconds_by_method": seconds,
             "seconds": round(time.time() - start, 2),
         }
         log.info("select: coverage %s against the baselines %s in %.1fs", summary["methods"], baselines,
@@ -134,9 +142,8 @@ def read_pool(store: FeatureStore, tau: float) -> Pool:
     prepared = pq.read_table(
         store.storage.path(paths.PREPARED), columns=["id", "n_response_tokens"], filesystem=store.storage.fs
     )
-    by_id = {i: n for n, i in enumerate(prepared["id"].to_pylist())}
-    response_tokens = prepared["n_response_tokens"].to_numpy()[np.array([by_id[i] for i in ids], dtype=np.int64)]
-    return Pool(ids, indptr, indices, response_tokens, store)
+    rows = pc.index_in(pa.array(ids, pa.string()), value_set=prepared["id"]).to_numpy()
+    return Pool(ids, indptr, indices, prepared["n_response_tokens"].to_numpy()[rows], store)
 
 
 def coverage_curve(order: np.ndarray, indptr, indices, points: int = 20) -> tuple[np.ndarray, list[dict]]:

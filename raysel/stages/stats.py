@@ -24,8 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from raysel.config import ActivationConfig
 from raysel.core import paths
-from raysel.core.features import FeatureStore, is_active
+from raysel.core.features import FeatureStore, is_active, ordered_bits
 from raysel.core.storage import Storage
 from raysel.stages.base import Stage
 
@@ -87,8 +88,9 @@ def block_stats(table: pa.Table, d_sae: int, tau: float, top_n: int) -> FeatureS
     active = is_active(maxes, tau)
     peak = np.zeros(d_sae)
     np.maximum.at(peak, feats, maxes)
-    ids = np.asarray(table["id"].to_pylist(), dtype=object)[rows]
-    top = top_per_feature(feats, ids, maxes.astype(np.float32), top_n)
+    near = near_top(feats, maxes.astype(np.float32), top_n)
+    ids = np.asarray(table["id"].to_pylist(), dtype=object)[rows[near]]
+    top = top_per_feature(feats[near], ids, maxes[near].astype(np.float32), top_n)
     return FeatureStats(
         doc_freq=np.bincount(feats[active], minlength=d_sae),
         mass=np.bincount(feats, weights=sums, minlength=d_sae),
@@ -99,6 +101,20 @@ def block_stats(table: pa.Table, d_sae: int, tau: float, top_n: int) -> FeatureS
         top_values=top[2],
         n_samples=table.num_rows,
     )
+
+
+def near_top(feat: np.ndarray, values: np.ndarray, top_n: int) -> np.ndarray:
+    """A mask that holds every feature's top_n entries and few others, so the exact sort below runs on
+    those alone: values fall into eighth-of-an-octave bins counted per feature, and an entry is kept
+    when its bin is at or above the one where its feature's count from the top reaches top_n."""
+    if not feat.size:
+        return np.zeros(0, bool)
+    key = (ordered_bits(values) >> 20).astype(np.int64)
+    down = np.minimum(key.max() - key, 255)  # bins down from the block's highest value
+    counts = np.bincount(feat * 256 + down, minlength=(int(feat.max()) + 1) * 256).reshape(-1, 256)
+    reached = np.cumsum(counts, axis=1) >= top_n
+    cut = np.where(reached.any(axis=1), reached.argmax(axis=1), 255)
+    return down <= cut[feat]
 
 
 def top_per_feature(feat: np.ndarray, ids: np.ndarray, values: np.ndarray, top_n: int):
@@ -156,6 +172,25 @@ def observed_width(ds: ray.data.Dataset) -> int:
     return max(widths.to_pandas()["w"], default=0)
 
 
+class Calibrate(Stage):
+    """The run's tau: activation.tau, or calibrated on the store so that samples average
+    activation.target_active activated features. Committed, so a re-run does not read the store again."""
+
+    name = "tau"
+    needs = ("encode",)
+
+    def __init__(self, storage: Storage, encoded: dict, activation: ActivationConfig):
+        self.storage, self.encoded, self.activation = storage, encoded, activation
+
+    def key(self) -> dict:
+        return {"encode_fingerprint": self.encoded["fingerprint"], **self.activation.model_dump(mode="json")}
+
+    def run(self) -> dict:
+        start = time.time()
+        tau = FeatureStore(self.storage).resolve_tau(self.activation.tau, self.activation.target_active)
+        return {"tau": tau, "seconds": round(time.time() - start, 2)}
+
+
 class Stats(Stage):
     """The reduce over the store at the run's tau; its key is the store's encode fingerprint, tau and top_n."""
 
@@ -181,6 +216,7 @@ class Stats(Stage):
             "tau": self.tau,
             "top_n": self.top_n,
             "n_features_active": int((stats.doc_freq > 0).sum()),
+            "n_activated": int(stats.doc_freq.sum()),  # (sample, feature) pairs above tau: the pool's size in select
             "mean_features_per_sample": round(float(stats.doc_freq.sum()) / max(stats.n_samples, 1), 2),
             "seconds": round(time.time() - start, 2),
         }

@@ -35,7 +35,7 @@ import ray
 from raysel.config import ModelStack, SynthConfig
 from raysel.core import paths
 from raysel.core.encoder import Encoder
-from raysel.core.features import FeatureStore
+from raysel.core.features import FeatureStore, Profile
 from raysel.core.models import ChatModel, generator_config, model_source
 from raysel.core.ray_adapter import log_to_driver, map_stage, model_resources
 from raysel.core.records import chat_template_for
@@ -375,12 +375,10 @@ class Synthesize(Stage):
         missing = sorted(self.before["missing"], key=lambda j: (-share[j], j))  # the most common on the anchor first
         candidates, no_signal = synthesize(ctx.stack, synth, missing, spans, delta, judged_labels(storage))
         kept = candidates.filter(candidates["kept"])
-        anchored = ctx.side_set("anchor", ctx.fac.anchor).table()
+        anchored = ctx.side_set("anchor", ctx.fac.anchor).profile(tau, ctx.d_sae)
         features = table["feature"].to_numpy()
-        d_sae = ctx.d_sae
-        evaluated = FeatureStore(storage).table()
-        grown = pa.concat_tables([evaluated, kept.select(evaluated.column_names).cast(evaluated.schema)])
-        after, _ = fac(anchored, grown, features, tau, d_sae)
+        grown = FeatureStore(storage).profile(tau, ctx.d_sae).merge(Profile.of(kept, tau, ctx.d_sae))
+        after, _ = fac(anchored, grown, features)
         storage.fs.create_dir(storage.path(paths.SYNTHESIS), recursive=True)
         pq.write_table(
             candidates.drop_columns(["feat_ids", "feat_max", "feat_sum", "n_tokens"]),

@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysel.config import RunConfig
+from raysel.core.features import Profile
 from raysel.methods.fac import fac, fac_greedy
 from raysel.pipeline import run
 from tests.conftest import DEMO, fac_reference, store_table, write_jsonl
@@ -21,7 +22,7 @@ def test_fac_and_missing_features_on_a_hand_built_store():
     anchor = store_table(rows({1: 2.0, 2: 1.0}, {1: 3.0, 3: 4.0}, {5: 2.0, 6: 0.5}))
     evaluated = store_table(rows({1: 1.0, 3: 0.2}, {3: 5.0, 6: 3.0}, {2: 0.5}))
     features = np.array([1, 2, 3, 4, 5, 6])
-    summary, table = fac(anchor, evaluated, features, tau=0.6, d_sae=8)
+    summary, table = fac(Profile.of(anchor, 0.6, 8), Profile.of(evaluated, 0.6, 8), features)
     # above tau 0.6 the anchor activates 1, 2, 3, 5 (6 only at 0.5): F(P) = {1, 2, 3, 5}; 4 never fires.
     # Q activates 1, 3, 6 (2 only at 0.5, 3 at 5.0): F(Q) = {1, 3}
     assert summary["n_in_anchor"] == 4 and summary["n_covered"] == 2 and summary["fac"] == 0.5
@@ -47,8 +48,8 @@ def test_fac_of_a_superset_is_at_least_that_of_its_subset(seed):
     anchor, pool = store_table(random_rows(20)), random_rows(30)
     features = np.arange(40)
     small, big = store_table(pool[:10]), store_table(pool)
-    s_small, _ = fac(anchor, small, features, 0.5, 40)
-    s_big, _ = fac(anchor, big, features, 0.5, 40)
+    s_small, _ = fac(Profile.of(anchor, 0.5, 40), Profile.of(small, 0.5, 40), features)
+    s_big, _ = fac(Profile.of(anchor, 0.5, 40), Profile.of(big, 0.5, 40), features)
     for key in ("fac", "fac_frequency", "fac_magnitude"):
         assert s_big[key] >= s_small[key]
     assert set(s_big["missing"]) <= set(s_small["missing"])

@@ -212,16 +212,17 @@ def test_a_targets_file_edited_in_place_redoes_the_selection(selected_run, tmp_p
     assert len(again) == 5 and again != picked
 
 
-def test_the_memory_check_counts_the_store_from_its_footers_and_refuses_a_pool_too_big(selected_run):
+def test_the_memory_check_counts_the_activated_pool_and_refuses_one_too_big(selected_run):
     """Without it a million-row select dies of OOM on the head, hours after the encode, saying nothing."""
     from raysel.stages.select import check_driver_memory
 
     root, manifest, _ = selected_run
     store = FeatureStore(Storage(str(root), RunConfig.model_validate(manifest["config"]).s3))
-    table = store.table(["id", "feat_ids"])
-    stored = sum(len(f) for f in table["feat_ids"].to_pylist())
-    found = check_driver_memory(store, available=2**40)
-    assert (found["rows"], found["stored_features"]) == (60, stored) and stored > 60
-    assert manifest["stages"]["select"]["driver_memory"]["stored_features"] == stored
-    with pytest.raises(MemoryError, match="encode.top_m.*select.memory_check: false"):
-        check_driver_memory(store, available=32 * stored)  # less than the pool's estimate
+    table = store.table(["id", "feat_max"])
+    tau = manifest["stages"]["stats"]["tau"]
+    activated = sum(sum(v > tau for v in row) for row in table["feat_max"].to_pylist())
+    found = check_driver_memory(store.summary(), available=2**40)
+    assert (found["rows"], found["activated"]) == (60, activated) and activated > 60
+    assert manifest["stages"]["select"]["driver_memory"]["activated"] == activated
+    with pytest.raises(MemoryError, match="activation.target_active.*select.memory_check: false"):
+        check_driver_memory(store.summary(), available=24 * activated)  # less than the pool's estimate

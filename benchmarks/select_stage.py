@@ -1,0 +1,320 @@
+"""The select stage at scale: `raysel run` on a feature store of --rows samples, through the CLI's
+own entry point on a real local Ray cluster, prepare and encode already committed.
+
+The store is synthetic and written in the real on-disk layout: an input JSONL, prepared/ shards
+with token counts and records, features/ shards with their markers, and the prepare marker, each
+under the fingerprints the real stages compute (so `raysel run` skips prepare and encode by its
+own rules and runs tau, stats, select and the report for real). Its density is the one the default
+encode writes, every positive max-pooled feature stored: each row holds feature j with probability
+min(0.9, c / rank_j) (Zipf popularity over d_sae = 16,384, ids shuffled), times a per-row factor
+that grows with its length, c set so a row stores about --stored (1,000) features; max-pools are a
+per-feature scale times a lognormal tail, sum-pools a multiple of them. tau is calibrated to
+--active (64) activated features a row, as the default config calibrates it. The texts and records
+cycle through the bundled demo corpus (the report's spans read them). The model is the embedded
+default; the SAE is a TopK SAE of the model's width with d_sae 16,384 and random weights (the
+store never came from it; the report's spans and the side sets run it).
+
+Measured, side by side in the one run: seconds per stage and per method, the driver's peak RSS
+(its own getrusage), the peak summed RSS of the Ray worker processes (sampled every 0.2 s), and,
+with --side, MONA and FAC-select against 16 synthetic targets / anchors in a second select on
+the same store. With --thin, every row stores only its 64 largest (as encode.top_m: 64 writes).
+
+    python benchmarks/select_stage.py --rows 1000000           # the 1M target (store build ~5 min)
+    python benchmarks/select_stage.py --rows 20000 --side      # a few minutes
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# benchmarks/select.py shadows the stdlib's `select` for scripts run from this folder
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+D_SAE = 16_384
+ROWS_PER_FILE = 8192
+
+
+def bench_config(root: Path, args, methods: list, extra: dict | None = None) -> dict:
+    return {
+        "input": {"paths": [str(root / "input.jsonl")], "fields": {"id": "id"}},
+        "prepare": {"max_tokens": 256, "rows_per_file": ROWS_PER_FILE},
+        "model": {"name": "embedded:smollm2-135m-instruct", "dtype": "float32"},
+        "sae": {"path": str(root.parent / f"{root.name}-sae")},
+        "encode": {"top_m": 64 if args.thin else None},
+        "activation": {"target_active": args.active},
+        "select": {"methods": methods, "budget": 0.1},
+        "output": {"root": str(root / "run")},
+    } | (extra or {})
+
+
+def popularity(seed: int, stored: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature: the chance a row stores it (Zipf over shuffled ids, scaled to `stored` a row), its scale."""
+    rng = np.random.default_rng(seed)
+    rank = rng.permutation(D_SAE) + 1.0
+    lo, hi = 0.0, float(D_SAE)
+    for _ in range(60):  # c such that sum(min(0.9, c / rank)) == stored
+        c = (lo + hi) / 2
+        lo, hi = (c, hi) if np.minimum(0.9, c / rank).sum() < stored else (lo, c)
+    return np.minimum(0.9, c / rank), rng.lognormal(0.0, 0.5, D_SAE)
+
+
+def write_shard(task: tuple) -> tuple[str, int, int]:
+    """One prepared shard and its feature shard: rows [start, stop)."""
+    root, shard, start, stop, stored, thin, seed = task
+    rng = np.random.default_rng([seed, shard])
+    p, scale = popularity(seed, stored)
+    demo = DEMO_ROWS
+    n = stop - start
+    n_tokens = np.clip(rng.lognormal(5.0, 0.6, n), 16, 256).astype(np.int32)
+    length = (n_tokens / n_tokens.mean()) ** 0.3  # longer samples store more features
+    rows, feats = np.nonzero(rng.random((n, D_SAE), dtype=np.float32) < p[None, :] * length[:, None])
+    vmax = (scale[feats] * rng.lognormal(0.0, 0.75, feats.size)).astype(np.float32)
+    vsum = (vmax * (1.0 + rng.exponential(4.0, feats.size))).astype(np.float32)
+    if thin:  # the 64 largest of each row, as encode.top_m keeps them, in ascending feature order
+        order = np.lexsort((-vmax, rows))
+        rank = np.arange(rows.size) - np.repeat(np.r_[0, np.cumsum(np.bincount(rows, minlength=n))[:-1]],
+                                                np.bincount(rows, minlength=n))  # fmt: skip
+        keep = np.sort(order[rank < 64])
+        rows, feats, vmax, vsum = rows[keep], feats[keep], vmax[keep], vsum[keep]
+    offsets = pa.array(np.r_[0, np.cumsum(np.bincount(rows, minlength=n))].astype(np.int32))
+    ids = [f"s{i:08d}" for i in range(start, stop)]
+    name = f"part-{shard:05d}.parquet"
+    from raysel.core.features import FEATURE_SCHEMA
+    from raysel.stages.prepare import PREPARED_SCHEMA
+
+    features = pa.table(
+        {
+            "id": ids,
+            "n_tokens": pa.array(n_tokens),
+            "feat_ids": pa.ListArray.from_arrays(offsets, pa.array(feats.astype(np.int32))),
+            "feat_max": pa.ListArray.from_arrays(offsets, pa.array(vmax)),
+            "feat_sum": pa.ListArray.from_arrays(offsets, pa.array(vsum)),
+        },
+        schema=FEATURE_SCHEMA,
+    )
+    pq.write_table(features, root / "run" / "features" / name)
+    records = [demo[i % len(demo)] | {"id": ids[k]} for k, i in enumerate(range(start, stop))]
+    texts = [f"user: {r.get('instruction', '')}\nassistant: {r.get('output', '')}" for r in records]
+    prepared = pa.table(
+        {
+            "id": ids,
+            "shape": ["alpaca"] * n,
+            "messages": pa.nulls(n, PREPARED_SCHEMA.field("messages").type),
+            "text": texts,
+            "n_tokens": n_tokens,
+            "n_tokens_full": n_tokens,
+            "truncated": np.zeros(n, bool),
+            "n_response_tokens": (n_tokens * 0.6).astype(np.int32),
+            "content_hash": [f"h{i:08d}" for i in range(start, stop)],
+            "source": [str(root / "input.jsonl")] * n,
+            "row": np.arange(start, stop, dtype=np.int64),
+            "record": [json.dumps(r, ensure_ascii=False) for r in records],
+        },
+        schema=PREPARED_SCHEMA,
+    )
+    pq.write_table(prepared, root / "run" / "prepared" / name)
+    return name, n, int(n_tokens.sum())
+
+
+def load_demo() -> list[dict]:
+    from raysel.core.paths import demo_data
+
+    return [json.loads(line) for line in Path(demo_data()).read_text().splitlines()]
+
+
+DEMO_ROWS = load_demo()
+
+
+def save_sae(path: Path) -> None:
+    """A TopK SAE of the default model's width and layer, d_sae 16,384, random weights, as sae-lens saves it."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from raysel.config import RunConfig
+
+    layer = RunConfig().train_sae.layer
+    cfg = TopKSAEConfig(d_in=576, d_sae=D_SAE, k=64, metadata=SAEMetadata(hook_name=f"model.layers.{layer}"))
+    TopKSAE(cfg).save_inference_model(str(path))
+
+
+def build_store(root: Path, args) -> dict:
+    """The store, once per (rows, stored, thin, seed); a finished one is reused."""
+    params = {"rows": args.rows, "stored": args.stored, "thin": args.thin, "seed": args.seed, "version": 1}
+    if (root / "store.json").exists() and json.loads((root / "store.json").read_text()) == params:
+        return params
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+    for sub in ("run/features/_done", "run/prepared", "run/stages"):
+        (root / sub).mkdir(parents=True)
+    save_sae(root.parent / f"{root.name}-sae")
+    start = time.time()
+    with open(root / "input.jsonl", "w") as f:
+        for i in range(args.rows):
+            f.write(json.dumps(DEMO_ROWS[i % len(DEMO_ROWS)] | {"id": f"s{i:08d}"}, ensure_ascii=False) + "\n")
+    tasks = [
+        (root, s, lo, min(lo + ROWS_PER_FILE, args.rows), args.stored, args.thin, args.seed)
+        for s, lo in enumerate(range(0, args.rows, ROWS_PER_FILE))
+    ]
+    with mp.get_context("spawn").Pool(os.cpu_count()) as pool:
+        shards = pool.map(write_shard, tasks)
+    commit_markers(root, args, shards)
+    (root / "store.json").write_text(json.dumps(params))
+    print(f"store: {args.rows:,} rows in {len(shards)} shards, built in {time.time() - start:.0f} s", flush=True)
+    return params
+
+
+def commit_markers(root: Path, args, shards: list) -> None:
+    """The prepare marker and the shard markers, under the keys the real stages compute."""
+    from raysel.config import RunConfig
+    from raysel.core import paths
+    from raysel.core.storage import Storage
+    from raysel.stages.encode import Encode
+    from raysel.stages.prepare import Prepare
+
+    cfg = RunConfig.model_validate(bench_config(root, args, ["coverage"]))
+    storage = Storage(cfg.output.root, cfg.s3)
+    prepare = Prepare(cfg.input, cfg.prepare, cfg.model, cfg.s3, storage)
+    summary = {"n_input": args.rows, "n_blank_lines": 0, "n_valid": args.rows, "n_rejected": 0,
+               "rejected_by_reason": {}, "fingerprint": prepare.fingerprint, "seconds": None,
+               "files": [f.path for f in prepare.files]}  # fmt: skip
+    storage.write_json(paths.marker("prepare"), {**summary, "key": prepare.key()})
+    encode = Encode(cfg.stack(), storage, summary)
+    for name, rows, tokens in shards:
+        storage.write_json(paths.shard_marker(name), {"rows": rows, "tokens": tokens, "seconds": 0.0,
+                                                      "key": {"fingerprint": encode.fingerprint}})  # fmt: skip
+
+
+def cli_run(config: dict, root: Path, name: str) -> dict:
+    """`raysel run` through raysel.cli.main in a child, its own peak RSS and its Ray workers' sampled."""
+    import yaml
+
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code = (
+        "import json, resource, sys\nfrom raysel.cli import main\n"
+        f"rc = main(['run', {str(path)!r}])\n"
+        "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\nsys.exit(rc)"
+    )
+    start = time.time()
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    workers = WorkerSampler(child.pid)
+    out, _ = child.communicate()
+    workers.stop()
+    if child.returncode:
+        raise SystemExit(f"raysel run ({name}) failed with {child.returncode}")
+    peak = next(int(line.split()[1]) for line in out.splitlines() if line.startswith("PEAK_RSS_KB"))
+    manifest = json.loads((Path(config["output"]["root"]) / "manifest.json").read_text())
+    return {"seconds": time.time() - start, "driver_peak_rss_gb": peak / 1e6,
+            "workers_peak_rss_gb": workers.peak / 1e9, "manifest": manifest}  # fmt: skip
+
+
+class WorkerSampler:
+    """The peak, over time, of the summed RSS of a process's Ray workers."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self.done = pid, 0, threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        while not self.done.wait(0.2):
+            try:
+                procs = psutil.Process(self.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            total = 0
+            for p in procs:
+                try:
+                    if p.name().startswith("ray::") or "default_worker" in " ".join(p.cmdline()):
+                        total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def stored_per_row(root: Path) -> float:
+    from raysel.config import RunConfig
+    from raysel.core.features import FeatureStore
+    from raysel.core.storage import Storage
+
+    rows, stored = FeatureStore(Storage(str(root / "run"), RunConfig().s3)).counts()
+    return stored / rows
+
+
+def side_sets(root: Path) -> dict:
+    """16 targets and 16 anchors from the demo corpus (math, then code), for MONA and FAC-select."""
+    written = {}
+    for name, category in (("targets", "math"), ("anchor", "code")):
+        rows = [r for r in DEMO_ROWS if r.get("category") == category][:16]
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        written[name] = str(root / f"{name}.jsonl")
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--stored", type=float, default=1000.0, help="stored features a row, on average")
+    parser.add_argument("--active", type=float, default=64.0, help="activation.target_active")
+    parser.add_argument("--thin", action="store_true", help="store each row's 64 largest only (encode.top_m: 64)")
+    parser.add_argument("--side", action="store_true", help="also MONA and FAC-select, in a second select")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/select_stage"))
+    args = parser.parse_args()
+    root = (args.out / f"{args.rows}{'-thin' if args.thin else ''}").resolve()
+    build_store(root, args)
+    for stale in ("stages/tau.json", "stages/stats.json", "stages/select.json", "manifest.json"):
+        (root / "run" / stale).unlink(missing_ok=True)
+    main_run = cli_run(bench_config(root, args, ["coverage", "simscale", "random", "longest"]), root, "select")
+    stages = main_run["manifest"]["stages"]
+    result = {
+        "rows": args.rows,
+        "stored_per_row": round(stored_per_row(root), 1),
+        "activated_per_row": stages["stats"]["mean_features_per_sample"],
+        "thin": args.thin,
+        "seconds_total": round(main_run["seconds"], 1),
+        "seconds_by_stage": {s: stages[s].get("seconds") for s in ("tau", "stats", "select") if s in stages},
+        "seconds_by_method": stages["select"]["seconds_by_method"],
+        "simscale_s": stages["select"]["seconds_by_method"]["simscale"],
+        "driver_peak_rss_gb": round(main_run["driver_peak_rss_gb"], 2),
+        "workers_peak_rss_gb": round(main_run["workers_peak_rss_gb"], 2),
+        "coverage": stages["select"]["methods"],
+        "cores": os.cpu_count(),
+    }
+    if args.side:
+        (root / "run" / "stages" / "select.json").unlink(missing_ok=True)
+        side = side_sets(root)
+        methods = [{"name": "mona", "targets": [side["targets"]]}, "fac"]
+        extra = {"fac": {"anchor": [side["anchor"]], "features": list(range(0, D_SAE, 331))}}
+        second = cli_run(bench_config(root, args, methods, extra), root, "side")
+        result["side_seconds_by_method"] = second["manifest"]["stages"]["select"]["seconds_by_method"]
+        result["side_driver_peak_rss_gb"] = round(second["driver_peak_rss_gb"], 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
+    sys.exit(main())
