@@ -1,10 +1,11 @@
-"""The select stage at scale: `raysel run` on a feature store of --rows samples, through the CLI's
-own entry point on a real local Ray cluster, prepare and encode already committed.
+"""The select stage at scale: `raysel select`, then `raysel report`, on a feature store of --rows
+samples, through the CLI's own entry point on a real local Ray cluster, prepare and encode already
+committed.
 
 The store is synthetic and written in the real on-disk layout: an input JSONL, prepared/ shards
 with token counts and records, features/ shards with their markers, and the prepare marker, each
-under the fingerprints the real stages compute (so `raysel run` skips prepare and encode by its
-own rules and runs tau, stats, select and the report for real). Its density is the one the default
+under the fingerprints the real stages compute (so `raysel select` skips prepare and encode by its
+own rules and runs tau, stats and select for real; the report follows as its own command). Its density is the one the default
 encode writes, every positive max-pooled feature stored: each row holds feature j with probability
 min(0.9, c / rank_j) (Zipf popularity over d_sae = 16,384, ids shuffled), times a per-row factor
 that grows with its length, c set so a row stores about --stored (1,000) features; max-pools are a
@@ -46,6 +47,8 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+
+from raysel.methods.simscale import SimScaleConfig  # noqa: E402
 
 D_SAE = 16_384
 ROWS_PER_FILE = 8192
@@ -147,11 +150,18 @@ def save_sae(path: Path) -> None:
     from sae_lens import TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    from raysel.config import RunConfig
+    from raysel.config import TrainSAEConfig
 
-    layer = RunConfig().train_sae.layer
+    layer = TrainSAEConfig().layer
+    import torch
+
+    torch.manual_seed(0)
     cfg = TopKSAEConfig(d_in=576, d_sae=D_SAE, k=64, metadata=SAEMetadata(hook_name=f"model.layers.{layer}"))
-    TopKSAE(cfg).save_inference_model(str(path))
+    sae = TopKSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 576**-0.5)
+        sae.W_dec.copy_(sae.W_enc.T)
+    sae.save_model(path)
 
 
 def build_store(root: Path, args) -> dict:
@@ -196,21 +206,17 @@ def commit_markers(root: Path, args, shards: list) -> None:
                "rejected_by_reason": {}, "fingerprint": prepare.fingerprint, "seconds": None,
                "files": [f.path for f in prepare.files]}  # fmt: skip
     storage.write_json(paths.marker("prepare"), {**summary, "key": prepare.key()})
-    encode = Encode(cfg.stack(), storage, summary)
+    encode = Encode(cfg.stack(), storage, summary, has_gpus=False)  # as the run computes it on this CPU box
     for name, rows, tokens in shards:
         storage.write_json(paths.shard_marker(name), {"rows": rows, "tokens": tokens, "seconds": 0.0,
                                                       "key": {"fingerprint": encode.fingerprint}})  # fmt: skip
 
 
-def cli_run(config: dict, root: Path, name: str) -> dict:
-    """`raysel run` through raysel.cli.main in a child, its own peak RSS and its Ray workers' sampled."""
-    import yaml
-
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
+def cli(argv: list[str]) -> dict:
+    """raysel.cli.main(argv) in a child: its seconds, its own peak RSS, and its Ray workers' (sampled)."""
     code = (
-        "import json, resource, sys\nfrom raysel.cli import main\n"
-        f"rc = main(['run', {str(path)!r}])\n"
+        "import resource, sys\nfrom raysel.cli import main\n"
+        f"rc = main({argv!r})\n"
         "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\nsys.exit(rc)"
     )
     start = time.time()
@@ -219,11 +225,19 @@ def cli_run(config: dict, root: Path, name: str) -> dict:
     out, _ = child.communicate()
     workers.stop()
     if child.returncode:
-        raise SystemExit(f"raysel run ({name}) failed with {child.returncode}")
+        raise SystemExit(f"raysel {' '.join(argv)} failed with {child.returncode}")
     peak = next(int(line.split()[1]) for line in out.splitlines() if line.startswith("PEAK_RSS_KB"))
-    manifest = json.loads((Path(config["output"]["root"]) / "manifest.json").read_text())
-    return {"seconds": time.time() - start, "driver_peak_rss_gb": peak / 1e6,
-            "workers_peak_rss_gb": workers.peak / 1e9, "manifest": manifest}  # fmt: skip
+    return {"seconds": time.time() - start, "driver_peak_rss_gb": peak / 1e6, "workers_peak_rss_gb": workers.peak / 1e9}
+
+
+def select(config: dict, root: Path, name: str) -> dict:
+    """`raysel select CONFIG`, and the manifest it wrote."""
+    import yaml
+
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    measured = cli(["select", str(path)])
+    return measured | {"manifest": json.loads((Path(config["output"]["root"]) / "manifest.json").read_text())}
 
 
 class WorkerSampler:
@@ -255,12 +269,52 @@ class WorkerSampler:
 
 
 def stored_per_row(root: Path) -> float:
-    from raysel.config import RunConfig
+    from raysel.config import S3Config
     from raysel.core.features import FeatureStore
     from raysel.core.storage import Storage
 
-    rows, stored = FeatureStore(Storage(str(root / "run"), RunConfig().s3)).counts()
+    rows, stored = FeatureStore(Storage(str(root / "run"), S3Config())).counts()
     return stored / rows
+
+
+def simscale_vs_exact(root: Path, tau: float, rows: int, rare: int) -> dict:
+    """SimScale's rare-feature index against exact, on the store's first `rows` samples at the run's tau
+    (budget 10 %): kept counts, seconds, and the mean pairwise Jaccard of the kept sets (random's too)."""
+    import scipy.sparse as sp
+
+    from raysel.core.features import activated_entries
+    from raysel.methods.simscale_kernel import simscale
+
+    tables, n = [], 0
+    for path in sorted((root / "run" / "features").glob("*.parquet")):
+        if n >= rows:
+            break
+        tables.append(pq.read_table(path, columns=["feat_ids", "feat_max"]))
+        n += tables[-1].num_rows
+    table = pa.concat_tables(tables).slice(0, rows)
+    r, feats, _ = activated_entries(table, tau)
+    indptr = np.r_[0, np.cumsum(np.bincount(r, minlength=table.num_rows))]
+    x = sp.csr_matrix((np.ones(feats.size, np.float32), feats, indptr), shape=(table.num_rows, D_SAE))
+    budget = table.num_rows // 10
+
+    def mean_jaccard(kept: np.ndarray) -> float:
+        sub = x[kept]
+        shared = (sub @ sub.T).toarray()
+        size = np.diff(sub.indptr).astype(np.float32)
+        jaccard = shared / np.maximum(size[:, None] + size[None, :] - shared, 1)
+        return float(jaccard[np.triu_indices(len(kept), 1)].mean())
+
+    simscale(indptr[:101], feats[: indptr[100]], 10, rare=rare)  # compile off the clock
+    out = {"rows": table.num_rows, "budget": budget}
+    for name, r_ in (("exact", 0), ("rare", rare)):
+        start = time.perf_counter()
+        kept = simscale(indptr, feats, budget, rare=r_)
+        out[name] = {"seconds": round(time.perf_counter() - start, 1), "kept": len(kept.order), "theta": kept.theta,
+                     "mean_jaccard": round(mean_jaccard(kept.order), 5)}  # fmt: skip
+    out["random_mean_jaccard"] = round(mean_jaccard(np.random.default_rng(0).permutation(table.num_rows)[:budget]), 5)
+    out["kept_vs_exact"] = out["rare"]["kept"] / out["exact"]["kept"]
+    out["mean_jaccard_vs_exact"] = round(out["rare"]["mean_jaccard"] / out["exact"]["mean_jaccard"], 4)
+    return out
 
 
 def side_sets(root: Path) -> dict:
@@ -281,13 +335,15 @@ def main() -> None:
     parser.add_argument("--thin", action="store_true", help="store each row's 64 largest only (encode.top_m: 64)")
     parser.add_argument("--side", action="store_true", help="also MONA and FAC-select, in a second select")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-rows", type=int, default=100_000, help="SimScale rare vs exact on this many")
     parser.add_argument("--out", type=Path, default=Path("runs/select_stage"))
     args = parser.parse_args()
     root = (args.out / f"{args.rows}{'-thin' if args.thin else ''}").resolve()
     build_store(root, args)
-    for stale in ("stages/tau.json", "stages/stats.json", "stages/select.json", "manifest.json"):
+    for stale in ("stages/tau.json", "stages/stats.json", "stages/select.json", "manifest.json", "stages/spans.json"):
         (root / "run" / stale).unlink(missing_ok=True)
-    main_run = cli_run(bench_config(root, args, ["coverage", "simscale", "random", "longest"]), root, "select")
+    main_run = select(bench_config(root, args, ["coverage", "simscale", "random", "longest"]), root, "select")
+    report = cli(["report", str(root / "run")])
     stages = main_run["manifest"]["stages"]
     result = {
         "rows": args.rows,
@@ -300,15 +356,21 @@ def main() -> None:
         "simscale_s": stages["select"]["seconds_by_method"]["simscale"],
         "driver_peak_rss_gb": round(main_run["driver_peak_rss_gb"], 2),
         "workers_peak_rss_gb": round(main_run["workers_peak_rss_gb"], 2),
+        "report_s": round(report["seconds"], 1),
+        "report_driver_peak_rss_gb": round(report["driver_peak_rss_gb"], 2),
         "coverage": stages["select"]["methods"],
         "cores": os.cpu_count(),
     }
+    if args.compare_rows:
+        check = simscale_vs_exact(root, stages["tau"]["tau"], args.compare_rows, SimScaleConfig().rare_features)
+        result["simscale_vs_exact"] = check
+        result["simscale_objective_vs_exact"] = check["mean_jaccard_vs_exact"]
     if args.side:
         (root / "run" / "stages" / "select.json").unlink(missing_ok=True)
         side = side_sets(root)
         methods = [{"name": "mona", "targets": [side["targets"]]}, "fac"]
         extra = {"fac": {"anchor": [side["anchor"]], "features": list(range(0, D_SAE, 331))}}
-        second = cli_run(bench_config(root, args, methods, extra), root, "side")
+        second = select(bench_config(root, args, methods, extra), root, "side")
         result["side_seconds_by_method"] = second["manifest"]["stages"]["select"]["seconds_by_method"]
         result["side_driver_peak_rss_gb"] = round(second["driver_peak_rss_gb"], 2)
     print(json.dumps(result))

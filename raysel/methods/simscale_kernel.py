@@ -18,9 +18,9 @@ similar pair is missed. Samples with no activated feature are never similar
 to anything.
 
 With `rare` > 0 the search is approximate, and cheap at a million samples: a kept sample is indexed
-by, and a visited one probes with, at most its `rare` rarest features (METHODS.md's inverted index
-over rare features), so a similar pair that shares none of them is missed. At low theta the exact
-prefixes cover nearly whole sets, and the popular features' postings make a pass quadratic.
+by at most its `rare` rarest features (METHODS.md's inverted index over rare features), so a similar
+pair is missed when none of those is in the visited sample's probe. At low theta the exact prefixes
+cover nearly whole sets, and the popular features' postings make an exact pass quadratic.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _need(theta, sx, sy):
 
 @numba.njit(cache=True)
 def _filter(indptr, ranked, visit, theta, stop_at, df, rare):
-    """One pass at a fixed theta; stops once `stop_at` rows are kept. rare > 0: prefixes of at most `rare`."""
+    """One pass at a fixed theta; stops once `stop_at` rows are kept. rare > 0: index at most `rare` per row."""
     n, d = indptr.size - 1, df.size
     start = np.zeros(d + 1, np.int64)  # feature f's postings (kept rows' prefixes) fill rows[start[f]:fill[f]]
     for f in range(d):
@@ -111,7 +111,6 @@ def _filter(indptr, ranked, visit, theta, stop_at, df, rare):
             mark[ranked[p]] = x
         # y was visited first, so |A(y)| >= |A(x)| and they share at least _need(sx, sx) features
         probe = sx - _need(theta, sx, sx) + 1 if sx else 0
-        probe = min(probe, rare) if rare > 0 else probe
         if _similar_to_kept(x, a, a + probe, indptr, ranked, theta, start, fill, rows, mark, seen):
             continue
         kept[n_kept] = x
