@@ -50,3 +50,25 @@ def test_budget_beyond_distinct_sets_keeps_every_distinct_set():
     indices = np.array([0, 1, 0, 1, 2, 3, 4])  # rows 0 and 1 are the same set
     result = simscale(indptr, indices, budget=4)
     assert sorted(result.order.tolist()) == [0, 2, 3] and result.theta == 1.0
+
+
+def test_the_rare_index_misses_only_pairs_that_share_no_rare_feature():
+    """Catches a rare mode that still indexes whole prefixes (exact, and as slow as exact), and one
+    that loses pairs it should find. y comes first (ties to the earlier row); x shares only y's popular
+    features, twin shares y's rarest ones too. Exact drops both; the rare index (y indexed by its 2
+    rarest) still drops twin and keeps x."""
+    from raysel.methods.simscale_kernel import _filter, _rarest_first
+
+    popular = list(range(10, 20))
+    fillers = [[10 + 2 * i, 11 + 2 * i, *range(100 + 10 * i, 108 + 10 * i)] for i in range(5)]  # popularity
+    y, x, twin = [40, 41, *popular], [50, 51, *popular], [40, 41, 70, *popular[:-1]]
+    rows = [y, x, twin, *fillers]
+    indptr = np.r_[0, np.cumsum([len(r) for r in rows])]
+    ranked, visit = _rarest_first(indptr, np.concatenate([np.sort(r) for r in rows]).astype(np.int64))
+    df = np.bincount(ranked).astype(np.int64)
+
+    def kept(rare: int) -> list[int]:
+        return sorted(_filter(indptr, ranked, visit, 0.5, len(rows), df, rare).tolist())
+
+    assert kept(0) == [0, *range(3, 8)] and kept(64) == kept(0)
+    assert kept(2) == [0, 1, *range(3, 8)]
