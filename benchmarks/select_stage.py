@@ -15,10 +15,12 @@ cycle through the bundled demo corpus (the report's spans read them). The model 
 default; the SAE is a TopK SAE of the model's width with d_sae 16,384 and random weights (the
 store never came from it; the report's spans and the side sets run it).
 
-Measured, side by side in the one run: seconds per stage and per method, the driver's peak RSS
-(its own getrusage), the peak summed RSS of the Ray worker processes (sampled every 0.2 s), and,
-with --side, MONA and FAC-select against 16 synthetic targets / anchors in a second select on
-the same store. With --thin, every row stores only its 64 largest (as encode.top_m: 64 writes).
+Measured, side by side in the one run: `raysel select` with coverage, random and longest (seconds
+per stage and per method, the driver's peak RSS from its own getrusage, the peak summed RSS of the
+Ray worker processes, sampled every 0.2 s); `raysel report`; SimScale in a select of its own,
+killed past --simscale-cap; SimScale's rare-feature index against exact on the first
+--compare-rows samples; and, with --side, MONA and FAC-select against 16 targets / anchors from
+the demo corpus in another select on the same store. With --thin, every row stores only its 64 largest (as encode.top_m: 64 writes).
 
     python benchmarks/select_stage.py --rows 1000000           # the 1M target (store build ~5 min)
     python benchmarks/select_stage.py --rows 20000 --side      # a few minutes
@@ -212,8 +214,9 @@ def commit_markers(root: Path, args, shards: list) -> None:
                                                       "key": {"fingerprint": encode.fingerprint}})  # fmt: skip
 
 
-def cli(argv: list[str]) -> dict:
-    """raysel.cli.main(argv) in a child: its seconds, its own peak RSS, and its Ray workers' (sampled)."""
+def cli(argv: list[str], cap: float | None = None) -> dict:
+    """raysel.cli.main(argv) in a child: its seconds, its own peak RSS, and its Ray workers' (sampled).
+    Past `cap` seconds the child and everything it started are killed: {"finished": False}."""
     code = (
         "import resource, sys\nfrom raysel.cli import main\n"
         f"rc = main({argv!r})\n"
@@ -222,21 +225,33 @@ def cli(argv: list[str]) -> dict:
     start = time.time()
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     workers = WorkerSampler(child.pid)
-    out, _ = child.communicate()
+    try:
+        out, _ = child.communicate(timeout=cap)
+    except subprocess.TimeoutExpired:
+        family = [child, *psutil.Process(child.pid).children(recursive=True)]
+        for p in family:
+            p.kill()
+        child.wait()
+        workers.stop()
+        return {"finished": False, "seconds": time.time() - start}
     workers.stop()
     if child.returncode:
         raise SystemExit(f"raysel {' '.join(argv)} failed with {child.returncode}")
     peak = next(int(line.split()[1]) for line in out.splitlines() if line.startswith("PEAK_RSS_KB"))
-    return {"seconds": time.time() - start, "driver_peak_rss_gb": peak / 1e6, "workers_peak_rss_gb": workers.peak / 1e9}
+    return {"finished": True, "seconds": time.time() - start, "driver_peak_rss_gb": peak / 1e6,
+            "workers_peak_rss_gb": workers.peak / 1e9}  # fmt: skip
 
 
-def select(config: dict, root: Path, name: str) -> dict:
+def select(config: dict, root: Path, name: str, cap: float | None = None) -> dict:
     """`raysel select CONFIG`, and the manifest it wrote."""
     import yaml
 
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    measured = cli(["select", str(path)])
+    (root / "run" / "stages" / "select.json").unlink(missing_ok=True)
+    measured = cli(["select", str(path)], cap)
+    if not measured["finished"]:
+        return measured
     return measured | {"manifest": json.loads((Path(config["output"]["root"]) / "manifest.json").read_text())}
 
 
@@ -335,6 +350,7 @@ def main() -> None:
     parser.add_argument("--thin", action="store_true", help="store each row's 64 largest only (encode.top_m: 64)")
     parser.add_argument("--side", action="store_true", help="also MONA and FAC-select, in a second select")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--simscale-cap", type=float, default=600.0, help="seconds SimScale's own select may take")
     parser.add_argument("--compare-rows", type=int, default=100_000, help="SimScale rare vs exact on this many")
     parser.add_argument("--out", type=Path, default=Path("runs/select_stage"))
     args = parser.parse_args()
@@ -342,7 +358,7 @@ def main() -> None:
     build_store(root, args)
     for stale in ("stages/tau.json", "stages/stats.json", "stages/select.json", "manifest.json", "stages/spans.json"):
         (root / "run" / stale).unlink(missing_ok=True)
-    main_run = select(bench_config(root, args, ["coverage", "simscale", "random", "longest"]), root, "select")
+    main_run = select(bench_config(root, args, ["coverage", "random", "longest"]), root, "select")
     report = cli(["report", str(root / "run")])
     stages = main_run["manifest"]["stages"]
     result = {
@@ -353,7 +369,6 @@ def main() -> None:
         "seconds_total": round(main_run["seconds"], 1),
         "seconds_by_stage": {s: stages[s].get("seconds") for s in ("tau", "stats", "select") if s in stages},
         "seconds_by_method": stages["select"]["seconds_by_method"],
-        "simscale_s": stages["select"]["seconds_by_method"]["simscale"],
         "driver_peak_rss_gb": round(main_run["driver_peak_rss_gb"], 2),
         "workers_peak_rss_gb": round(main_run["workers_peak_rss_gb"], 2),
         "report_s": round(report["seconds"], 1),
@@ -361,12 +376,21 @@ def main() -> None:
         "coverage": stages["select"]["methods"],
         "cores": os.cpu_count(),
     }
+    alone = select(bench_config(root, args, ["simscale"]), root, "simscale", cap=args.simscale_cap)
+    result["simscale_s"] = alone["manifest"]["stages"]["select"]["seconds_by_method"]["simscale"] if alone[
+        "finished"] else None  # fmt: skip
+    result["simscale_run"] = {
+        "finished": alone["finished"],
+        "seconds": round(alone["seconds"], 1),
+        "cap": args.simscale_cap,
+    }
+    if alone["finished"]:
+        result["simscale_run"]["driver_peak_rss_gb"] = round(alone["driver_peak_rss_gb"], 2)
     if args.compare_rows:
         check = simscale_vs_exact(root, stages["tau"]["tau"], args.compare_rows, SimScaleConfig().rare_features)
         result["simscale_vs_exact"] = check
         result["simscale_objective_vs_exact"] = check["mean_jaccard_vs_exact"]
     if args.side:
-        (root / "run" / "stages" / "select.json").unlink(missing_ok=True)
         side = side_sets(root)
         methods = [{"name": "mona", "targets": [side["targets"]]}, "fac"]
         extra = {"fac": {"anchor": [side["anchor"]], "features": list(range(0, D_SAE, 331))}}

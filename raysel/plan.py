@@ -37,6 +37,7 @@ def dry_run(cfg: RunConfig, until: str) -> dict:
         checks = model_checks(cfg)
         stages["encode"] = encode_plan(cfg, storage, prepared, gpus=cluster_has_gpus(cfg))
     if until not in ("train-sae", "encode"):
+        stages["tau"] = {"action": "run after encode, unless its marker matches"}
         stages["stats"] = {"action": "run after encode, unless its marker matches"}
     for name in LAST_STAGES.get(until, []):
         stages[name] = last_stage_plan(cfg, storage, name)

@@ -44,7 +44,7 @@ def test_a_dry_run_of_a_new_root_plans_everything_and_writes_nothing(stats_run, 
     assert encode["resources"] == {"actors": cfg.encode.actors, "batch_size": 1, "num_cpus": cfg.encode.num_cpus,
                                    "memory": int(cfg.encode.memory_gb * 2**30)}  # fmt: skip
     assert plan["checks"]["d_in"] == 64 and plan["checks"]["layer"] == 1 and plan["checks"]["model"].startswith("ok")
-    assert list(plan["stages"]) == ["prepare", "encode", "stats", "select"]
+    assert list(plan["stages"]) == ["prepare", "encode", "tau", "stats", "select"]
     assert set(plan["stages"]["select"]["methods"]) == {"coverage", "random", "longest"}
     assert "nothing written" in out
 

@@ -121,7 +121,13 @@ def top_per_feature(feat: np.ndarray, ids: np.ndarray, values: np.ndarray, top_n
     """Keep the top_n (feature, id, value) entries of each feature by value; ties go to the smaller id."""
     if not feat.size:
         return feat, ids, values
-    order = np.lexsort((ids.astype(str), -values, feat))
+    order = np.lexsort((-values, feat))
+    tied = np.r_[(feat[order][1:] == feat[order][:-1]) & (values[order][1:] == values[order][:-1]), False]
+    # runs of equal (feature, value) are few: order each by id as a string, not the whole array
+    for start in np.flatnonzero(tied & ~np.r_[False, tied[:-1]]):
+        stop = start + 1 + int(np.argmin(tied[start:]))
+        run = order[start:stop]
+        order[start:stop] = run[np.argsort(ids[run].astype(str), kind="stable")]
     feat, ids, values = feat[order], ids[order], values[order]
     starts = np.flatnonzero(np.r_[True, feat[1:] != feat[:-1]])
     rank = np.arange(feat.size) - np.repeat(starts, np.diff(np.r_[starts, feat.size]))
