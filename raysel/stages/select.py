@@ -102,7 +102,12 @@ class Select(Stage):
             log.info("select: %s picked %d in %.1fs", method.name, len(chosen.ids), seconds[method.name])
             order = pool.rows_of(chosen.ids)
             picks[method.name] = (order, chosen, *coverage_curve(order, pool.indptr, indices))
-        baselines = {str(k): baseline_coverage(pool, k, ctx) for k in set(budgets.values())}
+        baselines = {
+            str(k): baseline_coverage(
+                pool, k, ctx, {m: picks[m][3][-1]["coverage"] for m in budgets if budgets[m] == k}
+            )
+            for k in set(budgets.values())
+        }
         raw = selected_records(self.storage, {i for order, *_ in picks.values() for i in pool.ids[order]})
         at_budget = {}
         for name, k in budgets.items():
@@ -127,11 +132,15 @@ class Select(Stage):
         return summary
 
 
-def baseline_coverage(pool: Pool, k: int, ctx: Context) -> dict[str, float]:
-    """The share of the pool's activated features each baseline covers with k picks."""
+def baseline_coverage(pool: Pool, k: int, ctx: Context, measured: dict[str, float]) -> dict[str, float]:
+    """The share of the pool's activated features each baseline covers with k picks (taken from
+    `measured` when the run's own entry of that baseline already has this budget)."""
     out = {}
     for baseline in BASELINES:
         method = build(baseline.Config())
+        if method.name in measured:
+            out[method.name] = measured[method.name]
+            continue
         _, curve = coverage_curve(pool.rows_of(method.pick(pool, k, ctx).ids), pool.indptr, pool.indices)
         out[method.name] = curve[-1]["coverage"]
     return out
