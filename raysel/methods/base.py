@@ -47,10 +47,11 @@ class Pool:
         return np.searchsorted(self.ids, np.asarray(ids, dtype=object)) if len(ids) else np.empty(0, np.int64)
 
     def features_of(self, rows: np.ndarray) -> np.ndarray:
-        """The activated features of these rows, one after another."""
-        counts = np.diff(self.indptr)[rows]
-        starts = self.indptr[rows] - np.r_[0, np.cumsum(counts)[:-1]]
-        return self.indices[np.repeat(starts, counts) + np.arange(counts.sum())]
+        """The activated features of these rows (each row once, in pool order), through a mask: no
+        index array as long as the pool's entries."""
+        chosen = np.zeros(len(self.ids), bool)
+        chosen[rows] = True
+        return self.indices[np.repeat(chosen, np.diff(self.indptr))]
 
 
 @dataclass
