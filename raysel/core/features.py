@@ -74,6 +74,10 @@ class Profile:
     peak: np.ndarray
     rows: int
 
+    @classmethod
+    def empty(cls, d_sae: int) -> Profile:
+        return cls(np.zeros(d_sae, np.int64), np.zeros(d_sae), 0)
+
     @property
     def share(self) -> np.ndarray:
         return self.counts / max(self.rows, 1)
@@ -273,7 +277,7 @@ class FeatureStore:
             p = Profile.of(table, tau, d_sae)
             return pa.table({"counts": [p.counts], "peak": [p.peak], "rows": [p.rows]})
 
-        total = Profile(np.zeros(d_sae, np.int64), np.zeros(d_sae), 0)
+        total = Profile.empty(d_sae)
         for part in self.blocks(block, ["feat_ids", "feat_max"]):
             for counts, peak, rows in zip(
                 *(part[c].to_numpy(zero_copy_only=False) for c in ("counts", "peak", "rows"))

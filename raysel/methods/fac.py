@@ -89,10 +89,9 @@ class FACSelect(Method):
         """The pool is read as blocks on the cluster: its activated sets (in `pool`), and the entries
         of the missing features alone, so the driver never holds the store."""
         anchor = ctx.side_set("anchor", ctx.fac.anchor).profile(ctx.tau, ctx.d_sae)
-        empty = Profile(np.zeros(ctx.d_sae, np.int64), np.zeros(ctx.d_sae), 0)
-        have = (
-            ctx.side_set("evaluated", self.cfg.evaluated).profile(ctx.tau, ctx.d_sae) if self.cfg.evaluated else empty
-        )
+        have = Profile.empty(ctx.d_sae)
+        if self.cfg.evaluated:
+            have = ctx.side_set("evaluated", self.cfg.evaluated).profile(ctx.tau, ctx.d_sae)
         features = task_feature_set(ctx)
         before, _ = fac(anchor, have, features)
         missing = np.array(before["missing"], dtype=np.int64)
