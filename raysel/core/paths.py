@@ -4,7 +4,8 @@ prepared/              the validated, rendered samples (parquet)
 rejects/               every input row that was not kept, with its reason (JSON lines);
                        rejects/encode-<shard>.jsonl: the samples the encoder could not take
 features/              the feature store (parquet shards), and features/_done/ its shard markers
-stats/                 per-feature statistics and top-activating spans
+stats/                 per-feature statistics, top-activating spans, and each sample's activated
+                       features at the statistics' tau (stats/activated.parquet, what select reads)
 selection/<method>/    one committed selection per method
 fac/                   FAC of the input against an anchor
 synthesis/             FAC Synthesis's candidates
@@ -24,6 +25,7 @@ FEATURES_DONE = "features/_done"
 STATS = "stats"
 FEATURE_STATS = "stats/features.parquet"
 STATS_SUMMARY = "stats/summary.json"
+ACTIVATED = "stats/activated.parquet"
 SPANS = "stats/spans.parquet"
 SELECTION = "selection"
 FAC = "fac"

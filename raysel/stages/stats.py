@@ -26,7 +26,7 @@ import ray
 
 from raysel.config import ActivationConfig
 from raysel.core import paths
-from raysel.core.features import FeatureStore, is_active, ordered_bits
+from raysel.core.features import ACTIVATED_SCHEMA, FeatureStore, activated_block, is_active, ordered_bits
 from raysel.core.storage import Storage
 from raysel.stages.base import Stage
 
@@ -135,17 +135,19 @@ def top_per_feature(feat: np.ndarray, ids: np.ndarray, values: np.ndarray, top_n
     return feat[keep], ids[keep], values[keep]
 
 
-def compute_stats(ds: ray.data.Dataset, d_sae: int, tau: float, top_n: int) -> FeatureStats:
-    """Reduce every block on the cluster, merge the partials on the driver as they arrive."""
+def compute_stats(ds: ray.data.Dataset, d_sae: int, tau: float, top_n: int, activated) -> FeatureStats:
+    """Reduce every block on the cluster, merge the partials on the driver as they arrive; each block's
+    activated sets are cut on the cluster too and written to `activated` (a parquet writer) as they come."""
     partials = ds.map_batches(
-        lambda t: {"partial": [block_stats(t, d_sae, tau, top_n)]},
+        lambda t: {"partial": [block_stats(t, d_sae, tau, top_n)], "activated": [activated_block(t, tau)]},
         batch_format="pyarrow",
         batch_size=None,
     )
     total = FeatureStats.empty(d_sae)
     for batch in partials.iter_batches(batch_size=1, batch_format="numpy"):
-        for partial in batch["partial"]:
+        for partial, sets in zip(batch["partial"], batch["activated"]):
             total = total.merge(partial, top_n)
+            activated.write_table(sets)
     return total
 
 
@@ -207,14 +209,19 @@ class Stats(Stage):
         self.storage, self.encoded, self.tau, self.top_n = storage, encoded, tau, top_n
 
     def key(self) -> dict:
-        return {"encode_fingerprint": self.encoded["fingerprint"], "tau": self.tau, "top_n": self.top_n}
+        # outputs 2: stats/activated.parquet too, so a root committed before it was written redoes the stage
+        return {"encode_fingerprint": self.encoded["fingerprint"], "tau": self.tau, "top_n": self.top_n, "outputs": 2}
 
     def run(self) -> dict:
         start = time.time()
         features = FeatureStore(self.storage).dataset()
         d_sae = self.encoded["d_sae"] or observed_width(features)
-        stats = compute_stats(features, d_sae, self.tau, self.top_n)
         self.storage.fs.create_dir(self.storage.path(paths.STATS), recursive=True)
+        with (
+            self.storage.fs.open_output_stream(self.storage.path(paths.ACTIVATED)) as sink,
+            pq.ParquetWriter(sink, ACTIVATED_SCHEMA) as activated,
+        ):
+            stats = compute_stats(features, d_sae, self.tau, self.top_n, activated)
         pq.write_table(to_table(stats), self.storage.path(paths.FEATURE_STATS), filesystem=self.storage.fs)
         summary = {
             "n_samples": stats.n_samples,

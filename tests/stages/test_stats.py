@@ -2,9 +2,11 @@
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 
+from raysel.core.features import ACTIVATED_SCHEMA
 from raysel.stages.stats import compute_stats, to_table
 
 
@@ -39,12 +41,25 @@ def random_store(seed: int, n: int = 120, d_sae: int = 40, blocks: int = 4):
     return ray.data.from_arrow(tables), dense_max, dense_sum.astype(np.float32)
 
 
+def stats_and_activated(ds, d_sae: int, tau: float, top_n: int):
+    """compute_stats, and the activated sets it writes, read back sorted by id."""
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, ACTIVATED_SCHEMA) as writer:
+        stats = compute_stats(ds, d_sae, tau, top_n, writer)
+    return stats, pq.read_table(pa.BufferReader(sink.getvalue())).sort_by("id")
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_stats_match_a_numpy_reference(ray_cluster, seed):
     ds, g, s = random_store(seed)
     tau, top_n = 1.0, 5
-    table = to_table(compute_stats(ds, d_sae=g.shape[1], tau=tau, top_n=top_n)).to_pylist()
+    stats, activated = stats_and_activated(ds, d_sae=g.shape[1], tau=tau, top_n=top_n)
+    table = to_table(stats).to_pylist()
     active = g > tau
+    # the sets select reads: every sample once, its features above tau (a wrong cut or a row shifted between
+    # blocks shows here)
+    assert activated["id"].to_pylist() == [f"s{i:03d}" for i in range(g.shape[0])]
+    assert activated["feats"].to_pylist() == [np.flatnonzero(row).tolist() for row in active]
     for j, row in enumerate(table):
         assert row["feature"] == j
         assert row["doc_freq"] == active[:, j].sum()
@@ -62,4 +77,4 @@ def test_stats_match_a_numpy_reference(ray_cluster, seed):
 def test_feature_id_beyond_d_sae_is_an_error(ray_cluster):
     ds, g, _ = random_store(0)
     with pytest.raises(Exception, match="out of range for d_sae 10"):
-        compute_stats(ds, d_sae=10, tau=0.0, top_n=3)
+        stats_and_activated(ds, d_sae=10, tau=0.0, top_n=3)
