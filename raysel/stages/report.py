@@ -13,7 +13,6 @@ without data in this run is left out, not drawn empty.
 from __future__ import annotations
 
 import base64
-import functools
 import html
 import io
 import json
@@ -21,14 +20,13 @@ import logging
 import posixpath
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysel.config import RunConfig
 from raysel.core import paths
-from raysel.core.features import FeatureStore, activated_entries
+from raysel.core.features import FeatureStore
 from raysel.core.storage import Storage
 from raysel.methods import METHODS
 from raysel.stages.spans import find_spans
@@ -99,7 +97,7 @@ def report_data(storage: Storage, n_features: int = 20, page: int = 50) -> dict:
     }
     selected_tokens = np.zeros(0)
     if primary:
-        detail = selection_detail(cfg, storage, manifest, primary, tau, doc_freq, lengths, n_features, page)
+        detail = selection_detail(cfg, storage, manifest, primary, doc_freq, lengths, n_features, page)
         selected_tokens = np.asarray(detail.pop("selected_tokens"), np.float64)
         data |= detail
     pool_tokens = lengths["n_tokens"].to_numpy().astype(np.float64)
@@ -171,7 +169,6 @@ def selection_detail(
     storage: Storage,
     manifest: dict,
     method: str,
-    tau: float,
     doc_freq: np.ndarray,
     lengths,
     n_features: int,
@@ -181,9 +178,7 @@ def selection_detail(
     selected = pq.read_table(storage.path(paths.selection(method, "selected.parquet")), filesystem=storage.fs)
     ids = selected["id"].to_pylist()
     store = FeatureStore(storage)
-    counted = functools.partial(selected_hits, ids=selected["id"], tau=tau, d_sae=doc_freq.size)
-    hits = store.summed(counted, ["id", "feat_ids", "feat_max"])
-    hits = np.zeros(doc_freq.size, np.int64) if hits is None else hits
+    hits = selected_hits(storage, ids, doc_freq.size)
     shown = store.table(["id", "feat_ids", "feat_max"], ids=ids[:page])  # the page's samples alone
     by_id = dict(zip(shown["id"].to_pylist(), zip(shown["feat_ids"].to_pylist(), shown["feat_max"].to_pylist())))
     covered = [j for j in np.lexsort((np.arange(hits.size), -hits)) if hits[j] > 0][:n_features]
@@ -227,10 +222,13 @@ def selection_detail(
     return {"features": features, "samples": samples, "selected_tokens": lengths["n_tokens"].to_numpy()[rows]}
 
 
-def selected_hits(table: pa.Table, ids: pa.Array, tau: float, d_sae: int) -> np.ndarray:
-    """Per feature, how many of the block's samples among `ids` activate it."""
-    _, feats, _ = activated_entries(table.filter(pc.is_in(table["id"], value_set=ids)), tau)
-    return np.bincount(feats, minlength=d_sae)
+def selected_hits(storage: Storage, ids: list[str], d_sae: int) -> np.ndarray:
+    """Per feature, how many of the samples `ids` activate it, from the activated sets the statistics
+    wrote at the run's tau (not a pass over the store)."""
+    sets = pq.ParquetDataset(
+        storage.path(paths.ACTIVATED), filesystem=storage.fs, filters=pc.field("id").isin(ids)
+    ).read(columns=["feats"])
+    return np.bincount(pc.list_flatten(sets["feats"]).to_numpy(), minlength=d_sae)
 
 
 def figure(draw, title: str) -> str:
