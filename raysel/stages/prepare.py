@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from ray.data import Dataset, SaveMode
-from ray.data.aggregate import Count, Min
 from ray.data.datasource import FilenameProvider
 from ray.data.expressions import col
 
@@ -60,6 +60,8 @@ SAMPLE_SCHEMA = pa.schema(
     list(PREPARED_SCHEMA)
     + [pa.field(n, t) for n, t in (("order", pa.int64()), ("reason", pa.string()), ("detail", pa.string()))]
 )
+
+MARKS = pa.schema([("order", pa.int64()), ("reason", pa.string()), ("detail", pa.string())])  # rows found repeated
 
 
 class Formatter:
@@ -248,19 +250,15 @@ class Prepare(Stage):
         blank = col("reason") == BLANK_LINE
         n_blank = formatted.filter(expr=blank).count()
         samples = formatted.filter(expr=col("reason").is_null() | ~blank).materialize()
-        n_input, partitions = samples.count(), max(1, min(64, samples.num_blocks()))
-        paths_ = [f.path for f in self.files]
-        rejected = []
-        # Each pass sees only the rows still valid, so a row dropped as a repeated
-        # text cannot make a later row with its id a repeat.
-        for key, reason in [("content_hash", "duplicate_text")] * self.prepare.dedup + [("id", "duplicate_id")]:
-            rejected.append(samples.filter(expr=col("reason").is_not_null()).materialize())
-            samples = first_wins(samples.filter(expr=col("reason").is_null()), key, reason, paths_, partitions)
-            samples = samples.materialize()
-        rejected.append(samples.filter(expr=col("reason").is_not_null()).materialize())
+        n_input = samples.count()
+        marks = repeats(samples, self.prepare.dedup, [f.path for f in self.files])
+        if marks.num_rows:
+            samples = samples.map_batches(
+                _mark_repeats, batch_format="pyarrow", fn_kwargs={"marks": marks}
+            ).materialize()
         kept = samples.filter(expr=col("reason").is_null()).select_columns(PREPARED_SCHEMA.names)
-        rejects = rejected[0].union(*rejected[1:]).rename_columns({"record": "raw"}).select_columns(REJECT_COLUMNS)
-        return kept, rejects.materialize(), n_input, n_blank
+        rejects = samples.filter(expr=col("reason").is_not_null()).rename_columns({"record": "raw"})
+        return kept, rejects.select_columns(REJECT_COLUMNS).materialize(), n_input, n_blank
 
 
 def held_input(storage: Storage) -> list[str] | None:
@@ -280,41 +278,43 @@ def check_root(storage: Storage, files: list[str], force: bool) -> None:
         )
 
 
-def first_wins(ds: Dataset, key: str, reason: str, files: list[str], num_partitions: int) -> Dataset:
-    """Mark every row whose `key` an earlier row (by file, then row) already has.
+def repeats(samples: Dataset, dedup: bool, files: list[str]) -> pa.Table:
+    """(order, reason, detail) of every valid row whose text (with prepare.dedup) or, among the rows
+    left, whose id an earlier row (by file, then row) already has. Only the keys and orders of the valid
+    rows come to the driver (tens of bytes a row); one small table of repeats goes back to the workers."""
+    columns = ["order", "id"] + ["content_hash"] * dedup
+    valid = samples.filter(expr=col("reason").is_null()).select_columns(columns)
+    schema = pa.schema([SAMPLE_SCHEMA.field(c) for c in columns])
+    parts = [t.cast(schema) for t in valid.iter_batches(batch_format="pyarrow", batch_size=None)]
+    table = pa.concat_tables([schema.empty_table(), *parts]).sort_by("order")
+    marks = []
+    # Each pass sees only the rows still valid, so a row dropped as a repeated text cannot make a
+    # later row with its id a repeat.
+    for key, reason in [("content_hash", "duplicate_text")] * dedup + [("id", "duplicate_id")]:
+        codes = pc.dictionary_encode(table[key].combine_chunks()).indices.to_numpy()
+        _, first = np.unique(codes, return_index=True)  # each key's earliest row
+        earlier = first[codes]
+        repeat = earlier != np.arange(table.num_rows)
+        order = table["order"].to_numpy()
+        mask = (1 << ORDER_BITS) - 1
+        details = [f"same {key} as {files[f >> ORDER_BITS]} row {f & mask}" for f in order[earlier[repeat]].tolist()]
+        marks.append(
+            pa.table({"order": order[repeat], "reason": [reason] * len(details), "detail": details}, schema=MARKS)
+        )
+        table = table.filter(pa.array(~repeat))
+    return pa.concat_tables(marks).combine_chunks()
 
-    A vectorised hash aggregate finds the repeated keys and where each first
-    occurs; only those (few) keys travel to the marking tasks."""
-    repeated = (
-        ds.groupby(key, num_partitions=num_partitions)
-        .aggregate(Count(alias_name="n"), Min("order", alias_name="first"))
-        .filter(expr=col("n") > 1)
-        .select_columns([key, "first"])
-    )
-    firsts = [t for t in ray.get(repeated.to_arrow_refs()) if t.num_rows]
-    if not firsts:
-        return ds
-    return ds.map_batches(
-        _mark_repeats,
-        batch_format="pyarrow",
-        fn_kwargs={"firsts": pa.concat_tables(firsts), "key": key, "reason": reason, "files": files},
-    )
 
-
-def _mark_repeats(batch: pa.Table, firsts: pa.Table, key: str, reason: str, files: list[str]) -> pa.Table:
-    first = pc.take(firsts["first"], pc.index_in(batch[key], value_set=firsts[key]))
-    repeat = pc.fill_null(pc.not_equal(batch["order"], first), False)
-    if not pc.any(repeat).as_py():
+def _mark_repeats(batch: pa.Table, marks: pa.Table) -> pa.Table:
+    batch = batch.combine_chunks()
+    at = pc.index_in(batch["order"], value_set=marks["order"])
+    if at.null_count == len(at):
         return batch
-    mask = (1 << ORDER_BITS) - 1
-    details = [
-        f"same {key} as {files[f >> ORDER_BITS]} row {f & mask}" if r else d
-        for f, r, d in zip(first.to_pylist(), repeat.to_pylist(), batch["detail"].to_pylist())
-    ]
-    batch = batch.set_column(
-        batch.schema.get_field_index("reason"), "reason", pc.if_else(repeat, pa.scalar(reason), batch["reason"])
-    )
-    return batch.set_column(batch.schema.get_field_index("detail"), "detail", pa.array(details, pa.string()))
+    for column in ("reason", "detail"):
+        batch = batch.set_column(
+            batch.schema.get_field_index(column), column, pc.coalesce(pc.take(marks[column], at), batch[column])
+        )
+    return batch
 
 
 def count_by(ds: Dataset, column: str) -> dict[str, int]:
