@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import REPO, build_tiny_sae, free_port, write_jsonl
+from tests.conftest import REPO, build_tiny_sae, fac_reference, free_port, write_jsonl
 from tests.stages.test_prepare import GOOD, LONG
 
 BIN = Path(sys.executable).parent
@@ -64,7 +64,7 @@ def ray_head(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=10)  # `ray start --block` often outlives a SIGTERM by minutes: then killed
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
@@ -180,6 +180,8 @@ def test_job_submit_round_trip(ray_head, tmp_path):
         f"fac.anchor={json.dumps([str(anchor)])}",
         "--set",
         "fac.n_features=20",
+        "--set",
+        f"fac.reference={json.dumps([fac_reference(tmp_path)])}",  # not the 1,000-row default: an encode of its own
     )
     assert job == "SUCCEEDED", job
     report = json.loads((tmp_path / "out" / "fac" / "report.json").read_text())
