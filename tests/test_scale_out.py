@@ -82,11 +82,12 @@ def tiny(tiny_model_dir, tiny_sae_dir):
 
 def test_encode_runs_on_both_worker_nodes(cluster, tiny, tmp_path):
     nodes = {add_worker(cluster).node_id, add_worker(cluster).node_id}
-    manifest = finish(start_run(tmp_path, cluster, tiny, rows=80, tokens_per_batch=256), tmp_path)
+    # ~20 small shards: an actor that starts seconds after the other (a cold worker node) still finds work
+    manifest = finish(start_run(tmp_path, cluster, tiny, rows=160, tokens_per_batch=96), tmp_path)
     ran_on = {m["node"] for m in markers(tmp_path).values()}
     assert ran_on == nodes, "each worker node's actor should have encoded shards"
-    assert manifest["counts"]["n_encoded"] == 80 and manifest["stages"]["select"]["methods"]["coverage"] > 0
-    assert_every_valid_id_once(tmp_path, 80)
+    assert manifest["counts"]["n_encoded"] == 160 and manifest["stages"]["select"]["methods"]["coverage"] > 0
+    assert_every_valid_id_once(tmp_path, 160)
 
 
 def test_a_worker_node_lost_mid_encode_loses_and_duplicates_nothing(cluster, tiny, tmp_path):
