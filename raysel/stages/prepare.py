@@ -287,7 +287,7 @@ def repeats(samples: Dataset, dedup: bool, files: list[str]) -> pa.Table:
     schema = pa.schema([SAMPLE_SCHEMA.field(c) for c in columns])
     parts = [t.cast(schema) for t in valid.iter_batches(batch_format="pyarrow", batch_size=None)]
     table = pa.concat_tables([schema.empty_table(), *parts]).sort_by("order")
-    marks = []
+    marks, mask = [], (1 << ORDER_BITS) - 1
     # Each pass sees only the rows still valid, so a row dropped as a repeated text cannot make a
     # later row with its id a repeat.
     for key, reason in [("content_hash", "duplicate_text")] * dedup + [("id", "duplicate_id")]:
@@ -296,7 +296,6 @@ def repeats(samples: Dataset, dedup: bool, files: list[str]) -> pa.Table:
         earlier = first[codes]
         repeat = earlier != np.arange(table.num_rows)
         order = table["order"].to_numpy()
-        mask = (1 << ORDER_BITS) - 1
         details = [f"same {key} as {files[f >> ORDER_BITS]} row {f & mask}" for f in order[earlier[repeat]].tolist()]
         marks.append(
             pa.table({"order": order[repeat], "reason": [reason] * len(details), "detail": details}, schema=MARKS)

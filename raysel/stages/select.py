@@ -147,8 +147,9 @@ def baseline_coverage(pool: Pool, k: int, ctx: Context, measured: dict[str, floa
 
 
 def read_pool(store: FeatureStore, tau: float) -> Pool:
-    if store.summary()["tau"] != tau:  # the stage order makes this hold; a mismatch would pick from other sets
-        raise RuntimeError(f"select: the statistics were taken at tau {store.summary()['tau']}, not the run's {tau}")
+    taken_at = store.summary()["tau"]
+    if taken_at != tau:  # the stage order makes this hold; a mismatch would pick from other sets
+        raise RuntimeError(f"select: the statistics were taken at tau {taken_at}, not the run's {tau}")
     ids, indptr, indices = store.committed_activated_sets()
     prepared = pq.read_table(
         store.storage.path(paths.PREPARED), columns=["id", "n_response_tokens"], filesystem=store.storage.fs
