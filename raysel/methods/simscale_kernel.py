@@ -12,10 +12,19 @@ prefix of y (all but o - 1 features of each) must meet. A kept y is indexed by
 its first |y| - ceil(theta |y|) + 1 features (o >= theta |y| whatever x is);
 x, visited later and so no larger than y, probes with its first
 |x| - o(|x|, |x|) + 1, which leaves out its most popular features, the ones
-with the longest posting lists. Each candidate is verified against a mark
-array of A(x), stopping as soon as the answer is known. The result is exact: no
+with the longest posting lists. Each candidate y is first bounded by its 4,096-bit
+signature (the bits of A(x) it also has, plus A(x)'s own bit collisions, is at least
+the overlap), and only then verified against a mark array of A(x), stopping as
+soon as the answer is known. At low theta nearly every candidate fails the bound,
+in a cache line or eight instead of a walk over A(y). The result is exact: no
 similar pair is missed. Samples with no activated feature are never similar
 to anything.
+
+A pass checks a batch of visited rows at a time on all threads against the rows kept
+before the batch, then the batch's survivors one by one against the batch's own kept
+rows: the same result as one row at a time. theta's search on a large pool starts next
+to the theta a random tenth of it needs (found the same way) and gallops to a bracket,
+so it runs about four passes near the answer instead of eight from [0, 1].
 
 With `rare` > 0 the search is approximate, and cheap at a million samples: a kept sample is indexed
 by at most its `rare` rarest features (METHODS.md's inverted index over rare features), so a similar
@@ -26,12 +35,16 @@ cover nearly whole sets, and the popular features' postings make an exact pass q
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 
 log = logging.getLogger(__name__)
+BATCH = 256  # rows checked in parallel against the index as it stood before them
+SIG_WORDS = 64  # 4,096-bit signatures of the kept sets (512 B each): a cheap bound on the overlap
+SEED_ROWS = 50_000  # larger pools start theta's search from a subsample's
 
 
 @dataclass
@@ -44,39 +57,92 @@ class Filtered:
 def simscale(
     indptr: np.ndarray, indices: np.ndarray, budget: int, precision: float = 1 / 128, rare: int = 0
 ) -> Filtered:
+    """The rows kept at the smallest theta (within `precision`) whose pass reaches the budget, cut at it."""
     indptr = np.asarray(indptr, np.int64)
     n = len(indptr) - 1
     budget = min(budget, n)
-    ranked, visit = _rarest_first(indptr, np.asarray(indices, np.int64))
+    ranked, visit = _rarest_first(indptr, np.asarray(indices))
     df = np.bincount(ranked, minlength=int(ranked.max()) + 1 if ranked.size else 1).astype(np.int64)
-    lo, hi, passes = 0.0, 1.0, 1
-    kept = _filter(indptr, ranked, visit, 1.0, budget, df, rare)
-    if len(kept) < budget:  # even theta = 1 (drop only identical sets) keeps too few: keep all it keeps
-        log.warning("simscale: only %d samples have distinct activated sets; budget was %d", len(kept), budget)
-        return Filtered(kept, 1.0, passes)
-    best = kept
-    while hi - lo > precision:  # the smallest theta whose pass still reaches the budget
-        mid = (lo + hi) / 2
-        kept = _filter(indptr, ranked, visit, mid, budget, df, rare)
-        passes += 1
-        if len(kept) >= budget:
-            hi, best = mid, kept
-        else:
-            lo = mid
-    return Filtered(best[:budget], hi, passes)
+    search = _Search(lambda theta: _timed_filter(indptr, ranked, visit, theta, budget, df, rare), budget)
+    if not search.tries(1.0):  # even theta = 1 (drop only identical sets) keeps too few: keep all it keeps
+        log.warning("simscale: only %d samples have distinct activated sets; budget was %d", len(search.best), budget)
+        return Filtered(search.best, 1.0, search.passes)
+    if n > SEED_ROWS:  # start next to the theta a tenth of the pool needs for a tenth of the budget
+        search.gallop(_seed(indptr, indices, budget, precision, rare), precision)
+    while search.hi - search.lo > precision:
+        search.tries((search.lo + search.hi) / 2)
+    return Filtered(search.best[:budget], search.hi, search.passes)
+
+
+class _Search:
+    """theta's bracket: passes at lo kept fewer than the budget, a pass at hi reached it (best)."""
+
+    def __init__(self, run, budget: int):
+        self.run, self.budget = run, budget
+        self.lo, self.hi, self.best, self.passes = 0.0, 1.0, None, 0
+
+    def tries(self, theta: float) -> bool:
+        kept = self.run(theta)
+        self.passes += 1
+        if len(kept) >= self.budget:
+            self.hi, self.best = theta, kept
+            return True
+        self.lo = theta
+        if self.best is None:
+            self.best = kept
+        return False
+
+    def gallop(self, guess: float, precision: float) -> None:
+        """From the guess, steps that double until the bracket closes around it: a pass far above the
+        answer keeps rows until the budget, and costs as much as one next to it."""
+        if not self.lo < guess < self.hi:
+            return
+        step, theta = precision, guess
+        reached = self.tries(theta)
+        while True:
+            theta = theta - step if reached else theta + step
+            if not self.lo < theta < self.hi or self.tries(theta) != reached:
+                return
+            step *= 2
+
+
+def _seed(indptr, indices, budget: int, precision: float, rare: int) -> float:
+    """The theta that a random tenth of the pool needs to keep a tenth of the budget (searched the same
+    way, so seeded from a hundredth, and so on). More rows meet more similar kept ones, so the pool's
+    own theta tends to lie a little above it."""
+    n = len(indptr) - 1
+    rows = np.sort(np.random.default_rng(0).choice(n, n // 10, replace=False))
+    counts = indptr[rows + 1] - indptr[rows]
+    take = np.repeat(indptr[rows] - np.r_[0, np.cumsum(counts)[:-1]], counts) + np.arange(counts.sum())
+    sub = simscale(np.r_[0, np.cumsum(counts)], indices[take], max(1, budget // 10), precision, rare)
+    log.info("simscale: a tenth of the pool needs theta %.4f", sub.theta)
+    return sub.theta
+
+
+def _timed_filter(indptr, ranked, visit, theta, budget, df, rare):
+    start = time.perf_counter()
+    kept = _filter(indptr, ranked, visit, theta, budget, df, rare, BATCH, numba.get_num_threads())
+    log.info(
+        "simscale: theta %.4f keeps %d of %d wanted (%.1f s)", theta, len(kept), budget, time.perf_counter() - start
+    )
+    return kept
 
 
 def _rarest_first(indptr, indices):
     """Each row's features as global rarity ranks, ascending; and the visit order, largest set first."""
-    n = len(indptr) - 1
     df = np.bincount(indices, minlength=int(indices.max()) + 1 if indices.size else 1)
-    rank = np.empty(df.size, np.int64)
-    rank[np.lexsort((np.arange(df.size), df))] = np.arange(df.size)
-    rows = np.repeat(np.arange(n), np.diff(indptr))
+    rank = np.empty(df.size, np.int32)
+    rank[np.argsort(df, kind="stable")] = np.arange(df.size)  # ties to the smaller feature id
     ranked = rank[indices]
-    ranked = ranked[np.lexsort((ranked, rows))].astype(np.int32)  # rows stay in place; within a row, rarest first
-    visit = np.lexsort((np.arange(n), -np.diff(indptr)))
+    _sort_rows(indptr, ranked)
+    visit = np.argsort(-np.diff(indptr), kind="stable")  # ties to the earlier row
     return ranked, visit
+
+
+@numba.njit(cache=True, parallel=True)
+def _sort_rows(indptr, values):
+    for i in numba.prange(indptr.size - 1):
+        values[indptr[i] : indptr[i + 1]].sort()
 
 
 @numba.njit(cache=True, inline="always")
@@ -89,57 +155,130 @@ def _need(theta, sx, sy):
     return o
 
 
-@numba.njit(cache=True)
-def _filter(indptr, ranked, visit, theta, stop_at, df, rare):
-    """One pass at a fixed theta; stops once `stop_at` rows are kept. rare > 0: index at most `rare` per row."""
+@numba.njit(cache=True, parallel=True)
+def _filter(indptr, ranked, visit, theta, stop_at, df, rare, batch, threads):
+    """One pass at a fixed theta; stops once `stop_at` rows are kept. rare > 0: index at most `rare` per row.
+
+    Visited rows are checked a batch at a time, split between the threads, against the rows kept before
+    the batch (the index is read-only meanwhile). The batch's survivors are then checked in visit order
+    against the rows kept earlier in the same batch, through the same postings (the entries past `fill0`),
+    and indexed: so the result is the one-at-a-time filter's, whatever the batch size or thread count."""
     n, d = indptr.size - 1, df.size
     start = np.zeros(d + 1, np.int64)  # feature f's postings (kept rows' prefixes) fill rows[start[f]:fill[f]]
     for f in range(d):
         start[f + 1] = start[f] + df[f]
     fill = start[:-1].copy()
-    rows = np.empty(start[d], np.int32)
-    mark = np.full(d, -1, np.int64)  # mark[f] == x: f is in A(x), for verifying a candidate in |A(y)| lookups
-    seen = np.full(n, -1, np.int64)
+    fill0 = fill.copy()  # fill as the batch began: the entries past it are the batch's own
+    rows = np.empty(start[d], np.int32)  # positions in `kept`
+    mark = np.full((threads, d), -1, np.int32)  # mark[t, f] == x: f is in A(x), to verify in |A(y)| lookups
+    seen = np.full((threads, stop_at), -1, np.int32)  # seen[t, k] == x: kept[k] already checked
+    similar = np.zeros(batch, np.bool_)
     kept = np.empty(stop_at, np.int64)
+    # the kept rows' features again, in keeping order: verifying reads these, not the whole pool's
+    kept_ptr = np.zeros(stop_at + 1, np.int64)
+    kept_feats = np.empty(min(ranked.size, stop_at * _widest(indptr)), np.int32)
+    kept_sig = np.zeros((stop_at, SIG_WORDS), np.uint64)
+    x_sig = np.zeros((threads, SIG_WORDS), np.uint64)
     n_kept = 0
-    for x in visit:
+    for lo in range(0, n, batch):
         if n_kept == stop_at:
             break
-        a, b = indptr[x], indptr[x + 1]
-        sx = b - a
-        for p in range(a, b):
-            mark[ranked[p]] = x
-        # y was visited first, so |A(y)| >= |A(x)| and they share at least _need(sx, sx) features
-        probe = sx - _need(theta, sx, sx) + 1 if sx else 0
-        if _similar_to_kept(x, a, a + probe, indptr, ranked, theta, start, fill, rows, mark, seen):
-            continue
-        kept[n_kept] = x
-        n_kept += 1
-        # a later x shares at least ceil(theta |A(y)|) features with this y, whatever its size
-        indexed = sx - int(np.ceil(theta * sx - 1e-9)) + 1
-        indexed = min(indexed, rare) if rare > 0 else indexed
-        for p in range(a, min(b, a + indexed)):
-            rows[fill[ranked[p]]] = x
-            fill[ranked[p]] += 1
+        hi = min(n, lo + batch)
+        per = (hi - lo + threads - 1) // threads
+        for t in numba.prange(threads):
+            for i in range(lo + t * per, min(hi, lo + (t + 1) * per)):
+                x = visit[i]
+                similar[i - lo] = _similar(ranked[indptr[x] : indptr[x + 1]], x, theta, start, fill, rows, kept_ptr,
+                                           kept_feats, kept_sig, mark[t], seen[t], x_sig[t])  # fmt: skip
+        first = n_kept
+        for i in range(lo, hi):
+            if n_kept == stop_at:
+                break
+            x = visit[i]
+            fx = ranked[indptr[x] : indptr[x + 1]]
+            if similar[i - lo] or _similar(
+                fx, x, theta, fill0, fill, rows, kept_ptr, kept_feats, kept_sig, mark[0], seen[0], x_sig[0]
+            ):
+                continue
+            kept[n_kept] = x
+            kept_ptr[n_kept + 1] = kept_ptr[n_kept] + fx.size
+            kept_feats[kept_ptr[n_kept] : kept_ptr[n_kept + 1]] = fx
+            _signature(fx, kept_sig[n_kept])
+            for f in fx[: _indexed(theta, fx.size, rare)]:
+                rows[fill[f]] = n_kept
+                fill[f] += 1
+            n_kept += 1
+        for k in range(first, n_kept):
+            for f in kept_feats[kept_ptr[k] : kept_ptr[k] + _indexed(theta, kept_ptr[k + 1] - kept_ptr[k], rare)]:
+                fill0[f] = fill[f]
     return kept[:n_kept]
 
 
 @numba.njit(cache=True)
-def _similar_to_kept(x, a, probe_end, indptr, ranked, theta, start, fill, rows, mark, seen) -> bool:
-    sx = indptr[x + 1] - indptr[x]
-    for p in range(a, probe_end):
-        f = ranked[p]
-        for q in range(start[f], fill[f]):
-            y = rows[q]
-            if seen[y] == x:
+def _widest(indptr):
+    return np.max(indptr[1:] - indptr[:-1]) if indptr.size > 1 else 0
+
+
+@numba.njit(cache=True, inline="always")
+def _indexed(theta, sy, rare):
+    """How many of kept y's rarest features are indexed: a later x shares at least ceil(theta |A(y)|) of
+    them, whatever its size, so all but that many minus one; at most `rare` in the rare index."""
+    indexed = min(sy, sy - int(np.ceil(theta * sy - 1e-9)) + 1)
+    return min(indexed, rare) if rare > 0 else indexed
+
+
+@numba.njit(cache=True, inline="always")
+def _signature(fx, sig) -> int:
+    """A(x) as SIG_WORDS * 64 bits, feature rank r at bit r % that (so the most popular features, the
+    ones most pairs share, get a bit each); returns how many features landed on a bit already set."""
+    sig[:] = 0
+    collided = 0
+    for f in fx:
+        b = f % (SIG_WORDS * 64)
+        w, m = b >> 6, np.uint64(1) << np.uint64(b & 63)
+        collided += (sig[w] & m) != 0
+        sig[w] |= m
+    return collided
+
+
+@numba.njit(cache=True, inline="always")
+def _popcount(v):
+    v = v - ((v >> np.uint64(1)) & np.uint64(0x5555555555555555))
+    v = (v & np.uint64(0x3333333333333333)) + ((v >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    v = (v + (v >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    return (v * np.uint64(0x0101010101010101)) >> np.uint64(56)
+
+
+@numba.njit(cache=True)
+def _similar(fx, x, theta, lo, hi, rows, kept_ptr, kept_feats, kept_sig, mark, seen, x_sig) -> bool:
+    """Whether a kept y in feature f's postings rows[lo[f]:hi[f]], for f in x's probe, has J >= theta.
+    fx: A(x), rarest first."""
+    sx = fx.size
+    if sx == 0:
+        return False
+    for f in fx:
+        mark[f] = x
+    collided = _signature(fx, x_sig)
+    # y was visited first, so |A(y)| >= |A(x)| and they share at least _need(sx, sx) features
+    for f in fx[: sx - _need(theta, sx, sx) + 1]:
+        for q in range(lo[f], hi[f]):
+            k = rows[q]
+            if seen[k] == x:
                 continue
-            seen[y] = x
-            c, e = indptr[y], indptr[y + 1]
+            seen[k] = x
+            c, e = kept_ptr[k], kept_ptr[k + 1]
             if sx < theta * (e - c):  # J <= |A(x)| / |A(y)|
                 continue
-            need, shared = _need(theta, sx, e - c), 0
+            need = _need(theta, sx, e - c)
+            # shared features <= x's bits y also has, plus x's features that shared a bit with another
+            bound = collided
+            for w in range(SIG_WORDS):
+                bound += _popcount(x_sig[w] & kept_sig[k, w])
+            if bound < need:
+                continue
+            shared = 0
             for r in range(c, e):  # stop as soon as the answer is known either way
-                if mark[ranked[r]] == x:
+                if mark[kept_feats[r]] == x:
                     shared += 1
                     if shared >= need:
                         return True

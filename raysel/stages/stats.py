@@ -15,6 +15,7 @@ in, so memory is O(d_sae * N) whatever the corpus size. Per feature j:
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from dataclasses import dataclass
 
@@ -138,14 +139,17 @@ def top_per_feature(feat: np.ndarray, ids: np.ndarray, values: np.ndarray, top_n
 def compute_stats(ds: ray.data.Dataset, d_sae: int, tau: float, top_n: int, activated) -> FeatureStats:
     """Reduce every block on the cluster, merge the partials on the driver as they arrive; each block's
     activated sets are cut on the cluster too and written to `activated` (a parquet writer) as they come."""
+    # pickled by hand into a binary column: left as objects, Ray Data would first try (and loudly fail) to
+    # convert them to Arrow on every block
     partials = ds.map_batches(
-        lambda t: {"partial": [block_stats(t, d_sae, tau, top_n)], "activated": [activated_block(t, tau)]},
+        lambda t: {"part": [pickle.dumps((block_stats(t, d_sae, tau, top_n), activated_block(t, tau)))]},
         batch_format="pyarrow",
         batch_size=None,
     )
     total = FeatureStats.empty(d_sae)
-    for batch in partials.iter_batches(batch_size=1, batch_format="numpy"):
-        for partial, sets in zip(batch["partial"], batch["activated"]):
+    for batch in partials.iter_batches(batch_size=1, batch_format="pyarrow"):
+        for part in batch["part"].to_pylist():
+            partial, sets = pickle.loads(part)
             total = total.merge(partial, top_n)
             activated.write_table(sets)
     return total

@@ -68,7 +68,68 @@ def test_the_rare_index_misses_only_pairs_that_share_no_rare_feature():
     df = np.bincount(ranked).astype(np.int64)
 
     def kept(rare: int) -> list[int]:
-        return sorted(_filter(indptr, ranked, visit, 0.5, len(rows), df, rare).tolist())
+        return sorted(_filter(indptr, ranked, visit, 0.5, len(rows), df, rare, 1, 1).tolist())
 
     assert kept(0) == [0, *range(3, 8)] and kept(64) == kept(0)
     assert kept(2) == [0, 1, *range(3, 8)]
+
+
+@pytest.mark.parametrize("rare", [0, 3])
+def test_batches_and_threads_keep_what_one_at_a_time_keeps(rare):
+    """Catches a batch whose survivors are not checked against the rows kept earlier in the same batch
+    (two similar rows of one batch both kept), a batch that indexes its rows twice or not at all, and
+    threads that share scratch arrays. batch = 1 is the one-at-a-time filter."""
+    import numba
+
+    from raysel.methods.simscale_kernel import _filter, _rarest_first
+
+    indptr, indices, _ = zipf_sets(5, n=600)
+    ranked, visit = _rarest_first(np.asarray(indptr, np.int64), indices)
+    df = np.bincount(ranked).astype(np.int64)
+    threads = numba.get_num_threads()
+    for theta in (0.2, 0.3, 0.4):
+        one = _filter(indptr, ranked, visit, theta, 600, df, rare, 1, 1).tolist()
+        assert 50 < len(one) < 550  # some rows kept, some dropped as similar
+        for batch, n_threads in ((7, threads), (64, threads), (64, 1), (1000, threads), (64, 3)):
+            assert _filter(indptr, ranked, visit, theta, 600, df, rare, batch, n_threads).tolist() == one
+
+
+def test_a_search_seeded_from_a_subsample_still_ends_next_to_the_smallest_theta(monkeypatch):
+    """Catches a gallop that stops with the bracket still open (theta well above the smallest that
+    reaches the budget), and one whose kept set is not the pass at the theta it reports."""
+    from raysel.methods import simscale_kernel
+    from raysel.methods.simscale_kernel import BATCH, _filter, _rarest_first
+
+    monkeypatch.setattr(simscale_kernel, "SEED_ROWS", 1000)  # seeded from 300 rows
+    indptr, indices, _ = zipf_sets(11, n=3000, d=300)
+    budget = 300
+    result = simscale(indptr, indices, budget)
+    ranked, visit = _rarest_first(np.asarray(indptr, np.int64), indices)
+    df = np.bincount(ranked).astype(np.int64)
+
+    def at(theta: float) -> np.ndarray:
+        return _filter(indptr, ranked, visit, theta, len(visit), df, 0, BATCH, 2)
+
+    assert at(result.theta)[:budget].tolist() == result.order.tolist()
+    assert len(at(result.theta - 1 / 128)) < budget
+
+
+def test_the_signature_bound_holds_when_features_share_bits():
+    """Catches a signature bound that forgets a set's own bit collisions (two of its features on one of
+    the 4,096 bits), which undercounts the overlap and so skips similar pairs unverified."""
+    from raysel.methods.simscale_kernel import SIG_WORDS, _popcount, _signature
+
+    rng = np.random.default_rng(3)
+    base = rng.choice(3 * SIG_WORDS * 64, 300, replace=False)  # near-copies: overlaps of ~250
+    sets = [np.unique(np.r_[base[rng.random(300) < 0.9], rng.choice(3 * SIG_WORDS * 64, 20)]) for _ in range(40)]
+    sets = [s.astype(np.int32) for s in sets]
+    sigs = np.zeros((len(sets), SIG_WORDS), np.uint64)
+    collided = np.array([_signature(s, sig) for s, sig in zip(sets, sigs)])
+    undercounted = 0
+    for i, x in enumerate(sets):
+        for j, y in enumerate(sets[:i]):
+            shared_bits = sum(int(_popcount(w)) for w in sigs[i] & sigs[j])
+            overlap = np.intersect1d(x, y).size
+            assert shared_bits + collided[i] >= overlap
+            undercounted += shared_bits < overlap
+    assert undercounted > 0  # without the collision term the bound would have failed these pairs
