@@ -16,6 +16,7 @@ Each row of the store:
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -162,13 +163,38 @@ def max_pools(table: pa.Table) -> np.ndarray:
     return pc.list_flatten(table["feat_max"]).to_numpy()
 
 
-def high_histogram(values: np.ndarray) -> np.ndarray:
-    return np.bincount(ordered_bits(values) >> LOW_BITS, minlength=1 << (32 - LOW_BITS))
-
-
-def low_histogram(values: np.ndarray, high: int) -> np.ndarray:
-    keys = ordered_bits(values)
+def low_histogram(values: np.ndarray, high: int, ordered: bool = False) -> np.ndarray:
+    keys = values if ordered else ordered_bits(values)
     return np.bincount(keys[(keys >> LOW_BITS) == high] & ((1 << LOW_BITS) - 1), minlength=1 << LOW_BITS)
+
+
+def tau_block(table: pa.Table, share: float) -> pa.Table:
+    """A block's high histogram, and the low histograms of the bins around its own value at `share` from
+    the top: a block of thousands of rows rarely misses the whole store's bin by more than one."""
+    keys = ordered_bits(max_pools(table))
+    high = np.bincount(keys >> LOW_BITS, minlength=1 << (32 - LOW_BITS))
+    own, _ = rank_from_top(high, int(share * keys.size))
+    bins = np.unique(np.clip(own + np.arange(-1, 2), 0, high.size - 1)) if keys.size else np.zeros(0, np.int64)
+    lows = np.concatenate([np.zeros(0, np.int64), *(low_histogram(keys, b, ordered=True) for b in bins)])
+    as_list = functools.partial(pa.array, type=pa.list_(pa.int64()))
+    return pa.table(
+        {"high": as_list([high]), "empty": [not keys.size], "bins": as_list([bins]), "lows": as_list([lows])}
+    )
+
+
+def tau_merge(parts, rank: int) -> tuple[int, int, np.ndarray | None]:
+    """(the high bin holding the rank-th largest value, the values in higher bins, the bin's low histogram
+    when every non-empty block sent it, else None: a second pass must count it)."""
+    total, lows, betting, n_blocks = None, {}, collections.Counter(), 0
+    for part in parts:
+        for high, empty, bins, low in zip(*(part[c].to_numpy(zero_copy_only=False) for c in part.column_names)):
+            total = high if total is None else total + high
+            n_blocks += not empty
+            for i, b in enumerate(bins):
+                lows[b] = lows.get(b, 0) + low[i << LOW_BITS : (i + 1) << LOW_BITS]
+                betting[b] += 1
+    high, above = rank_from_top(total, rank)
+    return high, above, lows[high] if betting[high] == n_blocks else None
 
 
 def rank_from_top(histogram: np.ndarray, rank: int) -> tuple[int, int]:
@@ -271,19 +297,25 @@ class FeatureStore:
 
     def resolve_tau(self, tau: float, target_active: float | None) -> float:
         """`tau`, or the one calibrated so that samples average `target_active` activated features:
-        the exact value calibrate_tau finds, from two histogram passes over the store on the cluster."""
+        the exact value calibrate_tau finds, from histogram passes over the store on the cluster: one, or
+        two when some block's values lie far from the whole store's."""
         if not target_active:
             return tau
         rows, stored = self.counts()
         rank = int(round(rows * target_active))  # tau is the (rank + 1)-th largest max-pool
         if rank >= stored:
             return 0.0
-        high, above = rank_from_top(self.summed(lambda t: high_histogram(max_pools(t)), ["feat_max"]), rank)
-        low_counts = self.summed(lambda t: low_histogram(max_pools(t), high), ["feat_max"])
+        high, above, low_counts = self.tau_histograms(rank, stored)
+        if low_counts is None:  # some block did not bet on the bin tau fell in: a second pass
+            low_counts = self.summed(lambda t: low_histogram(max_pools(t), high), ["feat_max"])
         low, _ = rank_from_top(low_counts, rank - above)
         tau = from_ordered_bits((high << LOW_BITS) | low)
         log.info("activation: tau %g gives %g activated features per sample on average", tau, target_active)
         return tau
+
+    def tau_histograms(self, rank: int, stored: int) -> tuple[int, int, np.ndarray | None]:
+        """tau_merge over tau_block of every block of the store, on the cluster."""
+        return tau_merge(self.blocks(functools.partial(tau_block, share=rank / stored), ["feat_max"]), rank)
 
     def profile(self, tau: float, d_sae: int) -> Profile:
         """The store's Profile, one per block on the cluster, merged here."""

@@ -13,7 +13,16 @@ import pytest
 
 from raysel.config import RunConfig
 from raysel.core import paths
-from raysel.core.features import FEATURE_SCHEMA, activated_entries, calibrate_tau
+from raysel.core.features import (
+    FEATURE_SCHEMA,
+    LOW_BITS,
+    activated_entries,
+    calibrate_tau,
+    low_histogram,
+    ordered_bits,
+    tau_block,
+    tau_merge,
+)
 from raysel.core.storage import Storage
 from raysel.methods.coverage_kernel import greedy_coverage
 from raysel.methods.simscale_kernel import simscale
@@ -108,3 +117,26 @@ def test_the_streamed_select_stage_picks_what_the_whole_store_on_the_driver_pick
     for method in ("coverage", "simscale", "random", "longest"):
         picked = pq.read_table(root / "selection" / method / "selected.parquet")["id"].to_pylist()
         assert len(picked) == N // 10 and picked == want[method], method
+
+
+def test_tau_takes_one_pass_only_when_every_block_sent_the_bin_it_fell_in():
+    """Catches a one-pass tau that sums low histograms some blocks never sent (tau off by their values),
+    and a second pass that never runs. Blocks alike: every block bets on tau's bin, and its low histogram
+    is exact. Blocks a thousand times apart: the low block's own quantile lies far below the store's."""
+    rng = np.random.default_rng(3)
+
+    def table(scale: float) -> pa.Table:
+        values = (rng.lognormal(0, 1, (500, 20)) * scale).astype(np.float32)
+        return pa.table({"feat_max": pa.array(list(values), pa.list_(pa.float32()))})
+
+    for scales, one_pass in (((1.0, 1.0, 1.0), True), ((1.0, 1000.0), False)):
+        blocks = [table(s) for s in scales]
+        flat = np.concatenate([pc.list_flatten(b["feat_max"]).to_numpy() for b in blocks])
+        rank = int(0.4 * flat.size)  # tau: the (rank + 1)-th largest
+        high, above, low = tau_merge([tau_block(b, rank / flat.size) for b in blocks], rank)
+        assert (low is not None) == one_pass
+        keys = ordered_bits(flat)
+        want = int(ordered_bits(np.array([calibrate_tau(flat, flat.size, 0.4)]))[0])
+        assert high == want >> LOW_BITS and above == np.count_nonzero(keys >> LOW_BITS > high)
+        if one_pass:
+            assert np.array_equal(low, low_histogram(flat, high))
