@@ -19,6 +19,7 @@ import pickle
 import time
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,7 +28,7 @@ import ray
 
 from raysel.config import ActivationConfig
 from raysel.core import paths
-from raysel.core.features import ACTIVATED_SCHEMA, FeatureStore, activated_block, is_active, ordered_bits
+from raysel.core.features import ACTIVATED_SCHEMA, FeatureStore, activated_block, is_active
 from raysel.core.storage import Storage
 from raysel.stages.base import Stage
 
@@ -80,22 +81,23 @@ class FeatureStats:
 
 def block_stats(table: pa.Table, d_sae: int, tau: float, top_n: int) -> FeatureStats:
     """The partial statistics of one block of the feature store."""
-    feats = pc.list_flatten(table["feat_ids"]).to_numpy().astype(np.int64)
-    maxes = pc.list_flatten(table["feat_max"]).to_numpy().astype(np.float64)
-    sums = pc.list_flatten(table["feat_sum"]).to_numpy().astype(np.float64)
+    feats = pc.list_flatten(table["feat_ids"]).to_numpy()
+    maxes = pc.list_flatten(table["feat_max"]).to_numpy()
+    sums = pc.list_flatten(table["feat_sum"]).to_numpy()
     rows = pc.list_parent_indices(table["feat_ids"]).to_numpy()
     if feats.size and feats.max() >= d_sae:
         raise ValueError(f"stats: feature id {feats.max()} is out of range for d_sae {d_sae}")
     active = is_active(maxes, tau)
-    peak = np.zeros(d_sae)
-    np.maximum.at(peak, feats, maxes)
-    near = near_top(feats, maxes.astype(np.float32), top_n)
+    best = _top_values(feats, maxes, d_sae, top_n)
+    # every feature's top_n entries, and others only where they tie the top_n-th: the exact sort below
+    # (ties broken by id) runs on those alone
+    near = maxes >= best[feats, 0]
     ids = np.asarray(table["id"].to_pylist(), dtype=object)[rows[near]]
-    top = top_per_feature(feats[near], ids, maxes[near].astype(np.float32), top_n)
+    top = top_per_feature(feats[near].astype(np.int64), ids, maxes[near].astype(np.float32), top_n)
     return FeatureStats(
         doc_freq=np.bincount(feats[active], minlength=d_sae),
         mass=np.bincount(feats, weights=sums, minlength=d_sae),
-        max=peak,
+        max=np.maximum(best[:, -1], 0).astype(np.float64),
         active_sum=np.bincount(feats[active], weights=maxes[active], minlength=d_sae),
         top_feat=top[0],
         top_ids=top[1],
@@ -104,18 +106,20 @@ def block_stats(table: pa.Table, d_sae: int, tau: float, top_n: int) -> FeatureS
     )
 
 
-def near_top(feat: np.ndarray, values: np.ndarray, top_n: int) -> np.ndarray:
-    """A mask that holds every feature's top_n entries and few others, so the exact sort below runs on
-    those alone: values fall into eighth-of-an-octave bins counted per feature, and an entry is kept
-    when its bin is at or above the one where its feature's count from the top reaches top_n."""
-    if not feat.size:
-        return np.zeros(0, bool)
-    key = (ordered_bits(values) >> 20).astype(np.int64)
-    down = np.minimum(key.max() - key, 255)  # bins down from the block's highest value
-    counts = np.bincount(feat * 256 + down, minlength=(int(feat.max()) + 1) * 256).reshape(-1, 256)
-    reached = np.cumsum(counts, axis=1) >= top_n
-    cut = np.where(reached.any(axis=1), reached.argmax(axis=1), 255)
-    return down <= cut[feat]
+@numba.njit(cache=True)
+def _top_values(feat, values, d, top_n):
+    """Per feature, its top_n largest values in ascending order (-inf where it has fewer): one pass, and
+    most entries are turned away by one comparison with the feature's smallest kept."""
+    best = np.full((d, top_n), -np.inf, values.dtype)
+    for i in range(feat.size):
+        f, v = feat[i], values[i]
+        if v > best[f, 0]:
+            j = 1
+            while j < top_n and best[f, j] < v:
+                best[f, j - 1] = best[f, j]
+                j += 1
+            best[f, j - 1] = v
+    return best
 
 
 def top_per_feature(feat: np.ndarray, ids: np.ndarray, values: np.ndarray, top_n: int):
