@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 
 # The driver holds the pool's activated sets as one CSR, read block by block from the cluster, and
 # the methods' working copies of it; per activated (sample, feature) pair and per sample, measured by
-# benchmarks/select_stage.py: a 2.39 GB peak at 1M samples of 64 activated features (see README).
-BYTES_PER_ACTIVATED = 28
-BYTES_PER_ROW = 600
+# benchmarks/select_stage.py: a 2.88 GB peak (ru_maxrss, 2.95e9 bytes) at 1M samples of 64 activated
+# features (see README).
+BYTES_PER_ACTIVATED = 36
+BYTES_PER_ROW = 700
 
 
 def check_driver_memory(stats: dict, available: int | None = None) -> dict:
