@@ -176,12 +176,14 @@ class Prepare(Stage):
     ):
         self.input, self.prepare, self.model, self.storage = input, prepare, model, storage
         self.fs, self.files = list_input_files(input, s3)  # an unreadable input fails here, before any work
-        # Files count by path, size and time; a side set (small, edited in place) by its bytes too. The
-        # output schema is part of it: a store written by another version of this stage is redone.
+        # Files count by resolved path, size and time; a side set (small, edited in place) by its bytes
+        # too. input.paths as written is left out: the same files named another way (relative, through a
+        # symlink, a glob) are the same input. The output schema is part of it: a store written by
+        # another version of this stage is redone.
         content = content_fingerprint(input.paths, s3) if by_content else None
         self.fingerprint = fingerprint(
             self.files,
-            input.model_dump(mode="json"),
+            input.model_dump(mode="json", exclude={"paths"}),
             prepare.model_dump(mode="json"),
             model.name,
             PREPARED_SCHEMA.to_string(),

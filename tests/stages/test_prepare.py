@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysel.config import RunConfig
+from raysel.config import RunConfig, S3Config
 from raysel.core.paths import marker
 from raysel.core.storage import Storage
 from tests.conftest import prepare, write_jsonl
@@ -117,6 +117,28 @@ def test_over_long_sample_is_truncated_and_flagged_not_dropped(mixed_run, tiny_t
     assert long["text"].startswith("### User:\nCount.\n\n### Assistant:\nnumber 0 number 1")
     short = next(r for r in mixed_run["prepared"] if r["id"] == "a1")
     assert not short["truncated"] and short["n_tokens"] == short["n_tokens_full"] < 64
+
+
+def test_the_same_files_named_another_way_are_not_prepared_again(
+    ray_cluster, tiny_tokenizer_dir, tmp_path, monkeypatch
+):
+    """Catches a fingerprint over input.paths as written: rerunning a job from another directory, or
+    through a symlink, re-prepared (and so re-encoded) a corpus whose files had not changed."""
+    (tmp_path / "data").mkdir()
+    path = write_jsonl(tmp_path / "data" / "pool.jsonl", [GOOD, CHAT])
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    root = tmp_path / "out"
+    first = prepare(make_cfg(tiny_tokenizer_dir, [path], root), Storage(str(root), S3Config()))
+    written = {p: p.stat().st_mtime_ns for p in (root / "prepared").iterdir()}
+    assert first["n_valid"] == 2 and written
+    monkeypatch.chdir(tmp_path)
+    for spelled in ("data/pool.jsonl", "link/pool.jsonl", "data/*.jsonl", "data", "./link/../data/pool.jsonl"):
+        again = prepare(make_cfg(tiny_tokenizer_dir, [spelled], root), Storage(str(root), S3Config()))
+        assert again == first, spelled
+    assert {p: p.stat().st_mtime_ns for p in (root / "prepared").iterdir()} == written
+    write_jsonl(tmp_path / "data" / "more.jsonl", [LONG])  # a new file under the directory: redone
+    redone = prepare(make_cfg(tiny_tokenizer_dir, ["data"], root), Storage(str(root), S3Config()))
+    assert redone["fingerprint"] != first["fingerprint"] and redone["n_valid"] == 3
 
 
 def test_rerun_skips_when_inputs_are_unchanged_and_redoes_when_they_change(mixed_run):
