@@ -25,9 +25,11 @@ so that the instruction and answer fit --max-tokens, the same tokens in both of 
 
 mona and igds run through raysel's own pipeline (prepare, encode, stats, select) with the default
 model and SAE; the pool is encoded once into --out and reused by the second target set and by
-re-runs. Encoding the 5,488-sample pool takes about 15 minutes on 2 CPU cores.
+re-runs. Encoding the 5,488-sample pool takes about 15 minutes on 2 CPU cores; on a machine without
+the default SAE in its cache, training it comes first (about 19 minutes). The loss and IFD pass (two
+full-model forwards a pool sample) is the longest part, about an hour; math and code share it.
 
-    python benchmarks/task_select.py [--pool ../shared/data/pool.jsonl]
+    python benchmarks/task_select.py [--pool ../shared/data/pool.jsonl] [--sets math,code]
         [--targets-math ../shared/data/targets_math.jsonl] [--targets-code ../shared/data/targets_code.jsonl]
 
 The last line printed is one JSON object: precision at k = category count per target set and method,
@@ -185,7 +187,16 @@ def main() -> None:
         help="tau is calibrated to this many activated "
         "features per sample (IGDS's frequency recall counts activations above it)",
     )
+    parser.add_argument(
+        "--sets",
+        default="math,code",
+        help="the target sets to measure, comma-separated (math, code): one set skips the other's IGDS and MONA",
+    )
     args = parser.parse_args()
+    target_sets = {"math": args.targets_math, "code": args.targets_code}
+    unknown = set(args.sets.split(",")) - set(target_sets)
+    if unknown:
+        parser.error(f"--sets: unknown {sorted(unknown)}; allowed: math, code")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -195,7 +206,7 @@ def main() -> None:
     results, igds_found, encoder, pool_vectors = {}, {}, None, None
     minilm = minilm_dir(os.path.join(args.out, "minilm"))
     pool_minilm = minilm_vectors([plain_text(r) for r in pool], minilm)
-    for name, targets_path in (("math", args.targets_math), ("code", args.targets_code)):
+    for name, targets_path in ((n, p) for n, p in target_sets.items() if n in args.sets.split(",")):
         targets = read_jsonl(targets_path)
         k = sum(c == name for c in category.values())
         cfg = RunConfig.model_validate(
