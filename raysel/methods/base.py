@@ -4,6 +4,7 @@ and writes whatever it picks the same way.
 
     side_inputs(ctx)     the named lists of paths it reads besides the pool (targets, an anchor):
                          the select stage's resume key holds their content fingerprints
+    driver_bytes(...)    what pick holds on the driver beside the pool, for the memory check
     pick(pool, k, ctx)   Picks: the chosen ids in order, a score per pick, details for the manifest
 """
 
@@ -94,6 +95,11 @@ class Method:
     def side_inputs(self, ctx: Context) -> dict[str, list[str]]:
         """Side sets by name: ctx.side_set(name, paths) encodes one when `pick` asks for it."""
         return {}
+
+    def driver_bytes(self, store: FeatureStore, k: int, ctx: Context) -> int:
+        """The driver memory `pick` takes beside the pool's CSR, estimated from the store's counts before
+        anything is read (the select stage's memory check). Most methods stream or work on the CSR."""
+        return 0
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
         raise NotImplementedError

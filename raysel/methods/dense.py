@@ -24,13 +24,19 @@ from raysel.core import paths
 from raysel.core.encoder import Encoder
 from raysel.core.models import tokenize
 from raysel.core.ray_adapter import map_stage, model_resources
+from raysel.core.sae import sae_metadata
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
 
 if TYPE_CHECKING:
     from raysel.config import ModelStack
+    from raysel.core.features import FeatureStore
     from raysel.core.storage import Storage
 
 log = logging.getLogger(__name__)
+
+
+# Beside the n x d_in vectors (held twice while they arrive): the ids, lengths and visit order.
+BYTES_PER_ROW = 200
 
 
 class DenseConfig(MethodConfig):
@@ -42,10 +48,15 @@ class Dense(Method):
 
     Config = DenseConfig
 
+    def driver_bytes(self, store: FeatureStore, k: int, ctx: Context) -> int:
+        rows, d_in = store.summary()["n_samples"], sae_metadata(ctx.stack)["d_in"]
+        return 4 * d_in * (2 * rows + k) + BYTES_PER_ROW * rows
+
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
         ids, vectors = mean_hidden_states(ctx.stack, ctx.storage)
         encoded = np.isin(ids, pool.ids)  # not a sample the encoder rejected
-        ids, vectors = ids[encoded], vectors[encoded]
+        if not encoded.all():  # a copy of the vectors only when there is something to leave out
+            ids, vectors = ids[encoded], vectors[encoded]
         lengths = pool.store.table(["id", "n_tokens"]).sort_by("id")
         n_tokens = lengths["n_tokens"].to_numpy()[np.searchsorted(lengths["id"].to_numpy(zero_copy_only=False), ids)]
         visit = np.lexsort((np.arange(len(ids)), -n_tokens))  # longest first, then by id
@@ -61,7 +72,8 @@ class MeanHidden:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         vectors = mean_hidden(self.encoder, batch["text"].to_pylist())
-        return pa.table({"id": batch["id"], "vector": pa.array(list(vectors), pa.list_(pa.float32()))})
+        rows = pa.FixedSizeListArray.from_arrays(vectors.ravel(), vectors.shape[1])
+        return pa.table({"id": batch["id"], "vector": rows})
 
 
 def mean_hidden(encoder: Encoder, texts: list[str]) -> np.ndarray:
@@ -83,9 +95,18 @@ def mean_hidden_states(stack: ModelStack, storage: Storage) -> tuple[np.ndarray,
     out = map_stage(
         ray.data.from_arrow(texts), MeanHidden, model_resources(stack.encode, stack.encode.actors, 64), stack=stack
     )
-    table = pa.concat_tables(ray.get(out.to_arrow_refs())).sort_by("id")
-    vectors = np.stack(table["vector"].to_numpy(zero_copy_only=False)) if table.num_rows else np.zeros((0, 1))
-    return np.asarray(table["id"].to_pylist(), dtype=object), vectors.astype(np.float32)
+    table = pa.concat_tables(ray.get(out.to_arrow_refs()))
+    ids = np.asarray(table["id"].to_pylist(), dtype=object)
+    order = np.argsort(ids, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(ids))
+    # each block's vectors straight into their sorted rows: the driver holds them twice at most, not four
+    # times as a sort, a list of arrays and a stack would
+    vectors, at = np.zeros((len(ids), table.schema.field("vector").type.list_size), np.float32), 0
+    for chunk in table["vector"].chunks:
+        vectors[rank[at : at + len(chunk)]] = chunk.flatten().to_numpy().reshape(len(chunk), -1)
+        at += len(chunk)
+    return ids[order], vectors
 
 
 def cosine_filter(

@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from raysel.core.features import pooled
+from raysel.core.features import FeatureStore, pooled
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
 
 
@@ -27,15 +27,29 @@ class KCenterConfig(MethodConfig):
     normalize: bool = True  # L2-normalise each vector: distances compare directions, not lengths
 
 
+# What pick takes on the driver, measured in a process of its own (tests/methods/test_kcenter.py; 4M to
+# 20M stored entries, 40k to 100k rows: 74-87 B an entry all told): the store's table read and sorted
+# by id, each entry as a row, a feature and a value (int64, int64, float64), normalised into a second
+# value array, and per pick a gather and a product over all of them; the ids as Python strings.
+BYTES_PER_STORED = 72
+BYTES_PER_ROW = 2000
+
+
 class KCenter(Method):
     Config = KCenterConfig
 
+    def driver_bytes(self, store: FeatureStore, k: int, ctx: Context) -> int:
+        rows, stored = store.counts()  # every stored entry, not just the activated ones
+        return BYTES_PER_STORED * stored + BYTES_PER_ROW * rows
+
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
-        table = pool.store.table(["id", "n_tokens", "feat_ids", "feat_max", "feat_sum"])
-        rows, feats, values = sparse_vectors(table, self.cfg.pooling, self.cfg.normalize)
-        start = int(np.random.default_rng(ctx.seed).integers(table.num_rows)) if table.num_rows else 0
-        order, radii = k_center_greedy(rows, feats, values, table.num_rows, k, start)
+        column = "feat_max" if self.cfg.pooling == "max" else "feat_sum"
+        table = pool.store.table(["id", "n_tokens", "feat_ids", column])
         ids = np.asarray(table["id"].to_pylist(), dtype=object)
+        rows, feats, values = sparse_vectors(table, self.cfg.pooling, self.cfg.normalize)
+        del table  # the flat arrays are all the walk reads: the store's columns need not stay beside them
+        start = int(np.random.default_rng(ctx.seed).integers(len(ids))) if len(ids) else 0
+        order, radii = k_center_greedy(rows, feats, values, len(ids), k, start)
         return Picks(
             ids[order].tolist(),
             radii,

@@ -39,25 +39,36 @@ BYTES_PER_ACTIVATED = 36
 BYTES_PER_ROW = 700
 
 
-def check_driver_memory(stats: dict, available: int | None = None) -> dict:
+def check_driver_memory(stats: dict, methods: dict[str, int] | None = None, available: int | None = None) -> dict:
     """Refuse, before reading it, a pool the driver cannot hold: an estimate from the statistics'
-    counts against the memory free on this machine."""
+    counts, plus the largest of what the methods hold beside it (they run one after another), against
+    the memory free on this machine."""
     import psutil
 
+    methods = {m: b for m, b in (methods or {}).items() if b}
     rows = stats["n_samples"]
     activated = stats.get("n_activated", round(stats["mean_features_per_sample"] * rows))
-    need = BYTES_PER_ACTIVATED * activated + BYTES_PER_ROW * rows
+    pool = BYTES_PER_ACTIVATED * activated + BYTES_PER_ROW * rows
+    heaviest = max(methods, key=methods.get, default=None)
+    need = pool + methods.get(heaviest, 0)
     available = psutil.virtual_memory().available if available is None else available
-    found = {"rows": rows, "activated": activated, "driver_gb": round(need / 2**30, 2),
-             "available_gb": round(available / 2**30, 2)}  # fmt: skip
+    found = {"rows": rows, "activated": activated, "driver_gb": _gb(need), "available_gb": _gb(available),
+             "methods_gb": {m: _gb(b) for m, b in methods.items()}}  # fmt: skip
     if need > available:
+        beside = ", ".join(f"{m} {_gb(b)} GB" for m, b in sorted(methods.items(), key=lambda mb: -mb[1]))
+        leave_out = f"Leave {heaviest} out of select.methods (or run it on a smaller corpus). " if heaviest else ""
         raise MemoryError(
             f"select: the pool ({rows:,} samples, {activated:,} activated features at tau {stats['tau']:g}) needs "
-            f"about {found['driver_gb']} GB on the driver and this machine has {found['available_gb']} GB free. "
+            f"about {_gb(pool)} GB on the driver{f' and, beside it, {beside}' if beside else ''}; this machine has "
+            f"{found['available_gb']} GB free. {leave_out}"
             f"Activate fewer features a sample (a lower activation.target_active, or a higher activation.tau), "
             f"run the driver on a larger head node, or set select.memory_check: false to try anyway"
         )
     return found
+
+
+def _gb(n: int) -> float:
+    return round(n / 2**30, 2)
 
 
 def resolve_budget(budget: float, n: int) -> int:
@@ -86,13 +97,21 @@ class Select(Stage):
             "side_inputs": side,
         }
 
+    def budget(self, method, n: int) -> int:
+        return resolve_budget(method.cfg.budget or self.select.budget, n)
+
+    def check_memory(self, store: FeatureStore) -> dict:
+        stats = store.summary()
+        beside = {m.name: m.driver_bytes(store, self.budget(m, stats["n_samples"]), self.ctx) for m in self.methods}
+        return check_driver_memory(stats, beside)
+
     def run(self) -> dict:
         start, ctx = time.time(), self.ctx
         store = FeatureStore(self.storage)
-        memory = check_driver_memory(store.summary()) if self.select.memory_check else None
+        memory = self.check_memory(store) if self.select.memory_check else None
         pool = read_pool(store, ctx.tau)
         n, indices = len(pool.ids), pool.indices
-        budgets = {m.name: resolve_budget(m.cfg.budget or self.select.budget, n) for m in self.methods}
+        budgets = {m.name: self.budget(m, n) for m in self.methods}
         log.info("select: %d samples, %d activated features, %.1f per sample (tau %g), budgets %s", n,
                  np.unique(indices).size, indices.size / max(n, 1), ctx.tau, budgets)  # fmt: skip
         picks, seconds = {}, {}

@@ -74,3 +74,62 @@ def test_k_center_takes_one_sample_from_each_planted_cluster_first():
 def test_ties_up_to_rounding_go_to_the_earlier_sample():
     assert first_of_max(np.array([1.0, 2.0 - 1e-15, 2.0, 0.5])) == 1
     assert first_of_max(np.array([1.0, 1.9, 2.0])) == 2
+
+
+# Run in a process of its own, so that its peak RSS is kcenter's: the store's parquet file is read and
+# picked from as KCenter.pick does, and what the peak rose above the start is printed.
+MEASURE = """
+import resource, sys
+import psutil, pyarrow.parquet as pq
+from raysel.methods.kcenter import KCenter, KCenterConfig
+
+class Store:
+    def table(self, columns):
+        return pq.read_table(sys.argv[1], columns=columns).sort_by("id")
+
+class Pool:
+    store = Store()
+
+class Context:
+    seed = 0
+
+before = psutil.Process().memory_info().rss
+KCenter(KCenterConfig()).pick(Pool(), 5, Context())
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+def test_the_memory_check_charges_kcenter_what_it_takes(tmp_path):
+    """kcenter holds every stored entry, not just the activated pool; the select stage's memory check
+    charges it BYTES_PER_STORED an entry. An estimate under what pick takes (a kcenter that came to hold
+    one more copy of the store) passes the check and dies of OOM at a million rows; one far over it
+    refuses runs that fit."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raysel.methods.kcenter import BYTES_PER_ROW, BYTES_PER_STORED
+
+    rows, per_row = 40_000, 100
+    rng = np.random.default_rng(0)
+    offsets = pa.array(np.arange(0, rows * per_row + 1, per_row, dtype=np.int32))
+    values = rng.random(rows * per_row, dtype=np.float32)
+    table = pa.table(
+        {
+            "id": [f"s{i:06d}" for i in range(rows)],
+            "n_tokens": np.full(rows, 50, np.int32),
+            "feat_ids": pa.ListArray.from_arrays(
+                offsets, pa.array(np.sort(rng.integers(0, 16384, (rows, per_row)), axis=1).astype(np.int32).ravel())
+            ),
+            "feat_max": pa.ListArray.from_arrays(offsets, pa.array(values)),
+            "feat_sum": pa.ListArray.from_arrays(offsets, pa.array(values * 4)),
+        }
+    )
+    pq.write_table(table, tmp_path / "store.parquet")
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "store.parquet")],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    taken = int(out.stdout.split()[-1])
+    estimate = BYTES_PER_STORED * rows * per_row + BYTES_PER_ROW * rows
+    assert 0.6 * estimate < taken <= estimate

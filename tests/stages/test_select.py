@@ -226,3 +226,23 @@ def test_the_memory_check_counts_the_activated_pool_and_refuses_one_too_big(sele
     assert manifest["stages"]["select"]["driver_memory"]["activated"] == activated
     with pytest.raises(MemoryError, match="activation.target_active.*select.memory_check: false"):
         check_driver_memory(store.summary(), available=24 * activated)  # less than the pool's estimate
+
+
+def test_the_memory_check_adds_the_heaviest_method_beside_the_pool(selected_run):
+    """kcenter holds every stored entry of the store, not the activated pool: a check that counts the
+    pool alone passes a million-row kcenter that then dies of OOM. Methods run one after another, so
+    the largest of them counts, not their sum."""
+    from raysel.methods.kcenter import BYTES_PER_ROW, BYTES_PER_STORED, KCenter, KCenterConfig
+    from raysel.stages.select import check_driver_memory
+
+    root, manifest, _ = selected_run
+    store = FeatureStore(Storage(str(root), RunConfig.model_validate(manifest["config"]).s3))
+    rows, stored = store.counts()
+    kcenter = KCenter(KCenterConfig()).driver_bytes(store, 12, None)
+    assert kcenter == BYTES_PER_STORED * stored + BYTES_PER_ROW * rows and stored > rows
+    pool = 2**30 * check_driver_memory(store.summary(), available=2**40)["driver_gb"]
+    fits = int(pool) + kcenter + 2**20  # the GB figures are rounded: a MB of slack
+    found = check_driver_memory(store.summary(), {"kcenter": kcenter, "coverage": 0, "other": kcenter}, fits)
+    assert found["methods_gb"] == {"kcenter": round(kcenter / 2**30, 2), "other": round(kcenter / 2**30, 2)}
+    with pytest.raises(MemoryError, match=r"beside it, kcenter .* GB.*Leave kcenter out of select.methods"):
+        check_driver_memory(store.summary(), {"kcenter": kcenter, "coverage": 0}, int(pool) + kcenter // 2)
