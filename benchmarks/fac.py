@@ -5,7 +5,8 @@ With the default model and SAE, tau calibrated to 32 activated features per samp
 
 1. FAC of random subsets of the pool of growing size (seeded);
 2. FAC of `coverage`, `fac` and `random` selections at one budget (--budget), F being the
-   --n-features features most enriched on the anchor over the pool;
+   --n-features features most enriched on the anchor over `fac.reference` (the bundled demo corpus
+   by default), not over the pool: the same F for every dataset measured;
 3. `raysel synthesize` on a random --synth-size subset of the pool as the evaluated set, with the
    default generator on up to 20 missing features: acceptance rate at delta, FAC gained, and the
    time per accepted sample.
