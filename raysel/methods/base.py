@@ -2,8 +2,9 @@
 one interface. The select stage builds the pool once, gives each method its budget and a context,
 and writes whatever it picks the same way.
 
-    side_inputs(ctx)     the named lists of paths it reads besides the pool (targets, an anchor):
-                         the select stage's resume key holds their content fingerprints
+    side_inputs(ctx)     the named lists of paths it reads besides the pool (targets, an anchor), each
+                         named as the config field that holds it: the select stage's resume key
+                         holds their content fingerprints in place of the paths as written
     driver_bytes(...)    what pick holds on the driver beside the pool, for the memory check
     pick(pool, k, ctx)   Picks: the chosen ids in order, a score per pick, details for the manifest
 """

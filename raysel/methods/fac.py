@@ -83,7 +83,9 @@ class FACSelect(Method):
     Config = FACSelectConfig
 
     def side_inputs(self, ctx: Context) -> dict[str, list[str]]:
-        return {"anchor": ctx.fac.anchor, "evaluated": self.cfg.evaluated}
+        # the reference too: an edited reference changes F, and so the picks
+        return {"anchor": ctx.fac.anchor, "reference": ctx.fac.reference or [paths.demo_data()],
+                "evaluated": self.cfg.evaluated}  # fmt: skip
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
         """The pool is read as blocks on the cluster: its activated sets (in `pool`), and the entries

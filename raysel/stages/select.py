@@ -85,16 +85,19 @@ class Select(Stage):
         self.methods = [build(entry) for entry in select.methods]
 
     def key(self) -> dict:
-        side = {
-            m.name: {name: content_fingerprint(p, self.s3) for name, p in m.side_inputs(self.ctx).items() if p}
-            for m in self.methods
-        }
+        side = {m.name: m.side_inputs(self.ctx) for m in self.methods}
+        # the side inputs' paths as written are left out: their content fingerprints (of the resolved
+        # files) stand for them, so the same files named another way do not redo the selection
+        methods = [m.cfg.model_dump(mode="json", exclude=set(side[m.name])) for m in self.methods]
         return {
             "encode_fingerprint": self.encoded["fingerprint"],
             "tau": self.ctx.tau,
-            "select": self.select.model_dump(mode="json"),
-            "fac": self.ctx.fac.model_dump(mode="json"),
-            "side_inputs": side,
+            "select": self.select.model_dump(mode="json", exclude={"methods"}) | {"methods": methods},
+            "fac": self.ctx.fac.model_dump(mode="json", exclude={"anchor", "reference"}),
+            "side_inputs": {
+                m: {name: content_fingerprint(p, self.s3) for name, p in inputs.items() if p}
+                for m, inputs in side.items()
+            },
         }
 
     def budget(self, method, n: int) -> int:

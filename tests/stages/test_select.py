@@ -17,7 +17,7 @@ from raysel.core.features import FeatureStore, calibrate_tau
 from raysel.core.storage import Storage
 from raysel.pipeline import run
 from raysel.stages.select import resolve_budget
-from tests.conftest import DEMO, run_cfg, write_jsonl
+from tests.conftest import DEMO, fac_reference, run_cfg, write_jsonl
 
 METHODS = ["coverage", "simscale", "random", "longest", "kcenter"]
 
@@ -184,8 +184,8 @@ def test_the_printed_summary_gives_counts_coverage_per_method_and_the_output(sel
 
 
 def test_a_targets_file_edited_in_place_redoes_the_selection(selected_run, tmp_path):
-    """The resume key holds the targets' content, not their path, size or time: an edit that keeps all
-    three must still redo MONA rather than return the stale selection."""
+    """The resume key holds the targets' content, not their path, size or time: the same file named
+    through a symlink must not redo MONA, and an edit that keeps path, size and time must."""
     import os
 
     root, manifest, _ = selected_run
@@ -198,7 +198,14 @@ def test_a_targets_file_edited_in_place_redoes_the_selection(selected_run, tmp_p
     raw["select"] = {"budget": 5, "methods": [{"name": "mona", "targets": [str(targets)]}]}
     cfg = RunConfig.model_validate(raw)
     first = run(cfg, until="select")
-    picked = pq.read_table(tmp_path / "run" / "selection" / "mona" / "selected.parquet")["id"].to_pylist()
+    selected = tmp_path / "run" / "selection" / "mona" / "selected.parquet"
+    picked, stamp = pq.read_table(selected)["id"].to_pylist(), selected.stat().st_mtime_ns
+
+    (tmp_path / "link").symlink_to(tmp_path)
+    raw["select"]["methods"][0]["targets"] = [str(tmp_path / "link" / "targets.jsonl")]
+    respelled = run(RunConfig.model_validate(raw), until="select")
+    assert respelled["stages"]["select"]["key"] == first["stages"]["select"]["key"]
+    assert selected.stat().st_mtime_ns == stamp
 
     stat = targets.stat()
     body = "\n".join(json.dumps(r) for r in safety).encode()
@@ -208,8 +215,32 @@ def test_a_targets_file_edited_in_place_redoes_the_selection(selected_run, tmp_p
     assert targets.stat().st_size == stat.st_size and targets.stat().st_mtime_ns == stat.st_mtime_ns
     second = run(cfg, until="select")
     assert second["stages"]["select"]["key"] != first["stages"]["select"]["key"]
-    again = pq.read_table(tmp_path / "run" / "selection" / "mona" / "selected.parquet")["id"].to_pylist()
+    again = pq.read_table(selected)["id"].to_pylist()
     assert len(again) == 5 and again != picked
+
+
+def test_an_edited_fac_reference_redoes_the_fac_selection(selected_run, tmp_path):
+    """F is enriched on the anchor over fac.reference, so the reference's content is part of what
+    `method: fac` picks from: an edit in place (the same path, size and time) must redo it."""
+    import os
+
+    root, manifest, _ = selected_run
+    shutil.copytree(root, tmp_path / "run")
+    demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
+    anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[60:] if r["category"] == "math"][:6])
+    reference = Path(fac_reference(tmp_path))
+    raw = manifest["config"] | {"output": {"root": str(tmp_path / "run")}, "s3": {}}
+    raw["select"] = {"budget": 5, "methods": ["fac"]}
+    raw["fac"] = {"anchor": [str(anchor)], "reference": [str(reference)], "n_features": 20}
+    cfg = RunConfig.model_validate(raw)
+    first = run(cfg, until="select")
+    stat, rows = reference.stat(), reference.read_text().splitlines()
+    body = "\n".join(rows[len(rows) // 2 :] + rows[: len(rows) // 2]).encode() + b"\n"  # the same bytes, reordered
+    reference.write_bytes(body[: stat.st_size])
+    os.utime(reference, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert reference.stat().st_size == stat.st_size and reference.stat().st_mtime_ns == stat.st_mtime_ns
+    second = run(cfg, until="select")
+    assert second["stages"]["select"]["key"] != first["stages"]["select"]["key"]
 
 
 def test_the_memory_check_counts_the_activated_pool_and_refuses_one_too_big(selected_run):
