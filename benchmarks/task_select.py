@@ -31,6 +31,7 @@ full-model forwards a pool sample) is the longest part, about an hour; math and 
 
     python benchmarks/task_select.py [--pool ../shared/data/pool.jsonl] [--sets math,code]
         [--targets-math ../shared/data/targets_math.jsonl] [--targets-code ../shared/data/targets_code.jsonl]
+        [--no-loss]
 
 The last line printed is one JSON object: precision at k = category count per target set and method,
 and per target set how many IGDS candidates had delta > 0 (`igds_positive_features`) and the alpha
@@ -192,7 +193,13 @@ def main() -> None:
         default="math,code",
         help="the target sets to measure, comma-separated (math, code): one set skips the other's IGDS and MONA",
     )
+    parser.add_argument(
+        "--no-loss",
+        action="store_true",
+        help="leave out the loss and ifd baselines (two full-model forwards a pool sample: about an hour on 2 cores)",
+    )
     args = parser.parse_args()
+    methods = [m for m in METHODS if not (args.no_loss and m in ("loss", "ifd"))]
     target_sets = {"math": args.targets_math, "code": args.targets_code}
     unknown = set(args.sets.split(",")) - set(target_sets)
     if unknown:
@@ -239,7 +246,11 @@ def main() -> None:
         if pool_vectors is None:  # the pool's dense vectors and losses serve both target sets
             pool_vectors = mean_hidden(encoder, prepared["text"].to_pylist())
             pool_ids = prepared["id"].to_pylist()
-            by_loss = loss_and_ifd_rankings(pool_ids, *answer_nll(cfg, prepared["messages"].to_pylist()))
+            by_loss = (
+                {}
+                if args.no_loss
+                else loss_and_ifd_rankings(pool_ids, *answer_nll(cfg, prepared["messages"].to_pylist()))
+            )
         target_texts = pq.read_table(os.path.join(args.out, "targets", "prepared"), columns=["text"])[
             "text"
         ].to_pylist()
@@ -259,7 +270,7 @@ def main() -> None:
                 "at_k": precision(rankings[m], category, name, k),
                 "at_5pct": precision(rankings[m], category, name, k5),
             }
-            for m in METHODS
+            for m in methods
         }
         igds_manifest = json.load(open(os.path.join(args.out, "selection", "igds", "manifest.json")))
         igds_found[name] = {
@@ -269,7 +280,7 @@ def main() -> None:
         }
         print(f"\n{name}: {len(targets)} targets; {k} of {len(pool)} pool samples are {name}; 5 % = {k5}")
         print(f"{'method':<8} {'P@' + str(k):>8} {'P@' + str(k5):>8}")
-        for m in METHODS:
+        for m in methods:
             print(f"{m:<8} {results[name][m]['at_k']:>8.3f} {results[name][m]['at_5pct']:>8.3f}")
         print(
             f"igds task features {igds_manifest['task_features']} from {igds_manifest['task_feature_source']}; "
@@ -279,8 +290,8 @@ def main() -> None:
         )
     print(
         json.dumps(
-            {name: {m: round(r[m]["at_k"], 4) for m in METHODS} | igds_found[name] for name, r in results.items()}
-            | {"at_5pct": {name: {m: round(r[m]["at_5pct"], 4) for m in METHODS} for name, r in results.items()}}
+            {name: {m: round(r[m]["at_k"], 4) for m in methods} | igds_found[name] for name, r in results.items()}
+            | {"at_5pct": {name: {m: round(r[m]["at_5pct"], 4) for m in methods} for name, r in results.items()}}
         )
     )
 
