@@ -27,7 +27,7 @@ class KCenterConfig(MethodConfig):
     normalize: bool = True  # L2-normalise each vector: distances compare directions, not lengths
 
 
-# What pick takes on the driver, measured in a process of its own (tests/methods/test_kcenter.py; 4M to
+# What pick takes on the driver, measured in a process of its own on a machine otherwise idle (4M to
 # 20M stored entries, 40k to 100k rows: 74-87 B an entry all told): the store's table read and sorted
 # by id, each entry as a row, a feature and a value (int64, int64, float64), normalised into a second
 # value array, and per pick a gather and a product over all of them; the ids as Python strings.
