@@ -100,9 +100,9 @@ def mean_hidden_states(stack: ModelStack, storage: Storage) -> tuple[np.ndarray,
     order = np.argsort(ids, kind="stable")
     rank = np.empty_like(order)
     rank[order] = np.arange(len(ids))
-    # each block's vectors straight into their sorted rows: the driver holds them twice at most, not four
-    # times as a sort, a list of arrays and a stack would
-    vectors, at = np.zeros((len(ids), table.schema.field("vector").type.list_size), np.float32), 0
+    # each block's vectors straight into their sorted rows (rank is a permutation: every row is written), so
+    # the driver holds them twice at most, not four times as a sort, a list of arrays and a stack would
+    vectors, at = np.empty((len(ids), table.schema.field("vector").type.list_size), np.float32), 0
     for chunk in table["vector"].chunks:
         vectors[rank[at : at + len(chunk)]] = chunk.flatten().to_numpy().reshape(len(chunk), -1)
         at += len(chunk)

@@ -24,7 +24,7 @@ from raysel.core import paths
 from raysel.core.corpus import content_fingerprint
 from raysel.core.features import FeatureStore
 from raysel.core.storage import Storage
-from raysel.methods import BASELINES, Context, Pool, build
+from raysel.methods import BASELINES, Context, Method, Pool, build
 from raysel.stages.base import Stage
 from raysel.stages.publish import write_selection
 
@@ -100,7 +100,7 @@ class Select(Stage):
             },
         }
 
-    def budget(self, method, n: int) -> int:
+    def budget(self, method: Method, n: int) -> int:
         return resolve_budget(method.cfg.budget or self.select.budget, n)
 
     def check_memory(self, store: FeatureStore) -> dict:
