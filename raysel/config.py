@@ -115,6 +115,9 @@ class ActivationConfig(Section):
 
     tau: float = Field(0.0, ge=0)  # activated when the sample's max-pool exceeds tau
     target_active: float | None = Field(None, gt=0)  # set tau instead: samples average this many activated features
+    # target_active's tau is calibrated on about this many samples (whole shards, evenly spaced through
+    # the store; every shard when it holds fewer); null: every sample, exact at any size
+    calibrate_rows: int | None = Field(100_000, gt=0)
 
 
 class StatsConfig(Section):

@@ -45,9 +45,11 @@ FEATURE_SCHEMA = pa.schema(
 
 
 def is_active(max_pool, tau: float):
-    """The activation rule, for an array of max-pooled values (numpy or arrow)."""
+    """The activation rule, for an array of max-pooled values (numpy or arrow). Compared in float64 in
+    both: numpy would round a Python float tau to float32 first, arrow does not, and a value equal to
+    float32(tau) would then count in the statistics but not in the activated sets."""
     if isinstance(max_pool, np.ndarray):
-        return max_pool > tau
+        return max_pool > np.float64(tau)
     return pc.greater(max_pool, tau)
 
 
@@ -258,10 +260,15 @@ class FeatureStore:
 
     def counts(self) -> tuple[int, int]:
         """(rows, stored features) of the committed shards, from their parquet footers alone."""
-        rows = stored = 0
+        shards = self.shard_counts()
+        return sum(r for _, r, _ in shards), sum(s for _, _, s in shards)
+
+    def shard_counts(self) -> list[tuple[str, int, int]]:
+        """(path, rows, stored features) of each committed shard, from its parquet footer."""
+        found = []
         for path in self.shard_paths():
             meta = pq.ParquetFile(path, filesystem=self.storage.fs).metadata
-            rows += meta.num_rows
+            stored = 0
             for g in range(meta.num_row_groups):
                 group = meta.row_group(g)
                 stored += sum(
@@ -269,7 +276,8 @@ class FeatureStore:
                     for c in range(group.num_columns)
                     if group.column(c).path_in_schema == "feat_ids.list.element"
                 )
-        return rows, stored
+            found.append((path, meta.num_rows, stored))
+        return found
 
     def top_k(self, score_block, k: int) -> pa.Table:
         """The k best (id, score) of the store by score_block(table) -> scores, in one pass on the cluster."""
@@ -286,36 +294,43 @@ class FeatureStore:
         with self.storage.fs.open_input_file(self.storage.path(paths.ACTIVATED)) as f:
             return csr_by_id(pq.ParquetFile(f).iter_batches(batch_size=1 << 16))
 
-    def blocks(self, fn, columns: list[str]):
-        """fn(table) -> table over every shard's blocks on the cluster, the results streamed back here."""
-        import ray
+    def blocks(self, fn, columns: list[str], shards: list[str] | None = None):
+        """fn(table) -> table over every shard (all committed ones by default), each in a Ray task on
+        the cluster, the results streamed back here in shard order."""
+        from raysel.core.ray_adapter import map_files
 
-        ds = ray.data.read_parquet(self.shard_paths(), filesystem=self.storage.fs).select_columns(columns)
-        yield from ds.map_batches(fn, batch_format="pyarrow", batch_size=None).iter_batches(
-            batch_format="pyarrow", batch_size=None
+        yield from map_files(self.shard_paths() if shards is None else shards, fn, columns, self.storage.fs)
+
+    def resolve_tau(self, tau: float, target_active: float | None, sample_rows: int | None = None) -> float:
+        """`tau`, or the one calibrate() finds for `target_active`."""
+        return self.calibrate(target_active, sample_rows)["tau"] if target_active else tau
+
+    def calibrate(self, target_active: float, sample_rows: int | None = None) -> dict:
+        """The tau at which samples average `target_active` activated features: the exact value
+        calibrate_tau finds over the calibration sample (every shard, or with `sample_rows` every
+        step-th, about that many samples), from histogram passes on the cluster: one, or two when some
+        block's values lie far from the sample's. Whole shards, evenly spaced: a store written in input
+        order is sampled across all of it, and a shard is read whole or not at all."""
+        shards = self.shard_counts()
+        rows = sum(r for _, r, _ in shards)
+        step = max(1, -(-rows // sample_rows)) if sample_rows else 1
+        sample = shards[step // 2 :: step] or shards
+        paths_, taken, stored = [p for p, _, _ in sample], sum(r for _, r, _ in sample), sum(s for *_, s in sample)
+        rank = int(round(taken * target_active))  # tau is the (rank + 1)-th largest max-pool
+        tau = 0.0 if rank >= stored else self.tau_at_rank(rank, stored, paths_)
+        log.info("activation: tau %g gives %g activated features per sample on average (calibrated on %d of %d "
+                 "samples)", tau, target_active, taken, rows)  # fmt: skip
+        return {"tau": tau, "calibrated_on": taken, "of": rows}
+
+    def tau_at_rank(self, rank: int, stored: int, shards: list[str]) -> float:
+        """The (rank + 1)-th largest max-pool of the shards' `stored` values."""
+        high, above, low_counts = tau_merge(
+            self.blocks(functools.partial(tau_block, share=rank / stored), ["feat_max"], shards), rank
         )
-
-    def resolve_tau(self, tau: float, target_active: float | None) -> float:
-        """`tau`, or the one calibrated so that samples average `target_active` activated features:
-        the exact value calibrate_tau finds, from histogram passes over the store on the cluster: one, or
-        two when some block's values lie far from the whole store's."""
-        if not target_active:
-            return tau
-        rows, stored = self.counts()
-        rank = int(round(rows * target_active))  # tau is the (rank + 1)-th largest max-pool
-        if rank >= stored:
-            return 0.0
-        high, above, low_counts = self.tau_histograms(rank, stored)
         if low_counts is None:  # some block did not bet on the bin tau fell in: a second pass
-            low_counts = self.summed(lambda t: low_histogram(max_pools(t), high), ["feat_max"])
+            low_counts = self.summed(lambda t: low_histogram(max_pools(t), high), ["feat_max"], shards)
         low, _ = rank_from_top(low_counts, rank - above)
-        tau = from_ordered_bits((high << LOW_BITS) | low)
-        log.info("activation: tau %g gives %g activated features per sample on average", tau, target_active)
-        return tau
-
-    def tau_histograms(self, rank: int, stored: int) -> tuple[int, int, np.ndarray | None]:
-        """tau_merge over tau_block of every block of the store, on the cluster."""
-        return tau_merge(self.blocks(functools.partial(tau_block, share=rank / stored), ["feat_max"]), rank)
+        return from_ordered_bits((high << LOW_BITS) | low)
 
     def profile(self, tau: float, d_sae: int) -> Profile:
         """The store's Profile, one per block on the cluster, merged here."""
@@ -332,14 +347,15 @@ class FeatureStore:
                 total = total.merge(Profile(counts, peak, int(rows)))
         return total
 
-    def summed(self, fn, columns: list[str]) -> np.ndarray | None:
-        """The sum over the store's blocks of fn(table) -> a 1-D int64 array, each computed on the cluster."""
+    def summed(self, fn, columns: list[str], shards: list[str] | None = None) -> np.ndarray | None:
+        """The sum over the store's blocks (or the shards') of fn(table) -> a 1-D int64 array, each
+        computed on the cluster."""
 
         def block(table: pa.Table) -> pa.Table:
             return pa.table({"counts": pa.array([fn(table).astype(np.int64)], pa.list_(pa.int64()))})
 
         total = None
-        for part in self.blocks(block, columns):
+        for part in self.blocks(block, columns, shards):
             for counts in part["counts"].to_numpy(zero_copy_only=False):
                 total = counts if total is None else total + counts
         return total

@@ -8,6 +8,7 @@ process building the stage once (CPU-only transforms)."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
@@ -15,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
@@ -58,6 +60,28 @@ def _in_task(batch, stage: type, spec: bytes):
     if (stage, spec) not in _built:
         _built[(stage, spec)] = stage(**pickle.loads(spec))
     return _built[(stage, spec)](batch)
+
+
+def map_files(files: list[str], fn, columns: list[str], filesystem=None):
+    """fn(the file's columns as a table) for each parquet file, one plain Ray task a file, yielded in the
+    files' order (so a merge is the same on every run), about two tasks per cluster CPU in flight.
+
+    For the passes that reduce the feature store to small partials. Not Ray Data: its read_parquet took
+    48 s to read the 1M-sample benchmark store (123 files, 9 GB; Ray 2.60, 2 CPUs, either datasource
+    version) where these tasks take about 25 s; the stats stage fell from 114 s to 57 s with them."""
+    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    pending: collections.deque = collections.deque()
+    for path in files:
+        pending.append(_map_file.remote(path, fn, columns, filesystem))
+        if len(pending) >= window:
+            yield ray.get(pending.popleft())
+    while pending:
+        yield ray.get(pending.popleft())
+
+
+@ray.remote(num_cpus=1)
+def _map_file(path: str, fn, columns: list[str], filesystem):
+    return fn(pq.read_table(path, columns=columns, filesystem=filesystem))
 
 
 def log_to_driver() -> None:

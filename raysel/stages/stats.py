@@ -14,6 +14,7 @@ in, so memory is O(d_sae * N) whatever the corpus size. Per feature j:
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 import time
@@ -24,11 +25,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from raysel.config import ActivationConfig
 from raysel.core import paths
-from raysel.core.features import ACTIVATED_SCHEMA, FeatureStore, activated_block, is_active
+from raysel.core.features import ACTIVATED_SCHEMA, FEATURE_SCHEMA, FeatureStore, activated_block
 from raysel.core.storage import Storage
 from raysel.stages.base import Stage
 
@@ -60,11 +60,23 @@ class FeatureStats:
             0,
         )
 
+    def floors(self, top_n: int) -> np.ndarray:
+        """Per feature, the smallest value of its top_n here (its entries are sorted by feature, then by
+        value, descending), or -inf while it has fewer."""
+        counts = np.bincount(self.top_feat, minlength=len(self.doc_freq))
+        full = counts >= top_n
+        floors = np.full(len(counts), -np.inf)
+        floors[full] = self.top_values[np.cumsum(counts)[full] - 1]
+        return floors
+
     def merge(self, other: FeatureStats, top_n: int) -> FeatureStats:
+        # other's entries below a feature's top_n-th value here cannot enter its top: most of a block's,
+        # once a few blocks are merged (ties are kept, for the id order)
+        keep = other.top_values >= self.floors(top_n)[other.top_feat]
         feat, ids, values = top_per_feature(
-            np.concatenate([self.top_feat, other.top_feat]),
-            np.concatenate([self.top_ids, other.top_ids]),
-            np.concatenate([self.top_values, other.top_values]),
+            np.concatenate([self.top_feat, other.top_feat[keep]]),
+            np.concatenate([self.top_ids, other.top_ids[keep]]),
+            np.concatenate([self.top_values, other.top_values[keep]]),
             top_n,
         )
         return FeatureStats(
@@ -85,20 +97,20 @@ def block_stats(table: pa.Table, d_sae: int, tau: float, top_n: int) -> FeatureS
     maxes = pc.list_flatten(table["feat_max"]).to_numpy()
     sums = pc.list_flatten(table["feat_sum"]).to_numpy()
     rows = pc.list_parent_indices(table["feat_ids"]).to_numpy()
-    if feats.size and feats.max() >= d_sae:
-        raise ValueError(f"stats: feature id {feats.max()} is out of range for d_sae {d_sae}")
-    active = is_active(maxes, tau)
-    best = _top_values(feats, maxes, d_sae, top_n)
+    if feats.size and (feats.max() >= d_sae or feats.min() < 0):
+        bad = feats.max() if feats.max() >= d_sae else feats.min()
+        raise ValueError(f"stats: feature id {bad} is out of range for d_sae {d_sae}")
+    doc_freq, mass, active_sum, best = _feature_sums(feats, maxes, sums, tau, d_sae, top_n)
     # every feature's top_n entries, and others only where they tie the top_n-th: the exact sort below
     # (ties broken by id) runs on those alone
     near = maxes >= best[feats, 0]
     ids = np.asarray(table["id"].to_pylist(), dtype=object)[rows[near]]
     top = top_per_feature(feats[near].astype(np.int64), ids, maxes[near].astype(np.float32), top_n)
     return FeatureStats(
-        doc_freq=np.bincount(feats[active], minlength=d_sae),
-        mass=np.bincount(feats, weights=sums, minlength=d_sae),
+        doc_freq=doc_freq,
+        mass=mass,
         max=np.maximum(best[:, -1], 0).astype(np.float64),
-        active_sum=np.bincount(feats[active], weights=maxes[active], minlength=d_sae),
+        active_sum=active_sum,
         top_feat=top[0],
         top_ids=top[1],
         top_values=top[2],
@@ -107,19 +119,26 @@ def block_stats(table: pa.Table, d_sae: int, tau: float, top_n: int) -> FeatureS
 
 
 @numba.njit(cache=True)
-def _top_values(feat, values, d, top_n):
-    """Per feature, its top_n largest values in ascending order (-inf where it has fewer): one pass, and
-    most entries are turned away by one comparison with the feature's smallest kept."""
+def _feature_sums(feat, values, sums, tau, d, top_n):
+    """Per feature, in one pass over a block's entries: the samples above tau (is_active's float64
+    comparison), the summed sum-pools, the summed max-pools above tau (float64, in entry order, as
+    np.bincount adds them), and its top_n largest max-pools in ascending order (-inf where it has
+    fewer; most entries are turned away by one comparison with the feature's smallest kept)."""
+    doc_freq, mass, active_sum = np.zeros(d, np.int64), np.zeros(d), np.zeros(d)
     best = np.full((d, top_n), -np.inf, values.dtype)
     for i in range(feat.size):
         f, v = feat[i], values[i]
+        mass[f] += sums[i]
+        if np.float64(v) > tau:
+            doc_freq[f] += 1
+            active_sum[f] += v
         if v > best[f, 0]:
             j = 1
             while j < top_n and best[f, j] < v:
                 best[f, j - 1] = best[f, j]
                 j += 1
             best[f, j - 1] = v
-    return best
+    return doc_freq, mass, active_sum, best
 
 
 def top_per_feature(feat: np.ndarray, ids: np.ndarray, values: np.ndarray, top_n: int):
@@ -140,18 +159,17 @@ def top_per_feature(feat: np.ndarray, ids: np.ndarray, values: np.ndarray, top_n
     return feat[keep], ids[keep], values[keep]
 
 
-def compute_stats(ds: ray.data.Dataset, d_sae: int, tau: float, top_n: int, activated) -> FeatureStats:
-    """Reduce every block on the cluster, merge the partials on the driver as they arrive; each block's
-    activated sets are cut on the cluster too and written to `activated` (a parquet writer) as they come."""
-    # pickled by hand into a binary column: left as objects, Ray Data would first try (and loudly fail) to
-    # convert them to Arrow on every block
-    partials = ds.map_batches(
-        lambda t: {"part": [pickle.dumps((block_stats(t, d_sae, tau, top_n), activated_block(t, tau)))]},
-        batch_format="pyarrow",
-        batch_size=None,
-    )
+def stats_part(table: pa.Table, d_sae: int, tau: float, top_n: int) -> pa.Table:
+    """One block's partial statistics and activated sets, pickled by hand into a binary column: left as
+    objects, Ray would first try (and loudly fail) to convert them to Arrow."""
+    return pa.table({"part": [pickle.dumps((block_stats(table, d_sae, tau, top_n), activated_block(table, tau)))]})
+
+
+def compute_stats(parts, d_sae: int, top_n: int, activated) -> FeatureStats:
+    """Merge the blocks' stats_part tables as they arrive from the cluster; each block's activated sets
+    are written to `activated` (a parquet writer) as they come."""
     total = FeatureStats.empty(d_sae)
-    for batch in partials.iter_batches(batch_size=1, batch_format="pyarrow"):
+    for batch in parts:
         for part in batch["part"].to_pylist():
             partial, sets = pickle.loads(part)
             total = total.merge(partial, top_n)
@@ -178,19 +196,16 @@ def to_table(stats: FeatureStats) -> pa.Table:
     )
 
 
-def observed_width(ds: ray.data.Dataset) -> int:
+def observed_width(store: FeatureStore) -> int:
     """1 + the largest feature id in the store, for SAEs whose d_sae the driver cannot read."""
-    widths = ds.map_batches(
-        lambda t: {"w": [int(pc.max(pc.list_flatten(t["feat_ids"])).as_py() or -1) + 1]},
-        batch_format="pyarrow",
-        batch_size=None,
-    )
-    return max(widths.to_pandas()["w"], default=0)
+    widths = store.blocks(lambda t: int(pc.max(pc.list_flatten(t["feat_ids"])).as_py() or -1) + 1, ["feat_ids"])
+    return max(widths, default=0)
 
 
 class Calibrate(Stage):
-    """The run's tau: activation.tau, or calibrated on the store so that samples average
-    activation.target_active activated features. Committed, so a re-run does not read the store again."""
+    """The run's tau: activation.tau, or calibrated on the store (on activation.calibrate_rows of its
+    samples) so that samples average activation.target_active activated features. Committed, so a
+    re-run does not read the store again; the stats stage reports the mean the whole store reaches."""
 
     name = "tau"
     needs = ("encode",)
@@ -202,9 +217,13 @@ class Calibrate(Stage):
         return {"encode_fingerprint": self.encoded["fingerprint"], **self.activation.model_dump(mode="json")}
 
     def run(self) -> dict:
-        start = time.time()
-        tau = FeatureStore(self.storage).resolve_tau(self.activation.tau, self.activation.target_active)
-        return {"tau": tau, "seconds": round(time.time() - start, 2)}
+        start, activation = time.time(), self.activation
+        found = (
+            FeatureStore(self.storage).calibrate(activation.target_active, activation.calibrate_rows)
+            if activation.target_active
+            else {"tau": activation.tau}
+        )
+        return {**found, "seconds": round(time.time() - start, 2)}
 
 
 class Stats(Stage):
@@ -222,14 +241,15 @@ class Stats(Stage):
 
     def run(self) -> dict:
         start = time.time()
-        features = FeatureStore(self.storage).dataset()
-        d_sae = self.encoded["d_sae"] or observed_width(features)
+        store = FeatureStore(self.storage)
+        d_sae = self.encoded["d_sae"] or observed_width(store)
         self.storage.fs.create_dir(self.storage.path(paths.STATS), recursive=True)
         with (
             self.storage.fs.open_output_stream(self.storage.path(paths.ACTIVATED)) as sink,
             pq.ParquetWriter(sink, ACTIVATED_SCHEMA) as activated,
         ):
-            stats = compute_stats(features, d_sae, self.tau, self.top_n, activated)
+            part = functools.partial(stats_part, d_sae=d_sae, tau=self.tau, top_n=self.top_n)
+            stats = compute_stats(store.blocks(part, list(FEATURE_SCHEMA.names)), d_sae, self.top_n, activated)
         pq.write_table(to_table(stats), self.storage.path(paths.FEATURE_STATS), filesystem=self.storage.fs)
         summary = {
             "n_samples": stats.n_samples,

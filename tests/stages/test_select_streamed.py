@@ -16,6 +16,7 @@ from raysel.core import paths
 from raysel.core.features import (
     FEATURE_SCHEMA,
     LOW_BITS,
+    FeatureStore,
     activated_entries,
     calibrate_tau,
     low_histogram,
@@ -111,12 +112,32 @@ def test_the_streamed_select_stage_picks_what_the_whole_store_on_the_driver_pick
     assert manifest["stages"]["encode"]["n_shards_encoded"] == 0  # the store was used as written
     root, want = tmp_path / "out", reference(tmp_path / "out")
     assert manifest["stages"]["tau"]["tau"] == want["tau"] and manifest["stages"]["stats"]["tau"] == want["tau"]
+    assert manifest["stages"]["tau"]["calibrated_on"] == N  # under activation.calibrate_rows: every sample
     stats = pq.read_table(root / "stats" / "features.parquet")
     assert np.array_equal(stats["doc_freq"].to_numpy(), want["doc_freq"])
     assert manifest["stages"]["stats"]["n_activated"] == want["doc_freq"].sum() == pytest.approx(8 * N, abs=N // 100)
     for method in ("coverage", "simscale", "random", "longest"):
         picked = pq.read_table(root / "selection" / method / "selected.parquet")["id"].to_pylist()
         assert len(picked) == N // 10 and picked == want[method], method
+
+
+def test_a_sampled_tau_is_the_exact_tau_of_evenly_spaced_whole_shards(
+    ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path
+):
+    """Catches a rank taken from the whole store's row count while the values come from the sample (tau
+    far too low: about three times the target active), shards sampled from one end of the store, and a
+    sample that drops the shards' ends or reads a shard twice."""
+    cfg = RunConfig.model_validate(run_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, 1))
+    write_store(cfg, np.random.default_rng(11))
+    store = FeatureStore(Storage(cfg.output.root, cfg.s3))
+    found = store.calibrate(8, sample_rows=N // 3)  # every 3rd of the 6 shards, from the middle of each step
+    sample = [pq.read_table(tmp_path / "out" / "features" / f"part-{s:05d}.parquet") for s in (1, 4)]
+    flat = np.concatenate([pc.list_flatten(t["feat_max"]).to_numpy() for t in sample])
+    assert found == {"tau": calibrate_tau(flat, sum(t.num_rows for t in sample), 8), "calibrated_on": N // 3, "of": N}
+    whole = pc.list_flatten(pq.read_table(tmp_path / "out" / "features")["feat_max"]).to_numpy()
+    assert found["tau"] != calibrate_tau(whole, N, 8)  # the sample's own value, not the whole store's
+    assert np.count_nonzero(whole > found["tau"]) / N == pytest.approx(8, rel=0.1)
+    assert store.calibrate(8, sample_rows=N)["tau"] == calibrate_tau(whole, N, 8) == store.calibrate(8)["tau"]
 
 
 def test_tau_takes_one_pass_only_when_every_block_sent_the_bin_it_fell_in():

@@ -1,5 +1,7 @@
 """Feature statistics on a real local Ray cluster against a dense numpy reference."""
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -7,13 +9,16 @@ import pytest
 import ray
 
 from raysel.core.features import ACTIVATED_SCHEMA
-from raysel.stages.stats import compute_stats, to_table
+from raysel.stages.stats import compute_stats, stats_part, to_table
 
 
-def random_store(seed: int, n: int = 120, d_sae: int = 40, blocks: int = 4):
-    """A sparse store in several blocks, and its dense max- and sum-pools."""
+def random_store(seed: int, n: int = 120, d_sae: int = 40, blocks: int = 4, ties: bool = False):
+    """A sparse store in several blocks, and its dense max- and sum-pools (with `ties`, whole numbers,
+    most features' top values tying across blocks, and the blocks in descending id order: a later block's
+    tied entries must win)."""
     rng = np.random.default_rng(seed)
-    dense_max = np.where(rng.random((n, d_sae)) < 0.15, rng.gamma(2.0, 1.0, (n, d_sae)), 0.0).astype(np.float32)
+    values = np.ceil(rng.gamma(2.0, 1.0, (n, d_sae))) if ties else rng.gamma(2.0, 1.0, (n, d_sae))
+    dense_max = np.where(rng.random((n, d_sae)) < 0.15, values, 0.0).astype(np.float32)
     dense_max[:, 7] = 0  # a feature that never fires
     dense_sum = dense_max * rng.integers(1, 5, (n, d_sae))
     rows = []
@@ -37,21 +42,25 @@ def random_store(seed: int, n: int = 120, d_sae: int = 40, blocks: int = 4):
             ("feat_sum", pa.list_(pa.float32())),
         ]
     )
-    tables = [pa.Table.from_pylist(part, schema=schema) for part in np.array_split(rows, blocks)]
+    tables = [pa.Table.from_pylist(part, schema=schema) for part in np.array_split(rows, blocks)[:: -1 if ties else 1]]
     return ray.data.from_arrow(tables), dense_max, dense_sum.astype(np.float32)
 
 
 def stats_and_activated(ds, d_sae: int, tau: float, top_n: int):
     """compute_stats, and the activated sets it writes, read back sorted by id."""
     sink = pa.BufferOutputStream()
+    part = functools.partial(stats_part, d_sae=d_sae, tau=tau, top_n=top_n)
+    parts = ds.map_batches(part, batch_format="pyarrow", batch_size=None).iter_batches(batch_format="pyarrow")
     with pq.ParquetWriter(sink, ACTIVATED_SCHEMA) as writer:
-        stats = compute_stats(ds, d_sae, tau, top_n, writer)
+        stats = compute_stats(parts, d_sae, top_n, writer)
     return stats, pq.read_table(pa.BufferReader(sink.getvalue())).sort_by("id")
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_stats_match_a_numpy_reference(ray_cluster, seed):
-    ds, g, s = random_store(seed)
+@pytest.mark.parametrize("seed, ties", [(0, False), (1, False), (2, True)])
+def test_stats_match_a_numpy_reference(ray_cluster, seed, ties):
+    """With ties, catches a merge that turns away a block's entries equal to a feature's current top_n-th
+    value: the smaller id among equal values must win."""
+    ds, g, s = random_store(seed, ties=ties)
     tau, top_n = 1.0, 5
     stats, activated = stats_and_activated(ds, d_sae=g.shape[1], tau=tau, top_n=top_n)
     table = to_table(stats).to_pylist()
@@ -78,3 +87,20 @@ def test_feature_id_beyond_d_sae_is_an_error(ray_cluster):
     ds, g, _ = random_store(0)
     with pytest.raises(Exception, match="out of range for d_sae 10"):
         stats_and_activated(ds, d_sae=10, tau=0.0, top_n=3)
+
+
+def test_a_tau_float32_cannot_hold_counts_the_same_entries_in_stats_and_sets(ray_cluster):
+    """Catches the statistics comparing in float32 (numpy rounds the Python tau 0.1 to float32(0.1) first)
+    while the activated sets compare in float64: an entry equal to float32(0.1) then counts in one only."""
+    ds, g, _ = random_store(0)
+    ds = ds.map_batches(
+        lambda t: t.set_column(
+            3,
+            "feat_max",
+            pa.array([[np.float32(0.1)] * len(v) for v in t["feat_max"].to_pylist()], pa.list_(pa.float32())),
+        ),
+        batch_format="pyarrow",
+    )
+    stats, activated = stats_and_activated(ds, d_sae=g.shape[1], tau=0.1, top_n=3)
+    stored = int((g > 0).sum())
+    assert stats.doc_freq.sum() == sum(len(f) for f in activated["feats"].to_pylist()) == stored  # 0.1f > 0.1
