@@ -301,9 +301,9 @@ class FeatureStore:
 
         yield from map_files(self.shard_paths() if shards is None else shards, fn, columns, self.storage.fs)
 
-    def resolve_tau(self, tau: float, target_active: float | None, sample_rows: int | None = None) -> float:
-        """`tau`, or the one calibrate() finds for `target_active`."""
-        return self.calibrate(target_active, sample_rows)["tau"] if target_active else tau
+    def resolve_tau(self, tau: float, target_active: float | None) -> float:
+        """`tau`, or the one calibrate() finds for `target_active` over every shard."""
+        return self.calibrate(target_active)["tau"] if target_active else tau
 
     def calibrate(self, target_active: float, sample_rows: int | None = None) -> dict:
         """The tau at which samples average `target_active` activated features: the exact value

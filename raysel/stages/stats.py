@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import pickle
 import time
 from dataclasses import dataclass
 
@@ -28,11 +27,13 @@ import pyarrow.parquet as pq
 
 from raysel.config import ActivationConfig
 from raysel.core import paths
-from raysel.core.features import ACTIVATED_SCHEMA, FEATURE_SCHEMA, FeatureStore, activated_block
+from raysel.core.features import ACTIVATED_SCHEMA, FeatureStore, activated_block
 from raysel.core.storage import Storage
 from raysel.stages.base import Stage
 
 log = logging.getLogger(__name__)
+
+STATS_COLUMNS = ["id", "feat_ids", "feat_max", "feat_sum"]  # what block_stats and activated_block read
 
 
 @dataclass
@@ -97,9 +98,9 @@ def block_stats(table: pa.Table, d_sae: int, tau: float, top_n: int) -> FeatureS
     maxes = pc.list_flatten(table["feat_max"]).to_numpy()
     sums = pc.list_flatten(table["feat_sum"]).to_numpy()
     rows = pc.list_parent_indices(table["feat_ids"]).to_numpy()
-    if feats.size and (feats.max() >= d_sae or feats.min() < 0):
-        bad = feats.max() if feats.max() >= d_sae else feats.min()
-        raise ValueError(f"stats: feature id {bad} is out of range for d_sae {d_sae}")
+    lo, hi = (feats.min(), feats.max()) if feats.size else (0, -1)
+    if lo < 0 or hi >= d_sae:
+        raise ValueError(f"stats: feature id {hi if hi >= d_sae else lo} is out of range for d_sae {d_sae}")
     doc_freq, mass, active_sum, best = _feature_sums(feats, maxes, sums, tau, d_sae, top_n)
     # every feature's top_n entries, and others only where they tie the top_n-th: the exact sort below
     # (ties broken by id) runs on those alone
@@ -159,21 +160,18 @@ def top_per_feature(feat: np.ndarray, ids: np.ndarray, values: np.ndarray, top_n
     return feat[keep], ids[keep], values[keep]
 
 
-def stats_part(table: pa.Table, d_sae: int, tau: float, top_n: int) -> pa.Table:
-    """One block's partial statistics and activated sets, pickled by hand into a binary column: left as
-    objects, Ray would first try (and loudly fail) to convert them to Arrow."""
-    return pa.table({"part": [pickle.dumps((block_stats(table, d_sae, tau, top_n), activated_block(table, tau)))]})
+def stats_part(table: pa.Table, d_sae: int, tau: float, top_n: int) -> tuple[FeatureStats, pa.Table]:
+    """One block's partial statistics and its activated sets, computed where the block was read."""
+    return block_stats(table, d_sae, tau, top_n), activated_block(table, tau)
 
 
 def compute_stats(parts, d_sae: int, top_n: int, activated) -> FeatureStats:
-    """Merge the blocks' stats_part tables as they arrive from the cluster; each block's activated sets
-    are written to `activated` (a parquet writer) as they come."""
+    """Merge the blocks' stats_part results as they arrive from the cluster; each block's activated
+    sets are written to `activated` (a parquet writer) as they come."""
     total = FeatureStats.empty(d_sae)
-    for batch in parts:
-        for part in batch["part"].to_pylist():
-            partial, sets = pickle.loads(part)
-            total = total.merge(partial, top_n)
-            activated.write_table(sets)
+    for partial, sets in parts:
+        total = total.merge(partial, top_n)
+        activated.write_table(sets)
     return total
 
 
@@ -249,7 +247,7 @@ class Stats(Stage):
             pq.ParquetWriter(sink, ACTIVATED_SCHEMA) as activated,
         ):
             part = functools.partial(stats_part, d_sae=d_sae, tau=self.tau, top_n=self.top_n)
-            stats = compute_stats(store.blocks(part, list(FEATURE_SCHEMA.names)), d_sae, self.top_n, activated)
+            stats = compute_stats(store.blocks(part, STATS_COLUMNS), d_sae, self.top_n, activated)
         pq.write_table(to_table(stats), self.storage.path(paths.FEATURE_STATS), filesystem=self.storage.fs)
         summary = {
             "n_samples": stats.n_samples,

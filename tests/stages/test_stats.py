@@ -1,7 +1,5 @@
 """Feature statistics on a real local Ray cluster against a dense numpy reference."""
 
-import functools
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,8 +47,8 @@ def random_store(seed: int, n: int = 120, d_sae: int = 40, blocks: int = 4, ties
 def stats_and_activated(ds, d_sae: int, tau: float, top_n: int):
     """compute_stats, and the activated sets it writes, read back sorted by id."""
     sink = pa.BufferOutputStream()
-    part = functools.partial(stats_part, d_sae=d_sae, tau=tau, top_n=top_n)
-    parts = ds.map_batches(part, batch_format="pyarrow", batch_size=None).iter_batches(batch_format="pyarrow")
+    # block by block, as the stage merges them (the stage maps them on the cluster: test_select_streamed)
+    parts = (stats_part(t, d_sae, tau, top_n) for t in ds.iter_batches(batch_format="pyarrow", batch_size=None))
     with pq.ParquetWriter(sink, ACTIVATED_SCHEMA) as writer:
         stats = compute_stats(parts, d_sae, top_n, writer)
     return stats, pq.read_table(pa.BufferReader(sink.getvalue())).sort_by("id")
