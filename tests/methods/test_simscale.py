@@ -94,13 +94,15 @@ def test_batches_and_threads_keep_what_one_at_a_time_keeps(rare):
             assert _filter(indptr, ranked, visit, theta, 600, df, rare, batch, n_threads).tolist() == one
 
 
-def test_a_search_seeded_from_a_subsample_still_ends_next_to_the_smallest_theta(monkeypatch):
+@pytest.mark.parametrize("seed_rows", [1000, 200])
+def test_a_search_seeded_from_a_subsample_still_ends_next_to_the_smallest_theta(monkeypatch, seed_rows):
     """Catches a gallop that stops with the bracket still open (theta well above the smallest that
-    reaches the budget), and one whose kept set is not the pass at the theta it reports."""
+    reaches the budget), and one whose kept set is not the pass at the theta it reports. At 200 the
+    300-row tenth is itself seeded from 30 rows, so the guess adds the rise between the two."""
     from raysel.methods import simscale_kernel
     from raysel.methods.simscale_kernel import BATCH, _filter, _rarest_first
 
-    monkeypatch.setattr(simscale_kernel, "SEED_ROWS", 1000)  # seeded from 300 rows
+    monkeypatch.setattr(simscale_kernel, "SEED_ROWS", seed_rows)
     indptr, indices, _ = zipf_sets(11, n=3000, d=300)
     budget = 300
     result = simscale(indptr, indices, budget)
@@ -114,22 +116,24 @@ def test_a_search_seeded_from_a_subsample_still_ends_next_to_the_smallest_theta(
     assert len(at(result.theta - 1 / 128)) < budget
 
 
-def test_the_signature_bound_holds_when_features_share_bits():
-    """Catches a signature bound that forgets a set's own bit collisions (two of its features on one of
-    the 4,096 bits), which undercounts the overlap and so skips similar pairs unverified."""
-    from raysel.methods.simscale_kernel import SIG_WORDS, _popcount, _signature
+def test_the_signature_bounds_hold_when_features_share_bits():
+    """Catches a signature bound that forgets a set's own bit collisions (two of its features on one bit),
+    which undercounts the overlap and so skips similar pairs unverified; and a folded bound read from the
+    wrong words or with the full signature's collisions. Both must be at least the overlap."""
+    from raysel.methods.simscale_kernel import FOLD_WORDS, SIG_WORDS, _bound, _signature
 
     rng = np.random.default_rng(3)
     base = rng.choice(3 * SIG_WORDS * 64, 300, replace=False)  # near-copies: overlaps of ~250
     sets = [np.unique(np.r_[base[rng.random(300) < 0.9], rng.choice(3 * SIG_WORDS * 64, 20)]) for _ in range(40)]
     sets = [s.astype(np.int32) for s in sets]
-    sigs = np.zeros((len(sets), SIG_WORDS), np.uint64)
-    collided = np.array([_signature(s, sig) for s, sig in zip(sets, sigs)])
+    sigs = np.zeros((len(sets), FOLD_WORDS + SIG_WORDS), np.uint64)
+    collided = [_signature(s, sig) for s, sig in zip(sets, sigs)]
     undercounted = 0
     for i, x in enumerate(sets):
         for j, y in enumerate(sets[:i]):
-            shared_bits = sum(int(_popcount(w)) for w in sigs[i] & sigs[j])
             overlap = np.intersect1d(x, y).size
-            assert shared_bits + collided[i] >= overlap
-            undercounted += shared_bits < overlap
-    assert undercounted > 0  # without the collision term the bound would have failed these pairs
+            folded = _bound(sigs[i], sigs[j], collided[i][0], 0, FOLD_WORDS)
+            full = _bound(sigs[i], sigs[j], collided[i][1], FOLD_WORDS, FOLD_WORDS + SIG_WORDS)
+            assert folded >= overlap and full >= overlap
+            undercounted += full - collided[i][1] < overlap
+    assert undercounted > 0  # without the collision term the full bound would have failed these pairs
