@@ -212,17 +212,15 @@ def top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> pa.Table:
     return pa.table({"id": pa.array(ids[order], pa.string()), "score": pa.array(scores[order], pa.float64())})
 
 
-def distributed_top_k(ds, score_block, k: int) -> pa.Table:
-    """score_block(table) -> scores, over every block of a Ray Dataset; each block sends back its own
-    top k only, and they are merged here."""
-    import ray
+def top_of(table: pa.Table, k: int, score_block=None) -> pa.Table:
+    """top_k of a table of ids, by score_block(table) or by its score column."""
+    scores = score_block(table) if score_block else table["score"].to_numpy()
+    return top_k(np.asarray(table["id"].to_pylist(), dtype=object), scores, k)
 
-    def block_top(table: pa.Table) -> pa.Table:
-        return top_k(np.asarray(table["id"].to_pylist(), dtype=object), score_block(table), k)
 
-    tops = ds.map_batches(block_top, batch_format="pyarrow", batch_size=None).to_arrow_refs()
-    merged = pa.concat_tables(ray.get(tops)) if tops else pa.table({"id": [], "score": []})
-    return top_k(np.asarray(merged["id"].to_pylist(), dtype=object), merged["score"].to_numpy(), k)
+def pooled_columns(pooling: str) -> list[str]:
+    """The store columns pooled(table, pooling) reads."""
+    return ["feat_ids", "feat_max"] if pooling == "max" else ["feat_ids", "feat_sum", "n_tokens"]
 
 
 class FeatureStore:
@@ -279,9 +277,17 @@ class FeatureStore:
             found.append((path, meta.num_rows, stored))
         return found
 
-    def top_k(self, score_block, k: int) -> pa.Table:
-        """The k best (id, score) of the store by score_block(table) -> scores, in one pass on the cluster."""
-        return distributed_top_k(self.dataset(), score_block, k)
+    def top_k(self, score_block, k: int, columns: list[str]) -> pa.Table:
+        """The k best (id, score) of the store by score_block(table of id and `columns`) -> scores, in
+        one pass on the cluster: each shard sends back its own top k, merged here as they arrive."""
+        tops, held = [], 0
+        for top in self.blocks(functools.partial(top_of, k=k, score_block=score_block), ["id", *columns]):
+            tops.append(top)
+            held += top.num_rows
+            if held > 4 * k:  # the driver holds a few k rows whatever the store's size
+                tops = [top_of(pa.concat_tables(tops), k)]
+                held = tops[0].num_rows
+        return top_of(pa.concat_tables(tops), k) if tops else top_k(np.array([], object), np.array([]), k)
 
     def activated_sets(self, tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ids, and A(x) of every sample in CSR form (indptr, int32 indices), sorted by id. Each block

@@ -24,6 +24,7 @@ samples by how strongly they carry those features.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 from typing import TYPE_CHECKING, Literal, NamedTuple
@@ -36,7 +37,7 @@ import ray
 from pydantic import Field
 
 from raysel.core import paths
-from raysel.core.features import activated_entries, pooled
+from raysel.core.features import activated_entries, pooled, pooled_columns
 from raysel.core.models import load_model, load_tokenizer, resolve_device, tokenize
 from raysel.core.ray_adapter import log_to_driver, map_stage, model_resources
 from raysel.core.records import chat_template_for, shared_prefix
@@ -100,7 +101,8 @@ class IGDS(Method):
         helpful = [r["feature"] for r in effects.to_pylist() if r["delta"] > 0]
         task_features, source = task_features_of(cfg, helpful, candidates["feature"].to_pylist(), len(effects))
         log.info("igds: task features %s (%s)", task_features, source)
-        top = pool.store.top_k(lambda t: resonant_scores(t, np.array(task_features), cfg.pooling), k)
+        score = functools.partial(resonant_scores, features=np.array(task_features), pooling=cfg.pooling)
+        top = pool.store.top_k(score, k, pooled_columns(cfg.pooling))
         recall = {r["feature"]: r for r in candidates.to_pylist()}
         return Picks(
             top["id"].to_pylist(),

@@ -4,19 +4,20 @@ m(x) is a sample's mean-pooled SAE vector (feat_sum / n_tokens), p the mean of
 m(t) over the target examples, and the score the weighted Jaccard
 J(x) = sum_j min(m_j, p_j) / sum_j max(m_j, p_j). m(x) is sparse and p dense,
 so J costs O(nnz(x)): outside x's features the max is p_j, summed once as
-P = sum_j p_j. Scoring is one streaming pass over the feature store with Ray
-Data (FeatureStore.top_k).
+P = sum_j p_j. Scoring is one streaming pass over the feature store, a Ray task
+a shard (FeatureStore.top_k).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from raysel.core.features import pooled
+from raysel.core.features import pooled, pooled_columns
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
 
 
@@ -36,7 +37,7 @@ class Mona(Method):
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
         p = prototype(ctx.side_set("targets", self.cfg.targets).table(), ctx.d_sae, self.cfg.pooling)
-        top = pool.store.top_k(lambda t: mona_scores(t, p, self.cfg), k)
+        top = pool.store.top_k(functools.partial(mona_scores, p=p, cfg=self.cfg), k, pooled_columns(self.cfg.pooling))
         return Picks(
             top["id"].to_pylist(), top["score"].to_numpy(), {"prototype_active_features": int(np.count_nonzero(p))}
         )

@@ -7,9 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
-from raysel.core.features import FeatureStore, distributed_top_k, top_k
+from raysel.config import S3Config
+from raysel.core import paths
+from raysel.core.features import FeatureStore, top_k
 from raysel.core.storage import Storage
 from raysel.methods.mona import MonaConfig, mona_scores, prototype
 from tests.conftest import store_table
@@ -46,13 +47,19 @@ def test_the_prototype_is_the_same_whatever_the_target_order():
     np.testing.assert_allclose(p, by_hand, rtol=1e-12)
 
 
-def test_the_top_k_merged_across_blocks_equals_a_global_sort(ray_cluster):
+def test_the_top_k_merged_across_shards_equals_a_global_sort(ray_cluster, tmp_path):
+    """Catches a merge that breaks ties by arrival instead of id, and a compaction (the driver keeps
+    4 k rows at most: here after the fifth shard) that drops a row still in the top k."""
     rng = np.random.default_rng(1)
     ids = np.array([f"s{i:04d}" for i in rng.permutation(500)], dtype=object)
     scores = np.round(rng.random(500), 1)  # many ties: they go to the smaller id
-    table = pa.table({"id": ids.tolist(), "score": scores})
-    ds = ray.data.from_arrow(table).repartition(7)
-    merged = distributed_top_k(ds, lambda t: t["score"].to_numpy(), 60)
+    (tmp_path / paths.FEATURES_DONE).mkdir(parents=True)
+    for s, part in enumerate(np.array_split(np.arange(500), 9)):
+        pq.write_table(
+            pa.table({"id": ids[part].tolist(), "score": scores[part]}), tmp_path / paths.FEATURES / f"{s}.pq"
+        )
+        (tmp_path / paths.FEATURES_DONE / f"{s}.pq.json").write_text("{}")
+    merged = FeatureStore(Storage(str(tmp_path), S3Config())).top_k(lambda t: t["score"].to_numpy(), 60, ["score"])
     expected = sorted(zip(ids.tolist(), scores.tolist()), key=lambda r: (-r[1], r[0]))[:60]
     assert list(zip(merged["id"].to_pylist(), merged["score"].to_pylist())) == expected
     assert top_k(ids, scores, 60).equals(merged)
