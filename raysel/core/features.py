@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raysel.core import paths
+from raysel.core.progress import Progress
 from raysel.core.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -281,7 +282,7 @@ class FeatureStore:
         """The k best (id, score) of the store by score_block(table of id and `columns`) -> scores, in
         one pass on the cluster: each shard sends back its own top k, merged here as they arrive."""
         tops, held = [], 0
-        for top in self.blocks(functools.partial(top_of, k=k, score_block=score_block), ["id", *columns]):
+        for top in self.blocks(functools.partial(top_of, k=k, score_block=score_block), ["id", *columns], name="top k"):
             tops.append(top)
             held += top.num_rows
             if held > 4 * k:  # the driver holds a few k rows whatever the store's size
@@ -292,7 +293,8 @@ class FeatureStore:
     def activated_sets(self, tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ids, and A(x) of every sample in CSR form (indptr, int32 indices), sorted by id. Each block
         is cut to its activated entries on the cluster, so the driver holds the CSR and nothing more."""
-        return csr_by_id(self.blocks(functools.partial(activated_block, tau=tau), ["id", "feat_ids", "feat_max"]))
+        sets = self.blocks(functools.partial(activated_block, tau=tau), ["id", "feat_ids", "feat_max"], name="sets")
+        return csr_by_id(sets)
 
     def committed_activated_sets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """activated_sets at the statistics' tau, read from what the stats stage wrote (a few percent
@@ -300,12 +302,19 @@ class FeatureStore:
         with self.storage.fs.open_input_file(self.storage.path(paths.ACTIVATED)) as f:
             return csr_by_id(pq.ParquetFile(f).iter_batches(batch_size=1 << 16))
 
-    def blocks(self, fn, columns: list[str], shards: list[str] | None = None):
+    def blocks(self, fn, columns: list[str], shards: list[str] | None = None, *, name: str):
         """fn(table) -> table over every shard (all committed ones by default), each in a Ray task on
-        the cluster, the results streamed back here in shard order."""
+        the cluster, the results streamed back here in shard order; the pass's progress is logged as
+        `name` (shards, samples/s, ETA)."""
         from raysel.core.ray_adapter import map_files
 
-        yield from map_files(self.shard_paths() if shards is None else shards, fn, columns, self.storage.fs)
+        rows = {path: n for path, n, _ in self.shard_counts()}
+        shards = list(rows) if shards is None else shards
+        progress = Progress(name, len(shards), sum(rows[s] for s in shards))
+        for shard, result in zip(shards, map_files(shards, fn, columns, self.storage.fs)):
+            progress.update(rows[shard])
+            yield result
+        progress.close()
 
     def resolve_tau(self, tau: float, target_active: float | None) -> float:
         """`tau`, or the one calibrate() finds for `target_active` over every shard."""
@@ -331,7 +340,7 @@ class FeatureStore:
     def tau_at_rank(self, rank: int, stored: int, shards: list[str]) -> float:
         """The (rank + 1)-th largest max-pool of the shards' `stored` values."""
         high, above, low_counts = tau_merge(
-            self.blocks(functools.partial(tau_block, share=rank / stored), ["feat_max"], shards), rank
+            self.blocks(functools.partial(tau_block, share=rank / stored), ["feat_max"], shards, name="tau"), rank
         )
         if low_counts is None:  # some block did not bet on the bin tau fell in: a second pass
             low_counts = self.summed(lambda t: low_histogram(max_pools(t), high), ["feat_max"], shards)
@@ -346,7 +355,7 @@ class FeatureStore:
             return pa.table({"counts": [p.counts], "peak": [p.peak], "rows": [p.rows]})
 
         total = Profile.empty(d_sae)
-        for part in self.blocks(block, ["feat_ids", "feat_max"]):
+        for part in self.blocks(block, ["feat_ids", "feat_max"], name="profile"):
             for counts, peak, rows in zip(
                 *(part[c].to_numpy(zero_copy_only=False) for c in ("counts", "peak", "rows"))
             ):
@@ -361,7 +370,7 @@ class FeatureStore:
             return pa.table({"counts": pa.array([fn(table).astype(np.int64)], pa.list_(pa.int64()))})
 
         total = None
-        for part in self.blocks(block, columns, shards):
+        for part in self.blocks(block, columns, shards, name="tau, second pass"):
             for counts in part["counts"].to_numpy(zero_copy_only=False):
                 total = counts if total is None else total + counts
         return total

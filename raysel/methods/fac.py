@@ -97,7 +97,8 @@ class FACSelect(Method):
         features = task_feature_set(ctx)
         before, _ = fac(anchor, have, features)
         missing = np.array(before["missing"], dtype=np.int64)
-        hits = list(pool.store.blocks(functools.partial(restricted, features=missing, tau=ctx.tau), HIT_COLUMNS))
+        find = functools.partial(restricted, features=missing, tau=ctx.tau)
+        hits = list(pool.store.blocks(find, HIT_COLUMNS, name="fac: hits"))
         hits = pa.concat_tables(hits) if hits else pa.table({c: [] for c in HIT_COLUMNS})
         order, added = fac_greedy(hits, missing, ctx.tau, k, pool.ids)
 

@@ -196,7 +196,9 @@ def to_table(stats: FeatureStats) -> pa.Table:
 
 def observed_width(store: FeatureStore) -> int:
     """1 + the largest feature id in the store, for SAEs whose d_sae the driver cannot read."""
-    widths = store.blocks(lambda t: int(pc.max(pc.list_flatten(t["feat_ids"])).as_py() or -1) + 1, ["feat_ids"])
+    widths = store.blocks(
+        lambda t: int(pc.max(pc.list_flatten(t["feat_ids"])).as_py() or -1) + 1, ["feat_ids"], name="stats: width"
+    )
     return max(widths, default=0)
 
 
@@ -247,7 +249,7 @@ class Stats(Stage):
             pq.ParquetWriter(sink, ACTIVATED_SCHEMA) as activated,
         ):
             part = functools.partial(stats_part, d_sae=d_sae, tau=self.tau, top_n=self.top_n)
-            stats = compute_stats(store.blocks(part, STATS_COLUMNS), d_sae, self.top_n, activated)
+            stats = compute_stats(store.blocks(part, STATS_COLUMNS, name="stats"), d_sae, self.top_n, activated)
         pq.write_table(to_table(stats), self.storage.path(paths.FEATURE_STATS), filesystem=self.storage.fs)
         summary = {
             "n_samples": stats.n_samples,

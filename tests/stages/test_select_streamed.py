@@ -4,6 +4,7 @@ block on the cluster and merged here, the statistics, and every method's picks m
 whole store read on one process gives (the old code path, kept here as the reference)."""
 
 import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -98,10 +99,12 @@ def reference(root) -> dict:
 
 
 def test_the_streamed_select_stage_picks_what_the_whole_store_on_the_driver_picks(
-    ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path
+    ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path, caplog
 ):
     """Catches a CSR gathered out of id order, a tau histogram off by one rank, a block merged twice or
-    dropped, and a pool whose response lengths are joined to the wrong ids."""
+    dropped, a pool whose response lengths are joined to the wrong ids, and a stats pass that tells the
+    user nothing of where it stands."""
+    caplog.set_level(logging.INFO, logger="raysel")
     raw = run_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, 1)
     raw["input"]["paths"] = [str(write_jsonl(tmp_path / "input.jsonl", [{"id": "x", "text": "placeholder"}]))]
     raw["activation"] = {"target_active": 8}
@@ -119,6 +122,7 @@ def test_the_streamed_select_stage_picks_what_the_whole_store_on_the_driver_pick
     for method in ("coverage", "simscale", "random", "longest"):
         picked = pq.read_table(root / "selection" / method / "selected.parquet")["id"].to_pylist()
         assert len(picked) == N // 10 and picked == want[method], method
+    assert f"stats: shards {SHARDS}/{SHARDS}, samples {N:,}/{N:,}" in caplog.text
 
 
 def test_a_sampled_tau_is_the_exact_tau_of_evenly_spaced_whole_shards(
