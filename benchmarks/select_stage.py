@@ -338,8 +338,10 @@ def side_sets(root: Path) -> dict:
     written = {}
     for name, category in (("targets", "math"), ("anchor", "code")):
         rows = [r for r in DEMO_ROWS if r.get("category") == category][:16]
-        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        written[name] = str(root / f"{name}.jsonl")
+        path, text = root / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows)
+        if not path.exists() or path.read_text() != text:  # its mtime keys the side set's encode: keep it
+            path.write_text(text)
+        written[name] = str(path)
     return written
 
 
