@@ -17,13 +17,18 @@ from tests.conftest import store_table
 
 
 def test_weighted_jaccard_equals_the_hand_computed_value():
+    """Catches a score summed into the wrong row: an empty row between two others scores 0 and leaves
+    theirs alone."""
     # mean-pool of x: feature 0 -> 1/2, feature 2 -> 4/2 = 2; prototype p = (1, 1, 1, 0)
-    x = store_table([{"id": "x", "n_tokens": 2, "feats": {0: (1.0, 1.0), 2: (3.0, 4.0)}}])
+    x = {"id": "x", "n_tokens": 2, "feats": {0: (1.0, 1.0), 2: (3.0, 4.0)}}
+    y = {"id": "y", "n_tokens": 1, "feats": {1: (2.0, 2.0), 3: (5.0, 5.0)}}
+    table = store_table([x, {"id": "empty", "n_tokens": 3, "feats": {}}, y])
     p = np.array([1.0, 1.0, 1.0, 0.0])
-    # sum min = 0.5 + 0 + 1 + 0 = 1.5; sum max = 1 + 1 + 2 + 0 = 4
-    assert mona_scores(x, p, MonaConfig(targets=["t"]))[0] == pytest.approx(1.5 / 4)
+    # x: sum min = 0.5 + 0 + 1 + 0 = 1.5; sum max = 1 + 1 + 2 + 0 = 4. y: min 0 + 1 + 0 + 0, max 1 + 2 + 1 + 5
+    assert mona_scores(table, p, MonaConfig(targets=["t"])) == pytest.approx([1.5 / 4, 0.0, 1 / 9])
     cosine = MonaConfig(targets=["t"], similarity="cosine")
-    assert mona_scores(x, p, cosine)[0] == pytest.approx((0.5 + 2.0) / (np.sqrt(0.25 + 4.0) * np.sqrt(3.0)))
+    x_cos = (0.5 + 2.0) / (np.sqrt(0.25 + 4.0) * np.sqrt(3.0))
+    assert mona_scores(table, p, cosine) == pytest.approx([x_cos, 0.0, 2.0 / (np.sqrt(4.0 + 25.0) * np.sqrt(3.0))])
 
 
 def test_the_prototype_is_the_same_whatever_the_target_order():
