@@ -12,11 +12,11 @@ prefix of y (all but o - 1 features of each) must meet. A kept y is indexed by
 its first |y| - ceil(theta |y|) + 1 features (o >= theta |y| whatever x is);
 x, visited later and so no larger than y, probes with its first
 |x| - o(|x|, |x|) + 1, which leaves out its most popular features, the ones
-with the longest posting lists. Each candidate y is first bounded by its 4,096-bit
-signature (the bits of A(x) it also has, plus A(x)'s own bit collisions, is at least
-the overlap), and only then verified against a mark array of A(x), stopping as
-soon as the answer is known. At low theta nearly every candidate fails the bound,
-in a cache line or eight instead of a walk over A(y). The result is exact: no
+with the longest posting lists. Each candidate y is first bounded by its signatures,
+A(y) folded onto 1,024 bits and then onto 4,096 (the bits of A(x) it also has, plus
+A(x)'s own bit collisions, is at least the overlap), and only then verified against a
+mark array of A(x), stopping as soon as the answer is known. At low theta nearly
+every candidate fails a bound, most in two cache lines instead of a walk over A(y). The result is exact: no
 similar pair is missed. Samples with no activated feature are never similar
 to anything.
 
