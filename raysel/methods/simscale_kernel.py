@@ -16,9 +16,9 @@ with the longest posting lists. Each candidate y is first bounded by its signatu
 A(y) folded onto 1,024 bits and then onto 4,096 (the bits of A(x) it also has, plus
 A(x)'s own bit collisions, is at least the overlap), and only then verified against a
 mark array of A(x), stopping as soon as the answer is known. At low theta nearly
-every candidate fails a bound, most in two cache lines instead of a walk over A(y). The result is exact: no
-similar pair is missed. Samples with no activated feature are never similar
-to anything.
+every candidate fails a bound, most in two cache lines instead of a walk over A(y).
+The result is exact: no similar pair is missed. Samples with no activated feature
+are never similar to anything.
 
 A pass checks a batch of visited rows at a time on all threads against the rows kept
 before the batch, then the batch's survivors one by one against the batch's own kept
@@ -294,7 +294,6 @@ def _similar(fx, x, theta, lo, hi, rows, kept_ptr, kept_feats, kept_sig, mark, s
             if sx < theta * (e - c):  # J <= |A(x)| / |A(y)|
                 continue
             need = _need(theta, sx, e - c)
-            # shared features <= x's bits y also has, plus x's features that shared a bit with another
             if _bound(x_sig, kept_sig[k], folded, 0, FOLD_WORDS) < need:
                 continue
             if _bound(x_sig, kept_sig[k], collided, FOLD_WORDS, FOLD_WORDS + SIG_WORDS) < need:
