@@ -165,7 +165,7 @@ class SynthConfig(Section):
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(160, gt=0)
     seed: int = 0
-    actors: int = Field(1, gt=0)  # generator actors (vllm: engine replicas); scoring runs on encode.actors
+    actors: int = Field(1, gt=0)  # actors holding the generator and the run's model + SAE (vllm: engine replicas)
     engine: Literal["transformers", "vllm"] = "transformers"  # vllm: ray.data.llm's vLLM processor, on GPU nodes
 
 

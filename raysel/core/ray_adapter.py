@@ -4,21 +4,27 @@ A unit of Ray work is a callable class that maps one pyarrow batch to another an
 whatever is costly to build (a tokenizer, a model). What it needs from the
 cluster is declared once, as Resources. With `actors` set it runs on a fixed
 actor pool (models); with `actors=0` it runs as plain Ray tasks, each worker
-process building the stage once (CPU-only transforms)."""
+process building the stage once (CPU-only transforms). `held_actors` keeps a
+stage's actors alive across several small rounds; `map_files` reduces parquet
+files with plain tasks."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import pickle
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
+from ray.util import ActorPool
 
 if TYPE_CHECKING:
     from raysel.config import EncodeConfig, RayConfig
@@ -60,6 +66,36 @@ def _in_task(batch, stage: type, spec: bytes):
     if (stage, spec) not in _built:
         _built[(stage, spec)] = stage(**pickle.loads(spec))
     return _built[(stage, spec)](batch)
+
+
+class _Held:
+    """Actor: one stage object, fed one batch a call."""
+
+    def __init__(self, stage: type, kwargs: dict):
+        self.stage = stage(**kwargs)
+
+    def run(self, batch: pa.Table) -> pa.Table:
+        return self.stage(batch)
+
+
+@contextlib.contextmanager
+def held_actors(stage: type, resources: Resources, **stage_kwargs) -> Iterator[Callable[[list], list]]:
+    """`resources.actors` actors, each holding one `stage(**stage_kwargs)` for the whole `with`, as a
+    function from a list of batches to their results (in order); the actors are killed on exit.
+
+    For a loop of small rounds that depend on each other (synthesis' steps): each round on map_stage
+    starts its pool again and pays every model's load again, which was most of a round."""
+    options = dict(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, resources=resources.custom or {})
+    if resources.memory:
+        options["memory"] = resources.memory
+    held = ray.remote(_Held).options(**options)
+    actors = [held.remote(stage, stage_kwargs) for _ in range(resources.actors)]
+    pool = ActorPool(actors)
+    try:
+        yield lambda batches: list(pool.map(lambda actor, batch: actor.run.remote(batch), batches))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 def map_files(files: list[str], fn, columns: list[str], filesystem=None):

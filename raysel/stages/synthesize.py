@@ -11,20 +11,24 @@ the anchor first:
 2. prompt again with the contrastive pair (x+, x- and their scores), sample m
    more, keep those with g_j > delta, and retain the top `keep`.
 
-Each step is two Ray stages: generation, then scoring on the encode actors. Generation runs a
-generator model on an actor pool with transformers `generate` (synth.engine: transformers), or,
-with synth.engine: vllm on GPU nodes with vLLM installed, through ray.data.llm's vLLM processor.
+With synth.engine: transformers, synth.actors actors each hold the generator and the run's model
+and SAE through every round: one generates a prompt's samples with transformers `generate` and
+scores them itself, and each model loads once. With synth.engine: vllm (GPU nodes with vLLM
+installed), ray.data.llm's vLLM processor generates each round, and actors holding the run's
+model and SAE score what it wrote.
 Every candidate, kept or not, is recorded with its provenance: feature, step, prompt, score,
 generator, and whether it passed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import re
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +41,7 @@ from raysel.core import paths
 from raysel.core.encoder import Encoder
 from raysel.core.features import FeatureStore, Profile
 from raysel.core.models import ChatModel, generator_config, model_source
-from raysel.core.ray_adapter import log_to_driver, map_stage, model_resources
+from raysel.core.ray_adapter import held_actors, log_to_driver, model_resources
 from raysel.core.records import chat_template_for
 from raysel.core.section import ConfigError
 from raysel.methods import Context
@@ -115,12 +119,12 @@ def passing(scores: list[float], delta: float, keep: int) -> list[int]:
 
 
 class Generator:
-    """Stage (transformers): each row is a prompt with how many samples it wants; out come the samples."""
+    """`n` samples for each prompt of a batch (each row a prompt and how many samples it wants), from
+    synth.generator with transformers `generate`."""
 
     def __init__(self, stack: ModelStack, synth: SynthConfig):
         import torch
 
-        log_to_driver()
         self.torch, self.s = torch, synth
         self.lm = ChatModel(stack, synth.generator)
 
@@ -199,24 +203,10 @@ def check_vllm() -> None:
         raise ConfigError("synth.engine: 'vllm' runs on GPU nodes and this cluster has none; use 'transformers'")
 
 
-def generate(stack: ModelStack, synth: SynthConfig, prompts: list[dict]) -> pa.Table:
-    """`n` samples for each prompt, from synth.generator on synth.actors actors (synth.engine picks how)."""
-    if synth.engine == "vllm":
-        return generate_vllm(stack, synth, prompts)
-    # one block per prompt, made on the driver: a repartition task could wait forever for a CPU
-    # that the actors, already started, hold
-    items = ray.data.from_items(prompts, override_num_blocks=len(prompts))
-    out = map_stage(
-        items, Generator, model_resources(stack.encode, min(synth.actors, len(prompts))), stack=stack, synth=synth
-    )
-    return pa.concat_tables([GENERATED.empty_table(), *ray.get(out.to_arrow_refs())])
-
-
 class Scorer:
-    """Stage: generated samples in, as alpaca records, encoded, each scored by g_j of its own feature."""
+    """Generated samples in, as alpaca records, encoded, each scored by g_j of its own feature."""
 
     def __init__(self, stack: ModelStack):
-        log_to_driver()
         self.encoder = Encoder(stack)
         self.template = chat_template_for(self.encoder.tokenizer, stack.prepare.chat_template)
 
@@ -248,12 +238,45 @@ class Scorer:
         return self.encoder.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.template)
 
 
-def score(stack: ModelStack, generated: pa.Table) -> pa.Table:
-    """Every generated sample scored, in blocks for the encode actors made on the driver (see generate)."""
-    size = max(1, -(-generated.num_rows // (4 * stack.encode.actors)))  # ceil: about 4 blocks per actor
-    items = ray.data.from_arrow([generated.slice(o, size) for o in range(0, generated.num_rows, size)])
-    out = map_stage(items, Scorer, model_resources(stack.encode, stack.encode.actors, 64), stack=stack)
-    return pa.concat_tables([CANDIDATES.empty_table(), *ray.get(out.to_arrow_refs())])
+class Synthesizer:
+    """Stage: prompts in, their samples out, each scored (a generator and the run's model and SAE on one
+    actor); or, with synth.engine: vllm, samples vLLM generated in, scored."""
+
+    def __init__(self, stack: ModelStack, synth: SynthConfig):
+        log_to_driver()
+        self.generate = Generator(stack, synth) if synth.engine == "transformers" else None
+        self.score = Scorer(stack)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.score(batch if "text" in batch.column_names else self.generate(batch))
+
+
+@contextlib.contextmanager
+def sampler(stack: ModelStack, synth: SynthConfig, n_features: int) -> Iterator[Callable[[list[dict]], list[dict]]]:
+    """A function from a round's prompts to their scored candidates.
+
+    transformers: synth.actors actors hold the generator and the run's model and SAE through every round,
+    so each model loads once. vllm: each round, the engine's replicas generate first (ray.data.llm), then
+    encode.actors actors score; both at once could wait forever for the same GPUs."""
+
+    if synth.engine == "vllm":
+
+        def vllm_round(prompts: list[dict]) -> list[dict]:
+            generated = generate_vllm(stack, synth, prompts)
+            size = max(1, -(-generated.num_rows // (4 * stack.encode.actors)))  # ceil: about 4 blocks an actor
+            resources = model_resources(stack.encode, stack.encode.actors)
+            with held_actors(Synthesizer, resources, stack=stack, synth=synth) as on_actors:
+                return as_rows(on_actors([generated.slice(o, size) for o in range(0, generated.num_rows, size)]))
+
+        yield vllm_round
+        return
+    resources = model_resources(stack.encode, min(synth.actors, n_features))
+    with held_actors(Synthesizer, resources, stack=stack, synth=synth) as on_actors:
+        yield lambda prompts: as_rows(on_actors([pa.Table.from_pylist([p]) for p in prompts]))  # a prompt a call
+
+
+def as_rows(scored: list[pa.Table]) -> list[dict]:
+    return pa.concat_tables([CANDIDATES.empty_table(), *scored]).to_pylist()
 
 
 def synthesize(
@@ -272,48 +295,50 @@ def synthesize(
         ]
 
     first_prompts = {j: first_prompt(spans, j, s.spans, labels.get(j)) for j in todo}
-    first = score(stack, generate(stack, synth, prompts(1, first_prompts, s.n_candidates, todo))).to_pylist()
-    silent = [j for j in todo if not any(c["score"] > 0 for c in first if c["feature"] == j)]
-    if silent:  # hotter sampling, once; a new seed and ids of its own
-        log.info("synthesize: features %s: every step-1 sample scored 0; retrying at %.2f", silent, s.retry_temperature)
-        retry = prompts(1, first_prompts, s.n_candidates, silent, temperature=s.retry_temperature, attempt="1r")
-        for p in retry:
-            p["seed"] += 5
-        first += score(stack, generate(stack, synth, retry)).to_pylist()
-    no_signal = [j for j in silent if not any(c["score"] > 0 for c in first if c["feature"] == j)]
-    if no_signal:
-        log.warning("synthesize: features %s: no step-1 sample activates them, even hotter: no_signal", no_signal)
-    pairs = {}
-    for j in (j for j in todo if j not in no_signal):
-        mine = [c for c in first if c["feature"] == j]
-        pairs[j] = max(mine, key=lambda c: c["score"]), min(mine, key=lambda c: c["score"])
-    contrastive = {
-        j: CONTRASTIVE.format(best=b["text"], best_score=b["score"], worst=w["text"], worst_score=w["score"])
-        for j, (b, w) in pairs.items()
-    }
-    second = (
-        score(stack, generate(stack, synth, prompts(2, contrastive, s.n_contrastive, list(pairs)))).to_pylist()
-        if pairs
-        else []
-    )
+    with sampler(stack, synth, len(todo)) as sample:
+        first = sample(prompts(1, first_prompts, s.n_candidates, todo))
+        silent = [j for j in todo if not any(c["score"] > 0 for c in first if c["feature"] == j)]
+        if silent:  # hotter sampling, once; a new seed and ids of its own
+            log.info(
+                "synthesize: features %s: every step-1 sample scored 0; retrying at %.2f", silent, s.retry_temperature
+            )
+            retry = prompts(1, first_prompts, s.n_candidates, silent, temperature=s.retry_temperature, attempt="1r")
+            first += sample([p | {"seed": p["seed"] + 5} for p in retry])
+        no_signal = [j for j in silent if not any(c["score"] > 0 for c in first if c["feature"] == j)]
+        if no_signal:
+            log.warning("synthesize: features %s: no step-1 sample activates them, even hotter: no_signal", no_signal)
+        pairs = {}
+        for j in (j for j in todo if j not in no_signal):
+            mine = [c for c in first if c["feature"] == j]
+            pairs[j] = max(mine, key=lambda c: c["score"]), min(mine, key=lambda c: c["score"])
+        contrastive = {
+            j: CONTRASTIVE.format(best=b["text"], best_score=b["score"], worst=w["text"], worst_score=w["score"])
+            for j, (b, w) in pairs.items()
+        }
+        second = sample(prompts(2, contrastive, s.n_contrastive, list(pairs))) if pairs else []
     for j in pairs:
-        mine = sorted((c for c in second if c["feature"] == j), key=lambda c: c["id"])
-        for c in mine:
-            c["passed"] = c["score"] > delta
-        for i in passing([c["score"] for c in mine], delta, s.keep):
-            mine[i]["kept"] = True
-        log.info(
-            "synthesize: feature %d: step 1 best %.2f, worst %.2f; step 2: %d of %d above delta %.2f, %d kept",
-            j,
-            pairs[j][0]["score"],
-            pairs[j][1]["score"],
-            sum(c["passed"] for c in mine),
-            len(mine),
-            delta,
-            sum(c["kept"] for c in mine),
-        )
+        judge_second_step(j, [c for c in second if c["feature"] == j], pairs[j], delta, s.keep)
     table = pa.Table.from_pylist(first + second, schema=CANDIDATES)
     return table.sort_by([("feature", "ascending"), ("step", "ascending"), ("id", "ascending")]), no_signal
+
+
+def judge_second_step(j: int, mine: list[dict], pair: tuple[dict, dict], delta: float, keep: int) -> None:
+    """Feature j's step-2 candidates marked in place: passed (score above delta), and the best `keep` kept."""
+    mine.sort(key=lambda c: c["id"])
+    for c in mine:
+        c["passed"] = c["score"] > delta
+    for i in passing([c["score"] for c in mine], delta, keep):
+        mine[i]["kept"] = True
+    log.info(
+        "synthesize: feature %d: step 1 best %.2f, worst %.2f; step 2: %d of %d above delta %.2f, %d kept",
+        j,
+        pair[0]["score"],
+        pair[1]["score"],
+        sum(c["passed"] for c in mine),
+        len(mine),
+        delta,
+        sum(c["kept"] for c in mine),
+    )
 
 
 def first_prompt(spans: pa.Table, feature: int, n: int, label: str | None) -> str:
