@@ -11,6 +11,7 @@ and writes whatever it picks the same way.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
@@ -44,6 +45,11 @@ class Pool:
     indices: np.ndarray
     response_tokens: np.ndarray
     store: FeatureStore
+
+    @functools.cached_property
+    def n_features(self) -> int:
+        """How many features any sample activates."""
+        return int(np.count_nonzero(np.bincount(self.indices))) if self.indices.size else 0
 
     def rows_of(self, ids) -> np.ndarray:
         return np.searchsorted(self.ids, np.asarray(ids, dtype=object)) if len(ids) else np.empty(0, np.int64)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -116,7 +117,7 @@ class Select(Stage):
         n, indices = len(pool.ids), pool.indices
         budgets = {m.name: self.budget(m, n) for m in self.methods}
         log.info("select: %d samples, %d activated features, %.1f per sample (tau %g), budgets %s", n,
-                 np.unique(indices).size, indices.size / max(n, 1), ctx.tau, budgets)  # fmt: skip
+                 pool.n_features, indices.size / max(n, 1), ctx.tau, budgets)  # fmt: skip
         picks, seconds = {}, {}
         for method in self.methods:
             began = time.time()
@@ -124,7 +125,7 @@ class Select(Stage):
             seconds[method.name] = round(time.time() - began, 2)
             log.info("select: %s picked %d in %.1fs", method.name, len(chosen.ids), seconds[method.name])
             order = pool.rows_of(chosen.ids)
-            picks[method.name] = (order, chosen, *coverage_curve(order, pool.indptr, indices))
+            picks[method.name] = (order, chosen, *coverage_curve(order, pool.indptr, indices, pool.n_features))
         baselines = {
             str(k): baseline_coverage(
                 pool, k, ctx, {m: picks[m][3][-1]["coverage"] for m in budgets if budgets[m] == k}
@@ -143,7 +144,7 @@ class Select(Stage):
             })  # fmt: skip
         summary = {
             "budgets": budgets,
-            "n_features_activated": int(np.unique(indices).size),
+            "n_features_activated": pool.n_features,
             "methods": {m: at_budget[m][m] for m in budgets},
             "baselines": baselines,
             "driver_memory": memory,
@@ -164,7 +165,8 @@ def baseline_coverage(pool: Pool, k: int, ctx: Context, measured: dict[str, floa
         if method.name in measured:
             out[method.name] = measured[method.name]
             continue
-        _, curve = coverage_curve(pool.rows_of(method.pick(pool, k, ctx).ids), pool.indptr, pool.indices)
+        order = pool.rows_of(method.pick(pool, k, ctx).ids)
+        _, curve = coverage_curve(order, pool.indptr, pool.indices, pool.n_features)
         out[method.name] = curve[-1]["coverage"]
     return out
 
@@ -181,18 +183,28 @@ def read_pool(store: FeatureStore, tau: float) -> Pool:
     return Pool(ids, indptr, indices, prepared["n_response_tokens"].to_numpy()[rows], store)
 
 
-def coverage_curve(order: np.ndarray, indptr, indices, points: int = 20) -> tuple[np.ndarray, list[dict]]:
-    """Features each pick adds to the running union, and the covered share at checkpoints."""
-    total = np.unique(indices).size or 1
-    seen = np.zeros(int(indices.max()) + 1 if indices.size else 1, dtype=bool)
-    new = np.zeros(len(order), dtype=np.int64)
-    for rank, i in enumerate(order):
-        feats = indices[indptr[i] : indptr[i + 1]]
-        new[rank] = np.count_nonzero(~seen[feats])
-        seen[feats] = True
+def coverage_curve(order: np.ndarray, indptr, indices, total: int, points: int = 20) -> tuple[np.ndarray, list[dict]]:
+    """Features each pick adds to the running union, and the share of the pool's `total` activated
+    features covered at checkpoints."""
+    d = int(indices.max()) + 1 if indices.size else 1
+    new = _new_features(np.asarray(order, np.int64), indptr, indices, d)
     covered = np.cumsum(new)
     marks = sorted({max(1, round(len(order) * p / points)) for p in range(1, points + 1)})
-    return new, [{"k": m, "coverage": round(float(covered[m - 1]) / total, 4)} for m in marks]
+    return new, [{"k": m, "coverage": round(float(covered[m - 1]) / max(total, 1), 4)} for m in marks]
+
+
+@numba.njit(cache=True)
+def _new_features(order, indptr, indices, d):
+    # one pass over the picks' entries: 0.04 s for 100k picks of a 1M pool, where a numpy loop
+    # over the picks took 4.3 s and a sort of their entries (np.unique) 1.2 s
+    seen = np.zeros(d, np.bool_)
+    new = np.zeros(len(order), np.int64)
+    for rank in range(len(order)):
+        for e in range(indptr[order[rank]], indptr[order[rank] + 1]):
+            if not seen[indices[e]]:
+                seen[indices[e]] = True
+                new[rank] += 1
+    return new
 
 
 def selected_records(storage: Storage, wanted: set) -> dict[str, str]:

@@ -16,7 +16,7 @@ from raysel.config import RunConfig
 from raysel.core.features import FeatureStore, calibrate_tau
 from raysel.core.storage import Storage
 from raysel.pipeline import run
-from raysel.stages.select import resolve_budget
+from raysel.stages.select import coverage_curve, resolve_budget
 from tests.conftest import DEMO, fac_reference, run_cfg, write_jsonl
 
 METHODS = ["coverage", "simscale", "random", "longest", "kcenter"]
@@ -25,6 +25,19 @@ METHODS = ["coverage", "simscale", "random", "longest", "kcenter"]
 def test_budget_is_a_count_or_a_fraction():
     assert (resolve_budget(10, 100), resolve_budget(0.25, 100), resolve_budget(0.001, 100)) == (10, 25, 1)
     assert resolve_budget(500, 100) == 100
+
+
+def test_the_coverage_curve_counts_each_feature_at_the_pick_that_first_covers_it():
+    # rows: {0, 1}, {1, 2}, {}, {3}, {0, 5}; picked 1, 0, 2, 3: row 4 unpicked, so 4 of the 5 are covered
+    indptr, indices = np.array([0, 2, 4, 4, 5, 7]), np.array([0, 1, 1, 2, 3, 0, 5], np.int32)
+    new, curve = coverage_curve(np.array([1, 0, 2, 3]), indptr, indices, total=5, points=4)
+    assert new.tolist() == [2, 1, 0, 1]
+    assert curve == [
+        {"k": 1, "coverage": 0.4},
+        {"k": 2, "coverage": 0.6},
+        {"k": 3, "coverage": 0.6},
+        {"k": 4, "coverage": 0.8},
+    ]
 
 
 @pytest.fixture(scope="module")
