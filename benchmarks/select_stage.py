@@ -17,12 +17,14 @@ store never came from it; the report's spans and the side sets run it).
 
 Measured, side by side in the one run: `raysel select` with coverage, random and longest (seconds
 per stage and per method, the driver's peak RSS from its own getrusage, the peak summed RSS of the
-Ray worker processes, sampled every 0.2 s); `raysel report`; SimScale in a select of its own,
-killed past --simscale-cap; SimScale's rare-feature index against exact on the first
---compare-rows samples; and, with --side, MONA and FAC-select against 16 targets / anchors from
-the demo corpus in another select on the same store. With --thin, every row stores only its 64 largest (as encode.top_m: 64 writes).
+Ray worker processes, sampled every 0.2 s; with --cold the page cache is dropped first, so the
+store comes from disk); `raysel report`; SimScale in a select of its own, killed past
+--simscale-cap; SimScale's rare-feature index against exact on the first --compare-rows samples;
+and, with --side, MONA and FAC-select against 16 targets / anchors from the demo corpus in another
+select on the same store. With --thin, every row stores only its 64 largest (as encode.top_m: 64
+writes).
 
-    python benchmarks/select_stage.py --rows 1000000           # the 1M target (store build ~5 min)
+    python benchmarks/select_stage.py --rows 1000000 --cold    # the 1M target (store build ~5 min)
     python benchmarks/select_stage.py --rows 20000 --side      # a few minutes
 
 The last line printed is one JSON object.
@@ -284,6 +286,15 @@ class WorkerSampler:
         self.thread.join()
 
 
+def drop_page_cache() -> None:
+    """Written data to disk, then the kernel's clean page cache dropped (needs root)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as e:
+        raise SystemExit(f"--cold: cannot drop the page cache ({e}); run as root, or leave --cold out") from e
+
+
 def stored_per_row(root: Path) -> float:
     from raysel.config import S3Config
     from raysel.core.features import FeatureStore
@@ -356,11 +367,18 @@ def main() -> None:
     parser.add_argument("--simscale-cap", type=float, default=600.0, help="seconds SimScale's own select may take")
     parser.add_argument("--compare-rows", type=int, default=100_000, help="SimScale rare vs exact on this many")
     parser.add_argument("--out", type=Path, default=Path("runs/select_stage"))
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache before `raysel select` (root): the store comes from disk",
+    )
     args = parser.parse_args()
     root = (args.out / f"{args.rows}{'-thin' if args.thin else ''}").resolve()
     build_store(root, args)
     for stale in ("stages/tau.json", "stages/stats.json", "stages/select.json", "manifest.json", "stages/spans.json"):
         (root / "run" / stale).unlink(missing_ok=True)
+    if args.cold:
+        drop_page_cache()
     main_run = select(bench_config(root, args, ["coverage", "random", "longest"]), root, "select")
     report = cli(["report", str(root / "run")])
     stages = main_run["manifest"]["stages"]
@@ -369,6 +387,7 @@ def main() -> None:
         "stored_per_row": round(stored_per_row(root), 1),
         "activated_per_row": stages["stats"]["mean_features_per_sample"],
         "thin": args.thin,
+        "page_cache": "dropped before select" if args.cold else "as found",
         "seconds_total": round(main_run["seconds"], 1),
         "seconds_by_stage": {s: stages[s].get("seconds") for s in ("tau", "stats", "select") if s in stages},
         "seconds_by_method": stages["select"]["seconds_by_method"],
