@@ -24,7 +24,15 @@ and, with --side, MONA and FAC-select against 16 targets / anchors from the demo
 select on the same store. With --thin, every row stores only its 64 largest (as encode.top_m: 64
 writes).
 
+With --stored below 128 a shard's features are drawn by weight (Poisson counts a row, repeats dropped)
+instead of through an n x d_sae matrix of coin flips: the same popularity, up to its 0.9 cap, at a
+cost a 10M-row build can pay. --nodes N runs every select on a local multi-node
+ray.cluster_utils.Cluster of N nodes sharing this machine's CPUs; --coverage-only stops after the
+main select.
+
     python benchmarks/select_stage.py --rows 1000000 --cold    # the 1M target (store build ~5 min)
+    python benchmarks/select_stage.py --rows 10000000 --stored 64 --budget 0.01 --nodes 2 --coverage-only
+                                                             # the 10M RandGreeDi stretch
     python benchmarks/select_stage.py --rows 20000 --side      # a few minutes
 
 The last line printed is one JSON object.
@@ -56,6 +64,7 @@ from raysel.methods.simscale import SimScaleConfig  # noqa: E402
 
 D_SAE = 16_384
 ROWS_PER_FILE = 8192
+SPARSE_DRAW_BELOW = 128  # stored features a row: below it a shard's draw is sparse (the 10M store's)
 
 
 def bench_config(root: Path, args, methods: list, extra: dict | None = None) -> dict:
@@ -67,7 +76,7 @@ def bench_config(root: Path, args, methods: list, extra: dict | None = None) -> 
         "sae": {"path": str(root.parent / f"{root.name}-sae"), "allow_poor_fit": True},
         "encode": {"top_m": 64 if args.thin else None},
         "activation": {"target_active": args.active},
-        "select": {"methods": methods, "budget": 0.1},
+        "select": {"methods": methods, "budget": args.budget},
         "output": {"root": str(root / "run")},
     } | (extra or {})
 
@@ -83,6 +92,18 @@ def popularity(seed: int, stored: float) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(0.9, c / rank), rng.lognormal(0.0, 0.5, D_SAE)
 
 
+def sparse_draw(rng, p: np.ndarray, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row i stores about expected[i] distinct features, feature j drawn with weight p_j (with
+    replacement, each row's repeats then dropped, so more are drawn): (rows, features), ascending."""
+    w = p / p.sum()
+    draws = np.geomspace(1, 64 * expected.max(), 512)
+    distinct = (1 - np.exp(-draws[:, None] * w[None, :])).sum(1)  # expected distinct features of m draws
+    rows = np.repeat(np.arange(len(expected)), rng.poisson(np.interp(expected, distinct, draws)))
+    feats = np.searchsorted(np.cumsum(w), rng.random(rows.size), side="right").clip(0, D_SAE - 1)
+    unique = np.unique(rows.astype(np.int64) * D_SAE + feats)
+    return unique // D_SAE, unique % D_SAE
+
+
 def write_shard(task: tuple) -> tuple[str, int, int]:
     """One prepared shard and its feature shard: rows [start, stop)."""
     root, shard, start, stop, stored, thin, seed = task
@@ -92,7 +113,10 @@ def write_shard(task: tuple) -> tuple[str, int, int]:
     n = stop - start
     n_tokens = np.clip(rng.lognormal(5.0, 0.6, n), 16, 256).astype(np.int32)
     length = (n_tokens / n_tokens.mean()) ** 0.3  # longer samples store more features
-    rows, feats = np.nonzero(rng.random((n, D_SAE), dtype=np.float32) < p[None, :] * length[:, None])
+    if stored <= SPARSE_DRAW_BELOW:  # the same popularity by weighted draws: no n x d_sae matrix a shard
+        rows, feats = sparse_draw(rng, p, stored * length)
+    else:
+        rows, feats = np.nonzero(rng.random((n, D_SAE), dtype=np.float32) < p[None, :] * length[:, None])
     vmax = (scale[feats] * rng.lognormal(0.0, 0.75, feats.size)).astype(np.float32)
     vsum = (vmax * (1.0 + rng.exponential(4.0, feats.size))).astype(np.float32)
     if thin:  # the 64 largest of each row, as encode.top_m keeps them, in ascending feature order
@@ -227,7 +251,7 @@ def cli(argv: list[str], cap: float | None = None) -> dict:
     )
     start = time.time()
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    workers = WorkerSampler(child.pid)
+    workers = WorkerSampler(os.getpid())  # the child's Ray workers, or those of a cluster this process started
     try:
         out, _ = child.communicate(timeout=cap)
     except subprocess.TimeoutExpired:
@@ -284,6 +308,25 @@ class WorkerSampler:
     def stop(self) -> None:
         self.done.set()
         self.thread.join()
+
+
+def picked_details(root: Path, method: str) -> dict:
+    """What a selection's manifest says the method settled on (RandGreeDi's partitions and objectives)."""
+    manifest = json.loads((root / "run" / "selection" / method / "manifest.json").read_text())
+    keys = ("distributed", "partitions", "n_candidates", "objective_merged", "objective_best_partition", "answer")
+    return {k: manifest[k] for k in keys if k in manifest}
+
+
+def local_cluster(nodes: int):
+    """A local multi-node Ray cluster (ray.cluster_utils), the CPUs split among its nodes; the CLI
+    children join it through RAY_ADDRESS."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster()
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=max(1, (os.cpu_count() or 2) // nodes), object_store_memory=2 * 10**9)
+    os.environ["RAY_ADDRESS"] = cluster.address
+    return cluster
 
 
 def drop_page_cache() -> None:
@@ -367,6 +410,10 @@ def main() -> None:
     parser.add_argument("--simscale-cap", type=float, default=600.0, help="seconds SimScale's own select may take")
     parser.add_argument("--compare-rows", type=int, default=100_000, help="SimScale rare vs exact on this many")
     parser.add_argument("--out", type=Path, default=Path("runs/select_stage"))
+    parser.add_argument("--budget", type=float, default=0.1, help="select.budget")
+    parser.add_argument("--coverage-only", action="store_true", help="the main select alone: no report, no SimScale")
+    parser.add_argument("--randgreedi-rows", type=int, default=2_000_000, help="coverage.distributed_rows")
+    parser.add_argument("--nodes", type=int, default=0, help="run on a local multi-node ray.cluster_utils.Cluster")
     parser.add_argument(
         "--cold",
         action="store_true",
@@ -375,12 +422,23 @@ def main() -> None:
     args = parser.parse_args()
     root = (args.out / f"{args.rows}{'-thin' if args.thin else ''}").resolve()
     build_store(root, args)
+    cluster = local_cluster(args.nodes) if args.nodes else None
+    try:
+        print(json.dumps(measure(root, args)))
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+
+
+def measure(root: Path, args) -> dict:
+    """The main select (with the store read from disk under --cold), then, unless --coverage-only,
+    the report, SimScale alone, SimScale rare vs exact, and with --side MONA and FAC-select."""
     for stale in ("stages/tau.json", "stages/stats.json", "stages/select.json", "manifest.json", "stages/spans.json"):
         (root / "run" / stale).unlink(missing_ok=True)
     if args.cold:
         drop_page_cache()
-    main_run = select(bench_config(root, args, ["coverage", "random", "longest"]), root, "select")
-    report = cli(["report", str(root / "run")])
+    coverage = {"name": "coverage", "distributed_rows": args.randgreedi_rows}  # auto: RandGreeDi past it
+    main_run = select(bench_config(root, args, [coverage, "random", "longest"]), root, "select")
     stages = main_run["manifest"]["stages"]
     result = {
         "rows": args.rows,
@@ -393,10 +451,17 @@ def main() -> None:
         "seconds_by_method": stages["select"]["seconds_by_method"],
         "driver_peak_rss_gb": round(main_run["driver_peak_rss_gb"], 2),
         "workers_peak_rss_gb": round(main_run["workers_peak_rss_gb"], 2),
+        "coverage": stages["select"]["methods"],
+        "coverage_details": {k: v for k, v in picked_details(root, "coverage").items() if k != "resets"},
+        "cores": os.cpu_count(),
+        "nodes": args.nodes or 1,
+    }
+    if args.coverage_only:
+        return result
+    report = cli(["report", str(root / "run")])
+    result |= {
         "report_s": round(report["seconds"], 1),
         "report_driver_peak_rss_gb": round(report["driver_peak_rss_gb"], 2),
-        "coverage": stages["select"]["methods"],
-        "cores": os.cpu_count(),
     }
     alone = select(bench_config(root, args, ["simscale"]), root, "simscale", cap=args.simscale_cap)
     result["simscale_s"] = alone["manifest"]["stages"]["select"]["seconds_by_method"]["simscale"] if alone[
@@ -419,7 +484,7 @@ def main() -> None:
         second = select(bench_config(root, args, methods, extra), root, "side")
         result["side_seconds_by_method"] = second["manifest"]["stages"]["select"]["seconds_by_method"]
         result["side_driver_peak_rss_gb"] = round(second["driver_peak_rss_gb"], 2)
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
