@@ -76,7 +76,7 @@ def bench_config(root: Path, args, methods: list, extra: dict | None = None) -> 
         "sae": {"path": str(root.parent / f"{root.name}-sae"), "allow_poor_fit": True},
         "encode": {"top_m": 64 if args.thin else None},
         "activation": {"target_active": args.active},
-        "select": {"methods": methods, "budget": args.budget},
+        "select": {"methods": methods, "budget": args.budget, "memory_check": not args.no_memory_check},
         "output": {"root": str(root / "run")},
     } | (extra or {})
 
@@ -413,6 +413,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.1, help="select.budget")
     parser.add_argument("--coverage-only", action="store_true", help="the main select alone: no report, no SimScale")
     parser.add_argument("--randgreedi-rows", type=int, default=2_000_000, help="coverage.distributed_rows")
+    parser.add_argument("--no-memory-check", action="store_true", help="select.memory_check: false")
     parser.add_argument("--nodes", type=int, default=0, help="run on a local multi-node ray.cluster_utils.Cluster")
     parser.add_argument(
         "--cold",
@@ -455,6 +456,7 @@ def measure(root: Path, args) -> dict:
         "coverage_details": {k: v for k, v in picked_details(root, "coverage").items() if k != "resets"},
         "cores": os.cpu_count(),
         "nodes": args.nodes or 1,
+        "memory_check": stages["select"].get("driver_memory"),
     }
     if args.coverage_only:
         return result
