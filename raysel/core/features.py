@@ -74,19 +74,27 @@ def activated_block(table: pa.Table, tau: float) -> pa.Table:
     return pa.table([table["id"].cast(pa.string()), sets], schema=ACTIVATED_SCHEMA)
 
 
-def csr_by_id(blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def csr_by_id(blocks, n_entries: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, indptr, int32 indices) sorted by id, from a stream of (id, feats: list<int32>) blocks.
 
-    The entries are reordered a slice of rows at a time: at most the read entries and their sorted
-    copy (8 B an entry) are held at once, where one gather index over all of them took 36 B."""
-    ids, counts, feats = [], [], []
+    Given the blocks' total entries, they are copied into one array as they arrive; else they are held
+    until the end and joined. Then they are reordered a slice of rows at a time, so at most the read
+    entries and their sorted copy are held at once (8 B an entry, where one gather over all took 36 B)."""
+    ids, counts, feats, at = [], [], [], 0
+    read = np.empty(n_entries, np.int32) if n_entries is not None else None
     for block in blocks:
         ids.append(block["id"])
         counts.append(pc.list_value_length(block["feats"]).to_numpy())
-        feats.append(pc.list_flatten(block["feats"]).to_numpy())
+        flat = pc.list_flatten(block["feats"]).to_numpy()
+        if read is None:
+            feats.append(flat)
+        else:
+            read[at : at + flat.size] = flat
+        at += flat.size
     if not ids:
         return np.zeros(0, object), np.zeros(1, np.int64), np.zeros(0, np.int32)
-    ids, counts, feats = pa.chunked_array(ids), np.concatenate(counts), np.concatenate(feats)
+    ids, counts = pa.chunked_array(ids), np.concatenate(counts)
+    feats = np.concatenate(feats) if read is None else read[:at]
     order = pc.sort_indices(ids).to_numpy()
     ids = ids.take(order).to_numpy(zero_copy_only=False)
     starts = (np.cumsum(counts) - counts)[order]
@@ -310,7 +318,15 @@ class FeatureStore:
         """activated_sets at the statistics' tau, read from what the stats stage wrote (a few percent
         of the store's bytes) instead of a pass over the store."""
         with self.storage.fs.open_input_file(self.storage.path(paths.ACTIVATED)) as f:
-            return csr_by_id(pq.ParquetFile(f).iter_batches(batch_size=1 << 16))
+            sets = pq.ParquetFile(f)
+            meta = sets.metadata
+            entries = sum(
+                meta.row_group(g).column(c).num_values
+                for g in range(meta.num_row_groups)
+                for c in range(meta.num_columns)
+                if meta.row_group(g).column(c).path_in_schema == "feats.list.element"
+            )
+            return csr_by_id(sets.iter_batches(batch_size=1 << 16), entries)
 
     def blocks(self, fn, columns: list[str], shards: list[str] | None = None, *, name: str):
         """fn(table) -> table over every shard (all committed ones by default), each in a Ray task on
