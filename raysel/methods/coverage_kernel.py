@@ -58,8 +58,7 @@ def greedy_coverage(
     if np.any(units / UNIT != w) or np.any(units < 0):
         raise ValueError(f"coverage weights must be non-negative multiples of 1/{UNIT} (idf_weights gives such)")
     indptr, indices = np.asarray(indptr, np.int64), np.asarray(indices, np.int32)
-    running = np.r_[0, np.cumsum(units[indices])]  # integers in float64: exact far past any real pool
-    totals = running[indptr[1:]] - running[indptr[:-1]]
+    totals = _row_totals(indptr, indices, units)
     if n and totals.max() >= 2**31:
         raise ValueError("a sample's total feature weight overflows the greedy's 32-bit gains")
     post_ptr, post_rows = _postings(indptr, indices, d)
@@ -68,6 +67,17 @@ def greedy_coverage(
         indptr, indices, units.astype(np.int32), totals.astype(np.int32), post_rows, split, min(budget, n)
     )
     return Selection(order, gains / UNIT, resets.tolist())
+
+
+@numba.njit(cache=True)
+def _row_totals(indptr, indices, units):
+    # integers in float64: exact far past any real pool; no per-entry temporaries (a running sum over
+    # the entries took 3 arrays of 8 B an entry, 3 GB for a 2M-row RandGreeDi partition)
+    totals = np.zeros(indptr.size - 1)
+    for r in range(indptr.size - 1):
+        for p in range(indptr[r], indptr[r + 1]):
+            totals[r] += units[indices[p]]
+    return totals
 
 
 @numba.njit(cache=True)
