@@ -120,6 +120,11 @@ def _map_file(path: str, fn, columns: list[str], filesystem):
     return fn(pq.read_table(path, columns=columns, filesystem=filesystem))
 
 
+def task_cpus() -> int:
+    """The CPUs Ray gave the current task or actor (at least 1)."""
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+
+
 def log_to_driver() -> None:
     """In an actor: raysel's INFO logs (progress per unit of work) go to the driver like the driver's own."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -17,6 +17,7 @@ import math
 import time
 from typing import Literal
 
+import numba
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -25,6 +26,7 @@ import ray
 from pydantic import Field
 
 from raysel.core.features import FeatureStore, activated_entries
+from raysel.core.ray_adapter import task_cpus
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
 from raysel.methods.coverage_kernel import greedy_coverage, idf_weights
 
@@ -93,6 +95,9 @@ def local_greedy(group: pa.Table, budget: int, weights: np.ndarray | None) -> pa
     """One partition's greedy: its k picks in order, with its objective on every row."""
     group = group.sort_by("id")  # ties break by id, whatever order the shuffle delivered
     indptr, indices = csr(group)
+    # as many threads as the task has CPUs: the kernel's per-pick hand-off between its threads
+    # crawls when the partitions running side by side ask for more threads than there are cores
+    numba.set_num_threads(min(numba.config.NUMBA_NUM_THREADS, task_cpus()))
     chosen = greedy_coverage(indptr, indices, budget, weights)
     picked = group.take(pa.array(chosen.order))
     objective = covered_weight(indptr, indices, chosen.order, weights)
