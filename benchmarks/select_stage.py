@@ -31,8 +31,8 @@ ray.cluster_utils.Cluster of N nodes sharing this machine's CPUs; --coverage-onl
 main select.
 
     python benchmarks/select_stage.py --rows 1000000 --cold    # the 1M target (store build ~5 min)
-    python benchmarks/select_stage.py --rows 10000000 --stored 64 --budget 0.01 --nodes 2 --coverage-only
-                                                             # the 10M RandGreeDi stretch
+    # the 10M RandGreeDi stretch:
+    python benchmarks/select_stage.py --rows 10000000 --stored 64 --budget 0.01 --nodes 2 --coverage-only --cold --no-memory-check
     python benchmarks/select_stage.py --rows 20000 --side      # a few minutes
 
 The last line printed is one JSON object.
@@ -453,7 +453,7 @@ def measure(root: Path, args) -> dict:
         "driver_peak_rss_gb": round(main_run["driver_peak_rss_gb"], 2),
         "workers_peak_rss_gb": round(main_run["workers_peak_rss_gb"], 2),
         "coverage": stages["select"]["methods"],
-        "coverage_details": {k: v for k, v in picked_details(root, "coverage").items() if k != "resets"},
+        "coverage_details": picked_details(root, "coverage"),
         "cores": os.cpu_count(),
         "nodes": args.nodes or 1,
         "memory_check": stages["select"].get("driver_memory"),

@@ -111,6 +111,16 @@ def csr_by_id(blocks, n_entries: int | None = None) -> tuple[np.ndarray, np.ndar
 CSR_SLICE_ROWS = 1 << 16
 
 
+def list_entries(meta: pq.FileMetaData, column: str) -> int:
+    """The entries of a list column, from a parquet footer (an empty list counts one)."""
+    return sum(
+        group.column(c).num_values
+        for group in (meta.row_group(g) for g in range(meta.num_row_groups))
+        for c in range(group.num_columns)
+        if group.column(c).path_in_schema == f"{column}.list.element"
+    )
+
+
 @dataclass
 class Profile:
     """Per feature over a set of samples: how many activate it, and its largest max-pool."""
@@ -285,15 +295,7 @@ class FeatureStore:
         found = []
         for path in self.shard_paths():
             meta = pq.ParquetFile(path, filesystem=self.storage.fs).metadata
-            stored = 0
-            for g in range(meta.num_row_groups):
-                group = meta.row_group(g)
-                stored += sum(
-                    group.column(c).num_values
-                    for c in range(group.num_columns)
-                    if group.column(c).path_in_schema == "feat_ids.list.element"
-                )
-            found.append((path, meta.num_rows, stored))
+            found.append((path, meta.num_rows, list_entries(meta, "feat_ids")))
         return found
 
     def top_k(self, score_block, k: int, columns: list[str]) -> pa.Table:
@@ -319,14 +321,7 @@ class FeatureStore:
         of the store's bytes) instead of a pass over the store."""
         with self.storage.fs.open_input_file(self.storage.path(paths.ACTIVATED)) as f:
             sets = pq.ParquetFile(f)
-            meta = sets.metadata
-            entries = sum(
-                meta.row_group(g).column(c).num_values
-                for g in range(meta.num_row_groups)
-                for c in range(meta.num_columns)
-                if meta.row_group(g).column(c).path_in_schema == "feats.list.element"
-            )
-            return csr_by_id(sets.iter_batches(batch_size=1 << 16), entries)
+            return csr_by_id(sets.iter_batches(batch_size=1 << 16), list_entries(sets.metadata, "feats"))
 
     def blocks(self, fn, columns: list[str], shards: list[str] | None = None, *, name: str):
         """fn(table) -> table over every shard (all committed ones by default), each in a Ray task on

@@ -84,11 +84,9 @@ def assign(batch: pa.Table, tau: float, partitions: int, seed: int) -> pa.Table:
 
 
 def csr(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 indptr, int32 indices), as the greedy takes them: no copy of the entries."""
+    """(int64 indptr, int32 indices: the list<int32> entries as they are), as the greedy takes them."""
     offsets = table["feats"].combine_chunks().offsets.to_numpy()
-    return (offsets - offsets[0]).astype(np.int64), pc.list_flatten(table["feats"]).to_numpy().astype(
-        np.int32, copy=False
-    )
+    return (offsets - offsets[0]).astype(np.int64), pc.list_flatten(table["feats"]).to_numpy()
 
 
 def local_greedy(group: pa.Table, budget: int, weights: np.ndarray | None) -> pa.Table:
