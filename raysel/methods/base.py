@@ -21,6 +21,7 @@ from pydantic import Field
 
 from raysel.core.features import FeatureStore
 from raysel.core.section import Section
+from raysel.methods.coverage_kernel import document_frequency
 
 if TYPE_CHECKING:
     from raysel.config import ModelStack
@@ -49,7 +50,7 @@ class Pool:
     @functools.cached_property
     def n_features(self) -> int:
         """How many features any sample activates."""
-        return int(np.count_nonzero(np.bincount(self.indices))) if self.indices.size else 0
+        return int(np.count_nonzero(document_frequency(self.indices)))
 
     def rows_of(self, ids) -> np.ndarray:
         return np.searchsorted(self.ids, np.asarray(ids, dtype=object)) if len(ids) else np.empty(0, np.int64)

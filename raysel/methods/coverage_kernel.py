@@ -44,8 +44,22 @@ class Selection:
 
 def idf_weights(indices: np.ndarray, n: int) -> np.ndarray:
     """log((n + 1) / (df + 1)) + 1, rounded to 1/1024 so the greedy can count it exactly."""
-    df = np.bincount(indices, minlength=int(indices.max()) + 1 if indices.size else 1)
+    df = document_frequency(indices)
     return np.round((np.log((n + 1) / (df + 1)) + 1.0) * UNIT) / UNIT
+
+
+def document_frequency(indices: np.ndarray) -> np.ndarray:
+    """How many entries hold each feature, 0 to the largest. Not np.bincount: it first copies the
+    int32 entries to int64, 5 GB beside the 2.6 GB pool at 10M samples of 64 features."""
+    return _counts(indices, int(indices.max()) + 1 if indices.size else 1)
+
+
+@numba.njit(cache=True)
+def _counts(indices, d):
+    counts = np.zeros(d, np.int64)
+    for j in indices:
+        counts[j] += 1
+    return counts
 
 
 def greedy_coverage(
