@@ -1,0 +1,39 @@
+"""The pool's CSR, read from the activated sets the statistics wrote, in any block order."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from raysel.core.features import ACTIVATED_SCHEMA, csr_by_id
+
+
+def shuffled_blocks(seed: int) -> tuple[list[pa.Table], dict[str, list[int]]]:
+    """Sets of 0 to 9 features (empty ones too) under ids in random order, cut into blocks of random
+    sizes, one of them empty."""
+    rng = np.random.default_rng(seed)
+    sets = {f"s{i:04d}": sorted(rng.choice(50, rng.integers(0, 10), replace=False).tolist()) for i in range(500)}
+    ids = rng.permutation(sorted(sets))
+    cuts = np.sort(rng.choice(np.arange(1, len(ids)), 8, replace=False))
+    blocks = [
+        pa.Table.from_pydict({"id": part.tolist(), "feats": [sets[i] for i in part]}, schema=ACTIVATED_SCHEMA)
+        for part in np.split(ids, cuts)
+    ]
+    return [*blocks[:3], ACTIVATED_SCHEMA.empty_table(), *blocks[3:]], sets
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_csr_by_id_places_every_set_at_its_ids_rank(seed):
+    """Catches an entry copied to the wrong place (a set's offset in its block against its place in the
+    sorted CSR), an empty set or block shifting the ones after it, or ids left in read order."""
+    blocks, sets = shuffled_blocks(seed)
+    ids, indptr, indices = csr_by_id(lambda: blocks)
+    assert ids.tolist() == sorted(sets)
+    assert indices.dtype == np.int32 and indptr[-1] == indices.size
+    assert [indices[indptr[r] : indptr[r + 1]].tolist() for r in range(len(ids))] == [sets[i] for i in sorted(sets)]
+
+
+def test_csr_by_id_refuses_sets_that_changed_between_its_two_reads():
+    blocks, _ = shuffled_blocks(0)
+    reads = iter([blocks, blocks[:-1]])
+    with pytest.raises(RuntimeError, match="changed between their two reads"):
+        csr_by_id(lambda: next(reads))
