@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 from pydantic import Field
 
-from raysel.core.features import FeatureStore
+from raysel.core.features import FeatureStore, document_frequency
 from raysel.core.section import Section
-from raysel.methods.coverage_kernel import document_frequency
 
 if TYPE_CHECKING:
     from raysel.config import ModelStack

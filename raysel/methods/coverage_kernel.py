@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from raysel.core.features import document_frequency
+
 UNIT = 1024  # weights are counted in 1/UNIT steps
 SHIFT = 10  # rows per block: 1 << SHIFT
 
@@ -46,20 +48,6 @@ def idf_weights(indices: np.ndarray, n: int) -> np.ndarray:
     """log((n + 1) / (df + 1)) + 1, rounded to 1/1024 so the greedy can count it exactly."""
     df = document_frequency(indices)
     return np.round((np.log((n + 1) / (df + 1)) + 1.0) * UNIT) / UNIT
-
-
-def document_frequency(indices: np.ndarray) -> np.ndarray:
-    """How many entries hold each feature, 0 to the largest. Not np.bincount: it first copies the
-    int32 entries to int64, 5 GB beside the 2.6 GB pool at 10M samples of 64 features."""
-    return _counts(indices, int(indices.max()) + 1 if indices.size else 1)
-
-
-@numba.njit(cache=True)
-def _counts(indices, d):
-    counts = np.zeros(d, np.int64)
-    for j in indices:
-        counts[j] += 1
-    return counts
 
 
 def greedy_coverage(

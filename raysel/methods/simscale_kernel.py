@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from raysel.core.features import document_frequency
+
 log = logging.getLogger(__name__)
 BATCH = 256  # rows checked in parallel against the index as it stood before them
 # A signature: the set folded onto FOLD_WORDS * 64 bits, then onto SIG_WORDS * 64 bits (640 B in all). The
@@ -68,7 +70,7 @@ def simscale(
     n = len(indptr) - 1
     budget = min(budget, n)
     ranked, visit = _rarest_first(indptr, np.asarray(indices))
-    df = np.bincount(ranked, minlength=int(ranked.max()) + 1 if ranked.size else 1).astype(np.int64)
+    df = document_frequency(ranked)
     search = _Search(lambda theta: _timed_filter(indptr, ranked, visit, theta, budget, df, rare), budget)
     if not search.tries(1.0):  # even theta = 1 (drop only identical sets) keeps too few: keep all it keeps
         log.warning("simscale: only %d samples have distinct activated sets; budget was %d", len(search.best), budget)
@@ -137,7 +139,7 @@ def _timed_filter(indptr, ranked, visit, theta, budget, df, rare):
 
 def _rarest_first(indptr, indices):
     """Each row's features as global rarity ranks, ascending; and the visit order, largest set first."""
-    df = np.bincount(indices, minlength=int(indices.max()) + 1 if indices.size else 1)
+    df = document_frequency(indices)
     rank = np.empty(df.size, np.int32)
     rank[np.argsort(df, kind="stable")] = np.arange(df.size)  # ties to the smaller feature id
     ranked = rank[indices]

@@ -1,10 +1,11 @@
-"""The pool's CSR, read from the activated sets the statistics wrote, in any block order."""
+"""The pool's CSR, read from the activated sets the statistics wrote in any block order, and its
+features' document frequency."""
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from raysel.core.features import ACTIVATED_SCHEMA, csr_by_id
+from raysel.core.features import ACTIVATED_SCHEMA, csr_by_id, document_frequency
 
 
 def shuffled_blocks(seed: int) -> tuple[list[pa.Table], dict[str, list[int]]]:
@@ -37,3 +38,12 @@ def test_csr_by_id_refuses_sets_that_changed_between_its_two_reads():
     reads = iter([blocks, blocks[:-1]])
     with pytest.raises(RuntimeError, match="changed between their two reads"):
         csr_by_id(lambda: next(reads))
+
+
+def test_document_frequency_counts_as_bincount_without_its_int64_copy():
+    # catches a count that drops the largest feature or miscounts int32 entries: the pool's
+    # n_features and the idf weights both read it
+    rng = np.random.default_rng(0)
+    indices = rng.integers(0, 300, 5000).astype(np.int32)
+    assert np.array_equal(document_frequency(indices), np.bincount(indices))
+    assert document_frequency(np.zeros(0, np.int32)).tolist() == [0]

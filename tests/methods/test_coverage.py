@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from raysel.methods.coverage_kernel import document_frequency, greedy_coverage, idf_weights
+from raysel.methods.coverage_kernel import greedy_coverage, idf_weights
 
 
 def naive_greedy(indptr, indices, budget, weights=None):
@@ -109,12 +109,3 @@ def test_empty_rows_at_the_end_are_picked_last():
     # rows: {0, 1}, {}, {} -- a partition can end in samples with nothing above tau
     sel = greedy_coverage(np.array([0, 2, 2, 2]), np.array([0, 1]), budget=3)
     assert sel.order.tolist() == [0, 1, 2] and sel.gains.tolist() == [2, 0, 0]
-
-
-def test_document_frequency_counts_as_bincount_without_its_int64_copy():
-    # catches a count that drops the largest feature or miscounts int32 entries: the pool's
-    # n_features and the idf weights both read it
-    rng = np.random.default_rng(0)
-    indices = rng.integers(0, 300, 5000).astype(np.int32)
-    assert np.array_equal(document_frequency(indices), np.bincount(indices))
-    assert document_frequency(np.zeros(0, np.int32)).tolist() == [0]
