@@ -337,6 +337,14 @@ class FeatureStore:
 
         return csr_by_id(read)
 
+    def mean_id_length(self) -> float:
+        """The ids' mean length in characters, over the activated sets' first row group: what the
+        select stage's memory check charges a sample's id by."""
+        with self.storage.fs.open_input_file(self.storage.path(paths.ACTIVATED)) as f:
+            sets = pq.ParquetFile(f)
+            ids = sets.read_row_group(0, columns=["id"])["id"] if sets.num_row_groups else pa.array([], pa.string())
+        return float(pc.mean(pc.utf8_length(ids)).as_py() or 0.0)
+
     def blocks(self, fn, columns: list[str], shards: list[str] | None = None, *, name: str):
         """fn(table) -> table over every shard (all committed ones by default), each in a Ray task on
         the cluster, the results streamed back here in shard order; the pass's progress is logged as

@@ -5,7 +5,8 @@ and writes whatever it picks the same way.
     side_inputs(ctx)     the named lists of paths it reads besides the pool (targets, an anchor), each
                          named as the config field that holds it: the select stage's resume key
                          holds their content fingerprints in place of the paths as written
-    driver_bytes(...)    what pick holds on the driver beside the pool, for the memory check
+    driver_bytes(...)    what pick holds on the driver beside the pool, for the memory check (and
+                         memory_remedy, what to do when that is too much)
     pick(pool, k, ctx)   Picks: the chosen ids in order, a score per pick, details for the manifest
 """
 
@@ -91,6 +92,7 @@ class Method:
 
     Config: ClassVar[type[MethodConfig]]
     ranks_by_score: ClassVar[bool] = False  # its scores rank the pool (the report plots them)
+    memory_remedy: ClassVar[str] = ""  # what the memory check's refusal advises when it holds most; "": leave it out
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg

@@ -28,7 +28,7 @@ from pydantic import Field
 from raysel.core.features import FeatureStore, activated_entries
 from raysel.core.ray_adapter import task_cpus
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
-from raysel.methods.coverage_kernel import greedy_coverage, idf_weights
+from raysel.methods.coverage_kernel import greedy_coverage, idf_weights, working_bytes
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +43,45 @@ class CoverageConfig(MethodConfig):
 
 class Coverage(Method):
     Config = CoverageConfig
+    memory_remedy = (
+        "Set distributed: on in coverage's entry of select.methods (only RandGreeDi's candidates come back). "
+    )
+
+    def distributes(self, n: int) -> bool:
+        return self.cfg.distributed == "on" or (self.cfg.distributed == "auto" and n > self.cfg.distributed_rows)
+
+    def partitions(self, n: int) -> int:
+        return partitions_for(n, self.cfg.distributed_rows, self.cfg.partitions)
+
+    def driver_bytes(self, store: FeatureStore, k: int, ctx: Context) -> int:
+        """The greedy's working memory over the pool; under RandGreeDi, over the m * k candidates that
+        come back to the driver, beside the table they come in."""
+        stats = store.summary()
+        rows, per_row = stats["n_samples"], stats["mean_features_per_sample"]
+        if not self.distributes(rows):
+            return working_bytes(rows, round(rows * per_row))
+        candidates = min(rows, k * self.partitions(rows))
+        entries = round(candidates * per_row)
+        return (
+            working_bytes(candidates, entries)
+            + CANDIDATE_BYTES_PER_ENTRY * entries
+            + CANDIDATE_BYTES_PER_ROW * candidates
+        )
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
-        cfg, n = self.cfg, len(pool.ids)
-        weights = idf_weights(pool.indices, n) if cfg.idf else None
-        if cfg.distributed == "on" or (cfg.distributed == "auto" and n > cfg.distributed_rows):
-            m = partitions_for(n, cfg.distributed_rows, cfg.partitions)
-            ids, gains, settled = randgreedi(pool.store, ctx.tau, k, m, ctx.seed, weights)
+        n = len(pool.ids)
+        weights = idf_weights(pool.indices, n) if self.cfg.idf else None
+        if self.distributes(n):
+            ids, gains, settled = randgreedi(pool.store, ctx.tau, k, self.partitions(n), ctx.seed, weights)
             return Picks(ids, gains, settled)
         chosen = greedy_coverage(pool.indptr, pool.indices, k, weights)
         return Picks(pool.ids[chosen.order].tolist(), chosen.gains, {"resets": chosen.resets})
+
+
+# RandGreeDi's candidates on the driver, as Arrow: their int32 entries, and an id, partition and
+# objective a row
+CANDIDATE_BYTES_PER_ENTRY = 4
+CANDIDATE_BYTES_PER_ROW = 100
 
 
 def partitions_for(n: int, rows_per_partition: int, partitions: int | None) -> int:

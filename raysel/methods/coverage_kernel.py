@@ -50,6 +50,17 @@ def idf_weights(indices: np.ndarray, n: int) -> np.ndarray:
     return np.round((np.log((n + 1) / (df + 1)) + 1.0) * UNIT) / UNIT
 
 
+# What greedy_coverage holds beside its CSR: the inverted index (an int32 row an entry), and per row
+# its total and gain (float64, int32, int32) and block counters. Measured: 344 MB over the CSR for
+# 1M rows of 64 entries (4 B an entry and 88 B a row).
+BYTES_PER_ENTRY = 4
+BYTES_PER_ROW = 90
+
+
+def working_bytes(rows: int, entries: int) -> int:
+    return BYTES_PER_ENTRY * entries + BYTES_PER_ROW * rows
+
+
 def greedy_coverage(
     indptr: np.ndarray, indices: np.ndarray, budget: int, weights: np.ndarray | None = None
 ) -> Selection:

@@ -12,8 +12,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from raysel.core.features import FeatureStore
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
-from raysel.methods.simscale_kernel import simscale
+from raysel.methods.simscale_kernel import simscale, working_bytes
 
 
 class SimScaleConfig(MethodConfig):
@@ -25,6 +26,10 @@ class SimScaleConfig(MethodConfig):
 
 class SimScale(Method):
     Config = SimScaleConfig
+
+    def driver_bytes(self, store: FeatureStore, k: int, ctx: Context) -> int:
+        stats = store.summary()
+        return working_bytes(stats["n_samples"], stats["n_activated"], k)
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
         cfg = self.cfg

@@ -32,24 +32,35 @@ from raysel.stages.publish import write_selection
 log = logging.getLogger(__name__)
 
 
-# The driver holds the pool's activated sets as one CSR, read block by block from the cluster, and
-# the methods' working copies of it; per activated (sample, feature) pair and per sample, measured by
-# benchmarks/select_stage.py: a 2.88 GB peak (ru_maxrss, 2.95e9 bytes) at 1M samples of 64 activated
-# features (see README).
-BYTES_PER_ACTIVATED = 36
-BYTES_PER_ROW = 700
+# The driver holds the pool: its CSR's int32 entries, read once and in place (core/features.csr_by_id),
+# and per sample its id (Arrow while read, then a Python string), its set's place and size, and its
+# response length. Measured on the 10M-sample store of benchmarks/select_stage.py (62.5 activated
+# features and 9 characters of id a sample): reading it peaked 4.98 GiB over the process's start,
+# the 2.33 GiB of entries and 284 B a sample, of which the id is held about three times. The driver
+# process itself (Python, pyarrow, Ray's client) is charged half a GiB.
+DRIVER_BYTES = 2**29
+BYTES_PER_ACTIVATED = 4
+BYTES_PER_ROW = 260
+BYTES_PER_ID_CHAR = 3
 
 
-def check_driver_memory(stats: dict, methods: dict[str, int] | None = None, available: int | None = None) -> dict:
+def check_driver_memory(
+    stats: dict,
+    methods: dict[str, int] | None = None,
+    available: int | None = None,
+    id_chars: float = 9,
+    remedies: dict[str, str] | None = None,
+) -> dict:
     """Refuse, before reading it, a pool the driver cannot hold: an estimate from the statistics'
-    counts, plus the largest of what the methods hold beside it (they run one after another), against
-    the memory free on this machine."""
+    counts and the ids' mean length, plus the largest of what the methods hold beside it (they run one
+    after another), against the memory free on this machine. The refusal names the heaviest method's
+    remedy (from `remedies`; by default, leaving it out)."""
     import psutil
 
     methods = {m: b for m, b in (methods or {}).items() if b}
     rows = stats["n_samples"]
     activated = stats.get("n_activated", round(stats["mean_features_per_sample"] * rows))
-    pool = BYTES_PER_ACTIVATED * activated + BYTES_PER_ROW * rows
+    pool = DRIVER_BYTES + BYTES_PER_ACTIVATED * activated + round((BYTES_PER_ROW + BYTES_PER_ID_CHAR * id_chars) * rows)
     heaviest = max(methods, key=methods.get, default=None)
     need = pool + methods.get(heaviest, 0)
     available = psutil.virtual_memory().available if available is None else available
@@ -57,15 +68,18 @@ def check_driver_memory(stats: dict, methods: dict[str, int] | None = None, avai
              "methods_gb": {m: _gb(b) for m, b in methods.items()}}  # fmt: skip
     if need > available:
         beside = ", ".join(f"{m} {_gb(b)} GB" for m, b in sorted(methods.items(), key=lambda mb: -mb[1]))
-        leave_out = f"Leave {heaviest} out of select.methods (or run it on a smaller corpus). " if heaviest else ""
         raise MemoryError(
             f"select: the pool ({rows:,} samples, {activated:,} activated features at tau {stats['tau']:g}) needs "
             f"about {_gb(pool)} GB on the driver{f' and, beside it, {beside}' if beside else ''}; this machine has "
-            f"{found['available_gb']} GB free. {leave_out}"
+            f"{found['available_gb']} GB free. {(remedies or {}).get(heaviest, leave_out(heaviest))}"
             f"Activate fewer features a sample (a lower activation.target_active, or a higher activation.tau), "
             f"run the driver on a larger head node, or set select.memory_check: false to try anyway"
         )
     return found
+
+
+def leave_out(method: str | None) -> str:
+    return f"Leave {method} out of select.methods (or run it on a smaller corpus). " if method else ""
 
 
 def _gb(n: int) -> float:
@@ -107,7 +121,8 @@ class Select(Stage):
     def check_memory(self, store: FeatureStore) -> dict:
         stats = store.summary()
         beside = {m.name: m.driver_bytes(store, self.budget(m, stats["n_samples"]), self.ctx) for m in self.methods}
-        return check_driver_memory(stats, beside)
+        remedies = {m.name: m.memory_remedy for m in self.methods if m.memory_remedy}
+        return check_driver_memory(stats, beside, id_chars=store.mean_id_length(), remedies=remedies)
 
     def run(self) -> dict:
         start, ctx = time.time(), self.ctx

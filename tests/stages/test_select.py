@@ -258,7 +258,13 @@ def test_an_edited_fac_reference_redoes_the_fac_selection(selected_run, tmp_path
 
 def test_the_memory_check_counts_the_activated_pool_and_refuses_one_too_big(selected_run):
     """Without it a million-row select dies of OOM on the head, hours after the encode, saying nothing."""
-    from raysel.stages.select import check_driver_memory
+    from raysel.stages.select import (
+        BYTES_PER_ACTIVATED,
+        BYTES_PER_ID_CHAR,
+        BYTES_PER_ROW,
+        DRIVER_BYTES,
+        check_driver_memory,
+    )
 
     root, manifest, _ = selected_run
     store = FeatureStore(Storage(str(root), RunConfig.model_validate(manifest["config"]).s3))
@@ -268,8 +274,16 @@ def test_the_memory_check_counts_the_activated_pool_and_refuses_one_too_big(sele
     found = check_driver_memory(store.summary(), available=2**40)
     assert (found["rows"], found["activated"]) == (60, activated) and activated > 60
     assert manifest["stages"]["select"]["driver_memory"]["activated"] == activated
+    per_row = BYTES_PER_ROW + BYTES_PER_ID_CHAR * store.mean_id_length()
+    pool = DRIVER_BYTES + BYTES_PER_ACTIVATED * activated + per_row * 60
+    check_driver_memory(store.summary(), available=round(pool) + 1, id_chars=store.mean_id_length())
     with pytest.raises(MemoryError, match="activation.target_active.*select.memory_check: false"):
-        check_driver_memory(store.summary(), available=24 * activated)  # less than the pool's estimate
+        check_driver_memory(store.summary(), available=round(pool) - 1, id_chars=store.mean_id_length())
+    # an id is held about three times (Arrow, then a Python string), and measured on a sample of them:
+    # 40 characters more cost more than 4 B
+    assert store.mean_id_length() == pytest.approx(np.mean([len(i) for i in table["id"].to_pylist()]), rel=0.1)
+    with pytest.raises(MemoryError):
+        check_driver_memory(store.summary(), available=round(pool) + 1, id_chars=store.mean_id_length() + 40)
 
 
 def test_the_memory_check_adds_the_heaviest_method_beside_the_pool(selected_run):
@@ -290,3 +304,23 @@ def test_the_memory_check_adds_the_heaviest_method_beside_the_pool(selected_run)
     assert found["methods_gb"] == {"kcenter": round(kcenter / 2**30, 2), "other": round(kcenter / 2**30, 2)}
     with pytest.raises(MemoryError, match=r"beside it, kcenter .* GB.*Leave kcenter out of select.methods"):
         check_driver_memory(store.summary(), {"kcenter": kcenter, "coverage": 0}, int(pool) + kcenter // 2)
+
+
+def test_coverage_charges_its_greedy_on_one_node_and_only_randgreedis_candidates_when_distributed(selected_run):
+    """Catches RandGreeDi charged as the single-node greedy over the whole pool (a 10M select that fits
+    refused), or the single-node greedy charged nothing beside the pool; and a refusal that tells a
+    coverage run to leave coverage out instead of distributing it."""
+    from raysel.methods.coverage import Coverage, CoverageConfig
+    from raysel.methods.coverage_kernel import working_bytes
+    from raysel.stages.select import check_driver_memory
+
+    root, manifest, _ = selected_run
+    store = FeatureStore(Storage(str(root), RunConfig.model_validate(manifest["config"]).s3))
+    stats = store.summary()
+    one_node = Coverage(CoverageConfig()).driver_bytes(store, 5, None)
+    assert one_node == working_bytes(60, round(60 * stats["mean_features_per_sample"])) > 0
+    distributed = Coverage(CoverageConfig(distributed="on", partitions=2))
+    candidates = working_bytes(10, round(10 * stats["mean_features_per_sample"]))  # 2 partitions of 5 picks
+    assert candidates < distributed.driver_bytes(store, 5, None) < one_node
+    with pytest.raises(MemoryError, match="Set distributed: on in coverage's entry"):
+        check_driver_memory(stats, {"coverage": one_node}, one_node, remedies={"coverage": Coverage.memory_remedy})
