@@ -21,7 +21,7 @@ import functools
 import json
 import logging
 import posixpath
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numba
@@ -122,12 +122,14 @@ def csr_by_id(read: Callable[[], Iterable[pa.Table]]) -> tuple[np.ndarray, np.nd
 
 def list_entries(meta: pq.FileMetaData, column: str) -> int:
     """The entries of a list column, from a parquet footer (an empty list counts one)."""
-    return sum(
-        group.column(c).num_values
-        for group in (meta.row_group(g) for g in range(meta.num_row_groups))
-        for c in range(group.num_columns)
-        if group.column(c).path_in_schema == f"{column}.list.element"
-    )
+    return sum(chunk.num_values for chunk in column_chunks(meta, f"{column}.list.element"))
+
+
+def column_chunks(meta: pq.FileMetaData, path: str) -> Iterator[pq.ColumnChunkMetaData]:
+    """The footer's entry of the column `path` (as parquet names it) in every row group."""
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        yield from (group.column(c) for c in range(group.num_columns) if group.column(c).path_in_schema == path)
 
 
 @dataclass

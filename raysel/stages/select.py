@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from raysel.config import S3Config, SelectConfig
 from raysel.core import paths
 from raysel.core.corpus import content_fingerprint
-from raysel.core.features import FeatureStore
+from raysel.core.features import FeatureStore, column_chunks
 from raysel.core.storage import Storage
 from raysel.methods import BASELINES, Context, Method, Pool, build
 from raysel.stages.base import Stage
@@ -37,11 +37,16 @@ log = logging.getLogger(__name__)
 # response length. Measured on the 10M-sample store of benchmarks/select_stage.py (62.5 activated
 # features and 9 characters of id a sample): reading it peaked 4.98 GiB over the process's start,
 # the 2.33 GiB of entries and 284 B a sample, of which the id is held about three times. The driver
-# process itself (Python, pyarrow, Ray's client) is charged half a GiB.
-DRIVER_BYTES = 2**29
+# process itself is charged 1 GiB: with Ray's client it held 0.68 GB before the statistics at 1M
+# samples, and 1.13 GB after them (what their merge allocated is not all handed back).
+DRIVER_BYTES = 2**30
 BYTES_PER_ACTIVATED = 4
 BYTES_PER_ROW = 260
 BYTES_PER_ID_CHAR = 3
+# After the methods, the picks' original records are read for the selections (once for the union of
+# every method's picks), then parsed into columns one selection at a time: about 3 copies of each
+# record's JSON. Measured at 1M samples, three selections of 100k: 0.5 GB.
+RECORD_COPIES = 3
 
 
 def check_driver_memory(
@@ -76,6 +81,17 @@ def check_driver_memory(
             f"run the driver on a larger head node, or set select.memory_check: false to try anyway"
         )
     return found
+
+
+def mean_record_bytes(storage: Storage) -> float:
+    """The original records' mean size in bytes, from the prepared shards' parquet footers."""
+    size = rows = 0
+    for info in storage.listing(paths.PREPARED):
+        if info.path.endswith(".parquet"):
+            meta = pq.ParquetFile(info.path, filesystem=storage.fs).metadata
+            rows += meta.num_rows
+            size += sum(chunk.total_uncompressed_size for chunk in column_chunks(meta, "record"))
+    return size / max(rows, 1)
 
 
 def leave_out(method: str | None) -> str:
@@ -120,8 +136,12 @@ class Select(Stage):
 
     def check_memory(self, store: FeatureStore) -> dict:
         stats = store.summary()
-        beside = {m.name: m.driver_bytes(store, self.budget(m, stats["n_samples"]), self.ctx) for m in self.methods}
+        budgets = {m.name: self.budget(m, stats["n_samples"]) for m in self.methods}
+        beside = {m.name: m.driver_bytes(store, budgets[m.name], self.ctx) for m in self.methods}
+        picked = min(sum(budgets.values()), stats["n_samples"])
+        beside["records"] = round(RECORD_COPIES * mean_record_bytes(self.storage) * picked)
         remedies = {m.name: m.memory_remedy for m in self.methods if m.memory_remedy}
+        remedies["records"] = "Pick fewer samples (a lower select.budget, or fewer methods). "
         return check_driver_memory(stats, beside, id_chars=store.mean_id_length(), remedies=remedies)
 
     def run(self) -> dict:

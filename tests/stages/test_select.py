@@ -264,6 +264,7 @@ def test_the_memory_check_counts_the_activated_pool_and_refuses_one_too_big(sele
         BYTES_PER_ROW,
         DRIVER_BYTES,
         check_driver_memory,
+        mean_record_bytes,
     )
 
     root, manifest, _ = selected_run
@@ -284,6 +285,11 @@ def test_the_memory_check_counts_the_activated_pool_and_refuses_one_too_big(sele
     assert store.mean_id_length() == pytest.approx(np.mean([len(i) for i in table["id"].to_pylist()]), rel=0.1)
     with pytest.raises(MemoryError):
         check_driver_memory(store.summary(), available=round(pool) + 1, id_chars=store.mean_id_length() + 40)
+    # the picks' records, read after the methods: their size from the prepared shards' footers (with
+    # the pages' overhead, a few hundred bytes a record in shards this small)
+    records = pq.read_table(root / "prepared", columns=["record"])["record"].to_pylist()
+    mean = np.mean([len(r.encode()) for r in records])
+    assert mean <= mean_record_bytes(store.storage) <= 1.5 * mean
 
 
 def test_the_memory_check_adds_the_heaviest_method_beside_the_pool(selected_run):
