@@ -323,7 +323,8 @@ class FeatureStore:
 
     def activated_sets(self, tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ids, and A(x) of every sample in CSR form (indptr, int32 indices), sorted by id. Each block
-        is cut to its activated entries on the cluster, so the driver holds the CSR and nothing more."""
+        is cut to its activated entries on the cluster; the driver holds the cut blocks while it builds
+        the CSR from them (committed_activated_sets, what the select stage reads, holds the CSR alone)."""
         sets = list(
             self.blocks(functools.partial(activated_block, tau=tau), ["id", "feat_ids", "feat_max"], name="sets")
         )

@@ -86,11 +86,9 @@ def check_driver_memory(
 def mean_record_bytes(storage: Storage) -> float:
     """The original records' mean size in bytes, from the prepared shards' parquet footers."""
     size = rows = 0
-    for info in storage.listing(paths.PREPARED):
-        if info.path.endswith(".parquet"):
-            meta = pq.ParquetFile(info.path, filesystem=storage.fs).metadata
-            rows += meta.num_rows
-            size += sum(chunk.total_uncompressed_size for chunk in column_chunks(meta, "record"))
+    for fragment in pq.ParquetDataset(storage.path(paths.PREPARED), filesystem=storage.fs).fragments:
+        rows += fragment.metadata.num_rows
+        size += sum(chunk.total_uncompressed_size for chunk in column_chunks(fragment.metadata, "record"))
     return size / max(rows, 1)
 
 
