@@ -102,20 +102,11 @@ class Encoder:
         sample = torch.repeat_interleave(torch.arange(len(n_counted), device=h.device), n_counted.to(h.device))
         feat_max = torch.zeros(len(n_counted) * d_sae, dtype=h.dtype, device=h.device)
         feat_sum = torch.zeros_like(feat_max)
-        for tokens, features, values in self._active(h):
+        for tokens, features, values in sae_activations(self.sae, h):
             at = sample[tokens] * d_sae + features
             feat_max.scatter_reduce_(0, at, values, "amax")  # activations are >= 0: 0 is the empty max
             feat_sum.scatter_add_(0, at, values)
         return feat_max.view(-1, d_sae), feat_sum.view(-1, d_sae)
-
-    def _active(self, h):
-        """(token, feature, activation) of each non-zero activation of the SAE on the tokens `h`, over
-        token chunks of at most CHUNK_BYTES of pre-activations: tokens x d_sae never exists for a whole
-        batch (4 GB at 131k latents and 8k tokens). A TopK SAE yields its k per token directly."""
-        chunk = max(1, CHUNK_BYTES // (self.sae.cfg.d_sae * h.element_size()))
-        for start in range(0, h.shape[0], chunk):
-            tokens, features, values = nonzero(self.sae.encode(h[start : start + chunk]))
-            yield start + tokens, features, values
 
     def activations(self, seqs: list[list[int]], features: list[list[int]]) -> list[tuple]:
         """Per sequence: the first counted position, and the SAE's activations of its `features` at
@@ -128,7 +119,7 @@ class Encoder:
         h = hidden[counted].to(self.sae.dtype)
         z = torch.zeros(h.shape[0], len(wanted))
         with torch.inference_mode():
-            for tokens, feats, values in self._active(h):
+            for tokens, feats, values in sae_activations(self.sae, h):
                 keep = column[feats] >= 0
                 z[tokens[keep].cpu(), column[feats[keep]].cpu()] = values[keep].float().cpu()
         first, column = self._first_counted(seqs).tolist(), column.cpu()
@@ -201,6 +192,16 @@ class Encoder:
             lists(feat_max[rows, cols].float(), pa.float32()),
             lists(feat_sum[rows, cols].float(), pa.float32()),
         )
+
+
+def sae_activations(sae, h):
+    """(token, feature, activation) of each non-zero activation of `sae` on the tokens `h`, over
+    token chunks of at most CHUNK_BYTES of pre-activations: tokens x d_sae never exists for a whole
+    batch (4 GB at 131k latents and 8k tokens). A TopK SAE set by sparse_topk yields its k per token directly."""
+    chunk = max(1, CHUNK_BYTES // (sae.cfg.d_sae * h.element_size()))
+    for start in range(0, h.shape[0], chunk):
+        tokens, features, values = nonzero(sae.encode(h[start : start + chunk].to(sae.dtype)))
+        yield start + tokens, features, values
 
 
 def sparse_topk(sae):

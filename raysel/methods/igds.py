@@ -6,8 +6,8 @@ samples by how strongly they carry those features.
 2. Interventional filtering: for each candidate j and each alpha of a sweep
    (0.5, 1, 2, 4), add alpha * a_j * W_dec[j] to the residual stream after the
    SAE's hook layer, a_j the feature's typical activation where it is active
-   (its mean max-pool over the samples activating it), on the counted positions
-   (not BOS, not the template's shared prefix), in a full-model forward pass, and
+   (its mean over the held-out targets' tokens that activate it), on the counted
+   positions (not BOS, not the template's shared prefix), in a full-model forward pass, and
    measure the change of the task metric on held-out targets:
    delta_j(alpha) = metric(amplified) - metric(base); each feature keeps its best alpha.
    The metric is the mean log-likelihood of the reference answers, or exact match
@@ -37,6 +37,7 @@ import ray
 from pydantic import Field
 
 from raysel.core import paths
+from raysel.core.encoder import sae_activations
 from raysel.core.features import activated_entries, pooled, pooled_columns
 from raysel.core.models import load_model, load_tokenizer, resolve_device, tokenize
 from raysel.core.ray_adapter import log_to_driver, map_stage, model_resources
@@ -88,7 +89,7 @@ class IGDS(Method):
         )
         candidates = frequency_recall(fit, ctx.tau, stats["doc_freq"].to_numpy(), len(pool.ids), cfg.candidates)
         prompts, answers, skipped = dev_pairs(ctx.stack, targets.storage, dev)
-        typical = dict(enumerate(stats["mean_active"].to_numpy().tolist()))
+        pool_typical = dict(enumerate(stats["mean_active"].to_numpy().tolist()))
         log.info(
             "igds: %d candidate features from %d targets; measuring each on %d held-out targets (%s)",
             candidates.num_rows,
@@ -97,7 +98,9 @@ class IGDS(Method):
             cfg.metric,
         )
         layer = ctx.storage.read_json(paths.marker("encode"))["layer"]
-        effects = feature_effects(ctx.stack, cfg, candidates["feature"].to_pylist(), prompts, answers, typical, layer)
+        effects = feature_effects(
+            ctx.stack, cfg, candidates["feature"].to_pylist(), prompts, answers, pool_typical, layer
+        )
         helpful = [r["feature"] for r in effects.to_pylist() if r["delta"] > 0]
         task_features, source = task_features_of(cfg, helpful, candidates["feature"].to_pylist(), len(effects))
         log.info("igds: task features %s (%s)", task_features, source)
@@ -284,6 +287,23 @@ class TaskMetric:
         # under generate, the steps after the prompt see one new position each: amplified whole (see amplified)
         return amplified(self.model, layer, vector, counted) if vector is not None else contextlib.nullcontext()
 
+    def residual(self, layer: int):
+        """The residual stream after decoder block `layer` (-1: the embeddings) at the positions `amplified`
+        shifts, for the dev pairs a batch at a time (tokens x d_model)."""
+        module = decoder_layers(self.model)[layer] if layer >= 0 else self.model.get_input_embeddings()
+        size, seen = self.cfg.batch_size, []
+        handle = module.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            for i in range(0, len(self.pairs), size):
+                ids, attention, counted = self._padded(
+                    [p.prompt_ids + p.answer_ids for p in self.pairs[i : i + size]], left=False
+                )
+                with self.torch.inference_mode():
+                    self.model(input_ids=ids, attention_mask=attention, use_cache=False)
+                yield seen.pop()[counted]
+        finally:
+            handle.remove()
+
 
 class Pair(NamedTuple):
     prompt_ids: list[int]
@@ -319,7 +339,9 @@ def final_number(text: str) -> str | None:
 
 class FeatureEffects:
     """Stage: each row names a candidate feature; the task metric with it amplified, at each alpha of
-    the sweep, and the best of them."""
+    the sweep, and the best of them. A feature is pushed by its mean activation over the dev tokens that
+    activate it; one that none activates, by its mean max-pool over the pool (`pool_typical`), a
+    larger figure, recorded as such."""
 
     def __init__(
         self,
@@ -327,21 +349,25 @@ class FeatureEffects:
         cfg: IGDSConfig,
         prompts: list[str],
         answers: list[str],
-        typical: dict[int, float],
+        pool_typical: dict[int, float],
         layer: int,
     ):
         log_to_driver()
         self.metric = TaskMetric(stack, cfg, prompts, answers)
-        self.decoder = load_sae(stack, self.metric.device).W_dec.detach()
-        self.cfg, self.typical, self.layer = cfg, typical, layer
+        sae = load_sae(stack, self.metric.device)
+        self.decoder = sae.W_dec.detach()
+        self.dev_typical = typical_activations(sae, self.metric.residual(layer))
+        self.cfg, self.pool_typical, self.layer = cfg, pool_typical, layer
         self.base = self.metric()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for j in batch["feature"].to_pylist():
-            swept = {a: self.metric(self.layer, a * self.typical[j] * self.decoder[j]) for a in self.cfg.alphas}
+            typical, source = self.typical(j)
+            swept = {a: self.metric(self.layer, a * typical * self.decoder[j]) for a in self.cfg.alphas}
             alpha = max(swept, key=lambda a: (swept[a], -a))  # the best; on a tie, the gentler push
-            log.info("igds: feature %d: best delta %+.4f at alpha %g (%s)", j, swept[alpha] - self.base, alpha,
+            log.info("igds: feature %d (typical %.3g, %s): best delta %+.4f at alpha %g (%s)", j, typical, source,
+                     swept[alpha] - self.base, alpha,
                      ", ".join(f"{a:g}: {v - self.base:+.4f}" for a, v in swept.items()))  # fmt: skip
             rows.append(
                 {
@@ -351,9 +377,31 @@ class FeatureEffects:
                     "delta": swept[alpha] - self.base,
                     "alpha": alpha,
                     "delta_by_alpha": [swept[a] - self.base for a in self.cfg.alphas],
+                    "typical": typical,
+                    "typical_from": source,
                 }
             )
         return pa.Table.from_pylist(rows)
+
+    def typical(self, j: int) -> tuple[float, str]:
+        if np.isnan(self.dev_typical[j]):
+            return self.pool_typical[j], "pool max-pool"
+        return float(self.dev_typical[j]), "dev tokens"
+
+
+def typical_activations(sae, residual) -> np.ndarray:
+    """Per feature, its mean activation over the tokens (of the `residual` batches) that activate it;
+    NaN for a feature none activates."""
+    import torch
+
+    total = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    count = torch.zeros_like(total)
+    with torch.inference_mode():
+        for h in residual:
+            for _, features, values in sae_activations(sae, h):
+                total.index_add_(0, features.cpu(), values.double().cpu())
+                count.index_add_(0, features.cpu(), torch.ones(len(features), dtype=torch.float64))
+    return np.where(count.numpy() > 0, total.numpy() / np.maximum(count.numpy(), 1), np.nan)
 
 
 def feature_effects(
@@ -362,7 +410,7 @@ def feature_effects(
     candidates: list[int],
     prompts: list[str],
     answers: list[str],
-    typical: dict[int, float],
+    pool_typical: dict[int, float],
     layer: int,
 ) -> pa.Table:
     """delta of every candidate (its best alpha's), computed in parallel on `actors` full models."""
@@ -376,7 +424,7 @@ def feature_effects(
         cfg=cfg,
         prompts=prompts,
         answers=answers,
-        typical=typical,
+        pool_typical=pool_typical,
         layer=layer,
     )
     table = pa.concat_tables(ray.get(effects.to_arrow_refs()))

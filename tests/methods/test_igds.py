@@ -129,6 +129,41 @@ def test_igds_recovers_the_planted_helpful_feature(tiny_model_dir, tmp_path):
     assert effects.metric() == effects.base  # no intervention left behind
 
 
+def test_a_feature_is_pushed_by_its_mean_over_the_dev_tokens_that_activate_it(tiny_model_dir, tmp_path):
+    """Catches a_j read from anything else: the pool's mean max-pool, every token's mean (zeros
+    included), padding or BOS counted, or the wrong layer. The reference runs each pair alone
+    through the model and the SAE."""
+    from sae_lens import SAE
+
+    prompts = [
+        f"### User:\nWhat is {a} plus {b}?{' Think.' * a}\n### Assistant:\n" for a, b in [(2, 3), (4, 1), (1, 1)]
+    ]
+    answers = ["The sum is 5.", "5", "It is 2, since one and one make two."]
+    raw = {"input": {"paths": ["x"]}, "model": {"name": str(tiny_model_dir), "dtype": "float32"},
+           "encode": {"device": "cpu"}, "sae": {"path": str(build_tiny_sae(tmp_path / "sae"))}}  # fmt: skip
+    stack = RunConfig.model_validate(raw).stack()
+    igds = IGDSConfig(targets=["t"], alphas=[1.0], batch_size=2)  # two rows of different lengths: padded
+    effects = FeatureEffects(stack, igds, prompts, answers, {j: 100.0 + j for j in range(128)}, layer=1)
+
+    sae, model = SAE.load_from_disk(tmp_path / "sae"), effects.metric.model
+    z = []
+    for pair in effects.metric.pairs:
+        with torch.inference_mode():
+            hidden = model(input_ids=torch.tensor([pair.prompt_ids + pair.answer_ids]), output_hidden_states=True)
+            z.append(sae.encode(hidden.hidden_states[2][0, effects.metric.first :]))
+    z = torch.cat(z).numpy()
+    fired = (z > 0).any(0)
+    assert 0 < fired.sum() < 128  # both cases occur
+    rows = effects(pa.table({"feature": list(range(128))})).to_pylist()
+    assert len(rows) == 128
+    for j, r in enumerate(rows):
+        if fired[j]:
+            assert r["typical_from"] == "dev tokens"
+            assert r["typical"] == pytest.approx(z[:, j][z[:, j] > 0].mean(), rel=1e-4)
+        else:  # no dev token activates it: the pool's figure, said so
+            assert (r["typical"], r["typical_from"]) == (100.0 + j, "pool max-pool")
+
+
 def test_igds_writes_its_delta_table_and_selects_by_the_task_features(task_run):
     root, manifest, _ = task_run
     m = json.loads((root / "selection" / "igds" / "manifest.json").read_text())
