@@ -121,8 +121,14 @@ def csr_by_id(read: Callable[[], Iterable[pa.Table]]) -> tuple[np.ndarray, np.nd
 
 
 def list_entries(meta: pq.FileMetaData, column: str) -> int:
-    """The entries of a list column, from a parquet footer (an empty list counts one)."""
-    return sum(chunk.num_values for chunk in column_chunks(meta, f"{column}.list.element"))
+    """The entries of a list column (of non-null elements), from a parquet footer. Parquet counts a
+    level for each empty or null list among its values, and as a null in the statistics: those go.
+    A writer that kept no statistics leaves an upper bound."""
+    return sum(
+        chunk.num_values
+        - (chunk.statistics.null_count if chunk.is_stats_set and chunk.statistics.has_null_count else 0)
+        for chunk in column_chunks(meta, f"{column}.list.element")
+    )
 
 
 def column_chunks(meta: pq.FileMetaData, path: str) -> Iterator[pq.ColumnChunkMetaData]:

@@ -3,9 +3,10 @@ features' document frequency."""
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from raysel.core.features import ACTIVATED_SCHEMA, csr_by_id, document_frequency
+from raysel.core.features import ACTIVATED_SCHEMA, csr_by_id, document_frequency, list_entries
 
 
 def shuffled_blocks(seed: int) -> tuple[list[pa.Table], dict[str, list[int]]]:
@@ -47,3 +48,15 @@ def test_document_frequency_counts_as_bincount_without_its_int64_copy():
     indices = rng.integers(0, 300, 5000).astype(np.int32)
     assert np.array_equal(document_frequency(indices), np.bincount(indices))
     assert document_frequency(np.zeros(0, np.int32)).tolist() == [0]
+
+
+def test_list_entries_counts_the_elements_not_the_empty_or_null_lists(tmp_path):
+    """Parquet's num_values counts a level for each empty list: a store of many samples that fire no
+    feature would otherwise claim entries it lacks, and tau's calibration rank would lie beyond them."""
+    lists = [[1, 2], [], [3], None, [], [4, 5, 6]] * 50
+    pq.write_table(
+        pa.table({"feat_ids": pa.array(lists, pa.list_(pa.int32()))}), tmp_path / "s.parquet", row_group_size=70
+    )
+    meta = pq.ParquetFile(tmp_path / "s.parquet").metadata
+    assert meta.num_row_groups > 1
+    assert list_entries(meta, "feat_ids") == 6 * 50
