@@ -90,34 +90,52 @@ def activated_block(table: pa.Table, tau: float) -> pa.Table:
     return pa.table([table["id"].cast(pa.string()), sets], schema=ACTIVATED_SCHEMA)
 
 
-def csr_by_id(read: Callable[[], Iterable[pa.Table]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, indptr, int32 indices) sorted by id, from (id, feats: list<int32>) blocks.
+def csr_by_id(read: Callable[[], Iterable[pa.Table]], columns: tuple[str, ...] = ("feats",)) -> tuple:
+    """(ids, indptr, *entries) sorted by id, from blocks of an id and the list columns `columns`, whose
+    lists have the same lengths row by row (int32 sets, and their values when asked for).
 
-    read() gives the blocks and is called twice: for the ids and set sizes, which place every set, then
-    to copy each block's entries straight to their place. The entries are held once, 4 B each at the
-    peak, where holding them as read and then reordering took 8 (2.6 GB more at 10M samples of 64)."""
-    ids, counts = [], []
+    read() gives the blocks and is called twice: for the ids and list sizes, which place every row, then
+    to copy each block's entries straight to their place. The entries are held once, at the peak, where
+    holding them as read and then reordering took twice that (2.6 GB more at 10M samples of 64)."""
+    ids, counts, dtypes = [], [], None
     for block in read():
         ids.append(block["id"])
-        counts.append(pc.list_value_length(block["feats"]).to_numpy())
+        counts.append(pc.list_value_length(block[columns[0]]).to_numpy(zero_copy_only=False))
+        dtypes = [block.schema.field(c).type.value_type.to_pandas_dtype() for c in columns]
     if not ids:
-        return np.zeros(0, object), np.zeros(1, np.int64), np.zeros(0, np.int32)
-    ids, counts = pa.chunked_array(ids), np.concatenate(counts)
+        return np.zeros(0, object), np.zeros(1, np.int64), *(np.zeros(0, np.int32) for _ in columns)
+    ids, counts = pa.chunked_array(ids), np.nan_to_num(np.concatenate(counts)).astype(np.int64)  # null: empty
     order = pc.sort_indices(ids).to_numpy()
     indptr = np.r_[0, np.cumsum(counts[order])].astype(np.int64)
     place = np.empty(len(order), np.int64)
     place[order] = indptr[:-1]
-    indices, row = np.empty(indptr[-1], np.int32), 0
+    entries, row = [np.empty(indptr[-1], dtype) for dtype in dtypes], 0
     for block in read():
-        sizes, flat = counts[row : row + block.num_rows], pc.list_flatten(block["feats"]).to_numpy()
-        if sizes.size < block.num_rows or sizes.sum() != flat.size:
-            raise RuntimeError("the activated sets changed between their two reads")
-        shift = place[row : row + block.num_rows] - (np.cumsum(sizes) - sizes)  # each set's place less its offset
-        indices[np.repeat(shift, sizes) + np.arange(flat.size)] = flat
+        sizes = counts[row : row + block.num_rows]
+        flats = [pc.list_flatten(block[c]).to_numpy() for c in columns]
+        if sizes.size < block.num_rows or any(sizes.sum() != flat.size for flat in flats):
+            raise RuntimeError("the rows changed between their two reads")
+        at = np.repeat(place[row : row + block.num_rows] - (np.cumsum(sizes) - sizes), sizes) + np.arange(sizes.sum())
+        for into, flat in zip(entries, flats):
+            into[at] = flat
         row += block.num_rows
     if row != len(counts):
-        raise RuntimeError("the activated sets changed between their two reads")
-    return ids.take(order).to_numpy(zero_copy_only=False), indptr, indices
+        raise RuntimeError("the rows changed between their two reads")
+    return ids.take(order).to_numpy(zero_copy_only=False), indptr, *entries
+
+
+def pooled_lists(table: pa.Table, pooling: str) -> pa.Table:
+    """A feature-store block as (id, feats, values: list<float64>), values its pooled vectors (pooled)."""
+    lengths = pc.fill_null(pc.list_value_length(table["feat_ids"]), 0).to_numpy()
+    offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+    _, feats, values = pooled(table, pooling)
+    return pa.table(
+        {
+            "id": table["id"],
+            "feats": pa.ListArray.from_arrays(offsets, pa.array(feats.astype(np.int32))),
+            "values": pa.ListArray.from_arrays(offsets, pa.array(values)),
+        }
+    )
 
 
 def list_entries(meta: pq.FileMetaData, column: str) -> int:
@@ -345,6 +363,19 @@ class FeatureStore:
                 yield from pq.ParquetFile(f).iter_batches(batch_size=1 << 16)
 
         return csr_by_id(read)
+
+    def pooled_vectors(self, pooling: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """ids, and every sample's pooled vector (pooled) in CSR form (indptr, int32 features, float64
+        values), sorted by id. The shards are read here twice, a batch at a time: the driver holds the
+        CSR alone, 12 B a stored entry."""
+
+        def read():
+            for path in self.shard_paths():
+                with self.storage.fs.open_input_file(path) as f:
+                    for batch in pq.ParquetFile(f).iter_batches(2048, columns=["id", *pooled_columns(pooling)]):
+                        yield pooled_lists(pa.Table.from_batches([batch]), pooling)
+
+        return csr_by_id(read, ("feats", "values"))
 
     def mean_id_length(self) -> float:
         """The ids' mean length in characters, over the activated sets' first row group: what the

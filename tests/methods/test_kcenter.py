@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from raysel.methods.kcenter import first_of_max, k_center_greedy, sparse_vectors
+from raysel.core.features import csr_by_id, pooled_lists
+from raysel.methods.kcenter import first_of_max, k_center_greedy, unit_rows
 from tests.conftest import store_table
 
 
@@ -45,8 +46,12 @@ def dense_reference(table, pooling: str, normalize: bool, k: int, start: int):
 @pytest.mark.parametrize("pooling, normalize", [("mean", True), ("sum", False), ("max", True)])
 def test_k_center_equals_the_dense_reference(pooling, normalize):
     table = random_store(150, 64, seed=3)
-    rows, feats, values = sparse_vectors(table, pooling, normalize)
-    order, radii = k_center_greedy(rows, feats, values, table.num_rows, 25, start=7)
+    # read as the store is, in blocks of uneven sizes and in no id order: each row lands at its id's rank
+    blocks = [pooled_lists(table.slice(*span), pooling) for span in [(44, 106), (0, 41), (41, 3)]]
+    _, indptr, feats, values = csr_by_id(lambda: blocks, ("feats", "values"))
+    if normalize:
+        unit_rows(indptr, values)
+    order, radii = k_center_greedy(indptr, feats, values, 25, start=7)
     ref_order, ref_radii = dense_reference(table, pooling, normalize, 25, start=7)
     assert order.tolist() == ref_order
     np.testing.assert_allclose(radii[1:], ref_radii[1:], rtol=1e-6, atol=1e-9)
@@ -66,7 +71,9 @@ def test_k_center_takes_one_sample_from_each_planted_cluster_first():
             }
         )
     table = store_table(rows)
-    order, radii = k_center_greedy(*sparse_vectors(table, "sum", True), table.num_rows, 5, start=0)
+    _, indptr, feats, values = csr_by_id(lambda: [pooled_lists(table, "sum")], ("feats", "values"))
+    unit_rows(indptr, values)
+    order, radii = k_center_greedy(indptr, feats, values, 5, start=0)
     assert {int(i) % 3 for i in order[:3]} == {0, 1, 2}  # the first three cover every cluster
     assert radii[3] < 0.1 < radii[2]  # after that, every sample is near a pick
 
