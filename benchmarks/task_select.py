@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--igds-candidates", type=int, default=20, help="features measured by intervention")
     parser.add_argument(
         "--igds-alphas",
-        default="0.5,1,2,4",
+        default="0.125,0.25,0.5,1,2,4",
         help="the intervention's sweep, comma-separated multiples of each feature's typical activation",
     )
     parser.add_argument(

@@ -173,8 +173,10 @@ def test_igds_writes_its_delta_table_and_selects_by_the_task_features(task_run):
     assert deltas == sorted(deltas, reverse=True)
     # each feature's delta is its best over the alpha sweep, at the alpha recorded
     for e in effects:
-        assert len(e["delta_by_alpha"]) == 4 and e["delta"] == max(e["delta_by_alpha"])
-        assert e["alpha"] == [0.5, 1.0, 2.0, 4.0][e["delta_by_alpha"].index(e["delta"])]
+        assert len(e["delta_by_alpha"]) == len(IGDSConfig(targets=["t"]).alphas) and e["delta"] == max(
+            e["delta_by_alpha"]
+        )
+        assert e["alpha"] == IGDSConfig(targets=["t"]).alphas[e["delta_by_alpha"].index(e["delta"])]
     positive = [e["feature"] for e in effects if e["delta"] > 0]
     assert m["positive_features"] == len(positive)
     if positive:  # never a feature that hurts
