@@ -347,6 +347,9 @@ def stored_per_row(root: Path) -> float:
     return stored / rows
 
 
+PAIRS_EXACT = 20_000  # kept samples whose mean pairwise Jaccard is taken over every pair
+
+
 def simscale_vs_exact(root: Path, tau: float, rows: int, rare: int) -> dict:
     """SimScale's rare-feature index against exact, on the store's first `rows` samples at the run's tau
     (budget 10 %): kept counts, seconds, and the mean pairwise Jaccard of the kept sets (random's too)."""
@@ -368,11 +371,21 @@ def simscale_vs_exact(root: Path, tau: float, rows: int, rare: int) -> dict:
     budget = table.num_rows // 10
 
     def mean_jaccard(kept: np.ndarray) -> float:
-        sub = x[kept]
-        shared = (sub @ sub.T).toarray()
-        size = np.diff(sub.indptr).astype(np.float32)
-        jaccard = shared / np.maximum(size[:, None] + size[None, :] - shared, 1)
-        return float(jaccard[np.triu_indices(len(kept), 1)].mean())
+        """Over every pair of the kept set; past PAIRS_EXACT kept samples, over 2M random pairs (the
+        dense pair matrix of 100k would take 40 GB; the estimate's standard error is below 0.1 %)."""
+        size = np.diff(x.indptr).astype(np.float32)
+        if len(kept) <= PAIRS_EXACT:
+            sub = x[kept]
+            shared = (sub @ sub.T).toarray()
+            jaccard = shared / np.maximum(size[kept][:, None] + size[kept][None, :] - shared, 1)
+            return float(jaccard[np.triu_indices(len(kept), 1)].mean())
+        a, b = np.random.default_rng(0).integers(0, len(kept), (2, 2_000_000))
+        a, b = kept[a[a != b]], kept[b[a != b]]
+        shared = np.concatenate(
+            [np.asarray(x[a[i : i + 100_000]].multiply(x[b[i : i + 100_000]]).sum(1)).ravel()
+             for i in range(0, len(a), 100_000)]
+        )  # fmt: skip
+        return float(np.mean(shared / np.maximum(size[a] + size[b] - shared, 1)))
 
     simscale(indptr[:101], feats[: indptr[100]], 10, rare=rare)  # compile off the clock
     out = {"rows": table.num_rows, "budget": budget}
