@@ -128,14 +128,8 @@ def pooled_lists(table: pa.Table, pooling: str) -> pa.Table:
     """A feature-store block as (id, feats, values: list<float64>), values its pooled vectors (pooled)."""
     lengths = pc.fill_null(pc.list_value_length(table["feat_ids"]), 0).to_numpy()
     offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
-    _, feats, values = pooled(table, pooling)
-    return pa.table(
-        {
-            "id": table["id"],
-            "feats": pa.ListArray.from_arrays(offsets, pa.array(feats.astype(np.int32))),
-            "values": pa.ListArray.from_arrays(offsets, pa.array(values)),
-        }
-    )
+    values = pa.ListArray.from_arrays(offsets, pa.array(pooled(table, pooling)[2]))
+    return pa.table({"id": table["id"], "feats": table["feat_ids"], "values": values})
 
 
 def list_entries(meta: pq.FileMetaData, column: str) -> int:
