@@ -5,20 +5,21 @@ J(A(x), A(y)) < theta for every kept y. theta is binary-searched so that the
 kept count reaches the budget; the kept list is then cut at the budget, which
 keeps the property, since any subset of a dissimilar set is dissimilar.
 
-Candidates never come from all pairs. They come from prefix filtering (the
-AllPairs join): order features rarest first; J(x, y) >= theta means the two
-share o >= theta (|x| + |y|) / (1 + theta) features, so a prefix of x and a
-prefix of y (all but o - 1 features of each) must meet. A kept y is indexed by
-its first |y| - ceil(theta |y|) + 1 features (o >= theta |y| whatever x is);
-x, visited later and so no larger than y, probes with its first
-|x| - o(|x|, |x|) + 1, which leaves out its most popular features, the ones
-with the longest posting lists. Each candidate y is first bounded by its signatures,
-A(y) folded onto 1,024 bits and then onto 4,096 (the bits of A(x) it also has, plus
-A(x)'s own bit collisions, is at least the overlap), and only then verified against a
-mark array of A(x), stopping as soon as the answer is known. At low theta nearly
-every candidate fails a bound, most in two cache lines instead of a walk over A(y).
-The result is exact: no similar pair is missed. Samples with no activated feature
-are never similar to anything.
+The exact filter counts x's overlap with every kept y, and stops at the first y with
+J >= theta. Features are ranked rarest first. The most popular ones are where an inverted
+index degenerates: at the low theta a budget of 10 % needs, two sets are similar with 10
+features in common out of 64, so every kept y that shares any feature with x is a
+candidate, and the popular features' postings hold most kept rows. So each kept row
+holds its popular features as a bitmask as well, and x's overlap on them with every kept y
+is a popcount over a few contiguous words. Only the rest go through postings, counted
+onto the same counters. At a high theta, where a similar y needs more features in common
+than x has popular ones, it must share one of x's others: then only the kept rows their
+postings reach are counted, and only their bitmasks read. How many features are popular
+is chosen from the pool's frequencies (`popular_rank`). At a million samples of the select-stage benchmark's
+store (64 activated features of 16k a sample), the pass that reached the budget of 100k
+took 36 s this way, against 165 s for the prefix-filtered index with bit-signature bounds
+it replaced, which kept the same rows. Samples with no activated feature are never
+similar to anything.
 
 A pass checks a batch of visited rows at a time on all threads against the rows kept
 before the batch, then the batch's survivors one by one against the batch's own kept
@@ -27,11 +28,6 @@ guess and gallops to a bracket, so it runs two to four passes near the answer in
 eight from [0, 1]. The guess extrapolates: theta grows with the pool (more rows meet more
 similar kept ones), by about as much from a random tenth of it to the whole as from a
 hundredth to the tenth, each searched the same way.
-
-With `rare` > 0 the search is approximate, and cheap at a million samples: a kept sample is indexed
-by at most its `rare` rarest features (METHODS.md's inverted index over rare features), so a similar
-pair is missed when none of those is in the visited sample's probe. At low theta the exact prefixes
-cover nearly whole sets, and the popular features' postings make an exact pass quadratic.
 """
 
 from __future__ import annotations
@@ -47,22 +43,24 @@ from raysel.core.features import document_frequency
 
 log = logging.getLogger(__name__)
 BATCH = 256  # rows checked in parallel against the index as it stood before them
-# A signature: the set folded onto FOLD_WORDS * 64 bits, then onto SIG_WORDS * 64 bits (640 B in all). The
-# folded bound is read first, from the signature's first two cache lines: at 1M rows it rejects most
-# candidates (about 20 % off a pass, measured), and the full one rejects nearly all the rest.
-FOLD_WORDS, SIG_WORDS = 16, 64
 SEED_ROWS = 50_000  # larger pools start theta's search from a subsample's
-# What simscale holds beside its CSR: the entries as rarity ranks and the kept rows' prefix postings
-# and sets (int32), the visit order (8 B a row), and a signature and offsets a kept row
-# (8 * (FOLD_WORDS + SIG_WORDS) + 24 B). Measured: 483 MB over the CSR for 1M rows of 64 entries,
-# 100k kept, with the rare index; this charges 586 MB.
+# The popular features' bitmask: at most this many words a kept row. One word costs a popcount
+# over contiguous memory, an entry of the rest's postings a counter update at a random place;
+# measured on the select-stage store, a word costs about 1/32 of an entry (512 popular features,
+# 8 words, was the fastest there: 2.1 s a pass of 300k rows, against 2.8 s for 256 or 1,024).
+MAX_WORDS, WORD_COST = 64, 1 / 32
+# What simscale holds beside its CSR: the entries as rarity ranks and the kept rows' postings
+# (int32), the visit order (8 B a row), and per kept row its bitmask and size, and per thread its
+# counter, seen mark and touched list (int32 each).
 BYTES_PER_ENTRY = 8
 BYTES_PER_ROW = 8
-BYTES_PER_KEPT = 8 * (FOLD_WORDS + SIG_WORDS) + 24
+BYTES_PER_KEPT = 8 * MAX_WORDS + 8
+BYTES_PER_KEPT_THREAD = 12
 
 
 def working_bytes(rows: int, entries: int, kept: int) -> int:
-    return BYTES_PER_ENTRY * entries + BYTES_PER_ROW * rows + BYTES_PER_KEPT * kept
+    per_kept = BYTES_PER_KEPT + BYTES_PER_KEPT_THREAD * numba.get_num_threads()
+    return BYTES_PER_ENTRY * entries + BYTES_PER_ROW * rows + per_kept * kept
 
 
 @dataclass
@@ -73,24 +71,28 @@ class Filtered:
     rise: float = 0.0  # how far theta rose from the one a random tenth of the pool needed (0: not seeded)
 
 
-def simscale(
-    indptr: np.ndarray, indices: np.ndarray, budget: int, precision: float = 1 / 128, rare: int = 0
-) -> Filtered:
+def simscale(indptr: np.ndarray, indices: np.ndarray, budget: int, precision: float = 1 / 128) -> Filtered:
     """The rows kept at the smallest theta (within `precision`) whose pass reaches the budget, cut at it."""
     indptr = np.asarray(indptr, np.int64)
     n = len(indptr) - 1
     budget = min(budget, n)
     ranked, visit = _rarest_first(indptr, np.asarray(indices))
     df = document_frequency(ranked)
-    search = _Search(lambda theta: _timed_filter(indptr, ranked, visit, theta, budget, df, rare), budget)
-    if not search.tries(1.0):  # even theta = 1 (drop only identical sets) keeps too few: keep all it keeps
+    popular = popular_rank(df, n)
+    search = _Search(lambda theta: _timed_filter(indptr, ranked, visit, theta, budget, df, popular), budget)
+    # theta = 1 drops only identical sets, so it reaches the budget when there are that many distinct
+    # ones; a pass there costs as much as one at the answer, so count them instead, and pass only if
+    # too few (a hash collision can only undercount)
+    if _distinct_at_least(indptr, ranked) < budget and not search.tries(1.0):
         log.warning("simscale: only %d samples have distinct activated sets; budget was %d", len(search.best), budget)
         return Filtered(search.best, 1.0, search.passes)
-    tenth = _tenth(indptr, indices, budget, precision, rare) if n > SEED_ROWS else None
+    tenth = _tenth(indptr, indices, budget, precision) if n > SEED_ROWS else None
     if tenth is not None:
         search.gallop(tenth.theta + tenth.rise, precision)
     while search.hi - search.lo > precision:
         search.tries((search.lo + search.hi) / 2)
+    if search.best is None:  # every pass below 1 kept too few
+        search.tries(1.0)
     rise = search.hi - tenth.theta if tenth is not None else 0.0
     return Filtered(search.best[:budget], search.hi, search.passes, rise)
 
@@ -108,9 +110,7 @@ class _Search:
         if len(kept) >= self.budget:
             self.hi, self.best = theta, kept
             return True
-        self.lo = theta
-        if self.best is None:
-            self.best = kept
+        self.lo, self.best = theta, kept if theta == 1.0 else self.best
         return False
 
     def gallop(self, guess: float, precision: float) -> None:
@@ -127,25 +127,36 @@ class _Search:
             step *= 2
 
 
-def _tenth(indptr, indices, budget: int, precision: float, rare: int) -> Filtered:
+def _tenth(indptr, indices, budget: int, precision: float) -> Filtered:
     """SimScale on a random tenth of the pool, for a tenth of the budget (itself seeded from a hundredth
     when a tenth is large enough)."""
     n = len(indptr) - 1
     rows = np.sort(np.random.default_rng(0).choice(n, n // 10, replace=False))
     counts = indptr[rows + 1] - indptr[rows]
     take = np.repeat(indptr[rows] - np.r_[0, np.cumsum(counts)[:-1]], counts) + np.arange(counts.sum())
-    sub = simscale(np.r_[0, np.cumsum(counts)], indices[take], max(1, budget // 10), precision, rare)
+    sub = simscale(np.r_[0, np.cumsum(counts)], indices[take], max(1, budget // 10), precision)
     log.info("simscale: a tenth of the pool needs theta %.4f (%.4f above a hundredth, if seeded)", sub.theta, sub.rise)
     return sub
 
 
-def _timed_filter(indptr, ranked, visit, theta, budget, df, rare):
+def _timed_filter(indptr, ranked, visit, theta, budget, df, popular):
     start = time.perf_counter()
-    kept = _filter(indptr, ranked, visit, theta, budget, df, rare, BATCH, numba.get_num_threads())
+    kept = _filter(indptr, ranked, visit, theta, budget, df, BATCH, numba.get_num_threads(), popular)
     log.info(
         "simscale: theta %.4f keeps %d of %d wanted (%.1f s)", theta, len(kept), budget, time.perf_counter() - start
     )
     return kept
+
+
+def popular_rank(df: np.ndarray, rows: int) -> int:
+    """The rank from which features go into the bitmask: the most popular 64 w, for the w that costs
+    least. A counted overlap costs about what two random rows share on the features left to postings,
+    the sum of their squared frequencies (a kept row meets x on each through one posting)."""
+    share = np.sort(df)[::-1] / max(rows, 1)
+    tail = np.r_[np.cumsum((share**2)[::-1])[::-1], 0.0]  # tail[i]: the expected overlap past the i most popular
+    words = np.arange(MAX_WORDS + 1)
+    best = int(np.argmin(WORD_COST * words + tail[np.minimum(64 * words, df.size)]))
+    return max(0, df.size - 64 * best)
 
 
 def _rarest_first(indptr, indices):
@@ -157,6 +168,20 @@ def _rarest_first(indptr, indices):
     _sort_rows(indptr, ranked)
     visit = np.argsort(-np.diff(indptr), kind="stable")  # ties to the earlier row
     return ranked, visit
+
+
+@numba.njit(cache=True)
+def _distinct_at_least(indptr, ranked) -> int:
+    """At most the number of distinct activated sets, counting each empty one (never similar to any)."""
+    hashes = np.empty(indptr.size - 1, np.uint64)
+    empty = 0
+    for i in range(indptr.size - 1):
+        h = np.uint64(14695981039346656037)  # FNV-1a over the set's ranks, which are sorted
+        for f in ranked[indptr[i] : indptr[i + 1]]:
+            h = (h ^ np.uint64(f)) * np.uint64(1099511628211)
+        hashes[i] = h
+        empty += indptr[i] == indptr[i + 1]
+    return np.unique(hashes).size - (empty > 0) + empty
 
 
 @numba.njit(cache=True, parallel=True)
@@ -176,29 +201,30 @@ def _need(theta, sx, sy):
 
 
 @numba.njit(cache=True, parallel=True)
-def _filter(indptr, ranked, visit, theta, stop_at, df, rare, batch, threads):
-    """One pass at a fixed theta; stops once `stop_at` rows are kept. rare > 0: index at most `rare` per row.
+def _filter(indptr, ranked, visit, theta, stop_at, df, batch, threads, popular):
+    """One pass at a fixed theta; stops once `stop_at` rows are kept. A kept row's features ranked
+    from `popular` on go into its bitmask, the others into the postings.
 
-    Visited rows are checked a batch at a time, split between the threads, against the rows kept before
-    the batch (the index is read-only meanwhile). The batch's survivors are then checked in visit order
-    against the rows kept earlier in the same batch, through the same postings (the entries past `fill0`),
-    and indexed: so the result is the one-at-a-time filter's, whatever the batch size or thread count."""
+    Visited rows are checked a batch at a time, split between the threads, against the rows kept
+    before the batch (the index is read-only meanwhile). The batch's survivors are then checked in
+    visit order against the rows kept earlier in the same batch (kept[first:], the postings past
+    `fill0`), and indexed: so the result is the one-at-a-time filter's, whatever the batch size or
+    thread count."""
     n, d = indptr.size - 1, df.size
-    start = np.zeros(d + 1, np.int64)  # feature f's postings (kept rows' prefixes) fill rows[start[f]:fill[f]]
-    for f in range(d):
+    start = np.zeros(d + 1, np.int64)  # feature f's postings (positions in `kept`) fill rows[start[f]:fill[f]]
+    for f in range(popular):
         start[f + 1] = start[f] + df[f]
+    start[popular + 1 :] = start[popular]
     fill = start[:-1].copy()
     fill0 = fill.copy()  # fill as the batch began: the entries past it are the batch's own
-    rows = np.empty(start[d], np.int32)  # positions in `kept`
-    mark = np.full((threads, d), -1, np.int32)  # mark[t, f] == x: f is in A(x), to verify in |A(y)| lookups
-    seen = np.full((threads, stop_at), -1, np.int32)  # seen[t, k] == x: kept[k] already checked
+    rows = np.empty(start[d], np.int32)
+    masks = np.zeros((stop_at + threads, (d - popular + 63) // 64), np.uint64)  # kept rows', then x's a thread
+    sizes = np.empty(stop_at, np.int32)
+    count = np.empty((threads, stop_at), np.int32)  # a kept row's overlap with x
+    seen = np.full((threads, stop_at), -1, np.int32)  # seen[t, k] == x: count[t, k] counts x's overlap
+    touched = np.empty((threads, stop_at), np.int32)
     similar = np.zeros(batch, np.bool_)
     kept = np.empty(stop_at, np.int64)
-    # the kept rows' features again, in keeping order: verifying reads these, not the whole pool's
-    kept_ptr = np.zeros(stop_at + 1, np.int64)
-    kept_feats = np.empty(min(ranked.size, stop_at * _widest(indptr)), np.int32)
-    kept_sig = np.zeros((stop_at, FOLD_WORDS + SIG_WORDS), np.uint64)
-    x_sig = np.zeros((threads, FOLD_WORDS + SIG_WORDS), np.uint64)
     n_kept = 0
     for lo in range(0, n, batch):
         if n_kept == stop_at:
@@ -208,74 +234,34 @@ def _filter(indptr, ranked, visit, theta, stop_at, df, rare, batch, threads):
         for t in numba.prange(threads):
             for i in range(lo + t * per, min(hi, lo + (t + 1) * per)):
                 x = visit[i]
-                similar[i - lo] = _similar(ranked[indptr[x] : indptr[x + 1]], x, theta, start, fill, rows, kept_ptr,
-                                           kept_feats, kept_sig, mark[t], seen[t], x_sig[t])  # fmt: skip
+                similar[i - lo] = _similar(ranked[indptr[x] : indptr[x + 1]], x, theta, popular, start, fill, rows,
+                                           0, n_kept, sizes, masks, stop_at + t, count[t], seen[t], touched[t])  # fmt: skip
         first = n_kept
         for i in range(lo, hi):
             if n_kept == stop_at:
                 break
             x = visit[i]
             fx = ranked[indptr[x] : indptr[x + 1]]
-            if similar[i - lo] or _similar(
-                fx, x, theta, fill0, fill, rows, kept_ptr, kept_feats, kept_sig, mark[0], seen[0], x_sig[0]
-            ):
+            if similar[i - lo] or _similar(fx, x, theta, popular, fill0, fill, rows, first, n_kept, sizes, masks,
+                                           stop_at, count[0], seen[0], touched[0]):  # fmt: skip
                 continue
-            kept[n_kept] = x
-            kept_ptr[n_kept + 1] = kept_ptr[n_kept] + fx.size
-            kept_feats[kept_ptr[n_kept] : kept_ptr[n_kept + 1]] = fx
-            _signature(fx, kept_sig[n_kept])
-            for f in fx[: _indexed(theta, fx.size, rare)]:
+            kept[n_kept], sizes[n_kept] = x, fx.size
+            _mask(fx, popular, masks[n_kept])
+            for f in fx[: np.searchsorted(fx, popular)]:
                 rows[fill[f]] = n_kept
                 fill[f] += 1
             n_kept += 1
-        for k in range(first, n_kept):
-            for f in kept_feats[kept_ptr[k] : kept_ptr[k] + _indexed(theta, kept_ptr[k + 1] - kept_ptr[k], rare)]:
-                fill0[f] = fill[f]
+        fill0[:] = fill
     return kept[:n_kept]
 
 
-@numba.njit(cache=True)
-def _widest(indptr):
-    return np.max(indptr[1:] - indptr[:-1]) if indptr.size > 1 else 0
-
-
 @numba.njit(cache=True, inline="always")
-def _indexed(theta, sy, rare):
-    """How many of kept y's rarest features are indexed: a later x shares at least ceil(theta |A(y)|) of
-    them, whatever its size, so all but that many minus one; at most `rare` in the rare index."""
-    indexed = min(sy, sy - int(np.ceil(theta * sy - 1e-9)) + 1)
-    return min(indexed, rare) if rare > 0 else indexed
-
-
-@numba.njit(cache=True, inline="always")
-def _signature(fx, sig):
-    """A(x) as FOLD_WORDS * 64 bits, then SIG_WORDS * 64 bits, feature rank r at bit r % each (so the
-    most popular features, the ones most pairs share, get a bit each); returns how many features landed
-    on a bit already set, in each."""
-    sig[:] = 0
-    folded = collided = 0
-    for f in fx:
-        folded += _set_bit(sig, f % (FOLD_WORDS * 64))
-        collided += _set_bit(sig, FOLD_WORDS * 64 + f % (SIG_WORDS * 64))
-    return folded, collided
-
-
-@numba.njit(cache=True, inline="always")
-def _set_bit(sig, b) -> int:
-    w, m = b >> 6, np.uint64(1) << np.uint64(b & 63)
-    was = (sig[w] & m) != 0
-    sig[w] |= m
-    return was
-
-
-@numba.njit(cache=True, inline="always")
-def _bound(x_sig, y_sig, collided, lo, hi) -> int:
-    """At least the features x and y share: x's bits in words lo:hi that y also has, plus x's own
-    features that shared a bit there with another of x's."""
-    bound = collided
-    for w in range(lo, hi):
-        bound += _popcount(x_sig[w] & y_sig[w])
-    return bound
+def _mask(fx, popular, out):
+    """x's features ranked from `popular` on, as bits of `out`."""
+    out[:] = 0
+    for f in fx[np.searchsorted(fx, popular) :]:
+        b = f - popular
+        out[b >> 6] |= np.uint64(1) << np.uint64(b & 63)
 
 
 @numba.njit(cache=True, inline="always")
@@ -283,40 +269,61 @@ def _popcount(v):
     v = v - ((v >> np.uint64(1)) & np.uint64(0x5555555555555555))
     v = (v & np.uint64(0x3333333333333333)) + ((v >> np.uint64(2)) & np.uint64(0x3333333333333333))
     v = (v + (v >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-    return (v * np.uint64(0x0101010101010101)) >> np.uint64(56)
+    return np.int64((v * np.uint64(0x0101010101010101)) >> np.uint64(56))  # int64: int + uint64 is a float
 
 
 @numba.njit(cache=True)
-def _similar(fx, x, theta, lo, hi, rows, kept_ptr, kept_feats, kept_sig, mark, seen, x_sig) -> bool:
-    """Whether a kept y in feature f's postings rows[lo[f]:hi[f]], for f in x's probe, has J >= theta.
-    fx: A(x), rarest first."""
+def _similar(fx, x, theta, popular, lo, hi, rows, k_lo, k_hi, sizes, masks, x_mask, count, seen, touched) -> bool:
+    """Whether a kept y among kept[k_lo:k_hi], whose postings are rows[lo[f]:hi[f]], has J >= theta.
+    fx: A(x), rarest first. Every kept y was visited first, so |A(y)| >= |A(x)|."""
     sx = fx.size
     if sx == 0:
         return False
-    for f in fx:
-        mark[f] = x
-    folded, collided = _signature(fx, x_sig)
-    # y was visited first, so |A(y)| >= |A(x)| and they share at least _need(sx, sx) features
-    for f in fx[: sx - _need(theta, sx, sx) + 1]:
+    _mask(fx, popular, masks[x_mask])
+    rest = np.searchsorted(fx, popular)
+    least = _need(theta, sx, sx)  # the need of the smallest y; larger ones need more
+    if least > sx - rest:  # more than x's popular features: a similar y shares one of the rest, so was touched
+        return _touched_similar(
+            fx[:rest], x, theta, sx, least, lo, hi, rows, sizes, masks, x_mask, count, seen, touched
+        )
+    for k in range(k_lo, k_hi):
+        c = _overlap(masks, x_mask, k)
+        count[k] = c
+        if c >= least and c >= _need(theta, sx, sizes[k]):
+            return True
+    for f in fx[:rest]:
         for q in range(lo[f], hi[f]):
             k = rows[q]
-            if seen[k] == x:
-                continue
-            seen[k] = x
-            c, e = kept_ptr[k], kept_ptr[k + 1]
-            if sx < theta * (e - c):  # J <= |A(x)| / |A(y)|
-                continue
-            need = _need(theta, sx, e - c)
-            if _bound(x_sig, kept_sig[k], folded, 0, FOLD_WORDS) < need:
-                continue
-            if _bound(x_sig, kept_sig[k], collided, FOLD_WORDS, FOLD_WORDS + SIG_WORDS) < need:
-                continue
-            shared = 0
-            for r in range(c, e):  # stop as soon as the answer is known either way
-                if mark[kept_feats[r]] == x:
-                    shared += 1
-                    if shared >= need:
-                        return True
-                elif shared + (e - r - 1) < need:
-                    break
+            c = count[k] + 1
+            count[k] = c
+            if c >= least and c >= _need(theta, sx, sizes[k]):
+                return True
     return False
+
+
+@numba.njit(cache=True)
+def _touched_similar(fr, x, theta, sx, least, lo, hi, rows, sizes, masks, x_mask, count, seen, touched) -> bool:
+    """At a high theta: x's overlap on its rest features `fr` counted for the kept rows their postings
+    reach, then their popular overlap added, and no other kept row looked at."""
+    n_touched = 0
+    for f in fr:
+        for q in range(lo[f], hi[f]):
+            k = rows[q]
+            if seen[k] != x:
+                seen[k], count[k] = x, 0
+                touched[n_touched] = k
+                n_touched += 1
+            count[k] += 1
+    for k in touched[:n_touched]:
+        c = count[k] + _overlap(masks, x_mask, k)
+        if c >= least and c >= _need(theta, sx, sizes[k]):
+            return True
+    return False
+
+
+@numba.njit(cache=True, inline="always")
+def _overlap(masks, x_mask, k):
+    c = 0
+    for w in range(masks.shape[1]):
+        c += _popcount(masks[x_mask, w] & masks[k, w])
+    return c

@@ -52,46 +52,37 @@ def test_budget_beyond_distinct_sets_keeps_every_distinct_set():
     assert sorted(result.order.tolist()) == [0, 2, 3] and result.theta == 1.0
 
 
-def test_the_rare_index_misses_only_pairs_that_share_no_rare_feature():
-    """Catches a rare mode that still indexes whole prefixes (exact, and as slow as exact), and one
-    that loses pairs it should find. y comes first (ties to the earlier row); x shares only y's popular
-    features, twin shares y's rarest ones too. Exact drops both; the rare index (y indexed by its 2
-    rarest) still drops twin and keeps x."""
-    from raysel.methods.simscale_kernel import _filter, _rarest_first
-
-    popular = list(range(10, 20))
-    fillers = [[10 + 2 * i, 11 + 2 * i, *range(100 + 10 * i, 108 + 10 * i)] for i in range(5)]  # popularity
-    y, x, twin = [40, 41, *popular], [50, 51, *popular], [40, 41, 70, *popular[:-1]]
-    rows = [y, x, twin, *fillers]
+def test_a_budget_only_theta_one_reaches_keeps_the_distinct_sets():
+    """Catches a search that never runs the pass at theta = 1 once the distinct sets are counted: two
+    sets with J = 256/257 are similar at every theta below 1 the bisection tries, so only theta = 1
+    keeps all three."""
+    rows = [np.arange(257), np.arange(256), np.array([1000])]
     indptr = np.r_[0, np.cumsum([len(r) for r in rows])]
-    ranked, visit = _rarest_first(indptr, np.concatenate([np.sort(r) for r in rows]).astype(np.int64))
-    df = np.bincount(ranked).astype(np.int64)
-
-    def kept(rare: int) -> list[int]:
-        return sorted(_filter(indptr, ranked, visit, 0.5, len(rows), df, rare, 1, 1).tolist())
-
-    assert kept(0) == [0, *range(3, 8)] and kept(64) == kept(0)
-    assert kept(2) == [0, 1, *range(3, 8)]
+    result = simscale(indptr, np.concatenate(rows), budget=3)
+    assert result.theta == 1.0 and sorted(result.order.tolist()) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("rare", [0, 3])
-def test_batches_and_threads_keep_what_one_at_a_time_keeps(rare):
+@pytest.mark.parametrize("popular", [0, 60, 110, 120])
+def test_batches_and_threads_keep_what_one_at_a_time_keeps(popular):
     """Catches a batch whose survivors are not checked against the rows kept earlier in the same batch
-    (two similar rows of one batch both kept), a batch that indexes its rows twice or not at all, and
-    threads that share scratch arrays. batch = 1 is the one-at-a-time filter."""
+    (two similar rows of one batch both kept), a batch that indexes its rows twice or not at all,
+    threads that share scratch arrays or bitmasks, and an overlap miscounted where the features split
+    between the bitmasks and the postings (all in bitmasks, half, none): at every split the rows kept
+    are the all-pairs filter's. batch = 1 is the one-at-a-time filter."""
     import numba
 
     from raysel.methods.simscale_kernel import _filter, _rarest_first
 
-    indptr, indices, _ = zipf_sets(5, n=600)
+    indptr, indices, rows = zipf_sets(5, n=600)
     ranked, visit = _rarest_first(np.asarray(indptr, np.int64), indices)
     df = np.bincount(ranked).astype(np.int64)
     threads = numba.get_num_threads()
-    for theta in (0.2, 0.3, 0.4):
-        one = _filter(indptr, ranked, visit, theta, 600, df, rare, 1, 1).tolist()
+    for theta in (3 / 16, 5 / 16, 13 / 32):  # dyadic, as the search's are: J >= 0.2 would meet float rounding
+        one = _filter(indptr, ranked, visit, theta, 600, df, 1, 1, popular).tolist()
         assert 50 < len(one) < 550  # some rows kept, some dropped as similar
+        assert one == all_pairs_filter(rows, theta)
         for batch, n_threads in ((7, threads), (64, threads), (64, 1), (1000, threads), (64, 3)):
-            assert _filter(indptr, ranked, visit, theta, 600, df, rare, batch, n_threads).tolist() == one
+            assert _filter(indptr, ranked, visit, theta, 600, df, batch, n_threads, popular).tolist() == one
 
 
 @pytest.mark.parametrize("seed_rows", [1000, 200])
@@ -100,7 +91,7 @@ def test_a_search_seeded_from_a_subsample_still_ends_next_to_the_smallest_theta(
     reaches the budget), and one whose kept set is not the pass at the theta it reports. At 200 the
     300-row tenth is itself seeded from 30 rows, so the guess adds the rise between the two."""
     from raysel.methods import simscale_kernel
-    from raysel.methods.simscale_kernel import BATCH, _filter, _rarest_first
+    from raysel.methods.simscale_kernel import BATCH, _filter, _rarest_first, popular_rank
 
     monkeypatch.setattr(simscale_kernel, "SEED_ROWS", seed_rows)
     indptr, indices, _ = zipf_sets(11, n=3000, d=300)
@@ -110,30 +101,7 @@ def test_a_search_seeded_from_a_subsample_still_ends_next_to_the_smallest_theta(
     df = np.bincount(ranked).astype(np.int64)
 
     def at(theta: float) -> np.ndarray:
-        return _filter(indptr, ranked, visit, theta, len(visit), df, 0, BATCH, 2)
+        return _filter(indptr, ranked, visit, theta, len(visit), df, BATCH, 2, popular_rank(df, len(visit)))
 
     assert at(result.theta)[:budget].tolist() == result.order.tolist()
     assert len(at(result.theta - 1 / 128)) < budget
-
-
-def test_the_signature_bounds_hold_when_features_share_bits():
-    """Catches a signature bound that forgets a set's own bit collisions (two of its features on one bit),
-    which undercounts the overlap and so skips similar pairs unverified; and a folded bound read from the
-    wrong words or with the full signature's collisions. Both must be at least the overlap."""
-    from raysel.methods.simscale_kernel import FOLD_WORDS, SIG_WORDS, _bound, _signature
-
-    rng = np.random.default_rng(3)
-    base = rng.choice(3 * SIG_WORDS * 64, 300, replace=False)  # near-copies: overlaps of ~250
-    sets = [np.unique(np.r_[base[rng.random(300) < 0.9], rng.choice(3 * SIG_WORDS * 64, 20)]) for _ in range(40)]
-    sets = [s.astype(np.int32) for s in sets]
-    sigs = np.zeros((len(sets), FOLD_WORDS + SIG_WORDS), np.uint64)
-    collided = [_signature(s, sig) for s, sig in zip(sets, sigs)]
-    undercounted = 0
-    for i, x in enumerate(sets):
-        for j, y in enumerate(sets[:i]):
-            overlap = np.intersect1d(x, y).size
-            folded = _bound(sigs[i], sigs[j], collided[i][0], 0, FOLD_WORDS)
-            full = _bound(sigs[i], sigs[j], collided[i][1], FOLD_WORDS, FOLD_WORDS + SIG_WORDS)
-            assert folded >= overlap and full >= overlap
-            undercounted += full - collided[i][1] < overlap
-    assert undercounted > 0  # without the collision term the full bound would have failed these pairs
