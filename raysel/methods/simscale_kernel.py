@@ -50,11 +50,11 @@ SEED_ROWS = 50_000  # larger pools start theta's search from a subsample's
 # 8 words, was the fastest there: 2.1 s a pass of 300k rows, against 2.8 s for 256 or 1,024).
 MAX_WORDS, WORD_COST = 64, 1 / 32
 # What simscale holds beside its CSR: the entries as rarity ranks and the kept rows' postings
-# (int32), the visit order (8 B a row), and per kept row its bitmask and size, and per thread its
-# counter, seen mark and touched list (int32 each).
+# (int32), the visit order and the sets' hashes (8 B a row each), and per kept row its bitmask,
+# size and row (12 B), and per thread its counter, seen mark and touched list (int32 each).
 BYTES_PER_ENTRY = 8
-BYTES_PER_ROW = 8
-BYTES_PER_KEPT = 8 * MAX_WORDS + 8
+BYTES_PER_ROW = 16
+BYTES_PER_KEPT = 8 * MAX_WORDS + 12
 BYTES_PER_KEPT_THREAD = 12
 
 
