@@ -102,8 +102,8 @@ def csr_by_id(read: Callable[[], Iterable[pa.Table]], columns: tuple[str, ...] =
         ids.append(block["id"])
         counts.append(pc.list_value_length(block[columns[0]]).to_numpy(zero_copy_only=False))
         dtypes = [block.schema.field(c).type.value_type.to_pandas_dtype() for c in columns]
-    if not ids:
-        return np.zeros(0, object), np.zeros(1, np.int64), *(np.zeros(0, np.int32) for _ in columns)
+    if not ids:  # no block to read the types from: int32 sets, float64 values (as pooled_lists writes)
+        return np.zeros(0, object), np.zeros(1, np.int64), np.zeros(0, np.int32), *(np.zeros(0) for _ in columns[1:])
     ids, counts = pa.chunked_array(ids), np.nan_to_num(np.concatenate(counts)).astype(np.int64)  # null: empty
     order = pc.sort_indices(ids).to_numpy()
     indptr = np.r_[0, np.cumsum(counts[order])].astype(np.int64)

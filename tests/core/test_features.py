@@ -34,6 +34,14 @@ def test_csr_by_id_places_every_set_at_its_ids_rank(seed):
     assert [indices[indptr[r] : indptr[r + 1]].tolist() for r in range(len(ids))] == [sets[i] for i in sorted(sets)]
 
 
+def test_csr_by_id_of_no_blocks_has_the_types_of_some():
+    """Catches an empty pool whose values come back as int32: kcenter would take its pooled
+    activations as integers, and numba compile it a second kernel for them."""
+    ids, indptr, feats, values = csr_by_id(lambda: [], ("feats", "values"))
+    assert len(ids) == 0 and indptr.tolist() == [0]
+    assert feats.dtype == np.int32 and values.dtype == np.float64
+
+
 def test_csr_by_id_refuses_sets_that_changed_between_its_two_reads():
     blocks, _ = shuffled_blocks(0)
     reads = iter([blocks, blocks[:-1]])
