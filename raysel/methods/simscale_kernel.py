@@ -69,6 +69,7 @@ class Filtered:
     theta: float
     passes: int  # filter passes the search ran
     rise: float = 0.0  # how far theta rose from the one a random tenth of the pool needed (0: not seeded)
+    slowest: float = 0.0  # seconds, the slowest pass
 
 
 def simscale(indptr: np.ndarray, indices: np.ndarray, budget: int, precision: float = 1 / 128) -> Filtered:
@@ -79,22 +80,26 @@ def simscale(indptr: np.ndarray, indices: np.ndarray, budget: int, precision: fl
     ranked, visit = _rarest_first(indptr, np.asarray(indices))
     df = document_frequency(ranked)
     popular = popular_rank(df, n)
-    search = _Search(lambda theta: _timed_filter(indptr, ranked, visit, theta, budget, df, popular), budget)
+    threads = numba.get_num_threads()
+    search = _Search(lambda theta: _filter(indptr, ranked, visit, theta, budget, df, BATCH, threads, popular), budget)
     # theta = 1 drops only identical sets, so it reaches the budget when there are that many distinct
     # ones; a pass there costs as much as one at the answer, so count them instead, and pass only if
     # too few (a hash collision can only undercount)
     if _distinct_at_least(indptr, ranked) < budget and not search.tries(1.0):
         log.warning("simscale: only %d samples have distinct activated sets; budget was %d", len(search.best), budget)
-        return Filtered(search.best, 1.0, search.passes)
+        return Filtered(search.best, 1.0, search.passes, slowest=search.slowest)
     tenth = _tenth(indptr, indices, budget, precision) if n > SEED_ROWS else None
     if tenth is not None:
+        # ten times the rows, each checked against ten times the kept ones: a long search says so first
+        log.info("simscale: a pass over all %d samples should take about %.0f s (the tenth's slowest took %.1f s)",
+                 n, 100 * tenth.slowest, tenth.slowest)  # fmt: skip
         search.gallop(tenth.theta + tenth.rise, precision)
     while search.hi - search.lo > precision:
         search.tries((search.lo + search.hi) / 2)
     if search.best is None:  # every pass below 1 kept too few
         search.tries(1.0)
     rise = search.hi - tenth.theta if tenth is not None else 0.0
-    return Filtered(search.best[:budget], search.hi, search.passes, rise)
+    return Filtered(search.best[:budget], search.hi, search.passes, rise, search.slowest)
 
 
 class _Search:
@@ -102,11 +107,14 @@ class _Search:
 
     def __init__(self, run, budget: int):
         self.run, self.budget = run, budget
-        self.lo, self.hi, self.best, self.passes = 0.0, 1.0, None, 0
+        self.lo, self.hi, self.best, self.passes, self.slowest = 0.0, 1.0, None, 0, 0.0
 
     def tries(self, theta: float) -> bool:
+        start = time.perf_counter()
         kept = self.run(theta)
-        self.passes += 1
+        seconds = time.perf_counter() - start
+        log.info("simscale: theta %.4f keeps %d of %d wanted (%.1f s)", theta, len(kept), self.budget, seconds)
+        self.passes, self.slowest = self.passes + 1, max(self.slowest, seconds)
         if len(kept) >= self.budget:
             self.hi, self.best = theta, kept
             return True
@@ -137,15 +145,6 @@ def _tenth(indptr, indices, budget: int, precision: float) -> Filtered:
     sub = simscale(np.r_[0, np.cumsum(counts)], indices[take], max(1, budget // 10), precision)
     log.info("simscale: a tenth of the pool needs theta %.4f (%.4f above a hundredth, if seeded)", sub.theta, sub.rise)
     return sub
-
-
-def _timed_filter(indptr, ranked, visit, theta, budget, df, popular):
-    start = time.perf_counter()
-    kept = _filter(indptr, ranked, visit, theta, budget, df, BATCH, numba.get_num_threads(), popular)
-    log.info(
-        "simscale: theta %.4f keeps %d of %d wanted (%.1f s)", theta, len(kept), budget, time.perf_counter() - start
-    )
-    return kept
 
 
 def popular_rank(df: np.ndarray, rows: int) -> int:
