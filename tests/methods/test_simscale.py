@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from raysel.methods.simscale_kernel import simscale
 
@@ -105,3 +107,26 @@ def test_a_search_seeded_from_a_subsample_still_ends_next_to_the_smallest_theta(
 
     assert at(result.theta)[:budget].tolist() == result.order.tolist()
     assert len(at(result.theta - 1 / 128)) < budget
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    rows=st.lists(st.lists(st.integers(0, 40), max_size=12).map(sorted).map(set), min_size=1, max_size=60),
+    theta=st.integers(1, 64).map(lambda i: i / 64),
+    split=st.floats(0, 1),
+    batch=st.integers(1, 9),
+)
+def test_a_pass_is_the_all_pairs_filter_on_any_pool(rows, theta, split, batch):
+    """Catches what the seeded pools above may not hold: empty sets (never similar, so all kept),
+    duplicates, sets that differ by one feature at a theta just below their Jaccard, one-feature sets,
+    and any split of the features between the bitmasks and the postings, at any batch size."""
+    from raysel.methods.simscale_kernel import _filter, _rarest_first
+
+    rows = [np.array(sorted(r), np.int64) for r in rows]
+    indptr = np.r_[0, np.cumsum([len(r) for r in rows])].astype(np.int64)
+    indices = np.concatenate([*rows, np.zeros(0, np.int64)])
+    ranked, visit = _rarest_first(indptr, indices)
+    df = np.bincount(ranked, minlength=1).astype(np.int64)
+    popular = round(split * df.size)
+    kept = _filter(indptr, ranked, visit, theta, len(rows), df, batch, 2, popular).tolist()
+    assert kept == all_pairs_filter(rows, theta)
