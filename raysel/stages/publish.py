@@ -9,6 +9,10 @@
     records.jsonl      the selected rows, each line the input row as it was written
     selected.parquet   rank, id, gain and new_features (the features the pick adds to the union)
     manifest.json      written last: the selection is committed
+
+The records are parsed PART_ROWS at a time, twice: once for each field's type across the selection,
+then to write the dataset file a row group a part. Parsed whole, 300k records of 748 B took 1.35 GB
+beside their JSON; a part at a time, 0.20 GB.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from raysel.core.storage import Storage
 
 DATA_FILE = "data/train-00000-of-00001.parquet"
 CORE_COLUMNS = ("rank", "id", "score", "record")
+PART_ROWS = 20_000  # records parsed at once while a selection is written
 LICENCE_FIELDS = ("license", "licence")
 
 
@@ -44,34 +49,86 @@ def write_selection(storage: Storage, method: str, ids, gains, new, records_by_i
         }
     )
     pq.write_table(selected, storage.path(base, "selected.parquet"), filesystem=storage.fs)
-    raw = [records_by_id[i] for i in ids]
+    parts = [slice(lo, lo + PART_ROWS) for lo in range(0, len(ids), PART_ROWS)] or [slice(0, 0)]
+
+    def raw(part: slice) -> list[str]:
+        return [records_by_id[i] for i in selected["id"][part].to_pylist()]
+
     with storage.fs.open_output_stream(storage.path(base, "records.jsonl")) as f:
-        f.write("".join(r + "\n" for r in raw).encode())
-    data = dataset_table(selected, raw)
-    pq.write_table(data, storage.path(base, DATA_FILE), filesystem=storage.fs)
+        for part in parts:
+            f.write("".join(r + "\n" for r in raw(part)).encode())
+    types, found = field_types(map(raw, parts))
+    columns = write_dataset(storage, storage.path(base, DATA_FILE), selected, parts, raw, types)
     with storage.fs.open_output_stream(storage.path(base, "README.md")) as f:
-        f.write(dataset_card(manifest, data.column_names, licences(raw)).encode())
+        f.write(dataset_card(manifest, columns, found).encode())
     storage.write_json(f"{base}/manifest.json", manifest)  # last: the selection is committed
     return manifest
 
 
-def dataset_table(selected: pa.Table, raw: list[str]) -> pa.Table:
-    """The selected records with a schema that cannot fail: rank, id and score, then each original
-    top-level field that takes one Arrow type across the selection, then the whole original record as
-    JSON. A field whose type changes from row to row, or that no Arrow type holds (an int beyond int64),
-    or that parquet cannot hold, or that is named like a core column, is in `record` only."""
-    table = pa.table({"rank": selected["rank"], "id": selected["id"], "score": selected["gain"]})
-    records = [json.loads(r) for r in raw]
-    for key in dict.fromkeys(k for r in records for k in r):
-        if key in CORE_COLUMNS:
-            continue
+def field_types(parts) -> tuple[dict[str, pa.DataType], dict[str, int]]:
+    """Each original top-level field's Arrow type across the selection, and the licences the rows
+    name, read a part (a list of records' JSON) at a time. A part's inferred types are promoted
+    together as Arrow does within one array (int and float to float, structs to all their fields).
+    A field no type holds (mixed types, an int beyond int64), that parquet cannot hold, or that is
+    named like a core column is left to `record`."""
+    types: dict[str, pa.DataType] = {}
+    mixed, found = set(), {}
+    for raw in parts:
+        records = [json.loads(r) for r in raw]
+        count_licences(records, found)
+        for key in dict.fromkeys(k for r in records for k in r):
+            if key in CORE_COLUMNS or key in mixed:
+                continue
+            try:
+                t = pa.array([r.get(key) for r in records]).type
+                types[key] = promoted(types[key], t) if key in types else t
+            except Exception:  # ArrowInvalid, ArrowTypeError, OverflowError...
+                mixed.add(key)
+                types.pop(key, None)
+    return {k: t for k, t in types.items() if parquet_can_hold(t)}, dict(sorted(found.items(), key=lambda kv: -kv[1]))
+
+
+def promoted(a: pa.DataType, b: pa.DataType) -> pa.DataType:
+    return pa.unify_schemas([pa.schema([("f", a)]), pa.schema([("f", b)])], promote_options="permissive")[0].type
+
+
+class _Unfit(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def write_dataset(storage: Storage, path: str, selected: pa.Table, parts, raw, types: dict) -> list[str]:
+    """The dataset file, a part at a time: rank, id, score, the typed fields, `record`. A field that
+    one part's values do not fit in its promoted type (an int past int64 where the others are int64)
+    is left to `record`, and the file written again. Returns the column names."""
+    while True:
+        schema = pa.schema(
+            [
+                ("rank", pa.int32()),
+                ("id", pa.string()),
+                ("score", pa.float64()),
+                *types.items(),
+                ("record", pa.string()),
+            ]
+        )
         try:
-            column = pa.array([r.get(key) for r in records])
-        except Exception:  # mixed or unrepresentable types: ArrowInvalid, ArrowTypeError, OverflowError...
-            continue
-        if parquet_can_hold(column.type):
-            table = table.append_column(key, column)
-    return table.append_column("record", pa.array(raw, pa.string()))
+            with pq.ParquetWriter(path, schema, filesystem=storage.fs) as writer:
+                for part in parts:
+                    writer.write_table(dataset_part(selected[part.start : part.stop], raw(part), types, schema))
+            return schema.names
+        except _Unfit as e:
+            del types[e.key]
+
+
+def dataset_part(selected: pa.Table, raw: list[str], types: dict, schema: pa.Schema) -> pa.Table:
+    records = [json.loads(r) for r in raw]
+    columns = [selected["rank"], selected["id"], selected["gain"]]
+    for key, t in types.items():
+        try:
+            columns.append(pa.array([r.get(key) for r in records], type=t))
+        except Exception as e:
+            raise _Unfit(key) from e
+    return pa.Table.from_arrays([*columns, pa.array(raw, pa.string())], schema=schema)
 
 
 def parquet_can_hold(t: pa.DataType, depth: int = 0) -> bool:
@@ -81,15 +138,12 @@ def parquet_can_hold(t: pa.DataType, depth: int = 0) -> bool:
     return depth < 32 and all(parquet_can_hold(t.field(i).type, depth + 1) for i in range(t.num_fields))
 
 
-def licences(raw: list[str]) -> dict[str, int]:
-    """The licences the selected rows name in a `license` (or `licence`) field, with their counts."""
-    found: dict[str, int] = {}
-    for r in raw:
-        record = json.loads(r)
+def count_licences(records: list[dict], found: dict[str, int]) -> None:
+    """Adds to `found` the licences the records name in a `license` (or `licence`) field."""
+    for record in records:
         for key in LICENCE_FIELDS:
             if isinstance(record.get(key), str):
                 found[record[key]] = found.get(record[key], 0) + 1
-    return dict(sorted(found.items(), key=lambda kv: -kv[1]))
 
 
 def dataset_card(manifest: dict, columns: list[str], found: dict[str, int]) -> str:

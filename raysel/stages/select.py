@@ -27,7 +27,7 @@ from raysel.core.features import FeatureStore, column_chunks
 from raysel.core.storage import Storage
 from raysel.methods import BASELINES, Context, Method, Pool, build
 from raysel.stages.base import Stage
-from raysel.stages.publish import write_selection
+from raysel.stages.publish import PART_ROWS, write_selection
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,14 @@ DRIVER_BYTES = 2**30
 BYTES_PER_ACTIVATED = 4
 BYTES_PER_ROW = 260
 BYTES_PER_ID_CHAR = 3
-# After the methods, the picks' original records are read for the selections (once for the union of
-# every method's picks), then parsed into columns one selection at a time: about 3 copies of each
-# record's JSON. Measured at 1M samples, three selections of 100k: 0.5 GB.
-RECORD_COPIES = 3
+# After the methods, the picks' original records are read for the selections, once for the union of
+# every method's picks, and held as strings: each record's JSON and about 270 B more. Each selection is
+# then written from them a part at a time: publish.PART_ROWS records parsed at once (about 9 times
+# their JSON) and about 250 B a pick that the writer keeps meanwhile. Measured on 300k picks of the
+# shared pool's rows (748 B each): 0.28 GB held, 0.20 GB more while writing (parsing them whole took
+# 1.35 GB more).
+BYTES_PER_PICK = 550
+PART_COPIES = 9
 
 
 def check_driver_memory(
@@ -137,7 +141,8 @@ class Select(Stage):
         budgets = {m.name: self.budget(m, stats["n_samples"]) for m in self.methods}
         beside = {m.name: m.driver_bytes(store, budgets[m.name], self.ctx) for m in self.methods}
         picked = min(sum(budgets.values()), stats["n_samples"])
-        beside["records"] = round(RECORD_COPIES * mean_record_bytes(self.storage) * picked)
+        mean = mean_record_bytes(self.storage)
+        beside["records"] = round(picked * (mean + BYTES_PER_PICK) + PART_COPIES * min(PART_ROWS, picked) * mean)
         remedies = {m.name: m.memory_remedy for m in self.methods if m.memory_remedy}
         remedies["records"] = "Pick fewer samples (a lower select.budget, or fewer methods). "
         return check_driver_memory(stats, beside, id_chars=store.mean_id_length(), remedies=remedies)
