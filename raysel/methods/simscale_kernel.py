@@ -15,17 +15,17 @@ is a popcount over a few contiguous words. Only the rest go through postings, co
 onto the same counters. At a high theta, where a similar y needs more features in common
 than x has popular ones, it must share one of x's others: then only the kept rows their
 postings reach are counted, and only their bitmasks read. How many features are popular
-is chosen from the pool's frequencies (`popular_rank`). At a million samples of the select-stage benchmark's
-store (64 activated features of 16k a sample), the pass that reached the budget of 100k
-took 36 s this way, against 165 s for the prefix-filtered index with bit-signature bounds
-it replaced, which kept the same rows. Samples with no activated feature are never
-similar to anything.
+is chosen from the pool's frequencies (`popular_rank`). At a million samples of the
+select-stage benchmark's store (64 activated features of 16k a sample), the pass that
+reached the budget of 100k took 36 s this way, against 165 s for the prefix-filtered index
+with bit-signature bounds it replaced, which kept the same rows. Samples with no activated
+feature are never similar to anything.
 
 A pass checks a batch of visited rows at a time on all threads against the rows kept
 before the batch, then the batch's survivors one by one against the batch's own kept
 rows: the same result as one row at a time. theta's search on a large pool starts from a
 guess and gallops to a bracket, so it runs two to four passes near the answer instead of
-eight from [0, 1]. The guess extrapolates: theta grows with the pool (more rows meet more
+eight from [0, 1] (theta = 1, the bracket's top, is settled by counting distinct sets). The guess extrapolates: theta grows with the pool (more rows meet more
 similar kept ones), by about as much from a random tenth of it to the whole as from a
 hundredth to the tenth, each searched the same way.
 """
