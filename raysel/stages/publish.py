@@ -10,18 +10,24 @@
     selected.parquet   rank, id, gain and new_features (the features the pick adds to the union)
     manifest.json      written last: the selection is committed
 
-The records are parsed PART_ROWS at a time, twice: once for each field's type across the selection,
-then to write the dataset file a row group a part. Parsed whole, 300k records of 748 B took 1.35 GB
-beside their JSON; a part at a time, 0.20 GB.
+The picks' records come from PickedRecords, which spills them from the prepared shards to local
+files, one per method and part of PART_ROWS picks. Each part is parsed twice: once for each field's
+type across the selection, then to write the dataset file a row group a part. Parsed whole, 300k
+records of 748 B took 1.35 GB beside their JSON; three selections of 100k, spilled and written a part
+at a time, take 0.25 GB in all.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
@@ -36,7 +42,9 @@ PART_ROWS = 20_000  # records parsed at once while a selection is written
 LICENCE_FIELDS = ("license", "licence")
 
 
-def write_selection(storage: Storage, method: str, ids, gains, new, records_by_id: dict, manifest: dict) -> dict:
+def write_selection(storage: Storage, method: str, ids, gains, new, records: Records, manifest: dict) -> dict:
+    """selection/<method>/ for the picks `ids` in rank order; records(part) gives the records (JSON)
+    of the picks in a slice of that order, PART_ROWS at most."""
     base = paths.selection(method)
     storage.remove(f"{base}/manifest.json")  # a half-rewritten selection must not look finished
     storage.fs.create_dir(storage.path(base, "data"), recursive=True)
@@ -49,11 +57,8 @@ def write_selection(storage: Storage, method: str, ids, gains, new, records_by_i
         }
     )
     pq.write_table(selected, storage.path(base, "selected.parquet"), filesystem=storage.fs)
-    parts = [slice(lo, lo + PART_ROWS) for lo in range(0, len(ids), PART_ROWS)] or [slice(0, 0)]
-
-    def raw(part: slice) -> list[str]:
-        return [records_by_id[i] for i in selected["id"][part].to_pylist()]
-
+    parts = [slice(lo, min(lo + PART_ROWS, len(ids))) for lo in range(0, len(ids), PART_ROWS)] or [slice(0, 0)]
+    raw = records
     with storage.fs.open_output_stream(storage.path(base, "records.jsonl")) as f:
         for part in parts:
             f.write("".join(r + "\n" for r in raw(part)).encode())
@@ -90,6 +95,56 @@ def field_types(parts) -> tuple[dict[str, pa.DataType], dict[str, int]]:
 
 def promoted(a: pa.DataType, b: pa.DataType) -> pa.DataType:
     return pa.unify_schemas([pa.schema([("f", a)]), pa.schema([("f", b)])], promote_options="permissive")[0].type
+
+
+Records = Callable[[slice], list[str]]
+
+
+def records_of(ids, records_by_id: dict[str, str]) -> Records:
+    """Records from a mapping held whole (a selection small enough to hold)."""
+    return lambda part: [records_by_id[i] for i in ids[part]]
+
+
+class PickedRecords:
+    """The picks' original records, read in one pass over the prepared shards and spilled to local
+    parquet files, one per method and part of PART_ROWS picks in rank order: the driver holds a
+    batch of the shards and a part, never the picks' records together."""
+
+    def __init__(self, storage: Storage, picks: dict[str, list[str]], folder: str):
+        self.picks, self.folder = picks, folder
+        os.makedirs(folder, exist_ok=True)
+        wanted = {m: pa.array(ids, pa.string()) for m, ids in picks.items()}
+        writers: dict[tuple[str, int], pq.ParquetWriter] = {}
+        dataset = pads.dataset(storage.path(paths.PREPARED), filesystem=storage.fs, format="parquet")
+        try:
+            # a part's rows a batch, read ahead one at a time: the scanner's defaults hold 64 batches
+            for batch in dataset.to_batches(
+                columns=["id", "record"], batch_size=PART_ROWS, batch_readahead=1, fragment_readahead=1
+            ):
+                for m, ids in wanted.items():
+                    rank = pc.index_in(batch["id"], value_set=ids)  # the pick's place in m's order, or null
+                    hit = np.flatnonzero(rank.is_valid().to_numpy(zero_copy_only=False))
+                    part = rank.take(hit).to_numpy() // PART_ROWS
+                    for k in np.unique(part):
+                        rows = batch.take(hit[part == k])
+                        if (m, k) not in writers:
+                            writers[m, k] = pq.ParquetWriter(self._file(m, k), rows.schema)
+                        writers[m, k].write_batch(rows)
+        finally:
+            for writer in writers.values():
+                writer.close()
+
+    def _file(self, method: str, k: int) -> str:
+        return os.path.join(self.folder, f"{method}-{k}.parquet")
+
+    def of(self, method: str) -> Records:
+        def records(part: slice) -> list[str]:
+            path = self._file(method, part.start // PART_ROWS)
+            table = pq.read_table(path) if os.path.exists(path) else pa.table({"id": [], "record": []})
+            by_id = dict(zip(table["id"].to_pylist(), table["record"].to_pylist()))
+            return [by_id[i] for i in self.picks[method][part]]
+
+        return records
 
 
 class _Unfit(Exception):

@@ -12,6 +12,7 @@ targets file redoes the selection.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 
 import numba
@@ -27,7 +28,7 @@ from raysel.core.features import FeatureStore, column_chunks
 from raysel.core.storage import Storage
 from raysel.methods import BASELINES, Context, Method, Pool, build
 from raysel.stages.base import Stage
-from raysel.stages.publish import PART_ROWS, write_selection
+from raysel.stages.publish import PART_ROWS, PickedRecords, write_selection
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,14 @@ DRIVER_BYTES = 2**30
 BYTES_PER_ACTIVATED = 4
 BYTES_PER_ROW = 260
 BYTES_PER_ID_CHAR = 3
-# After the methods, the picks' original records are read for the selections, once for the union of
-# every method's picks, and held as strings: each record's JSON and about 270 B more. Each selection is
-# then written from them a part at a time: publish.PART_ROWS records parsed at once (about 9 times
-# their JSON) and about 250 B a pick that the writer keeps meanwhile. Measured on 300k picks of the
-# shared pool's rows (748 B each): 0.28 GB held, 0.20 GB more while writing (parsing them whole took
-# 1.35 GB more).
-BYTES_PER_PICK = 550
-PART_COPIES = 9
+# After the methods, the picks' original records are spilled to local files in one pass over the
+# prepared shards, a part (publish.PART_ROWS records) a batch, and each selection is written from them a
+# part at a time: a part parsed (about 9 times its JSON) beside a batch of the shards, and about 300 B a
+# pick that the writer and the spill keep. Measured: 3 selections of 100k picks from 600k prepared rows
+# of the shared pool (750 B each), 0.25 GB; held whole, the picks' records took 0.28 GB before the
+# writing began, and parsed whole 1.35 GB more for 300k.
+BYTES_PER_PICK = 300
+PART_COPIES = 10
 
 
 def check_driver_memory(
@@ -142,7 +143,7 @@ class Select(Stage):
         beside = {m.name: m.driver_bytes(store, budgets[m.name], self.ctx) for m in self.methods}
         picked = min(sum(budgets.values()), stats["n_samples"])
         mean = mean_record_bytes(self.storage)
-        beside["records"] = round(picked * (mean + BYTES_PER_PICK) + PART_COPIES * min(PART_ROWS, picked) * mean)
+        beside["records"] = round(picked * BYTES_PER_PICK + PART_COPIES * min(PART_ROWS, picked) * mean)
         remedies = {m.name: m.memory_remedy for m in self.methods if m.memory_remedy}
         remedies["records"] = "Pick fewer samples (a lower select.budget, or fewer methods). "
         return check_driver_memory(stats, beside, id_chars=store.mean_id_length(), remedies=remedies)
@@ -170,16 +171,19 @@ class Select(Stage):
             )
             for k in set(budgets.values())
         }
-        raw = selected_records(self.storage, {i for order, *_ in picks.values() for i in pool.ids[order]})
         at_budget = {}
-        for name, k in budgets.items():
-            order, chosen, new, curve = picks[name]
-            at_budget[name] = baselines[str(k)] | {m: picks[m][3][-1]["coverage"] for m in budgets if budgets[m] == k}
-            write_selection(self.storage, name, pool.ids[order], chosen.scores, new, raw, {
-                **self.manifest_base, "method": name, "budget": k, "tau": ctx.tau, **chosen.details,
-                "counts": {**self.manifest_base["counts"], "n_selected": int(len(order))},
-                "objective_curve": curve, "coverage_at_budget": at_budget[name],
-            })  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="raysel-picks-") as spill:
+            records = PickedRecords(self.storage, {name: pool.ids[order] for name, (order, *_) in picks.items()}, spill)
+            for name, k in budgets.items():
+                order, chosen, new, curve = picks[name]
+                at_budget[name] = baselines[str(k)] | {
+                    m: picks[m][3][-1]["coverage"] for m in budgets if budgets[m] == k
+                }
+                write_selection(self.storage, name, pool.ids[order], chosen.scores, new, records.of(name), {
+                    **self.manifest_base, "method": name, "budget": k, "tau": ctx.tau, **chosen.details,
+                    "counts": {**self.manifest_base["counts"], "n_selected": int(len(order))},
+                    "objective_curve": curve, "coverage_at_budget": at_budget[name],
+                })  # fmt: skip
         summary = {
             "budgets": budgets,
             "n_features_activated": pool.n_features,
@@ -243,11 +247,3 @@ def _new_features(order, indptr, indices, d):
                 seen[indices[e]] = True
                 new[rank] += 1
     return new
-
-
-def selected_records(storage: Storage, wanted: set) -> dict[str, str]:
-    """The original record (JSON) of each wanted id, read with a filter: never the whole corpus's records."""
-    table = pq.ParquetDataset(
-        storage.path(paths.PREPARED), filesystem=storage.fs, filters=pc.field("id").isin(sorted(wanted))
-    ).read(columns=["id", "record"])
-    return dict(zip(table["id"].to_pylist(), table["record"].to_pylist()))

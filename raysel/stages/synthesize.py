@@ -48,7 +48,7 @@ from raysel.methods import Context
 from raysel.methods.fac import fac
 from raysel.methods.fac_judge import marked
 from raysel.stages.base import Stage
-from raysel.stages.publish import write_selection
+from raysel.stages.publish import records_of, write_selection
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,7 @@ class Synthesize(Stage):
             kept["id"].to_pylist(),
             kept["score"].to_numpy(),
             np.zeros(kept.num_rows, np.int64),
-            records,
+            records_of(kept["id"].to_pylist(), records),
             {
                 "config": self.config,
                 "method": "synthesis",

@@ -23,7 +23,7 @@ from raysel.core.corpus import BLANK_LINE, RAW_SCHEMA, read_rows
 from raysel.core.records import REASONS
 from raysel.core.storage import Storage
 from raysel.stages.prepare import Formatter
-from raysel.stages.publish import write_selection
+from raysel.stages.publish import records_of, write_selection
 
 HOSTILE_TEXT = st.text(
     st.one_of(
@@ -115,7 +115,7 @@ def check_written(rows: list[dict]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         storage = Storage(tmp, S3Config())
         write_selection(storage, "m", ids, np.ones(len(rows)), np.zeros(len(rows), np.int64),
-                        dict(zip(ids, (r["record"] for r in rows))), {"counts": {}})  # fmt: skip
+                        records_of(ids, dict(zip(ids, (r["record"] for r in rows)))), {"counts": {}})  # fmt: skip
         lines = storage.path("selection/m/records.jsonl")
         assert open(lines, encoding="utf-8").read().split("\n") == [r["record"] for r in rows] + [""]
         assert pq.read_table(storage.path("selection/m/data/train-00000-of-00001.parquet"))["record"].to_pylist() == [

@@ -40,7 +40,7 @@ def written(records: list[dict], part_rows: int) -> tuple:
     with tempfile.TemporaryDirectory() as tmp, mock.patch.object(publish, "PART_ROWS", part_rows):
         storage = Storage(tmp, S3Config())
         publish.write_selection(storage, "m", ids, np.arange(len(ids), dtype=float), np.zeros(len(ids), np.int64),
-                                dict(zip(ids, map(json.dumps, records))), {"counts": {}})  # fmt: skip
+                                publish.records_of(ids, dict(zip(ids, map(json.dumps, records)))), {"counts": {}})  # fmt: skip
         base = Path(tmp, "selection", "m")
         return (
             pq.read_table(base / publish.DATA_FILE),
@@ -71,3 +71,24 @@ def test_an_int_past_int64_in_one_part_leaves_its_field_to_record():
     data = written(records, 1)[0]
     assert data.column_names == ["rank", "id", "score", "k", "record"]
     assert [json.loads(r)["n"] for r in data["record"].to_pylist()] == [1, 2**63]
+
+
+def test_the_picks_records_spilled_by_part_are_the_prepared_ones_in_each_methods_order(tmp_path):
+    """Catches a pick's record read from another row (its place in one method's order taken for
+    another's), a part cut at the wrong rank, a pick in two methods kept for one only, and a batch of
+    the prepared shards read once per method but written to one method's parts. Three shards, parts
+    of 2 picks, two methods that share picks in different orders."""
+    import pyarrow as pa
+
+    storage = Storage(str(tmp_path), S3Config())
+    (tmp_path / "prepared").mkdir()
+    corpus = {f"r{i}": json.dumps({"text": f"row {i}", "n": i}) for i in range(9)}
+    for shard, names in enumerate((["r0", "r1", "r2"], ["r3", "r4", "r5"], ["r6", "r7", "r8"])):
+        table = pa.table({"id": names, "record": [corpus[n] for n in names], "n_response_tokens": [1] * 3})
+        pq.write_table(table, tmp_path / "prepared" / f"{shard}.parquet")
+    picks = {"a": ["r7", "r1", "r4", "r0", "r8"], "b": ["r1", "r7", "r3"]}
+    with mock.patch.object(publish, "PART_ROWS", 2):
+        records = publish.PickedRecords(storage, picks, str(tmp_path / "spill"))
+        for method, ids in picks.items():
+            parts = [slice(lo, min(lo + 2, len(ids))) for lo in range(0, len(ids), 2)]
+            assert [r for part in parts for r in records.of(method)(part)] == [corpus[i] for i in ids]
