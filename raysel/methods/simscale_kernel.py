@@ -25,9 +25,10 @@ A pass checks a batch of visited rows at a time on all threads against the rows 
 before the batch, then the batch's survivors one by one against the batch's own kept
 rows: the same result as one row at a time. theta's search on a large pool starts from a
 guess and gallops to a bracket, so it runs two to four passes near the answer instead of
-eight from [0, 1] (theta = 1, the bracket's top, is settled by counting distinct sets). The guess extrapolates: theta grows with the pool (more rows meet more
-similar kept ones), by about as much from a random tenth of it to the whole as from a
-hundredth to the tenth, each searched the same way.
+eight from [0, 1] (theta = 1, the bracket's top, is settled by counting distinct sets). The
+guess extrapolates: theta grows with the pool (more rows meet more similar kept ones), by
+about as much from a random tenth of it to the whole as from a hundredth to the tenth, each
+searched the same way.
 """
 
 from __future__ import annotations
@@ -288,14 +289,14 @@ def _similar(fx, x, theta, popular, lo, hi, rows, k_lo, k_hi, sizes, masks, x_ma
     for k in range(k_lo, k_hi):
         c = _overlap(masks, x_mask, k)
         count[k] = c
-        if c >= least and c >= _need(theta, sx, sizes[k]):
+        if _reaches(c, least, theta, sx, sizes[k]):
             return True
     for f in fx[:rest]:
         for q in range(lo[f], hi[f]):
             k = rows[q]
             c = count[k] + 1
             count[k] = c
-            if c >= least and c >= _need(theta, sx, sizes[k]):
+            if _reaches(c, least, theta, sx, sizes[k]):
                 return True
     return False
 
@@ -315,9 +316,16 @@ def _touched_similar(fr, x, theta, sx, least, lo, hi, rows, sizes, masks, x_mask
             count[k] += 1
     for k in touched[:n_touched]:
         c = count[k] + _overlap(masks, x_mask, k)
-        if c >= least and c >= _need(theta, sx, sizes[k]):
+        if _reaches(c, least, theta, sx, sizes[k]):
             return True
     return False
+
+
+@numba.njit(cache=True, inline="always")
+def _reaches(c, least, theta, sx, sy) -> bool:
+    """Whether an overlap of c makes J >= theta for sizes sx and sy; `least`, the need of sy = sx,
+    settles most without _need."""
+    return c >= least and c >= _need(theta, sx, sy)
 
 
 @numba.njit(cache=True, inline="always")

@@ -39,6 +39,7 @@ from raysel.core.storage import Storage
 DATA_FILE = "data/train-00000-of-00001.parquet"
 CORE_COLUMNS = ("rank", "id", "score", "record")
 PART_ROWS = 20_000  # records parsed at once while a selection is written
+Records = Callable[[slice], list[str]]  # the records (JSON) of the picks in a slice of their rank order
 LICENCE_FIELDS = ("license", "licence")
 
 
@@ -58,16 +59,18 @@ def write_selection(storage: Storage, method: str, ids, gains, new, records: Rec
     )
     pq.write_table(selected, storage.path(base, "selected.parquet"), filesystem=storage.fs)
     parts = [slice(lo, min(lo + PART_ROWS, len(ids))) for lo in range(0, len(ids), PART_ROWS)] or [slice(0, 0)]
-    raw = records
     with storage.fs.open_output_stream(storage.path(base, "records.jsonl")) as f:
-        for part in parts:
-            f.write("".join(r + "\n" for r in raw(part)).encode())
-    types, found = field_types(map(raw, parts))
-    columns = write_dataset(storage, storage.path(base, DATA_FILE), selected, parts, raw, types)
+        types, found = field_types(_written(records(part), f) for part in parts)  # one read of a part for both
+    columns = write_dataset(storage, storage.path(base, DATA_FILE), selected, parts, records, types)
     with storage.fs.open_output_stream(storage.path(base, "README.md")) as f:
         f.write(dataset_card(manifest, columns, found).encode())
     storage.write_json(f"{base}/manifest.json", manifest)  # last: the selection is committed
     return manifest
+
+
+def _written(raw: list[str], f) -> list[str]:
+    f.write("".join(r + "\n" for r in raw).encode())
+    return raw
 
 
 def field_types(parts) -> tuple[dict[str, pa.DataType], dict[str, int]]:
@@ -95,9 +98,6 @@ def field_types(parts) -> tuple[dict[str, pa.DataType], dict[str, int]]:
 
 def promoted(a: pa.DataType, b: pa.DataType) -> pa.DataType:
     return pa.unify_schemas([pa.schema([("f", a)]), pa.schema([("f", b)])], promote_options="permissive")[0].type
-
-
-Records = Callable[[slice], list[str]]
 
 
 def records_of(ids, records_by_id: dict[str, str]) -> Records:
