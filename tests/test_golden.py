@@ -17,7 +17,7 @@ from raysel.pipeline import run
 from tests.conftest import DEMO, fac_reference, run_cfg, write_jsonl
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny.json"
-METHODS = ["coverage", "simscale", "random", "longest", "mona", "igds", "fac"]
+METHODS = ["coverage", "simscale", "random", "longest", "mona", "igds", "fac", "kcenter", "dense"]
 
 
 def golden_config(tmp, model_dir, sae_dir) -> dict:
@@ -39,6 +39,8 @@ def golden_config(tmp, model_dir, sae_dir) -> dict:
                 {"name": "mona", "targets": [str(targets)]},
                 {"name": "igds", "targets": [str(targets)], "candidates": 6, "keep": 2, "budget": 0.25},
                 {"name": "fac", "evaluated": [str(have)]},
+                "kcenter",
+                "dense",
             ],
         },
         "fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp)], "n_features": 30},
