@@ -39,9 +39,9 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from raysel.config import RunConfig  # noqa: E402
 from raysel.core import paths  # noqa: E402
+from raysel.core.fac import fac  # noqa: E402
 from raysel.core.features import FeatureStore, Profile  # noqa: E402
 from raysel.core.storage import Storage  # noqa: E402
-from raysel.methods.fac import fac  # noqa: E402
 from raysel.pipeline import run  # noqa: E402
 
 
@@ -76,7 +76,7 @@ def main() -> None:
     storage = Storage(args.out, RunConfig.model_validate(raw).s3)
     pool, anchor = FeatureStore(storage).table(), FeatureStore(Storage(storage.uri("anchor"), storage.s3)).table()
     d_sae = storage.read_json("stats/summary.json")["d_sae"]
-    features = np.array(storage.read_json(paths.marker("fac_features"))["features"], dtype=np.int64)
+    features = np.array(storage.read_json(paths.marker("task_features"))["features"], dtype=np.int64)
 
     def fac_of(ids: list[str]) -> float:
         return fac(Profile.of(anchor, tau, d_sae), Profile.of(subset(pool, ids), tau, d_sae), features)[0]["fac"]
@@ -107,7 +107,7 @@ def main() -> None:
         "synth": {"max_features": args.synth_features},
     }
     start = time.time()
-    synth = run(RunConfig.model_validate(synth_raw), until="synthesize")["stages"]["synthesis"]
+    synth = run(RunConfig.model_validate(synth_raw), until="synthesis")["stages"]["synthesis"]
     print(
         f"synthesis on a {args.synth_size}-sample subset: FAC {synth['fac_before']:.3f} -> {synth['fac_after']:.3f} "
         f"({synth['missing_before']} -> {synth['missing_after']} missing); {synth['features_tried']} features tried, "

@@ -232,11 +232,11 @@ def commit_markers(root: Path, args, shards: list) -> None:
     summary = {"n_input": args.rows, "n_blank_lines": 0, "n_valid": args.rows, "n_rejected": 0,
                "rejected_by_reason": {}, "fingerprint": prepare.fingerprint, "seconds": None,
                "files": [f.path for f in prepare.files]}  # fmt: skip
-    storage.write_json(paths.marker("prepare"), {**summary, "key": prepare.key()})
-    encode = Encode(cfg.stack(), storage, summary, has_gpus=False)  # as the run computes it on this CPU box
+    storage.write_json(paths.marker("prepare"), {**summary, "key": prepare.key({})})
+    encode = Encode(cfg.stack(), storage, has_gpus=False)  # as the run computes it on this CPU box
     for name, rows, tokens in shards:
         storage.write_json(paths.shard_marker(name), {"rows": rows, "tokens": tokens, "seconds": 0.0,
-                                                      "key": {"fingerprint": encode.fingerprint}})  # fmt: skip
+                                                      "key": {"fingerprint": encode.fingerprint(summary)}})  # fmt: skip
 
 
 def cli(argv: list[str], cap: float | None = None) -> dict:

@@ -16,16 +16,6 @@ from raysel.core import paths
 from raysel.core.corpus import InputError
 from raysel.core.storage import Storage, StorageError
 
-UNTIL = {
-    "run": "select",
-    "encode": "encode",
-    "select": "select",
-    "demo": "select",
-    "train-sae": "train-sae",
-    "fac": "fac",
-    "synthesize": "synthesize",
-}
-
 
 def demo_config_path() -> str:
     return str(resources.files("raysel") / "configs" / "demo.yaml")
@@ -127,16 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, args.overrides)
         if getattr(args, "dry_run", False):
-            return dry_run(cfg, args.verb)
+            return dry_run(cfg, targets(args.verb, cfg))
         from raysel.pipeline import run
 
         force = getattr(args, "force", False)
-        manifest = run(cfg, until=UNTIL[args.verb], train_missing_sae=args.verb == "demo", force=force)
-        page = None
-        if args.verb in ("run", "demo") and cfg.output.report:
-            from raysel.stages.report import write_report
-
-            page = write_report(Storage(cfg.output.root, cfg.s3))
+        manifest = run(cfg, until=targets(args.verb, cfg), train_missing_sae=args.verb == "demo", force=force)
+        page = manifest["stages"].get("report", {}).get("page")
     except Exception as err:  # noqa: BLE001 -- user errors raised inside Ray tasks arrive wrapped
         cause = user_error(err)
         if cause is None:
@@ -159,11 +145,18 @@ def user_error(err: BaseException | None) -> Exception | None:
     return None
 
 
-def dry_run(cfg, verb: str) -> int:
+def targets(verb: str, cfg) -> list[str]:
+    """The plan's stages a verb targets; run and demo write the report too, unless output.report is off."""
+    from raysel.pipeline import VERBS
+
+    return [*VERBS[verb], *(["report"] if verb in ("run", "demo") and cfg.output.report else [])]
+
+
+def dry_run(cfg, stages: list[str]) -> int:
     """Exit 2 when the run would fail at once: a root of another input, or an SAE that does not fit the model."""
     from raysel.plan import dry_run, plan_lines
 
-    plan = dry_run(cfg, UNTIL[verb])
+    plan = dry_run(cfg, stages)
     print("\n".join([*plan_lines(plan), json.dumps(plan)]))
     refused = plan["root_note"].startswith("REFUSED") or str(plan["checks"].get("model", "")).startswith("MISMATCH")
     return 2 if refused else 0
@@ -195,7 +188,8 @@ def status(run_dir: str, overrides: list[str]) -> int:
 def report(run_dir: str, overrides: list[str]) -> int:
     """`raysel report RUN_DIR_OR_S3_URI`: the run's own config says how to read it; --set s3.* reaches an S3 run."""
     from raysel.core.ray_adapter import init_ray
-    from raysel.stages.report import run_config, write_report
+    from raysel.pipeline import run_stages
+    from raysel.stages.report import run_config
 
     s3 = load_config(None, [*overrides, 'input.paths=["unused"]']).s3
     storage = Storage(run_dir, s3)
@@ -206,8 +200,15 @@ def report(run_dir: str, overrides: list[str]) -> int:
             f"raysel report: {run_dir} has no manifest.json; is it the output root of a finished run?", file=sys.stderr
         )
         return 2
-    init_ray(run_config(manifest).ray)
-    print(f"raysel report: {write_report(storage)}")
+    if "select" not in manifest["stages"]:
+        print(f"raysel report: {run_dir} has no selection; run `raysel select` on it first", file=sys.stderr)
+        return 2
+    cfg = run_config(manifest)
+    init_ray(cfg.ray)
+    # the run's own records stand for its stages: only the report (and spans, if never made) runs
+    given = {name: record for name, record in manifest["stages"].items() if name != "report"}
+    done = run_stages(cfg, storage, ["report"], given=given)["stages"]
+    print(f"raysel report: {done['report']['page']}")
     return 0
 
 

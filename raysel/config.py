@@ -1,4 +1,5 @@
-"""The run's typed config: one pydantic model per section, loaded from YAML with
+"""The run's typed config, the composition root: the sections of the run (the infrastructure ones
+defined beside the core code that reads them) and the method entries. One pydantic model per section, loaded from YAML with
 `--set section.key=value` overrides. Every problem is reported before any work
 starts, as `key.path: what is wrong (what is allowed)`."""
 
@@ -10,104 +11,27 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from raysel.core.models import EMBEDDED_MODEL
+from raysel.core.corpus import InputConfig
+from raysel.core.encoder import EncodeConfig, ModelStack
+from raysel.core.fac import FACConfig
+from raysel.core.models import ModelConfig
+from raysel.core.ray_adapter import RayConfig
+from raysel.core.records import FieldMap, PrepareConfig
+from raysel.core.sae import SAESection, TrainSAEConfig
 from raysel.core.section import ConfigError, Section
+from raysel.core.storage import S3Config
 from raysel.methods import LEGACY_KEYS, METHODS, MethodEntry
-from raysel.methods.fac import FACConfig, FACSelectConfig
+from raysel.methods.fac import FACSelectConfig
 
 SECRET_KEYS = {"access_key", "secret_key"}
-__all__ = ["ConfigError", "RunConfig", "load_config"]
-
-
-class FieldMap(Section):
-    """Which column of an input record holds each part of a sample."""
-
-    id: str | None = None  # None: the id is a hash of the normalised content
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
-    system: str = "system"
-    messages: str = "messages"
-    role: str = "role"
-    content: str = "content"
-    text: str = "text"
-
-
-class InputConfig(Section):
-    paths: list[str] = Field(default_factory=list)  # files, directories, globs, s3:// URIs
-    hf_dataset: str | None = None  # a hub dataset id, read through `datasets`
-    hf_split: str = "train"
-    format: Literal["auto", "jsonl", "json", "parquet", "hf_disk"] = "auto"
-    shape: Literal["auto", "alpaca", "messages", "text"] = "auto"
-    fields: FieldMap = FieldMap()
-
-    @field_validator("paths", mode="before")
-    @classmethod
-    def _one_path_is_a_list(cls, v):
-        return [v] if isinstance(v, str) else v
-
-
-class PrepareConfig(Section):
-    chat_template: Literal["auto", "fallback"] = "auto"  # auto: the tokenizer's, else the fallback
-    max_tokens: int = Field(512, gt=0)
-    dedup: bool = True  # reject exact duplicate texts
-    batch_size: int = Field(512, gt=0)  # rows per formatting task; tasks run on every free CPU
-    rows_per_file: int = Field(1024, gt=0)  # rows per prepared file: the encoder's unit of work and resume
-    max_row_bytes: int = Field(16 << 20, ge=1024)  # a larger row is rejected as too_large, its head kept
-
-
-class ModelConfig(Section):
-    name: str = EMBEDDED_MODEL  # the embedded default, an HF hub id, or a local directory
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    cache_dir: str = str(Path.home() / ".cache" / "raysel")
-
-
-class SAESection(Section):
-    """Which SAE reads the model: a saved one, a published one, or the default
-    that `raysel train-sae` makes for the configured model."""
-
-    path: str | None = None  # a directory (local or any location URI) saved by sae-lens or sparsify; safetensors only
-    format: Literal["auto", "sae_lens", "sparsify"] = "auto"  # auto: told by the weights file in sae.path
-    release: str | None = None  # a sae-lens pretrained release, with sae_id (needs a hub)
-    sae_id: str | None = None
-    hook_layer: int | None = Field(None, ge=0)  # overrides the layer in the SAE's metadata
-    allow_poor_fit: bool = False  # encode even when the SAE's explained variance on the first samples is below 0
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if self.path and self.release:
-            raise ValueError("sae: set sae.path or sae.release, not both")
-        if bool(self.release) != bool(self.sae_id):
-            raise ValueError("sae: sae.release and sae.sae_id go together")
-        return self
-
-
-class TrainSAEConfig(Section):
-    """`raysel train-sae`: a TopK SAE trained with sae-lens on the prepared corpus."""
-
-    layer: int = Field(15, ge=0)  # the SAE reads the residual stream after this block
-    d_sae: int = Field(2048, gt=0)
-    k: int = Field(32, gt=0)
-    training_tokens: int = Field(120_000, gt=0)  # sized to finish in under 3 minutes on 2 CPU cores
-    context_size: int = Field(256, gt=0)
-    batch_size_tokens: int = Field(256, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    seed: int = 42
-    output: str | None = None  # None: the cache dir, where runs find the default SAE
-
-
-class EncodeConfig(Section):
-    actors: int = Field(1, gt=0)  # one model + SAE each; on GPU nodes, one per GPU
-    num_gpus: float = Field(1.0, ge=0)  # per actor when the cluster has GPUs; fractions share one
-    num_cpus: float = Field(1.0, gt=0)  # per actor
-    memory_gb: float = Field(4.0, gt=0)  # heap per actor, reserved with Ray
-    resources: dict[str, float] = {}  # custom Ray resources per actor, e.g. {"encoder": 1}: pins actors to a node group
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    tokens_per_batch: int = Field(8192, gt=0)  # padded tokens per forward pass
-    skip_prefix: bool = True  # leave the chat template's shared prefix out of pooling
-    top_m: int | None = Field(None, gt=0)  # keep only the M strongest features per sample
+# The sections the run config composes; the infrastructure ones live beside the code that reads them.
+__all__ = [
+    "ActivationConfig", "ConfigError", "EncodeConfig", "FACConfig", "FieldMap", "InputConfig", "ModelConfig",
+    "ModelStack", "PrepareConfig", "RayConfig", "RunConfig", "S3Config", "SAESection", "SelectConfig",
+    "StatsConfig", "SynthConfig", "TrainSAEConfig", "load_config",
+]  # fmt: skip
 
 
 class ActivationConfig(Section):
@@ -169,28 +93,9 @@ class SynthConfig(Section):
     engine: Literal["transformers", "vllm"] = "transformers"  # vllm: ray.data.llm's vLLM processor, on GPU nodes
 
 
-class S3Config(Section):
-    """Settings for every s3:// location, input and output alike. Credentials
-    fall back to the standard AWS environment variables."""
-
-    endpoint_override: str | None = None  # host:port of an S3-compatible store
-    scheme: Literal["https", "http"] = "https"
-    region: str | None = None
-    access_key: SecretStr | None = None
-    secret_key: SecretStr | None = None
-    max_attempts: int = Field(5, gt=0)  # retries of a throttled or failed request
-    connect_timeout: float = Field(5.0, gt=0)  # seconds; a wrong endpoint fails fast
-    outage_seconds: float = Field(120.0, ge=0)  # how long a shard's reads and writes retry through an outage
-
-
 class OutputConfig(Section):
     root: str = "runs/default"  # a local folder or s3://bucket/prefix
     report: bool = True  # `raysel run` and `raysel demo` write report.html at the root
-
-
-class RayConfig(Section):
-    address: str | None = None  # None: the cluster of RAY_ADDRESS, or a new local one
-    num_cpus: int | None = Field(None, gt=0)  # only for a new local cluster
 
 
 class RunConfig(Section):
@@ -244,19 +149,6 @@ class RunConfig(Section):
             s3=self.s3,
             shape=self.input.shape,
         )
-
-
-class ModelStack(Section):
-    """What a component that runs the model and its SAE reads (the encoder, spans, IGDS's metric, the
-    judge and generator): the run's model, SAE, encode and prepare sections, and the input's shape."""
-
-    model: ModelConfig
-    sae: SAESection
-    train_sae: TrainSAEConfig  # where the default SAE lives when sae.* names none
-    encode: EncodeConfig
-    prepare: PrepareConfig
-    s3: S3Config
-    shape: str  # the input's shape: plain text has no chat-template prefix to skip
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -1,12 +1,12 @@
-"""The whole job, as one map: the run's input and every side set (targets, an anchor, an
-evaluated set) go through the same `encode_set`: prepare -> (train-sae) -> encode -> stats; then
-the verb's last stage (select, fac or synthesize) runs on the input's store, asking for side
-sets as it needs them. Each stage commits through stages/base.py, so finished ones are skipped
-and the run manifest is written last.
+"""The whole job as one declared plan: the stages in order, each built from the config sections it
+reads, each declaring the stages it needs. A verb names its target stages; the executor
+(stages/base.py) runs their `needs` closure in plan order, skipping what is committed, and the run
+manifest is written last. Side sets (targets, an anchor, a reference) go through the same plan up to
+stats, under <root>/<name>/, with the run's tau.
 
-    input ──► prepare ─► [train_sae] ─► encode ─► stats ─┬─► select (methods/) ─► selection/<method>/
-                                                          ├─► fac ─► fac/
-    targets/anchor/evaluated ──► encode_set (same path) ──┘   └─► synthesize ─► selection/synthesis/
+    prepare ─► [train_sae] ─► encode ─► tau ─► stats ─┬─► task_features ─┬─► fac ─► synthesis
+                                                       └─► select ◄───────┘ (method fac reads F)
+                                                             └─► spans ─► report
 """
 
 from __future__ import annotations
@@ -14,22 +14,26 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
-from raysel.config import InputConfig, RunConfig
+from raysel.config import ActivationConfig, RunConfig
 from raysel.core import paths
 from raysel.core.corpus import list_input_files
 from raysel.core.features import FeatureStore
 from raysel.core.ray_adapter import init_ray
 from raysel.core.sae import WEIGHTS, default_sae_dir
 from raysel.core.storage import Storage, StorageError, redact
-from raysel.methods import Context
-from raysel.stages.base import execute
+from raysel.stages.base import Done, Executor, Stage
 from raysel.stages.encode import Encode
 from raysel.stages.fac import MeasureFAC
 from raysel.stages.prepare import Prepare, check_root
-from raysel.stages.select import Select
+from raysel.stages.report import Report
+from raysel.stages.select import Select, run_counts
+from raysel.stages.spans import Spans
 from raysel.stages.stats import Calibrate, Stats
 from raysel.stages.synthesize import Synthesize, check_vllm
+from raysel.stages.task_features import TaskFeatures
 from raysel.stages.train_sae import TrainSAE
 
 log = logging.getLogger(__name__)
@@ -37,117 +41,123 @@ log = logging.getLogger(__name__)
 PACKAGES = ("raysel", "ray", "torch", "transformers", "sae-lens", "datasets", "pyarrow", "numpy")
 
 
-def run(cfg: RunConfig, until: str = "select", train_missing_sae: bool = False, force: bool = False) -> dict:
-    """Run the stages up to `until`; finished ones are skipped. A root holding a run of other input
-    files is refused unless `force`."""
+@dataclass
+class Target:
+    """Where one set of samples goes through the plan: the run's input, or a side set."""
+
+    cfg: RunConfig
+    storage: Storage
+    side_sets: SideSets
+    side: bool = False  # a side set: known by its content (small, edited in place), at the run's tau
+    run: dict = field(default_factory=dict)  # what manifests carry of the run: config, versions, model
+
+
+# The plan: every stage in the order a run reaches it, and how each is built from the sections it reads.
+PLAN: tuple[tuple[type[Stage], Callable[[Target], Stage]], ...] = (
+    (Prepare, lambda t: Prepare(t.cfg.input, t.cfg.prepare, t.cfg.model, t.cfg.s3, t.storage, by_content=t.side)),
+    (TrainSAE, lambda t: TrainSAE(t.cfg.stack(), t.storage)),
+    (Encode, lambda t: Encode(t.cfg.stack(), t.storage)),
+    (Calibrate, lambda t: Calibrate(t.storage, t.cfg.activation)),
+    (Stats, lambda t: Stats(t.storage, t.cfg.stats.top_n)),
+    (TaskFeatures, lambda t: TaskFeatures(t.cfg.fac, t.cfg.stack(), t.storage)),
+    (Select, lambda t: Select(t.cfg.select, t.cfg.fac, t.cfg.stack(), t.storage, t.run, t.side_sets.store)),
+    (Spans, lambda t: Spans(t.cfg.stack(), t.storage)),
+    (MeasureFAC, lambda t: MeasureFAC(t.cfg.fac, t.cfg.stack(), t.storage)),
+    (Synthesize, lambda t: Synthesize(t.cfg.synth, t.cfg.fac, t.cfg.stack(), t.storage, t.run["config"])),
+    (Report, lambda t: Report(t.storage, t.run)),
+)
+STAGES: tuple[str, ...] = tuple(cls.name for cls, _ in PLAN)
+
+# Each verb of the CLI and the stages it targets; `report` joins run and demo where output.report is set.
+VERBS: dict[str, tuple[str, ...]] = {
+    "run": ("select",),
+    "demo": ("select",),
+    "encode": ("encode",),
+    "select": ("select",),
+    "train-sae": ("train_sae",),
+    "fac": ("fac",),
+    "synthesize": ("synthesis",),
+    "report": ("report",),
+}
+
+
+def build(target: Target) -> list[Stage]:
+    return [make(target) for _, make in PLAN]
+
+
+class SideSets:
+    """Side sets through the plan up to stats, each once per run, under <root>/<name>/."""
+
+    def __init__(self, cfg: RunConfig, storage: Storage):
+        self.cfg, self.storage, self.done = cfg, storage, {}
+
+    def records(self, name: str, paths_: list[str], tau: float) -> Done:
+        if (name, tuple(paths_)) not in self.done:
+            side = self.cfg.model_copy(
+                update={
+                    "input": self.cfg.input.model_copy(update={"paths": list(paths_), "hf_dataset": None}),
+                    "activation": ActivationConfig(tau=tau),  # activation means the same in both
+                }
+            )
+            target = Target(side, self.storage.child(name), self, side=True)
+            done = Executor(build(target)).run(["stats"])
+            log.info("%s: %d examples encoded", name, done["encode"]["n_encoded"])
+            self.done[(name, tuple(paths_))] = done
+        return self.done[(name, tuple(paths_))]
+
+    def for_stage(self, name: str, paths_: list[str], done: Done) -> Done:
+        """The executor's hook: a stage's side set, at the run's tau (the stage needs stats)."""
+        return self.records(name, paths_, done["stats"]["tau"])
+
+    def store(self, name: str, paths_: list[str], tau: float) -> FeatureStore:
+        """A method's side input, encoded on demand."""
+        self.records(name, paths_, tau)
+        return FeatureStore(self.storage.child(name))
+
+
+def run(
+    cfg: RunConfig, until: str | Sequence[str] = "select", train_missing_sae: bool = False, force: bool = False
+) -> dict:
+    """Run the plan toward the `until` stage(s); finished ones are skipped. A root holding a run of
+    other input files is refused unless `force`."""
     storage = Storage(cfg.output.root, cfg.s3)
     storage.check()
     check_root(storage, [f.path for f in list_input_files(cfg.input, cfg.s3)[1]], force)
     init_ray(cfg.ray)
+    targets = [until] if isinstance(until, str) else list(until)
+    if train_missing_sae and default_sae_missing(cfg):
+        targets.insert(0, "train_sae")
     try:
-        return run_stages(cfg, storage, until, train_missing_sae)
+        return run_stages(cfg, storage, targets)
     except OSError as err:
         if "AWS Error" not in str(err):
             raise
         raise StorageError(
-            f"output root {storage.root}: {redact(str(err), cfg.s3)}; finished work is committed, re-run to resume"
+            f"output root {storage.uri()}: {redact(str(err), cfg.s3)}; finished work is committed, re-run to resume"
         ) from None
 
 
-def encode_set(
-    cfg: RunConfig,
-    storage: Storage,
-    input: InputConfig,
-    until: str = "stats",
-    tau: float | None = None,
-    train_sae: bool = False,
-) -> dict:
-    """One set of samples through prepare, encode and stats under `storage`: the run's input, or a
-    side set at <root>/<name>/ (then with the input's tau, so activation means the same in both, and
-    known by its content: side sets are small and edited in place)."""
-    stack = cfg.stack()
-    side = tau is not None
-    stages = {"prepare": execute(Prepare(input, cfg.prepare, cfg.model, cfg.s3, storage, by_content=side))}
-    if train_sae:
-        stages["train_sae"] = execute(TrainSAE(stack, storage))
-    if until == "train-sae":
-        return stages
-    stages["encode"] = execute(Encode(stack, storage, stages["prepare"]))
-    if until == "encode":
-        return stages
-    if tau is None:
-        stages["tau"] = execute(Calibrate(storage, stages["encode"], cfg.activation))
-        tau = stages["tau"]["tau"]
-    stages["stats"] = execute(Stats(storage, stages["encode"], tau, cfg.stats.top_n))
-    return stages
+def default_sae_missing(cfg: RunConfig) -> bool:
+    return cfg.sae.path is None and not cfg.sae.release and not (default_sae_dir(cfg.stack()) / WEIGHTS).is_file()
 
 
-def run_stages(cfg: RunConfig, storage: Storage, until: str, train_missing_sae: bool) -> dict:
-    log.info("run: output at %s", storage.uri())
-    if until == "synthesize" and cfg.synth.engine == "vllm":
+def run_stages(cfg: RunConfig, storage: Storage, targets: list[str], given: Done | None = None) -> dict:
+    log.info("run: output at %s (targets: %s)", storage.uri(), ", ".join(targets))
+    if "synthesis" in targets and cfg.synth.engine == "vllm":
         check_vllm()  # before any work
-    default_missing = (
-        cfg.sae.path is None and not cfg.sae.release and not (default_sae_dir(cfg.stack()) / WEIGHTS).is_file()
-    )
-    stages = encode_set(
-        cfg, storage, cfg.input, until, train_sae=until == "train-sae" or (train_missing_sae and default_missing)
-    )
-    prepared = stages["prepare"]
-    manifest = {
-        "config": cfg.public_dict(),
-        "versions": versions(),
+    sides = SideSets(cfg, storage)
+    run_info = {"config": cfg.public_dict(), "versions": versions(), "model": cfg.model.name}
+    stages = build(Target(cfg, storage, sides, run=run_info))
+    done = Executor(stages, sides.for_stage, given).run(targets)
+    manifest = run_info | {
         "output": storage.uri(),
-        "model": cfg.model.name,
-        "stages": stages,
-        "counts": {k: prepared[k] for k in ("n_input", "n_blank_lines", "n_valid", "n_rejected", "rejected_by_reason")}
-        | ({k: stages["encode"][k] for k in ("n_encoded", "n_encode_rejected")} if "encode" in stages else {}),
+        "stages": done,
+        "counts": run_counts(done),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if until in ("select", "fac", "synthesize"):
-        ctx = context(cfg, storage, stages["stats"])
-    if until == "select":
-        stages["select"] = execute(Select(cfg.select, cfg.s3, ctx, stages["encode"], selection_base(manifest)))
-    if until in ("fac", "synthesize"):
-        stages["fac"] = execute(MeasureFAC(ctx, cfg.stats.top_n))
-    if until == "synthesize":
-        stages["synthesis"] = execute(Synthesize(cfg.synth, ctx, stages["fac"], cfg.public_dict()))
-    manifest["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     storage.write_json(paths.MANIFEST, manifest)
     log.info("run: done; manifest at %s", storage.uri(paths.MANIFEST))
     return manifest
-
-
-def selection_base(manifest: dict) -> dict:
-    """What every selection's manifest carries of the run's: config, versions, model, SAE, counts, fingerprints."""
-    prepared, encoded = manifest["stages"]["prepare"], manifest["stages"]["encode"]
-    return {k: manifest[k] for k in ("config", "versions", "model", "counts")} | {
-        "sae": encoded["sae"],
-        "layer": encoded["layer"],
-        "fingerprints": {"prepare": prepared["fingerprint"], "encode": encoded["fingerprint"]},
-    }
-
-
-def context(cfg: RunConfig, storage: Storage, stats: dict) -> Context:
-    """What the last stages share: the run's tau and width, the model stack, and side sets on demand."""
-    encoded: dict[tuple, FeatureStore] = {}
-
-    def side_set(name: str, paths_: list[str]) -> FeatureStore:
-        if (name, tuple(paths_)) not in encoded:
-            sub = Storage(storage.uri(name), cfg.s3)
-            side = cfg.input.model_copy(update={"paths": list(paths_), "hf_dataset": None})  # read like the input
-            stages = encode_set(cfg, sub, side, tau=stats["tau"])
-            log.info("%s: %d examples encoded", name, stages["encode"]["n_encoded"])
-            encoded[(name, tuple(paths_))] = FeatureStore(sub)
-        return encoded[(name, tuple(paths_))]
-
-    return Context(
-        tau=stats["tau"],
-        seed=cfg.select.seed,
-        d_sae=stats["d_sae"],
-        storage=storage,
-        stack=cfg.stack(),
-        fac=cfg.fac,
-        side_set=side_set,
-    )
 
 
 def versions() -> dict[str, str]:

@@ -1,6 +1,7 @@
 """`--dry-run`: what a run would do, from its config and what its root already holds. It writes
-nothing and runs no model: the input files and their sizes, each stage to run or to skip, the
-encode shards to do and to skip, each actor pool's resources, and the model/SAE checks."""
+nothing and runs no model: the input files and their sizes, each stage of the plan to run or to
+skip (by the key the stage itself gives), the encode shards to do and to skip, each actor pool's
+resources, the side sets, and the model/SAE checks."""
 
 from __future__ import annotations
 
@@ -12,44 +13,74 @@ from raysel.config import RunConfig
 from raysel.core import paths
 from raysel.core.features import FeatureStore
 from raysel.core.models import EMBEDDED_MODEL, embedded_dir
-from raysel.core.ray_adapter import model_resources
 from raysel.core.sae import check_against_model, default_sae_dir, sae_metadata
 from raysel.core.section import ConfigError
 from raysel.core.storage import Storage
-from raysel.methods import Context, build
-from raysel.stages.base import committed
+from raysel.methods import Context
+from raysel.methods import build as build_method
+from raysel.pipeline import SideSets, Target, build
+from raysel.stages.base import Stage, closure, committed
 from raysel.stages.encode import Encode
 from raysel.stages.prepare import Prepare, held_input
+from raysel.stages.select import Select
+from raysel.stages.train_sae import TrainSAE
 
-LAST_STAGES = {"select": ["select"], "fac": ["fac"], "synthesize": ["fac", "synthesis"]}
 
-
-def dry_run(cfg: RunConfig, until: str) -> dict:
+def dry_run(cfg: RunConfig, targets: list[str]) -> dict:
+    """Each stage the targets need, in plan order: skipped when its marker holds the key it would have
+    now (asked of the stage itself, from the records of what it needs), else run."""
     storage = Storage(cfg.output.root, cfg.s3)
     storage.check()
-    prepare = Prepare(cfg.input, cfg.prepare, cfg.model, cfg.s3, storage)
-    prepared = committed(storage, paths.marker("prepare"), prepare.key())
-    stages = {"prepare": {"action": "skip (up to date)" if prepared else "run", **resources(prepare.resources())}}
-    checks = {}
-    if until == "train-sae":
-        stages["train_sae"] = {"action": "run", "sae": str(default_sae_dir(cfg.stack()))}
-    else:
-        checks = model_checks(cfg)
-        stages["encode"] = encode_plan(cfg, storage, prepared, gpus=cluster_has_gpus(cfg))
-    if until not in ("train-sae", "encode"):
-        stages["tau"] = {"action": "run after encode, unless its marker matches"}
-        stages["stats"] = {"action": "run after encode, unless its marker matches"}
-    for name in LAST_STAGES.get(until, []):
-        stages[name] = last_stage_plan(cfg, storage, name)
+    stages = build(Target(cfg, storage, SideSets(cfg, storage), run={"config": cfg.public_dict()}))
+    prepare = stages[0]
+    known: dict[str, dict] = {}
+    planned = {}
+    for stage in closure(stages, targets):
+        if isinstance(stage, Encode):
+            stage.has_gpus = cluster_has_gpus(cfg)
+        planned[stage.name] = stage_plan(stage, storage, known) | details(cfg, storage, stage, known)
     files = [{"path": f.path, "format": f.format, "bytes": f.size} for f in prepare.files]
     return {
         "root": storage.uri(),
         "root_note": root_note(storage, prepare),
         "input_files": files,
         "input_bytes": sum(f["bytes"] for f in files),
-        "checks": checks,
-        "stages": stages,
+        "checks": model_checks(cfg) if "encode" in planned else {},
+        "stages": planned,
     }
+
+
+def stage_plan(stage: Stage, storage: Storage, known: dict[str, dict]) -> dict:
+    """Run or skip, from the stage's own key; `known` gathers the records of the stages found done."""
+    side = stage.side_sets()
+    waiting = [n for n in stage.needs if n not in known] + sorted(side)
+    if waiting:
+        return {"action": f"run after {', '.join(waiting)}, unless its key then matches"}
+    try:
+        key = stage.key({n: known[n] for n in stage.needs})
+    except (ConfigError, OSError) as err:
+        return {"action": f"run (its key is unknown yet: {err})"}
+    if key is None:
+        return {"action": "run (always)"}
+    done = committed(storage, paths.marker(stage.name), key)
+    if done is None:
+        return {"action": "run"}
+    known[stage.name] = done
+    return {"action": "skip (up to date)"}
+
+
+def details(cfg: RunConfig, storage: Storage, stage: Stage, known: dict[str, dict]) -> dict:
+    """What a person checks before a run: resources, the encode shards left, the methods, the side sets."""
+    out = resources(stage.resources()) if stage.resources() else {}
+    if stage.side_sets():
+        out["side_sets"] = {name: ", ".join(p) for name, p in stage.side_sets().items()}
+    if isinstance(stage, Encode):
+        out |= encode_shards(storage, stage, known.get("prepare"))
+    if isinstance(stage, TrainSAE):
+        out["sae"] = str(default_sae_dir(cfg.stack()))
+    if isinstance(stage, Select):
+        out["methods"] = select_methods(cfg, storage)
+    return out
 
 
 def resources(r) -> dict:
@@ -85,31 +116,27 @@ def model_checks(cfg: RunConfig) -> dict:
     return {**meta, "model": "ok: the SAE's d_in and layer fit the model"}
 
 
-def encode_plan(cfg: RunConfig, storage: Storage, prepared: dict | None, gpus: bool) -> dict:
-    pool = {"action": "run", **resources(model_resources(cfg.encode, cfg.encode.actors, has_gpus=gpus))}
+def encode_shards(storage: Storage, encode: Encode, prepared: dict | None) -> dict:
     if prepared is None:
-        return {**pool, "shards": "all: prepare runs first"}
+        return {"shards": "all: prepare runs first"}
     try:
-        fingerprint = Encode(cfg.stack(), storage, prepared, has_gpus=gpus).fingerprint
+        fingerprint = encode.fingerprint(prepared)
     except (ConfigError, OSError) as err:
-        return {**pool, "shards": f"unknown: {err}"}
+        return {"shards": f"unknown: {err}"}
     names = sorted(i.path.rsplit("/", 1)[1] for i in storage.listing(paths.PREPARED) if i.path.endswith(".parquet"))
     done = {n for n, m in FeatureStore(storage).done_shards().items() if m.get("key") == {"fingerprint": fingerprint}}
     todo = [n for n in names if n not in done]
-    return {**pool, "action": "run" if todo else "skip (every shard done)", "shards_to_do": len(todo),
-            "shards_to_skip": len(names) - len(todo), "samples": prepared.get("n_valid")}  # fmt: skip
+    return {"shards_to_do": len(todo), "shards_to_skip": len(names) - len(todo), "samples": prepared.get("n_valid")}
 
 
-def last_stage_plan(cfg: RunConfig, storage: Storage, name: str) -> dict:
-    """The methods with their budgets and side inputs (select), or the anchor (fac, synthesis)."""
-    if name != "select":
-        return {"action": "run", "anchor": cfg.fac.anchor}
+def select_methods(cfg: RunConfig, storage: Storage) -> dict:
+    """The methods with their budgets and side inputs."""
     ctx = Context(0.0, cfg.select.seed, 0, storage, cfg.stack(), cfg.fac, None)
     methods = {}
     for entry in cfg.select.methods:
-        method = build(entry)
+        method = build_method(entry)
         methods[method.name] = {"budget": entry.budget or cfg.select.budget, "side_inputs": method.side_inputs(ctx)}
-    return {"action": "run", "methods": methods}
+    return methods
 
 
 def root_note(storage: Storage, prepare: Prepare) -> str:
@@ -141,6 +168,8 @@ def shown(key: str, value) -> str:
         pool = f"{r['actors']} actor(s)" if r.get("actors") else "tasks"
         memory = f", {r['memory'] / 2**30:.1f} GiB" if r.get("memory") else ""
         return f"{pool} of {r.get('num_cpus', 0):g} CPU, {r.get('num_gpus', 0):g} GPU{memory} each, batch {r['batch_size']}"
+    if key == "side_sets":
+        return "side sets " + "; ".join(f"{n} ({p})" for n, p in value.items())
     if key == "methods":
         return "methods " + ", ".join(
             f"{m} (budget {v['budget']:g}"

@@ -13,10 +13,13 @@ from datetime import datetime
 
 from raysel.core import paths
 from raysel.core.storage import Storage
+from raysel.pipeline import PLAN, VERBS
+from raysel.stages.base import closure
 
-# The pipeline's stages in the order a run reaches them; the first four are in every run.
-STAGES = ("prepare", "train_sae", "encode", "tau", "stats", "spans", "select", "fac", "synthesis")
-CORE = ("prepare", "encode", "stats", "select")
+# The plan's stages in order, with the numbers of each record a person looks for; those `raysel run`
+# reaches are shown as pending before they run.
+BRIEF = {cls.name: cls.brief for cls, _ in PLAN}
+CORE = {cls.name for cls in closure([cls for cls, _ in PLAN], VERBS["run"])}
 
 
 def run_status(storage: Storage, now: float | None = None) -> dict:
@@ -24,7 +27,7 @@ def run_status(storage: Storage, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     markers = {posixpath.basename(i.path).removesuffix(".json"): i for i in storage.listing(paths.STAGE_MARKERS)}
     stages = {}
-    for name in STAGES:
+    for name in BRIEF:
         info = markers.get(name)
         if info is not None:
             record = storage.read_json(paths.marker(name)) or {}
@@ -39,16 +42,7 @@ def run_status(storage: Storage, now: float | None = None) -> dict:
 
 def brief(name: str, record: dict) -> dict:
     """The few numbers of a stage's summary a person looks for."""
-    keys = {
-        "prepare": ("n_input", "n_blank_lines", "n_valid", "n_rejected", "rejected_by_reason"),
-        "encode": ("n_encoded", "n_encode_rejected", "n_shards"),
-        "tau": ("tau",),
-        "stats": ("tau", "n_samples", "d_sae"),
-        "select": ("budgets", "methods"),
-        "fac": ("fac",),
-        "synthesis": ("n_kept", "fac_before", "fac_after"),
-    }.get(name, ())
-    return {k: record[k] for k in (*keys, "seconds") if k in record}
+    return {k: record[k] for k in (*BRIEF[name], "seconds") if k in record}
 
 
 def encode_progress(storage: Storage, prepare: dict, now: float) -> dict:

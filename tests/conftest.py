@@ -267,7 +267,7 @@ def encode(cfg, storage, prepared: dict) -> dict:
     from raysel.stages.base import execute
     from raysel.stages.encode import Encode
 
-    return execute(Encode(cfg.stack(), storage, prepared))
+    return execute(Encode(cfg.stack(), storage), {"prepare": prepared})
 
 
 def store_table(rows: list[dict]):

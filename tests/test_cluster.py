@@ -7,8 +7,9 @@ import shlex
 import ray
 import yaml
 
-from raysel.cli import UNTIL, build_parser
+from raysel.cli import build_parser
 from raysel.config import RunConfig, load_config
+from raysel.pipeline import VERBS
 from tests.conftest import REPO
 
 CLUSTER = REPO / "cluster"
@@ -91,5 +92,5 @@ def test_every_config_key_the_guide_names_exists():
         section, name = key.split(".")
         assert section in fields and name in fields[section].annotation.model_fields, key
     sentence = re.search(r"`jobs/run.py` takes exactly the CLI's syntax[^.]*\.", guide).group(0)
-    assert set(re.findall(r"`([a-z-]+)`", sentence)) == {v for v in UNTIL if v != "demo"}
+    assert set(re.findall(r"`([a-z-]+)`", sentence)) == {v for v in VERBS if v not in ("demo", "report")}
     assert "ray job submit" in guide and "encode.actors" in guide

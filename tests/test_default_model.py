@@ -29,7 +29,7 @@ def test_train_sae_then_encode_with_the_default_model(ray_cluster, tmp_path):
         "output": {"root": str(tmp_path / "out")},
         "sae": {"allow_poor_fit": True},  # 32,768 training tokens make a rough SAE, not a good one
     }
-    trained = run(RunConfig.model_validate(raw), until="train-sae")["stages"]["train_sae"]
+    trained = run(RunConfig.model_validate(raw), until="train_sae")["stages"]["train_sae"]
     assert (tmp_path / "sae" / "sae_weights.safetensors").is_file()
     assert trained["layer"] == 6 and trained["mean_l0"] == pytest.approx(16, abs=0.01)
     # measured here at 32,768 tokens: explained variance 0.66, dead 52 %; at 8,192 it was -0.20, so the

@@ -44,7 +44,8 @@ def test_a_dry_run_of_a_new_root_plans_everything_and_writes_nothing(stats_run, 
     assert encode["resources"] == {"actors": cfg.encode.actors, "batch_size": 1, "num_cpus": cfg.encode.num_cpus,
                                    "memory": int(cfg.encode.memory_gb * 2**30)}  # fmt: skip
     assert plan["checks"]["d_in"] == 64 and plan["checks"]["layer"] == 1 and plan["checks"]["model"].startswith("ok")
-    assert list(plan["stages"]) == ["prepare", "encode", "tau", "stats", "select"]
+    assert list(plan["stages"]) == ["prepare", "encode", "tau", "stats", "select", "spans", "report"]
+    assert plan["stages"]["stats"]["action"].startswith("run after encode, tau")
     assert set(plan["stages"]["select"]["methods"]) == {"coverage", "random", "longest"}
     assert "nothing written" in out
 
@@ -62,6 +63,20 @@ def test_a_dry_run_of_a_run_in_progress_counts_the_shards_left(stats_run, tmp_pa
     encode = plan["stages"]["encode"]
     assert (encode["shards_to_do"], encode["shards_to_skip"], encode["samples"]) == (1, len(markers) - 1, 40)
     assert "stats" not in plan["stages"]
+
+
+def test_a_dry_run_asks_each_stage_its_key(stats_run, tmp_path, capsys):
+    """The dry run once printed a constant for tau and stats; now a finished stage is skipped only when
+    its marker holds the key the stage gives now, so a changed stats.top_n shows stats (alone) to run."""
+    root = tmp_path / "run"
+    shutil.copytree(stats_run[0], root)
+    code, plan, _ = dry(capsys, "run", config_file(tmp_path, stats_run[1], output={"root": str(root)}))
+    assert code == 0
+    assert [plan["stages"][s]["action"] for s in ("prepare", "encode", "tau", "stats")] == ["skip (up to date)"] * 4
+    assert plan["stages"]["select"]["action"] == "run"
+    changed = config_file(tmp_path, stats_run[1], output={"root": str(root)}, stats={"top_n": 3})
+    _, plan, _ = dry(capsys, "run", changed)
+    assert plan["stages"]["tau"]["action"] == "skip (up to date)" and plan["stages"]["stats"]["action"] == "run"
 
 
 def test_an_sae_that_does_not_fit_the_model_fails_the_dry_run(stats_run, tmp_path, capsys):

@@ -18,17 +18,32 @@ import posixpath
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import Field, field_validator
 from ray.data.datasource import FileBasedDatasource
 
-from raysel.core.storage import filesystem_for
+from raysel.core.records import FieldMap
+from raysel.core.section import Section
+from raysel.core.storage import S3Config, filesystem_for
 
-if TYPE_CHECKING:
-    from raysel.config import InputConfig, S3Config
+
+class InputConfig(Section):
+    paths: list[str] = Field(default_factory=list)  # files, directories, globs, s3:// URIs
+    hf_dataset: str | None = None  # a hub dataset id, read through `datasets`
+    hf_split: str = "train"
+    format: Literal["auto", "jsonl", "json", "parquet", "hf_disk"] = "auto"
+    shape: Literal["auto", "alpaca", "messages", "text"] = "auto"
+    fields: FieldMap = FieldMap()
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, v):
+        return [v] if isinstance(v, str) else v
+
 
 RAW_SCHEMA = pa.schema(
     [
@@ -111,7 +126,6 @@ def fingerprint(files: list[InputFile], *parts) -> str:
 def content_fingerprint(paths: list[str], s3: S3Config) -> str:
     """Changes when the bytes of any file under `paths` change, whatever its size and time say: for
     side inputs (targets, an anchor), small sets a user edits in place."""
-    from raysel.config import InputConfig
 
     fs, files = list_input_files(InputConfig(paths=paths), s3)
     h = hashlib.sha256()

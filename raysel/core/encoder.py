@@ -7,19 +7,43 @@ prefix are dropped before the SAE. Per sample only the features that fire are ke
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
 from raysel.core.features import FEATURE_SCHEMA
-from raysel.core.models import load_model, load_tokenizer, resolve_device, tokenize, truncate_to_layer
-from raysel.core.records import chat_template_for, shared_prefix
-from raysel.core.sae import hook_layer, load_sae
-from raysel.core.section import ConfigError
+from raysel.core.models import ModelConfig, load_model, load_tokenizer, resolve_device, tokenize, truncate_to_layer
+from raysel.core.records import PrepareConfig, chat_template_for, shared_prefix
+from raysel.core.sae import SAESection, TrainSAEConfig, hook_layer, load_sae
+from raysel.core.section import ConfigError, Section
+from raysel.core.storage import S3Config
 
-if TYPE_CHECKING:
-    from raysel.config import ModelStack
+
+class EncodeConfig(Section):
+    actors: int = Field(1, gt=0)  # one model + SAE each; on GPU nodes, one per GPU
+    num_gpus: float = Field(1.0, ge=0)  # per actor when the cluster has GPUs; fractions share one
+    num_cpus: float = Field(1.0, gt=0)  # per actor
+    memory_gb: float = Field(4.0, gt=0)  # heap per actor, reserved with Ray
+    resources: dict[str, float] = {}  # custom Ray resources per actor, e.g. {"encoder": 1}: pins actors to a node group
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tokens_per_batch: int = Field(8192, gt=0)  # padded tokens per forward pass
+    skip_prefix: bool = True  # leave the chat template's shared prefix out of pooling
+    top_m: int | None = Field(None, gt=0)  # keep only the M strongest features per sample
+
+
+class ModelStack(Section):
+    """What a component that runs the model and its SAE reads (the encoder, spans, IGDS's metric, the
+    judge and generator): the run's model, SAE, encode and prepare sections, and the input's shape."""
+
+    model: ModelConfig
+    sae: SAESection
+    train_sae: TrainSAEConfig  # where the default SAE lives when sae.* names none
+    encode: EncodeConfig
+    prepare: PrepareConfig
+    s3: S3Config
+    shape: str  # the input's shape: plain text has no chat-template prefix to skip
 
 
 CHUNK_BYTES = 256 << 20  # the SAE's dense activations of one token chunk

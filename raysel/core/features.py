@@ -455,3 +455,21 @@ class FeatureStore:
     def summary(self) -> dict:
         """The statistics' summary: n_samples, d_sae, tau, ..."""
         return self.storage.read_json(paths.STATS_SUMMARY)
+
+
+def frequency_recall(targets: pa.Table, tau: float, pool_doc_freq: np.ndarray, n_pool: int, n: int) -> pa.Table:
+    """The n features most enriched on the targets over the pool, by share of samples activating them."""
+    _, feats, _ = activated_entries(targets, tau)
+    target_share = np.bincount(feats, minlength=pool_doc_freq.size) / max(targets.num_rows, 1)
+    pool_share = pool_doc_freq / max(n_pool, 1)
+    lift = target_share - pool_share
+    order = np.lexsort((np.arange(lift.size), -lift))
+    order = order[target_share[order] > 0][:n]
+    return pa.table(
+        {
+            "feature": order.astype(np.int64),
+            "target_share": target_share[order],
+            "pool_share": pool_share[order],
+            "lift": lift[order],
+        }
+    )

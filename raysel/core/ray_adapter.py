@@ -10,6 +10,15 @@ files with plain tasks."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from raysel.core.section import Section
+
+if TYPE_CHECKING:
+    from raysel.core.encoder import EncodeConfig
+
 import collections
 import contextlib
 import logging
@@ -26,8 +35,10 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 from ray.util import ActorPool
 
-if TYPE_CHECKING:
-    from raysel.config import EncodeConfig, RayConfig
+
+class RayConfig(Section):
+    address: str | None = None  # None: the cluster of RAY_ADDRESS, or a new local one
+    num_cpus: int | None = Field(None, gt=0)  # only for a new local cluster
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,35 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Literal
 
-if TYPE_CHECKING:
-    from raysel.config import FieldMap
+from pydantic import Field
+
+from raysel.core.section import Section
+
+
+class FieldMap(Section):
+    """Which column of an input record holds each part of a sample."""
+
+    id: str | None = None  # None: the id is a hash of the normalised content
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    system: str = "system"
+    messages: str = "messages"
+    role: str = "role"
+    content: str = "content"
+    text: str = "text"
+
+
+class PrepareConfig(Section):
+    chat_template: Literal["auto", "fallback"] = "auto"  # auto: the tokenizer's, else the fallback
+    max_tokens: int = Field(512, gt=0)
+    dedup: bool = True  # reject exact duplicate texts
+    batch_size: int = Field(512, gt=0)  # rows per formatting task; tasks run on every free CPU
+    rows_per_file: int = Field(1024, gt=0)  # rows per prepared file: the encoder's unit of work and resume
+    max_row_bytes: int = Field(16 << 20, ge=1024)  # a larger row is rejected as too_large, its head kept
+
 
 # Used when the tokenizer has no chat template, or when prepare.chat_template is
 # "fallback". Each turn becomes "### Role:\n<content>\n\n".

@@ -8,13 +8,50 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
 
 from raysel.core.models import model_source
-from raysel.core.section import ConfigError
+from raysel.core.section import ConfigError, Section
 
 if TYPE_CHECKING:
-    from raysel.config import ModelStack
+    from raysel.core.encoder import ModelStack
+
+
+class SAESection(Section):
+    """Which SAE reads the model: a saved one, a published one, or the default
+    that `raysel train-sae` makes for the configured model."""
+
+    path: str | None = None  # a directory (local or any location URI) saved by sae-lens or sparsify; safetensors only
+    format: Literal["auto", "sae_lens", "sparsify"] = "auto"  # auto: told by the weights file in sae.path
+    release: str | None = None  # a sae-lens pretrained release, with sae_id (needs a hub)
+    sae_id: str | None = None
+    hook_layer: int | None = Field(None, ge=0)  # overrides the layer in the SAE's metadata
+    allow_poor_fit: bool = False  # encode even when the SAE's explained variance on the first samples is below 0
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path and self.release:
+            raise ValueError("sae: set sae.path or sae.release, not both")
+        if bool(self.release) != bool(self.sae_id):
+            raise ValueError("sae: sae.release and sae.sae_id go together")
+        return self
+
+
+class TrainSAEConfig(Section):
+    """`raysel train-sae`: a TopK SAE trained with sae-lens on the prepared corpus."""
+
+    layer: int = Field(15, ge=0)  # the SAE reads the residual stream after this block
+    d_sae: int = Field(2048, gt=0)
+    k: int = Field(32, gt=0)
+    training_tokens: int = Field(120_000, gt=0)  # sized to finish in under 3 minutes on 2 CPU cores
+    context_size: int = Field(256, gt=0)
+    batch_size_tokens: int = Field(256, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 42
+    output: str | None = None  # None: the cache dir, where runs find the default SAE
+
 
 log = logging.getLogger(__name__)
 

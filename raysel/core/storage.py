@@ -10,14 +10,27 @@ import posixpath
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import Literal, TypeVar
 
 import pyarrow.fs as pafs
+from pydantic import Field, SecretStr
 
-from raysel.core.section import ConfigError
+from raysel.core.section import ConfigError, Section
 
-if TYPE_CHECKING:
-    from raysel.config import S3Config
+
+class S3Config(Section):
+    """Settings for every s3:// location, input and output alike. Credentials
+    fall back to the standard AWS environment variables."""
+
+    endpoint_override: str | None = None  # host:port of an S3-compatible store
+    scheme: Literal["https", "http"] = "https"
+    region: str | None = None
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    max_attempts: int = Field(5, gt=0)  # retries of a throttled or failed request
+    connect_timeout: float = Field(5.0, gt=0)  # seconds; a wrong endpoint fails fast
+    outage_seconds: float = Field(120.0, ge=0)  # how long a shard's reads and writes retry through an outage
+
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,6 +120,10 @@ class Storage:
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.base, *parts)
+
+    def child(self, name: str) -> Storage:
+        """The root of a side set kept inside this one (<root>/<name>/), with the same settings."""
+        return Storage(self.uri(name), self.s3)
 
     def uri(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts) if parts else self.root

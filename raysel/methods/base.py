@@ -2,6 +2,7 @@
 one interface. The select stage builds the pool once, gives each method its budget and a context,
 and writes whatever it picks the same way.
 
+    needs                the plan's stages it reads besides stats (task_features: F, in ctx.task_features)
     side_inputs(ctx)     the named lists of paths it reads besides the pool (targets, an anchor), each
                          named as the config field that holds it: the select stage's resume key
                          holds their content fingerprints in place of the paths as written
@@ -25,8 +26,8 @@ from raysel.core.section import Section
 
 if TYPE_CHECKING:
     from raysel.config import ModelStack
+    from raysel.core.fac import FACConfig
     from raysel.core.storage import Storage
-    from raysel.methods.fac import FACConfig
 
 
 class MethodConfig(Section):
@@ -74,6 +75,7 @@ class Context:
     stack: ModelStack  # for methods that run the model (IGDS's interventions, FAC's judge)
     fac: FACConfig  # the task features' definition, shared with `raysel fac`
     side_set: Callable[[str, list[str]], FeatureStore]  # encodes a side input (once) and returns its store
+    task_features: np.ndarray | None = None  # F, from the task_features stage, for methods that need it
 
 
 @dataclass
@@ -91,6 +93,7 @@ class Method:
     """A selection method. A subclass sets `Config` and implements `pick`."""
 
     Config: ClassVar[type[MethodConfig]]
+    needs: ClassVar[tuple[str, ...]] = ()  # stages of the plan whose records it reads (through the context)
     ranks_by_score: ClassVar[bool] = False  # its scores rank the pool (the report plots them)
     memory_remedy: ClassVar[str] = ""  # what the memory check's refusal advises when it holds most; "": leave it out
 

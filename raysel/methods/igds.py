@@ -38,7 +38,7 @@ from pydantic import Field
 
 from raysel.core import paths
 from raysel.core.encoder import sae_activations
-from raysel.core.features import activated_entries, pooled, pooled_columns
+from raysel.core.features import frequency_recall, pooled, pooled_columns
 from raysel.core.models import load_model, load_tokenizer, resolve_device, tokenize
 from raysel.core.ray_adapter import log_to_driver, map_stage, model_resources
 from raysel.core.records import chat_template_for, shared_prefix
@@ -170,24 +170,6 @@ def dev_pairs(stack: ModelStack, targets: Storage, dev: set[str]) -> tuple[list[
     if skipped:
         log.warning("igds: %d held-out targets are longer than prepare.max_tokens with their answer: skipped", skipped)
     return [p.prompt for p in pairs], [p.answer for p in pairs], skipped
-
-
-def frequency_recall(targets: pa.Table, tau: float, pool_doc_freq: np.ndarray, n_pool: int, n: int) -> pa.Table:
-    """The n features most enriched on the targets over the pool, by share of samples activating them."""
-    _, feats, _ = activated_entries(targets, tau)
-    target_share = np.bincount(feats, minlength=pool_doc_freq.size) / max(targets.num_rows, 1)
-    pool_share = pool_doc_freq / max(n_pool, 1)
-    lift = target_share - pool_share
-    order = np.lexsort((np.arange(lift.size), -lift))
-    order = order[target_share[order] > 0][:n]
-    return pa.table(
-        {
-            "feature": order.astype(np.int64),
-            "target_share": target_share[order],
-            "pool_share": pool_share[order],
-            "lift": lift[order],
-        }
-    )
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ without a marker of the current fingerprint."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import posixpath
@@ -28,7 +29,7 @@ from raysel.core.ray_adapter import Resources, log_to_driver, map_stage, model_r
 from raysel.core.sae import check_against_model, sae_metadata, weights_digest
 from raysel.core.section import ConfigError
 from raysel.core.storage import Storage, StorageError
-from raysel.stages.base import Stage, commit
+from raysel.stages.base import Done, Stage, commit
 
 log = logging.getLogger(__name__)
 
@@ -162,17 +163,30 @@ class Encode(Stage):
 
     name = "encode"
     needs = ("prepare",)
+    brief = ("n_encoded", "n_encode_rejected", "n_shards")
 
-    def __init__(self, stack: ModelStack, storage: Storage, prepared: dict, has_gpus: bool | None = None):
-        self.stack, self.storage, self.prepared, self.has_gpus = stack, storage, prepared, has_gpus
-        self.meta = sae_metadata(stack)
-        check_against_model(stack, self.meta)
-        # What the features depend on: the prepared store, the model and the dtype it runs in on the
-        # actors (auto: bf16 on GPUs), and the SAE's weights themselves, so one retrained in place
-        # under the same path is not mixed with the old.
+    def __init__(self, stack: ModelStack, storage: Storage, has_gpus: bool | None = None):
+        self.stack, self.storage, self.has_gpus = stack, storage, has_gpus
+
+    @functools.cached_property
+    def meta(self) -> dict:
+        """The SAE's metadata, checked against the model (read when the stage's turn comes: a default
+        SAE is trained by then)."""
+        meta = sae_metadata(self.stack)
+        check_against_model(self.stack, meta)
+        return meta
+
+    @functools.cached_property
+    def dtype(self) -> str:
         device = "cuda" if self.resources().num_gpus else "cpu"
-        self.dtype = str(resolve_dtype(stack.model.dtype, device)).removeprefix("torch.")
-        self.fingerprint = fingerprint(
+        return str(resolve_dtype(self.stack.model.dtype, device)).removeprefix("torch.")
+
+    def fingerprint(self, prepared: dict) -> str:
+        """What the features depend on: the prepared store, the model and the dtype it runs in on the
+        actors (auto: bf16 on GPUs), and the SAE's weights themselves, so one retrained in place under
+        the same path is not mixed with the old."""
+        stack = self.stack
+        return fingerprint(
             [],
             prepared["fingerprint"],
             stack.model.name,
@@ -186,8 +200,10 @@ class Encode(Stage):
             FEATURE_SCHEMA.to_string(),
         )
 
-    def key(self) -> dict | None:
-        return None  # always looks: the shard markers say what is left to do
+    def key(self, done: Done) -> dict:
+        # the stages that read the features key on this, so a new input, model, SAE or dtype redoes them;
+        # a crash leaves no marker, and the shard markers then say what is left to do
+        return {"fingerprint": self.fingerprint(done["prepare"])}
 
     def resources(self) -> Resources:
         return model_resources(self.stack.encode, self.stack.encode.actors, has_gpus=self.has_gpus)
@@ -204,12 +220,13 @@ class Encode(Stage):
         if ev < POOR_FIT:
             log.warning("encode: the SAE explains only %.3f of the variance at %s (L0 %.1f)", ev, where, l0)
 
-    def run(self) -> dict:
-        storage, store = self.storage, FeatureStore(self.storage)
+    def run(self, done: Done) -> dict:
+        storage, store, prepared = self.storage, FeatureStore(self.storage), done["prepare"]
+        fingerprint = self.fingerprint(prepared)
         shards = sorted(
             posixpath.basename(i.path) for i in storage.listing(paths.PREPARED) if i.path.endswith(".parquet")
         )
-        key = {"fingerprint": self.fingerprint}
+        key = {"fingerprint": fingerprint}
         markers = store.done_shards()
         finished = {name: m for name, m in markers.items() if m.get("key") == key}
         if len(finished) < len(markers):  # features of another input or config: start over
@@ -232,11 +249,11 @@ class Encode(Stage):
         if todo:
             resources = model_resources(self.stack.encode, min(self.stack.encode.actors, len(todo)))
             items = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-            done = sum(m["rows"] + m.get("rejected", 0) for m in finished.values())
-            progress = Progress("encode", len(todo), self.prepared["n_valid"] - done)
+            encoded = sum(m["rows"] + m.get("rejected", 0) for m in finished.values())
+            progress = Progress("encode", len(todo), prepared["n_valid"] - encoded)
             failed = []
             results = map_stage(
-                items, EncodeShards, resources, stack=self.stack, root=storage.root, fingerprint=self.fingerprint
+                items, EncodeShards, resources, stack=self.stack, root=storage.root, fingerprint=fingerprint
             )
             for r in results.iter_rows():  # one row per shard, as each finishes
                 progress.update(r["rows"])
@@ -264,7 +281,7 @@ class Encode(Stage):
             sum(markers[s]["rows"] for s in shards),
         )
         return {
-            "fingerprint": self.fingerprint,
+            "fingerprint": fingerprint,
             "dtype": self.dtype,
             "layer": self.meta["layer"],
             "sae": self.meta["identity"],
@@ -276,5 +293,4 @@ class Encode(Stage):
             "n_encode_rejected": sum(markers[s].get("rejected", 0) for s in shards),
             "fit": mean_fit([markers[s]["fit"] for s in shards if markers[s].get("fit")]),
             "n_tokens": sum(markers[s]["tokens"] for s in shards),
-            "seconds": round(seconds, 2),
         }

@@ -1,51 +1,64 @@
-"""The fac stage (`raysel fac`): FAC of the run's input against the anchor's task features, with the
-missing features' top-activating spans. Writes fac/features.parquet, fac/missing_spans.parquet
-and, last, fac/report.json. The FAC figures themselves are raysel.methods.fac's."""
+"""The fac stage (`raysel fac`): FAC of the run's input against the anchor's task features (the
+task_features stage's F), with the missing features' top-activating spans in the anchor. Writes
+fac/features.parquet, fac/missing_spans.parquet and, last, fac/report.json. The FAC figures
+themselves are raysel.core.fac's."""
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raysel.config import ModelStack
 from raysel.core import paths
+from raysel.core.fac import FACConfig, fac
 from raysel.core.features import FeatureStore
-from raysel.methods import Context
-from raysel.methods.fac import anchor_spans, fac, feature_source, task_feature_set
-from raysel.stages.base import Stage
+from raysel.core.spans import find_spans
+from raysel.core.storage import Storage
+from raysel.stages.base import Done, Stage
 
 log = logging.getLogger(__name__)
 
 
 class MeasureFAC(Stage):
     name = "fac"
-    needs = ("stats",)
+    needs = ("encode", "stats", "task_features")
+    brief = ("fac",)
 
-    def __init__(self, ctx: Context, top_n: int):
-        self.ctx, self.top_n, self.storage = ctx, top_n, ctx.storage
+    def __init__(self, fac: FACConfig, stack: ModelStack, storage: Storage):
+        self.fac, self.stack, self.storage = fac, stack, storage
 
-    def key(self) -> dict | None:
-        return None  # cheap next to encoding, and its side set resumes on its own
+    def side_sets(self) -> dict[str, list[str]]:
+        return {"anchor": self.fac.anchor}
 
-    def run(self) -> dict:
-        ctx, storage = self.ctx, self.storage
-        anchor = ctx.side_set("anchor", ctx.fac.anchor)
-        anchored = anchor.profile(ctx.tau, ctx.d_sae)
-        evaluated = FeatureStore(storage).profile(ctx.tau, ctx.d_sae)  # per block: never the whole store here
-        features = task_feature_set(ctx)
+    def key(self, done: Done) -> dict:
+        return {
+            "encode_fingerprint": done["encode"]["fingerprint"],
+            "anchor": done["anchor"]["stats"]["key"],  # its store, tau and top_n: the spans come from it
+            "tau": done["stats"]["tau"],
+            "task_features": done["task_features"]["features"],
+        }
+
+    def run(self, done: Done) -> dict:
+        storage, tau, d_sae = self.storage, done["stats"]["tau"], done["stats"]["d_sae"]
+        anchor = FeatureStore(storage.child("anchor"))
+        anchored = anchor.profile(tau, d_sae)
+        evaluated = FeatureStore(storage).profile(tau, d_sae)  # per block: never the whole store here
+        features = np.array(done["task_features"]["features"], dtype=np.int64)
         summary, table = fac(anchored, evaluated, features)
-        spans = anchor_spans(ctx.stack, self.top_n, anchor, summary["missing"])
+        spans = find_spans(self.stack, anchor.storage, summary["missing"])
         storage.remove(f"{paths.FAC}/report.json")
         storage.fs.create_dir(storage.path(paths.FAC), recursive=True)
         pq.write_table(table, storage.path(paths.FAC, "features.parquet"), filesystem=storage.fs)
         pq.write_table(spans, storage.path(paths.FAC, "missing_spans.parquet"), filesystem=storage.fs)
         report = {
             **summary,
-            "tau": ctx.tau,
+            "tau": tau,
             "n_anchor": anchored.rows,
             "n_evaluated": evaluated.rows,
-            "feature_source": feature_source(ctx.fac),
+            "feature_source": done["task_features"]["source"],
             "missing_examples": {
                 str(j): [
                     {"id": r["id"], "value": r["value"], "text": "".join(r["tokens"])}

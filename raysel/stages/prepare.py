@@ -7,12 +7,14 @@ prepare sections, the model): a re-run with the same inputs and config skips it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import ray
 from ray.data import Dataset, SaveMode
 from ray.data.datasource import FilenameProvider
@@ -33,7 +35,7 @@ from raysel.core.ray_adapter import Resources, map_stage
 from raysel.core.records import Rejected, chat_template_for, normalize, parse_record, render
 from raysel.core.section import ConfigError
 from raysel.core.storage import Storage
-from raysel.stages.base import Stage
+from raysel.stages.base import Done, Stage
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +166,7 @@ class PartNames(FilenameProvider):
 
 class Prepare(Stage):
     name = "prepare"
+    brief = ("n_input", "n_blank_lines", "n_valid", "n_rejected", "rejected_by_reason")
 
     def __init__(
         self,
@@ -174,29 +177,41 @@ class Prepare(Stage):
         storage: Storage,
         by_content: bool = False,
     ):
-        self.input, self.prepare, self.model, self.storage = input, prepare, model, storage
-        self.fs, self.files = list_input_files(input, s3)  # an unreadable input fails here, before any work
+        self.input, self.prepare, self.model, self.s3, self.storage = input, prepare, model, s3, storage
+        self.by_content = by_content
+
+    @functools.cached_property
+    def listed(self) -> tuple[pafs.FileSystem, list]:
+        """The input's filesystem and files; an unreadable input fails here, before any work."""
+        return list_input_files(self.input, self.s3)
+
+    @property
+    def files(self) -> list:
+        return self.listed[1]
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
         # Files count by resolved path, size and time; a side set (small, edited in place) by its bytes
         # too. input.paths as written is left out: the same files named another way (relative, through a
         # symlink, a glob) are the same input. The output schema is part of it: a store written by
         # another version of this stage is redone.
-        content = content_fingerprint(input.paths, s3) if by_content else None
-        self.fingerprint = fingerprint(
+        content = content_fingerprint(self.input.paths, self.s3) if self.by_content else None
+        return fingerprint(
             self.files,
-            input.model_dump(mode="json", exclude={"paths"}),
-            prepare.model_dump(mode="json"),
-            model.name,
+            self.input.model_dump(mode="json", exclude={"paths"}),
+            self.prepare.model_dump(mode="json"),
+            self.model.name,
             PREPARED_SCHEMA.to_string(),
             content,
         )
 
-    def key(self) -> dict:
+    def key(self, done: Done) -> dict:
         return {"fingerprint": self.fingerprint}
 
     def resources(self) -> Resources:
         return Resources(batch_size=self.prepare.batch_size, memory=2 << 30)
 
-    def run(self) -> dict:
+    def run(self, done: Done) -> dict:
         model_source(self.model)  # fail here, not in every worker; converts the embedded model once
         storage, files = self.storage, self.files
         start = time.time()
@@ -226,15 +241,14 @@ class Prepare(Stage):
             "n_rejected": sum(by_reason.values()),
             "rejected_by_reason": by_reason,
             "n_truncated": kept.filter(expr=col("truncated")).count(),
-            "seconds": round(time.time() - start, 2),
         }
         assert summary["n_input"] == summary["n_valid"] + summary["n_rejected"], summary
-        rate = summary["n_input"] / max(summary["seconds"], 1e-9)
+        seconds = time.time() - start
         log.info(
             "prepare: %d rows in %.1fs (%.0f rows/s): %d valid, %d rejected %s, %d truncated",
             summary["n_input"],
-            summary["seconds"],
-            rate,
+            seconds,
+            summary["n_input"] / max(seconds, 1e-9),
             summary["n_valid"],
             summary["n_rejected"],
             by_reason,
@@ -245,7 +259,7 @@ class Prepare(Stage):
     def validate(self) -> tuple[Dataset, Dataset, int, int]:
         """Every input row, split into valid samples and rejects (both materialised), with the count of
         rows and of blank lines."""
-        raw = ray.data.read_datasource(CorpusDatasource(self.files, self.fs, self.prepare.max_row_bytes))
+        raw = ray.data.read_datasource(CorpusDatasource(self.files, self.listed[0], self.prepare.max_row_bytes))
         formatted = map_stage(
             raw, Formatter, self.resources(), input=self.input, prepare=self.prepare, model=self.model
         ).materialize()

@@ -29,7 +29,9 @@ from raysel.core import paths
 from raysel.core.features import FeatureStore
 from raysel.core.storage import Storage
 from raysel.methods import METHODS
-from raysel.stages.spans import find_spans
+from raysel.stages.base import Done, Stage
+from raysel.stages.select import run_counts
+from raysel.stages.spans import selected_hits
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +55,15 @@ def selections(storage: Storage) -> dict[str, dict]:
     return dict(sorted(found.items()))
 
 
-def report_data(storage: Storage, n_features: int = 20, page: int = 50) -> dict:
-    manifest = storage.read_json(paths.MANIFEST)
-    if manifest is None:
-        raise FileNotFoundError(f"{storage.uri()}: no manifest.json; is it the output root of a finished run?")
-    cfg = run_config(manifest)
+def report_data(storage: Storage, manifest: dict, page: int = 50) -> dict:
+    """The report's numbers from the run's records (`manifest`: config, model, counts and the stages'
+    records, as the run manifest holds them) and its outputs."""
     stages, picked = manifest["stages"], selections(storage)
-    tau = stages.get("stats", {}).get("tau", cfg.activation.tau)
+    tau = stages["stats"]["tau"]
     stats = pq.read_table(storage.path(paths.FEATURE_STATS), columns=["feature", "doc_freq"], filesystem=storage.fs)
     doc_freq = stats["doc_freq"].to_numpy()
     lengths = pq.read_table(storage.path(paths.PREPARED), columns=["id", "n_tokens"], filesystem=storage.fs)
-    primary = "coverage" if "coverage" in picked else next((m for m in picked if m != "synthesis"), None)
+    primary = stages["spans"]["primary"]
     data = {
         "output": storage.uri(),
         "model": manifest.get("model"),
@@ -97,7 +97,7 @@ def report_data(storage: Storage, n_features: int = 20, page: int = 50) -> dict:
     }
     selected_tokens = np.zeros(0)
     if primary:
-        detail = selection_detail(cfg, storage, manifest, primary, doc_freq, lengths, n_features, page)
+        detail = selection_detail(storage, stages["spans"], doc_freq, lengths, page)
         selected_tokens = np.asarray(detail.pop("selected_tokens"), np.float64)
         data |= detail
     pool_tokens = lengths["n_tokens"].to_numpy().astype(np.float64)
@@ -164,26 +164,18 @@ def timings(stages: dict) -> list[dict]:
     return rows
 
 
-def selection_detail(
-    cfg: RunConfig,
-    storage: Storage,
-    manifest: dict,
-    method: str,
-    doc_freq: np.ndarray,
-    lengths,
-    n_features: int,
-    page: int,
-) -> dict:
-    """What the primary selection covers and misses, with spans, and a page of its samples."""
-    selected = pq.read_table(storage.path(paths.selection(method, "selected.parquet")), filesystem=storage.fs)
+def selection_detail(storage: Storage, shown: dict, doc_freq: np.ndarray, lengths, page: int) -> dict:
+    """What the primary selection covers and misses (the spans stage's features, with their spans),
+    and a page of its samples."""
+    selected = pq.read_table(storage.path(paths.selection(shown["primary"], "selected.parquet")), filesystem=storage.fs)
     ids = selected["id"].to_pylist()
-    store = FeatureStore(storage)
     hits = selected_hits(storage, ids, doc_freq.size)
-    shown = store.table(["id", "feat_ids", "feat_max"], ids=ids[:page])  # the page's samples alone
-    by_id = dict(zip(shown["id"].to_pylist(), zip(shown["feat_ids"].to_pylist(), shown["feat_max"].to_pylist())))
-    covered = [j for j in np.lexsort((np.arange(hits.size), -hits)) if hits[j] > 0][:n_features]
-    missed = [j for j in np.lexsort((np.arange(hits.size), -doc_freq)) if doc_freq[j] > 0 and hits[j] == 0][:n_features]
-    spans = find_spans(cfg.stack(), cfg.stats.top_n, storage, [int(j) for j in covered + missed])
+    page_rows = FeatureStore(storage).table(["id", "feat_ids", "feat_max"], ids=ids[:page])  # the page's samples alone
+    by_id = dict(
+        zip(page_rows["id"].to_pylist(), zip(page_rows["feat_ids"].to_pylist(), page_rows["feat_max"].to_pylist()))
+    )
+    covered, missed = shown["covered"], shown["missed"]
+    spans = pq.read_table(storage.path(paths.SPANS), filesystem=storage.fs)
     span_rows: dict[int, list] = {}
     for r in spans.to_pylist():
         span_rows.setdefault(r["feature"], []).append(r)
@@ -220,15 +212,6 @@ def selection_detail(
         )
     rows = pc.index_in(selected["id"], value_set=lengths["id"]).drop_null().to_numpy()
     return {"features": features, "samples": samples, "selected_tokens": lengths["n_tokens"].to_numpy()[rows]}
-
-
-def selected_hits(storage: Storage, ids: list[str], d_sae: int) -> np.ndarray:
-    """Per feature, how many of the samples `ids` activate it, from the activated sets the statistics
-    wrote at the run's tau (not a pass over the store)."""
-    sets = pq.ParquetDataset(
-        storage.path(paths.ACTIVATED), filesystem=storage.fs, filters=pc.field("id").isin(ids)
-    ).read(columns=["feats"])
-    return np.bincount(pc.list_flatten(sets["feats"]).to_numpy(), minlength=d_sae)
 
 
 def figure(draw, title: str) -> str:
@@ -403,9 +386,27 @@ def samples_html(samples: list[dict]) -> str:
                  {0, 2, 3})  # fmt: skip
 
 
-def write_report(storage: Storage) -> str:
+class Report(Stage):
+    """report.html and report.json at the run's root, from the records of the stages it shows."""
+
+    name = "report"
+    needs = ("prepare", "encode", "tau", "stats", "select", "spans")
+    brief = ("page",)
+
+    def __init__(self, storage: Storage, run: dict):
+        self.storage, self.run_info = storage, run  # run: the config, versions and model, as the manifest has them
+
+    def key(self, done: Done) -> None:
+        return None  # cheap, and `raysel report` asks for it again
+
+    def run(self, done: Done) -> dict:
+        manifest = self.run_info | {"output": self.storage.uri(), "counts": run_counts(done), "stages": done}
+        return {"page": write_report(self.storage, manifest)}
+
+
+def write_report(storage: Storage, manifest: dict) -> str:
     """Write report.html and report.json at the run's root; returns the page's location."""
-    data = report_data(storage)
+    data = report_data(storage, manifest)
     storage.write_json("report.json", data)
     with storage.fs.open_output_stream(storage.path("report.html")) as f:
         f.write(render(data).encode())

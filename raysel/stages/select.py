@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 
 import numba
 import numpy as np
@@ -21,13 +22,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raysel.config import S3Config, SelectConfig
+from raysel.config import ModelStack, SelectConfig
 from raysel.core import paths
 from raysel.core.corpus import content_fingerprint
+from raysel.core.fac import FACConfig
 from raysel.core.features import FeatureStore, column_chunks
 from raysel.core.storage import Storage
 from raysel.methods import BASELINES, Context, Method, Pool, build
-from raysel.stages.base import Stage
+from raysel.stages.base import Done, Stage
 from raysel.stages.publish import PART_ROWS, PickedRecords, write_selection
 
 log = logging.getLogger(__name__)
@@ -111,36 +113,71 @@ def resolve_budget(budget: float, n: int) -> int:
 
 class Select(Stage):
     name = "select"
-    needs = ("stats",)
+    needs = ("prepare", "encode", "stats")  # and what its methods need (task_features for method fac)
+    brief = ("budgets", "methods")
 
-    def __init__(self, select: SelectConfig, s3: S3Config, ctx: Context, encoded: dict, manifest_base: dict):
-        self.select, self.s3, self.ctx, self.encoded = select, s3, ctx, encoded
-        self.storage, self.manifest_base = ctx.storage, manifest_base
+    def __init__(
+        self,
+        select: SelectConfig,
+        fac: FACConfig,
+        stack: ModelStack,
+        storage: Storage,
+        run: dict,
+        side_set: Callable[[str, list[str], float], FeatureStore],
+    ):
+        """`run`: what every selection's manifest carries of the run (config, versions, model);
+        `side_set(name, paths, tau)` encodes a method's side input through the plan and returns its store."""
+        self.select, self.fac, self.stack, self.storage = select, fac, stack, storage
+        self.run_info, self.side_set = run, side_set
         self.methods = [build(entry) for entry in select.methods]
+        self.needs = (*Select.needs, *sorted({n for m in self.methods for n in m.needs}))
 
-    def key(self) -> dict:
-        side = {m.name: m.side_inputs(self.ctx) for m in self.methods}
+    def context(self, done: Done) -> Context:
+        stats, features = done["stats"], done.get("task_features", {}).get("features")
+        return Context(
+            tau=stats["tau"],
+            seed=self.select.seed,
+            d_sae=stats["d_sae"],
+            storage=self.storage,
+            stack=self.stack,
+            fac=self.fac,
+            side_set=lambda name, paths_: self.side_set(name, paths_, stats["tau"]),
+            task_features=None if features is None else np.array(features, dtype=np.int64),
+        )
+
+    def key(self, done: Done) -> dict:
+        ctx = self.context(done)
+        side = {m.name: m.side_inputs(ctx) for m in self.methods}
         # the side inputs' paths as written are left out: their content fingerprints (of the resolved
         # files) stand for them, so the same files named another way do not redo the selection
         methods = [m.cfg.model_dump(mode="json", exclude=set(side[m.name])) for m in self.methods]
         return {
-            "encode_fingerprint": self.encoded["fingerprint"],
-            "tau": self.ctx.tau,
+            "encode_fingerprint": done["encode"]["fingerprint"],
+            "tau": ctx.tau,
             "select": self.select.model_dump(mode="json", exclude={"methods"}) | {"methods": methods},
-            "fac": self.ctx.fac.model_dump(mode="json", exclude={"anchor", "reference"}),
             "side_inputs": {
-                m: {name: content_fingerprint(p, self.s3) for name, p in inputs.items() if p}
+                m: {name: content_fingerprint(p, self.stack.s3) for name, p in inputs.items() if p}
                 for m, inputs in side.items()
             },
+        } | ({"task_features": done["task_features"]["features"]} if "task_features" in done else {})
+
+    def manifest_base(self, done: Done) -> dict:
+        """What every selection's manifest carries of the run's: config, versions, model, SAE, counts, fingerprints."""
+        prepared, encoded = done["prepare"], done["encode"]
+        return self.run_info | {
+            "counts": run_counts(done),
+            "sae": encoded["sae"],
+            "layer": encoded["layer"],
+            "fingerprints": {"prepare": prepared["fingerprint"], "encode": encoded["fingerprint"]},
         }
 
     def budget(self, method: Method, n: int) -> int:
         return resolve_budget(method.cfg.budget or self.select.budget, n)
 
-    def check_memory(self, store: FeatureStore) -> dict:
+    def check_memory(self, store: FeatureStore, ctx: Context) -> dict:
         stats = store.summary()
         budgets = {m.name: self.budget(m, stats["n_samples"]) for m in self.methods}
-        beside = {m.name: m.driver_bytes(store, budgets[m.name], self.ctx) for m in self.methods}
+        beside = {m.name: m.driver_bytes(store, budgets[m.name], ctx) for m in self.methods}
         picked = min(sum(budgets.values()), stats["n_samples"])
         mean = mean_record_bytes(self.storage)
         beside["records"] = round(picked * BYTES_PER_PICK + PART_COPIES * min(PART_ROWS, picked) * mean)
@@ -148,10 +185,10 @@ class Select(Stage):
         remedies["records"] = "Pick fewer samples (a lower select.budget, or fewer methods). "
         return check_driver_memory(stats, beside, id_chars=store.mean_id_length(), remedies=remedies)
 
-    def run(self) -> dict:
-        start, ctx = time.time(), self.ctx
+    def run(self, done: Done) -> dict:
+        start, ctx, base = time.time(), self.context(done), self.manifest_base(done)
         store = FeatureStore(self.storage)
-        memory = self.check_memory(store) if self.select.memory_check else None
+        memory = self.check_memory(store, ctx) if self.select.memory_check else None
         pool = read_pool(store, ctx.tau)
         n, indices = len(pool.ids), pool.indices
         budgets = {m.name: self.budget(m, n) for m in self.methods}
@@ -180,8 +217,8 @@ class Select(Stage):
                     m: picks[m][3][-1]["coverage"] for m in budgets if budgets[m] == k
                 }
                 write_selection(self.storage, name, pool.ids[order], chosen.scores, new, records.of(name), {
-                    **self.manifest_base, "method": name, "budget": k, "tau": ctx.tau, **chosen.details,
-                    "counts": {**self.manifest_base["counts"], "n_selected": int(len(order))},
+                    **base, "method": name, "budget": k, "tau": ctx.tau, **chosen.details,
+                    "counts": {**base["counts"], "n_selected": int(len(order))},
                     "objective_curve": curve, "coverage_at_budget": at_budget[name],
                 })  # fmt: skip
         summary = {
@@ -191,11 +228,18 @@ class Select(Stage):
             "baselines": baselines,
             "driver_memory": memory,
             "seconds_by_method": seconds,
-            "seconds": round(time.time() - start, 2),
         }
         log.info("select: coverage %s against the baselines %s in %.1fs", summary["methods"], baselines,
-                 summary["seconds"])  # fmt: skip
+                 time.time() - start)  # fmt: skip
         return summary
+
+
+def run_counts(done: Done) -> dict:
+    """The run's counts: every input row, kept or rejected, and what the encoder took."""
+    prepared, encoded = done["prepare"], done.get("encode", {})
+    return {k: prepared[k] for k in ("n_input", "n_blank_lines", "n_valid", "n_rejected", "rejected_by_reason")} | {
+        k: encoded[k] for k in ("n_encoded", "n_encode_rejected") if k in encoded
+    }
 
 
 def baseline_coverage(pool: Pool, k: int, ctx: Context, measured: dict[str, float]) -> dict[str, float]:

@@ -1,159 +1,55 @@
-"""Top-activating spans: what each feature responds to, in the model's own tokens.
-
-For each feature, its top-N samples come from the statistics (stats/features.parquet).
-Only those samples are re-encoded, token by token, on the encode actors; for
-each (feature, sample) the window of up to 32 tokens around the token where the
-feature peaks is decoded, with the feature's activation on every token of it.
-They feed feature descriptions, FAC's synthesis prompts and the report.
-
-stats/spans.parquet, one row per (feature, sample), strongest first per feature:
-
-    feature  int32     the SAE feature
-    rank     int32     1 = the sample where the feature is strongest
-    id       string    the sample
-    value    float32   the feature's max over the sample (equals the stored max-pool)
-    tokens   list<string>   the window's tokens, decoded one by one
-    acts     list<float32>  the feature's activation on each of them
-    peak     int32     index in the window of the max-activating token
-
-Spans are kept per feature: a later call for more features encodes only the
-samples those need and merges them in.
-"""
+"""The spans stage: the top-activating spans of the features the report shows, the ones the primary
+selection covers most and the pool features it misses (raysel.core.spans re-encodes their top
+samples). Writes stats/spans.parquet; its record lists the two groups of features."""
 
 from __future__ import annotations
 
-import logging
-import time
-from typing import TYPE_CHECKING
-
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
+from raysel.config import ModelStack
 from raysel.core import paths
-from raysel.core.encoder import Encoder
-from raysel.core.models import tokenize
-from raysel.core.ray_adapter import map_stage, model_resources
+from raysel.core.spans import find_spans
 from raysel.core.storage import Storage
+from raysel.stages.base import Done, Stage
 
-if TYPE_CHECKING:
-    from raysel.config import ModelStack
-
-log = logging.getLogger(__name__)
-
-WINDOW = 32
-MARKER = paths.marker("spans")
-SPAN_SCHEMA = pa.schema(
-    [
-        ("feature", pa.int32()),
-        ("rank", pa.int32()),
-        ("id", pa.string()),
-        ("value", pa.float32()),
-        ("tokens", pa.list_(pa.string())),
-        ("acts", pa.list_(pa.float32())),
-        ("peak", pa.int32()),
-    ]
-)
+SHOWN = 20  # features of each group
 
 
-def window(peak: int, length: int, width: int = WINDOW) -> tuple[int, int]:
-    """[lo, hi) of up to `width` positions around `peak` inside [0, length), shifted rather than cut at an edge."""
-    lo = max(0, min(peak - width // 2 + 1, length - width))
-    return lo, min(length, lo + width)
+class Spans(Stage):
+    name = "spans"
+    needs = ("stats", "select")
+    brief = ("primary",)
 
+    def __init__(self, stack: ModelStack, storage: Storage):
+        self.stack, self.storage = stack, storage
 
-class SpanFinder:
-    """Stage: rows (id, text, features) in, one span row per (feature, sample) out."""
+    def key(self, done: Done) -> dict:
+        return {"stats": done["stats"]["key"], "select": done["select"]["key"], "shown": SHOWN}
 
-    def __init__(self, stack: ModelStack):
-        self.encoder = Encoder(stack)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        tok, enc = self.encoder.tokenizer, self.encoder
-        seqs = tokenize(tok, batch["text"].to_pylist(), truncation=True, max_length=enc.max_tokens)["input_ids"]
-        ids, wanted = batch["id"].to_pylist(), batch["features"].to_pylist()
-        rows = []
-        for bucket in enc.length_buckets(seqs):
-            acts = enc.activations([seqs[i] for i in bucket], [wanted[i] for i in bucket])
-            for i, (first, z) in zip(bucket, acts):
-                for col, j in zip(z.T, wanted[i]):
-                    peak = int(col.argmax())
-                    lo, hi = window(peak, len(col))
-                    pieces = tok.batch_decode([[t] for t in seqs[i][first + lo : first + hi]])
-                    rows.append(
-                        {
-                            "feature": j,
-                            "rank": 0,
-                            "id": ids[i],
-                            "value": float(col[peak]),
-                            "tokens": pieces,
-                            "acts": col[lo:hi].tolist(),
-                            "peak": peak - lo,
-                        }
-                    )
-        return pa.Table.from_pylist(rows, schema=SPAN_SCHEMA)
-
-
-def find_spans(stack: ModelStack, top_n: int, storage: Storage, features: list[int] | None = None) -> pa.Table:
-    """Spans of `features` (every feature that fires when None) in the encoded set at `storage`,
-    computing only those not yet stored. Incremental, so it keeps its own marker: the stored spans
-    hold while the store's encode fingerprint and stats.top_n stay."""
-    encode_fingerprint = storage.read_json(paths.marker("encode"))["fingerprint"]
-    stats = pq.read_table(storage.path(paths.FEATURE_STATS), columns=["feature", "top_ids"], filesystem=storage.fs)
-    top = {f: ids for f, ids in zip(stats["feature"].to_pylist(), stats["top_ids"].to_pylist()) if ids}
-    wanted = sorted(top) if features is None else sorted(set(features) & set(top))
-    done = storage.read_json(MARKER)
-    stored = (
-        pq.read_table(storage.path(paths.SPANS), filesystem=storage.fs)
-        if done and (done["encode_fingerprint"] == encode_fingerprint and done["top_n"] == top_n)
-        else SPAN_SCHEMA.empty_table()
-    )
-    have = set(stored["feature"].to_pylist())
-    todo = [f for f in wanted if f not in have]
-    if todo:
-        start = time.time()
-        by_sample: dict[str, list[int]] = {}
-        for f in todo:
-            for i in top[f]:
-                by_sample.setdefault(i, []).append(f)
-        texts = pq.ParquetDataset(
-            storage.path(paths.PREPARED), filesystem=storage.fs, filters=pc.field("id").isin(sorted(by_sample))
-        ).read(columns=["id", "text"])
-        jobs = pa.table(
-            {
-                "id": texts["id"],
-                "text": texts["text"],
-                "features": pa.array([by_sample[i] for i in texts["id"].to_pylist()], pa.list_(pa.int32())),
-            }
-        )
-        found = map_stage(
-            ray.data.from_arrow(jobs), SpanFinder, model_resources(stack.encode, stack.encode.actors, 64), stack=stack
-        )
-        stored = ranked(pa.concat_tables([stored, *ray.get(found.to_arrow_refs())]))
-        storage.remove(MARKER)
+    def run(self, done: Done) -> dict:
+        storage, methods = self.storage, list(done["select"]["budgets"])
+        primary = "coverage" if "coverage" in methods else next(iter(methods), None)
+        stats = pq.read_table(storage.path(paths.FEATURE_STATS), columns=["doc_freq"], filesystem=storage.fs)
+        doc_freq = stats["doc_freq"].to_numpy()
+        hits = np.zeros(doc_freq.size, np.int64)
+        if primary:
+            ids = pq.read_table(storage.path(paths.selection(primary, "selected.parquet")), columns=["id"],
+                                filesystem=storage.fs)["id"].to_pylist()  # fmt: skip
+            hits = selected_hits(storage, ids, doc_freq.size)
+        covered = [int(j) for j in np.lexsort((np.arange(hits.size), -hits)) if hits[j] > 0][:SHOWN]
+        missed = [int(j) for j in np.lexsort((np.arange(hits.size), -doc_freq)) if doc_freq[j] > 0 and hits[j] == 0]
+        spans = find_spans(self.stack, storage, covered + missed[:SHOWN])
         storage.fs.create_dir(storage.path(paths.STATS), recursive=True)
-        pq.write_table(stored, storage.path(paths.SPANS), filesystem=storage.fs)
-        storage.write_json(
-            MARKER,
-            {
-                "encode_fingerprint": encode_fingerprint,
-                "top_n": top_n,
-                "n_features": len(set(stored["feature"].to_pylist())),
-                "n_spans": stored.num_rows,
-            },
-        )
-        log.info(
-            "spans: %d features from %d re-encoded samples in %.1fs", len(todo), jobs.num_rows, time.time() - start
-        )
-    return stored.filter(pc.is_in(stored["feature"], pa.array(wanted, pa.int32())))
+        pq.write_table(spans, storage.path(paths.SPANS), filesystem=storage.fs)
+        return {"primary": primary, "covered": covered, "missed": missed[:SHOWN], "n_spans": spans.num_rows}
 
 
-def ranked(spans: pa.Table) -> pa.Table:
-    """Per feature, strongest sample first (ties to the smaller id), numbered from 1."""
-    spans = spans.sort_by([("feature", "ascending"), ("value", "descending"), ("id", "ascending")])
-    feature = spans["feature"].to_numpy()
-    starts = np.r_[0, np.flatnonzero(np.diff(feature)) + 1] if len(feature) else np.zeros(0, np.int64)
-    rank = np.arange(len(feature)) - np.repeat(starts, np.diff(np.r_[starts, len(feature)])) + 1
-    return spans.set_column(spans.schema.get_field_index("rank"), "rank", pa.array(rank.astype(np.int32)))
+def selected_hits(storage: Storage, ids: list[str], d_sae: int) -> np.ndarray:
+    """Per feature, how many of the samples `ids` activate it, from the activated sets the statistics
+    wrote at the run's tau (not a pass over the store)."""
+    sets = pq.ParquetDataset(
+        storage.path(paths.ACTIVATED), filesystem=storage.fs, filters=pc.field("id").isin(ids)
+    ).read(columns=["feats"])
+    return np.bincount(pc.list_flatten(sets["feats"]).to_numpy(), minlength=d_sae)

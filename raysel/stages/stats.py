@@ -29,7 +29,7 @@ from raysel.config import ActivationConfig
 from raysel.core import paths
 from raysel.core.features import ACTIVATED_SCHEMA, FeatureStore, activated_block
 from raysel.core.storage import Storage
-from raysel.stages.base import Stage
+from raysel.stages.base import Done, Stage
 
 log = logging.getLogger(__name__)
 
@@ -205,61 +205,61 @@ def observed_width(store: FeatureStore) -> int:
 class Calibrate(Stage):
     """The run's tau: activation.tau, or calibrated on the store (on activation.calibrate_rows of its
     samples) so that samples average activation.target_active activated features. Committed, so a
-    re-run does not read the store again; the stats stage reports the mean the whole store reaches."""
+    re-run does not read the store again; the stats stage reports the mean the whole store reaches.
+    A side set is given the run's tau as activation.tau, so activation means the same in both."""
 
     name = "tau"
     needs = ("encode",)
+    brief = ("tau",)
 
-    def __init__(self, storage: Storage, encoded: dict, activation: ActivationConfig):
-        self.storage, self.encoded, self.activation = storage, encoded, activation
+    def __init__(self, storage: Storage, activation: ActivationConfig):
+        self.storage, self.activation = storage, activation
 
-    def key(self) -> dict:
-        return {"encode_fingerprint": self.encoded["fingerprint"], **self.activation.model_dump(mode="json")}
+    def key(self, done: Done) -> dict:
+        return {"encode_fingerprint": done["encode"]["fingerprint"], **self.activation.model_dump(mode="json")}
 
-    def run(self) -> dict:
-        start, activation = time.time(), self.activation
-        found = (
-            FeatureStore(self.storage).calibrate(activation.target_active, activation.calibrate_rows)
-            if activation.target_active
-            else {"tau": activation.tau}
-        )
-        return {**found, "seconds": round(time.time() - start, 2)}
+    def run(self, done: Done) -> dict:
+        activation = self.activation
+        if activation.target_active:
+            return FeatureStore(self.storage).calibrate(activation.target_active, activation.calibrate_rows)
+        return {"tau": activation.tau}
 
 
 class Stats(Stage):
     """The reduce over the store at the run's tau; its key is the store's encode fingerprint, tau and top_n."""
 
     name = "stats"
-    needs = ("encode",)
+    needs = ("encode", "tau")
+    brief = ("tau", "n_samples", "d_sae")
 
-    def __init__(self, storage: Storage, encoded: dict, tau: float, top_n: int):
-        self.storage, self.encoded, self.tau, self.top_n = storage, encoded, tau, top_n
+    def __init__(self, storage: Storage, top_n: int):
+        self.storage, self.top_n = storage, top_n
 
-    def key(self) -> dict:
+    def key(self, done: Done) -> dict:
         # outputs 2: stats/activated.parquet too, so a root committed before it was written redoes the stage
-        return {"encode_fingerprint": self.encoded["fingerprint"], "tau": self.tau, "top_n": self.top_n, "outputs": 2}
+        return {"encode_fingerprint": done["encode"]["fingerprint"], "tau": done["tau"]["tau"], "top_n": self.top_n,
+                "outputs": 2}  # fmt: skip
 
-    def run(self) -> dict:
-        start = time.time()
+    def run(self, done: Done) -> dict:
+        start, tau = time.time(), done["tau"]["tau"]
         store = FeatureStore(self.storage)
-        d_sae = self.encoded["d_sae"] or observed_width(store)
+        d_sae = done["encode"]["d_sae"] or observed_width(store)
         self.storage.fs.create_dir(self.storage.path(paths.STATS), recursive=True)
         with (
             self.storage.fs.open_output_stream(self.storage.path(paths.ACTIVATED)) as sink,
             pq.ParquetWriter(sink, ACTIVATED_SCHEMA) as activated,
         ):
-            part = functools.partial(stats_part, d_sae=d_sae, tau=self.tau, top_n=self.top_n)
+            part = functools.partial(stats_part, d_sae=d_sae, tau=tau, top_n=self.top_n)
             stats = compute_stats(store.blocks(part, STATS_COLUMNS, name="stats"), d_sae, self.top_n, activated)
         pq.write_table(to_table(stats), self.storage.path(paths.FEATURE_STATS), filesystem=self.storage.fs)
         summary = {
             "n_samples": stats.n_samples,
             "d_sae": d_sae,
-            "tau": self.tau,
+            "tau": tau,
             "top_n": self.top_n,
             "n_features_active": int((stats.doc_freq > 0).sum()),
             "n_activated": int(stats.doc_freq.sum()),  # (sample, feature) pairs above tau: the pool's size in select
             "mean_features_per_sample": round(float(stats.doc_freq.sum()) / max(stats.n_samples, 1), 2),
-            "seconds": round(time.time() - start, 2),
         }
         self.storage.write_json(paths.STATS_SUMMARY, summary)
         log.info(
@@ -267,8 +267,8 @@ class Stats(Stage):
             stats.n_samples,
             summary["n_features_active"],
             d_sae,
-            self.tau,
+            tau,
             summary["mean_features_per_sample"],
-            summary["seconds"],
+            time.time() - start,
         )
         return summary

@@ -39,15 +39,15 @@ import ray
 from raysel.config import ModelStack, SynthConfig
 from raysel.core import paths
 from raysel.core.encoder import Encoder
+from raysel.core.fac import FACConfig, fac
 from raysel.core.features import FeatureStore, Profile
+from raysel.core.judge import marked
 from raysel.core.models import ChatModel, generator_config, model_source
 from raysel.core.ray_adapter import held_actors, log_to_driver, model_resources
 from raysel.core.records import chat_template_for
 from raysel.core.section import ConfigError
-from raysel.methods import Context
-from raysel.methods.fac import fac
-from raysel.methods.fac_judge import marked
-from raysel.stages.base import Stage
+from raysel.core.storage import Storage
+from raysel.stages.base import Done, Stage
 from raysel.stages.publish import records_of, write_selection
 
 log = logging.getLogger(__name__)
@@ -381,28 +381,32 @@ class Synthesize(Stage):
     provenance), with FAC before and after."""
 
     name = "synthesis"
-    needs = ("fac",)
+    needs = ("stats", "fac")
+    brief = ("n_kept", "fac_before", "fac_after")
 
-    def __init__(self, synth: SynthConfig, ctx: Context, before: dict, config: dict):
-        self.synth, self.ctx, self.before, self.config = synth, ctx, before, config
-        self.storage = ctx.storage
+    def __init__(self, synth: SynthConfig, fac: FACConfig, stack: ModelStack, storage: Storage, config: dict):
+        self.synth, self.fac, self.stack, self.storage, self.config = synth, fac, stack, storage, config
 
-    def key(self) -> dict | None:
+    def side_sets(self) -> dict[str, list[str]]:
+        return {"anchor": self.fac.anchor}
+
+    def key(self, done: Done) -> dict | None:
         return None  # a costly generator, but asking for it again means sampling again
 
-    def run(self) -> dict:
-        synth, ctx, storage, tau = self.synth, self.ctx, self.storage, self.ctx.tau
+    def run(self, done: Done) -> dict:
+        synth, storage, before = self.synth, self.storage, done["fac"]
+        tau, d_sae = done["stats"]["tau"], done["stats"]["d_sae"]
         start = time.time()
         spans = pq.read_table(storage.path(paths.FAC, "missing_spans.parquet"), filesystem=storage.fs)
         delta = synth_delta(synth, tau)
         table = pq.read_table(storage.path(paths.FAC, "features.parquet"), filesystem=storage.fs)
         share = dict(zip(table["feature"].to_pylist(), table["anchor_share"].to_pylist()))
-        missing = sorted(self.before["missing"], key=lambda j: (-share[j], j))  # the most common on the anchor first
-        candidates, no_signal = synthesize(ctx.stack, synth, missing, spans, delta, judged_labels(storage))
+        missing = sorted(before["missing"], key=lambda j: (-share[j], j))  # the most common on the anchor first
+        candidates, no_signal = synthesize(self.stack, synth, missing, spans, delta, judged_labels(storage))
         kept = candidates.filter(candidates["kept"])
-        anchored = ctx.side_set("anchor", ctx.fac.anchor).profile(tau, ctx.d_sae)
+        anchored = FeatureStore(storage.child("anchor")).profile(tau, d_sae)
         features = table["feature"].to_numpy()
-        grown = FeatureStore(storage).profile(tau, ctx.d_sae).merge(Profile.of(kept, tau, ctx.d_sae))
+        grown = FeatureStore(storage).profile(tau, d_sae).merge(Profile.of(kept, tau, d_sae))
         after, _ = fac(anchored, grown, features)
         storage.fs.create_dir(storage.path(paths.SYNTHESIS), recursive=True)
         pq.write_table(
@@ -413,14 +417,13 @@ class Synthesize(Stage):
         seconds = time.time() - start
         summary = {
             "delta": delta,
-            "fac_before": self.before["fac"],
+            "fac_before": before["fac"],
             "fac_after": after["fac"],
-            "missing_before": len(self.before["missing"]),
+            "missing_before": len(before["missing"]),
             "missing_after": len(after["missing"]),
             "features_tried": len(set(candidates["feature"].to_pylist())),
             "no_signal": no_signal,
             **acceptance(candidates),
-            "seconds": round(seconds, 1),
             "seconds_per_kept": round(seconds / kept.num_rows, 1) if kept.num_rows else None,
         }
         records = {

@@ -16,7 +16,7 @@ from raysel.core import paths
 from raysel.core.models import load_model, load_tokenizer, model_source, resolve_device, truncate_to_layer
 from raysel.core.sae import default_sae_dir
 from raysel.core.storage import Storage
-from raysel.stages.base import Stage
+from raysel.stages.base import Done, Stage
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,10 @@ class TrainSAE(Stage):
     def __init__(self, stack: ModelStack, storage: Storage):
         self.stack, self.storage = stack, storage
 
-    def key(self) -> dict | None:
+    def key(self, done: Done) -> dict | None:
         return None
 
-    def run(self) -> dict:
+    def run(self, done: Done) -> dict:
         texts, tokens = [], 0
         table = pq.read_table(
             self.storage.path(paths.PREPARED), columns=["text", "n_tokens"], filesystem=self.storage.fs

@@ -7,8 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysel.config import RunConfig
+from raysel.core.fac import fac
 from raysel.core.features import Profile
-from raysel.methods.fac import fac, fac_greedy
+from raysel.methods.fac import fac_greedy
 from raysel.pipeline import run
 from tests.conftest import DEMO, fac_reference, store_table, write_jsonl
 
@@ -88,7 +89,7 @@ def test_fac_selection_raises_fac_over_what_the_evaluated_set_had(stats_run, tmp
 def test_the_judge_keeps_verified_features_at_or_above_the_floor():
     import pyarrow as pa
 
-    from raysel.methods.fac_judge import VERDICTS, kept
+    from raysel.core.judge import VERDICTS, kept
 
     verdicts = pa.Table.from_pylist(
         [
@@ -113,8 +114,8 @@ def test_a_judge_whose_generator_writes_nothing_says_no_and_why(tiny_model_dir, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raysel.methods.fac import FACConfig
-    from raysel.methods.fac_judge import VERDICTS, Judge, kept
+    from raysel.core.fac import FACConfig
+    from raysel.core.judge import VERDICTS, Judge, kept
 
     mute = tmp_path / "mute"
     shutil.copytree(tiny_model_dir, mute)

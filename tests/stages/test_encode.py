@@ -321,20 +321,23 @@ def test_the_encode_fingerprint_follows_the_sae_weights_and_the_resolved_dtype(t
     def encode_stage(has_gpus=False, **model):
         stack = encoder_stack(tiny_model_dir, sae)
         stack = stack.model_copy(update={"model": stack.model.model_copy(update=model)})
-        return Encode(stack, storage, {"fingerprint": "p"}, has_gpus=has_gpus)
+        return Encode(stack, storage, has_gpus=has_gpus)
 
     before = encode_stage(dtype="auto")
     weights = load_file(sae / "sae_weights.safetensors")
     weights["W_enc"] = weights["W_enc"] * 1.5  # retrained in place: same path, same size
     save_file(weights, sae / "sae_weights.safetensors")
     after = encode_stage(dtype="auto")
-    assert after.fingerprint != before.fingerprint
+    assert after.fingerprint({"fingerprint": "p"}) != before.fingerprint({"fingerprint": "p"})
     # auto on CPU actors is bf16 where the CPU does bf16 natively (as the kernel reports it), else fp32:
     # the same features as asking for that dtype, and other features than the other one
     flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
     native, other = ("bfloat16", "float32") if flags & {"avx512_bf16", "amx_bf16"} else ("float32", "bfloat16")
-    assert (after.dtype, encode_stage(dtype=native).fingerprint) == (native, after.fingerprint)
-    assert encode_stage(dtype=other).fingerprint != after.fingerprint
+    assert (after.dtype, encode_stage(dtype=native).fingerprint({"fingerprint": "p"})) == (
+        native,
+        after.fingerprint({"fingerprint": "p"}),
+    )
+    assert encode_stage(dtype=other).fingerprint({"fingerprint": "p"}) != after.fingerprint({"fingerprint": "p"})
     on_gpus = encode_stage(has_gpus=True, dtype="auto")
     assert on_gpus.dtype == "bfloat16"
 

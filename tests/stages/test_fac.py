@@ -10,7 +10,7 @@ import yaml
 
 from raysel import cli
 from raysel.config import RunConfig
-from raysel.methods.fac_judge import LEVELS, kept
+from raysel.core.judge import LEVELS, kept
 from raysel.pipeline import run
 from tests.conftest import DEMO, fac_reference, write_jsonl
 

@@ -43,7 +43,7 @@ def write_store(cfg: RunConfig, rng) -> None:
     prepare = Prepare(cfg.input, cfg.prepare, cfg.model, cfg.s3, storage)
     summary = {"n_input": N, "n_blank_lines": 0, "n_valid": N, "n_rejected": 0, "rejected_by_reason": {},
                "fingerprint": prepare.fingerprint, "files": [f.path for f in prepare.files]}  # fmt: skip
-    encode = Encode(cfg.stack(), storage, summary)
+    encode = Encode(cfg.stack(), storage)
     popularity = 1.0 / np.arange(1, D_SAE + 1)
     ids = np.array([f"r{i:05d}" for i in rng.permutation(N)], dtype=object)
     for s, part in enumerate(np.array_split(np.arange(N), SHARDS)):
@@ -61,7 +61,7 @@ def write_store(cfg: RunConfig, rng) -> None:
         storage.fs.create_dir(storage.path(paths.FEATURES), recursive=True)
         pq.write_table(table, storage.path(paths.FEATURES, name))
         storage.write_json(paths.shard_marker(name), {"rows": part.size, "tokens": int(n_tokens.sum()),
-                                                      "key": {"fingerprint": encode.fingerprint}})  # fmt: skip
+                                                      "key": {"fingerprint": encode.fingerprint(summary)}})  # fmt: skip
         records = [json.dumps({"id": i, "text": f"sample {i}"}) for i in ids[part]]
         prepared = pa.table({
             "id": ids[part].tolist(), "shape": ["text"] * part.size,
@@ -73,7 +73,7 @@ def write_store(cfg: RunConfig, rng) -> None:
         }, schema=PREPARED_SCHEMA)  # fmt: skip
         storage.fs.create_dir(storage.path(paths.PREPARED), recursive=True)
         pq.write_table(prepared, storage.path(paths.PREPARED, name))
-    storage.write_json(paths.marker("prepare"), {**summary, "key": prepare.key()})
+    storage.write_json(paths.marker("prepare"), {**summary, "key": prepare.key({})})
 
 
 def reference(root) -> dict:

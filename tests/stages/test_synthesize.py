@@ -104,7 +104,7 @@ def test_raysel_synthesize_writes_samples_with_provenance_and_fac_before_and_aft
         "synth": {"max_features": 2, "n_candidates": 3, "n_contrastive": 3, "max_new_tokens": 24},
     }
     raw["encode"]["num_cpus"] = 2  # every CPU of the test cluster to the actor, as `raysel demo` does
-    manifest = run(RunConfig.model_validate(raw), until="synthesize")
+    manifest = run(RunConfig.model_validate(raw), until="synthesis")
     out = tmp_path / "out"
     report = json.loads((out / "fac" / "report.json").read_text())
     m = json.loads((out / "selection" / "synthesis" / "manifest.json").read_text())

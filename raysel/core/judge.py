@@ -25,8 +25,8 @@ from raysel.core.models import ChatModel
 from raysel.core.ray_adapter import log_to_driver, map_stage, model_resources
 
 if TYPE_CHECKING:
-    from raysel.config import ModelStack
-    from raysel.methods.fac import FACConfig
+    from raysel.core.encoder import ModelStack
+    from raysel.core.fac import FACConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,102 @@
+"""FAC, feature activation coverage: how much of a task's feature set a dataset reaches.
+
+F is the set of task-relevant features: a user's list, or the features most enriched on an anchor
+set P over a fixed reference set R (share of samples activating them, as IGDS's frequency recall),
+never over the set being measured: F must not change with Q, or the FAC of two datasets could not be
+compared. R is fac.reference, by default the bundled demo corpus (a generic instruction mix). With
+A(x) = {j : g_j(x) > tau}:
+
+    F(P) = {j in F : some anchor sample activates j}
+    F(Q) = {j in F(P) : some sample of Q activates j}
+    FAC(Q) = |F(Q)| / |F(P)|,   missing = F(P) minus F(Q)
+
+and two weighted variants over F(P): by the share of anchor samples activating j (frequency) and by
+the anchor's max activation of j (magnitude).
+
+FACConfig, the top-level `fac` section, defines F and the anchor for `raysel fac`, `raysel synthesize`
+and method `fac` alike. The task_features stage computes F once per (anchor, reference, model, SAE).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from raysel.core.features import Profile, frequency_recall
+from raysel.core.section import Section
+
+
+class FACConfig(Section):
+    """The task features F and the anchor they come from (the top-level `fac` section). `raysel fac`
+    measures the run's input against the anchor; method `fac` selects from the input (the pool) the
+    samples that cover what its `evaluated` set (if any) is missing."""
+
+    anchor: list[str] = []  # files, globs or s3:// paths of the anchor (task) examples
+    reference: list[str] = []  # the generic mix F is enriched against; empty: the bundled demo corpus
+    features: list[int] = []  # task-relevant features F; empty: the n_features most enriched on the anchor
+    n_features: int = Field(100, gt=0)  # size of the enriched F, or of the shortlist the judge rates
+    judge_task: str | None = None  # set: F is what an LLM judge rates relevant to this task, of the shortlist
+    judge_generator: str | None = (
+        None  # the judge: any causal LM (local dir, HF id, embedded default); None: model.name
+    )
+    judge_keep: Literal["yes", "probably", "maybe"] = "maybe"  # the weakest relevance verdict kept
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.features and self.judge_task:
+            raise ValueError("fac: set fac.features (a list) or fac.judge_task (an LLM judge), not both")
+        return self
+
+
+def feature_source(cfg: FACConfig) -> str:
+    if cfg.features:
+        return "list"
+    against = "fac.reference" if cfg.reference else "the bundled demo corpus"
+    shortlist = f"the {cfg.n_features} most enriched on the anchor over {against}"
+    return f"{shortlist}, judged by an LLM ({cfg.judge_keep} or better)" if cfg.judge_task else shortlist
+
+
+def enriched_features(anchor: pa.Table, reference: pa.Table, tau: float, d_sae: int, n: int) -> np.ndarray:
+    """The n features most enriched on the anchor over the reference (positive lift only), by id."""
+    r_counts = Profile.of(reference, tau, d_sae).counts
+    enriched = frequency_recall(anchor, tau, r_counts, reference.num_rows, n)
+    return np.sort(enriched.filter(pc.greater(enriched["lift"], 0))["feature"].to_numpy())
+
+
+def fac(anchor: Profile, evaluated: Profile, features: np.ndarray) -> tuple[dict, pa.Table]:
+    """The FAC figures, and one row per feature of F with what they rest on."""
+    a_share, a_max, q_share, q_max = anchor.share, anchor.peak, evaluated.share, evaluated.peak
+    in_p = a_share[features] > 0
+    in_q = in_p & (q_share[features] > 0)
+    fp, fq = features[in_p], features[in_q]
+
+    def weighted(w: np.ndarray) -> float:
+        total = w[fp].sum()
+        return float(w[fq].sum() / total) if total > 0 else 0.0
+
+    summary = {
+        "n_features": int(features.size),
+        "n_in_anchor": int(fp.size),
+        "n_covered": int(fq.size),
+        "fac": fq.size / fp.size if fp.size else 0.0,
+        "fac_frequency": weighted(a_share),
+        "fac_magnitude": weighted(a_max),
+        "missing": sorted(set(fp.tolist()) - set(fq.tolist())),
+    }
+    table = pa.table(
+        {
+            "feature": features,
+            "anchor_share": a_share[features],
+            "anchor_max": a_max[features],
+            "evaluated_share": q_share[features],
+            "evaluated_max": q_max[features],
+            "in_anchor": in_p,
+            "covered": in_q,
+            "missing": in_p & ~in_q,
+        }
+    )
+    return summary, table

@@ -1,0 +1,85 @@
+"""The task_features stage: F, the anchor's task-relevant features, computed once per (anchor,
+reference, model, SAE, tau) and read by `raysel fac`, `raysel synthesize` and method `fac` alike.
+
+F is fac.features, or the fac.n_features features most enriched on the anchor over the reference
+(fac.reference, by default the bundled demo corpus); with fac.judge_task, those of them an LLM judge
+finds relevant (fac/judged.parquet holds every verdict). Its key holds the two side sets' encode
+fingerprints, which cover their content, the model, the SAE's weights and the dtype: a swapped
+anchor, an edited reference or another SAE recomputes F.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from raysel.config import ModelStack
+from raysel.core import paths
+from raysel.core.fac import FACConfig, enriched_features, feature_source
+from raysel.core.features import FeatureStore
+from raysel.core.judge import judge_features, kept
+from raysel.core.spans import find_spans
+from raysel.core.storage import Storage
+from raysel.stages.base import Done, Stage
+
+log = logging.getLogger(__name__)
+
+JUDGE_KEYS = {"n_features", "judge_task", "judge_generator", "judge_keep"}
+
+
+class TaskFeatures(Stage):
+    name = "task_features"
+    needs = ("stats",)
+    brief = ("n_task_features", "source")
+
+    def __init__(self, fac: FACConfig, stack: ModelStack, storage: Storage):
+        self.fac, self.stack, self.storage = fac, stack, storage
+
+    def side_sets(self) -> dict[str, list[str]]:
+        if self.fac.features:
+            return {}
+        return {"anchor": self.fac.anchor, "reference": self.fac.reference or [paths.demo_data()]}
+
+    def key(self, done: Done) -> dict:
+        if self.fac.features:
+            return {"features": sorted(set(self.fac.features))}
+        return {
+            "anchor": done["anchor"]["encode"]["fingerprint"],
+            "reference": done["reference"]["encode"]["fingerprint"],
+            "tau": done["stats"]["tau"],
+        } | self.fac.model_dump(include=JUDGE_KEYS)
+
+    def run(self, done: Done) -> dict:
+        features = self.compute(done) if not self.fac.features else np.array(sorted(set(self.fac.features)))
+        log.info("task_features: %d features, %s", features.size, feature_source(self.fac))
+        return {
+            "features": features.tolist(),
+            "n_task_features": int(features.size),
+            "source": feature_source(self.fac),
+        }
+
+    def compute(self, done: Done) -> np.ndarray:
+        tau, d_sae = done["stats"]["tau"], done["stats"]["d_sae"]
+        anchor = FeatureStore(self.storage.child("anchor"))
+        reference = FeatureStore(self.storage.child("reference")).table()
+        features = enriched_features(anchor.table(), reference, tau, d_sae, self.fac.n_features)
+        return self.judged(anchor, features) if self.fac.judge_task else features
+
+    def judged(self, anchor: FeatureStore, features: np.ndarray) -> np.ndarray:
+        """Those of `features` the LLM judge keeps, shown their spans in the anchor."""
+        spans = find_spans(self.stack, anchor.storage, features.tolist())
+        verdicts = judge_features(self.stack, self.fac, spans, features.tolist())
+        self.storage.fs.create_dir(self.storage.path(paths.FAC), recursive=True)
+        pq.write_table(verdicts, self.storage.path(paths.FAC, "judged.parquet"), filesystem=self.storage.fs)
+        chosen = kept(verdicts, self.fac.judge_keep)
+        if not chosen:
+            log.warning(
+                "task_features: the judge kept none of the %d features, so F is empty and FAC means nothing; see "
+                "its verdicts in fac/judged.parquet, and try a stronger fac.judge_generator or fac.judge_keep: maybe",
+                len(features),
+            )
+        log.info("task_features: the judge kept %d of %d enriched features as relevant to %r (%s or better)",
+                 len(chosen), len(features), self.fac.judge_task, self.fac.judge_keep)  # fmt: skip
+        return np.array(chosen, dtype=np.int64)
