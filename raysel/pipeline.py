@@ -63,7 +63,7 @@ PLAN: tuple[tuple[type[Stage], Callable[[Target], Stage]], ...] = (
     (Select, lambda t: Select(t.cfg.select, t.cfg.fac, t.cfg.stack(), t.storage, t.run, t.side_sets.store)),
     (Spans, lambda t: Spans(t.cfg.stack(), t.storage)),
     (MeasureFAC, lambda t: MeasureFAC(t.cfg.fac, t.cfg.stack(), t.storage)),
-    (Synthesize, lambda t: Synthesize(t.cfg.synth, t.cfg.fac, t.cfg.stack(), t.storage, t.run["config"])),
+    (Synthesize, lambda t: Synthesize(t.cfg.synth, t.cfg.fac, t.cfg.stack(), t.storage, t.run)),
     (Report, lambda t: Report(t.storage, t.run)),
 )
 STAGES: tuple[str, ...] = tuple(cls.name for cls, _ in PLAN)

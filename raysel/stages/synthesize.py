@@ -384,8 +384,9 @@ class Synthesize(Stage):
     needs = ("stats", "fac")
     brief = ("n_kept", "fac_before", "fac_after")
 
-    def __init__(self, synth: SynthConfig, fac: FACConfig, stack: ModelStack, storage: Storage, config: dict):
-        self.synth, self.fac, self.stack, self.storage, self.config = synth, fac, stack, storage, config
+    def __init__(self, synth: SynthConfig, fac: FACConfig, stack: ModelStack, storage: Storage, run: dict):
+        """`run`: what the synthesis's manifest carries of the run (its config)."""
+        self.synth, self.fac, self.stack, self.storage, self.run_info = synth, fac, stack, storage, run
 
     def side_sets(self) -> dict[str, list[str]]:
         return {"anchor": self.fac.anchor}
@@ -441,7 +442,7 @@ class Synthesize(Stage):
             np.zeros(kept.num_rows, np.int64),
             records_of(kept["id"].to_pylist(), records),
             {
-                "config": self.config,
+                "config": self.run_info["config"],
                 "method": "synthesis",
                 "tau": tau,
                 **summary,

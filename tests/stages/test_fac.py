@@ -2,10 +2,13 @@
 F from an LLM judge (the tiny model as judge)."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from raysel import cli
@@ -102,3 +105,76 @@ def test_f_comes_from_the_anchor_and_reference_alone_so_a_subsets_fac_compares_w
     assert features[0] == features[1] and len(features[0]) > 0
     assert reports[1]["n_evaluated"] == 15 and reports[0]["n_evaluated"] == 40
     assert reports[1]["fac"] <= reports[0]["fac"] and set(reports[0]["missing"]) <= set(reports[1]["missing"])
+
+
+# F is cached in stages/task_features.json. Its key once held the side sets' encode keys, which were
+# always null: in one root, another anchor, another SAE or an edited reference silently reused the old
+# F. Each test below compares the F a root recomputes with the F a fresh root computes from scratch.
+
+
+def fac_root(stats_run, root: Path, **sections) -> tuple[dict, Path]:
+    """A copy of the encoded 40-row run, with a fixed tau (nothing calibrated per run), and its config."""
+    src, cfg, manifest = stats_run
+    if not root.exists():
+        shutil.copytree(src, root)
+    raw = json.loads(cfg.model_dump_json()) | {"activation": {"tau": manifest["stages"]["stats"]["tau"]}, "s3": {}}
+    return raw | {"output": {"root": str(root)}} | sections, root
+
+
+def task_features(raw: dict) -> list[int]:
+    run(RunConfig.model_validate(raw), until="fac")
+    features = pq.read_table(Path(raw["output"]["root"]) / "fac" / "features.parquet")["feature"].to_pylist()
+    assert features  # an empty F would compare equal to any other
+    return features
+
+
+def demo_rows(category: str, n: int, skip: int = 40) -> list[dict]:
+    return [
+        r for r in (json.loads(line) for line in DEMO.read_text().splitlines()[skip:]) if r["category"] == category
+    ][:n]
+
+
+def test_another_anchor_in_the_same_root_gets_its_own_task_features(stats_run, tmp_path):
+    code = write_jsonl(tmp_path / "code.jsonl", demo_rows("code", 8))
+    math = write_jsonl(tmp_path / "math.jsonl", demo_rows("math", 8))
+    reference = fac_reference(tmp_path)
+    fac = {"reference": [reference], "n_features": 12}
+    first = task_features(fac_root(stats_run, tmp_path / "run", fac=fac | {"anchor": [str(code)]})[0])
+    swapped = task_features(fac_root(stats_run, tmp_path / "run", fac=fac | {"anchor": [str(math)]})[0])
+    fresh = task_features(fac_root(stats_run, tmp_path / "fresh", fac=fac | {"anchor": [str(math)]})[0])
+    assert swapped == fresh and swapped != first
+
+
+def test_another_sae_at_the_same_tau_recomputes_the_task_features(stats_run, tmp_path):
+    """The second SAE is the first with its features permuted: the same activations under other ids."""
+    from safetensors.torch import load_file, save_file
+
+    sae = tmp_path / "permuted-sae"
+    shutil.copytree(stats_run[1].sae.path, sae)
+    weights = load_file(sae / "sae_weights.safetensors")
+    order = torch.randperm(weights["W_enc"].shape[1], generator=torch.Generator().manual_seed(1))
+    weights |= {"W_enc": weights["W_enc"][:, order], "b_enc": weights["b_enc"][order], "W_dec": weights["W_dec"][order]}
+    save_file({k: v.contiguous() for k, v in weights.items()}, sae / "sae_weights.safetensors")
+    anchor = write_jsonl(tmp_path / "anchor.jsonl", demo_rows("code", 8))
+    fac = {"fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 12}}
+    raw, root = fac_root(stats_run, tmp_path / "run", **fac)
+    first = task_features(raw)
+    other = raw | {"sae": raw["sae"] | {"path": str(sae)}}
+    swapped = task_features(other)
+    fresh = task_features(fac_root(stats_run, tmp_path / "fresh", **fac)[0] | {"sae": other["sae"]})
+    assert swapped == fresh and swapped != first
+
+
+def test_a_reference_edited_in_place_recomputes_the_task_features(stats_run, tmp_path):
+    """The edit keeps the path: once the reference holds the anchor's own rows, what the anchor
+    activates is not enriched over it the way it was over the generic mix."""
+    anchor_rows = demo_rows("code", 8)
+    anchor = write_jsonl(tmp_path / "anchor.jsonl", anchor_rows)
+    reference = Path(fac_reference(tmp_path))
+    fac = {"fac": {"anchor": [str(anchor)], "reference": [str(reference)], "n_features": 12}}
+    first = task_features(fac_root(stats_run, tmp_path / "run", **fac)[0])
+    generic = reference.read_text().splitlines()
+    reference.write_text("\n".join([json.dumps(r) for r in anchor_rows] + generic[:10]) + "\n")
+    edited = task_features(fac_root(stats_run, tmp_path / "run", **fac)[0])
+    fresh = task_features(fac_root(stats_run, tmp_path / "fresh", **fac)[0])
+    assert edited == fresh and edited != first

@@ -232,28 +232,37 @@ def test_a_targets_file_edited_in_place_redoes_the_selection(selected_run, tmp_p
     assert len(again) == 5 and again != picked
 
 
-def test_an_edited_fac_reference_redoes_the_fac_selection(selected_run, tmp_path):
-    """F is enriched on the anchor over fac.reference, so the reference's content is part of what
-    `method: fac` picks from: an edit in place (the same path, size and time) must redo it."""
+def test_the_fac_selection_follows_the_task_features_not_the_reference_bytes(selected_run, tmp_path):
+    """`method: fac` reads F through the task_features stage. A reference whose rows are reordered in
+    place (same path, size and time) is re-encoded, gives the same F, and the selection is kept; one
+    edited so that F changes redoes the selection. Before, the selection keyed on the reference's bytes
+    while F itself was cached under a key that never changed."""
     import os
 
     root, manifest, _ = selected_run
     shutil.copytree(root, tmp_path / "run")
     demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
-    anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[60:] if r["category"] == "math"][:6])
+    anchor_rows = [r for r in demo[60:] if r["category"] == "math"][:6]
+    anchor = write_jsonl(tmp_path / "anchor.jsonl", anchor_rows)
     reference = Path(fac_reference(tmp_path))
     raw = manifest["config"] | {"output": {"root": str(tmp_path / "run")}, "s3": {}}
     raw["select"] = {"budget": 5, "methods": ["fac"]}
     raw["fac"] = {"anchor": [str(anchor)], "reference": [str(reference)], "n_features": 20}
     cfg = RunConfig.model_validate(raw)
-    first = run(cfg, until="select")
+    first = run(cfg, until="select")["stages"]
     stat, rows = reference.stat(), reference.read_text().splitlines()
     body = "\n".join(rows[len(rows) // 2 :] + rows[: len(rows) // 2]).encode() + b"\n"  # the same bytes, reordered
     reference.write_bytes(body[: stat.st_size])
     os.utime(reference, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert reference.stat().st_size == stat.st_size and reference.stat().st_mtime_ns == stat.st_mtime_ns
-    second = run(cfg, until="select")
-    assert second["stages"]["select"]["key"] != first["stages"]["select"]["key"]
+    reordered = run(cfg, until="select")["stages"]
+    assert reordered["task_features"]["key"] != first["task_features"]["key"]  # recomputed ...
+    assert reordered["task_features"]["features"] == first["task_features"]["features"]  # ... the same F
+    assert reordered["select"] == first["select"]  # so the selection is kept, marker and all
+    reference.write_text("\n".join([json.dumps(r) for r in anchor_rows] + rows[:10]) + "\n")  # F must move
+    edited = run(cfg, until="select")["stages"]
+    assert edited["task_features"]["features"] != first["task_features"]["features"]
+    assert edited["select"]["key"] != first["select"]["key"]
 
 
 def test_the_memory_check_counts_the_activated_pool_and_refuses_one_too_big(selected_run):
