@@ -442,8 +442,10 @@ def main() -> None:
 def measure(root: Path, args) -> dict:
     """The main select (with the store read from disk under --cold), then, unless --coverage-only,
     the report, SimScale alone, SimScale's quality, and with --side MONA and FAC-select."""
-    for stale in ("stages/tau.json", "stages/stats.json", "stages/select.json", "manifest.json", "stages/spans.json"):
-        (root / "run" / stale).unlink(missing_ok=True)
+    from raysel.pipeline import STAGES
+
+    for stale in [*(f"stages/{name}.json" for name in STAGES[STAGES.index("tau") :]), "manifest.json"]:
+        (root / "run" / stale).unlink(missing_ok=True)  # every stage after encode runs again
     if args.cold:
         drop_page_cache()
     coverage = {"name": "coverage", "distributed_rows": args.randgreedi_rows}  # auto: RandGreeDi past it

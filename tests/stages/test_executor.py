@@ -78,3 +78,31 @@ def test_an_unknown_target_names_the_plans_stages(plan):
     stages, _, _ = plan
     with pytest.raises(KeyError, match="no stage named 'z' in the plan \\(a, b, c, d\\)"):
         Executor(list(stages.values())).run(["z"])
+
+
+def test_the_readmes_example_stage_runs_in_the_plan(stats_run, tmp_path):
+    """README's "Adding a stage": its code, executed as written, placed after prepare in the real plan."""
+    import json
+    import re
+    import shutil
+    from pathlib import Path
+
+    from raysel.pipeline import SideSets, Target, build
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"```python\n(# raysel/stages/source_counts.py\n.*?)```", readme, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    root, cfg, manifest = stats_run
+    shutil.copytree(root, tmp_path / "run")
+    storage = Storage(str(tmp_path / "run"), cfg.s3)
+    stages = build(Target(cfg, storage, SideSets(cfg, storage)))
+    example = scope["SourceCounts"](storage)
+    stages.insert(1, example)
+    done = Executor(stages).run(["source_counts"])
+    counts = json.loads((tmp_path / "run" / "source_counts.json").read_text())
+    assert list(counts) == cfg.input.paths and sum(counts.values()) == manifest["stages"]["prepare"]["n_valid"] == 40
+    assert done["source_counts"]["n_sources"] == 1 and "seconds" in done["source_counts"]
+    marker = (tmp_path / "run" / "stages" / "source_counts.json").stat().st_mtime_ns
+    Executor(stages).run(["source_counts"])
+    assert (tmp_path / "run" / "stages" / "source_counts.json").stat().st_mtime_ns == marker  # skipped
