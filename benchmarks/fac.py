@@ -104,7 +104,7 @@ def main() -> None:
         "input": {"paths": [evaluated], "fields": {"id": "id"}},
         "output": {"root": os.path.join(args.out, "synth_run")},
         "select": {"methods": ["coverage"]},
-        "synth": {"max_features": args.synth_features},
+        "synthesis": {"max_features": args.synth_features},
     }
     start = time.time()
     synth = run(RunConfig.model_validate(synth_raw), until="synthesis")["stages"]["synthesis"]

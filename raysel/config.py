@@ -8,7 +8,6 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -22,15 +21,17 @@ from raysel.core.records import FieldMap, PrepareConfig
 from raysel.core.sae import SAESection, TrainSAEConfig
 from raysel.core.section import ConfigError, Section
 from raysel.core.storage import S3Config
+from raysel.core.synthesis import SynthesisConfig
 from raysel.methods import LEGACY_KEYS, METHODS, MethodEntry
 from raysel.methods.fac import FACSelectConfig
 
 SECRET_KEYS = {"access_key", "secret_key"}
+RENAMED = {"synth": "synthesis"}  # sections renamed, and their new names
 # The sections the run config composes; the infrastructure ones live beside the code that reads them.
 __all__ = [
     "ActivationConfig", "ConfigError", "EncodeConfig", "FACConfig", "FieldMap", "InputConfig", "ModelConfig",
     "ModelStack", "PrepareConfig", "RayConfig", "RunConfig", "S3Config", "SAESection", "SelectConfig",
-    "StatsConfig", "SynthConfig", "TrainSAEConfig", "load_config",
+    "StatsConfig", "SynthesisConfig", "TrainSAEConfig", "load_config",
 ]  # fmt: skip
 
 
@@ -74,25 +75,6 @@ class SelectConfig(Section):
         return v
 
 
-class SynthConfig(Section):
-    """`raysel synthesize`: new samples for the features FAC finds missing (two steps, contrastive)."""
-
-    generator: str | None = None  # a causal LM (local dir, HF id, or the embedded default); None: model.name
-    max_features: int = Field(20, gt=0)  # missing features to write for, most common on the anchor first
-    spans: int = Field(5, gt=0)  # top-activating spans shown to the generator in step 1
-    n_candidates: int = Field(8, gt=0)  # step 1: samples per feature, scored to find x+ and x-
-    n_contrastive: int = Field(8, gt=0)  # step 2: samples from the contrastive prompt
-    keep: int = Field(2, gt=0)  # per feature, the strongest step-2 samples above delta
-    delta: float | None = None  # activation a kept sample must exceed; None: activation.tau
-    temperature: float = Field(0.8, gt=0)
-    retry_temperature: float = Field(1.2, gt=0)  # a step 1 whose samples all score 0 is redone once at this
-    top_p: float = Field(0.9, gt=0, le=1)
-    max_new_tokens: int = Field(160, gt=0)
-    seed: int = 0
-    actors: int = Field(1, gt=0)  # actors holding the generator and the run's model + SAE (vllm: engine replicas)
-    engine: Literal["transformers", "vllm"] = "transformers"  # vllm: ray.data.llm's vLLM processor, on GPU nodes
-
-
 class OutputConfig(Section):
     root: str = "runs/default"  # a local folder or s3://bucket/prefix
     report: bool = True  # `raysel run` and `raysel demo` write report.html at the root
@@ -109,7 +91,7 @@ class RunConfig(Section):
     stats: StatsConfig = StatsConfig()
     select: SelectConfig = SelectConfig()
     fac: FACConfig = FACConfig()
-    synth: SynthConfig = SynthConfig()
+    synthesis: SynthesisConfig = SynthesisConfig()
     s3: S3Config = S3Config()
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()
@@ -117,8 +99,11 @@ class RunConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _no_legacy_keys(cls, raw):
-        """Settings that moved into a method's entry name their new place."""
+        """Settings that moved into a method's entry, or sections renamed, name their new place."""
         if isinstance(raw, dict):
+            for old, new in RENAMED.items():
+                if old in raw:
+                    raise ValueError(f"{old}: renamed {new} (the stage, its folder and its section share one name)")
             for (section, key), moved in LEGACY_KEYS.items():
                 value = raw.get(section)
                 present = section in raw if key is None else isinstance(value, dict) and key in value

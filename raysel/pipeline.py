@@ -21,6 +21,7 @@ from raysel.config import ActivationConfig, RunConfig
 from raysel.core import paths
 from raysel.core.corpus import list_input_files
 from raysel.core.features import FeatureStore
+from raysel.core.generation import check_vllm
 from raysel.core.ray_adapter import init_ray
 from raysel.core.sae import WEIGHTS, default_sae_dir
 from raysel.core.storage import Storage, StorageError, redact
@@ -32,7 +33,7 @@ from raysel.stages.report import Report
 from raysel.stages.select import Select, run_counts
 from raysel.stages.spans import Spans
 from raysel.stages.stats import Calibrate, Stats
-from raysel.stages.synthesize import Synthesize, check_vllm
+from raysel.stages.synthesis import Synthesize
 from raysel.stages.task_features import TaskFeatures
 from raysel.stages.train_sae import TrainSAE
 
@@ -61,9 +62,9 @@ PLAN: tuple[tuple[type[Stage], Callable[[Target], Stage]], ...] = (
     (Stats, lambda t: Stats(t.storage, t.cfg.stats.top_n)),
     (TaskFeatures, lambda t: TaskFeatures(t.cfg.fac, t.cfg.stack(), t.storage)),
     (Select, lambda t: Select(t.cfg.select, t.cfg.fac, t.cfg.stack(), t.storage, t.run, t.side_sets.store)),
-    (Spans, lambda t: Spans(t.cfg.stack(), t.storage)),
+    (Spans, lambda t: Spans(t.cfg.stack(), t.cfg.select, t.storage)),
     (MeasureFAC, lambda t: MeasureFAC(t.cfg.fac, t.cfg.stack(), t.storage)),
-    (Synthesize, lambda t: Synthesize(t.cfg.synth, t.cfg.fac, t.cfg.stack(), t.storage, t.run)),
+    (Synthesize, lambda t: Synthesize(t.cfg.synthesis, t.cfg.fac, t.cfg.stack(), t.storage, t.run)),
     (Report, lambda t: Report(t.storage, t.run)),
 )
 STAGES: tuple[str, ...] = tuple(cls.name for cls, _ in PLAN)
@@ -143,7 +144,7 @@ def default_sae_missing(cfg: RunConfig) -> bool:
 
 def run_stages(cfg: RunConfig, storage: Storage, targets: list[str], given: Done | None = None) -> dict:
     log.info("run: output at %s (targets: %s)", storage.uri(), ", ".join(targets))
-    if "synthesis" in targets and cfg.synth.engine == "vllm":
+    if "synthesis" in targets and cfg.synthesis.engine == "vllm":
         check_vllm()  # before any work
     sides = SideSets(cfg, storage)
     run_info = {"config": cfg.public_dict(), "versions": versions(), "model": cfg.model.name}

@@ -54,7 +54,7 @@ def captured(root: Path) -> dict:
         out[method] = {
             "ids": [r["id"] for r in rows],
             "new_features": [r["new_features"] for r in rows],
-            "gains": [None if r["gain"] is None else round(r["gain"], 4) for r in rows],
+            "gains": [None if r["score"] is None else round(r["score"], 4) for r in rows],
         }
     report = json.loads((root / "fac" / "report.json").read_text())
     out["fac_measure"] = {k: report[k] for k in ("fac", "n_in_anchor", "n_covered", "missing")}

@@ -14,7 +14,7 @@ from typing import Annotated
 from pydantic import Field
 
 from raysel.methods import baselines, coverage, dense, fac, igds, kcenter, mona, simscale
-from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
+from raysel.methods.base import Bars, Context, Method, MethodConfig, Picks, Pool
 
 METHODS: dict[str, type[Method]] = {
     m.Config.model_fields["name"].default: m
@@ -58,4 +58,4 @@ def build(entry: MethodConfig) -> Method:
     return METHODS[entry.name](entry)
 
 
-__all__ = ["BASELINES", "METHODS", "Context", "Method", "MethodConfig", "MethodEntry", "Picks", "Pool", "build"]
+__all__ = ["BASELINES", "Bars", "METHODS", "Context", "Method", "MethodConfig", "MethodEntry", "Picks", "Pool", "build"]

@@ -9,6 +9,7 @@ and writes whatever it picks the same way.
     driver_bytes(...)    what pick holds on the driver beside the pool, for the memory check (and
                          memory_remedy, what to do when that is too much)
     pick(pool, k, ctx)   Picks: the chosen ids in order, a score per pick, details for the manifest
+    figures(details)     what the run report draws of those details, beside every method's curves
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ class Context:
 
 
 @dataclass
+class Bars:
+    """A figure a method adds to the run report: one bar a label, green above zero and red below."""
+
+    title: str
+    labels: list[str]
+    values: list[float]
+    xlabel: str
+    ylabel: str
+
+
+@dataclass
 class Picks:
     ids: list[str]  # in selection order
     scores: np.ndarray  # the gain or score of each pick; NaN where the method has none
@@ -115,3 +127,8 @@ class Method:
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
         raise NotImplementedError
+
+    @classmethod
+    def figures(cls, details: dict) -> list[Bars]:
+        """The report's figures of what a selection settled on (its manifest's `details`); none by default."""
+        return []

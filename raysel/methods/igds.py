@@ -43,7 +43,7 @@ from raysel.core.models import load_model, load_tokenizer, resolve_device, token
 from raysel.core.ray_adapter import log_to_driver, map_stage, model_resources
 from raysel.core.records import chat_template_for, shared_prefix
 from raysel.core.sae import load_sae
-from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
+from raysel.methods.base import Bars, Context, Method, MethodConfig, Picks, Pool
 
 if TYPE_CHECKING:
     from raysel.config import ModelStack
@@ -76,6 +76,14 @@ class IGDSConfig(MethodConfig):
 class IGDS(Method):
     Config = IGDSConfig
     ranks_by_score = True
+
+    @classmethod
+    def figures(cls, details: dict) -> list[Bars]:
+        effects = details.get("feature_effects") or []
+        if not effects:
+            return []
+        return [Bars("IGDS: delta per candidate feature", [str(e["feature"]) for e in effects],
+                     [e["delta"] for e in effects], "candidate feature", "delta of the task metric")]  # fmt: skip
 
     def side_inputs(self, ctx: Context) -> dict[str, list[str]]:
         return {"targets": self.cfg.targets}

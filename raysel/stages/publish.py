@@ -7,7 +7,8 @@
     README.md          the dataset card: YAML front matter (configs, licence, tags) and what the
                        selection is (method, budget, counts, model, SAE, coverage)
     records.jsonl      the selected rows, each line the input row as it was written
-    selected.parquet   rank, id, gain and new_features (the features the pick adds to the union)
+    selected.parquet   rank, id, score (the greedy gain, or the method's score) and new_features (the
+                       features the pick adds to the union)
     manifest.json      written last: the selection is committed
 
 The picks' records come from PickedRecords, which spills them from the prepared shards to local
@@ -43,7 +44,7 @@ Records = Callable[[slice], list[str]]  # the records (JSON) of the picks in a s
 LICENCE_FIELDS = ("license", "licence")
 
 
-def write_selection(storage: Storage, method: str, ids, gains, new, records: Records, manifest: dict) -> dict:
+def write_selection(storage: Storage, method: str, ids, scores, new, records: Records, manifest: dict) -> dict:
     """selection/<method>/ for the picks `ids` in rank order; records(part) gives the records (JSON)
     of the picks in a slice of that order, PART_ROWS at most."""
     base = paths.selection(method)
@@ -53,7 +54,7 @@ def write_selection(storage: Storage, method: str, ids, gains, new, records: Rec
         {
             "rank": pa.array(np.arange(1, len(ids) + 1, dtype=np.int32)),
             "id": pa.array(list(ids), pa.string()),
-            "gain": pa.array(gains, pa.float64(), from_pandas=True),  # NaN (no gain) -> null
+            "score": pa.array(scores, pa.float64(), from_pandas=True),  # NaN (no score) -> null; as the dataset file names it
             "new_features": pa.array(new, pa.int64()),
         }
     )
@@ -177,7 +178,7 @@ def write_dataset(storage: Storage, path: str, selected: pa.Table, parts, raw, t
 
 def dataset_part(selected: pa.Table, raw: list[str], types: dict, schema: pa.Schema) -> pa.Table:
     records = [json.loads(r) for r in raw]
-    columns = [selected["rank"], selected["id"], selected["gain"]]
+    columns = [selected["rank"], selected["id"], selected["score"]]
     for key, t in types.items():
         try:
             columns.append(pa.array([r.get(key) for r in records], type=t))

@@ -3,16 +3,18 @@ run's results, and report.json, the numbers behind it, for scripts.
 
 It shows the run summary (counts, rejects by reason, model and SAE, stage timings,
 config), plots (coverage against budget per method, feature document frequency,
-token lengths of the pool against the selection, task scores and IGDS deltas),
+token lengths of the pool against the selection, the scores of methods that rank by one, and each
+method's own figures: IGDS's deltas),
 the features the selection covers most and the pool features it misses, each
 with its top-activating spans (the peak token marked), and a page of the
-selected samples with their gains and top features, and the methods side by side. A panel
+selected samples with their scores and top features, and the methods side by side. A panel
 without data in this run is left out, not drawn empty.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -83,14 +85,15 @@ def report_data(storage: Storage, manifest: dict, page: int = 50) -> dict:
         "scores": {
             m: histogram(
                 pq.read_table(
-                    storage.path(paths.selection(m, "selected.parquet")), columns=["gain"], filesystem=storage.fs
-                )["gain"].to_numpy(zero_copy_only=False),
+                    storage.path(paths.selection(m, "selected.parquet")), columns=["score"], filesystem=storage.fs
+                )["score"].to_numpy(zero_copy_only=False),
                 30,
             )
             for m in picked
             if m in METHODS and METHODS[m].ranks_by_score
         },
-        "igds_effects": next((s["feature_effects"] for s in picked.values() if "feature_effects" in s), []),
+        # each method's own figures of what it settled on (IGDS: its interventions' deltas)
+        "figures": [dataclasses.asdict(b) for m, s in picked.items() if m in METHODS for b in METHODS[m].figures(s)],
         "methods": side_by_side(storage, picked, lengths),
         "features": [],
         "samples": [],
@@ -132,7 +135,7 @@ def side_by_side(storage: Storage, picked: dict[str, dict], lengths) -> dict:
     for m, manifest in picked.items():
         table = pq.read_table(storage.path(paths.selection(m, "selected.parquet")), filesystem=storage.fs)
         ids[m] = set(table["id"].to_pylist())
-        scores = [g for g in table["gain"].to_pylist() if g is not None and g == g]
+        scores = [g for g in table["score"].to_pylist() if g is not None and g == g]
         tokens = lengths["n_tokens"].to_numpy()[
             pc.index_in(table["id"], value_set=lengths["id"]).drop_null().to_numpy()
         ]
@@ -204,7 +207,7 @@ def selection_detail(storage: Storage, shown: dict, doc_freq: np.ndarray, length
             {
                 "rank": r["rank"],
                 "id": r["id"],
-                "gain": None if r["gain"] != r["gain"] else r["gain"],
+                "score": None if r["score"] != r["score"] else r["score"],
                 "new_features": r["new_features"],
                 "top_features": top,
                 "text": records.get(r["id"], "")[:400],
@@ -263,23 +266,21 @@ def plots(data: dict) -> list[str]:
         ax.set_xlabel("score of the selected samples")
         ax.legend(fontsize=8)
 
-    def deltas(ax):
-        effects = data["igds_effects"]
-        ax.bar(
-            [str(e["feature"]) for e in effects],
-            [e["delta"] for e in effects],
-            color=["#2a7" if e["delta"] > 0 else "#c44" for e in effects],
-        )
-        ax.set_xlabel("candidate feature")
-        ax.set_ylabel("delta of the task metric")
-        ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+    def bars(b: dict):
+        def draw(ax):
+            ax.bar(b["labels"], b["values"], color=["#2a7" if v > 0 else "#c44" for v in b["values"]])
+            ax.set_xlabel(b["xlabel"])
+            ax.set_ylabel(b["ylabel"])
+            ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+
+        return draw
 
     panels = [
         (curves, bool(data["curves"]), "Feature coverage against budget"),
         (doc_freq, sum(data["doc_freq"]["counts"]) > 0, "Feature document frequency"),
         (lengths, sum(data["token_lengths"]["selected"]) > 0, "Token lengths"),
-        (scores, any(h["counts"] for h in data["scores"].values()), "Task scores (mona, igds)"),
-        (deltas, bool(data["igds_effects"]), "IGDS: delta per candidate feature"),
+        (scores, any(h["counts"] for h in data["scores"].values()), f"Scores ({', '.join(data['scores'])})"),
+        *((bars(b), bool(b["values"]), b["title"]) for b in data["figures"]),
     ]
     return [figure(draw, title) for draw, has_data, title in panels if has_data]  # no empty panels
 
@@ -378,7 +379,7 @@ def features_html(features: list[dict]) -> str:
 def samples_html(samples: list[dict]) -> str:
     rows = [
         [(s["rank"], s["rank"]), (html.escape(s["id"]), None),
-         ("" if s["gain"] is None else round(s["gain"], 4), s["gain"]), (s["new_features"], s["new_features"]),
+         ("" if s["score"] is None else round(s["score"], 4), s["score"]), (s["new_features"], s["new_features"]),
          (", ".join(map(str, s["top_features"])), None), (f'<div class="text">{html.escape(s["text"])}</div>', None)]
         for s in samples
     ]  # fmt: skip

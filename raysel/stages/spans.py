@@ -1,6 +1,7 @@
 """The spans stage: the top-activating spans of the features the report shows, the ones the primary
-selection covers most and the pool features it misses (raysel.core.spans re-encodes their top
-samples). Writes stats/spans.parquet; its record lists the two groups of features."""
+selection (the first of select.methods) covers most and the pool features it misses
+(raysel.core.spans re-encodes their top samples). Writes stats/spans.parquet; its record lists the
+two groups of features."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raysel.config import ModelStack
+from raysel.config import ModelStack, SelectConfig
 from raysel.core import paths
 from raysel.core.spans import find_spans
 from raysel.core.storage import Storage
@@ -22,15 +23,15 @@ class Spans(Stage):
     needs = ("stats", "select")
     brief = ("primary",)
 
-    def __init__(self, stack: ModelStack, storage: Storage):
+    def __init__(self, stack: ModelStack, select: SelectConfig, storage: Storage):
         self.stack, self.storage = stack, storage
+        self.primary = select.methods[0].name if select.methods else None
 
     def key(self, done: Done) -> dict:
-        return {"stats": done["stats"]["key"], "select": done["select"]["key"], "shown": SHOWN}
+        return {"stats": done["stats"]["key"], "select": done["select"]["key"], "primary": self.primary, "shown": SHOWN}
 
     def run(self, done: Done) -> dict:
-        storage, methods = self.storage, list(done["select"]["budgets"])
-        primary = "coverage" if "coverage" in methods else next(iter(methods), None)
+        storage, primary = self.storage, self.primary
         stats = pq.read_table(storage.path(paths.FEATURE_STATS), columns=["doc_freq"], filesystem=storage.fs)
         doc_freq = stats["doc_freq"].to_numpy()
         hits = np.zeros(doc_freq.size, np.int64)

@@ -82,7 +82,7 @@ def test_fac_selection_raises_fac_over_what_the_evaluated_set_had(stats_run, tmp
     assert m["fac_after"] >= m["fac_random_after"]
     assert m["fac_pool"] >= m["fac_after"]
     selected = pq.read_table(tmp_path / "out" / "selection" / "fac" / "selected.parquet").to_pylist()
-    assert len(selected) == 6 and selected[0]["gain"] >= selected[1]["gain"]
+    assert len(selected) == 6 and selected[0]["score"] >= selected[1]["score"]
     assert manifest["stages"]["select"]["budgets"] == {"fac": 6}
 
 

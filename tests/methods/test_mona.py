@@ -82,5 +82,5 @@ def test_mona_selects_the_top_scores_of_the_store(task_run):
     expected = sorted(zip(pool["id"].to_pylist(), scores), key=lambda r: (-r[1], r[0]))[:10]
     selected = pq.read_table(root / "selection" / "mona" / "selected.parquet").to_pylist()
     assert [r["id"] for r in selected] == [i for i, _ in expected]
-    np.testing.assert_allclose([r["gain"] for r in selected], [s for _, s in expected])
+    np.testing.assert_allclose([r["score"] for r in selected], [s for _, s in expected])
     assert manifest["stages"]["select"]["budgets"] == {"mona": 10, "igds": 15, "coverage": 10}

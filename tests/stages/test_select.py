@@ -81,7 +81,7 @@ def test_a_selection_loads_as_a_hugging_face_dataset_and_carries_a_card(selected
     ds = datasets.load_dataset(str(base), split="train", cache_dir=str(tmp_path))
     selected = pq.read_table(base / "selected.parquet").to_pylist()
     assert ds["id"] == [r["id"] for r in selected] and ds["rank"] == list(range(1, 13))
-    assert ds["score"] == [r["gain"] for r in selected] and ds["output"] == [
+    assert ds["score"] == [r["score"] for r in selected] and ds["output"] == [
         corpus[r["id"]]["output"] for r in selected
     ]
     card = (base / "README.md").read_text()
@@ -138,7 +138,7 @@ def test_coverage_beats_random_and_longest_and_longest_is_longest(selected_run):
     assert min(lengths) >= max(r["n_response_tokens"] for i, r in prepared.items() if i not in longest)
     selected = pq.read_table(root / "selection" / "coverage" / "selected.parquet").to_pylist()
     first = selected[0]  # greedy's first pick is the sample with the most activated features
-    assert first["gain"] == first["new_features"] == max(r["new_features"] for r in selected)
+    assert first["score"] == first["new_features"] == max(r["new_features"] for r in selected)
 
 
 def test_simscale_keeps_samples_below_its_theta(selected_run):

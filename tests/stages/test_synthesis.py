@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysel.config import ConfigError, RunConfig
+from raysel.core.generation import check_vllm
+from raysel.core.synthesis import as_record, passing, synthesize
 from raysel.pipeline import run
-from raysel.stages.synthesize import as_record, check_vllm, passing, synthesize
 from tests.conftest import DEMO, build_tiny_sae, fac_reference, run_cfg, write_jsonl
 
 PROVENANCE = ("feature", "step", "prompt", "score", "generator")
@@ -44,7 +45,7 @@ def test_each_feature_gets_scored_candidates_and_a_contrastive_second_step(ray_c
             "model": {"name": str(tiny_model_dir), "dtype": "float32"},
             "sae": {"path": str(sae), "allow_poor_fit": True},
             "encode": {"device": "cpu"},
-            "synth": {"n_candidates": 4, "n_contrastive": 6, "keep": 2, "max_new_tokens": 24},
+            "synthesis": {"n_candidates": 4, "n_contrastive": 6, "keep": 2, "max_new_tokens": 24},
         }
     )
     spans = pa.table(
@@ -55,7 +56,7 @@ def test_each_feature_gets_scored_candidates_and_a_contrastive_second_step(ray_c
             "peak": [1, 0, 0],
         }
     )
-    table, no_signal = synthesize(cfg.stack(), cfg.synth, [9, 5], spans, 0.0, {5: "the word five"})
+    table, no_signal = synthesize(cfg.stack(), cfg.synthesis, [9, 5], spans, 0.0, {5: "the word five"})
     rows = table.to_pylist()
     # feature 9: step 1 all zero, retried once hotter with ids of its own, then no_signal and no step 2
     nine = [r for r in rows if r["feature"] == 9]
@@ -82,12 +83,12 @@ def test_each_feature_gets_scored_candidates_and_a_contrastive_second_step(ray_c
     assert min((r["score"] for r in kept), default=0) >= max(
         (r["score"] for r in step2 if not r["kept"] and r["passed"]), default=0
     )
-    again, _ = synthesize(cfg.stack(), cfg.synth, [5], spans, 0.0, {5: "the word five"})
+    again, _ = synthesize(cfg.stack(), cfg.synthesis, [5], spans, 0.0, {5: "the word five"})
     assert [r["text"] for r in again.to_pylist()] == [r["text"] for r in rows]  # seeded per feature
 
 
 def test_the_vllm_engine_without_vllm_is_a_config_error_naming_the_key(ray_cluster):
-    with pytest.raises(ConfigError, match="synth.engine: 'vllm' needs the vllm package"):
+    with pytest.raises(ConfigError, match="synthesis.engine: 'vllm' needs the vllm package"):
         check_vllm()
 
 
@@ -101,7 +102,7 @@ def test_raysel_synthesize_writes_samples_with_provenance_and_fac_before_and_aft
         "fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 40},
         "activation": {"target_active": 2},
         # delta: the run's tau, so that a kept sample covers its feature
-        "synth": {"max_features": 2, "n_candidates": 3, "n_contrastive": 3, "max_new_tokens": 24},
+        "synthesis": {"max_features": 2, "n_candidates": 3, "n_contrastive": 3, "max_new_tokens": 24},
     }
     raw["encode"]["num_cpus"] = 2  # every CPU of the test cluster to the actor, as `raysel demo` does
     manifest = run(RunConfig.model_validate(raw), until="synthesis")
@@ -132,9 +133,9 @@ def test_raysel_synthesize_writes_samples_with_provenance_and_fac_before_and_aft
 
 
 def test_delta_defaults_to_the_resolved_tau_not_the_configured_one():
-    from raysel.stages.synthesize import synth_delta
+    from raysel.stages.synthesis import synthesis_delta
 
     calibrated = RunConfig.model_validate({"input": {"paths": ["x"]}, "activation": {"target_active": 32}})
-    assert calibrated.activation.tau == 0.0 and synth_delta(calibrated.synth, tau=36.4) == 36.4
-    pinned = RunConfig.model_validate({"input": {"paths": ["x"]}, "synth": {"delta": 5.0}})
-    assert synth_delta(pinned.synth, tau=36.4) == 5.0
+    assert calibrated.activation.tau == 0.0 and synthesis_delta(calibrated.synthesis, tau=36.4) == 36.4
+    pinned = RunConfig.model_validate({"input": {"paths": ["x"]}, "synthesis": {"delta": 5.0}})
+    assert synthesis_delta(pinned.synthesis, tau=36.4) == 5.0
