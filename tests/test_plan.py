@@ -104,3 +104,15 @@ def test_a_root_holding_a_run_of_other_input_is_refused_unless_forced(stats_run,
     storage = Storage(str(root), stats_run[1].s3)
     check_root(storage, [str(other)], force=True)  # forced: no error
     check_root(storage, stats_run[1].input.paths, force=False)  # the same input: a resume, no error
+
+
+def test_every_verb_that_runs_stages_targets_stages_of_the_plan():
+    """The CLI's verbs and the plan's targets are one list: a verb added to the parser without its
+    targets in pipeline.VERBS (or the reverse) fails here, not at a user's first run."""
+    from raysel.cli import build_parser
+    from raysel.pipeline import STAGES, VERBS
+
+    parser = build_parser()
+    verbs = set(next(a for a in parser._actions if a.dest == "verb").choices)
+    assert verbs - {"status", "push"} == set(VERBS)
+    assert all(VERBS[v] and set(VERBS[v]) <= set(STAGES) for v in VERBS)
