@@ -196,8 +196,10 @@ def test_feature_store_holds_every_valid_id_once(ray_cluster, tiny_model_dir, ti
     assert sorted(features["id"]) == sorted(prepared_ids) and len(set(prepared_ids)) == 40
     assert summary["n_encoded"] == 40 and summary["n_tokens"] == features["n_tokens"].sum()
     assert all(len(i) == len(m) == len(s) for i, m, s in zip(features.feat_ids, features.feat_max, features.feat_sum))
+    assert encode(cfg, storage, prepared) == summary  # the stage's marker holds its key: skipped whole
+    (tmp_path / "out" / "stages" / "encode.json").unlink()  # as a crash after the last shard leaves it
     again = encode(cfg, storage, prepared)
-    assert (again["n_shards_encoded"], again["n_shards_skipped"]) == (0, 5)
+    assert (again["n_shards_encoded"], again["n_shards_skipped"]) == (0, 5)  # every shard marker holds
 
 
 def settled_markers(done_dir, quiet: float = 3.0) -> dict[str, str]:
@@ -323,21 +325,22 @@ def test_the_encode_fingerprint_follows_the_sae_weights_and_the_resolved_dtype(t
         stack = stack.model_copy(update={"model": stack.model.model_copy(update=model)})
         return Encode(stack, storage, has_gpus=has_gpus)
 
-    before = encode_stage(dtype="auto")
+    prepared = {"fingerprint": "p"}
+    before = encode_stage(dtype="auto").fingerprint(prepared)
     weights = load_file(sae / "sae_weights.safetensors")
     weights["W_enc"] = weights["W_enc"] * 1.5  # retrained in place: same path, same size
     save_file(weights, sae / "sae_weights.safetensors")
     after = encode_stage(dtype="auto")
-    assert after.fingerprint({"fingerprint": "p"}) != before.fingerprint({"fingerprint": "p"})
+    assert after.fingerprint(prepared) != before
     # auto on CPU actors is bf16 where the CPU does bf16 natively (as the kernel reports it), else fp32:
     # the same features as asking for that dtype, and other features than the other one
     flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
     native, other = ("bfloat16", "float32") if flags & {"avx512_bf16", "amx_bf16"} else ("float32", "bfloat16")
-    assert (after.dtype, encode_stage(dtype=native).fingerprint({"fingerprint": "p"})) == (
+    assert (after.dtype, encode_stage(dtype=native).fingerprint(prepared)) == (
         native,
-        after.fingerprint({"fingerprint": "p"}),
+        after.fingerprint(prepared),
     )
-    assert encode_stage(dtype=other).fingerprint({"fingerprint": "p"}) != after.fingerprint({"fingerprint": "p"})
+    assert encode_stage(dtype=other).fingerprint(prepared) != after.fingerprint(prepared)
     on_gpus = encode_stage(has_gpus=True, dtype="auto")
     assert on_gpus.dtype == "bfloat16"
 

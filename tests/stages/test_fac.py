@@ -14,6 +14,8 @@ import yaml
 from raysel import cli
 from raysel.config import RunConfig
 from raysel.core.judge import LEVELS, kept
+from raysel.core.spans import find_spans
+from raysel.core.storage import Storage
 from raysel.pipeline import run
 from tests.conftest import DEMO, fac_reference, write_jsonl
 
@@ -62,7 +64,10 @@ def test_an_llm_judge_explains_verifies_and_rates_the_enriched_shortlist(stats_r
     manifest = run(RunConfig.model_validate(raw), until="fac")
     verdicts = pq.read_table(root / "fac" / "judged.parquet").to_pylist()
     assert 0 < len(verdicts) <= 6
-    spans = pq.read_table(root / "anchor" / "stats" / "spans.parquet").to_pylist()
+    features = [v["feature"] for v in verdicts]
+    spans = find_spans(
+        cfg.stack(), Storage(str(root / "anchor"), cfg.s3), features
+    ).to_pylist()  # as the judge saw them
     for v in verdicts:
         assert (
             v["relevance"] in LEVELS

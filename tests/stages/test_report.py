@@ -14,6 +14,7 @@ from raysel.config import RunConfig
 from raysel.core.storage import Storage
 from raysel.pipeline import run
 from raysel.stages.report import report_data, write_report
+from raysel.stages.spans import SHOWN
 from tests.conftest import run_cfg
 
 
@@ -31,7 +32,7 @@ def two_runs(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
     single["select"] = {"budget": 8, "methods": ["coverage"]}
     roots = {}
     for name, raw in (("full", full), ("single", single)):
-        run(RunConfig.model_validate(raw), until="select")
+        run(RunConfig.model_validate(raw), until=["select", "report"])  # as `raysel run` targets them
         roots[name] = Storage(raw["output"]["root"], RunConfig.model_validate(raw).s3)
     return roots
 
@@ -39,8 +40,8 @@ def two_runs(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
 def test_the_report_data_matches_the_run(two_runs):
     storage = two_runs["full"]
     root = storage.root
-    data = report_data(storage, n_features=5, page=7)
     manifest = json.loads(open(os.path.join(root, "manifest.json")).read())
+    data = report_data(storage, manifest, page=7)
     assert data["counts"] == manifest["counts"] and data["counts"]["n_rejected"] == 2
     assert set(data["curves"]) == {"coverage", "random", "longest"} and data["primary"] == "coverage"
     assert data["coverage_at_budget"]["coverage"] == data["curves"]["coverage"][-1]["coverage"]
@@ -59,7 +60,7 @@ def test_the_report_data_matches_the_run(two_runs):
             hits[r["feat_ids"]] += 1
     covered = [f for f in data["features"] if f["status"] == "covered"]
     missed = [f for f in data["features"] if f["status"] == "missed"]
-    assert [f["selected"] for f in covered] == sorted(hits[hits > 0], reverse=True)[:5]
+    assert [f["selected"] for f in covered] == sorted(hits[hits > 0], reverse=True)[:SHOWN]
     assert all(hits[f["feature"]] == 0 and f["doc_freq"] > 0 for f in missed)
     assert [f["doc_freq"] for f in missed] == sorted([f["doc_freq"] for f in missed], reverse=True)
     for f in data["features"]:
@@ -99,7 +100,7 @@ def browser(tmp_path_factory):
 @pytest.mark.parametrize("which", ["full", "single"])
 def test_the_page_renders_its_plots_and_feature_table_in_chromium(two_runs, browser, which, tmp_path):
     storage = two_runs[which]
-    page = write_report(storage)
+    page = write_report(storage, json.loads(open(os.path.join(storage.root, "manifest.json")).read()))
     assert json.loads(open(os.path.join(storage.root, "report.json")).read())["counts"]["n_input"] >= 30
     browser.get("file://" + os.path.abspath(page))
     browser.save_screenshot(str(tmp_path / f"report-{which}.png"))
