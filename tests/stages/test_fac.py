@@ -13,6 +13,8 @@ import yaml
 
 from raysel import cli
 from raysel.config import RunConfig
+from raysel.core.fac import enriched_features
+from raysel.core.features import FeatureStore
 from raysel.core.judge import LEVELS, kept
 from raysel.core.spans import find_spans
 from raysel.core.storage import Storage
@@ -114,7 +116,8 @@ def test_f_comes_from_the_anchor_and_reference_alone_so_a_subsets_fac_compares_w
 
 # F is cached in stages/task_features.json. Its key once held the side sets' encode keys, which were
 # always null: in one root, another anchor, another SAE or an edited reference silently reused the old
-# F. Each test below compares the F a root recomputes with the F a fresh root computes from scratch.
+# F. Each test below changes one of them in a root and compares the F `raysel fac` used with the F the
+# root's anchor and reference stores give now (and, on f93ec9f, with a fresh root's: each failed there).
 
 
 def fac_root(stats_run, root: Path, **sections) -> tuple[dict, Path]:
@@ -126,11 +129,17 @@ def fac_root(stats_run, root: Path, **sections) -> tuple[dict, Path]:
     return raw | {"output": {"root": str(root)}} | sections, root
 
 
-def task_features(raw: dict) -> list[int]:
+def task_features(raw: dict) -> tuple[list[int], list[int]]:
+    """F as `raysel fac` used it, and F recomputed from the anchor and reference stores the root holds
+    now (their encode is keyed by content, model and SAE, so those are always current)."""
     run(RunConfig.model_validate(raw), until="fac")
-    features = pq.read_table(Path(raw["output"]["root"]) / "fac" / "features.parquet")["feature"].to_pylist()
-    assert features  # an empty F would compare equal to any other
-    return features
+    root, cfg = Path(raw["output"]["root"]), RunConfig.model_validate(raw)
+    used = pq.read_table(root / "fac" / "features.parquet")["feature"].to_pylist()
+    side = {name: FeatureStore(Storage(str(root / name), cfg.s3)).table() for name in ("anchor", "reference")}
+    d_sae = json.loads((root / "stats" / "summary.json").read_text())["d_sae"]
+    now = enriched_features(side["anchor"], side["reference"], cfg.activation.tau, d_sae, cfg.fac.n_features)
+    assert used  # an empty F would compare equal to any other
+    return used, now.tolist()
 
 
 def demo_rows(category: str, n: int, skip: int = 40) -> list[dict]:
@@ -144,10 +153,9 @@ def test_another_anchor_in_the_same_root_gets_its_own_task_features(stats_run, t
     math = write_jsonl(tmp_path / "math.jsonl", demo_rows("math", 8))
     reference = fac_reference(tmp_path)
     fac = {"reference": [reference], "n_features": 12}
-    first = task_features(fac_root(stats_run, tmp_path / "run", fac=fac | {"anchor": [str(code)]})[0])
-    swapped = task_features(fac_root(stats_run, tmp_path / "run", fac=fac | {"anchor": [str(math)]})[0])
-    fresh = task_features(fac_root(stats_run, tmp_path / "fresh", fac=fac | {"anchor": [str(math)]})[0])
-    assert swapped == fresh and swapped != first
+    first, _ = task_features(fac_root(stats_run, tmp_path / "run", fac=fac | {"anchor": [str(code)]})[0])
+    swapped, now = task_features(fac_root(stats_run, tmp_path / "run", fac=fac | {"anchor": [str(math)]})[0])
+    assert swapped == now and swapped != first
 
 
 def test_another_sae_at_the_same_tau_recomputes_the_task_features(stats_run, tmp_path):
@@ -163,11 +171,9 @@ def test_another_sae_at_the_same_tau_recomputes_the_task_features(stats_run, tmp
     anchor = write_jsonl(tmp_path / "anchor.jsonl", demo_rows("code", 8))
     fac = {"fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 12}}
     raw, root = fac_root(stats_run, tmp_path / "run", **fac)
-    first = task_features(raw)
-    other = raw | {"sae": raw["sae"] | {"path": str(sae)}}
-    swapped = task_features(other)
-    fresh = task_features(fac_root(stats_run, tmp_path / "fresh", **fac)[0] | {"sae": other["sae"]})
-    assert swapped == fresh and swapped != first
+    first, _ = task_features(raw)
+    swapped, now = task_features(raw | {"sae": raw["sae"] | {"path": str(sae)}})
+    assert swapped == now and swapped != first
 
 
 def test_a_reference_edited_in_place_recomputes_the_task_features(stats_run, tmp_path):
@@ -177,9 +183,8 @@ def test_a_reference_edited_in_place_recomputes_the_task_features(stats_run, tmp
     anchor = write_jsonl(tmp_path / "anchor.jsonl", anchor_rows)
     reference = Path(fac_reference(tmp_path))
     fac = {"fac": {"anchor": [str(anchor)], "reference": [str(reference)], "n_features": 12}}
-    first = task_features(fac_root(stats_run, tmp_path / "run", **fac)[0])
+    first, _ = task_features(fac_root(stats_run, tmp_path / "run", **fac)[0])
     generic = reference.read_text().splitlines()
     reference.write_text("\n".join([json.dumps(r) for r in anchor_rows] + generic[:10]) + "\n")
-    edited = task_features(fac_root(stats_run, tmp_path / "run", **fac)[0])
-    fresh = task_features(fac_root(stats_run, tmp_path / "fresh", **fac)[0])
-    assert edited == fresh and edited != first
+    edited, now = task_features(fac_root(stats_run, tmp_path / "run", **fac)[0])
+    assert edited == now and edited != first
