@@ -54,7 +54,8 @@ def write_selection(storage: Storage, method: str, ids, scores, new, records: Re
         {
             "rank": pa.array(np.arange(1, len(ids) + 1, dtype=np.int32)),
             "id": pa.array(list(ids), pa.string()),
-            "score": pa.array(scores, pa.float64(), from_pandas=True),  # NaN (no score) -> null; as the dataset file names it
+            # as the dataset file names it; NaN (no score) -> null
+            "score": pa.array(scores, pa.float64(), from_pandas=True),
             "new_features": pa.array(new, pa.int64()),
         }
     )
