@@ -41,8 +41,9 @@ import ray  # noqa: E402
 from raysel.config import RunConfig  # noqa: E402
 from raysel.core.features import FEATURE_SCHEMA, FeatureStore  # noqa: E402
 from raysel.core.storage import Storage  # noqa: E402
-from raysel.methods.coverage import CoverageConfig, covered_weight, randgreedi  # noqa: E402
+from raysel.methods.coverage import CoverageConfig  # noqa: E402
 from raysel.methods.coverage_kernel import greedy_coverage  # noqa: E402
+from raysel.methods.randgreedi import covered_weight, randgreedi  # noqa: E402
 from raysel.pipeline import run  # noqa: E402
 
 

@@ -43,3 +43,16 @@ def test_the_import_reader_sees_imports_in_functions_and_under_type_checking(tmp
         "def f():\n    import raysel.stages.base\n"
     )
     assert {"raysel.config.RunConfig", "raysel.stages.base"} <= imports(module)
+
+
+def test_reading_a_config_loads_neither_ray_nor_numba_nor_pandas():
+    """The CLI imports the heavy parts only where a verb needs them; a config that pulled them in (1.2 s
+    here, most of it Ray Data) made every `raysel status` and `--help` pay for them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, raysel.config; print(sorted(m for m in ('ray', 'numba', 'pandas', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
-from ray.data.datasource import FileBasedDatasource
 
 from raysel.core.records import FieldMap
 from raysel.core.section import Section
@@ -191,33 +190,6 @@ def _hub_dataset_cache_files(cfg: InputConfig) -> list[InputFile]:
 
     ds = datasets.load_dataset(cfg.hf_dataset, split=cfg.hf_split)
     return [InputFile(c["filename"], "hf_disk", 0, "") for c in ds.cache_files]
-
-
-class CorpusDatasource(FileBasedDatasource):
-    """Reads every input file into RAW_SCHEMA rows, one reader per format. A row over `max_row_bytes`
-    keeps only its head: it is rejected, and a file with no line ends never fills the memory."""
-
-    def __init__(self, files: list[InputFile], filesystem: pafs.FileSystem, max_row_bytes: int):
-        super().__init__([f.path for f in files], filesystem=filesystem)
-        self._formats = {f.path: f.format for f in files}
-        self._index = {f.path: i for i, f in enumerate(files)}
-        self._limit = max_row_bytes
-
-    def _open_input_source(self, filesystem, path: str, **open_args) -> pa.NativeFile:
-        # Parquet readers seek to the footer; the other formats stream.
-        if self._formats[path] == "parquet":
-            return filesystem.open_input_file(path)
-        return super()._open_input_source(filesystem, path, **open_args)
-
-    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        batch, base = [], self._index[path] << ORDER_BITS
-        for row in read_rows(f, self._formats[path], self._limit):
-            batch.append({"source": path, "order": base | row["row"], **row})
-            if len(batch) == ROWS_PER_BLOCK:
-                yield pa.Table.from_pylist(batch, schema=RAW_SCHEMA)
-                batch = []
-        if batch:
-            yield pa.Table.from_pylist(batch, schema=RAW_SCHEMA)
 
 
 def read_rows(f: pa.NativeFile, fmt: str, limit: int) -> Iterator[dict]:

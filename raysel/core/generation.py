@@ -10,7 +10,6 @@ import time
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import ray
 
 from raysel.core.models import ChatModel, generator_config, model_source
 from raysel.core.section import ConfigError
@@ -81,6 +80,7 @@ def candidate(p: dict, i: int, text: str, generator: str) -> dict:
 
 def generate_vllm(stack: ModelStack, synthesis: SynthesisConfig, prompts: list[dict]) -> pa.Table:
     """The same samples through vLLM on the GPU nodes (ray.data.llm), one request per sample, seeded."""
+    import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     s, name = synthesis, generator_config(stack.model, synthesis.generator)
@@ -109,6 +109,8 @@ def generate_vllm(stack: ModelStack, synthesis: SynthesisConfig, prompts: list[d
 
 def check_vllm() -> None:
     """synthesis.engine: vllm needs vLLM where the driver runs and GPUs in the cluster; say so before any work."""
+    import ray
+
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(
             "synthesis.engine: 'vllm' needs the vllm package (pip install vllm, on GPU nodes); "

@@ -19,7 +19,6 @@ import logging
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
-import ray
 
 from raysel.core.models import ChatModel
 from raysel.core.ray_adapter import log_to_driver, map_stage, model_resources
@@ -126,6 +125,8 @@ class Judge:
 
 def judge_features(stack: ModelStack, cfg: FACConfig, spans: pa.Table, features: list[int]) -> pa.Table:
     """A verdict for each feature, from its top spans (at most stats.top_n), on fac.judge actors."""
+    import ray
+
     shown = {j: [] for j in features}
     for r in spans.sort_by([("feature", "ascending"), ("rank", "ascending")]).to_pylist():
         if r["feature"] in shown:

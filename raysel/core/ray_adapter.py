@@ -10,17 +10,9 @@ files with plain tasks."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from pydantic import Field
-
-from raysel.core.section import Section
-
-if TYPE_CHECKING:
-    from raysel.core.encoder import EncodeConfig
-
 import collections
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -31,9 +23,16 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
-from ray.data import ActorPoolStrategy, DataContext, Dataset
-from ray.util import ActorPool
+from pydantic import Field
+
+from raysel.core.section import Section
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
+    from raysel.core.encoder import EncodeConfig
+
+# Ray is imported where it is used: the config sections (RayConfig here) load without it.
 
 
 class RayConfig(Section):
@@ -63,6 +62,8 @@ def map_stage(ds: Dataset, stage: type, resources: Resources, **stage_kwargs) ->
         memory=resources.memory,
         resources=resources.custom,
     )
+    from ray.data import ActorPoolStrategy
+
     if resources.actors:
         return ds.map_batches(
             stage, fn_constructor_kwargs=stage_kwargs, compute=ActorPoolStrategy(size=resources.actors), **common
@@ -96,6 +97,9 @@ def held_actors(stage: type, resources: Resources, **stage_kwargs) -> Iterator[C
 
     For a loop of small rounds that depend on each other (synthesis' steps): each round on map_stage
     starts its pool again and pays every model's load again, which was most of a round."""
+    import ray
+    from ray.util import ActorPool
+
     options = dict(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, resources=resources.custom or {})
     if resources.memory:
         options["memory"] = resources.memory
@@ -116,23 +120,34 @@ def map_files(files: list[str], fn, columns: list[str], filesystem=None):
     For the passes that reduce the feature store to small partials. Not Ray Data: its read_parquet took
     48 s to read the 1M-sample benchmark store (123 files, 9 GB; Ray 2.60, 2 CPUs, either datasource
     version) where these tasks take about 25 s; the stats stage fell from 114 s to 57 s with them."""
+    import ray
+
     window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     pending: collections.deque = collections.deque()
     for path in files:
-        pending.append(_map_file.remote(path, fn, columns, filesystem))
+        pending.append(_map_file().remote(path, fn, columns, filesystem))
         if len(pending) >= window:
             yield ray.get(pending.popleft())
     while pending:
         yield ray.get(pending.popleft())
 
 
-@ray.remote(num_cpus=1)
-def _map_file(path: str, fn, columns: list[str], filesystem):
+def _read_and_map(path: str, fn, columns: list[str], filesystem):
     return fn(pq.read_table(path, columns=columns, filesystem=filesystem))
+
+
+@functools.cache
+def _map_file():
+    """_read_and_map as a Ray task of one CPU (made once, on first use)."""
+    import ray
+
+    return ray.remote(num_cpus=1)(_read_and_map)
 
 
 def task_cpus() -> int:
     """The CPUs Ray gave the current task or actor (at least 1)."""
+    import ray
+
     return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
@@ -142,6 +157,8 @@ def log_to_driver() -> None:
 
 
 def init_ray(cfg: RayConfig) -> None:
+    import ray
+
     if ray.is_initialized():
         return
     # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise start one here.
@@ -154,6 +171,8 @@ def init_ray(cfg: RayConfig) -> None:
 def quiet_off_a_terminal() -> None:
     """Ray Data's progress bars redraw many times a second: on a terminal that is a display, in a log
     (CI, `ray job logs`) a flood. Off a terminal raysel's own progress lines take their place."""
+    from ray.data import DataContext
+
     if not sys.stderr.isatty():
         context = DataContext.get_current()
         context.enable_progress_bars = False
@@ -165,6 +184,8 @@ def model_resources(encode: EncodeConfig, actors: int, batch_size: int = 1, has_
     config does not pin the CPU), else encode.num_cpus CPUs; encode.memory_gb of heap either way.
     `has_gpus` None: ask the running cluster."""
     if has_gpus is None:
+        import ray
+
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     gpus = has_gpus and encode.device != "cpu"
     return Resources(

@@ -30,7 +30,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from raysel.core import paths
 from raysel.core.encoder import Encoder
@@ -98,6 +97,8 @@ class SpanFinder:
 def find_spans(stack: ModelStack, storage: Storage, features: list[int]) -> pa.Table:
     """Spans of `features` in the encoded set at `storage`: their top samples (from its statistics)
     re-encoded on the encode actors, ranked strongest first per feature. Writes nothing."""
+    import ray
+
     stats = pq.read_table(storage.path(paths.FEATURE_STATS), columns=["feature", "top_ids"], filesystem=storage.fs)
     top = {f: ids for f, ids in zip(stats["feature"].to_pylist(), stats["top_ids"].to_pylist()) if ids}
     wanted = sorted(set(features) & set(top))

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from raysel.core import paths
 from raysel.core.encoder import Encoder
@@ -91,6 +90,8 @@ def mean_hidden(encoder: Encoder, texts: list[str]) -> np.ndarray:
 
 def mean_hidden_states(stack: ModelStack, storage: Storage) -> tuple[np.ndarray, np.ndarray]:
     """Every pool sample's unit mean hidden state at the hook: (ids sorted, n x d_in float32)."""
+    import ray
+
     texts = pq.read_table(storage.path(paths.PREPARED), columns=["id", "text"], filesystem=storage.fs)
     out = map_stage(
         ray.data.from_arrow(texts), MeanHidden, model_resources(stack.encode, stack.encode.actors, 64), stack=stack

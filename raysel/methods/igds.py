@@ -33,7 +33,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 from pydantic import Field
 
 from raysel.core import paths
@@ -406,6 +405,8 @@ def feature_effects(
     layer: int,
 ) -> pa.Table:
     """delta of every candidate (its best alpha's), computed in parallel on `actors` full models."""
+    import ray
+
     resources = model_resources(stack.encode, min(cfg.actors, len(candidates)))
     items = ray.data.from_items([{"feature": j} for j in candidates], override_num_blocks=len(candidates))
     effects = map_stage(

@@ -7,7 +7,6 @@ from typing import Literal
 
 from raysel.core.features import FeatureStore
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
-from raysel.methods.simscale_kernel import simscale, working_bytes
 
 
 class SimScaleConfig(MethodConfig):
@@ -18,9 +17,13 @@ class SimScale(Method):
     Config = SimScaleConfig
 
     def driver_bytes(self, store: FeatureStore, k: int, ctx: Context) -> int:
+        from raysel.methods.simscale_kernel import working_bytes  # numba: loaded when asked
+
         stats = store.summary()
         return working_bytes(stats["n_samples"], stats["n_activated"], k)
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
+        from raysel.methods.simscale_kernel import simscale
+
         kept = simscale(pool.indptr, pool.indices, k)
         return Picks.unscored(pool.ids[kept.order].tolist(), {"theta": kept.theta, "theta_passes": kept.passes})

@@ -25,11 +25,11 @@ from raysel.core import paths
 from raysel.core.corpus import (
     BLANK_LINE,
     ORDER_BITS,
-    CorpusDatasource,
     content_fingerprint,
     fingerprint,
     list_input_files,
 )
+from raysel.core.datasource import CorpusDatasource
 from raysel.core.models import load_tokenizer, model_source, tokenize
 from raysel.core.ray_adapter import Resources, map_stage
 from raysel.core.records import Rejected, chat_template_for, normalize, parse_record, render

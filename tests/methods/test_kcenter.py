@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from raysel.core.features import csr_by_id, pooled_lists
-from raysel.methods.kcenter import first_of_max, k_center_greedy, unit_rows
+from raysel.methods.kcenter_kernel import first_of_max, k_center_greedy, unit_rows
 from tests.conftest import store_table
 
 

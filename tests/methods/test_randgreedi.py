@@ -12,8 +12,8 @@ from raysel.config import RunConfig, S3Config
 from raysel.core.features import FEATURE_SCHEMA, FeatureStore
 from raysel.core.storage import Storage
 from raysel.methods import Context, Pool, build
-from raysel.methods.coverage import assign, covered_weight, csr, randgreedi
 from raysel.methods.coverage_kernel import greedy_coverage
+from raysel.methods.randgreedi import assign, covered_weight, csr, randgreedi
 
 TAU = 0.5
 
