@@ -116,8 +116,9 @@ def test_f_comes_from_the_anchor_and_reference_alone_so_a_subsets_fac_compares_w
 
 # F is cached in stages/task_features.json. Its key once held the side sets' encode keys, which were
 # always null: in one root, another anchor, another SAE or an edited reference silently reused the old
-# F. Each test below changes one of them in a root and compares the F `raysel fac` used with the F the
-# root's anchor and reference stores give now (and, on f93ec9f, with a fresh root's: each failed there).
+# F. Each test below changes one of them in a root and compares the F the stage committed with the F the
+# root's anchor and reference stores give now. (Run on f93ec9f through `raysel fac`, against a fresh
+# root's F, each of the three failed.)
 
 
 def fac_root(stats_run, root: Path, **sections) -> tuple[dict, Path]:
@@ -130,11 +131,11 @@ def fac_root(stats_run, root: Path, **sections) -> tuple[dict, Path]:
 
 
 def task_features(raw: dict) -> tuple[list[int], list[int]]:
-    """F as `raysel fac` used it, and F recomputed from the anchor and reference stores the root holds
-    now (their encode is keyed by content, model and SAE, so those are always current)."""
-    run(RunConfig.model_validate(raw), until="fac")
+    """F as the task_features stage committed it (what `raysel fac`, `raysel synthesize` and method
+    `fac` read), and F recomputed from the anchor and reference stores the root holds now (their
+    encode is keyed by content, model and SAE, so those are always current)."""
+    used = run(RunConfig.model_validate(raw), until="task_features")["stages"]["task_features"]["features"]
     root, cfg = Path(raw["output"]["root"]), RunConfig.model_validate(raw)
-    used = pq.read_table(root / "fac" / "features.parquet")["feature"].to_pylist()
     side = {name: FeatureStore(Storage(str(root / name), cfg.s3)).table() for name in ("anchor", "reference")}
     d_sae = json.loads((root / "stats" / "summary.json").read_text())["d_sae"]
     now = enriched_features(side["anchor"], side["reference"], cfg.activation.tau, d_sae, cfg.fac.n_features)
