@@ -181,6 +181,12 @@ class Encode(Stage):
         device = "cuda" if self.resources().num_gpus else "cpu"
         return str(resolve_dtype(self.stack.model.dtype, device)).removeprefix("torch.")
 
+    @functools.cached_property
+    def weights(self) -> str:
+        """The SAE weights' digest, read once a stage: key() and run() both need it, and hashing a
+        131k-latent SAE takes seconds."""
+        return weights_digest(self.stack)
+
     def fingerprint(self, prepared: dict) -> str:
         """What the features depend on: the prepared store, the model and the dtype it runs in on the
         actors (auto: bf16 on GPUs), and the SAE's weights themselves, so one retrained in place under
@@ -191,7 +197,7 @@ class Encode(Stage):
             prepared["fingerprint"],
             stack.model.name,
             self.dtype,
-            weights_digest(stack),
+            self.weights,
             self.meta,
             stack.prepare.max_tokens,
             stack.prepare.chat_template,

@@ -33,7 +33,6 @@ from raysel.core.storage import Storage
 from raysel.methods import METHODS
 from raysel.stages.base import Done, Stage
 from raysel.stages.select import run_counts
-from raysel.stages.spans import selected_hits
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +171,6 @@ def selection_detail(storage: Storage, shown: dict, doc_freq: np.ndarray, length
     and a page of its samples."""
     selected = pq.read_table(storage.path(paths.selection(shown["primary"], "selected.parquet")), filesystem=storage.fs)
     ids = selected["id"].to_pylist()
-    hits = selected_hits(storage, ids, doc_freq.size)
     page_rows = FeatureStore(storage).table(["id", "feat_ids", "feat_max"], ids=ids[:page])  # the page's samples alone
     by_id = dict(
         zip(page_rows["id"].to_pylist(), zip(page_rows["feat_ids"].to_pylist(), page_rows["feat_max"].to_pylist()))
@@ -187,7 +185,7 @@ def selection_detail(storage: Storage, shown: dict, doc_freq: np.ndarray, length
             "feature": int(j),
             "status": status,
             "doc_freq": int(doc_freq[j]),
-            "selected": int(hits[j]),
+            "selected": shown["selected"].get(str(j), 0),  # a missed feature: 0
             "spans": [
                 {k: r[k] for k in ("id", "value", "tokens", "acts", "peak")} for r in span_rows.get(int(j), [])[:3]
             ],

@@ -5,6 +5,8 @@ two groups of features."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -40,11 +42,20 @@ class Spans(Stage):
                                 filesystem=storage.fs)["id"].to_pylist()  # fmt: skip
             hits = selected_hits(storage, ids, doc_freq.size)
         covered = [int(j) for j in np.lexsort((np.arange(hits.size), -hits)) if hits[j] > 0][:SHOWN]
-        missed = [int(j) for j in np.lexsort((np.arange(hits.size), -doc_freq)) if doc_freq[j] > 0 and hits[j] == 0]
-        spans = find_spans(self.stack, storage, covered + missed[:SHOWN])
+        unseen = (j for j in np.lexsort((np.arange(hits.size), -doc_freq)) if doc_freq[j] > 0 and hits[j] == 0)
+        missed = [int(j) for j in itertools.islice(unseen, SHOWN)]
+        spans = find_spans(self.stack, storage, covered + missed)
         storage.fs.create_dir(storage.path(paths.STATS), recursive=True)
         pq.write_table(spans, storage.path(paths.SPANS), filesystem=storage.fs)
-        return {"primary": primary, "covered": covered, "missed": missed[:SHOWN], "n_spans": spans.num_rows}
+        # the covered features' counts in the selection, so the report does not read the sets again
+        selected = {str(j): int(hits[j]) for j in covered}
+        return {
+            "primary": primary,
+            "covered": covered,
+            "missed": missed,
+            "selected": selected,
+            "n_spans": spans.num_rows,
+        }
 
 
 def selected_hits(storage: Storage, ids: list[str], d_sae: int) -> np.ndarray:

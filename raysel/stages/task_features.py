@@ -42,9 +42,13 @@ class TaskFeatures(Stage):
             return {}
         return {"anchor": self.fac.anchor, "reference": self.fac.reference or [paths.demo_data()]}
 
+    def listed(self) -> list[int]:
+        """fac.features, when the user gives F: sorted, each once."""
+        return sorted(set(self.fac.features))
+
     def key(self, done: Done) -> dict:
         if self.fac.features:
-            return {"features": sorted(set(self.fac.features))}
+            return {"features": self.listed()}
         return {
             "anchor": done["anchor"]["encode"]["fingerprint"],
             "reference": done["reference"]["encode"]["fingerprint"],
@@ -52,7 +56,7 @@ class TaskFeatures(Stage):
         } | self.fac.model_dump(include=JUDGE_KEYS)
 
     def run(self, done: Done) -> dict:
-        features = self.compute(done) if not self.fac.features else np.array(sorted(set(self.fac.features)))
+        features = np.array(self.listed(), dtype=np.int64) if self.fac.features else self.compute(done)
         log.info("task_features: %d features, %s", features.size, feature_source(self.fac))
         return {
             "features": features.tolist(),
