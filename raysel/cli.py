@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         "FAC Synthesis: write new samples for the features `raysel fac` finds missing "
         "(selection/synthesis/, with provenance), and report FAC before and after.",
     )
+    verb(
+        "evaluate",
+        "Fine-tune the proxy model (evaluate.model; LoRA, TRL) on each selection and on random at the same "
+        "budget, once per seed, and score each on the held-out evaluate.sets: results and intervals in evaluate/.",
+    )
     report = verb("report", "Write report.html for a finished run.", config=False)
     report.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
     status = verb(
@@ -146,10 +151,10 @@ def user_error(err: BaseException | None) -> Exception | None:
 
 
 def targets(verb: str, cfg) -> list[str]:
-    """The plan's stages a verb targets; run and demo write the report too, unless output.report is off."""
+    """The plan's stages a verb targets; run, demo and evaluate write the report too, unless output.report is off."""
     from raysel.pipeline import VERBS
 
-    return [*VERBS[verb], *(["report"] if verb in ("run", "demo") and cfg.output.report else [])]
+    return [*VERBS[verb], *(["report"] if verb in ("run", "demo", "evaluate") and cfg.output.report else [])]
 
 
 def dry_run(cfg, stages: list[str]) -> int:

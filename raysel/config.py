@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from raysel.core.corpus import InputConfig
 from raysel.core.encoder import EncodeConfig, ModelStack
 from raysel.core.fac import FACConfig
+from raysel.core.finetune import EvalSet, EvaluateConfig
 from raysel.core.models import ModelConfig
 from raysel.core.ray_adapter import RayConfig
 from raysel.core.records import FieldMap, PrepareConfig
@@ -29,7 +30,7 @@ SECRET_KEYS = {"access_key", "secret_key"}
 RENAMED = {"synth": "synthesis"}  # sections renamed, and their new names
 # The sections the run config composes; the infrastructure ones live beside the code that reads them.
 __all__ = [
-    "ActivationConfig", "ConfigError", "EncodeConfig", "FACConfig", "FieldMap", "InputConfig", "ModelConfig",
+    "ActivationConfig", "ConfigError", "EncodeConfig", "EvalSet", "EvaluateConfig", "FACConfig", "FieldMap", "InputConfig", "ModelConfig",
     "ModelStack", "PrepareConfig", "RayConfig", "RunConfig", "S3Config", "SAESection", "SelectConfig",
     "StatsConfig", "SynthesisConfig", "TrainSAEConfig", "load_config",
 ]  # fmt: skip
@@ -92,6 +93,7 @@ class RunConfig(Section):
     select: SelectConfig = SelectConfig()
     fac: FACConfig = FACConfig()
     synthesis: SynthesisConfig = SynthesisConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     s3: S3Config = S3Config()
     output: OutputConfig = OutputConfig()
     ray: RayConfig = RayConfig()

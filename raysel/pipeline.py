@@ -6,7 +6,8 @@ stats, under <root>/<name>/, with the run's tau.
 
     prepare ─► [train_sae] ─► encode ─► tau ─► stats ─┬─► task_features ─┬─► fac ─► synthesis
                                                        └─► select ◄───────┘ (method fac reads F)
-                                                             └─► spans ─► report
+                                                             ├─► spans ─► report
+                                                             └─► evaluate (proxy fine-tunes)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from raysel.core.sae import WEIGHTS, default_sae_dir
 from raysel.core.storage import Storage, StorageError, redact
 from raysel.stages.base import Done, Executor, Stage
 from raysel.stages.encode import Encode
+from raysel.stages.evaluate import Evaluate
 from raysel.stages.fac import MeasureFAC
 from raysel.stages.prepare import Prepare, check_root
 from raysel.stages.report import Report
@@ -65,11 +67,12 @@ PLAN: tuple[tuple[type[Stage], Callable[[Target], Stage]], ...] = (
     (Spans, lambda t: Spans(t.cfg.stack(), t.cfg.select, t.storage)),
     (MeasureFAC, lambda t: MeasureFAC(t.cfg.fac, t.cfg.stack(), t.storage)),
     (Synthesize, lambda t: Synthesize(t.cfg.synthesis, t.cfg.fac, t.cfg.stack(), t.storage, t.run)),
+    (Evaluate, lambda t: Evaluate(t.cfg.evaluate, t.cfg.model, t.cfg.prepare.chat_template, t.storage)),
     (Report, lambda t: Report(t.storage, t.run)),
 )
 STAGES: tuple[str, ...] = tuple(cls.name for cls, _ in PLAN)
 
-# Each verb of the CLI and the stages it targets; `report` joins run and demo where output.report is set.
+# Each verb of the CLI and the stages it targets; `report` joins run, demo and evaluate where output.report is set.
 VERBS: dict[str, tuple[str, ...]] = {
     "run": ("select",),
     "demo": ("select",),
@@ -78,6 +81,7 @@ VERBS: dict[str, tuple[str, ...]] = {
     "train-sae": ("train_sae",),
     "fac": ("fac",),
     "synthesize": ("synthesis",),
+    "evaluate": ("evaluate",),
     "report": ("report",),
 }
 
@@ -92,8 +96,8 @@ class SideSets:
     def __init__(self, cfg: RunConfig, storage: Storage):
         self.cfg, self.storage, self.done = cfg, storage, {}
 
-    def records(self, name: str, paths_: list[str], tau: float) -> Done:
-        if (name, tuple(paths_)) not in self.done:
+    def records(self, name: str, paths_: list[str], tau: float, until: str = "stats") -> Done:
+        if (name, tuple(paths_), until) not in self.done:
             side = self.cfg.model_copy(
                 update={
                     "input": self.cfg.input.model_copy(update={"paths": list(paths_), "hf_dataset": None}),
@@ -101,14 +105,15 @@ class SideSets:
                 }
             )
             target = Target(side, self.storage.child(name), self, side=True)
-            done = Executor(build(target)).run(["stats"])
-            log.info("%s: %d examples encoded", name, done["encode"]["n_encoded"])
-            self.done[(name, tuple(paths_))] = done
-        return self.done[(name, tuple(paths_))]
+            done = Executor(build(target)).run([until])
+            log.info("%s: %d examples %s", name, *((done["encode"]["n_encoded"], "encoded") if "encode" in done
+                                                   else (done["prepare"]["n_valid"], "prepared")))  # fmt: skip
+            self.done[(name, tuple(paths_), until)] = done
+        return self.done[(name, tuple(paths_), until)]
 
-    def for_stage(self, name: str, paths_: list[str], done: Done) -> Done:
-        """The executor's hook: a stage's side set, at the run's tau (the stage needs stats)."""
-        return self.records(name, paths_, done["stats"]["tau"])
+    def for_stage(self, name: str, paths_: list[str], done: Done, until: str = "stats") -> Done:
+        """The executor's hook: a stage's side set up to `until`, at the run's tau (the stage needs stats)."""
+        return self.records(name, paths_, done["stats"]["tau"], until)
 
     def store(self, name: str, paths_: list[str], tau: float) -> FeatureStore:
         """A method's side input, encoded on demand."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -108,7 +109,7 @@ def materialize_embedded(cache_dir: Path) -> Path:
     plain model built from the same config."""
     target = embedded_dir(cache_dir)
     if (target / "model.safetensors").is_file():
-        return target
+        return unquantized(target)
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
@@ -124,6 +125,7 @@ def materialize_embedded(cache_dir: Path) -> Path:
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
     plain = AutoModelForCausalLM.from_config(gguf_model.config)
     plain.load_state_dict(gguf_model.state_dict())
+    del plain.config.quantization_config  # the weights are dequantized: the GGUF's tag would forbid training them
 
     # Several workers may convert at once: each writes its own temp dir and the
     # first rename wins, so no reader ever sees a half-written model.
@@ -136,6 +138,19 @@ def materialize_embedded(cache_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "model.safetensors").is_file():
             raise
+    return target
+
+
+def unquantized(target: Path) -> Path:
+    """A model dir converted before the GGUF's quantization tag was dropped from its config.json: drop it
+    (transformers refuses to train a model tagged GGUF-quantized, and the weights are plain floats)."""
+    config = target / "config.json"
+    settings = json.loads(config.read_text())
+    if "quantization_config" in settings:
+        del settings["quantization_config"]
+        aside = config.with_name(f"config.json.{os.getpid()}.tmp")
+        aside.write_text(json.dumps(settings, indent=2))
+        aside.replace(config)
     return target
 
 

@@ -9,6 +9,8 @@ stats/                 per-feature statistics, top-activating spans, and each sa
 selection/<method>/    one committed selection per method
 fac/                   FAC of the input against an anchor
 synthesis/             FAC Synthesis's candidates
+evaluate/              proxy fine-tunes: adapters/<method>/<seed>/ (peft), results.parquet, summary.json,
+                       sets/<name>/ (the eval sets, prepared) and _done/ (a marker per fine-tune and set)
 stages/<stage>.json    each stage's completion marker, written last
 <side set>/            a side set (targets, anchor, ...) encoded with the same layout
 manifest.json          the run's manifest, written when the run finishes
@@ -30,6 +32,7 @@ SPANS = "stats/spans.parquet"
 SELECTION = "selection"
 FAC = "fac"
 SYNTHESIS = "synthesis"
+EVALUATE = "evaluate"
 MANIFEST = "manifest.json"
 STAGE_MARKERS = "stages"
 

@@ -54,11 +54,12 @@ class Stage:
     name: ClassVar[str]
     needs: tuple[str, ...] = ()  # the stages whose records key() and run() read; an instance may narrow or add
     brief: ClassVar[tuple[str, ...]] = ()  # the record's keys `raysel status` shows
+    side_until: ClassVar[str] = "stats"  # how far its side sets go through the plan (evaluate's: prepare)
     storage: Storage
 
     def side_sets(self) -> dict[str, list[str]]:
         """Sets of samples it reads besides the run's input, by name: each goes through the plan up to
-        stats under <root>/<name>/ first, and its records arrive in `done[name]`."""
+        `side_until` under <root>/<name>/ first, and its records arrive in `done[name]`."""
         return {}
 
     def key(self, done: Done) -> dict | None:
@@ -90,13 +91,13 @@ def closure(stages: Sequence, targets: Sequence[str]) -> list:
 
 
 class Executor:
-    """Runs a plan's stages toward its targets. `side_set(name, paths, done)` runs a side set through
-    the same plan and returns its records; `given` holds records taken as done (a finished run's)."""
+    """Runs a plan's stages toward its targets. `side_set(name, paths, done, until)` runs a side set
+    through the same plan up to `until` and returns its records; `given` holds records taken as done (a finished run's)."""
 
     def __init__(
         self,
         stages: Sequence[Stage],
-        side_set: Callable[[str, list[str], Done], Done] | None = None,
+        side_set: Callable[[str, list[str], Done, str], Done] | None = None,
         given: Done | None = None,
     ):
         self.stages, self.side_set, self.given = list(stages), side_set, dict(given or {})
@@ -109,7 +110,7 @@ class Executor:
                 continue
             inputs = {n: done[n] for n in stage.needs}
             for name, paths_ in stage.side_sets().items():
-                inputs[name] = self.side_set(name, paths_, done)
+                inputs[name] = self.side_set(name, paths_, done, stage.side_until)
             done[stage.name] = execute(stage, inputs)
         return done
 

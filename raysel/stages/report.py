@@ -94,6 +94,7 @@ def report_data(storage: Storage, manifest: dict, page: int = 50) -> dict:
         # each method's own figures of what it settled on (IGDS: its interventions' deltas)
         "figures": [dataclasses.asdict(b) for m, s in picked.items() if m in METHODS for b in METHODS[m].figures(s)],
         "methods": side_by_side(storage, picked, lengths),
+        "evaluate": stages.get("evaluate", {}).get("summary"),  # the proxy fine-tunes, when `raysel evaluate` ran
         "features": [],
         "samples": [],
     }
@@ -274,6 +275,10 @@ def plots(data: dict) -> list[str]:
         return draw
 
     panels = [
+        *(
+            (outcome(data["evaluate"], s, m), True, f"Proxy fine-tunes: {m} on {s} (95 % intervals over seeds)")
+            for s, m in outcome_panels(data.get("evaluate"))
+        ),
         (curves, bool(data["curves"]), "Feature coverage against budget"),
         (doc_freq, sum(data["doc_freq"]["counts"]) > 0, "Feature document frequency"),
         (lengths, sum(data["token_lengths"]["selected"]) > 0, "Token lengths"),
@@ -281,6 +286,33 @@ def plots(data: dict) -> list[str]:
         *((bars(b), bool(b["values"]), b["title"]) for b in data["figures"]),
     ]
     return [figure(draw, title) for draw, has_data, title in panels if has_data]  # no empty panels
+
+
+def outcome_panels(summary: dict | None) -> list[tuple[str, str]]:
+    """(eval set, metric) of every outcome plot: one per set and metric that has results."""
+    if not summary:
+        return []
+    return sorted({(s, m) for sets in summary["by_method"].values() for s, metrics in sets.items() for m in metrics})
+
+
+def outcome(summary: dict, s: str, metric: str):
+    """Each method's mean over seeds with its interval, random in grey, the base model as a dashed line."""
+
+    def draw(ax):
+        rows = [(method, sets[s][metric]) for method, sets in summary["by_method"].items() if metric in sets.get(s, {})]
+        for y, (method, e) in enumerate(rows):
+            lo, hi = e["ci"] or (e["mean"], e["mean"])
+            control = method in summary["controls"].values()
+            ax.errorbar(e["mean"], y, xerr=[[e["mean"] - lo], [hi - e["mean"]]], fmt="o", capsize=3,
+                        color="#888" if control else "#3b5bdb")  # fmt: skip
+        base = summary["base"].get(s, {}).get(metric)
+        if base is not None:
+            ax.axvline(base, color="#c44", linestyle="--", label=f"base model {base:.4f}")
+            ax.legend(fontsize=8)
+        ax.set_yticks(range(len(rows)), [m for m, _ in rows], fontsize=8)
+        ax.set_xlabel(f"{metric} ({summary['better'][metric]} is better)")
+
+    return draw
 
 
 def span_html(span: dict) -> str:
@@ -295,6 +327,8 @@ def render(data: dict) -> str:
     primary = f"<code>{html.escape(str(data['primary']))}</code>"
     figures = plots(data)
     panels = [  # (has data, id, title, body)
+        (data.get("evaluate"), "evaluate", "Proxy fine-tunes: each selection against random at its budget",
+         lambda: outcome_html(data["evaluate"])),
         (data["methods"], "methods", "Methods side by side", lambda: methods_html(data["methods"])),
         (figures, "plots", "Plots", lambda: '<div class="plots">' + "".join(f"<figure>{f}</figure>" for f in figures) + "</div>"),
         (data["features"], "features-section", f"Features of the {primary} selection", lambda: features_html(data["features"])),
@@ -344,6 +378,28 @@ def summary_html(data: dict) -> str:
         f'<div class="tiles">{tiles}</div><p>Rejected by reason: {rejected}</p>{timing}'
     )
     return card("summary", "Run", body)
+
+
+def outcome_html(summary: dict) -> str:
+    """One row per method, set and metric: the mean over seeds, its interval, and the paired difference
+    against random on the same seeds (an interval that excludes 0 is a difference the seeds show)."""
+
+    def ci(interval) -> str:
+        return "" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]"
+
+    rows = [
+        [(html.escape(method), None), (html.escape(s), None), (metric, None), (f"{e['mean']:.4f}", e["mean"]),
+         (ci(e["ci"]), None), ("" if e.get("delta_vs_random") is None else f"{e['delta_vs_random']:+.4f}",
+                               e.get("delta_vs_random")), (ci(e.get("delta_ci")), None), (e["n"], e["n"])]
+        for method, sets in summary["by_method"].items() for s, metrics in sets.items() for metric, e in metrics.items()
+    ]  # fmt: skip
+    rows += [[("base model", None), (html.escape(s), None), (metric, None), (f"{v:.4f}", v), ("", None), ("", None),
+              ("", None), ("", None)] for s, metrics in summary["base"].items() for metric, v in metrics.items()
+             if v is not None]  # fmt: skip
+    better = ", ".join(f"{m}: {b} is better" for m, b in summary["better"].items())
+    return f"<p>{better}; delta = method - random.</p>" + table(
+        "outcome", ["method", "eval set", "metric", "mean", "95 % interval", "delta vs random", "its interval",
+                    "seeds"], rows, {3, 5, 7})  # fmt: skip
 
 
 def methods_html(methods: dict) -> str:

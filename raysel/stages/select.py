@@ -228,6 +228,9 @@ class Select(Stage):
             "baselines": baselines,
             "driver_memory": memory,
             "seconds_by_method": seconds,
+            # what each method read besides the pool (their prepared rows under <root>/<name>/), by
+            # method: the evaluate stage keeps its eval sets apart from them
+            "side_sets": {m.name: {n: p for n, p in m.side_inputs(ctx).items() if p} for m in self.methods},
         }
         log.info("select: coverage %s against the baselines %s in %.1fs", summary["methods"], baselines,
                  time.time() - start)  # fmt: skip

@@ -1,0 +1,237 @@
+"""Proxy fine-tunes: a LoRA adapter trained on one selection with TRL's SFTTrainer, and a model's
+loss (and, optionally, exact match) on held-out eval sets.
+
+Training and evaluation see the same tokens: a sample is its conversation rendered through the
+proxy's chat template and cut to `max_tokens`, and both the fine-tune's loss and the eval loss count
+the response alone (the tokens after the prompt rendered up to the assistant's turn, as TRL's
+prompt-completion format does). The eval loss is the mean negative log-likelihood per response
+token over the whole set, teacher-forced."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from raysel.core.models import tokenize
+from raysel.core.section import Section
+
+log = logging.getLogger(__name__)
+
+METRICS = ("loss", "exact_match")
+
+
+class EvalSet(Section):
+    """A held-out eval set: its name in results and reports, and its files (any input format)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    paths: list[str] = Field(min_length=1)
+
+
+class EvaluateConfig(Section):
+    """`raysel evaluate`: each selection, and `random` at its budget, fine-tunes a proxy once per seed."""
+
+    model: str | None = None  # the proxy: any HF causal LM (hub id or directory); null: the run's model
+    seeds: int = Field(3, ge=1)  # fine-tunes per selection (seeds 0..n-1); intervals need 2 or more
+    sets: list[EvalSet] = []  # eval sets, disjoint from the pool and from what the methods saw
+    metrics: list[Literal["loss", "exact_match"]] = ["loss"]
+    lora_rank: int = Field(16, gt=0)
+    lora_alpha: float = Field(32, gt=0)
+    lora_layers: int | None = Field(8, gt=0)  # adapters on the top n decoder layers (null: all): backward stops there
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: float = Field(1, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_tokens: int = Field(256, gt=0)  # a sample is cut to this many tokens, the response's end first
+    max_new_tokens: int = Field(256, gt=0)  # exact_match's greedy answer
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPUs and on CPUs with native bf16
+    num_cpus: float = Field(1, gt=0)  # per fine-tune (its torch threads on a CPU)
+    num_gpus: float = Field(0, ge=0)  # per fine-tune: 1 on a GPU cluster, so that methods x seeds run side by side
+
+    @field_validator("sets")
+    @classmethod
+    def _names_once(cls, v):
+        names = [s.name for s in v]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"evaluate.sets: {', '.join(twice)} named twice; each set is one column of results")
+        return v
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_once(cls, v):
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"evaluate.metrics: each of {', '.join(METRICS)} at most once, and at least one")
+        return v
+
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    def training(self) -> dict:
+        """The settings a fine-tune's adapter depends on (its resume key)."""
+        return self.model_dump(include={"lora_rank", "lora_alpha", "lora_layers", "learning_rate", "epochs",
+                                        "batch_size", "max_tokens", "dtype"})  # fmt: skip
+
+
+def uses_bf16(dtype: str, device: str) -> bool:
+    from raysel.core.models import cpu_has_bf16
+
+    return dtype == "bfloat16" or (dtype == "auto" and (device == "cuda" or cpu_has_bf16()))
+
+
+def example(tokenizer, template: str | None, messages: list[dict] | None, text: str | None, max_tokens: int):
+    """One sample as the proxy trains on it: input_ids and the completion mask (1 on response tokens),
+    cut to max_tokens. Plain text is all response. None when no response token fits (or there is none)."""
+    if messages is None:
+        ids, start = tokenize(tokenizer, [text])["input_ids"][0], 0
+    else:
+        if not messages or messages[-1]["role"] != "assistant":
+            return None
+        render = dict(tokenize=True, return_dict=True, chat_template=template)
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, **render)["input_ids"]
+        ids = tokenizer.apply_chat_template(messages, **render)["input_ids"]
+        # the response starts where the two renderings part (a template may render the prompt alone differently)
+        start = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), min(len(prompt), len(ids)))
+    ids = list(ids[:max_tokens])
+    if start >= len(ids):
+        return None
+    return {"input_ids": ids, "completion_mask": [0] * start + [1] * (len(ids) - start)}
+
+
+def padded(batch: list[dict], pad_id: int, device: str, left: bool = False):
+    """input_ids, completion mask and attention mask as tensors, padded to the batch's longest."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in batch)
+    out = {k: torch.zeros((len(batch), width), dtype=torch.long) for k in ("input_ids", "completion_mask", "attention")}
+    out["input_ids"].fill_(pad_id)
+    for i, e in enumerate(batch):
+        n = len(e["input_ids"])
+        at = slice(width - n, width) if left else slice(0, n)
+        out["input_ids"][i, at] = torch.tensor(e["input_ids"])
+        out["completion_mask"][i, at] = torch.tensor(e.get("completion_mask", [1] * n))
+        out["attention"][i, at] = 1
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def response_nll(model, examples: list[dict], batch_size: int, pad_id: int, bf16: bool = False) -> tuple[float, int]:
+    """The summed negative log-likelihood of the response tokens, teacher-forced, and their count."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    ordered = sorted(examples, key=lambda e: len(e["input_ids"]))  # batches of like lengths pad little
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for i in range(0, len(ordered), batch_size):
+            b = padded(ordered[i : i + batch_size], pad_id, device)
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention"]).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.transpose(1, 2), b["input_ids"][:, 1:], reduction="none")
+            weight = b["completion_mask"][:, 1:] * b["attention"][:, 1:]
+            total += float((nll * weight).sum())
+            count += int(weight.sum())
+    return total, count
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a worked solution: the number after GSM8K's last `####`, else the last number."""
+    tail = text.rsplit("####", 1)[1] if "####" in text else text
+    numbers = _NUMBER.findall(tail)
+    if not numbers:
+        return None
+    value = (numbers[0] if "####" in text else numbers[-1]).replace(",", "")
+    return value[:-2] if value.endswith(".0") else value
+
+
+def exact_match(model, tokenizer, template, rows: list[dict], max_new_tokens: int, batch_size: int) -> tuple[int, int]:
+    """Greedy answers to the rows' prompts whose reference has a final answer: (right, asked)."""
+    import torch
+
+    device = next(model.parameters()).device
+    asked = [
+        (tokenizer.apply_chat_template(r["messages"][:-1], add_generation_prompt=True, tokenize=True,
+                                       return_dict=True, chat_template=template)["input_ids"], answer)
+        for r in rows
+        if r["messages"] and r["messages"][-1]["role"] == "assistant"
+        and (answer := extract_answer(r["messages"][-1]["content"])) is not None
+    ]  # fmt: skip
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    right = 0
+    for i in range(0, len(asked), batch_size):
+        part = asked[i : i + batch_size]
+        b = padded([{"input_ids": ids} for ids, _ in part], pad_id, device, left=True)
+        with torch.no_grad():
+            out = model.generate(input_ids=b["input_ids"], attention_mask=b["attention"], do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id)  # fmt: skip
+        for (_, answer), new in zip(part, out[:, b["input_ids"].shape[1] :]):
+            right += extract_answer(tokenizer.decode(new, skip_special_tokens=True)) == answer
+    return right, len(asked)
+
+
+def linear_names(model) -> list[str]:
+    """The names of the decoder layers' linear modules (q_proj, ..., down_proj): LoRA's targets."""
+    import torch
+
+    return sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    )
+
+
+def finetune(model, tokenizer, examples: list[dict], cfg: EvaluateConfig, seed: int, out_dir: str) -> dict:
+    """Train a LoRA adapter on `examples` with TRL's SFTTrainer (loss on the completion mask), save it
+    to out_dir (peft's format), and return the adapted model and what the training logged."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    set_seed(seed)  # the adapter's initial weights are drawn before the trainer seeds anything
+    n_layers = model.config.num_hidden_layers
+    top = cfg.lora_layers and min(cfg.lora_layers, n_layers)
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=linear_names(model),
+        layers_to_transform=list(range(n_layers - top, n_layers)) if top else None,
+        task_type="CAUSAL_LM",
+    )
+    device = cfg.device()
+    args = SFTConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        seed=seed,
+        data_seed=seed,
+        bf16=uses_bf16(cfg.dtype, device),
+        use_cpu=device == "cpu",
+        gradient_checkpointing=False,  # a 100-sample proxy fits; checkpointing would redo every forward
+        completion_only_loss=True,
+        max_length=None,  # cut already, by example()
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer, peft_config=lora
+    )
+    result = trainer.train()
+    trainer.model.save_pretrained(out_dir)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "model": trainer.model,
+        "train_loss": round(float(result.training_loss), 5),
+        "first_loss": round(float(losses[0]), 5) if losses else None,
+        "last_loss": round(float(losses[-1]), 5) if losses else None,
+        "steps": int(result.global_step),
+        "n_train": len(examples),
+        "n_train_tokens": sum(sum(e["completion_mask"]) for e in examples),
+        "bf16": bool(args.bf16),
+    }

@@ -1,0 +1,109 @@
+"""The evaluate stage on a real run (tiny model, real Ray, real TRL and peft): every selection and the
+random control fine-tune per seed, the results and paired intervals come out, the adapters load with
+peft, a crash redoes only what was unfinished, and an eval set that overlaps the pool is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from raysel.config import ConfigError, RunConfig
+from raysel.core import paths
+from raysel.pipeline import run
+from raysel.stages.evaluate import Unit
+from tests.conftest import DEMO, run_cfg, write_jsonl
+
+SEEDS = 2
+
+
+@pytest.fixture(scope="module")
+def evaluated(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
+    """coverage and longest at 8 of 40 demo rows, evaluated with 2 seeds on 6 held-out demo rows."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    raw = run_cfg(tmp, tiny_model_dir, tiny_sae_dir, 40)
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()]
+    held_out = write_jsonl(tmp / "held_out.jsonl", rows[500:506])
+    raw |= {
+        "select": {"budget": 8, "methods": ["coverage", "longest", "random"]},
+        "evaluate": {
+            "seeds": SEEDS,
+            "sets": [{"name": "held_out", "paths": [str(held_out)]}],
+            "lora_layers": 2,
+            "batch_size": 4,
+            "max_tokens": 96,
+            "learning_rate": 1e-2,
+            "dtype": "float32",
+        },
+    }
+    cfg = RunConfig.model_validate(raw)
+    manifest = run(cfg, until="evaluate")
+    return tmp / "out", cfg, manifest
+
+
+def test_every_selection_and_the_control_fine_tune_once_per_seed(evaluated):
+    """Catches a method, a seed or the base model left out of the results, the user's own `random`
+    fine-tuned beside the control, and a paired difference taken against the wrong rows."""
+    out, _, manifest = evaluated
+    results = pq.read_table(out / paths.EVALUATE / "results.parquet").to_pylist()
+    got = {(r["method"], r["seed"]) for r in results}
+    assert got == {("base", None)} | {(m, s) for m in ("coverage", "longest", "random") for s in range(SEEDS)}
+    assert all(r["set"] == "held_out" and r["metric"] == "loss" and r["n"] > 0 for r in results)
+    summary = json.loads((out / paths.EVALUATE / "summary.json").read_text())
+    assert summary == manifest["stages"]["evaluate"]["summary"]
+    loss = {(r["method"], r["seed"]): r["value"] for r in results}
+    for method in ("coverage", "longest"):
+        entry = summary["by_method"][method]["held_out"]["loss"]
+        deltas = [loss[(method, s)] - loss[("random", s)] for s in range(SEEDS)]
+        assert entry["delta_vs_random"] == pytest.approx(sum(deltas) / SEEDS)
+        assert entry["delta_ci"][0] <= entry["delta_vs_random"] <= entry["delta_ci"][1]
+    assert "delta_vs_random" not in summary["by_method"]["random"]["held_out"]["loss"]
+    assert summary["base"]["held_out"]["loss"] == loss[("base", None)]
+    # the control trains on the same number of samples as the selections, a different draw per seed
+    controls = [json.loads((out / Unit("random", s).marker("train")).read_text()) for s in range(SEEDS)]
+    assert [c["n_train"] + c["n_skipped"] for c in controls] == [8, 8]
+
+
+def test_adapters_load_with_peft_and_change_the_model(evaluated, tiny_model_dir):
+    """Catches an adapter saved before training (LoRA's B starts at zero) or in a form peft cannot load."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _, _ = evaluated
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tuned = PeftModel.from_pretrained(base, out / Unit("coverage", 1).adapter)
+    b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
+    assert b and any(float(p.abs().max()) > 0 for p in b)
+
+
+def test_a_crashed_evaluate_redoes_only_the_unfinished(evaluated):
+    """Catches a resume that retrains finished adapters, or that skips one whose marker is missing."""
+    out, cfg, _ = evaluated
+    unfinished = Unit("longest", 0)
+    markers = sorted((out / paths.EVALUATE / "_done").rglob("*.json"))
+    assert len(markers) == 1 + 3 * SEEDS * 2  # base's score, and each fine-tune's train and score
+    (out / unfinished.marker("train")).unlink()  # as a crash mid-fine-tune leaves it
+    (out / paths.marker("evaluate")).unlink()
+    before = {m: os.stat(m).st_mtime_ns for m in markers if m.exists()}
+    run(cfg, until="evaluate")
+    rewritten = {m for m in markers if not m.exists() or m not in before or os.stat(m).st_mtime_ns != before[m]}
+    assert rewritten == {out / unfinished.marker("train"), out / unfinished.marker("held_out")}
+
+
+@pytest.mark.parametrize("shared", ["id", "instruction"])
+def test_an_eval_set_that_shares_a_row_with_the_pool_is_refused(evaluated, tmp_path, shared):
+    """Catches scoring a model on samples it may have been trained on: the same id, or the same
+    instruction under another id, in other case and spacing."""
+    out, cfg, _ = evaluated
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()]
+    pooled = rows[7]  # the pool is the first 40
+    if shared == "instruction":
+        pooled = pooled | {"id": "fresh-id", "instruction": "  " + pooled["instruction"].upper().replace(" ", "\n ")}
+    leaky = write_jsonl(tmp_path / "leaky.jsonl", [rows[500], pooled])
+    sets = [{"name": "leaky", "paths": [str(leaky)]}]
+    bad = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"sets": sets})})
+    what = f"id '{rows[7]['id']}'" if shared == "id" else "the instruction of 'fresh-id'"
+    with pytest.raises(ConfigError, match=rf"leaky shares {what} with the pool \(id '{rows[7]['id']}'\)"):
+        run(RunConfig.model_validate(bad.model_dump()), until="evaluate")
