@@ -23,7 +23,11 @@ def demo_config_path() -> str:
 
 def demo_config(out: str | None, overrides: list[str]):
     # the one CPU encode actor gets every core of the machine it runs on
-    fixed = [f"input.paths={json.dumps([paths.demo_data()])}", f"encode.num_cpus={os.cpu_count() or 1}"]
+    fixed = [
+        f"input.paths={json.dumps([paths.demo_data()])}",
+        f"evaluate.sets={json.dumps(paths.demo_eval_sets())}",
+        f"encode.num_cpus={os.cpu_count() or 1}",
+    ]
     return load_config(demo_config_path(), fixed + overrides + ([f"output.root={out}"] if out else []))
 
 
@@ -96,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true")
     demo = verb("demo", "Run the job on the bundled demo data with the embedded default model.", config=False)
     demo.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="then fine-tune the proxy on each selection and on random (raysel evaluate), scored on the demo's "
+        "held-out math, code and general sets",
+    )
+    demo.add_argument(
         "--out",
         metavar="DIR",
         default=None,
@@ -121,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
             return push(args)
         else:
             cfg = load_config(args.config, args.overrides)
+        verb = "evaluate" if getattr(args, "evaluate", False) else args.verb
         if getattr(args, "dry_run", False):
-            return dry_run(cfg, targets(args.verb, cfg))
+            return dry_run(cfg, targets(verb, cfg))
         from raysel.pipeline import run
 
         force = getattr(args, "force", False)
-        manifest = run(cfg, until=targets(args.verb, cfg), train_missing_sae=args.verb == "demo", force=force)
+        manifest = run(cfg, until=targets(verb, cfg), train_missing_sae=args.verb == "demo", force=force)
         page = manifest["stages"].get("report", {}).get("page")
     except Exception as err:  # noqa: BLE001 -- user errors raised inside Ray tasks arrive wrapped
         cause = user_error(err)
@@ -252,15 +263,37 @@ def summary_lines(verb: str, manifest: dict) -> list[str]:
             f"(frequency-weighted {fac['fac_frequency']:.4f}, magnitude-weighted {fac['fac_magnitude']:.4f}); "
             f"{len(fac['missing'])} missing, with spans in fac/"
         )
+    evaluated = manifest["stages"].get("evaluate")
+    if evaluated:
+        lines += outcome_lines(evaluated)
     lines.append(
         f"  outputs   {manifest['output']} (manifest.json"
         + (", selection/<method>/" if select else "")
         + (", fac/" if fac else "")
+        + (", evaluate/" if evaluated else "")
         + ")"
     )
     return lines + [
         json.dumps({"output": manifest["output"], **counts} | ({"coverage": select["methods"]} if select else {}))
     ]
+
+
+def outcome_lines(evaluated: dict) -> list[str]:
+    """Each method's mean metric per eval set over the seeds, and its paired difference against random."""
+    summary = evaluated["summary"]
+
+    def cell(e: dict) -> str:
+        delta, ci = e.get("delta_vs_random"), e.get("delta_ci")
+        against = "" if delta is None else f" ({delta:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "") + ")"
+        return f"{e['mean']:.4f}{against}"
+
+    lines = [f"  evaluate  {evaluated['n_finetunes']} proxy fine-tunes; per eval set, the mean over seeds "
+             "(method - random on the same seeds, 95 % interval):"]  # fmt: skip
+    for method, sets in summary["by_method"].items():
+        cells = [f"{s} {m} {cell(e)}" for s, metrics in sets.items() for m, e in metrics.items()]
+        lines.append(f"    {method:<9} " + "; ".join(cells))
+    base = [f"{s} {m} {v:.4f}" for s, metrics in summary["base"].items() for m, v in metrics.items() if v is not None]
+    return lines + [f"    {'base':<9} " + "; ".join(base) + " (the proxy without an adapter)"]
 
 
 if __name__ == "__main__":

@@ -44,6 +44,14 @@ def demo_data() -> str:
     return str(resources.files("raysel") / "data" / "demo.jsonl")
 
 
+def demo_eval_sets() -> list[dict]:
+    """The demo's held-out eval sets for `raysel demo --evaluate` (data/eval/, disjoint from demo.jsonl)."""
+    from importlib import resources
+
+    folder = resources.files("raysel") / "data" / "eval"
+    return [{"name": name, "paths": [str(folder / f"{name}.jsonl")]} for name in ("math", "code", "general")]
+
+
 def marker(stage: str) -> str:
     """The completion marker of a stage: it exists, with the stage's resume key, once the stage is done."""
     return posixpath.join(STAGE_MARKERS, f"{stage}.json")

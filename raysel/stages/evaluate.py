@@ -221,7 +221,9 @@ class Evaluate(Stage):
             return all(committed(self.storage, u.marker(p), k) is not None for p, k in parts)
 
         pending = [u for u in plan.units if not finished(u)]
-        log.info("evaluate: %d of %d fine-tunes (and the base model) to run; %s", len(pending), len(plan.units),
+        tuned = sum(u.seed is not None for u in pending)
+        log.info("evaluate: %d of %d fine-tunes to run%s; %s", tuned, len(plan.train_keys),
+                 " and the base model" if len(pending) > tuned else "",
                  f"{self.cfg.num_gpus:g} GPU each" if self.cfg.num_gpus else f"{self.cfg.num_cpus:g} CPU each")  # fmt: skip
         task = ray.remote(run_unit).options(num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus)
         sets = ray.put(eval_rows)
