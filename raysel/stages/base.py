@@ -53,6 +53,7 @@ def commit(storage: Storage, marker: str, key: dict | None, work: Callable[[], d
 class Stage:
     name: ClassVar[str]
     needs: tuple[str, ...] = ()  # the stages whose records key() and run() read; an instance may narrow or add
+    uses: tuple[str, ...] = ()  # stages whose records it reads when they ran (or were given), never run for it
     brief: ClassVar[tuple[str, ...]] = ()  # the record's keys `raysel status` shows
     side_until: ClassVar[str] = "stats"  # how far its side sets go through the plan (evaluate's: prepare)
     storage: Storage
@@ -108,7 +109,9 @@ class Executor:
             if stage.name in self.given:
                 done[stage.name] = self.given[stage.name]
                 continue
-            inputs = {n: done[n] for n in stage.needs}
+            inputs = {n: done[n] for n in stage.needs} | {
+                n: done.get(n, self.given.get(n)) for n in stage.uses if n in done or n in self.given
+            }
             for name, paths_ in stage.side_sets().items():
                 inputs[name] = self.side_set(name, paths_, done, stage.side_until)
             done[stage.name] = execute(stage, inputs)

@@ -446,6 +446,7 @@ class Report(Stage):
 
     name = "report"
     needs = ("prepare", "encode", "tau", "stats", "select", "spans")
+    uses = ("evaluate",)  # its panel, when `raysel evaluate` ran (a run of other verbs fine-tunes nothing)
     brief = ("page",)
 
     def __init__(self, storage: Storage, run: dict):

@@ -9,9 +9,12 @@ import os
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
+from raysel.cli import main
 from raysel.config import ConfigError, RunConfig
 from raysel.core import paths
+from raysel.core.finetune import extract_answer
 from raysel.pipeline import run
 from raysel.stages.evaluate import Unit
 from tests.conftest import DEMO, run_cfg, write_jsonl
@@ -36,6 +39,8 @@ def evaluated(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
             "max_tokens": 96,
             "learning_rate": 1e-2,
             "dtype": "float32",
+            "metrics": ["loss", "exact_match"],
+            "max_new_tokens": 4,
         },
     }
     cfg = RunConfig.model_validate(raw)
@@ -48,9 +53,16 @@ def test_every_selection_and_the_control_fine_tune_once_per_seed(evaluated):
     fine-tuned beside the control, and a paired difference taken against the wrong rows."""
     out, _, manifest = evaluated
     results = pq.read_table(out / paths.EVALUATE / "results.parquet").to_pylist()
-    got = {(r["method"], r["seed"]) for r in results}
-    assert got == {("base", None)} | {(m, s) for m in ("coverage", "longest", "random") for s in range(SEEDS)}
-    assert all(r["set"] == "held_out" and r["metric"] == "loss" and r["n"] > 0 for r in results)
+    got = {(r["method"], r["seed"], r["metric"]) for r in results}
+    units = {("base", None)} | {(m, s) for m in ("coverage", "longest", "random") for s in range(SEEDS)}
+    assert got == {(m, s, metric) for m, s in units for metric in ("loss", "exact_match")}
+    assert all(r["set"] == "held_out" and r["n"] > 0 for r in results if r["metric"] == "loss")
+    # exact_match asks the held-out rows whose reference has a final number, and only those
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()][500:506]
+    numeric = sum(extract_answer(r["output"]) is not None for r in rows)
+    assert 0 < numeric < len(rows)
+    assert {r["n"] for r in results if r["metric"] == "exact_match"} == {numeric}
+    results = [r for r in results if r["metric"] == "loss"]
     summary = json.loads((out / paths.EVALUATE / "summary.json").read_text())
     assert summary == manifest["stages"]["evaluate"]["summary"]
     loss = {(r["method"], r["seed"]): r["value"] for r in results}
@@ -64,6 +76,21 @@ def test_every_selection_and_the_control_fine_tune_once_per_seed(evaluated):
     # the control trains on the same number of samples as the selections, a different draw per seed
     controls = [json.loads((out / Unit("random", s).marker("train")).read_text()) for s in range(SEEDS)]
     assert [c["n_train"] + c["n_skipped"] for c in controls] == [8, 8]
+
+
+def test_raysel_evaluate_prints_and_reports_each_method_against_random(evaluated, tmp_path, capsys):
+    """Through the CLI: catches an evaluate whose results never reach what a user reads (the printed
+    summary, the report's panel)."""
+    out, cfg, manifest = evaluated
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg.public_dict()))
+    assert main(["evaluate", str(config)]) == 0
+    printed = capsys.readouterr().out
+    delta = manifest["stages"]["evaluate"]["summary"]["by_method"]["coverage"]["held_out"]["loss"]["delta_vs_random"]
+    assert f"{3 * SEEDS} proxy fine-tunes" in printed and f"({delta:+.4f} [" in printed
+    page = (out / "report.html").read_text()
+    assert 'id="evaluate"' in page and "Proxy fine-tunes: loss on held_out" in page
+    assert all(f"<td>{m}</td>" in page for m in ("coverage", "longest", "random", "base model"))
 
 
 def test_adapters_load_with_peft_and_change_the_model(evaluated, tiny_model_dir):

@@ -74,6 +74,24 @@ def test_given_records_stand_for_their_stages(plan):
     assert calls == ["c"] and done["c"]["value"] == 11
 
 
+def test_a_used_stage_is_read_when_it_ran_or_was_given_and_never_run_for_its_reader(plan):
+    """`uses` (the report's evaluate panel): catches a reader that pulls the costly stage into every
+    run, or that never sees its record."""
+    stages, calls, _ = plan
+
+    class Reader(Toy):
+        uses = ("d",)
+
+        def run(self, done):
+            return {"value": done.get("d", {"value": -1})["value"]}
+
+    stages["r"] = Reader("r", ("a",), stages["a"].storage, calls)
+    stages["r"].key = lambda done: None  # always runs, like the report
+    assert Executor(list(stages.values())).run(["r"])["r"]["value"] == -1 and "d" not in calls
+    assert Executor(list(stages.values())).run(["d", "r"])["r"]["value"] == 5
+    assert Executor(list(stages.values()), given={"d": {"value": 7}}).run(["r"])["r"]["value"] == 7
+
+
 def test_an_unknown_target_names_the_plans_stages(plan):
     stages, _, _ = plan
     with pytest.raises(KeyError, match="no stage named 'z' in the plan \\(a, b, c, d\\)"):
