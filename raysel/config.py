@@ -20,7 +20,7 @@ from raysel.core.models import ModelConfig
 from raysel.core.ray_adapter import RayConfig
 from raysel.core.records import FieldMap, PrepareConfig
 from raysel.core.sae import SAESection, TrainSAEConfig
-from raysel.core.section import ConfigError, Section
+from raysel.core.section import ConfigError, Section, repeated
 from raysel.core.storage import S3Config
 from raysel.core.synthesis import SynthesisConfig
 from raysel.methods import LEGACY_KEYS, METHODS, MethodEntry
@@ -67,8 +67,7 @@ class SelectConfig(Section):
     @field_validator("methods")
     @classmethod
     def _each_once(cls, v):
-        names = [e.name for e in v]
-        twice = sorted({n for n in names if names.count(n) > 1})
+        twice = repeated([e.name for e in v])
         if twice:
             raise ValueError(
                 f"select.methods: {', '.join(twice)} listed twice; each method writes selection/<name>/ once"

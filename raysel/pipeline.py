@@ -28,7 +28,7 @@ from raysel.core.sae import WEIGHTS, default_sae_dir
 from raysel.core.storage import Storage, StorageError, redact
 from raysel.stages.base import Done, Executor, Stage
 from raysel.stages.encode import Encode
-from raysel.stages.evaluate import Evaluate
+from raysel.stages.evaluate import Evaluate, check_sets
 from raysel.stages.fac import MeasureFAC
 from raysel.stages.prepare import Prepare, check_root
 from raysel.stages.report import Report
@@ -151,6 +151,8 @@ def run_stages(cfg: RunConfig, storage: Storage, targets: list[str], given: Done
     log.info("run: output at %s (targets: %s)", storage.uri(), ", ".join(targets))
     if "synthesis" in targets and cfg.synthesis.engine == "vllm":
         check_vllm()  # before any work
+    if "evaluate" in targets:
+        check_sets(cfg.evaluate)
     sides = SideSets(cfg, storage)
     run_info = {"config": cfg.public_dict(), "versions": versions(), "model": cfg.model.name}
     stages = build(Target(cfg, storage, sides, run=run_info))

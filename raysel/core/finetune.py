@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from raysel.core.models import tokenize
-from raysel.core.section import Section
+from raysel.core.section import Section, repeated
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ class EvaluateConfig(Section):
     @field_validator("sets")
     @classmethod
     def _names_once(cls, v):
-        names = [s.name for s in v]
-        twice = sorted({n for n in names if names.count(n) > 1})
+        twice = repeated([s.name for s in v])
         if twice:
             raise ValueError(f"evaluate.sets: {', '.join(twice)} named twice; each set is one column of results")
         return v

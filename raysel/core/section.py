@@ -15,3 +15,8 @@ class Section(BaseModel):
     """Strict and frozen: an unknown key is an error, and a component cannot change what it was given."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def repeated(names: list[str]) -> list[str]:
+    """The names that appear more than once, sorted: for the validators of lists keyed by name."""
+    return sorted({n for n in names if names.count(n) > 1})

@@ -55,6 +55,11 @@ def set_folder(name: str) -> str:
     return posixpath.join(paths.EVALUATE, "sets", name)
 
 
+def check_sets(cfg: EvaluateConfig) -> None:
+    if not cfg.sets:
+        raise ConfigError("evaluate.sets: name at least one eval set ({name, paths}), held out from the pool")
+
+
 @dataclass(frozen=True)
 class Unit:
     """One fine-tune (a selection or the control, at one seed), or the base model (seed None)."""
@@ -97,7 +102,7 @@ def digest(values) -> str:
 
 class Evaluate(Stage):
     name = "evaluate"
-    needs = ("prepare", "stats", "select")
+    needs = ("prepare", "select")
     brief = ("n_finetunes", "sets")
     side_until = "prepare"  # eval sets are read, never encoded
 
@@ -116,7 +121,7 @@ class Evaluate(Stage):
         return {set_folder(s.name): s.paths for s in self.cfg.sets}
 
     def resources(self) -> Resources:
-        return Resources(num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus)
+        return Resources(batch_size=self.cfg.batch_size, num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus)
 
     def key(self, done: Done) -> dict:
         plan = self.plan(done)
@@ -124,8 +129,7 @@ class Evaluate(Stage):
 
     def plan(self, done: Done) -> Plan:
         """The fine-tunes and what each depends on; read once per set of records (key, then run)."""
-        if not self.cfg.sets:
-            raise ConfigError("evaluate.sets: name at least one eval set ({name, paths}), held out from the pool")
+        check_sets(self.cfg)
         stamp = json.dumps([done["select"]["key"], done["prepare"]["fingerprint"]], sort_keys=True)
         if self._plan is None or self._plan[0] != stamp:
             self._plan = (stamp, self._make_plan(done))
@@ -135,17 +139,14 @@ class Evaluate(Stage):
         budgets = {m: k for m, k in done["select"]["budgets"].items() if m != CONTROL}  # the control stands for it
         one = len(set(budgets.values())) <= 1
         controls = {m: CONTROL if one else f"{CONTROL}@{k}" for m, k in budgets.items()}
+        picked = {m: tuple(self.column(paths.selection(m, "selected.parquet"), "id")) for m in budgets}
+        pool = np.sort(np.array(self.column(paths.ACTIVATED, "id"), dtype=object))  # what the methods picked from
         units = [Unit(BASE, None)]
-        pool = np.sort(pq.read_table(self.storage.path(paths.ACTIVATED), columns=["id"],
-                                     filesystem=self.storage.fs)["id"].to_numpy(zero_copy_only=False))  # fmt: skip
         for seed in range(self.cfg.seeds):
             for k in sorted(set(budgets.values())):
                 draw = np.random.default_rng(seed).choice(len(pool), size=min(k, len(pool)), replace=False)
                 units.append(Unit(CONTROL if one else f"{CONTROL}@{k}", seed, tuple(pool[draw].tolist()), k))
-            for m, k in budgets.items():
-                ids = pq.read_table(self.storage.path(paths.selection(m, "selected.parquet")), columns=["id"],
-                                    filesystem=self.storage.fs)["id"].to_pylist()  # fmt: skip
-                units.append(Unit(m, seed, tuple(ids), k))
+            units += [Unit(m, seed, picked[m], k) for m, k in budgets.items()]
         hashes = self.content_hashes({i for u in units for i in u.ids})
         proxy = {"proxy": self.proxy().name, "chat_template": self.chat_template}
         train_keys = {
@@ -168,6 +169,9 @@ class Evaluate(Stage):
         """Each training sample's content hash: an adapter is keyed by what it read, not by its ids."""
         table = self.prepared(self.storage, ["id", "content_hash"], ids)
         return dict(zip(table["id"].to_pylist(), table["content_hash"].to_pylist()))
+
+    def column(self, path: str, name: str) -> list:
+        return pq.read_table(self.storage.path(path), columns=[name], filesystem=self.storage.fs)[name].to_pylist()
 
     @staticmethod
     def prepared(storage: Storage, columns: list[str], ids: set[str] | None = None) -> pa.Table:

@@ -134,3 +134,15 @@ def test_an_eval_set_that_shares_a_row_with_the_pool_is_refused(evaluated, tmp_p
     what = f"id '{rows[7]['id']}'" if shared == "id" else "the instruction of 'fresh-id'"
     with pytest.raises(ConfigError, match=rf"leaky shares {what} with the pool \(id '{rows[7]['id']}'\)"):
         run(RunConfig.model_validate(bad.model_dump()), until="evaluate")
+
+
+def test_evaluate_without_eval_sets_is_refused_before_any_work(evaluated, tmp_path, capsys):
+    """Catches a run that encodes and selects for minutes, then fails for want of an eval set."""
+    _, cfg, _ = evaluated
+    raw = cfg.public_dict() | {"output": {"root": str(tmp_path / "fresh")}}
+    raw["evaluate"]["sets"] = []
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["evaluate", str(config)]) == 2
+    assert "evaluate.sets: name at least one eval set" in capsys.readouterr().err
+    assert not (tmp_path / "fresh" / paths.PREPARED).exists()
