@@ -47,7 +47,8 @@ class EvaluateConfig(Section):
     batch_size: int = Field(8, gt=0)
     max_tokens: int = Field(256, gt=0)  # a sample is cut to this many tokens, the response's end first
     max_new_tokens: int = Field(256, gt=0)  # exact_match's greedy answer
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on GPUs and on CPUs with native bf16
+    # auto: bf16 autocast where the task's hardware does bf16 natively (resolved in the task, not on the driver)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     num_cpus: float = Field(1, gt=0)  # per fine-tune (its torch threads on a CPU)
     num_gpus: float = Field(0, ge=0)  # per fine-tune: 1 on a GPU cluster, so that methods x seeds run side by side
 
@@ -76,9 +77,15 @@ class EvaluateConfig(Section):
 
 
 def uses_bf16(dtype: str, device: str) -> bool:
+    """Whether the fine-tune and its scoring run in bf16 autocast: asked for, or `auto` on hardware
+    that does bf16 natively (most GPUs since Ampere; CPUs with AVX512-BF16 or AMX)."""
+    import torch
+
     from raysel.core.models import cpu_has_bf16
 
-    return dtype == "bfloat16" or (dtype == "auto" and (device == "cuda" or cpu_has_bf16()))
+    if dtype != "auto":
+        return dtype == "bfloat16"
+    return torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_bf16()
 
 
 def example(tokenizer, template: str | None, messages: list[dict] | None, text: str | None, max_tokens: int):

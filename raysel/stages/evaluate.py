@@ -111,11 +111,7 @@ class Evaluate(Stage):
         self._plan: tuple[str, Plan] | None = None
 
     def proxy(self) -> ModelConfig:
-        on_gpu = self.cfg.device() == "cuda" and uses_bf16(self.cfg.dtype, "cuda")
-        # master weights in fp32 on a CPU (autocast does the bf16 matmuls there); bf16 on a GPU
-        return self.model.model_copy(
-            update={"name": self.cfg.model or self.model.name, "dtype": "bfloat16" if on_gpu else "float32"}
-        )
+        return self.model.model_copy(update={"name": self.cfg.model or self.model.name})
 
     def side_sets(self) -> dict[str, list[str]]:
         return {set_folder(s.name): s.paths for s in self.cfg.sets}
@@ -263,9 +259,12 @@ def run_unit(storage, unit, train_key, eval_keys, train_rows, eval_rows, cfg: Ev
 
     if cfg.device() == "cpu":
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
+    bf16 = uses_bf16(cfg.dtype, cfg.device())  # resolved here, on the hardware the task got
     tokenizer = load_tokenizer(proxy)
     template = chat_template_for(tokenizer, chat_template)
-    base = load_model(proxy, cfg.device())
+    # master weights in fp32 on a CPU (autocast does the bf16 matmuls there); in bf16 on a GPU that has it
+    base = load_model(proxy.model_copy(update={"dtype": "bfloat16" if bf16 and cfg.device() == "cuda" else "float32"}),
+                      cfg.device())  # fmt: skip
     held = {"model": base}
 
     def train() -> dict:
