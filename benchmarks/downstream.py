@@ -84,7 +84,8 @@ def split_data(args, work: Path) -> dict:
 
 def config(args, files: dict, out: Path) -> dict:
     entries = {"mona": {"name": "mona", "targets": [files["targets_math"]]},
-               "igds": {"name": "igds", "targets": [files["targets_math"]]}}  # fmt: skip
+               # igds keeps 50 % by default (the paper's); here every method fine-tunes on the same budget
+               "igds": {"name": "igds", "targets": [files["targets_math"]], "budget": args.budget}}  # fmt: skip
     return {
         "input": {"paths": [files["pool"]], "fields": {"id": "id"}},
         "prepare": {"max_tokens": 256},
