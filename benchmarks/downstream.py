@@ -57,7 +57,9 @@ def read_jsonl(path) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if not path.exists() or path.read_text() != text:  # a rewrite would change the run's input fingerprint
+        path.write_text(text)
     return str(path)
 
 
