@@ -229,6 +229,8 @@ def main() -> None:
 
     names = sorted(facs)
     rho = spearmanr([facs[n] for n in names], [losses[n] for n in names]).statistic
+    category = {r["id"]: r["category"] for r in read_jsonl(files["pool"])}
+    math_share = {n: float(np.mean([category[i] == "math" for i in ids])) for n, ids in (subsets | picked).items()}
     by_method = {
         m: {s: {"loss": e["loss"]["mean"], "loss_ci": e["loss"]["ci"], "delta_vs_random": e["loss"].get("delta_vs_random"),
                 "delta_ci": e["loss"].get("delta_ci")} for s, e in sets.items()}
@@ -249,12 +251,13 @@ def main() -> None:
     print(f"{'base':<12}" + "".join(f"{summary['base'][s]['loss']:>40.4f}" for s in SETS))
     print(f"\nFAC (math anchor) against math eval loss over {len(names)} subsets: Spearman {rho:+.3f}")
     for n in names:
-        print(f"  {n:<12} FAC {facs[n]:.4f}  math loss {losses[n]:.4f}")
+        print(f"  {n:<12} FAC {facs[n]:.4f}  math loss {losses[n]:.4f}  math share {math_share[n]:.2f}")
     print(json.dumps({
         "budget": args.budget, "seeds": args.seeds, "seconds": round(time.time() - start, 1), "by_method": by_method,
         "base": {s: summary["base"][s]["loss"] for s in SETS},
         "fac_vs_math_loss": {"spearman": float(rho), "n_subsets": len(names),
-                             "points": {n: {"fac": facs[n], "math_loss": losses[n]} for n in names}},
+                             "points": {n: {"fac": facs[n], "math_loss": losses[n], "math_share": math_share[n]}
+                                        for n in names}},
     }))  # fmt: skip
 
 
