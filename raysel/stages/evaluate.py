@@ -34,7 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysel.core import paths
-from raysel.core.finetune import EvaluateConfig, exact_match, example, finetune, response_nll, uses_bf16
+from raysel.core.finetune import CUT, EvaluateConfig, exact_match, example, finetune, response_nll, uses_bf16
 from raysel.core.intervals import mean_interval, paired_difference
 from raysel.core.models import ModelConfig
 from raysel.core.progress import Progress
@@ -151,7 +151,7 @@ class Evaluate(Stage):
             if u.seed is not None
         }
         scoring = {k: v for k, v in self.cfg.model_dump(mode="json").items()
-                   if k in ("metrics", "max_tokens", "max_new_tokens", "dtype", "batch_size")}  # fmt: skip
+                   if k in ("metrics", "max_tokens", "max_new_tokens", "dtype", "batch_size")} | {"cut": CUT}  # fmt: skip
         sets = {s.name: done[set_folder(s.name)]["prepare"]["fingerprint"] for s in self.cfg.sets}
         eval_keys = {
             u.name: {

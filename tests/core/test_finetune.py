@@ -39,8 +39,27 @@ def test_the_completion_mask_covers_the_response_and_nothing_of_the_prompt(tiny)
         prompt = tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
         assert tok.decode(ids[~mask]) == prompt
         assert tok.decode(ids[mask]) == f"<|assistant|>{messages[-1]['content']}\n"
-    assert example(tok, None, CONVERSATIONS[0], None, 3) is None  # no response token fits
     assert example(tok, None, CONVERSATIONS[0][:1], None, 512) is None  # no response at all
+
+
+@pytest.mark.parametrize(
+    ("answer", "response_tokens"), [("It is a long story, told briefly. " * 10, 32), ("Yes.", None)]
+)
+def test_a_long_prompt_keeps_its_end_and_the_response_its_start(tiny, answer, response_tokens):
+    """Catches a cut that skips every sample whose prompt alone fills the window (at 128 tokens, a
+    third of coverage's picks and nearly all of a code eval set), or that keeps the prompt's start
+    (a system prompt) instead of the question the response follows on."""
+    _, tok = tiny
+    long = [{"role": "user", "content": "Explain this step. " * 60}, {"role": "assistant", "content": answer}]
+    full = example(tok, None, long, None, 10_000)
+    start = full["completion_mask"].index(1)
+    response = len(full["input_ids"]) - start
+    assert start > 64
+    cut = example(tok, None, long, None, 64)
+    k = cut["completion_mask"].index(1)
+    assert len(cut["input_ids"]) == 64 and sum(cut["completion_mask"]) == (response_tokens or response)
+    assert cut["input_ids"][:k] == full["input_ids"][start - k : start]  # the prompt's end
+    assert cut["input_ids"][k:] == full["input_ids"][start : start + 64 - k]  # the response's start
 
 
 def test_response_nll_is_the_hand_computed_nll_of_the_response_tokens(tiny):
