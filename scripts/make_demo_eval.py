@@ -10,7 +10,11 @@ import random
 import re
 
 REDISTRIBUTABLE = {"MIT", "Apache-2.0", "CC-BY-4.0"}
-SETS = {"math": {"gsm8k"}, "code": {"gpteacher_codegen", "humaneval"}, "general": {"alpaca_eval_gpt4", "self_instruct_seed"}}
+SETS = {
+    "math": {"gsm8k"},
+    "code": {"gpteacher_codegen", "humaneval"},
+    "general": {"alpaca_eval_gpt4", "self_instruct_seed"},
+}
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--pool", default="../shared/data/pool.jsonl")
