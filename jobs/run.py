@@ -3,7 +3,7 @@
     ray job submit --working-dir . -- python jobs/run.py VERB CONFIG [--set KEY=VALUE ...]
 
 VERB is any verb that takes a config: `run` (prepare, encode, statistics, selection), `encode`,
-`select`, `train-sae`, `fac` or `synthesize`. Inside the job, raysel joins the job's cluster
+`select`, `train-sae`, `fac`, `synthesize` or `evaluate`. Inside the job, raysel joins the job's cluster
 (RAY_ADDRESS). `python jobs/run.py --help` lists the verbs.
 """
 
