@@ -203,9 +203,9 @@ class Evaluate(Stage):
                 data = pads.dataset(storage.path(paths.PREPARED), format="parquet", filesystem=storage.fs)
                 for batch in data.to_batches(columns=["id", "messages", "text"]):
                     for i, m, t in zip(*(batch.column(c).to_pylist() for c in ("id", "messages", "text"))):
-                        same = i in ids or instruction_key(m, t) in keys
-                        if same:
-                            what = f"id {i!r}" if i in ids else f"the instruction of {keys[instruction_key(m, t)]!r}"
+                        key = instruction_key(m, t)
+                        if i in ids or key in keys:
+                            what = f"id {i!r}" if i in ids else f"the instruction of {keys[key]!r}"
                             raise ConfigError(
                                 f"evaluate.sets: {set_name} shares {what} with {label} (id {i!r}); an eval set "
                                 "must be held out from the pool and from the methods' targets"
