@@ -202,9 +202,7 @@ def read_rows(f: pa.NativeFile, fmt: str, limit: int) -> Iterator[dict]:
 
 
 def _json_rows(f: pa.NativeFile, limit: int, array_ok: bool) -> Iterator[dict]:
-    head = f.read(CHUNK_BYTES)
-    if head.startswith(BOM):
-        head = head[len(BOM) :]
+    head = _head(f)
     if array_ok and head.lstrip().startswith(b"["):
         yield from _json_array_rows(head + f.read(), limit)
         return
@@ -217,6 +215,19 @@ def _json_rows(f: pa.NativeFile, limit: int, array_ok: bool) -> Iterator[dict]:
             yield _row(number, "", BLANK_LINE)
         else:
             yield _decoded(number, line)
+
+
+def _head(f: pa.NativeFile) -> bytes:
+    """The first read, without a BOM, grown until it holds a byte that is not white space (or the file
+    ends, or 64 KiB of white space were read): a short read must not split the BOM, nor hide a JSON
+    array's opening bracket."""
+    head = f.read(CHUNK_BYTES)
+    while len(head) < len(BOM) or (not head.removeprefix(BOM).strip() and len(head) < 1 << 16):
+        more = f.read(CHUNK_BYTES)
+        if not more:
+            break
+        head += more
+    return head.removeprefix(BOM)
 
 
 def _lines(head: bytes, f: pa.NativeFile, limit: int) -> Iterator[tuple[int, bytes, int]]:
