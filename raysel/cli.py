@@ -49,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                 help="print what the run would do (input files, stages and shards to run or skip, actor "
                 "resources, model/SAE checks) and write nothing",
             )
-            p.add_argument("--force", action="store_true", help="replace a run of other input files at output.root")
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="replace what output.root holds of other input files, or features encoded under another "
+                "model, SAE, dtype or settings (never removed without it)",
+            )
         p.add_argument(
             "--set",
             dest="overrides",

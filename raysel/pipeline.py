@@ -52,6 +52,7 @@ class Target:
     storage: Storage
     side_sets: SideSets
     side: bool = False  # a side set: known by its content (small, edited in place), at the run's tau
+    force: bool = False  # --force: outputs of another input or config may be removed and redone
     run: dict = field(default_factory=dict)  # what manifests carry of the run: config, versions, model
 
 
@@ -59,7 +60,7 @@ class Target:
 PLAN: tuple[tuple[type[Stage], Callable[[Target], Stage]], ...] = (
     (Prepare, lambda t: Prepare(t.cfg.input, t.cfg.prepare, t.cfg.model, t.cfg.s3, t.storage, by_content=t.side)),
     (TrainSAE, lambda t: TrainSAE(t.cfg.stack(), t.storage)),
-    (Encode, lambda t: Encode(t.cfg.stack(), t.storage)),
+    (Encode, lambda t: Encode(t.cfg.stack(), t.storage, force=t.force or t.side)),  # a side set is small
     (Calibrate, lambda t: Calibrate(t.storage, t.cfg.activation)),
     (Stats, lambda t: Stats(t.storage, t.cfg.stats.top_n)),
     (TaskFeatures, lambda t: TaskFeatures(t.cfg.fac, t.cfg.stack(), t.storage)),
@@ -125,7 +126,7 @@ def run(
     cfg: RunConfig, until: str | Sequence[str] = "select", train_missing_sae: bool = False, force: bool = False
 ) -> dict:
     """Run the plan toward the `until` stage(s); finished ones are skipped. A root holding a run of
-    other input files is refused unless `force`."""
+    other input files, or features of another config, is refused unless `force`."""
     storage = Storage(cfg.output.root, cfg.s3)
     storage.check()
     check_root(storage, [f.path for f in list_input_files(cfg.input, cfg.s3)[1]], force)
@@ -134,7 +135,7 @@ def run(
     if train_missing_sae and default_sae_missing(cfg):
         targets.insert(0, "train_sae")
     try:
-        return run_stages(cfg, storage, targets)
+        return run_stages(cfg, storage, targets, force=force)
     except OSError as err:
         if "AWS Error" not in str(err):
             raise
@@ -147,7 +148,9 @@ def default_sae_missing(cfg: RunConfig) -> bool:
     return cfg.sae.path is None and not cfg.sae.release and not (default_sae_dir(cfg.stack()) / WEIGHTS).is_file()
 
 
-def run_stages(cfg: RunConfig, storage: Storage, targets: list[str], given: Done | None = None) -> dict:
+def run_stages(
+    cfg: RunConfig, storage: Storage, targets: list[str], given: Done | None = None, force: bool = False
+) -> dict:
     log.info("run: output at %s (targets: %s)", storage.uri(), ", ".join(targets))
     if "synthesis" in targets and cfg.synthesis.engine == "vllm":
         check_vllm()  # before any work
@@ -155,7 +158,7 @@ def run_stages(cfg: RunConfig, storage: Storage, targets: list[str], given: Done
         check_sets(cfg.evaluate)
     sides = SideSets(cfg, storage)
     run_info = {"config": cfg.public_dict(), "versions": versions(), "model": cfg.model.name}
-    stages = build(Target(cfg, storage, sides, run=run_info))
+    stages = build(Target(cfg, storage, sides, run=run_info, force=force))
     done = Executor(stages, sides.for_stage, given).run(targets)
     manifest = run_info | {
         "output": storage.uri(),

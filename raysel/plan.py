@@ -6,7 +6,6 @@ resources, the side sets, and the model/SAE checks."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 from raysel.config import RunConfig
@@ -20,7 +19,7 @@ from raysel.methods import Context
 from raysel.methods import build as build_method
 from raysel.pipeline import SideSets, Target, build
 from raysel.stages.base import Stage, closure, committed
-from raysel.stages.encode import Encode
+from raysel.stages.encode import Encode, differing
 from raysel.stages.prepare import Prepare, held_input
 from raysel.stages.select import Select
 from raysel.stages.train_sae import TrainSAE
@@ -36,8 +35,6 @@ def dry_run(cfg: RunConfig, targets: list[str]) -> dict:
     known: dict[str, dict] = {}
     planned = {}
     for stage in closure(stages, targets):
-        if isinstance(stage, Encode):
-            stage.has_gpus = cluster_has_gpus(cfg)
         planned[stage.name] = stage_plan(stage, storage, known) | details(cfg, storage, stage, known)
     files = [{"path": f.path, "format": f.format, "bytes": f.size} for f in prepare.files]
     return {
@@ -87,18 +84,6 @@ def resources(r) -> dict:
     return {"resources": {k: v for k, v in dataclasses.asdict(r).items() if v not in (None, 0, 0.0)}}
 
 
-def cluster_has_gpus(cfg: RunConfig) -> bool:
-    """The cluster the run would join: the one at ray.address / RAY_ADDRESS (joined read-only), or this machine."""
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        import ray
-
-        ray.init(address=cfg.ray.address or os.environ["RAY_ADDRESS"], log_to_driver=False)
-        return ray.cluster_resources().get("GPU", 0) > 0
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def model_checks(cfg: RunConfig) -> dict:
     """The SAE's width, layer and identity, and whether they fit the model, read from config files only."""
     stack = cfg.stack()
@@ -120,13 +105,19 @@ def encode_shards(storage: Storage, encode: Encode, prepared: dict | None) -> di
     if prepared is None:
         return {"shards": "all: prepare runs first"}
     try:
-        fingerprint = encode.fingerprint(prepared)
+        parts = encode.parts(prepared)
     except (ConfigError, OSError) as err:
         return {"shards": f"unknown: {err}"}
     names = sorted(i.path.rsplit("/", 1)[1] for i in storage.listing(paths.PREPARED) if i.path.endswith(".parquet"))
-    done = {n for n, m in FeatureStore(storage).done_shards().items() if m.get("key") == {"fingerprint": fingerprint}}
+    markers = FeatureStore(storage).done_shards()
+    done = {n for n, m in markers.items() if m.get("key") == {"fingerprint": encode.fingerprint(prepared)}}
     todo = [n for n in names if n not in done]
-    return {"shards_to_do": len(todo), "shards_to_skip": len(names) - len(todo), "samples": prepared.get("n_valid")}
+    out = {"shards_to_do": len(todo), "shards_to_skip": len(names) - len(todo), "samples": prepared.get("n_valid")}
+    stale = [m for n, m in markers.items() if n not in done]
+    if stale:
+        out["shards_of_another_config"] = (f"{len(stale)}, under another {', '.join(differing(stale[0], parts))}: "
+                                           f"the run stops unless --force")  # fmt: skip
+    return out
 
 
 def select_methods(cfg: RunConfig, storage: Storage) -> dict:

@@ -23,8 +23,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def cluster():
+def cluster(monkeypatch):
     temp = tempfile.mkdtemp(prefix="rs-cl-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # the cluster's address file (which ray.init() without an address reads) goes there, not /tmp/ray
+    monkeypatch.setenv("RAY_TMPDIR", temp)
+    os.mkdir(f"{temp}/ray")
     # the head runs Ray Data's small tasks; only worker nodes offer `encoder`, so the model actors go there
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": temp, "include_dashboard": False})
     try:
@@ -38,9 +41,12 @@ def add_worker(cluster: Cluster):
     return cluster.add_node(num_cpus=2, resources={"encoder": 1})
 
 
-def start_run(tmp_path, cluster: Cluster, model_sae: tuple, rows: int, tokens_per_batch: int) -> subprocess.Popen:
+def start_run(
+    tmp_path, cluster: Cluster, model_sae: tuple, rows: int, tokens_per_batch: int, **encode
+) -> subprocess.Popen:
     raw = run_cfg(tmp_path, *model_sae, rows)
     raw["encode"] |= {"actors": 2, "resources": {"encoder": 1}, "memory_gb": 0.5, "tokens_per_batch": tokens_per_batch}
+    raw["encode"] |= encode
     raw["ray"] = {"address": cluster.address}
     raw["output"]["report"] = False
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
@@ -107,3 +113,45 @@ def test_a_worker_node_lost_mid_encode_loses_and_duplicates_nothing(cluster, tin
     assert_every_valid_id_once(tmp_path, 240)
     ran_on = {m["node"] for m in markers(tmp_path).values()}
     assert keep.node_id in ran_on
+
+
+def test_a_gpu_encode_waits_for_its_gpu_node_and_never_runs_on_the_cpus(cluster, tiny, tmp_path):
+    """The bug: the GPUs asked for came from what the cluster showed when the run started, so a run that
+    began before its GPU workers joined (autoscaling from zero, a retried RayJob) encoded on the CPUs,
+    in another dtype. Ray accepts a declared GPU on a CPU machine: the actor lands there, and stops
+    because torch sees no CUDA, which shows where Ray put it."""
+    add_worker(cluster)  # a CPU worker that offers `encoder`: where the old code would have encoded
+    driver = start_run(tmp_path, cluster, tiny, rows=16, tokens_per_batch=96, actors=1, num_gpus=1)
+    log = tmp_path / "driver.log"
+    deadline = time.time() + 180
+    while "to encode" not in log.read_text() and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    time.sleep(10)  # time enough for an actor to start on the CPU worker, were it allowed to
+    assert driver.poll() is None and not markers(tmp_path), log.read_text()[-3000:]
+    cluster.add_node(num_cpus=2, num_gpus=1, resources={"encoder": 1})
+    driver.wait(timeout=300)
+    text = log.read_text()
+    assert driver.returncode != 0 and not markers(tmp_path)
+    assert "the config asks for CUDA but this process sees no GPU (CUDA_VISIBLE_DEVICES='0')" in text, text[-3000:]
+
+
+def test_a_run_without_an_address_starts_its_own_cluster_beside_one_running_here(cluster):
+    """The bug: with no ray.address, ray.init() joined the cluster left running on the machine, and the
+    run died with it. `auto` is how a user asks to join that one."""
+    code = (
+        "import logging, sys, ray; from raysel.core.ray_adapter import RayConfig, init_ray; "
+        "logging.basicConfig(level=20); init_ray(RayConfig(address=sys.argv[1] or None, num_cpus=1)); "
+        "print('GCS', ray.get_runtime_context().gcs_address)"
+    )
+
+    def gcs(address: str) -> tuple[str, str]:
+        env = {**os.environ, "RAY_ADDRESS": ""}  # RAY_TMPDIR: where this cluster's address file is
+        done = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True,
+                              timeout=180)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.split("GCS ")[-1].strip(), done.stderr
+
+    own, log = gcs("")
+    assert own != cluster.address and "ray: started a local cluster" in log
+    joined, log = gcs("auto")
+    assert joined == cluster.address and "ray: joined the cluster at auto (ray.address)" in log

@@ -123,13 +123,14 @@ def fingerprint(files: list[InputFile], *parts) -> str:
 
 
 def content_fingerprint(paths: list[str], s3: S3Config) -> str:
-    """Changes when the bytes of any file under `paths` change, whatever its size and time say: for
-    side inputs (targets, an anchor), small sets a user edits in place."""
+    """Changes when the bytes of any file under `paths` change, whatever its size and time say, and
+    only then: for side inputs (targets, an anchor, a reference), small sets a user edits in place,
+    copies or reaches through another path (a package installed elsewhere)."""
 
     fs, files = list_input_files(InputConfig(paths=paths), s3)
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.path}\0".encode())
+        h.update(f"{f.size}\0{f.format}\0".encode())
         with fs.open_input_stream(f.path) as stream:
             while chunk := stream.read(CHUNK_BYTES):
                 h.update(chunk)

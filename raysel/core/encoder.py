@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from raysel.core.features import FEATURE_SCHEMA
 from raysel.core.models import ModelConfig, load_model, load_tokenizer, resolve_device, tokenize, truncate_to_layer
@@ -23,14 +23,27 @@ from raysel.core.storage import S3Config
 
 class EncodeConfig(Section):
     actors: int = Field(1, gt=0)  # one model + SAE each; on GPU nodes, one per GPU
-    num_gpus: float = Field(1.0, ge=0)  # per actor when the cluster has GPUs; fractions share one
+    num_gpus: float = Field(0.0, ge=0)  # per actor; > 0 runs on CUDA (fractions share one GPU)
     num_cpus: float = Field(1.0, gt=0)  # per actor
     memory_gb: float = Field(4.0, gt=0)  # heap per actor, reserved with Ray
     resources: dict[str, float] = {}  # custom Ray resources per actor, e.g. {"encoder": 1}: pins actors to a node group
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda where num_gpus > 0, else cpu
     tokens_per_batch: int = Field(8192, gt=0)  # padded tokens per forward pass
     skip_prefix: bool = True  # leave the chat template's shared prefix out of pooling
     top_m: int | None = Field(None, gt=0)  # keep only the M strongest features per sample
+
+    @model_validator(mode="after")
+    def _device_and_gpus_agree(self) -> EncodeConfig:
+        if self.device == "cuda" and not self.num_gpus:
+            raise ValueError("encode.device: cuda needs encode.num_gpus > 0 (the GPUs Ray gives each actor)")
+        if self.device == "cpu" and self.num_gpus:
+            raise ValueError("encode.num_gpus: > 0 with encode.device: cpu would hold GPUs no actor uses")
+        return self
+
+    def runs_on(self) -> str:
+        """The device the config asks for, never what a cluster happens to show: a run started before
+        its GPU workers joined must wait for them, not encode in another dtype on the CPUs."""
+        return "cuda" if self.num_gpus else "cpu"
 
 
 class ModelStack(Section):
@@ -56,7 +69,7 @@ class Encoder:
         import torch
 
         self.torch, self.encode, self.max_tokens = torch, stack.encode, stack.prepare.max_tokens
-        self.device = resolve_device(stack.encode.device)
+        self.device = resolve_device(stack.encode.runs_on())
         if self.device == "cpu":  # one thread per CPU Ray gave this actor
             torch.set_num_threads(max(1, int(stack.encode.num_cpus)))
         self.tokenizer = load_tokenizer(stack.model)

@@ -55,7 +55,7 @@ class ChatModel:
 
     def __init__(self, stack: ModelStack, name: str | None):
         config = generator_config(stack.model, name)
-        self.name, self.device = config.name, resolve_device(stack.encode.device)
+        self.name, self.device = config.name, resolve_device(stack.encode.runs_on())
         self.tokenizer = load_tokenizer(config)
         self.model = load_model(config, self.device)
         self.template = chat_template_for(self.tokenizer, stack.prepare.chat_template)
@@ -155,12 +155,14 @@ def unquantized(target: Path) -> Path:
 
 
 def resolve_device(device: str) -> str:
+    """`device` as the config asked for it (EncodeConfig.runs_on), checked against what this process sees."""
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("encode.device: cuda was asked for but no GPU is visible (allowed: auto, cpu, cuda)")
+        raise ConfigError(
+            "encode.num_gpus: the config asks for CUDA but this process sees no GPU (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); set encode.num_gpus: 0 to run on the CPUs"
+        )
     return device
 
 

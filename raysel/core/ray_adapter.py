@@ -32,11 +32,12 @@ if TYPE_CHECKING:
 
     from raysel.core.encoder import EncodeConfig
 
+log = logging.getLogger(__name__)
 # Ray is imported where it is used: the config sections (RayConfig here) load without it.
 
 
 class RayConfig(Section):
-    address: str | None = None  # None: the cluster of RAY_ADDRESS, or a new local one
+    address: str | None = None  # None: the cluster of RAY_ADDRESS, else a new local one; "auto": one running here
     num_cpus: int | None = Field(None, gt=0)  # only for a new local cluster
 
 
@@ -161,10 +162,16 @@ def init_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
-    # Under `ray job submit` RAY_ADDRESS names the cluster; otherwise start one here.
-    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
-    local = {"num_cpus": cfg.num_cpus} if address is None else {}
-    ray.init(address=address, **local)
+    # Under `ray job submit` RAY_ADDRESS names the cluster. Without an address Ray itself would join
+    # any cluster `ray start` left on this machine, and the run would die with it: "local" starts
+    # our own, as Ray's `address: auto` is the way to ask for that one.
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        log.info("ray: joined the cluster at %s (%s)", address, "ray.address" if cfg.address else "RAY_ADDRESS")
+    else:
+        ray.init(address="local", num_cpus=cfg.num_cpus)
+        log.info("ray: started a local cluster (set ray.address: auto to join one running on this machine)")
     quiet_off_a_terminal()
 
 
@@ -179,20 +186,14 @@ def quiet_off_a_terminal() -> None:
         context.print_on_execution_start = False
 
 
-def model_resources(encode: EncodeConfig, actors: int, batch_size: int = 1, has_gpus: bool | None = None) -> Resources:
-    """What an actor holding a model needs: encode.num_gpus of a GPU when the cluster has GPUs (and the
-    config does not pin the CPU), else encode.num_cpus CPUs; encode.memory_gb of heap either way.
-    `has_gpus` None: ask the running cluster."""
-    if has_gpus is None:
-        import ray
-
-        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    gpus = has_gpus and encode.device != "cpu"
+def model_resources(encode: EncodeConfig, actors: int, batch_size: int = 1) -> Resources:
+    """What an actor holding a model needs, from the config alone: encode.num_gpus GPUs (Ray holds the
+    actor until a node has them), encode.num_cpus CPUs and encode.memory_gb of heap."""
     return Resources(
         actors=actors,
         batch_size=batch_size,
         num_cpus=encode.num_cpus,
-        num_gpus=encode.num_gpus if gpus else 0,
+        num_gpus=encode.num_gpus,
         memory=int(encode.memory_gb * 2**30),
         custom=encode.resources or None,
     )

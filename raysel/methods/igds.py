@@ -215,7 +215,7 @@ class TaskMetric:
         import torch
 
         self.torch, self.cfg = torch, cfg
-        self.device = resolve_device(stack.encode.device)
+        self.device = resolve_device(stack.encode.runs_on())
         self.tokenizer = tok = load_tokenizer(stack.model)
         self.model = load_model(stack.model, self.device)
         template = chat_template_for(tok, stack.prepare.chat_template)

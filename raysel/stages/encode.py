@@ -23,7 +23,6 @@ from raysel.core import paths
 from raysel.core.corpus import fingerprint
 from raysel.core.encoder import Encoder
 from raysel.core.features import FEATURE_SCHEMA, FeatureStore
-from raysel.core.models import resolve_dtype
 from raysel.core.progress import Progress
 from raysel.core.ray_adapter import Resources, log_to_driver, map_stage, model_resources
 from raysel.core.sae import check_against_model, sae_metadata, weights_digest
@@ -45,16 +44,24 @@ POOR_FIT = 0.5  # explained variance below this warns; below 0 stops the run unl
 class EncodeShards:
     """Ray work: each input row names a prepared file; encode it, write its features shard, then its marker."""
 
-    def __init__(self, stack: ModelStack, root: str, fingerprint: str):
+    def __init__(self, stack: ModelStack, root: str, key: dict, parts: dict, dtype: str | None):
         log_to_driver()
         self.encoder = Encoder(stack)
         self.storage = Storage(root, stack.s3)
-        self.fingerprint = fingerprint
+        self.key, self.parts = key, parts
+        self.dtype = str(self.encoder.model.dtype).removeprefix("torch.")
+        self.refusal = None  # auto on CPUs of another kind than the store's first shards': no shard is mixed
+        if dtype and self.dtype != dtype:
+            self.refusal = (f"the actor on node {ray.get_runtime_context().get_node_id()[:12]} runs the model in "
+                            f"{self.dtype}, the store's shards were encoded in {dtype}; set model.dtype: {dtype}")  # fmt: skip
         self.measured = False  # the fit check runs on this actor's first shard
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         done = []
         for shard in batch["shard"].to_pylist():
+            if self.refusal:
+                done.append({"shard": shard, "rows": 0, "error": self.refusal})
+                continue
             try:
                 summary = self.encode_shard(shard)
                 fit = summary.get("fit") or {}
@@ -93,8 +100,10 @@ class EncodeShards:
             "rejected": len(errors),
             "tokens": n_tokens,
             "seconds": round(time.time() - start, 3),
-            "node": ray.get_runtime_context().get_node_id(),
-        } | ({"fit": fit} if fit else {})  # where it ran, for the record
+            "node": ray.get_runtime_context().get_node_id(),  # where and how it ran, for the record
+            "dtype": self.dtype,
+            "parts": self.parts,
+        } | ({"fit": fit} if fit else {})
 
         def write() -> dict:
             fs.create_dir(storage.path(paths.FEATURES), recursive=True)
@@ -104,7 +113,7 @@ class EncodeShards:
 
         storage.retrying(
             f"writing features/{shard}",
-            lambda: commit(storage, paths.shard_marker(shard), {"fingerprint": self.fingerprint}, write),
+            lambda: commit(storage, paths.shard_marker(shard), self.key, write),
         )
         log.info(
             "encode: %s: %d samples in %.1fs (%.0f samples/s)",
@@ -120,6 +129,12 @@ class EncodeShards:
 
 
 REJECT_FIELDS = ["source", "row", "record"]
+
+
+def differing(marker: dict, parts: dict[str, str]) -> list[str]:
+    """Which parts of a shard marker's fingerprint are not this run's (a marker of an older raysel
+    does not say)."""
+    return [k for k, v in parts.items() if marker.get("parts", {}).get(k) != v] or ["unrecorded part"]
 
 
 def mean_fit(fits: list[dict]) -> dict | None:
@@ -165,8 +180,8 @@ class Encode(Stage):
     needs = ("prepare",)
     brief = ("n_encoded", "n_encode_rejected", "n_shards")
 
-    def __init__(self, stack: ModelStack, storage: Storage, has_gpus: bool | None = None):
-        self.stack, self.storage, self.has_gpus = stack, storage, has_gpus
+    def __init__(self, stack: ModelStack, storage: Storage, force: bool = False):
+        self.stack, self.storage, self.force = stack, storage, force
 
     @functools.cached_property
     def meta(self) -> dict:
@@ -177,34 +192,28 @@ class Encode(Stage):
         return meta
 
     @functools.cached_property
-    def dtype(self) -> str:
-        device = "cuda" if self.resources().num_gpus else "cpu"
-        return str(resolve_dtype(self.stack.model.dtype, device)).removeprefix("torch.")
-
-    @functools.cached_property
     def weights(self) -> str:
         """The SAE weights' digest, read once a stage: key() and run() both need it, and hashing a
         131k-latent SAE takes seconds."""
         return weights_digest(self.stack)
 
-    def fingerprint(self, prepared: dict) -> str:
-        """What the features depend on: the prepared store, the model and the dtype it runs in on the
-        actors (auto: bf16 on GPUs), and the SAE's weights themselves, so one retrained in place under
-        the same path is not mixed with the old."""
+    def parts(self, prepared: dict) -> dict[str, str]:
+        """What the features depend on, by the name a refusal gives it: the prepared store, the model,
+        the dtype and device the config asks for (resolved on the actors, which record what they ran
+        in), the SAE's weights themselves (one retrained in place under the same path is not mixed
+        with the old), and the settings that change what is pooled."""
         stack = self.stack
-        return fingerprint(
-            [],
-            prepared["fingerprint"],
-            stack.model.name,
-            self.dtype,
-            self.weights,
-            self.meta,
-            stack.prepare.max_tokens,
-            stack.prepare.chat_template,
-            stack.encode.skip_prefix,
-            stack.encode.top_m,
-            FEATURE_SCHEMA.to_string(),
-        )
+        return {
+            "input": prepared["fingerprint"],
+            "model": stack.model.name,
+            "dtype": f"{stack.model.dtype} on {stack.encode.runs_on()}",
+            "sae": fingerprint([], self.weights, self.meta),
+            "settings": fingerprint([], stack.prepare.max_tokens, stack.prepare.chat_template,
+                                    stack.encode.skip_prefix, stack.encode.top_m, FEATURE_SCHEMA.to_string()),
+        }  # fmt: skip
+
+    def fingerprint(self, prepared: dict) -> str:
+        return fingerprint([], *self.parts(prepared).values())
 
     def key(self, done: Done) -> dict:
         # the stages that read the features key on this, so a new input, model, SAE or dtype redoes them;
@@ -212,7 +221,22 @@ class Encode(Stage):
         return {"fingerprint": self.fingerprint(done["prepare"])}
 
     def resources(self) -> Resources:
-        return model_resources(self.stack.encode, self.stack.encode.actors, has_gpus=self.has_gpus)
+        return model_resources(self.stack.encode, self.stack.encode.actors)
+
+    def refuse_or_clear(self, stale: dict[str, dict], parts: dict[str, str]) -> None:
+        """Features of another input or config are GPU-hours: removed only with --force."""
+        differ = differing(next(iter(stale.values())), parts)
+        if not self.force:
+            raise ConfigError(
+                f"encode: {self.storage.uri(paths.FEATURES)} holds {len(stale)} shard(s) encoded under another "
+                f"{', '.join(differ)} than this run's; nothing was removed. Set output.root to a new folder "
+                f"to keep both, or pass --force to re-encode here"
+            )
+        log.warning("encode: --force: removing %d shard(s) of another %s; re-encoding", len(stale), ", ".join(differ))
+        self.storage.remove(paths.FEATURES)
+        for info in self.storage.listing(paths.REJECTS):
+            if posixpath.basename(info.path).startswith("encode-"):
+                self.storage.fs.delete_file(info.path)
 
     def judge_fit(self, ev: float, l0: float) -> None:
         """Stop a run whose SAE does not fit the model where it reads, before it spends hours."""
@@ -228,6 +252,7 @@ class Encode(Stage):
 
     def run(self, done: Done) -> dict:
         storage, store, prepared = self.storage, FeatureStore(self.storage), done["prepare"]
+        parts = self.parts(prepared)
         fingerprint = self.fingerprint(prepared)
         shards = sorted(
             posixpath.basename(i.path) for i in storage.listing(paths.PREPARED) if i.path.endswith(".parquet")
@@ -235,13 +260,10 @@ class Encode(Stage):
         key = {"fingerprint": fingerprint}
         markers = store.done_shards()
         finished = {name: m for name, m in markers.items() if m.get("key") == key}
-        if len(finished) < len(markers):  # features of another input or config: start over
-            log.info("encode: features from an earlier input or config; re-encoding everything")
-            storage.remove(paths.FEATURES)
-            for info in storage.listing(paths.REJECTS):
-                if posixpath.basename(info.path).startswith("encode-"):
-                    storage.fs.delete_file(info.path)
+        if len(finished) < len(markers):
+            self.refuse_or_clear({n: m for n, m in markers.items() if n not in finished}, parts)
             finished = {}
+        dtypes = {m.get("dtype") for m in finished.values()} - {None}
         todo = [s for s in shards if s not in finished]
         log.info(
             "encode: %d shard(s), %d already done, %d to encode (layer %s, SAE %s)",
@@ -254,12 +276,13 @@ class Encode(Stage):
         start = time.time()
         if todo:
             resources = model_resources(self.stack.encode, min(self.stack.encode.actors, len(todo)))
+            pinned = next(iter(dtypes), None)  # auto resolves on each actor: the first shards set the store's
             items = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
             encoded = sum(m["rows"] + m.get("rejected", 0) for m in finished.values())
             progress = Progress("encode", len(todo), prepared["n_valid"] - encoded)
             failed = []
             results = map_stage(
-                items, EncodeShards, resources, stack=self.stack, root=storage.root, fingerprint=fingerprint
+                items, EncodeShards, resources, stack=self.stack, root=storage.root, key=key, parts=parts, dtype=pinned
             )
             for r in results.iter_rows():  # one row per shard, as each finishes
                 progress.update(r["rows"])
@@ -270,7 +293,7 @@ class Encode(Stage):
             progress.close()
             if failed:
                 raise StorageError(
-                    f"encode: {len(failed)} shard(s) could not be written; the others are committed, "
+                    f"encode: {len(failed)} shard(s) could not be encoded or written; the others are committed, "
                     f"and a re-run encodes only these. First: {failed[0]}"
                 )
         markers = store.done_shards()
@@ -286,9 +309,13 @@ class Encode(Stage):
             encoded_now / max(seconds, 1e-9),
             sum(markers[s]["rows"] for s in shards),
         )
+        dtypes = sorted({markers[s].get("dtype") or "unrecorded" for s in shards})
+        if len(dtypes) > 1:  # actors of two CPU kinds started together on a fresh store
+            raise ConfigError(f"encode: the store's shards were encoded in {' and '.join(dtypes)}; set model.dtype "
+                              f"to one of them and re-run with --force")  # fmt: skip
         return {
             "fingerprint": fingerprint,
-            "dtype": self.dtype,
+            "dtype": dtypes[0],
             "layer": self.meta["layer"],
             "sae": self.meta["identity"],
             "d_sae": self.meta.get("d_sae"),

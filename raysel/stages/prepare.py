@@ -191,13 +191,13 @@ class Prepare(Stage):
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        # Files count by resolved path, size and time; a side set (small, edited in place) by its bytes
-        # too. input.paths as written is left out: the same files named another way (relative, through a
+        # Files count by resolved path, size and time; a side set (small, edited in place, reached by
+        # another path when the package moves) by its bytes alone. input.paths as written is left out: the same files named another way (relative, through a
         # symlink, a glob) are the same input. The output schema is part of it: a store written by
         # another version of this stage is redone.
         content = content_fingerprint(self.input.paths, self.s3) if self.by_content else None
         return fingerprint(
-            self.files,
+            [] if self.by_content else self.files,
             self.input.model_dump(mode="json", exclude={"paths"}),
             self.prepare.model_dump(mode="json"),
             self.model.name,

@@ -44,7 +44,7 @@ class TrainSAE(Stage):
                 break
             texts.append(text)
             tokens += n
-        return train_sae(self.stack, texts, resolve_device(self.stack.encode.device))
+        return train_sae(self.stack, texts, resolve_device(self.stack.encode.runs_on()))
 
 
 def train_sae(stack: ModelStack, texts: list[str], device: str) -> dict:

@@ -311,7 +311,13 @@ def test_a_sample_the_model_cannot_take_is_an_encode_error_and_the_shard_goes_on
         np.testing.assert_allclose(got[e["id"]]["feat_max"], e["feat_max"], rtol=1e-4)
 
 
-def test_the_encode_fingerprint_follows_the_sae_weights_and_the_resolved_dtype(tiny_model_dir, tiny_sae_dir, tmp_path):
+def test_the_encode_fingerprint_follows_the_sae_weights_and_the_config_never_the_machine(
+    tiny_model_dir, tiny_sae_dir, tmp_path
+):
+    """The bugs: an SAE retrained in place kept its features; and the dtype came from the driver's CPU
+    flags and the GPUs the cluster showed at that instant, so a retry before the GPU workers joined
+    encoded in fp32 and a head of another CPU kind changed the fingerprint. No Ray runs here: the
+    fingerprint and the resources come from the config alone."""
     from safetensors.torch import save_file
 
     from raysel.stages.encode import Encode
@@ -320,10 +326,12 @@ def test_the_encode_fingerprint_follows_the_sae_weights_and_the_resolved_dtype(t
     shutil.copytree(tiny_sae_dir, sae)
     storage = Storage(str(tmp_path / "out"), RunConfig.model_validate({"input": {"paths": ["-"]}}).s3)
 
-    def encode_stage(has_gpus=False, **model):
+    def encode_stage(encode=None, **model):
         stack = encoder_stack(tiny_model_dir, sae)
-        stack = stack.model_copy(update={"model": stack.model.model_copy(update=model)})
-        return Encode(stack, storage, has_gpus=has_gpus)
+        update = {"model": stack.model.model_copy(update=model)}
+        if encode:
+            update["encode"] = stack.encode.model_validate(stack.encode.model_dump() | encode)
+        return Encode(stack.model_copy(update=update), storage)
 
     prepared = {"fingerprint": "p"}
     before = encode_stage(dtype="auto").fingerprint(prepared)
@@ -332,17 +340,13 @@ def test_the_encode_fingerprint_follows_the_sae_weights_and_the_resolved_dtype(t
     save_file(weights, sae / "sae_weights.safetensors")
     after = encode_stage(dtype="auto")
     assert after.fingerprint(prepared) != before
-    # auto on CPU actors is bf16 where the CPU does bf16 natively (as the kernel reports it), else fp32:
-    # the same features as asking for that dtype, and other features than the other one
-    flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
-    native, other = ("bfloat16", "float32") if flags & {"avx512_bf16", "amx_bf16"} else ("float32", "bfloat16")
-    assert (after.dtype, encode_stage(dtype=native).fingerprint(prepared)) == (
-        native,
-        after.fingerprint(prepared),
-    )
-    assert encode_stage(dtype=other).fingerprint(prepared) != after.fingerprint(prepared)
-    on_gpus = encode_stage(has_gpus=True, dtype="auto")
-    assert on_gpus.dtype == "bfloat16"
+    assert after.parts(prepared)["dtype"] == "auto on cpu"
+    assert encode_stage(dtype="float32").fingerprint(prepared) != after.fingerprint(prepared)
+    on_gpus = encode_stage({"num_gpus": 1}, dtype="auto")
+    assert on_gpus.parts(prepared)["dtype"] == "auto on cuda" and on_gpus.resources().num_gpus == 1
+    assert after.resources().num_gpus == 0
+    with pytest.raises(ValueError, match=r"encode.device: cuda needs encode.num_gpus > 0"):
+        encode_stage({"device": "cuda"})
 
 
 def test_the_fit_check_records_the_saes_fit_and_stops_one_that_does_not_fit(
@@ -386,3 +390,25 @@ def test_the_fit_check_records_the_saes_fit_and_stops_one_that_does_not_fit(
         encode(stopped, storage, prepared)  # the same prepared store: only the SAE differs
     allowed = RunConfig.model_validate({**raw, "sae": {"path": str(bad), "allow_poor_fit": True}})
     assert encode(allowed, storage, prepared)["fit"]["explained_variance"] < 0
+
+
+def test_a_store_of_another_dtype_is_refused_untouched_and_redone_only_with_force(
+    ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path
+):
+    """The bug: a fingerprint change removed features/ and re-encoded everything, silently: GPU-hours
+    thrown away by a retry that resolved another dtype. Through pipeline.run, as the CLI calls it."""
+    from raysel.pipeline import run
+
+    raw = run_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, 8)  # one shard
+    first = run(RunConfig.model_validate(raw), until="encode")["stages"]["encode"]
+    shard = next((tmp_path / "out" / "features").glob("*.parquet"))
+    written = shard.stat().st_mtime_ns
+    bf16 = RunConfig.model_validate(raw | {"model": raw["model"] | {"dtype": "bfloat16"}})
+    with pytest.raises(ConfigError) as err:
+        run(bf16, until="encode")
+    assert "under another dtype than this run's; nothing was removed" in str(err.value)
+    assert "output.root" in str(err.value) and "--force" in str(err.value)
+    assert shard.stat().st_mtime_ns == written and first["dtype"] == "float32"
+    redone = run(bf16, until="encode", force=True)["stages"]["encode"]
+    assert redone["dtype"] == "bfloat16" and redone["n_shards_encoded"] == 1
+    assert redone["fingerprint"] != first["fingerprint"]

@@ -308,3 +308,31 @@ def test_a_row_dropped_as_repeated_text_frees_its_id(ray_cluster, tiny_tokenizer
     rejects = {r["row"]: r for r in read_rejects(tmp_path / "out")}
     assert rejects[2]["reason"] == "duplicate_text" and rejects[4]["reason"] == "duplicate_id"
     assert rejects[4]["detail"] == f"same id as {path} row 3"
+
+
+def test_a_side_set_is_known_by_its_bytes_not_by_where_it_lies(tiny_tokenizer_dir, tmp_path):
+    """The bug: a side set's key held its path and time, so the bundled reference, reached through
+    another install of the package, was prepared and encoded again, and every selection that reads
+    it redone (igds for 20 minutes in benchmarks/downstream.py). A run's input keeps its path."""
+    import shutil
+    import time
+
+    from raysel.stages.prepare import Prepare
+
+    rows = [{"id": f"r{i}", "instruction": f"q{i}", "output": f"a{i}"} for i in range(4)]
+    (tmp_path / "a").mkdir()
+    here = write_jsonl(tmp_path / "a" / "set.jsonl", rows)
+    time.sleep(0.01)
+    there = tmp_path / "b" / "set.jsonl"
+    there.parent.mkdir()
+    shutil.copyfile(here, there)  # another path and another time, the same bytes
+
+    def key(path, by_content=True):
+        cfg = make_cfg(tiny_tokenizer_dir, [path], tmp_path / "out")
+        storage = Storage(str(tmp_path / "out"), cfg.s3)
+        return Prepare(cfg.input, cfg.prepare, cfg.model, cfg.s3, storage, by_content).fingerprint
+
+    assert key(here) == key(there)
+    assert key(here, by_content=False) != key(there, by_content=False)
+    there.write_text(there.read_text().replace('"a3"', '"a4"'))  # one byte edited in place
+    assert key(there) != key(here)
