@@ -233,7 +233,7 @@ def commit_markers(root: Path, args, shards: list) -> None:
                "rejected_by_reason": {}, "fingerprint": prepare.fingerprint, "seconds": None,
                "files": [f.path for f in prepare.files]}  # fmt: skip
     storage.write_json(paths.marker("prepare"), {**summary, "key": prepare.key({})})
-    encode = Encode(cfg.stack(), storage, has_gpus=False)  # as the run computes it on this CPU box
+    encode = Encode(cfg.stack(), storage)
     for name, rows, tokens in shards:
         storage.write_json(paths.shard_marker(name), {"rows": rows, "tokens": tokens, "seconds": 0.0,
                                                       "key": {"fingerprint": encode.fingerprint(summary)}})  # fmt: skip

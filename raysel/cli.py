@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     loudness.add_argument("-q", "--quiet", action="store_true", help="raysel's warnings and errors only")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
+    def force_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--force",
+            action="store_true",
+            help="replace what output.root holds of other input files, or features encoded under another "
+            "model, SAE, dtype or settings (never removed without it)",
+        )
+
     def verb(name: str, help: str, config: bool = True) -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help, description=help)
         if config:
@@ -49,12 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="print what the run would do (input files, stages and shards to run or skip, actor "
                 "resources, model/SAE checks) and write nothing",
             )
-            p.add_argument(
-                "--force",
-                action="store_true",
-                help="replace what output.root holds of other input files, or features encoded under another "
-                "model, SAE, dtype or settings (never removed without it)",
-            )
+            force_flag(p)
         p.add_argument(
             "--set",
             dest="overrides",
@@ -116,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where the results go: a folder or s3://bucket/prefix (default: runs/demo)",
     )
+    force_flag(demo)
     return parser
 
 

@@ -263,11 +263,11 @@ def prepare(cfg, storage) -> dict:
     return execute(Prepare(cfg.input, cfg.prepare, cfg.model, cfg.s3, storage))
 
 
-def encode(cfg, storage, prepared: dict) -> dict:
+def encode(cfg, storage, prepared: dict, force: bool = False) -> dict:
     from raysel.stages.base import execute
     from raysel.stages.encode import Encode
 
-    return execute(Encode(cfg.stack(), storage), {"prepare": prepared})
+    return execute(Encode(cfg.stack(), storage, force=force), {"prepare": prepared})
 
 
 def store_table(rows: list[dict]):

@@ -44,7 +44,17 @@ class TrainSAE(Stage):
                 break
             texts.append(text)
             tokens += n
-        return train_sae(self.stack, texts, resolve_device(self.stack.encode.runs_on()))
+        return train_sae(self.stack, texts, self.driver_device())
+
+    def driver_device(self) -> str:
+        """It trains on the driver: on its GPU where the config asks for CUDA and the driver has one, else
+        on its CPUs (a GPU cluster's head often has none). Only the weights reach the features' key."""
+        import torch
+
+        if self.stack.encode.runs_on() == "cuda" and not torch.cuda.is_available():
+            log.warning("train-sae: the driver sees no GPU; training on its CPUs")
+            return "cpu"
+        return resolve_device(self.stack.encode.runs_on())
 
 
 def train_sae(stack: ModelStack, texts: list[str], device: str) -> dict:

@@ -387,7 +387,7 @@ def test_the_fit_check_records_the_saes_fit_and_stops_one_that_does_not_fit(
     save_file(weights, bad / "sae_weights.safetensors")
     stopped = RunConfig.model_validate({**raw, "sae": {"path": str(bad)}})
     with pytest.raises(ConfigError, match=r"sae: explained variance -\d.* at layer 1 .* sae.allow_poor_fit"):
-        encode(stopped, storage, prepared)  # the same prepared store: only the SAE differs
+        encode(stopped, storage, prepared, force=True)  # the same prepared store: only the SAE differs
     allowed = RunConfig.model_validate({**raw, "sae": {"path": str(bad), "allow_poor_fit": True}})
     assert encode(allowed, storage, prepared)["fit"]["explained_variance"] < 0
 

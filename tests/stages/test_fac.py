@@ -130,11 +130,11 @@ def fac_root(stats_run, root: Path, **sections) -> tuple[dict, Path]:
     return raw | {"output": {"root": str(root)}} | sections, root
 
 
-def task_features(raw: dict) -> tuple[list[int], list[int]]:
+def task_features(raw: dict, force: bool = False) -> tuple[list[int], list[int]]:
     """F as the task_features stage committed it (what `raysel fac`, `raysel synthesize` and method
     `fac` read), and F recomputed from the anchor and reference stores the root holds now (their
     encode is keyed by content, model and SAE, so those are always current)."""
-    used = run(RunConfig.model_validate(raw), until="task_features")["stages"]["task_features"]["features"]
+    used = run(RunConfig.model_validate(raw), until="task_features", force=force)["stages"]["task_features"]["features"]
     root, cfg = Path(raw["output"]["root"]), RunConfig.model_validate(raw)
     side = {name: FeatureStore(Storage(str(root / name), cfg.s3)).table() for name in ("anchor", "reference")}
     d_sae = json.loads((root / "stats" / "summary.json").read_text())["d_sae"]
@@ -173,7 +173,7 @@ def test_another_sae_at_the_same_tau_recomputes_the_task_features(stats_run, tmp
     fac = {"fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 12}}
     raw, root = fac_root(stats_run, tmp_path / "run", **fac)
     first, _ = task_features(raw)
-    swapped, now = task_features(raw | {"sae": raw["sae"] | {"path": str(sae)}})
+    swapped, now = task_features(raw | {"sae": raw["sae"] | {"path": str(sae)}}, force=True)  # the pool re-encoded
     assert swapped == now and swapped != first
 
 
