@@ -48,6 +48,9 @@ def test_a_dry_run_of_a_new_root_plans_everything_and_writes_nothing(stats_run, 
     assert plan["stages"]["stats"]["action"].startswith("run after encode, tau")
     assert set(plan["stages"]["select"]["methods"]) == {"coverage", "random", "longest"}
     assert "nothing written" in out
+    # what a GPU config will ask for, on this machine without a GPU (it once showed the cluster's GPUs)
+    gpu = config_file(tmp_path, cfg, output={"root": str(root)}, encode={"num_gpus": 1})
+    assert dry(capsys, "encode", gpu)[1]["stages"]["encode"]["resources"]["num_gpus"] == 1
 
 
 def test_a_dry_run_of_a_run_in_progress_counts_the_shards_left(stats_run, tmp_path, capsys):
@@ -62,7 +65,12 @@ def test_a_dry_run_of_a_run_in_progress_counts_the_shards_left(stats_run, tmp_pa
     assert plan["stages"]["prepare"]["action"].startswith("skip")
     encode = plan["stages"]["encode"]
     assert (encode["shards_to_do"], encode["shards_to_skip"], encode["samples"]) == (1, len(markers) - 1, 40)
-    assert "stats" not in plan["stages"]
+    assert "stats" not in plan["stages"] and "shards_of_another_config" not in encode
+    # another dtype: the shards a real run would refuse to remove, and the part that differs
+    other = config_file(tmp_path, stats_run[1], output={"root": str(root)}, model={"dtype": "bfloat16"})
+    assert dry(capsys, "encode", other)[1]["stages"]["encode"]["shards_of_another_config"] == (
+        f"{len(markers) - 1}, under another dtype: the run stops unless --force"
+    )
 
 
 def test_a_dry_run_asks_each_stage_its_key(stats_run, tmp_path, capsys):
