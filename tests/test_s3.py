@@ -1,6 +1,7 @@
 """Reading a corpus from, and writing a run to, a real S3 server (SeaweedFS on loopback)."""
 
 import json
+import time
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -103,6 +104,18 @@ def test_sae_from_s3_is_fetched_into_the_cache_and_loads(s3_server, tiny_sae_dir
     assert (local / "sae_weights.safetensors").read_bytes() == (tiny_sae_dir / "sae_weights.safetensors").read_bytes()
     sae = load_sae(cfg.stack(), "cpu")
     assert (sae.cfg.d_in, sae.cfg.d_sae) == (64, 128)
+    # retrained under the same URI: the bug was a copy cached by the path's hash, never fetched again,
+    # so the run encoded with the old weights (and keyed them as the old ones)
+    from safetensors.torch import load_file, save
+
+    weights = load_file(tiny_sae_dir / "sae_weights.safetensors")
+    retrained = save(weights | {"W_enc": weights["W_enc"] * 1.5})
+    time.sleep(1.1)  # S3's Last-Modified counts seconds, and the size is the same
+    with fs.open_output_stream("saes/tiny/sae_weights.safetensors") as out:
+        out.write(retrained)
+    assert local_sae_dir(cfg.stack()) == local
+    assert (local / "sae_weights.safetensors").read_bytes() == retrained
+    assert not list(local.glob("*.part"))
 
 
 def _files(fs, base: str) -> dict[str, bytes]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -71,7 +72,7 @@ def default_sae_dir(stack: ModelStack) -> Path:
 
 
 def local_sae_dir(stack: ModelStack) -> Path:
-    """The SAE's directory on this machine, fetched from S3 into the cache when needed."""
+    """The SAE's directory on this machine; a remote one (s3://, gs://, file://) fetched into the cache."""
     if stack.sae.path is None:
         path = default_sae_dir(stack)
         if not (path / WEIGHTS).is_file():
@@ -149,23 +150,34 @@ def check_safetensors(weights: Path) -> None:
 
 
 def _fetch_remote(stack: ModelStack) -> Path:
+    """A remote SAE's copy in the cache, under its path's hash. It is fetched again when a remote file's
+    size or time is not what the copy recorded (an SAE retrained under the same URI); each file lands
+    by rename and the record is written last, so actors sharing a node never read half a copy."""
     import pyarrow.fs as pafs
 
     from raysel.core.storage import filesystem_for
 
-    key = hashlib.sha256(stack.sae.path.encode()).hexdigest()[:16]
-    target = Path(stack.model.cache_dir).expanduser() / "saes" / "remote" / key
-    if not (target / WEIGHTS).is_file():
-        fs, path = filesystem_for(stack.sae.path, stack.s3)
-        target.mkdir(parents=True, exist_ok=True)
-        present = [n for n in (WEIGHTS, SPARSIFY_WEIGHTS) if fs.get_file_info(f"{path}/{n}").is_file]
-        for name in (SAE_CONFIG, *present[:1]):
-            pafs.copy_files(
-                f"{path}/{name}",
-                str(target / name),
-                source_filesystem=fs,
-                destination_filesystem=pafs.LocalFileSystem(),
-            )
+    target = Path(stack.model.cache_dir).expanduser() / "saes" / "remote"
+    target /= hashlib.sha256(stack.sae.path.encode()).hexdigest()[:16]
+    fs, path = filesystem_for(stack.sae.path, stack.s3)
+    infos = {i.base_name: i for i in fs.get_file_info([f"{path}/{n}" for n in (SAE_CONFIG, WEIGHTS, SPARSIFY_WEIGHTS)])}
+    weights = [n for n in (WEIGHTS, SPARSIFY_WEIGHTS) if infos[n].is_file][:1]
+    if not infos[SAE_CONFIG].is_file or not weights:
+        raise ConfigError(f"sae.path: {stack.sae.path!r} holds no saved SAE ({SAE_CONFIG} with {WEIGHTS} expected)")
+    present = [SAE_CONFIG, *weights]
+    stamp = {n: [infos[n].size, str(infos[n].mtime)] for n in present}
+    record = target / "remote.json"
+    if record.is_file() and json.loads(record.read_text()) == stamp:
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    record.unlink(missing_ok=True)
+    for name in present:
+        part = target / f"{name}.{os.getpid()}.part"
+        pafs.copy_files(
+            f"{path}/{name}", str(part), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+        part.replace(target / name)
+    record.write_text(json.dumps(stamp))
     return target
 
 
