@@ -184,3 +184,31 @@ def test_an_unusable_output_root_fails_before_any_work_and_writes_nothing(
     assert sorted(_files(fs, "runs")) == before and fs.get_file_info("no-such-bucket").type == pafs.FileType.NotFound
     for secret in ("wrong-secret-value", s3_server.secret_key, s3_server.access_key):
         assert secret not in err and secret not in caplog.text
+
+
+def test_only_transient_s3_errors_are_retried(s3_server):
+    """The bug: every OSError was retried for s3.outage_seconds (120 s by default), so a 403 or a missing
+    key held a shard for two minutes before it failed. Attempts are counted, not timed."""
+    from raysel.core.storage import S3Config, StorageError
+
+    fs = s3_server.filesystem()
+    fs.create_dir("retries")
+    calls = []
+
+    def read(storage: Storage):
+        calls.append(1)
+        return storage.fs.open_input_stream(storage.path("x.json")).read()
+
+    def attempts(s3: dict) -> tuple[int, str]:
+        calls.clear()
+        storage = Storage("s3://retries/run", S3Config.model_validate(s3_server.config() | s3))
+        with pytest.raises(StorageError) as err:
+            storage.retrying("reading x.json", lambda: read(storage))
+        return len(calls), str(err.value)
+
+    denied, message = attempts({"secret_key": "not-the-secret", "outage_seconds": 60})
+    assert denied == 1 and "reading x.json at s3://retries/run failed: " in message and "outage" not in message
+    missing, message = attempts({"outage_seconds": 60})
+    assert missing == 1 and "s3://retries/run" in message
+    down, message = attempts({"endpoint_override": f"127.0.0.1:{free_port()}", "outage_seconds": 8, "max_attempts": 1})
+    assert down >= 2 and "(s3.outage_seconds)" in message and "NETWORK_CONNECTION" in message

@@ -7,15 +7,33 @@ import json
 import logging
 import os
 import posixpath
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import pyarrow.fs as pafs
+import tenacity
 from pydantic import Field, SecretStr
 
 from raysel.core.section import ConfigError, Section
+
+# What passes: throttling, a 5xx, a dropped or refused connection, a timeout (pyarrow's S3 errors
+# carry the AWS error name, or curl's code and the HTTP status). A 403, a missing key or bucket, a bad
+# signature do not pass by waiting.
+TRANSIENT = re.compile(
+    r"NETWORK_CONNECTION|SLOW_DOWN|THROTTL|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|REQUEST_TIME_?OUT|"
+    r"HTTP status (5\d\d|429)|curlCode|[Cc]onnection (reset|refused|aborted)|[Tt]imed out|[Tt]imeout"
+)
+
+
+def transient(err: BaseException) -> bool:
+    return (
+        isinstance(err, OSError)
+        and not isinstance(err, (FileNotFoundError, PermissionError))
+        and bool(TRANSIENT.search(str(err)))
+    )
 
 
 class S3Config(Section):
@@ -149,23 +167,30 @@ class Storage:
             self.fs.move(aside, path)
 
     def retrying(self, what: str, fn: Callable[[], T]) -> T:
-        """fn(), retried with backoff while S3 fails for up to s3.outage_seconds; then a StorageError
-        naming `what` and the root. A local folder's errors are not transient: they raise at once."""
+        """fn(), retried with jittered backoff while S3 fails in a way that passes (transient) for up to
+        s3.outage_seconds; any other error (a 403, a missing key) at once. Either way a StorageError
+        naming `what` and the root. A local folder's errors are not transient: they raise as they are."""
         if not is_remote(self.root):
             return fn()
-        start, wait = time.monotonic(), 1.0
-        while True:
-            try:
-                return fn()
-            except OSError as err:
-                if time.monotonic() - start + wait > self.s3.outage_seconds:
-                    raise StorageError(
-                        f"{what} at {self.root} failed for {time.monotonic() - start:.0f}s "
-                        f"(s3.outage_seconds): {redact(str(err), self.s3)}"
-                    ) from None
-                log.warning("%s at %s: %s; retrying in %.0fs", what, self.root, redact(str(err), self.s3), wait)
-                time.sleep(wait)
-                wait = min(2 * wait, 30.0)
+        start = time.monotonic()
+
+        def warn(state: tenacity.RetryCallState) -> None:
+            log.warning("%s at %s: %s; retrying in %.1fs", what, self.root,
+                        redact(str(state.outcome.exception()), self.s3), state.upcoming_sleep)  # fmt: skip
+
+        try:
+            for attempt in tenacity.Retrying(
+                retry=tenacity.retry_if_exception(transient),
+                wait=tenacity.wait_exponential_jitter(initial=1, max=30),
+                stop=tenacity.stop_before_delay(self.s3.outage_seconds),
+                before_sleep=warn,
+                reraise=True,
+            ):
+                with attempt:
+                    return fn()
+        except OSError as err:
+            seconds = f" for {time.monotonic() - start:.0f}s (s3.outage_seconds)" if transient(err) else ""
+            raise StorageError(f"{what} at {self.root} failed{seconds}: {redact(str(err), self.s3)}") from None
 
     def listing(self, rel: str) -> list[pafs.FileInfo]:
         """The files directly under a folder of the root; none when it does not exist."""
