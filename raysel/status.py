@@ -48,11 +48,8 @@ def brief(name: str, record: dict) -> dict:
 def encode_progress(storage: Storage, prepare: dict, now: float) -> dict:
     """Shards k/N and samples from the shard markers of the newest encode; rate and ETA from their times."""
     total_shards = sum(i.path.endswith(".parquet") for i in storage.listing(paths.PREPARED))
-    shards = []
-    for info in storage.listing(paths.FEATURES_DONE):
-        if info.path.endswith(".json"):
-            with storage.fs.open_input_stream(info.path) as f:
-                shards.append((info.mtime.timestamp(), json.loads(f.read())))
+    infos = [i for i in storage.listing(paths.FEATURES_DONE) if i.path.endswith(".json")]
+    shards = [(i.mtime.timestamp(), json.loads(data)) for i, data in zip(infos, storage.read_files(infos))]
     if shards:  # markers of an earlier input or config do not count: the stage redoes those
         newest = max(shards, key=lambda s: s[0])[1].get("key")
         shards = [s for s in shards if s[1].get("key") == newest]

@@ -11,6 +11,7 @@ import yaml
 from raysel import cli
 from raysel.config import RunConfig
 from raysel.core.corpus import InputError
+from raysel.core.features import FeatureStore
 from raysel.core.paths import marker
 from raysel.core.storage import Storage
 from raysel.pipeline import run
@@ -151,6 +152,10 @@ def test_run_to_s3_writes_what_the_same_run_writes_locally(
 
     again = run(cfg, until="select")  # the finished encode on S3 is found by its marker and skipped whole
     assert again["stages"]["encode"] == remote["stages"]["encode"] and again["stages"]["encode"]["n_shards_encoded"] > 0
+    # the shard markers, read 32 at a time from S3, are the local run's (what ran where aside)
+    on_s3 = FeatureStore(Storage("s3://runs/a", cfg.s3)).done_shards()
+    here = FeatureStore(Storage(str(tmp_path / "out"), cfg.s3)).done_shards()
+    assert len(on_s3) == 4 and {n: m["rows"] for n, m in on_s3.items()} == {n: m["rows"] for n, m in here.items()}
 
     # `raysel status` reads where the run stands from the S3 root alone, as from another machine
     overrides = [arg for k, v in s3_server.config().items() for arg in ("--set", f"s3.{k}={v}")]
