@@ -40,13 +40,17 @@ def test_the_rayjob_runs_the_job_entrypoint_on_a_gpu_worker_group_sized_to_the_e
     assert gpus >= 1 and workers["maxReplicas"] * gpus >= cfg.encode.actors * cfg.encode.num_gpus
     cpus = int(container["resources"]["limits"]["cpu"])
     assert cpus >= cfg.encode.num_cpus * gpus / cfg.encode.num_gpus, "the node must hold its actors' CPUs"
-    images = {
-        c["image"]
-        for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
-        for c in g["template"]["spec"]["containers"]
-    }
-    assert len(images) == 1, "every node runs the same image"
-    assert cfg.output.root.startswith("s3://") and cfg.model.dtype == "auto"
+    head = spec["headGroupSpec"]["template"]["spec"]
+    [head_container] = head["containers"]
+    assert head_container["image"] == container["image"] + "-cpu", "the head runs the same raysel, CPU build"
+    # one HF cache for the cluster (a hub model downloaded once) and a token for a gated model, on every pod
+    for pod, c in [(head, head_container), (workers["template"]["spec"], container)]:
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        [home] = [e["value"] for e in c["env"] if e["name"] == "HF_HOME"]
+        assert mounts["hf-cache"] == home and "persistentVolumeClaim" in volumes["hf-cache"]
+        assert {"name": "raysel-hf", "optional": True} in [s["secretRef"] for s in c["envFrom"]]
+    assert cfg.output.root.startswith("s3://") and cfg.model.dtype == "auto" and cfg.encode.num_gpus >= 1
 
 
 def test_the_autoscaler_config_has_a_gpu_worker_type_that_fits_the_encode_pool():
@@ -60,7 +64,8 @@ def test_the_autoscaler_config_has_a_gpu_worker_type_that_fits_the_encode_pool()
     gpu_types = [t for name, t in types.items() if name != launcher["head_node_type"]]
     assert sum(t["max_workers"] for t in gpu_types) >= cfg.encode.actors * cfg.encode.num_gpus
     assert launcher["max_workers"] >= cfg.encode.actors * cfg.encode.num_gpus
-    assert launcher["provider"]["type"] == "aws" and launcher["docker"]["image"] == image_of("rayjob.yaml")
+    assert launcher["provider"]["type"] == "aws" and launcher["docker"]["head_image"] == image_of("rayjob.yaml")
+    assert launcher["docker"]["image"] + "-cpu" == launcher["docker"]["head_image"]
 
 
 def image_of(name: str) -> str:
@@ -70,7 +75,8 @@ def image_of(name: str) -> str:
 
 def test_the_image_is_rays_at_the_pinned_version_and_copies_what_the_job_runs():
     dockerfile = (CLUSTER / "Dockerfile").read_text()
-    base = re.search(r"^FROM rayproject/ray:(\S+)-py(\d)(\d+)-gpu$", dockerfile, re.M)
+    base = re.search(r"^FROM rayproject/ray:(\S+)-py(\d)(\d+)-\$\{VARIANT\}$", dockerfile, re.M)
+    assert re.search(r"^ARG VARIANT=gpu$", dockerfile, re.M) and 'if [ "$VARIANT" = cpu ]' in dockerfile
     # the image's Ray is the tested one: the version constraints.txt pins, which the image installs with
     assert base and base.group(1) == ray.__version__
     assert f"\nray=={base.group(1)}\n" in (REPO / "constraints.txt").read_text()
