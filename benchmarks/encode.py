@@ -44,8 +44,8 @@ from raysel.config import FieldMap, RunConfig  # noqa: E402
 from raysel.core.encoder import Encoder  # noqa: E402
 from raysel.core.models import load_model, load_tokenizer  # noqa: E402
 from raysel.core.records import chat_template_for, normalize, render  # noqa: E402
-from raysel.core.sae import default_sae_dir, load_sae  # noqa: E402
-from raysel.stages.train_sae import train_sae  # noqa: E402
+from raysel.core.sae import default_sae_trained, load_sae  # noqa: E402
+from raysel.stages.train_sae import save_sae, train_sae  # noqa: E402
 
 
 def main() -> None:
@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--d-sae", default="", help="comma-separated SAE widths to sweep, e.g. 16384,65536,131072")
     parser.add_argument("--width-child", type=int, default=0, help=argparse.SUPPRESS)  # one width, in a child
     args = parser.parse_args()
+    if args.device == "auto":  # one process on this machine: its own GPU, if it has one
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.width_child:
         return width_child(args)
 
@@ -68,15 +70,21 @@ def main() -> None:
             "input": {"paths": [args.pool]},
             "prepare": {"max_tokens": args.max_tokens},
             "model": {"dtype": "float32"},  # the comparisons are in fp32; bf16 is measured on its own below
-            "encode": {"device": args.device, "num_cpus": threads, "skip_prefix": False},
+            "encode": {
+                "device": args.device,
+                "num_gpus": int(args.device == "cuda"),
+                "num_cpus": threads,
+                "skip_prefix": False,
+            },
         }
     )
     tokenizer = load_tokenizer(cfg.model)
     ids, texts = load_samples(args.pool, args.n, tokenizer)
     stack = cfg.stack()
-    if not (default_sae_dir(stack) / "cfg.json").is_file():
+    if not default_sae_trained(stack):
         print("no default SAE yet: training it with train_sae defaults (about 2 minutes on 2 cores)")
-        train_sae(stack, texts * 4, "cpu")
+        summary, files = train_sae(stack, texts * 4)  # on this process's device, as the encoder runs
+        save_sae(stack, files, summary)
 
     encoder = Encoder(stack)
     device = encoder.device
@@ -185,7 +193,8 @@ def width_child(args) -> None:
         cfg = RunConfig.model_validate({
             "input": {"paths": [args.pool]}, "prepare": {"max_tokens": args.max_tokens}, "sae": {"path": tmp},
             "model": {"dtype": "float32"},
-            "encode": {"device": args.device, "num_cpus": threads, "skip_prefix": False},
+            "encode": {"device": args.device, "num_gpus": int(args.device == "cuda"), "num_cpus": threads,
+                       "skip_prefix": False},
         })  # fmt: skip
         ids, texts = load_samples(args.pool, args.n, load_tokenizer(cfg.model))
         encoder = Encoder(cfg.stack())

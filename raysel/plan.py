@@ -12,7 +12,7 @@ from raysel.config import RunConfig
 from raysel.core import paths
 from raysel.core.features import FeatureStore
 from raysel.core.models import EMBEDDED_MODEL, embedded_dir
-from raysel.core.sae import check_against_model, default_sae_dir, sae_metadata
+from raysel.core.sae import check_against_model, default_sae_location, sae_metadata
 from raysel.core.section import ConfigError
 from raysel.core.storage import Storage
 from raysel.methods import Context
@@ -74,7 +74,7 @@ def details(cfg: RunConfig, storage: Storage, stage: Stage, known: dict[str, dic
     if isinstance(stage, Encode):
         out |= encode_shards(storage, stage, known.get("prepare"))
     if isinstance(stage, TrainSAE):
-        out["sae"] = str(default_sae_dir(cfg.stack()))
+        out["sae"] = default_sae_location(cfg.stack())
     if isinstance(stage, Select):
         out["methods"] = select_methods(cfg, storage)
     return out

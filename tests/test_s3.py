@@ -217,3 +217,27 @@ def test_only_transient_s3_errors_are_retried(s3_server):
     assert missing == 1 and "s3://retries/run" in message
     down, message = attempts({"endpoint_override": f"127.0.0.1:{free_port()}", "outage_seconds": 8, "max_attempts": 1})
     assert down >= 2 and "(s3.outage_seconds)" in message and "NETWORK_CONNECTION" in message
+
+
+def test_train_sae_writes_to_s3_and_the_run_encodes_with_it_from_there(
+    ray_cluster, s3_server, tiny_model_dir, tiny_sae_dir, tmp_path
+):
+    """The bug: train-sae trained on the driver and saved to a local path, so on a cluster the SAE sat
+    on the head's disk where no encode actor could read it. It trains in a Ray task now, and an
+    s3:// train_sae.output is where every node finds it."""
+    raw = run_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, 16)
+    del raw["sae"]["path"]  # the default SAE: the one train-sae makes
+    raw["train_sae"] = {"layer": 1, "d_sae": 128, "k": 8, "training_tokens": 2048, "batch_size_tokens": 128,
+                        "context_size": 64, "output": "s3://saes/trained"}  # fmt: skip
+    raw["model"]["cache_dir"] = str(tmp_path / "cache")
+    raw["s3"] = s3_server.config()
+    fs = s3_server.filesystem()
+    fs.create_dir("saes")
+    trained = run(RunConfig.model_validate(raw), until="train_sae")["stages"]["train_sae"]
+    assert trained["path"] == "s3://saes/trained" and trained["mean_l0"] == pytest.approx(8, abs=0.01)
+    on_s3 = fs.open_input_stream("saes/trained/sae_weights.safetensors").read()
+    assert json.loads(fs.open_input_stream("saes/trained/training.json").read())["k"] == 8
+    encoded = run(RunConfig.model_validate(raw), until="encode")["stages"]["encode"]
+    assert encoded["sae"] == "s3://saes/trained" and encoded["n_encoded"] == 16
+    [copy] = (tmp_path / "cache" / "saes" / "remote").glob("*/sae_weights.safetensors")
+    assert copy.read_bytes() == on_s3

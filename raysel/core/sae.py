@@ -62,27 +62,38 @@ SAE_CONFIG = "cfg.json"
 PICKLED = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
 
-def default_sae_dir(stack: ModelStack) -> Path:
-    """Where `raysel train-sae` puts the SAE that runs use when none is configured."""
+def default_sae_location(stack: ModelStack) -> str:
+    """Where `raysel train-sae` puts the SAE that runs use when none is configured: train_sae.output (a
+    folder, or s3:// and the like on a cluster, where every node reads it), else the model cache."""
     t = stack.train_sae
     if t.output:
-        return Path(t.output).expanduser()
+        return t.output if "://" in t.output else str(Path(t.output).expanduser())
     slug = re.sub(r"[^A-Za-z0-9]+", "-", stack.model.name).strip("-").lower()
-    return Path(stack.model.cache_dir).expanduser() / "saes" / f"{slug}-L{t.layer}-topk{t.k}-{t.d_sae}"
+    return str(Path(stack.model.cache_dir).expanduser() / "saes" / f"{slug}-L{t.layer}-topk{t.k}-{t.d_sae}")
+
+
+def default_sae_trained(stack: ModelStack) -> bool:
+    location = default_sae_location(stack)
+    if "://" not in location:
+        return (Path(location) / WEIGHTS).is_file()
+    from raysel.core.storage import filesystem_for
+
+    fs, path = filesystem_for(location, stack.s3)
+    return fs.get_file_info(f"{path}/{WEIGHTS}").is_file
 
 
 def local_sae_dir(stack: ModelStack) -> Path:
     """The SAE's directory on this machine; a remote one (s3://, gs://, file://) fetched into the cache."""
     if stack.sae.path is None:
-        path = default_sae_dir(stack)
-        if not (path / WEIGHTS).is_file():
+        if not default_sae_trained(stack):
             raise ConfigError(
-                f"sae.path: not set, and no default SAE at {path}; run `raysel train-sae CONFIG` "
-                f"first, or set sae.path (a saved SAE) or sae.release and sae.sae_id"
+                f"sae.path: not set, and no default SAE at {default_sae_location(stack)}; run `raysel "
+                f"train-sae CONFIG` first, or set sae.path (a saved SAE) or sae.release and sae.sae_id"
             )
-        return path
+        location = default_sae_location(stack)
+        return _fetch_remote(stack, location) if "://" in location else Path(location)
     if "://" in stack.sae.path:
-        return _fetch_remote(stack)
+        return _fetch_remote(stack, stack.sae.path)
     path = Path(stack.sae.path).expanduser()
     pickled = [p.name for p in (path.glob("*") if path.is_dir() else [path]) if p.suffix in PICKLED]
     if pickled and not (path / WEIGHTS).is_file():
@@ -149,7 +160,7 @@ def check_safetensors(weights: Path) -> None:
         ) from None
 
 
-def _fetch_remote(stack: ModelStack) -> Path:
+def _fetch_remote(stack: ModelStack, uri: str) -> Path:
     """A remote SAE's copy in the cache, under its path's hash. It is fetched again when a remote file's
     size or time is not what the copy recorded (an SAE retrained under the same URI); each file lands
     by rename and the record is written last, so actors sharing a node never read half a copy."""
@@ -158,12 +169,12 @@ def _fetch_remote(stack: ModelStack) -> Path:
     from raysel.core.storage import filesystem_for
 
     target = Path(stack.model.cache_dir).expanduser() / "saes" / "remote"
-    target /= hashlib.sha256(stack.sae.path.encode()).hexdigest()[:16]
-    fs, path = filesystem_for(stack.sae.path, stack.s3)
+    target /= hashlib.sha256(uri.encode()).hexdigest()[:16]
+    fs, path = filesystem_for(uri, stack.s3)
     infos = {i.base_name: i for i in fs.get_file_info([f"{path}/{n}" for n in (SAE_CONFIG, WEIGHTS, SPARSIFY_WEIGHTS)])}
     weights = [n for n in (WEIGHTS, SPARSIFY_WEIGHTS) if infos[n].is_file][:1]
     if not infos[SAE_CONFIG].is_file or not weights:
-        raise ConfigError(f"sae.path: {stack.sae.path!r} holds no saved SAE ({SAE_CONFIG} with {WEIGHTS} expected)")
+        raise ConfigError(f"sae.path: {uri!r} holds no saved SAE ({SAE_CONFIG} with {WEIGHTS} expected)")
     present = [SAE_CONFIG, *weights]
     stamp = {n: [infos[n].size, str(infos[n].mtime)] for n in present}
     record = target / "remote.json"
@@ -190,14 +201,18 @@ def sae_metadata(stack: ModelStack) -> dict:
     if sae_format(stack, path) == "sparsify":
         cfg = sparsify_config(stack, path)
         meta = {"d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "architecture": "topk (sparsify)"}
-        return {**meta, "layer": hook_layer(stack, cfg["hook_name"]), "identity": str(stack.sae.path or path)}
+        return {
+            **meta,
+            "layer": hook_layer(stack, cfg["hook_name"]),
+            "identity": stack.sae.path or default_sae_location(stack),
+        }
     meta = json.loads((path / SAE_CONFIG).read_text())
     hook_name = (meta.get("metadata") or {}).get("hook_name") or meta.get("hook_name")
     return {
         "d_in": meta["d_in"],
         "d_sae": meta["d_sae"],
         "layer": hook_layer(stack, hook_name),
-        "identity": str(stack.sae.path or path),
+        "identity": stack.sae.path or default_sae_location(stack),
         "architecture": meta.get("architecture"),
     }
 

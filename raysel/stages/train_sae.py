@@ -1,21 +1,28 @@
 """The train-sae stage: the default SAE, a TopK SAE that sae-lens's runner trains on the prepared
-texts, for runs that configure none. It lands in the model cache (`default_sae_dir`), where every
-later run of the same model finds it; stages/train_sae.json records its training figures."""
+texts, for runs that configure none. It trains in a Ray task with the encode actors' resources (a
+GPU on a GPU cluster), and lands where `default_sae_location` says: the model cache, where every
+later run of the same model finds it, or train_sae.output (s3:// on a cluster, where every node's
+encode actors read it). stages/train_sae.json records its training figures."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
+import ray
 
 from raysel.config import ModelStack
 from raysel.core import paths
 from raysel.core.models import load_model, load_tokenizer, model_source, resolve_device, truncate_to_layer
-from raysel.core.sae import default_sae_dir
-from raysel.core.storage import Storage
+from raysel.core.ray_adapter import model_resources
+from raysel.core.sae import default_sae_location
+from raysel.core.storage import Storage, filesystem_for
 from raysel.stages.base import Done, Stage
 
 log = logging.getLogger(__name__)
@@ -44,25 +51,48 @@ class TrainSAE(Stage):
                 break
             texts.append(text)
             tokens += n
-        return train_sae(self.stack, texts, self.driver_device())
-
-    def driver_device(self) -> str:
-        """It trains on the driver: on its GPU where the config asks for CUDA and the driver has one, else
-        on its CPUs (a GPU cluster's head often has none). Only the weights reach the features' key."""
-        import torch
-
-        if self.stack.encode.runs_on() == "cuda" and not torch.cuda.is_available():
-            log.warning("train-sae: the driver sees no GPU; training on its CPUs")
-            return "cpu"
-        return resolve_device(self.stack.encode.runs_on())
+        r = model_resources(self.stack.encode, 1)
+        task = ray.remote(num_cpus=r.num_cpus, num_gpus=r.num_gpus, memory=r.memory, resources=r.custom)(train_sae)
+        summary, files = ray.get(task.remote(self.stack, texts))
+        out = save_sae(self.stack, files, summary)
+        log.info("train-sae: %s in %.0fs: explained variance %.3f, mean L0 %.1f, dead %.1f%%", out,
+                 summary["seconds"], summary["explained_variance"], summary["mean_l0"], 100 * summary["dead_fraction"])  # fmt: skip
+        return {**summary, "path": out}
 
 
-def train_sae(stack: ModelStack, texts: list[str], device: str) -> dict:
-    """Train a TopK SAE with sae-lens's runner on `texts`, offline, and save it.
+def save_sae(stack: ModelStack, files: dict[str, bytes], summary: dict) -> str:
+    """The trained SAE's files where runs find the default SAE: a local folder replaced whole by a
+    rename, or a remote one written file by file (its weights last)."""
+    location = default_sae_location(stack)
+    files = {**files, "training.json": json.dumps(summary, indent=2).encode()}
+    if "://" in location:
+        fs, path = filesystem_for(location, stack.s3)
+        fs.create_dir(path, recursive=True)
+        for name in sorted(files, key=lambda n: n.endswith(".safetensors")):
+            with fs.open_output_stream(f"{path}/{name}") as f:
+                f.write(files[name])
+        return location
+    out = Path(location)
+    tmp = out.with_name(f"{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return location
 
-    Returns the training summary: explained variance, mean L0, dead share."""
-    import os
 
+def train_sae(stack: ModelStack, texts: list[str]) -> tuple[dict, dict[str, bytes]]:
+    """Train a TopK SAE with sae-lens's runner on `texts`, offline, on the device the config asks for
+    (a Ray task: wherever Ray placed it). Returns the training summary (explained variance, mean L0,
+    dead share) and the saved SAE's files."""
+    import torch
+
+    device = resolve_device(stack.encode.runs_on())
+    if device == "cpu":  # the CPUs the task asked Ray for, as the encoder does
+        torch.set_num_threads(max(1, int(stack.encode.num_cpus)))
     os.environ.setdefault("WANDB_MODE", "disabled")  # before sae-lens imports wandb: offline, no prompts
     import datasets
     from sae_lens import (
@@ -73,7 +103,7 @@ def train_sae(stack: ModelStack, texts: list[str], device: str) -> dict:
     )
     from transformers import AutoConfig
 
-    t, out = stack.train_sae, default_sae_dir(stack)
+    t, work = stack.train_sae, Path(tempfile.mkdtemp(prefix="raysel-sae-"))
     source = model_source(stack.model)
     d_in = AutoConfig.from_pretrained(source).hidden_size
     runner_cfg = LanguageModelSAERunnerConfig(
@@ -99,7 +129,7 @@ def train_sae(stack: ModelStack, texts: list[str], device: str) -> dict:
         seed=t.seed,
         device=device,
         n_checkpoints=0,
-        checkpoint_path=str(out.parent / f".{out.name}.checkpoints"),
+        checkpoint_path=str(work / "checkpoints"),
         output_path=None,
         n_batches_for_norm_estimate=10,
         # A short run: let TopK's auxiliary loss revive features after 100 quiet steps, not 1000.
@@ -124,21 +154,10 @@ def train_sae(stack: ModelStack, texts: list[str], device: str) -> dict:
         "model": stack.model.name,
         "n_texts": len(texts),
     }
-    tmp = out.with_name(f"{out.name}.tmp")
-    sae.save_model(tmp)
-    (tmp / "training.json").write_text(json.dumps(summary, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    log.info(
-        "train-sae: %s in %.0fs: explained variance %.3f, mean L0 %.1f, dead %.1f%%",
-        out,
-        seconds,
-        summary["explained_variance"],
-        summary["mean_l0"],
-        100 * summary["dead_fraction"],
-    )
-    return {**summary, "path": str(out)}
+    sae.save_model(work / "sae")
+    files = {f.name: f.read_bytes() for f in (work / "sae").iterdir() if f.is_file()}
+    shutil.rmtree(work, ignore_errors=True)
+    return summary, files
 
 
 def _hooked_truncated_model(stack: ModelStack, device: str):
