@@ -68,7 +68,7 @@ PLAN: tuple[tuple[type[Stage], Callable[[Target], Stage]], ...] = (
     (Spans, lambda t: Spans(t.cfg.stack(), t.cfg.select, t.storage)),
     (MeasureFAC, lambda t: MeasureFAC(t.cfg.fac, t.cfg.stack(), t.storage)),
     (Synthesize, lambda t: Synthesize(t.cfg.synthesis, t.cfg.fac, t.cfg.stack(), t.storage, t.run)),
-    (Evaluate, lambda t: Evaluate(t.cfg.evaluate, t.cfg.model, t.cfg.prepare.chat_template, t.storage)),
+    (Evaluate, lambda t: Evaluate(t.cfg.evaluate, t.cfg.model, t.cfg.prepare.chat_template, t.storage, t.force)),
     (Report, lambda t: Report(t.storage, t.run)),
 )
 STAGES: tuple[str, ...] = tuple(cls.name for cls, _ in PLAN)

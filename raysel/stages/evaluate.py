@@ -41,7 +41,7 @@ from raysel.core.progress import Progress
 from raysel.core.ray_adapter import Resources
 from raysel.core.section import ConfigError
 from raysel.core.storage import Storage
-from raysel.stages.base import Done, Stage, commit, committed
+from raysel.stages.base import Done, Stage, commit, committed, normalized
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,11 @@ class Evaluate(Stage):
     brief = ("n_finetunes", "sets")
     side_until = "prepare"  # eval sets are read, never encoded
 
-    def __init__(self, evaluate: EvaluateConfig, model: ModelConfig, chat_template: str, storage: Storage):
+    def __init__(
+        self, evaluate: EvaluateConfig, model: ModelConfig, chat_template: str, storage: Storage, force: bool = False
+    ):
         self.cfg, self.model, self.chat_template, self.storage = evaluate, model, chat_template, storage
+        self.force = force
         self._plan: tuple[str, Plan] | None = None
 
     def proxy(self) -> ModelConfig:
@@ -221,6 +224,7 @@ class Evaluate(Stage):
             return all(committed(self.storage, u.marker(p), k) is not None for p, k in parts)
 
         pending = [u for u in plan.units if not finished(u)]
+        self.refuse_or_replace([u for u in pending if u.seed is not None], plan)
         tuned = sum(u.seed is not None for u in pending)
         log.info("evaluate: %d of %d fine-tunes to run%s; %s", tuned, len(plan.train_keys),
                  " and the base model" if len(pending) > tuned else "",
@@ -238,6 +242,22 @@ class Evaluate(Stage):
             ray.get(ready[0])
             progress.update(len(refs.pop(ready[0]).ids))
         progress.close()
+
+    def refuse_or_replace(self, units: list[Unit], plan: Plan) -> None:
+        """An adapter trained under another proxy, settings or data is minutes of work (hours on a
+        large proxy): replaced only with --force."""
+        stale = {}
+        for u in units:
+            held = (self.storage.read_json(u.marker("train")) or {}).get("key")
+            if held is not None and held != normalized(plan.train_keys[u.name]):
+                stale[u.name] = [k for k, v in normalized(plan.train_keys[u.name]).items() if held.get(k) != v]
+        if stale and not self.force:
+            first, parts = next(iter(stale.items()))
+            raise ConfigError(
+                f"evaluate: {len(stale)} adapter(s) under {self.storage.uri(paths.EVALUATE)} were trained under "
+                f"another {', '.join(parts)} (first: {first}); nothing was removed. Set output.root to a new "
+                f"folder to keep them, or pass --force to train them again"
+            )
 
     def results(self, plan: Plan) -> list[dict]:
         """One row per unit, seed, set and metric, from the committed markers."""

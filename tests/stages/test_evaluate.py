@@ -119,6 +119,25 @@ def test_a_crashed_evaluate_redoes_only_the_unfinished(evaluated):
     assert rewritten == {out / unfinished.marker("train"), out / unfinished.marker("held_out")}
 
 
+def test_adapters_of_other_settings_are_refused_untouched_and_retrained_only_with_force(evaluated, tmp_path):
+    """The bug: a changed evaluate setting removed every adapter and its scores and trained them
+    again, silently: minutes here, GPU-hours on a large proxy."""
+    import shutil
+
+    out, cfg, _ = evaluated
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    other = RunConfig.model_validate(cfg.model_dump() | {"output": {"root": str(copy), "report": False}}
+                                     | {"evaluate": cfg.evaluate.model_dump() | {"learning_rate": 5e-3}})  # fmt: skip
+    adapters = {p: p.read_bytes() for p in (copy / paths.EVALUATE / "adapters").rglob("*.safetensors")}
+    with pytest.raises(ConfigError, match=r"evaluate: 6 adapter\(s\) .* were trained under another settings"):
+        run(other, until="evaluate")
+    assert adapters and {p: p.read_bytes() for p in adapters} == adapters
+    run(other, until="evaluate", force=True)
+    trained = json.loads((copy / Unit("coverage", 0).marker("train")).read_text())
+    assert trained["key"]["settings"]["learning_rate"] == 5e-3
+
+
 @pytest.mark.parametrize("shared", ["id", "instruction"])
 def test_an_eval_set_that_shares_a_row_with_the_pool_is_refused(evaluated, tmp_path, shared):
     """Catches scoring a model on samples it may have been trained on: the same id, or the same
