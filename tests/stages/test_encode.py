@@ -412,3 +412,21 @@ def test_a_store_of_another_dtype_is_refused_untouched_and_redone_only_with_forc
     redone = run(bf16, until="encode", force=True)["stages"]["encode"]
     assert redone["dtype"] == "bfloat16" and redone["n_shards_encoded"] == 1
     assert redone["fingerprint"] != first["fingerprint"]
+
+
+def test_an_actor_that_resolves_another_dtype_than_the_stores_shards_encodes_nothing(
+    ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path
+):
+    """The bug it guards: `auto` resolves on each actor, so a CPU of another kind (bf16 native or not)
+    would add shards in another dtype to the store. Such an actor refuses every shard it is given."""
+    import pyarrow as pa
+
+    from raysel.stages.encode import EncodeShards
+
+    stack = encoder_stack(tiny_model_dir, tiny_sae_dir)  # float32 here
+    actor = EncodeShards(stack, str(tmp_path / "out"), {"fingerprint": "f"}, {}, dtype="bfloat16")
+    [row] = actor(pa.table({"shard": ["part-0.parquet"]})).to_pylist()
+    assert row["rows"] == 0 and "runs the model in float32, the store's shards were encoded in bfloat16" in row["error"]
+    assert not (tmp_path / "out").exists()
+    same = EncodeShards(stack, str(tmp_path / "out"), {"fingerprint": "f"}, {}, dtype="float32")
+    assert same.refusal is None
