@@ -1,5 +1,5 @@
 """The registry is the one list of methods: the config accepts exactly its names, each entry
-validates its own settings, and the README documents every one."""
+validates its own settings, and the docs document every one."""
 
 import re
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 from raysel.config import ConfigError, load_config
 from raysel.methods import METHODS
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def config(methods: str):
@@ -39,25 +39,27 @@ def test_an_entry_is_checked_by_its_own_config():
         config("[coverage, random, coverage]")
 
 
-def test_the_readme_documents_every_registered_method():
-    text = README.read_text()
+def test_the_config_reference_documents_every_registered_method():
+    text = (DOCS / "config.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| `select.methods`"))
     assert set(re.findall(r"`([a-z]+)`", row)) >= set(METHODS)
     for name, method in METHODS.items():
         found = re.search(rf"^\| `{name}` \|([^\n]*)", text, re.M)
-        assert found, f"no row for method {name} in the README's Selection methods table"
+        assert found, f"no row for method {name} in docs/config.md's Selection methods table"
         for key in set(method.Config.model_fields) - {"name", "budget"}:
-            assert f"`{key}`" in found.group(1), f"the README's {name} row does not document its {key!r}"
+            assert f"`{key}`" in found.group(1), f"docs/config.md's {name} row does not document its {key!r}"
 
 
-def test_the_readmes_example_method_runs_against_the_real_interface():
+def test_the_docs_example_method_runs_against_the_real_interface():
     import numpy as np
 
     from raysel.methods import Pool
 
-    code = re.search(r"```python\n(# raysel/methods/shortest.py\n.*?)```", README.read_text(), re.S).group(1)
+    code = re.search(
+        r"```python\n(# raysel/methods/shortest.py\n.*?)```", (DOCS / "architecture.md").read_text(), re.S
+    ).group(1)
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/architecture.md", "exec"), scope)
     pool = Pool(
         np.array(["a", "b", "c", "d"], dtype=object),
         np.zeros(5, np.int64),

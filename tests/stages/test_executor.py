@@ -98,8 +98,9 @@ def test_an_unknown_target_names_the_plans_stages(plan):
         Executor(list(stages.values())).run(["z"])
 
 
-def test_the_readmes_example_stage_runs_in_the_plan(stats_run, tmp_path):
-    """README's "Adding a stage": its code, executed as written, placed after prepare in the real plan."""
+def test_the_docs_example_stage_runs_in_the_plan(stats_run, tmp_path):
+    """docs/architecture.md's "Adding a stage": its code, executed as written, placed after prepare in
+    the real plan."""
     import json
     import re
     import shutil
@@ -107,10 +108,10 @@ def test_the_readmes_example_stage_runs_in_the_plan(stats_run, tmp_path):
 
     from raysel.pipeline import SideSets, Target, build
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    code = re.search(r"```python\n(# raysel/stages/source_counts.py\n.*?)```", readme, re.S).group(1)
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    code = re.search(r"```python\n(# raysel/stages/source_counts.py\n.*?)```", docs, re.S).group(1)
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/architecture.md", "exec"), scope)
     root, cfg, manifest = stats_run
     shutil.copytree(root, tmp_path / "run")
     storage = Storage(str(tmp_path / "run"), cfg.s3)
