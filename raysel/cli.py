@@ -34,9 +34,14 @@ def demo_config(out: str | None, overrides: list[str]):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysel", description=__doc__)
     parser.add_argument("--version", action="version", version=f"raysel {__version__}")
-    loudness = parser.add_mutually_exclusive_group()
-    loudness.add_argument("-v", "--verbose", action="store_true", help="raysel's debug logs too")
-    loudness.add_argument("-q", "--quiet", action="store_true", help="raysel's warnings and errors only")
+
+    def loudness(p: argparse.ArgumentParser, default) -> None:
+        """-v and -q before the verb or after it (there SUPPRESS: given only, they override)."""
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("-v", "--verbose", action="store_true", default=default, help="raysel's debug logs too")
+        group.add_argument("-q", "--quiet", action="store_true", default=default, help="raysel's warnings only")
+
+    loudness(parser, False)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def force_flag(p: argparse.ArgumentParser) -> None:
@@ -49,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def verb(name: str, help: str, config: bool = True) -> argparse.ArgumentParser:
         p = verbs.add_parser(name, help=help, description=help)
+        loudness(p, argparse.SUPPRESS)
         if config:
             p.add_argument("config", metavar="CONFIG", help="YAML config file")
             p.add_argument(

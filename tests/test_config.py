@@ -116,6 +116,15 @@ def test_verb_without_its_config_is_a_usage_error(capsys):
     assert "CONFIG" in capsys.readouterr().err
 
 
+def test_loudness_flags_work_before_and_after_the_verb():
+    """As people type it: `raysel run c.yaml -q` was a usage error; only `raysel -q run c.yaml` worked."""
+    parse = build_parser().parse_args
+    assert parse(["run", "c.yaml", "-q"]).quiet and parse(["-q", "run", "c.yaml"]).quiet
+    assert parse(["status", "runs/r1", "--verbose"]).verbose and not parse(["run", "c.yaml"]).verbose
+    with pytest.raises(SystemExit):
+        parse(["run", "c.yaml", "-q", "-v"])
+
+
 def test_demo_runs_the_bundled_data_into_out_or_the_documented_default(tmp_path):
     assert demo_config(None, []).output.root == "runs/demo"
     cfg = demo_config(str(tmp_path / "here"), ["select.budget=20"])
