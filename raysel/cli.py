@@ -147,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, args.overrides)
         verb = "evaluate" if getattr(args, "evaluate", False) else args.verb
+        from raysel.pipeline import run, verb_targets
+
         if getattr(args, "dry_run", False):
-            return dry_run(cfg, targets(verb, cfg))
-        from raysel.pipeline import run
+            return dry_run(cfg, verb_targets(verb, cfg))
 
         force = getattr(args, "force", False)
-        manifest = run(cfg, until=targets(verb, cfg), train_missing_sae=args.verb == "demo", force=force)
+        manifest = run(cfg, until=verb_targets(verb, cfg), train_missing_sae=args.verb == "demo", force=force)
         page = manifest["stages"].get("report", {}).get("page")
     except Exception as err:  # noqa: BLE001 -- user errors raised inside Ray tasks arrive wrapped
         cause = user_error(err)
@@ -174,13 +175,6 @@ def user_error(err: BaseException | None) -> Exception | None:
         seen.add(id(err))
         err = getattr(err, "cause", None) or err.__cause__ or err.__context__
     return None
-
-
-def targets(verb: str, cfg) -> list[str]:
-    """The plan's stages a verb targets; run, demo and evaluate write the report too, unless output.report is off."""
-    from raysel.pipeline import VERBS
-
-    return [*VERBS[verb], *(["report"] if verb in ("run", "demo", "evaluate") and cfg.output.report else [])]
 
 
 def dry_run(cfg, stages: list[str]) -> int:

@@ -5,6 +5,7 @@ starts, as `key.path: what is wrong (what is allowed)`."""
 
 from __future__ import annotations
 
+import copy
 import types
 import typing
 from pathlib import Path
@@ -137,8 +138,9 @@ class RunConfig(Section):
         )
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    raw = _read_yaml(path) if path else {}
+def load_config(path: str | Path | None, overrides: list[str] = (), raw: dict | None = None) -> RunConfig:
+    """The config of a YAML file (or of `raw`, a dict), with `--set` style overrides, validated."""
+    raw = copy.deepcopy(raw) if raw is not None else _read_yaml(path) if path else {}
     for item in overrides:
         _apply_override(raw, item)
     try:

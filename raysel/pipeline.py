@@ -87,6 +87,11 @@ VERBS: dict[str, tuple[str, ...]] = {
 }
 
 
+def verb_targets(verb: str, cfg: RunConfig) -> list[str]:
+    """The plan's stages a verb targets; run, demo and evaluate write the report too, unless output.report is off."""
+    return [*VERBS[verb], *(["report"] if verb in ("run", "demo", "evaluate") and cfg.output.report else [])]
+
+
 def build(target: Target) -> list[Stage]:
     return [make(target) for _, make in PLAN]
 

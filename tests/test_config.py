@@ -166,3 +166,17 @@ def test_quiet_and_verbose_set_raysels_log_level(tmp_path, flag, level):
     config.write_text("input: {paths: [x]}\nprepare: {max_tokenz: 5}\n")  # stops at the config, before any work
     assert main([*([flag] if flag else []), "run", str(config)]) == 2
     assert logging.getLogger("raysel").level == level
+
+
+def test_the_api_takes_a_dict_or_a_runconfig_with_overrides_and_keeps_secrets():
+    """raysel.run's config argument: a RunConfig dumped for its overrides once came back with its keys
+    masked (`**********`), so every S3 request of the run failed."""
+    from raysel.api import resolve
+
+    cfg = resolve({"input": {"paths": ["x"]}, "s3": {"secret_key": "s3cret"}}, {"select__budget": 7})
+    assert cfg.select.budget == 7 and cfg.s3.secret_key.get_secret_value() == "s3cret"
+    again = resolve(cfg, {"prepare__max_tokens": 64, "input__paths": ["a.jsonl", "b.jsonl"]})
+    assert (again.prepare.max_tokens, again.select.budget, again.input.paths) == (64, 7, ["a.jsonl", "b.jsonl"])
+    assert again.s3.secret_key.get_secret_value() == "s3cret"
+    with pytest.raises(ConfigError, match="prepare.max_tokenz: unknown key"):
+        resolve(cfg, {"prepare__max_tokenz": 1})

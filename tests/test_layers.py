@@ -1,4 +1,4 @@
-"""Each layer imports only below it: core < methods < config < stages < pipeline < plan, status, cli.
+"""Each layer imports only below it: core < methods < config < stages < pipeline < plan, status, cli, api.
 Every import counts, at the top of a module, inside a function or under TYPE_CHECKING, since each is
 a way back into the circle config -> methods -> core -> config that this layering removed."""
 
@@ -8,9 +8,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "raysel"
 ABOVE = {
     "core": ("raysel.config", "raysel.methods", "raysel.stages", "raysel.pipeline", "raysel.plan", "raysel.status",
-             "raysel.cli"),
-    "methods": ("raysel.stages", "raysel.pipeline", "raysel.plan", "raysel.status", "raysel.cli"),
-    "stages": ("raysel.pipeline", "raysel.plan", "raysel.status", "raysel.cli"),
+             "raysel.cli", "raysel.api"),
+    "methods": ("raysel.stages", "raysel.pipeline", "raysel.plan", "raysel.status", "raysel.cli", "raysel.api"),
+    "stages": ("raysel.pipeline", "raysel.plan", "raysel.status", "raysel.cli", "raysel.api"),
 }  # fmt: skip
 
 

@@ -12,14 +12,19 @@ import time
 log = logging.getLogger(__name__)
 
 
+def in_notebook() -> bool:
+    """In a Jupyter kernel, where stderr is no terminal but progress bars render."""
+    return "ipykernel" in sys.modules
+
+
 class Progress:
     def __init__(self, stage: str, units: int, items: int, unit: str = "shards", item: str = "samples", every=30.0):
         self.stage, self.units, self.items, self.unit, self.item, self.every = stage, units, items, unit, item, every
         self.units_done = self.items_done = 0
         self.start = self.last_log = time.monotonic()
         self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
+        if sys.stderr.isatty() or in_notebook():
+            from tqdm.auto import tqdm  # a widget in Jupyter, text on a terminal
 
             self.bar = tqdm(total=items, desc=stage, unit=f" {item}", dynamic_ncols=True)
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from raysel.core.progress import in_notebook
 from raysel.core.section import Section
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ def quiet_off_a_terminal() -> None:
     (CI, `ray job logs`) a flood. Off a terminal raysel's own progress lines take their place."""
     from ray.data import DataContext
 
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty() and not in_notebook():  # a notebook keeps its bars, for the whole session
         context = DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
