@@ -35,7 +35,7 @@ class InputConfig(Section):
     hf_dataset: str | None = None  # a hub dataset id, read through `datasets`
     hf_split: str = "train"
     format: Literal["auto", "jsonl", "json", "parquet", "hf_disk"] = "auto"
-    shape: Literal["auto", "alpaca", "messages", "text"] = "auto"
+    shape: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = "auto"
     fields: FieldMap = FieldMap()
 
     @field_validator("paths", mode="before")

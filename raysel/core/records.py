@@ -29,7 +29,17 @@ class FieldMap(Section):
     messages: str = "messages"
     role: str = "role"
     content: str = "content"
+    conversations: str = "conversations"  # ShareGPT: turns of {from, value}
+    speaker: str = "from"
+    value: str = "value"
+    role_map: dict[str, str] = {}  # a turn's role (or ShareGPT `from`) -> system | user | assistant, over ROLES
     text: str = "text"
+
+
+# The roles ShareGPT and its kin write, as the chat templates know them; input.fields.role_map adds to
+# them or overrides them. A role in neither passes as it is (the template may refuse it: template_error).
+ROLES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
+         "user": "user", "assistant": "assistant", "system": "system"}  # fmt: skip
 
 
 class PrepareConfig(Section):
@@ -123,7 +133,9 @@ def normalize(record: dict, fields: FieldMap, shape: str = "auto") -> Sample:
     """Map a record of any supported shape to a Sample, or raise Rejected."""
     shape = _detect_shape(record, fields) if shape == "auto" else shape
     if shape == "messages":
-        messages, text = _chat_messages(record, fields), None
+        messages, text = _chat_messages(record, fields, fields.messages, fields.role, fields.content), None
+    elif shape == "sharegpt":
+        messages, text = _chat_messages(record, fields, fields.conversations, fields.speaker, fields.value), None
     elif shape == "alpaca":
         messages, text = _alpaca_messages(record, fields), None
     else:
@@ -162,12 +174,14 @@ def render(sample: Sample, tokenizer, chat_template: str | None) -> str:
 
 
 def _detect_shape(record: dict, fields: FieldMap) -> str:
-    for shape, key in (("messages", fields.messages), ("alpaca", fields.instruction), ("text", fields.text)):
+    shapes = [("messages", fields.messages), ("sharegpt", fields.conversations), ("alpaca", fields.instruction),
+              ("text", fields.text)]  # fmt: skip
+    for shape, key in shapes:
         if record.get(key) is not None:
             return shape
     raise Rejected(
         "missing_field",
-        f"no field of a known shape: expected {fields.messages!r} (chat), "
+        f"no field of a known shape: expected {fields.messages!r} (chat), {fields.conversations!r} (ShareGPT), "
         f"{fields.instruction!r} (alpaca) or {fields.text!r} (plain text)",
     )
 
@@ -182,19 +196,22 @@ def _alpaca_messages(record: dict, fields: FieldMap) -> list[dict]:
     return ([{"role": "system", "content": system}] if system.strip() else []) + turns
 
 
-def _chat_messages(record: dict, fields: FieldMap) -> list[dict]:
-    turns = record.get(fields.messages)
+def _chat_messages(record: dict, fields: FieldMap, key: str, role_key: str, content_key: str) -> list[dict]:
+    """Chat turns (messages of {role, content}, or ShareGPT's conversations of {from, value}), their
+    roles mapped to the ones chat templates know."""
+    turns = record.get(key)
     if turns is None:
-        raise Rejected("missing_field", f"field {fields.messages!r} is missing")
+        raise Rejected("missing_field", f"field {key!r} is missing")
     if not isinstance(turns, list):
-        raise Rejected("wrong_type", f"field {fields.messages!r} must be a list, got {type(turns).__name__}")
+        raise Rejected("wrong_type", f"field {key!r} must be a list, got {type(turns).__name__}")
+    roles = ROLES | fields.role_map
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise Rejected("wrong_type", f"{fields.messages}[{i}] must be an object, got {type(turn).__name__}")
-        role = _string(turn, fields.role, required=True, where=f"{fields.messages}[{i}].")
-        content = _string(turn, fields.content, required=True, where=f"{fields.messages}[{i}].")
-        messages.append({"role": role, "content": content})
+            raise Rejected("wrong_type", f"{key}[{i}] must be an object, got {type(turn).__name__}")
+        role = _string(turn, role_key, required=True, where=f"{key}[{i}].")
+        content = _string(turn, content_key, required=True, where=f"{key}[{i}].")
+        messages.append({"role": roles.get(role, role), "content": content})
     return messages
 
 

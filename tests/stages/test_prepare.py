@@ -336,3 +336,31 @@ def test_a_side_set_is_known_by_its_bytes_not_by_where_it_lies(tiny_tokenizer_di
     assert key(here, by_content=False) != key(there, by_content=False)
     there.write_text(there.read_text().replace('"a3"', '"a4"'))  # one byte edited in place
     assert key(there) != key(here)
+
+
+def test_sharegpt_rows_are_detected_and_their_roles_mapped(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
+    """The bug: ShareGPT's `conversations` of {from, value} was no known shape, and roles human/gpt
+    passed unmapped, so the template saw roles it does not know and longest counted 0 response tokens."""
+    rows = [
+        {"id": "g1", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "A prime?"},
+                                       {"from": "gpt", "value": "Two."}]},
+        {"id": "g2", "conversations": [{"from": "human", "value": "Hi"}, {"from": "helper", "value": "Hello"}]},
+        {"id": "g3", "conversations": "not a list of turns"},
+        {"id": "m1", "messages": [{"role": "human", "content": "Hey"}, {"role": "gpt", "content": "Hey you"}]},
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", rows)
+    cfg = make_cfg(
+        tiny_chat_tokenizer_dir,
+        [path],
+        tmp_path / "out",
+        input={"fields": {"id": "id", "role_map": {"helper": "assistant"}}},
+    )
+    summary = prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    got = {r["id"]: r for r in read_prepared(tmp_path / "out")}
+    assert summary["n_valid"] == 3 and [r["reason"] for r in read_rejects(tmp_path / "out")] == ["wrong_type"]
+    assert [m["role"] for m in got["g1"]["messages"]] == ["system", "user", "assistant"]
+    assert [m["role"] for m in got["g2"]["messages"]] == ["user", "assistant"]  # input.fields.role_map
+    assert [m["role"] for m in got["m1"]["messages"]] == ["user", "assistant"]  # chat rows map the same roles
+    assert (got["g1"]["shape"], got["m1"]["shape"]) == ("sharegpt", "messages")
+    for r in got.values():
+        assert r["n_response_tokens"] > 0 and "<|assistant|>" in r["text"]  # the template knew its roles
