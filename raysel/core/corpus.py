@@ -34,6 +34,8 @@ class InputConfig(Section):
     paths: list[str] = Field(default_factory=list)  # files, directories, globs, s3:// URIs
     hf_dataset: str | None = None  # a hub dataset id, read through `datasets`
     hf_split: str = "train"
+    hf_config: str | None = None  # a multi-config dataset's config (its subset), as load_dataset's `name`
+    hf_revision: str | None = None  # a branch, tag or commit of the dataset repo; None: its default branch
     format: Literal["auto", "jsonl", "json", "parquet", "hf_disk"] = "auto"
     shape: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = "auto"
     fields: FieldMap = FieldMap()
@@ -178,7 +180,12 @@ def hub_dataset_files(cfg: InputConfig) -> list[str]:
     hf:// URIs for a Hub dataset, which every worker then reads itself; paths for a local folder."""
     import datasets
 
-    data_files = datasets.load_dataset_builder(cfg.hf_dataset).config.data_files or {}
+    try:
+        builder = datasets.load_dataset_builder(cfg.hf_dataset, name=cfg.hf_config, revision=cfg.hf_revision)
+    except ValueError as err:  # a multi-config dataset without a config, or a config it does not have
+        message = " ".join(str(err).split("Example of usage")[0].split())
+        raise InputError(f"input.hf_config: {cfg.hf_dataset!r}: {message}") from None
+    data_files = builder.config.data_files or {}
     split = next((files for name, files in data_files.items() if str(name) == cfg.hf_split), None)
     if split is None and data_files:
         raise InputError(f"input.hf_split: {cfg.hf_dataset!r} has no split {cfg.hf_split!r} "
@@ -189,7 +196,7 @@ def hub_dataset_files(cfg: InputConfig) -> list[str]:
 def _hub_dataset_cache_files(cfg: InputConfig) -> list[InputFile]:
     import datasets
 
-    ds = datasets.load_dataset(cfg.hf_dataset, split=cfg.hf_split)
+    ds = datasets.load_dataset(cfg.hf_dataset, name=cfg.hf_config, revision=cfg.hf_revision, split=cfg.hf_split)
     return [InputFile(c["filename"], "hf_disk", 0, "") for c in ds.cache_files]
 
 

@@ -364,3 +364,29 @@ def test_sharegpt_rows_are_detected_and_their_roles_mapped(ray_cluster, tiny_cha
     assert (got["g1"]["shape"], got["m1"]["shape"]) == ("sharegpt", "messages")
     for r in got.values():
         assert r["n_response_tokens"] > 0 and "<|assistant|>" in r["text"]  # the template knew its roles
+
+
+def test_a_multi_config_hub_dataset_is_read_by_its_config(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
+    """input.hf_config: the configs declared in the dataset card, as the Hub declares them (a local
+    folder takes the Hub's place). Without it, a multi-config dataset is a clear error naming its configs."""
+    from raysel.core.corpus import InputError
+
+    hub = tmp_path / "hub"
+    for name, rows in (("math", RECORDS[:2]), ("code", RECORDS[2:])):
+        (hub / name).mkdir(parents=True)
+        write_jsonl(hub / name / "train.jsonl", rows)
+    (hub / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: math\n  data_files:\n  - split: train\n    path: math/train.jsonl\n"
+        "- config_name: code\n  data_files:\n  - split: train\n    path: code/train.jsonl\n---\n"
+    )
+
+    def cfg(**hf):
+        return make_cfg(
+            tiny_chat_tokenizer_dir, [], tmp_path / "out", input={"paths": [], "hf_dataset": str(hub), **hf}
+        )
+
+    s = prepare(cfg(hf_config="code"), Storage(str(tmp_path / "out"), cfg().s3))
+    assert s["files"] == [str(hub / "code" / "train.jsonl")] and s["n_valid"] == len(RECORDS[2:])
+    with pytest.raises(InputError, match=r"input.hf_config: .*(math|code)"):
+        prepare(cfg(), Storage(str(tmp_path / "none"), cfg().s3))
