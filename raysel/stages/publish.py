@@ -1,9 +1,10 @@
 """A selection as a dataset: how every selection is written under selection/<method>/, and
 `raysel push`, which uploads one to the Hugging Face Hub.
 
-    data/train-00000-of-00001.parquet   rank, id, score, each original field that keeps one Arrow
-                       type across the selection, and `record` (the input row as JSON): what
-                       `datasets.load_dataset(folder, split="train")` loads
+    data/train-00000-of-00001.parquet   rank, id, score, `messages` (the sample as chat turns of
+                       role and content, TRL's conversational format; null for plain text), each
+                       original field that keeps one Arrow type across the selection, and `record`
+                       (the input row as JSON): what `datasets.load_dataset(folder, split="train")` loads
     README.md          the dataset card: YAML front matter (configs, licence, tags) and what the
                        selection is (method, budget, counts, model, SAE, coverage)
     records.jsonl      the selected rows, each line the input row as it was written
@@ -36,11 +37,13 @@ import yaml
 from raysel.core import paths
 from raysel.core.section import ConfigError
 from raysel.core.storage import Storage
+from raysel.stages.prepare import MESSAGES
 
 DATA_FILE = "data/train-00000-of-00001.parquet"
-CORE_COLUMNS = ("rank", "id", "score", "record")
+CORE_COLUMNS = ("rank", "id", "score", "messages", "record")
 PART_ROWS = 20_000  # records parsed at once while a selection is written
-Records = Callable[[slice], list[str]]  # the records (JSON) of the picks in a slice of their rank order
+# the picks in a slice of their rank order: `record` (the input row's JSON) and `messages` (its turns)
+Records = Callable[[slice], pa.Table]
 LICENCE_FIELDS = ("license", "licence")
 
 
@@ -62,7 +65,8 @@ def write_selection(storage: Storage, method: str, ids, scores, new, records: Re
     pq.write_table(selected, storage.path(base, "selected.parquet"), filesystem=storage.fs)
     parts = [slice(lo, min(lo + PART_ROWS, len(ids))) for lo in range(0, len(ids), PART_ROWS)] or [slice(0, 0)]
     with storage.fs.open_output_stream(storage.path(base, "records.jsonl")) as f:
-        types, found = field_types(_written(records(part), f) for part in parts)  # one read of a part for both
+        # one read of a part for both
+        types, found = field_types(_written(records(part)["record"].to_pylist(), f) for part in parts)
     columns = write_dataset(storage, storage.path(base, DATA_FILE), selected, parts, records, types)
     with storage.fs.open_output_stream(storage.path(base, "README.md")) as f:
         f.write(dataset_card(manifest, columns, found).encode())
@@ -102,9 +106,18 @@ def promoted(a: pa.DataType, b: pa.DataType) -> pa.DataType:
     return pa.unify_schemas([pa.schema([("f", a)]), pa.schema([("f", b)])], promote_options="permissive")[0].type
 
 
-def records_of(ids, records_by_id: dict[str, str]) -> Records:
-    """Records from a mapping held whole (a selection small enough to hold)."""
-    return lambda part: [records_by_id[i] for i in ids[part]]
+def records_of(ids, records_by_id: dict[str, str], messages_by_id: dict[str, list] | None = None) -> Records:
+    """Records (and their turns, where known) from mappings held whole (a selection small enough to hold)."""
+    messages_by_id = messages_by_id or {}
+    return lambda part: pa.table(
+        {
+            "record": pa.array([records_by_id[i] for i in ids[part]], pa.string()),
+            "messages": pa.array([messages_by_id.get(i) for i in ids[part]], MESSAGES),
+        }
+    )
+
+
+PICKED = pa.schema([("id", pa.string()), ("record", pa.string()), ("messages", MESSAGES)])
 
 
 class PickedRecords:
@@ -121,7 +134,7 @@ class PickedRecords:
         try:
             # a part's rows a batch, read ahead one at a time: the scanner's defaults hold 64 batches
             for batch in dataset.to_batches(
-                columns=["id", "record"], batch_size=PART_ROWS, batch_readahead=1, fragment_readahead=1
+                columns=["id", "record", "messages"], batch_size=PART_ROWS, batch_readahead=1, fragment_readahead=1
             ):
                 for m, ids in wanted.items():
                     rank = pc.index_in(batch["id"], value_set=ids)  # the pick's place in m's order, or null
@@ -140,11 +153,12 @@ class PickedRecords:
         return os.path.join(self.folder, f"{method}-{k}.parquet")
 
     def of(self, method: str) -> Records:
-        def records(part: slice) -> list[str]:
+        def records(part: slice) -> pa.Table:
             path = self._file(method, part.start // PART_ROWS)
-            table = pq.read_table(path) if os.path.exists(path) else pa.table({"id": [], "record": []})
-            by_id = dict(zip(table["id"].to_pylist(), table["record"].to_pylist()))
-            return [by_id[i] for i in self.picks[method][part]]
+            table = pq.read_table(path) if os.path.exists(path) else PICKED.empty_table()
+            ids = table["id"].combine_chunks()
+            order = pc.index_in(pa.array(self.picks[method][part], pa.string()), value_set=ids)
+            return table.take(order).select(["record", "messages"])
 
         return records
 
@@ -154,8 +168,8 @@ class _Unfit(Exception):
         self.key = key
 
 
-def write_dataset(storage: Storage, path: str, selected: pa.Table, parts, raw, types: dict) -> list[str]:
-    """The dataset file, a part at a time: rank, id, score, the typed fields, `record`. A field that
+def write_dataset(storage: Storage, path: str, selected: pa.Table, parts, records: Records, types: dict) -> list[str]:
+    """The dataset file, a part at a time: rank, id, score, messages, the typed fields, `record`. A field that
     one part's values do not fit in its promoted type (an int past int64 where the others are int64)
     is left to `record`, and the file written again. Returns the column names."""
     while True:
@@ -164,6 +178,7 @@ def write_dataset(storage: Storage, path: str, selected: pa.Table, parts, raw, t
                 ("rank", pa.int32()),
                 ("id", pa.string()),
                 ("score", pa.float64()),
+                ("messages", MESSAGES),
                 *types.items(),
                 ("record", pa.string()),
             ]
@@ -171,15 +186,16 @@ def write_dataset(storage: Storage, path: str, selected: pa.Table, parts, raw, t
         try:
             with pq.ParquetWriter(path, schema, filesystem=storage.fs) as writer:
                 for part in parts:
-                    writer.write_table(dataset_part(selected[part.start : part.stop], raw(part), types, schema))
+                    writer.write_table(dataset_part(selected[part.start : part.stop], records(part), types, schema))
             return schema.names
         except _Unfit as e:
             del types[e.key]
 
 
-def dataset_part(selected: pa.Table, raw: list[str], types: dict, schema: pa.Schema) -> pa.Table:
+def dataset_part(selected: pa.Table, picked: pa.Table, types: dict, schema: pa.Schema) -> pa.Table:
+    raw = picked["record"].to_pylist()
     records = [json.loads(r) for r in raw]
-    columns = [selected["rank"], selected["id"], selected["score"]]
+    columns = [selected["rank"], selected["id"], selected["score"], picked["messages"]]
     for key, t in types.items():
         try:
             columns.append(pa.array([r.get(key) for r in records], type=t))

@@ -15,6 +15,7 @@ from raysel.core import paths
 from raysel.core.encoder import ModelStack
 from raysel.core.fac import FACConfig, fac
 from raysel.core.features import FeatureStore, Profile
+from raysel.core.records import FieldMap, Rejected, normalize
 from raysel.core.storage import Storage
 from raysel.core.synthesis import SynthesisConfig, acceptance, synthesize
 from raysel.stages.base import Done, Stage
@@ -103,7 +104,7 @@ class Synthesize(Stage):
             kept["id"].to_pylist(),
             kept["score"].to_numpy(),
             np.zeros(kept.num_rows, np.int64),
-            records_of(kept["id"].to_pylist(), records),
+            records_of(kept["id"].to_pylist(), records, {i: turns(r) for i, r in records.items()}),
             {
                 "config": self.run_info["config"],
                 "method": "synthesis",
@@ -123,3 +124,11 @@ class Synthesize(Stage):
             seconds,
         )
         return summary
+
+
+def turns(record: str) -> list[dict] | None:
+    """A synthesized record's chat turns, for the selection's `messages`; None where it has no text."""
+    try:
+        return normalize(json.loads(record), FieldMap()).messages
+    except Rejected:
+        return None

@@ -43,7 +43,7 @@ JSON = st.recursive(
     SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(HOSTILE_TEXT, inner, max_size=4), max_leaves=12
 )
 VISIBLE = HOSTILE_TEXT.filter(lambda t: t.strip())
-FIELD_NAMES = set(InputConfig(paths=["-"]).fields.model_dump().values())  # extra fields must not be these
+FIELD_NAMES = {v for v in InputConfig(paths=["-"]).fields.model_dump().values() if isinstance(v, str)}  # not extras
 
 
 @st.composite

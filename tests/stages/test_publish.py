@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from raysel.config import S3Config
 from raysel.core.storage import Storage
 from raysel.stages import publish
+from raysel.stages.prepare import MESSAGES
 
 JSON_VALUES = st.recursive(
     st.none()
@@ -69,7 +70,7 @@ def test_an_int_past_int64_in_one_part_leaves_its_field_to_record():
     the run aborted, and every row is written."""
     records = [{"n": 1, "k": "a"}, {"n": 2**63, "k": "b"}]
     data = written(records, 1)[0]
-    assert data.column_names == ["rank", "id", "score", "k", "record"]
+    assert data.column_names == ["rank", "id", "score", "messages", "k", "record"]
     assert [json.loads(r)["n"] for r in data["record"].to_pylist()] == [1, 2**63]
 
 
@@ -84,11 +85,15 @@ def test_the_picks_records_spilled_by_part_are_the_prepared_ones_in_each_methods
     (tmp_path / "prepared").mkdir()
     corpus = {f"r{i}": json.dumps({"text": f"row {i}", "n": i}) for i in range(9)}
     for shard, names in enumerate((["r0", "r1", "r2"], ["r3", "r4", "r5"], ["r6", "r7", "r8"])):
-        table = pa.table({"id": names, "record": [corpus[n] for n in names], "n_response_tokens": [1] * 3})
+        turns = [[{"role": "user", "content": f"row {n}"}] for n in names]
+        table = pa.table({"id": names, "record": [corpus[n] for n in names], "messages": pa.array(turns, MESSAGES),
+                          "n_response_tokens": [1] * 3})  # fmt: skip
         pq.write_table(table, tmp_path / "prepared" / f"{shard}.parquet")
     picks = {"a": ["r7", "r1", "r4", "r0", "r8"], "b": ["r1", "r7", "r3"]}
     with mock.patch.object(publish, "PART_ROWS", 2):
         records = publish.PickedRecords(storage, picks, str(tmp_path / "spill"))
         for method, ids in picks.items():
             parts = [slice(lo, min(lo + 2, len(ids))) for lo in range(0, len(ids), 2)]
-            assert [r for part in parts for r in records.of(method)(part)] == [corpus[i] for i in ids]
+            got = [r for part in parts for r in records.of(method)(part).to_pylist()]
+            assert [r["record"] for r in got] == [corpus[i] for i in ids]
+            assert [r["messages"][0]["content"] for r in got] == [f"row {i}" for i in ids]  # the pick's own turns

@@ -94,6 +94,27 @@ def test_a_selection_loads_as_a_hugging_face_dataset_and_carries_a_card(selected
     assert "| method | coverage |" in card and "| selected | 12 |" in card and "| encoded pool | 60 |" in card
 
 
+def test_a_selection_is_in_trls_conversational_format_as_it_is(selected_run, tmp_path, tiny_chat_tokenizer_dir):
+    """The bug: a selection held the original fields and a `record` copy only, so mixed alpaca and chat
+    input gave a sparse union of columns no trainer reads. Every row now carries `messages`, the
+    prepared turns, which TRL's own format check takes and a chat template renders."""
+    import datasets
+    from transformers import AutoTokenizer
+    from trl.data_utils import is_conversational
+
+    root, _, corpus = selected_run
+    ds = datasets.load_dataset(str(root / "selection" / "coverage"), split="train", cache_dir=str(tmp_path))
+    prepared = {
+        r["id"]: r["messages"] for r in pq.read_table(root / "prepared", columns=["id", "messages"]).to_pylist()
+    }
+    assert len(ds) == 12 and all(is_conversational(row) for row in ds)
+    assert ds["messages"] == [prepared[i] for i in ds["id"]]
+    row = corpus[ds[0]["id"]]  # alpaca in: its instruction and output are the turns
+    assert [m["content"] for m in ds[0]["messages"]][-2:] == [row["instruction"], row["output"]]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_tokenizer_dir)
+    assert row["output"] in tokenizer.apply_chat_template(ds[0]["messages"], tokenize=False)
+
+
 class Hub:
     """Stands in for huggingface_hub.HfApi, which needs the Hub (not reachable here): records the calls
     and loads the folder it is asked to upload, as the Hub's dataset viewer would."""
