@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--method", required=True, help="the selection to upload, e.g. coverage")
     push.add_argument("--repo-id", required=True, metavar="ORG/NAME")
     push.add_argument("--private", action="store_true")
+    export = verb("export", "Write one selection in the format a trainer reads (TRL, alpaca, ShareGPT).", config=False)
+    export.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
+    export.add_argument("--method", required=True, help="the selection to export, e.g. coverage")
+    export.add_argument("--format", required=True, choices=["trl", "alpaca", "sharegpt"], dest="fmt")
+    export.add_argument(
+        "--out", required=True, metavar="DIR", help="a local folder: train.jsonl (and dataset_info.json)"
+    )
     demo = verb("demo", "Run the job on the bundled demo data with the embedded default model.", config=False)
     demo.add_argument(
         "--evaluate",
@@ -144,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             return status(args.run_dir, args.overrides)
         elif args.verb == "push":
             return push(args)
+        elif args.verb == "export":
+            return export(args)
         else:
             cfg = load_config(args.config, args.overrides)
         verb = "evaluate" if getattr(args, "evaluate", False) else args.verb
@@ -194,6 +203,20 @@ def push(args, api=None) -> int:
     storage = Storage(args.run_dir, load_config(None, [*args.overrides, 'input.paths=["unused"]']).s3)
     storage.check()
     print(f"raysel push: {push(storage, args.method, args.repo_id, args.private, api)}")
+    return 0
+
+
+def export(args) -> int:
+    """`raysel export RUN --method M --format F --out DIR`."""
+    from pathlib import Path
+
+    from raysel.stages.export import export
+
+    storage = Storage(args.run_dir, load_config(None, [*args.overrides, 'input.paths=["unused"]']).s3)
+    storage.check()
+    summary = export(storage, args.method, args.fmt, Path(args.out))
+    print(f"raysel export: {summary['rows']} rows of {args.method} as {args.fmt} in {args.out}"
+          + (f" ({summary['left_out']} without chat turns left out, listed in export.json)" if summary["left_out"] else ""))  # fmt: skip
     return 0
 
 

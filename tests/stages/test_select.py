@@ -115,6 +115,49 @@ def test_a_selection_is_in_trls_conversational_format_as_it_is(selected_run, tmp
     assert row["output"] in tokenizer.apply_chat_template(ds[0]["messages"], tokenize=False)
 
 
+def test_export_writes_each_format_as_its_trainer_reads_it(selected_run, tmp_path, tiny_chat_tokenizer_dir):
+    """`raysel export`: TRL's rows pass TRL's own format check and chat-template step; alpaca and
+    sharegpt rows hold every column their LLaMA-Factory dataset_info entry names, in its tags."""
+    import datasets
+    from transformers import AutoTokenizer
+    from trl.data_utils import is_conversational, maybe_apply_chat_template
+
+    root, _, corpus = selected_run
+    ids = pq.read_table(root / "selection" / "coverage" / "selected.parquet")["id"].to_pylist()
+    rows = {}
+    for fmt in ("trl", "alpaca", "sharegpt"):
+        assert (
+            cli.main(["export", str(root), "--method", "coverage", "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
+        )
+        rows[fmt] = datasets.load_dataset("json", data_files=str(tmp_path / fmt / "train.jsonl"), split="train",
+                                          cache_dir=str(tmp_path / "cache")).to_list()  # fmt: skip
+        assert len(rows[fmt]) == 12 and json.loads((tmp_path / fmt / "export.json").read_text())["left_out"] == 0
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_tokenizer_dir)
+    for row, i in zip(rows["trl"], ids):
+        assert is_conversational(row) and corpus[i]["output"] in maybe_apply_chat_template(row, tokenizer)["text"]
+    alpaca = json.loads((tmp_path / "alpaca" / "dataset_info.json").read_text())["raysel_coverage"]
+    assert alpaca["formatting"] == "alpaca" and alpaca["file_name"] == "train.jsonl"
+    for row, i in zip(rows["alpaca"], ids):
+        assert set(alpaca["columns"].values()) <= set(row) and row["output"] == corpus[i]["output"]
+    share = json.loads((tmp_path / "sharegpt" / "dataset_info.json").read_text())["raysel_coverage"]
+    tags = share["tags"]
+    for row in rows["sharegpt"]:
+        turns = row[share["columns"]["messages"]]
+        assert [t[tags["role_tag"]] for t in turns] == [tags["user_tag"], tags["assistant_tag"]] * (len(turns) // 2)
+
+
+def test_export_keeps_history_and_system_and_leaves_out_what_a_format_cannot_hold():
+    from raysel.stages.export import convert
+
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}]  # fmt: skip
+    assert convert(chat, "alpaca") == {"instruction": "u2", "input": "", "output": "a2", "system": "S",
+                                       "history": [["u1", "a1"]]}  # fmt: skip
+    assert [t["from"] for t in convert(chat, "sharegpt")["conversations"]] == ["human", "gpt", "human", "gpt"]
+    assert convert(chat[1:2], "alpaca") is None and convert(chat[2:4], "sharegpt") is None  # no answer; out of order
+    assert convert(chat[1:2], "trl") == {"messages": chat[1:2]}
+
+
 class Hub:
     """Stands in for huggingface_hub.HfApi, which needs the Hub (not reachable here): records the calls
     and loads the folder it is asked to upload, as the Hub's dataset viewer would."""
