@@ -9,7 +9,6 @@ parsing and validation happen in the prepare stage."""
 from __future__ import annotations
 
 import base64
-import fnmatch
 import hashlib
 import itertools
 import json
@@ -23,6 +22,7 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from fsspec.utils import glob_translate
 from pydantic import Field, field_validator
 
 from raysel.core.records import FieldMap
@@ -141,9 +141,11 @@ def content_fingerprint(paths: list[str], s3: S3Config) -> str:
 
 def _expand(fs: pafs.FileSystem, path: str, entry: str) -> list[tuple[pafs.FileInfo, str]]:
     if any(c in path for c in "*?["):
+        # fsspec's meaning, as datasets and the anchors read globs: `*` stays within a folder, `**` recurses
         base = path[: min(path.index(c) for c in "*?[" if c in path)].rpartition("/")[0] or "/"
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        return _typed([i for i in infos if i.is_file and fnmatch.fnmatchcase(i.path, path)], entry)
+        pattern = re.compile(glob_translate(path))
+        return _typed([i for i in infos if i.is_file and pattern.fullmatch(i.path)], entry)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input.paths: {entry!r} does not exist")

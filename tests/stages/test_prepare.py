@@ -224,6 +224,12 @@ def test_globs_and_directories_read_every_file_once(ray_cluster, tiny_chat_token
     assert (s["n_input"], s["n_valid"]) == (12, 12)
     assert len(s["files"]) == 3
     assert len({r["id"] for r in read_prepared(tmp_path / "out")}) == 12
+    # `*` stays within its folder (it once picked up old/ too), `**` recurses, as fsspec and datasets read them
+    (tmp_path / "in" / "old").mkdir()
+    write_jsonl(tmp_path / "in" / "old" / "part9.jsonl", [{"text": "an old row"}])
+    for pattern, n in (("*.jsonl", 3), ("**/*.jsonl", 4)):
+        cfg = make_cfg(tiny_chat_tokenizer_dir, [tmp_path / "in" / pattern], tmp_path / pattern.replace("*", "x"))
+        assert len(prepare(cfg, Storage(cfg.output.root, cfg.s3))["files"]) == n, pattern
 
 
 def test_a_cut_off_json_array_keeps_the_elements_before_the_cut(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
