@@ -9,7 +9,9 @@ parsing and validation happen in the prepare stage."""
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.utils import glob_translate
@@ -36,7 +39,7 @@ class InputConfig(Section):
     hf_split: str = "train"
     hf_config: str | None = None  # a multi-config dataset's config (its subset), as load_dataset's `name`
     hf_revision: str | None = None  # a branch, tag or commit of the dataset repo; None: its default branch
-    format: Literal["auto", "jsonl", "json", "parquet", "hf_disk"] = "auto"
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "hf_disk"] = "auto"
     shape: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = "auto"
     fields: FieldMap = FieldMap()
 
@@ -61,8 +64,13 @@ EXTENSIONS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
     ".jsonl.gz": "jsonl",
+    ".jsonl.zst": "jsonl",
     ".json": "json",
     ".json.gz": "json",
+    ".json.zst": "json",
+    ".csv": "csv",
+    ".csv.gz": "csv",
+    ".csv.zst": "csv",
     ".parquet": "parquet",
     ".arrow": "hf_disk",
 }
@@ -167,7 +175,7 @@ def _typed(infos: list[pafs.FileInfo], entry: str) -> list[tuple[pafs.FileInfo, 
         if not _format_of(info.path):
             raise InputError(
                 f"input.paths: cannot tell the format of {info.path!r} from {entry!r}; "
-                f"set input.format (allowed: jsonl, json, parquet, hf_disk)"
+                f"set input.format (allowed: jsonl, json, csv, parquet, hf_disk)"
             )
     return [(i, _format_of(i.path)) for i in infos]
 
@@ -208,6 +216,8 @@ def read_rows(f: pa.NativeFile, fmt: str, limit: int) -> Iterator[dict]:
         return _table_rows(pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK), limit)
     if fmt == "hf_disk":
         return _table_rows(pa.ipc.open_stream(f), limit)
+    if fmt == "csv":
+        return _csv_rows(f, limit)
     return _json_rows(f, limit, array_ok=fmt == "json")
 
 
@@ -336,6 +346,31 @@ def _table_rows(batches, limit: int) -> Iterator[dict]:
             raw = table_record_json(record)
             size = len(raw.encode())
             yield _too_large(number, raw.encode(), size, limit) if size > limit else _row(number, raw)
+
+
+def _csv_rows(f: pa.NativeFile, limit: int) -> Iterator[dict]:
+    """A CSV file with a header row: every value read as the text it was written (`007` stays `007`,
+    and a column of numbers is no int column that a text field would refuse)."""
+    head = f.read(1 << 20)  # the header row is in it; the reader then reads it again, then the rest
+    names = next(csv.reader(io.StringIO(head.decode("utf-8", "replace").removeprefix("\ufeff"))), [])
+    strings = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=False)
+    return _table_rows(pacsv.open_csv(io.BufferedReader(_Rejoined(head, f)), convert_options=strings), limit)
+
+
+class _Rejoined(io.RawIOBase):
+    """The bytes already read from a stream, then the rest of it."""
+
+    def __init__(self, head: bytes, rest: pa.NativeFile):
+        self.head, self.rest = memoryview(head), rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.head[: len(buffer)] if self.head else self.rest.read(len(buffer))
+        self.head = self.head[len(data) :]
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def table_record_json(record: dict) -> str:

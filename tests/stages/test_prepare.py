@@ -396,3 +396,26 @@ def test_a_multi_config_hub_dataset_is_read_by_its_config(ray_cluster, tiny_chat
     assert s["files"] == [str(hub / "code" / "train.jsonl")] and s["n_valid"] == len(RECORDS[2:])
     with pytest.raises(InputError, match=r"input.hf_config: .*(math|code)"):
         prepare(cfg(), Storage(str(tmp_path / "none"), cfg().s3))
+
+
+def test_csv_and_zstd_inputs_are_read_as_written(ray_cluster, tiny_chat_tokenizer_dir, tmp_path):
+    """CSV (a header row; every value its text: `007` is no int 7) and zstd-compressed JSON lines, as
+    the anchors read them; every row accounted for."""
+    import pyarrow as pa
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text(
+        'id,instruction,output\nc1,"Count, then stop.",007\nc2,"Two\nlines",ok\nc3,,\n', encoding="utf-8"
+    )
+    with pa.CompressedOutputStream(str(tmp_path / "in" / "b.jsonl.zst"), "zstd") as out:
+        out.write(b"".join(json.dumps(r).encode() + b"\n" for r in RECORDS))
+    cfg = make_cfg(tiny_chat_tokenizer_dir, [tmp_path / "in"], tmp_path / "out")
+    s = prepare(cfg, Storage(cfg.output.root, cfg.s3))
+    assert (s["n_input"], s["n_valid"], s["rejected_by_reason"]) == (
+        3 + len(RECORDS),
+        2 + len(RECORDS),
+        {"empty_text": 1},
+    )
+    got = {r["id"]: json.loads(r["record"]) for r in read_prepared(tmp_path / "out")}
+    assert got["c1"] == {"id": "c1", "instruction": "Count, then stop.", "output": "007"}
+    assert got["c2"]["instruction"] == "Two\nlines" and {r["id"] for r in RECORDS} <= set(got)
