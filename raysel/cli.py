@@ -16,6 +16,11 @@ from raysel.core import paths
 from raysel.core.corpus import InputError
 from raysel.core.storage import Storage, StorageError
 
+# Exit codes: 0 done; 1 a bug (a traceback); 2 a usage error (argparse's own); 3 a config, input or
+# storage error, or nothing to act on, before or during the run (finished work stays committed);
+# 4 a dry run that found the run would fail at once.
+EXIT_ERROR, EXIT_REFUSED = 3, 4
+
 
 def demo_config_path() -> str:
     return str(resources.files("raysel") / "configs" / "demo.yaml")
@@ -169,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if cause is None:
             raise
         print(f"raysel {args.verb}: {cause}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     lines = summary_lines(args.verb, manifest)
     print("\n".join(lines[:-1] + ([f"  report    {page}"] if page else []) + lines[-1:]))
     return 0
@@ -193,7 +198,7 @@ def dry_run(cfg, stages: list[str]) -> int:
     plan = dry_run(cfg, stages)
     print("\n".join([*plan_lines(plan), json.dumps(plan)]))
     refused = plan["root_note"].startswith("REFUSED") or str(plan["checks"].get("model", "")).startswith("MISMATCH")
-    return 2 if refused else 0
+    return EXIT_REFUSED if refused else 0
 
 
 def push(args, api=None) -> int:
@@ -228,7 +233,7 @@ def status(run_dir: str, overrides: list[str]) -> int:
     storage.check()
     if not storage.exists(paths.PREPARED) and not storage.exists(paths.STAGE_MARKERS):
         print(f"raysel status: {run_dir} holds no run (no prepared/ and no stages/)", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     print("\n".join(status_lines(run_status(storage))))
     return 0
 
@@ -247,10 +252,10 @@ def report(run_dir: str, overrides: list[str]) -> int:
         print(
             f"raysel report: {run_dir} has no manifest.json; is it the output root of a finished run?", file=sys.stderr
         )
-        return 2
+        return EXIT_ERROR
     if "select" not in manifest["stages"]:
         print(f"raysel report: {run_dir} has no selection; run `raysel select` on it first", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     cfg = run_config(manifest)
     init_ray(cfg.ray)
     # the run's own records stand for its stages: only the report (and spans, if never made) runs

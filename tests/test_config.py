@@ -94,10 +94,10 @@ def test_secrets_stay_out_of_manifests_and_errors(tmp_path):
 
 def test_cli_reports_config_errors_before_any_work(tmp_path, capsys):
     path = write(tmp_path, "input:\n  paths: [a.jsonl]\nprepare:\n  chat_template: fancy\n")
-    assert main(["run", str(path)]) == 2
+    assert main(["run", str(path)]) == 3
     err = capsys.readouterr().err
     assert "prepare.chat_template" in err and "'auto' or 'fallback'" in err
-    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 3
     assert "not found" in capsys.readouterr().err
 
 
@@ -164,7 +164,7 @@ def test_python_dash_m_raysel_is_the_cli_with_a_version():
 def test_quiet_and_verbose_set_raysels_log_level(tmp_path, flag, level):
     config = tmp_path / "bad.yaml"
     config.write_text("input: {paths: [x]}\nprepare: {max_tokenz: 5}\n")  # stops at the config, before any work
-    assert main([*([flag] if flag else []), "run", str(config)]) == 2
+    assert main([*([flag] if flag else []), "run", str(config)]) == 3
     assert logging.getLogger("raysel").level == level
 
 

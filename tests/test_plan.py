@@ -91,7 +91,7 @@ def test_an_sae_that_does_not_fit_the_model_fails_the_dry_run(stats_run, tmp_pat
     narrow = build_tiny_sae(tmp_path / "sae", d_in=32)
     code, plan, _ = dry(capsys, "run", config_file(tmp_path, stats_run[1], sae={"path": str(narrow)},
                                                    output={"root": str(tmp_path / "o")}))  # fmt: skip
-    assert code == 2 and plan["checks"]["model"].startswith("MISMATCH") and "d_in" in plan["checks"]["model"]
+    assert code == 4 and plan["checks"]["model"].startswith("MISMATCH") and "d_in" in plan["checks"]["model"]
 
 
 def test_a_root_holding_a_run_of_other_input_is_refused_unless_forced(stats_run, tmp_path, capsys):
@@ -103,12 +103,12 @@ def test_a_root_holding_a_run_of_other_input_is_refused_unless_forced(stats_run,
     other = write_jsonl(tmp_path / "other.jsonl", [{"text": "another corpus"}])
     config = config_file(tmp_path, stats_run[1], input={"paths": [str(other)]}, output={"root": str(root)})
     before = tree(root)
-    assert cli.main(["run", config]) == 2
+    assert cli.main(["run", config]) == 3
     err = capsys.readouterr().err
     assert f"output.root: {root} holds a run of other input files" in err and "--force" in err
     assert tree(root) == before
     code, plan, _ = dry(capsys, "run", config)
-    assert code == 2 and plan["root_note"].startswith("REFUSED")
+    assert code == 4 and plan["root_note"].startswith("REFUSED")
     storage = Storage(str(root), stats_run[1].s3)
     check_root(storage, [str(other)], force=True)  # forced: no error
     check_root(storage, stats_run[1].input.paths, force=False)  # the same input: a resume, no error

@@ -183,7 +183,7 @@ def test_an_unusable_output_root_fails_before_any_work_and_writes_nothing(
     config.write_text(
         yaml.safe_dump({"input": {"paths": [str(DEMO)]}, "output": {"root": root}, "s3": {**s3_server.config(), **s3}})
     )
-    assert cli.main(["run", str(config)]) == 2
+    assert cli.main(["run", str(config)]) == 3
     err = capsys.readouterr().err
     assert root in err and expect in err.lower()
     assert sorted(_files(fs, "runs")) == before and fs.get_file_info("no-such-bucket").type == pafs.FileType.NotFound

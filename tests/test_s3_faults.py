@@ -120,7 +120,7 @@ def test_a_long_outage_fails_clearly_and_the_rerun_resumes(
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, 9)
-    assert driver.returncode == 2, err[-4000:]
+    assert driver.returncode == 3, err[-4000:]
     assert "s3://faults/long" in err and "s3.outage_seconds" in err
     assert server.secret_key not in err and server.access_key not in err
     fs = server.filesystem()

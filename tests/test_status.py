@@ -58,5 +58,5 @@ def test_a_run_caught_mid_encode_shows_shards_rate_and_eta(stats_run, tmp_path, 
 
 
 def test_a_folder_without_a_run_is_a_clear_error(tmp_path, capsys):
-    assert cli.main(["status", str(tmp_path)]) == 2
+    assert cli.main(["status", str(tmp_path)]) == 3
     assert "holds no run" in capsys.readouterr().err

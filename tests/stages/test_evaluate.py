@@ -162,6 +162,6 @@ def test_evaluate_without_eval_sets_is_refused_before_any_work(evaluated, tmp_pa
     raw["evaluate"]["sets"] = []
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
-    assert main(["evaluate", str(config)]) == 2
+    assert main(["evaluate", str(config)]) == 3
     assert "evaluate.sets: name at least one eval set" in capsys.readouterr().err
     assert not (tmp_path / "fresh" / paths.PREPARED).exists()

@@ -147,4 +147,4 @@ def test_raysel_report_cli_writes_the_page(two_runs, capsys):
     os.remove(os.path.join(root, "report.html")) if os.path.exists(os.path.join(root, "report.html")) else None
     assert cli.main(["report", root]) == 0
     assert os.path.exists(os.path.join(root, "report.html")) and "report.html" in capsys.readouterr().out
-    assert cli.main(["report", os.path.join(root, "nowhere")]) == 2
+    assert cli.main(["report", os.path.join(root, "nowhere")]) == 3

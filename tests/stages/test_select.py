@@ -187,7 +187,7 @@ def test_push_uploads_the_selection_folder_to_a_dataset_repo(selected_run, tmp_p
                          "selected.parquet"]  # fmt: skip
     assert hub.loaded["id"] == pq.read_table(root / "selection" / "simscale" / "selected.parquet")["id"].to_pylist()
     assert "https://huggingface.co/datasets/org/picked" in capsys.readouterr().out
-    assert cli.main(["push", str(root), "--method", "nope", "--repo-id", "org/x"]) == 2
+    assert cli.main(["push", str(root), "--method", "nope", "--repo-id", "org/x"]) == 3
     assert "holds no finished selection (methods found: ['coverage', 'kcenter'" in capsys.readouterr().err
 
 
