@@ -6,6 +6,7 @@ starts, as `key.path: what is wrong (what is allowed)`."""
 from __future__ import annotations
 
 import copy
+import os
 import types
 import typing
 from pathlib import Path
@@ -141,12 +142,19 @@ class RunConfig(Section):
 def load_config(path: str | Path | None, overrides: list[str] = (), raw: dict | None = None) -> RunConfig:
     """The config of a YAML file (or of `raw`, a dict), with `--set` style overrides, validated."""
     raw = copy.deepcopy(raw) if raw is not None else _read_yaml(path) if path else {}
-    for item in overrides:
+    for item in [*env_overrides(), *overrides]:
         _apply_override(raw, item)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_describe(err)) from None
+
+
+def env_overrides() -> list[str]:
+    """RAYSEL_SECTION__KEY=value as --set section.key=value (the pydantic-settings convention), for a
+    cluster job whose command line is fixed: RAYSEL_ENCODE__ACTORS=8. A --set given too wins."""
+    return [f"{name.removeprefix('RAYSEL_').lower().replace('__', '.')}={value}"
+            for name, value in sorted(os.environ.items()) if name.startswith("RAYSEL_") and "__" in name]  # fmt: skip
 
 
 def _read_yaml(path: str | Path) -> dict:

@@ -180,3 +180,17 @@ def test_the_api_takes_a_dict_or_a_runconfig_with_overrides_and_keeps_secrets():
     assert again.s3.secret_key.get_secret_value() == "s3cret"
     with pytest.raises(ConfigError, match="prepare.max_tokenz: unknown key"):
         resolve(cfg, {"prepare__max_tokenz": 1})
+
+
+def test_environment_overrides_sit_between_the_file_and_set(tmp_path, monkeypatch):
+    """For a cluster job whose command line is fixed (a RayJob's entrypoint)."""
+    config = tmp_path / "c.yaml"
+    config.write_text("input: {paths: [x]}\nencode: {actors: 2}\n")
+    monkeypatch.setenv("RAYSEL_ENCODE__ACTORS", "8")
+    monkeypatch.setenv("RAYSEL_SELECT__BUDGET", "500")
+    monkeypatch.setenv("RAYSEL_FREEZE_GOLDEN", "1")  # no `__`: not a config key, left alone
+    cfg = load_config(str(config), ["select.budget=7"])
+    assert (cfg.encode.actors, cfg.select.budget) == (8, 7)
+    monkeypatch.setenv("RAYSEL_ENCODE__ACTORZ", "8")
+    with pytest.raises(ConfigError, match="encode.actorz: unknown key"):
+        load_config(str(config))
