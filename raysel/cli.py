@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Fine-tune the proxy model (evaluate.model; LoRA, TRL) on each selection and on random at the same "
         "budget, once per seed, and score each on the held-out evaluate.sets: results and intervals in evaluate/.",
     )
+    shown = verb("config", "Print a config resolved (file, environment, --set) as YAML, or every default.", False)
+    shown.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config file")
+    shown.add_argument("--defaults", action="store_true", help="every key at its default (input.paths an example)")
     report = verb("report", "Write report.html for a finished run.", config=False)
     report.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
     status = verb(
@@ -158,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             return push(args)
         elif args.verb == "export":
             return export(args)
+        elif args.verb == "config":
+            return show_config(args)
         else:
             cfg = load_config(args.config, args.overrides)
         verb = "evaluate" if getattr(args, "evaluate", False) else args.verb
@@ -208,6 +213,18 @@ def push(args, api=None) -> int:
     storage = Storage(args.run_dir, load_config(None, [*args.overrides, 'input.paths=["unused"]']).s3)
     storage.check()
     print(f"raysel push: {push(storage, args.method, args.repo_id, args.private, api)}")
+    return 0
+
+
+def show_config(args) -> int:
+    """`raysel config CONFIG` (resolved, secrets masked) or `raysel config --defaults`."""
+    import yaml
+
+    if args.defaults == bool(args.config):
+        raise ConfigError("give a CONFIG or --defaults, not both or neither")
+    example = ['input.paths=["data/*.jsonl"]'] if args.defaults else []
+    cfg = load_config(args.config, [*example, *args.overrides])
+    print(yaml.safe_dump(cfg.public_dict(), sort_keys=False, allow_unicode=True), end="")
     return 0
 
 

@@ -194,3 +194,21 @@ def test_environment_overrides_sit_between_the_file_and_set(tmp_path, monkeypatc
     monkeypatch.setenv("RAYSEL_ENCODE__ACTORZ", "8")
     with pytest.raises(ConfigError, match="encode.actorz: unknown key"):
         load_config(str(config))
+
+
+def test_raysel_config_prints_the_defaults_and_a_resolved_config_that_load_back(tmp_path, capsys):
+    """What a user copies into a config file must load back to what was printed."""
+    import yaml
+
+    from raysel.config import RunConfig
+
+    assert main(["config", "--defaults"]) == 0
+    defaults = yaml.safe_load(capsys.readouterr().out)
+    assert RunConfig.model_validate(defaults) == RunConfig.model_validate({"input": {"paths": ["data/*.jsonl"]}})
+    assert set(defaults) == set(RunConfig.model_fields)
+    config = tmp_path / "c.yaml"
+    config.write_text("input: {paths: [x.jsonl]}\ns3: {secret_key: s3cret}\n")
+    assert main(["config", str(config), "--set", "select.budget=9"]) == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["select"]["budget"] == 9 and "s3cret" not in out
+    assert main(["config"]) == 3 and "give a CONFIG or --defaults" in capsys.readouterr().err
