@@ -32,7 +32,6 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import yaml
 
 from raysel.core import paths
 from raysel.core.section import ConfigError
@@ -219,15 +218,42 @@ def count_licences(records: list[dict], found: dict[str, int]) -> None:
                 found[record[key]] = found.get(record[key], 0) + 1
 
 
+# The Hub's licence ids for the spellings rows use; another licence is `other`, named in the card's text
+HUB_LICENCES = {"mit", "apache-2.0", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc-by-nc-sa-4.0", "cc0-1.0",
+                "odc-by", "gpl-3.0", "bsd-3-clause", "llama2", "llama3", "openrail"}  # fmt: skip
+
+
+def hub_licence(name: str) -> str:
+    """`Apache 2.0`, `CC-BY-4.0`, `MIT` -> apache-2.0, cc-by-4.0, mit; `other` where the Hub has no id."""
+    normal = "-".join(name.strip().lower().replace("_", " ").split())
+    normal = {"apache-2": "apache-2.0", "apache": "apache-2.0", "cc0": "cc0-1.0"}.get(normal, normal)
+    return normal if normal in HUB_LICENCES else "other"
+
+
+def size_category(n: int) -> str:
+    """The Hub's size_categories bucket for n rows."""
+    for limit, name in ((10**3, "n<1K"), (10**4, "1K<n<10K"), (10**5, "10K<n<100K"), (10**6, "100K<n<1M"),
+                        (10**7, "1M<n<10M"), (10**8, "10M<n<100M")):  # fmt: skip
+        if n < limit:
+            return name
+    return "100M<n<1B"
+
+
 def dataset_card(manifest: dict, columns: list[str], found: dict[str, int]) -> str:
-    """README.md with the Hub's YAML front matter: the loadable config, the licence, tags."""
-    front = {
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
-        "license": next(iter(found)) if len(found) == 1 else ("other" if found else "unknown"),
-        "tags": ["raysel", "data-selection", "sparse-autoencoder"],
-        "pretty_name": f"raysel {manifest.get('method')} selection",
-    }
+    """README.md, its front matter from huggingface_hub's DatasetCardData: the loadable config, the
+    licence as a Hub id, size and task categories, tags; then what the selection is."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
     counts = manifest.get("counts", {})
+    licences = sorted({hub_licence(name) for name in found})
+    front = DatasetCardData(
+        license=licences[0] if len(licences) == 1 else ("other" if licences else "unknown"),
+        size_categories=[size_category(int(counts.get("n_selected") or 0))],
+        task_categories=["text-generation"],
+        tags=["raysel", "data-selection", "sparse-autoencoder"],
+        pretty_name=f"raysel {manifest.get('method')} selection",
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
+    )
     facts = {
         "method": manifest.get("method"),
         "budget": manifest.get("budget"),
@@ -246,10 +272,12 @@ def dataset_card(manifest: dict, columns: list[str], found: dict[str, int]) -> s
         if found
         else "none found in the rows' `license` field: the input's own licence applies; check it before sharing"
     )
-    return f"""---
-{yaml.safe_dump(front, sort_keys=False, allow_unicode=True)}---
+    originals = ", ".join(f"`{c}`" for c in columns if c not in CORE_COLUMNS) or "none"
+    card = f"""---
+{front.to_yaml()}
+---
 
-# {front["pretty_name"]}
+# {front.pretty_name}
 
 Selected by raysel, which picks instruction-tuning data by the sparse-autoencoder features a model
 activates on each sample.
@@ -260,10 +288,11 @@ activates on each sample.
 
 ## Columns
 
-`rank` (1 = picked first), `id`, `score` (the method's gain or score for the pick), the original
-fields that keep one type across the selection ({", ".join(f"`{c}`" for c in columns[3:-1]) or "none"}), and
-`record`: each input row as JSON, every field whatever its type. `records.jsonl` holds the rows as
-written; `manifest.json` the full config, versions and fingerprints.
+`rank` (1 = picked first), `id`, `score` (the method's gain or score for the pick), `messages`
+(the sample as chat turns of role and content, as TRL's SFTTrainer reads them; null for plain
+text), the original fields that keep one type across the selection ({originals}), and `record`:
+each input row as JSON, every field whatever its type. `records.jsonl` holds the rows as written;
+`manifest.json` the full config, versions and fingerprints.
 
 ## Licences
 
@@ -277,6 +306,7 @@ from datasets import load_dataset
 ds = load_dataset("PATH_OR_REPO_ID", split="train")
 ```
 """
+    return str(DatasetCard(card))  # parsed back by the Hub's own card class: its front matter holds
 
 
 def push(storage: Storage, method: str, repo_id: str, private: bool = False, api=None) -> str:

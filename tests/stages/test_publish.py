@@ -97,3 +97,11 @@ def test_the_picks_records_spilled_by_part_are_the_prepared_ones_in_each_methods
             got = [r for part in parts for r in records.of(method)(part).to_pylist()]
             assert [r["record"] for r in got] == [corpus[i] for i in ids]
             assert [r["messages"][0]["content"] for r in got] == [f"row {i}" for i in ids]  # the pick's own turns
+
+
+def test_licences_take_the_hubs_ids_and_sizes_its_buckets():
+    """The Hub rejects a card whose licence is not one of its ids: `Apache 2.0` must become apache-2.0."""
+    assert [publish.hub_licence(n) for n in ("MIT", "Apache 2.0", "apache-2.0", "CC-BY-SA-4.0", "CC0", "WTFPL")] == [
+        "mit", "apache-2.0", "apache-2.0", "cc-by-sa-4.0", "cc0-1.0", "other"]  # fmt: skip
+    assert [publish.size_category(n) for n in (0, 999, 1000, 250_000, 10**9)] == [
+        "n<1K", "n<1K", "1K<n<10K", "100K<n<1M", "100M<n<1B"]  # fmt: skip

@@ -89,8 +89,9 @@ def test_a_selection_loads_as_a_hugging_face_dataset_and_carries_a_card(selected
     assert front["configs"] == [
         {"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}
     ]
-    licences = {corpus[r["id"]]["license"] for r in selected}
+    licences = {corpus[r["id"]]["license"].lower() for r in selected}  # MIT, Apache-2.0, CC-BY-4.0: the Hub's ids
     assert front["license"] == (licences.pop() if len(licences) == 1 else "other")
+    assert front["size_categories"] == ["n<1K"] and front["task_categories"] == ["text-generation"]
     assert "| method | coverage |" in card and "| selected | 12 |" in card and "| encoded pool | 60 |" in card
 
 
