@@ -112,14 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
     push = verb(
         "push",
-        "Upload one selection (selection/<method>/: data, dataset card, manifest) to a Hugging Face Hub "
-        "dataset repo, created if needed. The token comes from HF_TOKEN or `hf auth login`.",
+        "Upload selections (their data files and dataset card) to a Hugging Face Hub dataset repo, created "
+        "if needed. The token comes from HF_TOKEN or `hf auth login`.",
         config=False,
     )
     push.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
-    push.add_argument("--method", required=True, help="the selection to upload, e.g. coverage")
+    push.add_argument("--method", required=True, action="append", dest="methods",
+                      help="the selection to upload, e.g. coverage; repeat it for several, one config each")  # fmt: skip
     push.add_argument("--repo-id", required=True, metavar="ORG/NAME")
     push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", help="a branch of the repo (created if needed); default: main")
+    push.add_argument("--message", help="the commit message")
+    push.add_argument("--run-files", action="store_true",
+                      help="also records.jsonl, selected.parquet and manifest.json (which names buckets and endpoints)")  # fmt: skip
     export = verb("export", "Write one selection in the format a trainer reads (TRL, alpaca, ShareGPT).", config=False)
     export.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
     export.add_argument("--method", required=True, help="the selection to export, e.g. coverage")
@@ -207,12 +212,13 @@ def dry_run(cfg, stages: list[str]) -> int:
 
 
 def push(args, api=None) -> int:
-    """`raysel push RUN --method M --repo-id ORG/NAME`; `api` stands in for the Hub's client in tests."""
-    from raysel.stages.publish import push
+    """`raysel push RUN --method M [--method N] --repo-id ORG/NAME`; `api` stands in for the Hub's client in tests."""
+    from raysel.stages.publish import PushOptions, push
 
     storage = Storage(args.run_dir, load_config(None, [*args.overrides, 'input.paths=["unused"]']).s3)
     storage.check()
-    print(f"raysel push: {push(storage, args.method, args.repo_id, args.private, api)}")
+    options = PushOptions(args.repo_id, args.private, args.revision, args.message, args.run_files)
+    print(f"raysel push: {push(storage, args.methods, options, api)}")
     return 0
 
 

@@ -25,6 +25,8 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -309,20 +311,87 @@ ds = load_dataset("PATH_OR_REPO_ID", split="train")
     return str(DatasetCard(card))  # parsed back by the Hub's own card class: its front matter holds
 
 
-def push(storage: Storage, method: str, repo_id: str, private: bool = False, api=None) -> str:
-    """Upload selection/<method>/ to a Hub dataset repo (created if needed); its URL."""
+RUN_FILES = ("records.jsonl", "selected.parquet", "manifest.json")  # pushed only when asked: the manifest names buckets
+
+
+@dataclass
+class PushOptions:
+    repo_id: str
+    private: bool = False
+    revision: str | None = None  # a branch of the dataset repo, created from main if it does not exist
+    message: str | None = None
+    run_files: bool = False  # also records.jsonl, selected.parquet and manifest.json
+
+
+def push(storage: Storage, methods: list[str], options: PushOptions, api=None) -> str:
+    """Upload selections to a Hub dataset repo (created if needed): the data files and the card. One
+    method's selection is the repo's default config; several are one config each, under <method>/data/."""
     from huggingface_hub import HfApi
 
-    base = paths.selection(method)
-    if storage.read_json(f"{base}/manifest.json") is None:
-        selector = pafs.FileSelector(storage.path(paths.SELECTION), allow_not_found=True)
-        found = sorted(i.base_name for i in storage.fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
-        raise ConfigError(f"push: {storage.uri(base)} holds no finished selection (methods found: {found or 'none'})")
+    for method in methods:
+        if storage.read_json(f"{paths.selection(method)}/manifest.json") is None:
+            selector = pafs.FileSelector(storage.path(paths.SELECTION), allow_not_found=True)
+            found = sorted(i.base_name for i in storage.fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
+            raise ConfigError(
+                f"push: {storage.uri(paths.selection(method))} holds no finished selection "
+                f"(methods found: {found or 'none'})"
+            )
     api = api or HfApi()
     with tempfile.TemporaryDirectory() as folder:
-        pafs.copy_files(storage.path(base), folder, source_filesystem=storage.fs)
-        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        api.upload_folder(
-            folder_path=folder, repo_id=repo_id, repo_type="dataset", commit_message=f"raysel selection: {method}"
+        stage_upload(storage, methods, options.run_files, Path(folder))
+        api.create_repo(options.repo_id, repo_type="dataset", private=options.private, exist_ok=True)
+        if options.revision:
+            api.create_branch(options.repo_id, branch=options.revision, repo_type="dataset", exist_ok=True)
+        api.upload_folder(folder_path=folder, repo_id=options.repo_id, repo_type="dataset", revision=options.revision,
+                          commit_message=options.message or f"raysel selection: {', '.join(methods)}")  # fmt: skip
+    return f"https://huggingface.co/datasets/{options.repo_id}"
+
+
+def stage_upload(storage: Storage, methods: list[str], run_files: bool, folder: Path) -> None:
+    """The files a push uploads, laid out in `folder` as the repo will hold them."""
+    from huggingface_hub import DatasetCard
+
+    names = ["README.md", *RUN_FILES * run_files]
+    if len(methods) == 1:
+        base = paths.selection(methods[0])
+        (folder / "data").mkdir()
+        pafs.copy_files(storage.path(base, "data"), str(folder / "data"), source_filesystem=storage.fs)
+        for name in names:
+            pafs.copy_files(storage.path(base, name), str(folder / name), source_filesystem=storage.fs)
+        return
+    cards = []
+    for method in methods:
+        base = paths.selection(method)
+        (folder / method / "data").mkdir(parents=True)
+        pafs.copy_files(storage.path(base, "data"), str(folder / method / "data"), source_filesystem=storage.fs)
+        for name in names[1:]:
+            pafs.copy_files(storage.path(base, name), str(folder / method / name), source_filesystem=storage.fs)
+        with storage.fs.open_input_stream(storage.path(base, "README.md")) as f:
+            cards.append(DatasetCard(f.read().decode()))
+    (folder / "README.md").write_text(combined_card(methods, cards))
+
+
+def combined_card(methods: list[str], cards: list) -> str:
+    """One card for several selections: a config per method, each method's own card text beneath."""
+    from huggingface_hub import DatasetCard
+
+    data = cards[0].data
+    data.configs = [
+        {"config_name": m, "data_files": [{"split": "train", "path": f"{m}/data/*.parquet"}]} for m in methods
+    ]
+    data.license = cards[0].data.license if len({c.data.license for c in cards}) == 1 else "other"
+    data.pretty_name = f"raysel selections: {', '.join(methods)}"
+    sections = "\n\n".join(f"## {m}\n\n{nested(c.text)}" for m, c in zip(methods, cards))
+    load = f'load_dataset("PATH_OR_REPO_ID", "{methods[0]}", split="train")'
+    return str(
+        DatasetCard(
+            f"---\n{data.to_yaml()}\n---\n\n# {data.pretty_name}\n\nOne config per method: `{load}`.\n\n{sections}\n"
         )
-    return f"https://huggingface.co/datasets/{repo_id}"
+    )
+
+
+def nested(text: str) -> str:
+    """A card's text under a method's heading: its title dropped, its sections one level down."""
+    lines = text.strip().splitlines()
+    lines = lines[1:] if lines and lines[0].startswith("# ") else lines
+    return "\n".join("#" + line if line.startswith("## ") else line for line in lines).strip()

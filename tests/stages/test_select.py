@@ -1,7 +1,6 @@
 """The select stage end to end on a real local Ray cluster (tiny model and SAE):
 what it writes under selection/<method>/ and that coverage beats its baselines."""
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -161,7 +160,7 @@ def test_export_keeps_history_and_system_and_leaves_out_what_a_format_cannot_hol
 
 class Hub:
     """Stands in for huggingface_hub.HfApi, which needs the Hub (not reachable here): records the calls
-    and loads the folder it is asked to upload, as the Hub's dataset viewer would."""
+    and loads the folder it is asked to upload, as the Hub's dataset viewer would (by config)."""
 
     def __init__(self, cache):
         self.calls, self.cache = [], cache
@@ -169,27 +168,57 @@ class Hub:
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", repo_id, kwargs))
 
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
     def upload_folder(self, folder_path, repo_id, **kwargs):
         import datasets
+        import yaml
 
-        self.calls.append(("upload_folder", repo_id, kwargs["repo_type"]))
+        self.calls.append(
+            ("upload_folder", repo_id, {k: kwargs[k] for k in ("repo_type", "revision", "commit_message")})
+        )
         self.files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
-        self.loaded = datasets.load_dataset(folder_path, split="train", cache_dir=self.cache)
+        card = (Path(folder_path) / "README.md").read_text()
+        self.front = yaml.safe_load(card.split("---\n")[1])
+        self.loaded = {c["config_name"]: datasets.load_dataset(folder_path, c["config_name"], split="train",
+                                                               cache_dir=self.cache) for c in self.front["configs"]}  # fmt: skip
 
 
-def test_push_uploads_the_selection_folder_to_a_dataset_repo(selected_run, tmp_path, capsys):
+def test_push_uploads_the_data_and_the_card_only_unless_asked(selected_run, tmp_path, capsys):
+    """The bug: push uploaded records.jsonl and manifest.json (bucket names, endpoints) beside the data."""
     root = selected_run[0]
     hub = Hub(str(tmp_path))
-    args = argparse.Namespace(run_dir=str(root), method="simscale", repo_id="org/picked", private=True, overrides=[])
+    args = cli.build_parser().parse_args(
+        ["push", str(root), "--method", "simscale", "--repo-id", "org/picked", "--private"]
+    )
     assert cli.push(args, api=hub) == 0
     assert hub.calls[0] == ("create_repo", "org/picked", {"repo_type": "dataset", "private": True, "exist_ok": True})
-    assert hub.calls[1] == ("upload_folder", "org/picked", "dataset")
-    assert hub.files == ["README.md", "data/train-00000-of-00001.parquet", "manifest.json", "records.jsonl",
-                         "selected.parquet"]  # fmt: skip
-    assert hub.loaded["id"] == pq.read_table(root / "selection" / "simscale" / "selected.parquet")["id"].to_pylist()
+    assert hub.calls[1] == ("upload_folder", "org/picked", {"repo_type": "dataset", "revision": None,
+                                                            "commit_message": "raysel selection: simscale"})  # fmt: skip
+    assert hub.files == ["README.md", "data/train-00000-of-00001.parquet"]
+    ids = pq.read_table(root / "selection" / "simscale" / "selected.parquet")["id"].to_pylist()
+    assert hub.loaded["default"]["id"] == ids
     assert "https://huggingface.co/datasets/org/picked" in capsys.readouterr().out
     assert cli.main(["push", str(root), "--method", "nope", "--repo-id", "org/x"]) == 3
     assert "holds no finished selection (methods found: ['coverage', 'kcenter'" in capsys.readouterr().err
+
+
+def test_push_of_several_methods_makes_one_config_each_on_a_branch(selected_run, tmp_path):
+    root = selected_run[0]
+    hub = Hub(str(tmp_path))
+    argv = ["push", str(root), "--method", "coverage", "--method", "random", "--repo-id", "org/both",
+            "--revision", "v1", "--message", "two selections", "--run-files"]  # fmt: skip
+    assert cli.push(cli.build_parser().parse_args(argv), api=hub) == 0
+    assert ("create_branch", "org/both", {"branch": "v1", "repo_type": "dataset", "exist_ok": True}) in hub.calls
+    assert hub.calls[-1][2] == {"repo_type": "dataset", "revision": "v1", "commit_message": "two selections"}
+    assert "coverage/manifest.json" in hub.files and "random/records.jsonl" in hub.files
+    for method in ("coverage", "random"):
+        ids = pq.read_table(root / "selection" / method / "selected.parquet")["id"].to_pylist()
+        assert hub.loaded[method]["id"] == ids
+    assert (
+        hub.front["size_categories"] == ["n<1K"] and hub.front["pretty_name"] == "raysel selections: coverage, random"
+    )
 
 
 def test_coverage_beats_random_and_longest_and_longest_is_longest(selected_run):
