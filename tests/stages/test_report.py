@@ -61,8 +61,10 @@ def test_the_report_data_matches_the_run(two_runs):
     covered = [f for f in data["features"] if f["status"] == "covered"]
     missed = [f for f in data["features"] if f["status"] == "missed"]
     assert [f["selected"] for f in covered] == sorted(hits[hits > 0], reverse=True)[:SHOWN]
-    assert all(hits[f["feature"]] == 0 and f["doc_freq"] > 0 for f in missed)
-    assert [f["doc_freq"] for f in missed] == sorted([f["doc_freq"] for f in missed], reverse=True)
+    # the pool's most frequent features the selection never fires, ties by id: a report that showed
+    # too few, covered ones, or the rarest, fails here (a loop over them alone would pass on none)
+    unseen = [int(j) for j in np.lexsort((np.arange(len(stats)), -stats)) if stats[j] > 0 and hits[j] == 0]
+    assert [f["feature"] for f in missed] == unseen[:SHOWN]
     for f in data["features"]:
         assert 0 < len(f["spans"]) <= 3 and all(s["acts"][s["peak"]] == max(s["acts"]) for s in f["spans"])
     assert [s["id"] for s in data["samples"]] == ids[:7]
