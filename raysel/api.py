@@ -14,20 +14,21 @@ raysel's log lines reach a notebook that has configured no logging.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
-import yaml
 
-from raysel.config import ConfigError, RunConfig, load_config
+from raysel.config import RunConfig, load_config
 from raysel.core import paths
 from raysel.core.features import FeatureStore
 from raysel.core.storage import Storage
 from raysel.pipeline import run as run_plan
 from raysel.pipeline import verb_targets
+from raysel.stages.publish import check_finished
 from raysel.status import run_status
 
 if TYPE_CHECKING:
@@ -58,10 +59,8 @@ class Run:
         """One method's selection, as a trainer reads it: the dataset files under selection/<method>/data/."""
         import datasets
 
-        folder = f"{paths.SELECTION}/{method}/data"
-        if not self.storage.listing(folder):
-            written = sorted(self.manifest.get("stages", {}).get("select", {}).get("methods", {}))
-            raise ConfigError(f"method {method!r}: no selection under {self.storage.uri(folder)} (written: {written})")
+        check_finished(self.storage, method, "selection")
+        folder = f"{paths.selection(method)}/data"
         return datasets.Dataset(pq.read_table(self.storage.path(folder), filesystem=self.storage.fs))
 
     def features(self) -> ray.data.Dataset:
@@ -84,8 +83,7 @@ def run(config: str | Path | dict | RunConfig, *, force: bool = False, **overrid
 
 
 def resolve(config: str | Path | dict | RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    sets = [f"{key.replace('__', '.')}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for key, value in overrides.items()]  # fmt: skip
+    sets = [f"{key.replace('__', '.')}={json.dumps(value)}" for key, value in overrides.items()]  # YAML reads JSON
     if isinstance(config, RunConfig):
         config = config.model_dump()  # secrets stay SecretStr, not the masked JSON form
     if isinstance(config, dict):

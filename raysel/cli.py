@@ -215,11 +215,17 @@ def push(args, api=None) -> int:
     """`raysel push RUN --method M [--method N] --repo-id ORG/NAME`; `api` stands in for the Hub's client in tests."""
     from raysel.stages.publish import PushOptions, push
 
-    storage = Storage(args.run_dir, load_config(None, [*args.overrides, 'input.paths=["unused"]']).s3)
-    storage.check()
+    storage = run_root(args.run_dir, args.overrides)
     options = PushOptions(args.repo_id, args.private, args.revision, args.message, args.run_files)
     print(f"raysel push: {push(storage, args.methods, options, api)}")
     return 0
+
+
+def run_root(run_dir: str, overrides: list[str]) -> Storage:
+    """A finished (or running) run's root, reachable: --set s3.* names an S3 root's endpoint and keys."""
+    storage = Storage(run_dir, load_config(None, [*overrides, 'input.paths=["unused"]']).s3)
+    storage.check()
+    return storage
 
 
 def show_config(args) -> int:
@@ -240,8 +246,7 @@ def export(args) -> int:
 
     from raysel.stages.export import export
 
-    storage = Storage(args.run_dir, load_config(None, [*args.overrides, 'input.paths=["unused"]']).s3)
-    storage.check()
+    storage = run_root(args.run_dir, args.overrides)
     summary = export(storage, args.method, args.fmt, Path(args.out))
     print(f"raysel export: {summary['rows']} rows of {args.method} as {args.fmt} in {args.out}"
           + (f" ({summary['left_out']} without chat turns left out, listed in export.json)" if summary["left_out"] else ""))  # fmt: skip
@@ -252,8 +257,7 @@ def status(run_dir: str, overrides: list[str]) -> int:
     """`raysel status RUN_DIR_OR_S3_URI`; --set s3.* reaches an S3 root."""
     from raysel.status import run_status, status_lines
 
-    storage = Storage(run_dir, load_config(None, [*overrides, 'input.paths=["unused"]']).s3)
-    storage.check()
+    storage = run_root(run_dir, overrides)
     if not storage.exists(paths.PREPARED) and not storage.exists(paths.STAGE_MARKERS):
         print(f"raysel status: {run_dir} holds no run (no prepared/ and no stages/)", file=sys.stderr)
         return EXIT_ERROR

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+import pyarrow as pa
 from pydantic import Field
 
 from raysel.core.section import Section
@@ -40,6 +41,8 @@ class FieldMap(Section):
 # them or overrides them. A role in neither passes as it is (the template may refuse it: template_error).
 ROLES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
          "user": "user", "assistant": "assistant", "system": "system"}  # fmt: skip
+# A sample's turns as the prepared store and every selection hold them
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
 class PrepareConfig(Section):

@@ -248,9 +248,12 @@ class Evaluate(Stage):
         large proxy): replaced only with --force."""
         stale = {}
         for u in units:
-            held = (self.storage.read_json(u.marker("train")) or {}).get("key")
-            if held is not None and held != normalized(plan.train_keys[u.name]):
-                stale[u.name] = [k for k, v in normalized(plan.train_keys[u.name]).items() if held.get(k) != v]
+            held, key = (
+                (self.storage.read_json(u.marker("train")) or {}).get("key"),
+                normalized(plan.train_keys[u.name]),
+            )
+            if held is not None and held != key:
+                stale[u.name] = [k for k, v in key.items() if held.get(k) != v]
         if stale and not self.force:
             first, parts = next(iter(stale.items()))
             raise ConfigError(

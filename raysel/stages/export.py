@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from raysel.core import paths
 from raysel.core.section import ConfigError
 from raysel.core.storage import Storage
+from raysel.stages.publish import check_finished
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,8 @@ def export(storage: Storage, method: str, fmt: str, out: Path) -> dict:
     """selection/<method>/'s rows in `fmt`, under `out`; what was written and what was left out."""
     if fmt not in FORMATS:
         raise ConfigError(f"export --format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    check_finished(storage, method, "export")
     folder = f"{paths.selection(method)}/data"
-    if storage.read_json(f"{paths.selection(method)}/manifest.json") is None:
-        raise ConfigError(f"export: {storage.uri(paths.selection(method))} holds no finished selection")
     table = pq.read_table(storage.path(folder), columns=["id", "messages"], filesystem=storage.fs)
     out.mkdir(parents=True, exist_ok=True)
     written, left_out = 0, []

@@ -32,14 +32,13 @@ from raysel.core.corpus import (
 from raysel.core.datasource import CorpusDatasource
 from raysel.core.models import load_tokenizer, model_source, tokenize
 from raysel.core.ray_adapter import Resources, map_stage
-from raysel.core.records import Rejected, chat_template_for, normalize, parse_record, render
+from raysel.core.records import MESSAGES, Rejected, chat_template_for, normalize, parse_record, render
 from raysel.core.section import ConfigError
 from raysel.core.storage import Storage
 from raysel.stages.base import Done, Stage
 
 log = logging.getLogger(__name__)
 
-MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 # The prepared store: what the encoder and every later stage read.
 PREPARED_SCHEMA = pa.schema(
     [

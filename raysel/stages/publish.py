@@ -36,9 +36,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysel.core import paths
+from raysel.core.records import MESSAGES
 from raysel.core.section import ConfigError
 from raysel.core.storage import Storage
-from raysel.stages.prepare import MESSAGES
 
 DATA_FILE = "data/train-00000-of-00001.parquet"
 CORE_COLUMNS = ("rank", "id", "score", "messages", "record")
@@ -311,6 +311,16 @@ ds = load_dataset("PATH_OR_REPO_ID", split="train")
     return str(DatasetCard(card))  # parsed back by the Hub's own card class: its front matter holds
 
 
+def check_finished(storage: Storage, method: str, verb: str) -> None:
+    """A selection is read only once its manifest, written last, says it is whole."""
+    if storage.read_json(f"{paths.selection(method)}/manifest.json") is None:
+        selector = pafs.FileSelector(storage.path(paths.SELECTION), allow_not_found=True)
+        found = sorted(i.base_name for i in storage.fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
+        raise ConfigError(
+            f"{verb}: {storage.uri(paths.selection(method))} holds no finished selection (methods found: {found or 'none'})"
+        )
+
+
 RUN_FILES = ("records.jsonl", "selected.parquet", "manifest.json")  # pushed only when asked: the manifest names buckets
 
 
@@ -329,13 +339,7 @@ def push(storage: Storage, methods: list[str], options: PushOptions, api=None) -
     from huggingface_hub import HfApi
 
     for method in methods:
-        if storage.read_json(f"{paths.selection(method)}/manifest.json") is None:
-            selector = pafs.FileSelector(storage.path(paths.SELECTION), allow_not_found=True)
-            found = sorted(i.base_name for i in storage.fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
-            raise ConfigError(
-                f"push: {storage.uri(paths.selection(method))} holds no finished selection "
-                f"(methods found: {found or 'none'})"
-            )
+        check_finished(storage, method, "push")
     api = api or HfApi()
     with tempfile.TemporaryDirectory() as folder:
         stage_upload(storage, methods, options.run_files, Path(folder))

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raysel.config import S3Config
+from raysel.core.records import MESSAGES
 from raysel.core.storage import Storage
 from raysel.stages import publish
-from raysel.stages.prepare import MESSAGES
 
 JSON_VALUES = st.recursive(
     st.none()
