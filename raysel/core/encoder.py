@@ -18,6 +18,7 @@ from raysel.core.models import ModelConfig, load_model, load_tokenizer, resolve_
 from raysel.core.records import PrepareConfig, chat_template_for, shared_prefix
 from raysel.core.sae import SAESection, TrainSAEConfig, hook_layer, load_sae
 from raysel.core.section import ConfigError, Section
+from raysel.core.spans import TopSpans, batch_spans
 from raysel.core.storage import S3Config
 
 
@@ -88,10 +89,12 @@ class Encoder:
             prefix = shared_prefix(self.tokenizer, chat_template_for(self.tokenizer, stack.prepare.chat_template))
         self.prefix_ids = tokenize(self.tokenizer, [prefix])["input_ids"][0] if prefix else []
 
-    def __call__(self, ids: list[str], texts: list[str]) -> pa.Table:
+    def __call__(self, ids: list[str], texts: list[str], spans: TopSpans | None = None) -> pa.Table:
+        """The samples' pooled features; with `spans`, each batch's span candidates go there too."""
         enc = tokenize(self.tokenizer, texts, truncation=True, max_length=self.max_tokens)["input_ids"]
         buckets = list(self.length_buckets(enc))
-        parts = [self._encode_batch([enc[i] for i in batch]) for batch in buckets]
+        named = np.asarray(ids, dtype=object)
+        parts = [self._encode_batch([enc[i] for i in batch], named[batch], spans) for batch in buckets]
         order = np.concatenate(buckets)
         n_tokens = np.concatenate([p[0] for p in parts])
         columns = [pa.concat_arrays([p[k] for p in parts]) for k in (1, 2, 3)]
@@ -101,17 +104,19 @@ class Encoder:
         )
         return table.take(np.argsort(order))
 
-    def encode_isolated(self, ids: list[str], texts: list[str]) -> tuple[pa.Table, dict[str, str]]:
+    def encode_isolated(
+        self, ids: list[str], texts: list[str], spans: TopSpans | None = None
+    ) -> tuple[pa.Table, dict[str, str]]:
         """As calling the encoder, but a sample that fails on its own is left out, with its error; the
         others are encoded. A failed batch is halved until the failures are single samples."""
         try:
-            return self(ids, texts), {}
+            return self(ids, texts, spans), {}
         except Exception as err:
             if len(ids) == 1:
                 return FEATURE_SCHEMA.empty_table(), {ids[0]: f"{type(err).__name__}: {err}"[:2000]}
         half = len(ids) // 2
         (a, errors_a), (b, errors_b) = (
-            self.encode_isolated(i, t) for i, t in ((ids[:half], texts[:half]), (ids[half:], texts[half:]))
+            self.encode_isolated(i, t, spans) for i, t in ((ids[:half], texts[:half]), (ids[half:], texts[half:]))
         )
         return pa.concat_tables([a, b]), errors_a | errors_b
 
@@ -127,41 +132,37 @@ class Encoder:
         if batch:
             yield np.array(batch)
 
-    def _encode_batch(self, seqs: list[list[int]]):
-        hidden, counted = self.hidden_states(seqs)
-        with self.torch.inference_mode():
-            feat_max, feat_sum = self._pooled(hidden[counted].to(self.sae.dtype), counted.sum(1))
-            return self._pool(feat_max, feat_sum, counted.sum(1).cpu())
-
-    def _pooled(self, h, n_counted):
-        """Max- and sum-pool of the SAE's activations per sample, over the non-zero activations only."""
-        torch, d_sae = self.torch, self.sae.cfg.d_sae
-        sample = torch.repeat_interleave(torch.arange(len(n_counted), device=h.device), n_counted.to(h.device))
-        feat_max = torch.zeros(len(n_counted) * d_sae, dtype=h.dtype, device=h.device)
-        feat_sum = torch.zeros_like(feat_max)
-        for tokens, features, values in sae_activations(self.sae, h):
-            at = sample[tokens] * d_sae + features
-            feat_max.scatter_reduce_(0, at, values, "amax")  # activations are >= 0: 0 is the empty max
-            feat_sum.scatter_add_(0, at, values)
-        return feat_max.view(-1, d_sae), feat_sum.view(-1, d_sae)
-
-    def activations(self, seqs: list[list[int]], features: list[list[int]]) -> list[tuple]:
-        """Per sequence: the first counted position, and the SAE's activations of its `features` at
-        every counted position from there on (positions x len(features)), for looking inside a sample."""
+    def _encode_batch(self, seqs: list[list[int]], ids: np.ndarray, spans: TopSpans | None):
         torch = self.torch
         hidden, counted = self.hidden_states(seqs)
-        wanted = sorted({j for fs in features for j in fs})
-        column = torch.full((self.sae.cfg.d_sae,), -1, dtype=torch.long, device=hidden.device)
-        column[wanted] = torch.arange(len(wanted), device=hidden.device)
-        h = hidden[counted].to(self.sae.dtype)
-        z = torch.zeros(h.shape[0], len(wanted))
+        n_counted = counted.sum(1)
         with torch.inference_mode():
-            for tokens, feats, values in sae_activations(self.sae, h):
-                keep = column[feats] >= 0
-                z[tokens[keep].cpu(), column[feats[keep]].cpu()] = values[keep].float().cpu()
-        first, column = self._first_counted(seqs).tolist(), column.cpu()
-        per_seq = z.split(counted.sum(1).cpu().tolist())
-        return [(f, part[:, column[fs]]) for f, part, fs in zip(first, per_seq, features)]
+            tokens, features, values = self._activations(hidden[counted].to(self.sae.dtype))
+            sample = torch.repeat_interleave(torch.arange(len(seqs), device=hidden.device), n_counted)[tokens]
+            feat_max, feat_sum = self._pooled(sample, features, values, len(seqs))
+            if spans is not None:
+                found = batch_spans((sample, tokens, features, values), feat_max, n_counted, self._first_counted(seqs))
+                spans.add(ids, found)
+            return self._pool(feat_max, feat_sum, n_counted.cpu())
+
+    def _activations(self, h):
+        """(token, feature, activation) of every non-zero activation of the SAE on the tokens `h`."""
+        parts = list(sae_activations(self.sae, h))
+        return [self.torch.cat([p[i] for p in parts]) for i in range(3)]
+
+    def _pooled(self, sample, features, values, n: int):
+        """Max- and sum-pool per sample of the activations, the top_m strongest features kept when set."""
+        torch, d_sae = self.torch, self.sae.cfg.d_sae
+        at = sample * d_sae + features
+        feat_max = torch.zeros(n * d_sae, dtype=values.dtype, device=values.device)
+        feat_sum = torch.zeros_like(feat_max)
+        feat_max.scatter_reduce_(0, at, values, "amax")  # activations are >= 0: 0 is the empty max
+        feat_sum.scatter_add_(0, at, values)
+        feat_max, feat_sum = feat_max.view(n, d_sae), feat_sum.view(n, d_sae)
+        if self.encode.top_m:
+            kth = feat_max.topk(min(self.encode.top_m, d_sae), dim=1).values[:, -1:]
+            feat_max = torch.where(feat_max >= kth, feat_max, torch.zeros_like(feat_max))
+        return feat_max, feat_sum
 
     def fit(self, texts: list[str]) -> dict:
         """How well the SAE reconstructs the model's activations at its hook, over the counted positions
@@ -211,11 +212,8 @@ class Encoder:
         return self.torch.tensor(skip)
 
     def _pool(self, feat_max, feat_sum, n_counted):
-        """Keep, per sample, the features that fire (the top_m strongest when set), as list columns."""
+        """Keep, per sample, the features that fire (those _pooled kept), as list columns."""
         torch = self.torch
-        if self.encode.top_m:
-            kth = feat_max.topk(min(self.encode.top_m, feat_max.shape[1]), dim=1).values[:, -1:]
-            feat_max = torch.where(feat_max >= kth, feat_max, torch.zeros_like(feat_max))
         rows, cols = (feat_max > 0).nonzero(as_tuple=True)  # row-major: ids ascend within a row
         offsets = np.concatenate([[0], torch.bincount(rows, minlength=len(n_counted)).cumsum(0).cpu().numpy()])
         offsets = pa.array(offsets.astype(np.int32))

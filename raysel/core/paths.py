@@ -24,6 +24,7 @@ PREPARED = "prepared"
 REJECTS = "rejects"
 FEATURES = "features"
 FEATURES_DONE = "features/_done"
+SPAN_CANDIDATES = "features/_spans"  # per shard, each feature's top samples with their windows
 STATS = "stats"
 FEATURE_STATS = "stats/features.parquet"
 STATS_SUMMARY = "stats/summary.json"

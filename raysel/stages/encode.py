@@ -1,8 +1,9 @@
 """The encode stage: prepared samples to the feature store (core/features.py), on a Ray actor pool
 of encoders (core/encoder.py).
 
-One features/ shard per prepared file, under the same name, then its marker in features/_done/,
-both through the one commit mechanism (stages/base.py). A re-run encodes only the shards
+One features/ shard per prepared file, under the same name, with its span candidates in
+features/_spans/ (core/spans.py), then its marker in features/_done/, all through the one commit
+mechanism (stages/base.py). A re-run encodes only the shards
 without a marker of the current fingerprint."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from raysel.core.progress import Progress
 from raysel.core.ray_adapter import Resources, log_to_driver, map_stage, model_resources
 from raysel.core.sae import check_against_model, sae_metadata, weights_digest
 from raysel.core.section import ConfigError
+from raysel.core.spans import CANDIDATE_SCHEMA, TOP, WINDOW, TopSpans
 from raysel.core.storage import Storage, StorageError
 from raysel.stages.base import Done, Stage, commit
 
@@ -92,7 +94,8 @@ class EncodeShards:
             ),
         )
         fit = self.fit_check(rows["text"].to_pylist())
-        features, errors = self.encoder.encode_isolated(rows["id"].to_pylist(), rows["text"].to_pylist())
+        spans = TopSpans()
+        features, errors = self.encoder.encode_isolated(rows["id"].to_pylist(), rows["text"].to_pylist(), spans)
         n_tokens = int(pc.sum(features["n_tokens"]).as_py() or 0)
         summary = {
             "shard": shard,
@@ -108,6 +111,8 @@ class EncodeShards:
         def write() -> dict:
             fs.create_dir(storage.path(paths.FEATURES), recursive=True)
             pq.write_table(features, storage.path(paths.FEATURES, shard), filesystem=fs)
+            fs.create_dir(storage.path(paths.SPAN_CANDIDATES), recursive=True)
+            pq.write_table(spans.table(), storage.path(paths.SPAN_CANDIDATES, shard), filesystem=fs)
             write_encode_rejects(storage, shard, rows, errors)
             return summary
 
@@ -209,7 +214,8 @@ class Encode(Stage):
             "dtype": f"{stack.model.dtype} on {stack.encode.runs_on()}",
             "sae": fingerprint([], self.weights, self.meta),
             "settings": fingerprint([], stack.prepare.max_tokens, stack.prepare.chat_template,
-                                    stack.encode.skip_prefix, stack.encode.top_m, FEATURE_SCHEMA.to_string()),
+                                    stack.encode.skip_prefix, stack.encode.top_m, FEATURE_SCHEMA.to_string(),
+                                    CANDIDATE_SCHEMA.to_string(), TOP, WINDOW),
         }  # fmt: skip
 
     def fingerprint(self, prepared: dict) -> str:

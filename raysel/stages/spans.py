@@ -1,6 +1,6 @@
 """The spans stage: the top-activating spans of the features the report shows, the ones the primary
 selection (the first of select.methods) covers most and the pool features it misses
-(raysel.core.spans re-encodes their top samples). Writes stats/spans.parquet; its record lists the
+(raysel.core.spans reads them from what encode kept). Writes stats/spans.parquet; its record lists the
 two groups of features."""
 
 from __future__ import annotations
