@@ -44,7 +44,7 @@ from raysel.config import FieldMap, RunConfig  # noqa: E402
 from raysel.core.encoder import Encoder  # noqa: E402
 from raysel.core.models import load_model, load_tokenizer  # noqa: E402
 from raysel.core.records import chat_template_for, normalize, render  # noqa: E402
-from raysel.core.sae import default_sae_trained, load_sae  # noqa: E402
+from raysel.core.sae import default_sae_source, load_sae  # noqa: E402
 from raysel.stages.train_sae import save_sae, train_sae  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg.model)
     ids, texts = load_samples(args.pool, args.n, tokenizer)
     stack = cfg.stack()
-    if not default_sae_trained(stack):
+    if default_sae_source(stack) is None:
         print("no default SAE yet: training it with train_sae defaults (about 2 minutes on 2 cores)")
         summary, files = train_sae(stack, texts * 4)  # on this process's device, as the encoder runs
         save_sae(stack, files, summary)

@@ -24,7 +24,7 @@ from raysel.core.corpus import list_input_files
 from raysel.core.features import FeatureStore
 from raysel.core.generation import check_vllm
 from raysel.core.ray_adapter import init_ray
-from raysel.core.sae import default_sae_trained
+from raysel.core.sae import default_sae_source
 from raysel.core.storage import Storage, StorageError, redact
 from raysel.stages.base import Done, Executor, Stage
 from raysel.stages.encode import Encode
@@ -150,7 +150,7 @@ def run(
 
 
 def default_sae_missing(cfg: RunConfig) -> bool:
-    return cfg.sae.path is None and not cfg.sae.release and not default_sae_trained(cfg.stack())
+    return cfg.sae.path is None and not cfg.sae.release and default_sae_source(cfg.stack()) is None
 
 
 def run_stages(

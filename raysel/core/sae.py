@@ -62,36 +62,76 @@ SAE_CONFIG = "cfg.json"
 PICKLED = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "sae"  # default SAEs that ship with raysel
+TRAINING = "training.json"  # train-sae's record beside the weights: its settings and figures
+MAKE_SHIPPED = (
+    "raysel train-sae raysel/configs/demo.yaml --set input.paths='[\"raysel/data/demo.jsonl\"]' "
+    "--set encode.num_cpus=2 --set output.root=runs/default-sae --set train_sae.output=raysel/data/sae/{name}"
+)  # the command that made a shipped SAE, run from the repository root
+
+
+def default_sae_name(stack: ModelStack) -> str:
+    t = stack.train_sae
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", stack.model.name).strip("-").lower()
+    return f"{slug}-L{t.layer}-topk{t.k}-{t.d_sae}"
+
+
 def default_sae_location(stack: ModelStack) -> str:
     """Where `raysel train-sae` puts the SAE that runs use when none is configured: train_sae.output (a
     folder, or s3:// and the like on a cluster, where every node reads it), else the model cache."""
     t = stack.train_sae
     if t.output:
         return t.output if "://" in t.output else str(Path(t.output).expanduser())
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", stack.model.name).strip("-").lower()
-    return str(Path(stack.model.cache_dir).expanduser() / "saes" / f"{slug}-L{t.layer}-topk{t.k}-{t.d_sae}")
+    return str(Path(stack.model.cache_dir).expanduser() / "saes" / default_sae_name(stack))
 
 
-def default_sae_trained(stack: ModelStack) -> bool:
+def shipped_sae(stack: ModelStack) -> Path | None:
+    """The default SAE shipped with raysel for this model, when train-sae's settings here are the ones it
+    was trained with (its training.json says; MAKE_SHIPPED remakes it) and train_sae.output names none."""
+    path = SHIPPED / default_sae_name(stack)
+    if stack.train_sae.output or not (path / TRAINING).is_file():
+        return None
+    made = json.loads((path / TRAINING).read_text())
+    same = made["model"] == stack.model.name and made["train_sae"] == stack.train_sae.model_dump(exclude={"output"})
+    return path if same else None
+
+
+def default_sae_source(stack: ModelStack) -> str | None:
+    """Where runs read the default SAE: what train-sae made for this model and its settings, else the one
+    shipped with raysel; None when there is neither (a run then trains it first)."""
     location = default_sae_location(stack)
-    if "://" not in location:
-        return (Path(location) / WEIGHTS).is_file()
-    from raysel.core.storage import filesystem_for
+    if "://" in location:
+        from raysel.core.storage import filesystem_for
 
-    fs, path = filesystem_for(location, stack.s3)
-    return fs.get_file_info(f"{path}/{WEIGHTS}").is_file
+        fs, path = filesystem_for(location, stack.s3)
+        trained = fs.get_file_info(f"{path}/{WEIGHTS}").is_file
+    else:
+        trained = (Path(location) / WEIGHTS).is_file()
+    shipped = None if trained else shipped_sae(stack)
+    return location if trained else str(shipped) if shipped else None
+
+
+def default_sae_identity(stack: ModelStack) -> str:
+    """The default SAE's name in records: where it was trained, or the shipped SAE's name (not the path of
+    the installed package, which moves with every install)."""
+    source = default_sae_source(stack)
+    return (
+        f"raysel's shipped {default_sae_name(stack)}"
+        if source and Path(source).parent == SHIPPED
+        else source or default_sae_location(stack)
+    )
 
 
 def local_sae_dir(stack: ModelStack) -> Path:
     """The SAE's directory on this machine; a remote one (s3://, gs://, file://) fetched into the cache."""
     if stack.sae.path is None:
-        if not default_sae_trained(stack):
+        source = default_sae_source(stack)
+        if source is None:
             raise ConfigError(
                 f"sae.path: not set, and no default SAE at {default_sae_location(stack)}; run `raysel "
                 f"train-sae CONFIG` first, or set sae.path (a saved SAE) or sae.release and sae.sae_id"
             )
-        location = default_sae_location(stack)
-        return _fetch_remote(stack, location) if "://" in location else Path(location)
+        return _fetch_remote(stack, source) if "://" in source else Path(source)
     if "://" in stack.sae.path:
         return _fetch_remote(stack, stack.sae.path)
     path = Path(stack.sae.path).expanduser()
@@ -204,7 +244,7 @@ def sae_metadata(stack: ModelStack) -> dict:
         return {
             **meta,
             "layer": hook_layer(stack, cfg["hook_name"]),
-            "identity": stack.sae.path or default_sae_location(stack),
+            "identity": stack.sae.path or default_sae_identity(stack),
         }
     meta = json.loads((path / SAE_CONFIG).read_text())
     hook_name = (meta.get("metadata") or {}).get("hook_name") or meta.get("hook_name")
@@ -212,7 +252,7 @@ def sae_metadata(stack: ModelStack) -> dict:
         "d_in": meta["d_in"],
         "d_sae": meta["d_sae"],
         "layer": hook_layer(stack, hook_name),
-        "identity": stack.sae.path or default_sae_location(stack),
+        "identity": stack.sae.path or default_sae_identity(stack),
         "architecture": meta.get("architecture"),
     }
 

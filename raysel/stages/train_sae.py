@@ -21,7 +21,7 @@ from raysel.config import ModelStack
 from raysel.core import paths
 from raysel.core.models import load_model, load_tokenizer, model_source, resolve_device, truncate_to_layer
 from raysel.core.ray_adapter import model_resources
-from raysel.core.sae import default_sae_location
+from raysel.core.sae import TRAINING, default_sae_location
 from raysel.core.storage import Storage, filesystem_for
 from raysel.stages.base import Done, Stage
 
@@ -54,6 +54,11 @@ class TrainSAE(Stage):
         r = model_resources(self.stack.encode, 1)
         task = ray.remote(num_cpus=r.num_cpus, num_gpus=r.num_gpus, memory=r.memory, resources=r.custom)(train_sae)
         summary, files = ray.get(task.remote(self.stack, texts))
+        # what a shipped SAE is matched on (core/sae.py: shipped_sae), and the corpus it learnt from
+        summary |= {
+            "train_sae": self.stack.train_sae.model_dump(exclude={"output"}),
+            "corpus": done["prepare"]["fingerprint"],
+        }
         out = save_sae(self.stack, files, summary)
         log.info("train-sae: %s in %.0fs: explained variance %.3f, mean L0 %.1f, dead %.1f%%", out,
                  summary["seconds"], summary["explained_variance"], summary["mean_l0"], 100 * summary["dead_fraction"])  # fmt: skip
@@ -64,7 +69,7 @@ def save_sae(stack: ModelStack, files: dict[str, bytes], summary: dict) -> str:
     """The trained SAE's files where runs find the default SAE: a local folder replaced whole by a
     rename, or a remote one written file by file (its weights last)."""
     location = default_sae_location(stack)
-    files = {**files, "training.json": json.dumps(summary, indent=2).encode()}
+    files = {**files, TRAINING: json.dumps(summary, indent=2).encode()}
     if "://" in location:
         fs, path = filesystem_for(location, stack.s3)
         fs.create_dir(path, recursive=True)
