@@ -7,6 +7,7 @@ prefix are dropped before the SAE. Per sample only the features that fire are ke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -89,12 +90,18 @@ class Encoder:
             prefix = shared_prefix(self.tokenizer, chat_template_for(self.tokenizer, stack.prepare.chat_template))
         self.prefix_ids = tokenize(self.tokenizer, [prefix])["input_ids"][0] if prefix else []
 
-    def __call__(self, ids: list[str], texts: list[str], spans: TopSpans | None = None) -> pa.Table:
-        """The samples' pooled features; with `spans`, each batch's span candidates go there too."""
+    def __call__(
+        self, ids: list[str], texts: list[str], spans: TopSpans | None = None, on_batch: Callable | None = None
+    ) -> pa.Table:
+        """The samples' pooled features; with `spans`, each batch's span candidates go there too, and
+        `on_batch` hears how many samples each batch held."""
         enc = tokenize(self.tokenizer, texts, truncation=True, max_length=self.max_tokens)["input_ids"]
         buckets = list(self.length_buckets(enc))
-        named = np.asarray(ids, dtype=object)
-        parts = [self._encode_batch([enc[i] for i in batch], named[batch], spans) for batch in buckets]
+        named, parts = np.asarray(ids, dtype=object), []
+        for batch in buckets:
+            parts.append(self._encode_batch([enc[i] for i in batch], named[batch], spans))
+            if on_batch:
+                on_batch(len(batch))
         order = np.concatenate(buckets)
         n_tokens = np.concatenate([p[0] for p in parts])
         columns = [pa.concat_arrays([p[k] for p in parts]) for k in (1, 2, 3)]
@@ -105,18 +112,19 @@ class Encoder:
         return table.take(np.argsort(order))
 
     def encode_isolated(
-        self, ids: list[str], texts: list[str], spans: TopSpans | None = None
+        self, ids: list[str], texts: list[str], spans: TopSpans | None = None, on_batch: Callable | None = None
     ) -> tuple[pa.Table, dict[str, str]]:
         """As calling the encoder, but a sample that fails on its own is left out, with its error; the
         others are encoded. A failed batch is halved until the failures are single samples."""
         try:
-            return self(ids, texts, spans), {}
+            return self(ids, texts, spans, on_batch), {}
         except Exception as err:
             if len(ids) == 1:
                 return FEATURE_SCHEMA.empty_table(), {ids[0]: f"{type(err).__name__}: {err}"[:2000]}
         half = len(ids) // 2
         (a, errors_a), (b, errors_b) = (
-            self.encode_isolated(i, t, spans) for i, t in ((ids[:half], texts[:half]), (ids[half:], texts[half:]))
+            self.encode_isolated(i, t, spans, on_batch)
+            for i, t in ((ids[:half], texts[:half]), (ids[half:], texts[half:]))
         )
         return pa.concat_tables([a, b]), errors_a | errors_b
 

@@ -18,12 +18,14 @@ def in_notebook() -> bool:
 
 
 class Progress:
-    def __init__(self, stage: str, units: int, items: int, unit: str = "shards", item: str = "samples", every=30.0):
+    def __init__(
+        self, stage: str, units: int, items: int, unit: str = "shards", item: str = "samples", every=30.0, bar=True
+    ):
         self.stage, self.units, self.items, self.unit, self.item, self.every = stage, units, items, unit, item, every
         self.units_done = self.items_done = 0
         self.start = self.last_log = time.monotonic()
         self.bar = None
-        if sys.stderr.isatty() or in_notebook():
+        if bar and (sys.stderr.isatty() or in_notebook()):
             from tqdm.auto import tqdm  # a widget in Jupyter, text on a terminal
 
             self.bar = tqdm(total=items, desc=stage, unit=f" {item}", dynamic_ncols=True)
@@ -31,6 +33,10 @@ class Progress:
     def update(self, items: int) -> None:
         """One unit finished, holding `items` items."""
         self.units_done += 1
+        self.add(items)
+
+    def add(self, items: int) -> None:
+        """`items` more items done, within a unit."""
         self.items_done += items
         if self.bar is not None:
             self.bar.set_postfix_str(f"{self.unit} {self.units_done}/{self.units}")

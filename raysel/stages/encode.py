@@ -95,7 +95,11 @@ class EncodeShards:
         )
         fit = self.fit_check(rows["text"].to_pylist())
         spans = TopSpans()
-        features, errors = self.encoder.encode_isolated(rows["id"].to_pylist(), rows["text"].to_pylist(), spans)
+        # within the shard too: on a CPU one shard can take minutes; a line every 15 s reaches the driver
+        progress = Progress(f"encode {shard}", 1, rows.num_rows, unit="shard", every=15.0, bar=False)
+        features, errors = self.encoder.encode_isolated(
+            rows["id"].to_pylist(), rows["text"].to_pylist(), spans, progress.add
+        )
         n_tokens = int(pc.sum(features["n_tokens"]).as_py() or 0)
         summary = {
             "shard": shard,

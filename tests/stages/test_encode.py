@@ -24,6 +24,7 @@ from raysel.core.features import FeatureStore
 from raysel.core.models import truncate_to_layer
 from raysel.core.paths import FEATURES_DONE
 from raysel.core.sae import sae_metadata
+from raysel.core.spans import TopSpans
 from raysel.core.storage import Storage
 from tests.conftest import DEMO, build_tiny_sae, encode, prepare, run_cfg
 
@@ -145,11 +146,21 @@ def test_pooling_over_token_chunks_equals_pooling_the_whole_batch(tiny_model_dir
         np.testing.assert_allclose(c["feat_sum"], w["feat_sum"], rtol=1e-5)
 
 
-def test_top_m_keeps_the_strongest_features(tiny_model_dir, tiny_sae_dir):
+def test_top_m_keeps_the_strongest_features_and_only_their_spans(tiny_model_dir, tiny_sae_dir):
     full = Encoder(encoder_stack(tiny_model_dir, tiny_sae_dir))(["b"], [TEXTS[1]]).to_pylist()[0]
-    capped = Encoder(encoder_stack(tiny_model_dir, tiny_sae_dir, top_m=5))(["b"], [TEXTS[1]]).to_pylist()[0]
+    spans = TopSpans()
+    capped = Encoder(encoder_stack(tiny_model_dir, tiny_sae_dir, top_m=5))(["b"], [TEXTS[1]], spans).to_pylist()[0]
     strongest = sorted(sorted(zip(full["feat_max"], full["feat_ids"]), reverse=True)[:5], key=lambda p: p[1])
     assert capped["feat_ids"] == [i for _, i in strongest] and len(full["feat_ids"]) > 5
+    # a feature top_m dropped has no span there: its span would name a max the store does not hold
+    assert spans.table().sort_by("feature")["value"].to_pylist() == pytest.approx(capped["feat_max"])
+
+
+def test_the_encoder_reports_each_batch_so_a_long_shard_shows_progress(tiny_model_dir, tiny_sae_dir):
+    """Would catch: progress that only moves when a whole shard ends (minutes on a CPU)."""
+    seen = []
+    Encoder(encoder_stack(tiny_model_dir, tiny_sae_dir))(["a", "b", "c", "d"], TEXTS, on_batch=seen.append)
+    assert sum(seen) == 4 and len(seen) > 1
 
 
 def test_sae_width_mismatch_is_a_config_error_before_work(ray_cluster, tiny_model_dir, tmp_path):
