@@ -10,8 +10,13 @@ A(x) = {j : g_j(x) > tau}:
     F(Q) = {j in F(P) : some sample of Q activates j}
     FAC(Q) = |F(Q)| / |F(P)|,   missing = F(P) minus F(Q)
 
-and two weighted variants over F(P): by the share of anchor samples activating j (frequency) and by
-the anchor's max activation of j (magnitude).
+and weighted variants over F(P): by the share of anchor samples activating j (frequency), and by
+the anchor's activation of j (magnitude): its mean over the anchor samples that activate j (the
+paper's reading, `fac_magnitude`) or its max (`fac_magnitude_max`).
+
+One threshold serves all of it: fac.tau, or the tau calibrated once on the reference to
+fac.target_active activated features a sample, stored with F by the task_features stage. Never the
+run's own (activation.*), which is calibrated on the run's input: the measured set.
 
 FACConfig, the top-level `fac` section, defines F and the anchor for `raysel fac`, `raysel synthesize`
 and method `fac` alike. The task_features stage computes F once per (anchor, reference, model, SAE).
@@ -36,6 +41,8 @@ class FACConfig(Section):
     samples that cover what its `evaluated` set (if any) is missing."""
 
     anchor: list[str] = []  # files, globs or s3:// paths of the anchor (task) examples
+    tau: float | None = Field(None, ge=0)  # the threshold of F, F(P), F(Q), FAC-select and synthesis; None: calibrated
+    target_active: float = Field(32, gt=0)  # fac.tau unset: tau gives reference samples this many activated features
     reference: list[str] = []  # the generic mix F is enriched against; empty: the bundled demo corpus
     features: list[int] = []  # task-relevant features F; empty: the n_features most enriched on the anchor
     n_features: int = Field(100, gt=0)  # size of the enriched F, or of the shortlist the judge rates
@@ -50,6 +57,12 @@ class FACConfig(Section):
         if self.features and self.judge_task:
             raise ValueError("fac: set fac.features (a list) or fac.judge_task (an LLM judge), not both")
         return self
+
+
+def threshold_source(cfg: FACConfig) -> str:
+    if cfg.tau is not None:
+        return "fac.tau"
+    return f"calibrated on the reference to {cfg.target_active:g} activated features a sample"
 
 
 def feature_source(cfg: FACConfig) -> str:
@@ -70,6 +83,7 @@ def enriched_features(anchor: pa.Table, reference: pa.Table, tau: float, d_sae: 
 def fac(anchor: Profile, evaluated: Profile, features: np.ndarray) -> tuple[dict, pa.Table]:
     """The FAC figures, and one row per feature of F with what they rest on."""
     a_share, a_max, q_share, q_max = anchor.share, anchor.peak, evaluated.share, evaluated.peak
+    a_mean = anchor.mean
     in_p = a_share[features] > 0
     in_q = in_p & (q_share[features] > 0)
     fp, fq = features[in_p], features[in_q]
@@ -84,13 +98,15 @@ def fac(anchor: Profile, evaluated: Profile, features: np.ndarray) -> tuple[dict
         "n_covered": int(fq.size),
         "fac": fq.size / fp.size if fp.size else 0.0,
         "fac_frequency": weighted(a_share),
-        "fac_magnitude": weighted(a_max),
+        "fac_magnitude": weighted(a_mean),
+        "fac_magnitude_max": weighted(a_max),
         "missing": sorted(set(fp.tolist()) - set(fq.tolist())),
     }
     table = pa.table(
         {
             "feature": features,
             "anchor_share": a_share[features],
+            "anchor_mean": a_mean[features],
             "anchor_max": a_max[features],
             "evaluated_share": q_share[features],
             "evaluated_max": q_max[features],

@@ -145,19 +145,26 @@ def column_chunks(meta: pq.FileMetaData, path: str) -> Iterator[pq.ColumnChunkMe
 
 @dataclass
 class Profile:
-    """Per feature over a set of samples: how many activate it, and its largest max-pool."""
+    """Per feature over a set of samples: how many activate it, its largest max-pool, and the sum of
+    its max-pools over the samples that activate it."""
 
     counts: np.ndarray
     peak: np.ndarray
     rows: int
+    mass: np.ndarray
 
     @classmethod
     def empty(cls, d_sae: int) -> Profile:
-        return cls(np.zeros(d_sae, np.int64), np.zeros(d_sae), 0)
+        return cls(np.zeros(d_sae, np.int64), np.zeros(d_sae), 0, np.zeros(d_sae))
 
     @property
     def share(self) -> np.ndarray:
         return self.counts / max(self.rows, 1)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Per feature, its mean max-pool over the samples that activate it (0 where none does)."""
+        return self.mass / np.maximum(self.counts, 1)
 
     @classmethod
     def of(cls, table: pa.Table, tau: float, d_sae: int) -> Profile:
@@ -165,10 +172,13 @@ class Profile:
         feats = pc.list_flatten(table["feat_ids"]).to_numpy().astype(np.int64)
         peak = np.zeros(d_sae)
         np.maximum.at(peak, feats, values)
-        return cls(np.bincount(feats[is_active(values, tau)], minlength=d_sae), peak, table.num_rows)
+        active = is_active(values, tau)
+        counts = np.bincount(feats[active], minlength=d_sae)
+        return cls(counts, peak, table.num_rows, np.bincount(feats[active], values[active], minlength=d_sae))
 
     def merge(self, other: Profile) -> Profile:
-        return Profile(self.counts + other.counts, np.maximum(self.peak, other.peak), self.rows + other.rows)
+        return Profile(self.counts + other.counts, np.maximum(self.peak, other.peak), self.rows + other.rows,
+                       self.mass + other.mass)  # fmt: skip
 
 
 def pooled(table: pa.Table, pooling: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -419,14 +429,14 @@ class FeatureStore:
 
         def block(table: pa.Table) -> pa.Table:
             p = Profile.of(table, tau, d_sae)
-            return pa.table({"counts": [p.counts], "peak": [p.peak], "rows": [p.rows]})
+            return pa.table({"counts": [p.counts], "peak": [p.peak], "rows": [p.rows], "mass": [p.mass]})
 
         total = Profile.empty(d_sae)
         for part in self.blocks(block, ["feat_ids", "feat_max"], name="profile"):
-            for counts, peak, rows in zip(
-                *(part[c].to_numpy(zero_copy_only=False) for c in ("counts", "peak", "rows"))
+            for counts, peak, rows, mass in zip(
+                *(part[c].to_numpy(zero_copy_only=False) for c in ("counts", "peak", "rows", "mass"))
             ):
-                total = total.merge(Profile(counts, peak, int(rows)))
+                total = total.merge(Profile(counts, peak, int(rows), mass))
         return total
 
     def summed(self, fn, columns: list[str], shards: list[str] | None = None) -> np.ndarray | None:

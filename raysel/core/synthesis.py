@@ -53,7 +53,7 @@ class SynthesisConfig(Section):
     n_candidates: int = Field(8, gt=0)  # step 1: samples per feature, scored to find x+ and x-
     n_contrastive: int = Field(8, gt=0)  # step 2: samples from the contrastive prompt
     keep: int = Field(2, gt=0)  # per feature, the strongest step-2 samples above delta
-    delta: float | None = None  # activation a kept sample must exceed; None: activation.tau
+    delta: float | None = None  # activation a kept sample must exceed; None: FAC's tau (fac.tau or calibrated)
     temperature: float = Field(0.8, gt=0)
     retry_temperature: float = Field(1.2, gt=0)  # a step 1 whose samples all score 0 is redone once at this
     top_p: float = Field(0.9, gt=0, le=1)

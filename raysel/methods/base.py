@@ -57,13 +57,6 @@ class Pool:
     def rows_of(self, ids) -> np.ndarray:
         return np.searchsorted(self.ids, np.asarray(ids, dtype=object)) if len(ids) else np.empty(0, np.int64)
 
-    def features_of(self, rows: np.ndarray) -> np.ndarray:
-        """The activated features of these rows (each row once, in pool order), through a mask: no
-        index array as long as the pool's entries."""
-        chosen = np.zeros(len(self.ids), bool)
-        chosen[rows] = True
-        return self.indices[np.repeat(chosen, np.diff(self.indptr))]
-
 
 @dataclass
 class Context:
@@ -77,6 +70,7 @@ class Context:
     fac: FACConfig  # the task features' definition, shared with `raysel fac`
     side_set: Callable[[str, list[str]], FeatureStore]  # encodes a side input (once) and returns its store
     task_features: np.ndarray | None = None  # F, from the task_features stage, for methods that need it
+    fac_tau: float | None = None  # the threshold stored with F (fac.tau, or calibrated on the reference)
 
 
 @dataclass

@@ -41,31 +41,40 @@ class FACSelect(Method):
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
         """The pool is read as blocks on the cluster: its activated sets (in `pool`), and the entries
         of the missing features alone, so the driver never holds the store."""
-        anchor = ctx.side_set("anchor", ctx.fac.anchor).profile(ctx.tau, ctx.d_sae)
+        tau = ctx.fac_tau  # FAC's, stored with F: never the run's, calibrated on this pool
+        anchor = ctx.side_set("anchor", ctx.fac.anchor).profile(tau, ctx.d_sae)
         have = Profile.empty(ctx.d_sae)
         if self.cfg.evaluated:
-            have = ctx.side_set("evaluated", self.cfg.evaluated).profile(ctx.tau, ctx.d_sae)
+            have = ctx.side_set("evaluated", self.cfg.evaluated).profile(tau, ctx.d_sae)
         features = ctx.task_features
         before, _ = fac(anchor, have, features)
         missing = np.array(before["missing"], dtype=np.int64)
-        find = functools.partial(restricted, features=missing, tau=ctx.tau)
+        find = functools.partial(restricted, features=missing, tau=tau)
         hits = list(pool.store.blocks(find, HIT_COLUMNS, name="fac: hits"))
         hits = pa.concat_tables(hits) if hits else pa.table({c: [] for c in HIT_COLUMNS})
-        order, added = fac_greedy(hits, missing, ctx.tau, k, pool.ids)
+        rest = np.random.default_rng(ctx.seed).permutation(pool.ids)  # a budget the hits cannot fill: seeded
+        order, added = fac_greedy(hits, missing, tau, k, rest)
+        if filled := sum(a == 0 for a in added):
+            log.info("fac: %d of %d picks add no missing feature (seeded random pool samples)", filled, len(order))
+        hit_ids, hit_rows = np.asarray(hits["id"].to_pylist(), object), pc.list_parent_indices(hits["feat_ids"])
+        hit_feats = pc.list_flatten(hits["feat_ids"]).to_numpy().astype(np.int64)
 
-        def fac_with(rows: np.ndarray) -> float:
-            picked = np.bincount(pool.features_of(rows), minlength=ctx.d_sae)
-            return fac(anchor, have.merge(Profile(picked, np.zeros(ctx.d_sae), len(rows))), features)[0]["fac"]
+        def fac_with(ids) -> float:
+            """FAC of what `evaluated` has plus the pool samples `ids`: their hits are all they add."""
+            mine = np.isin(hit_ids, np.asarray(ids, object))[hit_rows.to_numpy()]
+            picked = np.bincount(hit_feats[mine], minlength=ctx.d_sae)
+            empty = np.zeros(ctx.d_sae)
+            return fac(anchor, have.merge(Profile(picked, empty, len(ids), empty)), features)[0]["fac"]
 
-        random_rows = np.random.default_rng(ctx.seed).permutation(len(pool.ids))[:k]
+        random_ids = pool.ids[np.random.default_rng(ctx.seed).permutation(len(pool.ids))[:k]]
         settled = {
             "fac_features": int(features.size),
             "fac_in_anchor": before["n_in_anchor"],
             "fac_missing_before": len(before["missing"]),
             "fac_before": before["fac"],
-            "fac_after": fac_with(pool.rows_of(order)),
-            "fac_random_after": fac_with(random_rows),
-            "fac_pool": fac_with(np.arange(len(pool.ids))),
+            "fac_after": fac_with(order),
+            "fac_random_after": fac_with(random_ids),
+            "fac_pool": fac_with(hit_ids),
         }
         log.info(
             "fac: FAC %.3f before, %.3f after %d picks (random picks: %.3f; the whole pool: %.3f)",
@@ -100,8 +109,8 @@ def fac_greedy(
 ) -> tuple[list[str], list[int]]:
     """FAC-guided selection of k samples of `table`: ids in pick order, and the missing features each adds.
     Only samples activating a missing feature compete (each step costs their entries, not the pool);
-    if the budget outlasts them, the rest of `pool_ids` (sorted; default: the table's) follow in id
-    order, adding nothing."""
+    if the budget outlasts them, the rest of `pool_ids` (in the order given; default: the table's ids
+    sorted) follow, adding nothing."""
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     rows = pc.list_parent_indices(table["feat_ids"]).to_numpy()
     feats = pc.list_flatten(table["feat_ids"]).to_numpy().astype(np.int64)
@@ -124,6 +133,6 @@ def fac_greedy(
         added.append(int(count[best]))
         chosen[best] = True
         covered[column[local == best]] = True
-    everyone, taken = sorted(ids.tolist()) if pool_ids is None else pool_ids, set(order)
+    everyone, taken = sorted(ids.tolist()) if pool_ids is None else pool_ids.tolist(), set(order)
     rest = list(itertools.islice((i for i in everyone if i not in taken), max(0, k - len(order))))
     return order + rest, added + [0] * len(rest)

@@ -19,7 +19,9 @@ is chosen from the pool's frequencies (`popular_rank`). At a million samples of 
 select-stage benchmark's store (64 activated features of 16k a sample), the pass that
 reached the budget of 100k took 36 s this way, against 165 s for the prefix-filtered index
 with bit-signature bounds it replaced, which kept the same rows. Samples with no activated
-feature are never similar to anything.
+feature all have the same set, the empty one, so at most one of them is kept: J(∅, ∅) = 1.
+(Taken as 0, every short sample with no feature above a calibrated tau was "diverse", and
+their count pulled theta down.)
 
 A pass checks a batch of visited rows at a time on all threads against the rows kept
 before the batch, then the batch's survivors one by one against the batch's own kept
@@ -172,16 +174,14 @@ def _rarest_first(indptr, indices):
 
 @numba.njit(cache=True)
 def _distinct_at_least(indptr, ranked) -> int:
-    """At most the number of distinct activated sets, counting each empty one (never similar to any)."""
+    """At most the number of distinct activated sets (the empty set among them)."""
     hashes = np.empty(indptr.size - 1, np.uint64)
-    empty = 0
     for i in range(indptr.size - 1):
         h = np.uint64(14695981039346656037)  # FNV-1a over the set's ranks, which are sorted
         for f in ranked[indptr[i] : indptr[i + 1]]:
             h = (h ^ np.uint64(f)) * np.uint64(1099511628211)
         hashes[i] = h
-        empty += indptr[i] == indptr[i + 1]
-    return np.unique(hashes).size - (empty > 0) + empty
+    return np.unique(hashes).size
 
 
 @numba.njit(cache=True, parallel=True)
@@ -277,8 +277,8 @@ def _similar(fx, x, theta, popular, lo, hi, rows, k_lo, k_hi, sizes, masks, x_ma
     """Whether a kept y among kept[k_lo:k_hi], whose postings are rows[lo[f]:hi[f]], has J >= theta.
     fx: A(x), rarest first. Every kept y was visited first, so |A(y)| >= |A(x)|."""
     sx = fx.size
-    if sx == 0:
-        return False
+    if sx == 0:  # empty sets come last in the visit order: one kept already is the last kept
+        return k_hi > k_lo and sizes[k_hi - 1] == 0
     _mask(fx, popular, masks[x_mask])
     rest = np.searchsorted(fx, popular)
     least = _need(theta, sx, sx)  # the need of the smallest y; larger ones need more

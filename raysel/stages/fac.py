@@ -36,13 +36,13 @@ class MeasureFAC(Stage):
     def key(self, done: Done) -> dict:
         return {
             "encode_fingerprint": done["encode"]["fingerprint"],
-            "anchor": done["anchor"]["stats"]["key"],  # its store, tau and top_n: the spans come from it
-            "tau": done["stats"]["tau"],
+            "anchor": done["anchor"]["encode"]["fingerprint"],  # its store: the spans come from it
             "task_features": done["task_features"]["features"],
+            "tau": done["task_features"]["tau"],
         }
 
     def run(self, done: Done) -> dict:
-        storage, tau, d_sae = self.storage, done["stats"]["tau"], done["stats"]["d_sae"]
+        storage, tau, d_sae = self.storage, done["task_features"]["tau"], done["stats"]["d_sae"]
         anchor = FeatureStore(storage.child("anchor"))
         anchored = anchor.profile(tau, d_sae)
         evaluated = FeatureStore(storage).profile(tau, d_sae)  # per block: never the whole store here
@@ -56,6 +56,7 @@ class MeasureFAC(Stage):
         report = {
             **summary,
             "tau": tau,
+            "tau_source": done["task_features"]["tau_source"],
             "n_anchor": anchored.rows,
             "n_evaluated": evaluated.rows,
             "feature_source": done["task_features"]["source"],
@@ -69,12 +70,15 @@ class MeasureFAC(Stage):
         }
         storage.write_json(f"{paths.FAC}/report.json", report)
         log.info(
-            "fac: %.3f (%d of %d anchor features; frequency-weighted %.3f, magnitude-weighted %.3f); %d missing",
+            "fac: %.3f (%d of %d anchor features; frequency-weighted %.3f, magnitude-weighted %.3f); %d missing; "
+            "tau %.4g, %s",
             summary["fac"],
             summary["n_covered"],
             summary["n_in_anchor"],
             summary["fac_frequency"],
             summary["fac_magnitude"],
             len(summary["missing"]),
+            tau,
+            report["tau_source"],
         )
         return {k: v for k, v in report.items() if k != "missing_examples"}

@@ -133,7 +133,8 @@ class Select(Stage):
         self.needs = (*Select.needs, *sorted({n for m in self.methods for n in m.needs}))
 
     def context(self, done: Done) -> Context:
-        stats, features = done["stats"], done.get("task_features", {}).get("features")
+        stats, task = done["stats"], done.get("task_features", {})
+        features = task.get("features")
         return Context(
             tau=stats["tau"],
             seed=self.select.seed,
@@ -143,6 +144,7 @@ class Select(Stage):
             fac=self.fac,
             side_set=lambda name, paths_: self.side_set(name, paths_, stats["tau"]),
             task_features=None if features is None else np.array(features, dtype=np.int64),
+            fac_tau=task.get("tau"),
         )
 
     def key(self, done: Done) -> dict:
@@ -159,7 +161,7 @@ class Select(Stage):
                 m: {name: content_fingerprint(p, self.stack.s3) for name, p in inputs.items() if p}
                 for m, inputs in side.items()
             },
-        } | ({"task_features": done["task_features"]["features"]} if "task_features" in done else {})
+        } | ({"task_features": [ctx.task_features.tolist(), ctx.fac_tau]} if "task_features" in done else {})
 
     def manifest_base(self, done: Done) -> dict:
         """What every selection's manifest carries of the run's: config, versions, model, SAE, counts, fingerprints."""

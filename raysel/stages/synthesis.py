@@ -35,7 +35,7 @@ def judged_labels(storage) -> dict[int, str]:
 
 
 def synthesis_delta(synthesis: SynthesisConfig, tau: float) -> float:
-    """synthesis.delta, or the run's tau as resolved (calibrated, when activation.target_active sets it)."""
+    """synthesis.delta, or FAC's tau (the one stored with F)."""
     return tau if synthesis.delta is None else synthesis.delta
 
 
@@ -60,7 +60,7 @@ class Synthesize(Stage):
 
     def run(self, done: Done) -> dict:
         synthesis, storage, before = self.synthesis, self.storage, done["fac"]
-        tau, d_sae = done["stats"]["tau"], done["stats"]["d_sae"]
+        tau, d_sae = before["tau"], done["stats"]["d_sae"]  # FAC's, stored with F
         start = time.time()
         spans = pq.read_table(storage.path(paths.FAC, "missing_spans.parquet"), filesystem=storage.fs)
         delta = synthesis_delta(synthesis, tau)

@@ -1,5 +1,9 @@
-"""The task_features stage: F, the anchor's task-relevant features, computed once per (anchor,
-reference, model, SAE, tau) and read by `raysel fac`, `raysel synthesize` and method `fac` alike.
+"""The task_features stage: F, the anchor's task-relevant features, and the threshold tau that goes
+with it, computed once per (anchor, reference, model, SAE, fac settings) and read by `raysel fac`,
+`raysel synthesize` and method `fac` alike.
+
+tau is fac.tau, or calibrated on the reference to fac.target_active activated features a sample:
+never on the run's input, so F, F(P) and F(Q) hold for every dataset compared.
 
 F is fac.features, or the fac.n_features features most enriched on the anchor over the reference
 (fac.reference, by default the bundled demo corpus); with fac.judge_task, those of them an LLM judge
@@ -17,7 +21,7 @@ import pyarrow.parquet as pq
 
 from raysel.config import ModelStack
 from raysel.core import paths
-from raysel.core.fac import FACConfig, enriched_features, feature_source
+from raysel.core.fac import FACConfig, enriched_features, feature_source, threshold_source
 from raysel.core.features import FeatureStore
 from raysel.core.judge import judge_features, kept
 from raysel.core.spans import find_spans
@@ -38,34 +42,43 @@ class TaskFeatures(Stage):
         self.fac, self.stack, self.storage = fac, stack, storage
 
     def side_sets(self) -> dict[str, list[str]]:
-        if self.fac.features:
-            return {}
-        return {"anchor": self.fac.anchor, "reference": self.fac.reference or [paths.demo_data()]}
+        reference = {"reference": self.fac.reference or [paths.demo_data()]}
+        if self.fac.features:  # a listed F still needs the reference for a calibrated tau
+            return {} if self.fac.tau is not None else reference
+        return {"anchor": self.fac.anchor} | reference
 
     def listed(self) -> list[int]:
         """fac.features, when the user gives F: sorted, each once."""
         return sorted(set(self.fac.features))
 
     def key(self, done: Done) -> dict:
+        sides = {name: done[name]["encode"]["fingerprint"] for name in self.side_sets()}
+        threshold = {"tau": self.fac.tau} if self.fac.tau is not None else {"target_active": self.fac.target_active}
         if self.fac.features:
-            return {"features": self.listed()}
-        return {
-            "anchor": done["anchor"]["encode"]["fingerprint"],
-            "reference": done["reference"]["encode"]["fingerprint"],
-            "tau": done["stats"]["tau"],
-        } | self.fac.model_dump(include=JUDGE_KEYS)
+            return {"features": self.listed(), **threshold, **sides}
+        return sides | threshold | self.fac.model_dump(include=JUDGE_KEYS)
 
     def run(self, done: Done) -> dict:
-        features = np.array(self.listed(), dtype=np.int64) if self.fac.features else self.compute(done)
-        log.info("task_features: %d features, %s", features.size, feature_source(self.fac))
+        tau = self.threshold()
+        features = np.array(self.listed(), dtype=np.int64) if self.fac.features else self.compute(done, tau)
+        log.info("task_features: %d features, %s; tau %.4g, %s", features.size, feature_source(self.fac), tau,
+                 threshold_source(self.fac))  # fmt: skip
         return {
             "features": features.tolist(),
             "n_task_features": int(features.size),
             "source": feature_source(self.fac),
+            "tau": tau,
+            "tau_source": threshold_source(self.fac),
         }
 
-    def compute(self, done: Done) -> np.ndarray:
-        tau, d_sae = done["stats"]["tau"], done["stats"]["d_sae"]
+    def threshold(self) -> float:
+        """fac.tau, or the tau at which reference samples have fac.target_active activated features."""
+        if self.fac.tau is not None:
+            return self.fac.tau
+        return FeatureStore(self.storage.child("reference")).calibrate(self.fac.target_active)["tau"]
+
+    def compute(self, done: Done, tau: float) -> np.ndarray:
+        d_sae = done["stats"]["d_sae"]
         anchor = FeatureStore(self.storage.child("anchor"))
         reference = FeatureStore(self.storage.child("reference")).table()
         features = enriched_features(anchor.table(), reference, tau, d_sae, self.fac.n_features)

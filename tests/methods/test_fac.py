@@ -28,9 +28,11 @@ def test_fac_and_missing_features_on_a_hand_built_store():
     # Q activates 1, 3, 6 (2 only at 0.5, 3 at 5.0): F(Q) = {1, 3}
     assert summary["n_in_anchor"] == 4 and summary["n_covered"] == 2 and summary["fac"] == 0.5
     assert summary["missing"] == [2, 5]
-    # anchor shares: 1 -> 2/3, 2 -> 1/3, 3 -> 1/3, 5 -> 1/3; maxima: 3, 1, 4, 2
+    # anchor shares: 1 -> 2/3, 2 -> 1/3, 3 -> 1/3, 5 -> 1/3; means over the activating samples 2.5, 1,
+    # 4, 2 (feature 1: 2.0 and 3.0); maxima 3, 1, 4, 2
     assert summary["fac_frequency"] == pytest.approx((2 / 3 + 1 / 3) / (2 / 3 + 1 / 3 + 1 / 3 + 1 / 3))
-    assert summary["fac_magnitude"] == pytest.approx((3 + 4) / (3 + 1 + 4 + 2))
+    assert summary["fac_magnitude"] == pytest.approx((2.5 + 4) / (2.5 + 1 + 4 + 2))
+    assert summary["fac_magnitude_max"] == pytest.approx((3 + 4) / (3 + 1 + 4 + 2))
     assert table.column("missing").to_pylist() == [False, True, False, False, True, False]
 
 
@@ -51,7 +53,7 @@ def test_fac_of_a_superset_is_at_least_that_of_its_subset(seed):
     small, big = store_table(pool[:10]), store_table(pool)
     s_small, _ = fac(Profile.of(anchor, 0.5, 40), Profile.of(small, 0.5, 40), features)
     s_big, _ = fac(Profile.of(anchor, 0.5, 40), Profile.of(big, 0.5, 40), features)
-    for key in ("fac", "fac_frequency", "fac_magnitude"):
+    for key in ("fac", "fac_frequency", "fac_magnitude", "fac_magnitude_max"):
         assert s_big[key] >= s_small[key]
     assert set(s_big["missing"]) <= set(s_small["missing"])
 
@@ -70,8 +72,7 @@ def test_fac_selection_raises_fac_over_what_the_evaluated_set_had(stats_run, tmp
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "math"][:10])
     have = write_jsonl(tmp_path / "have.jsonl", [r for r in demo[60:] if r["category"] == "safety"][:5])
     raw = json.loads(cfg.model_dump_json()) | {
-        "fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 30},
-        "activation": {"target_active": 2},
+        "fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 30, "target_active": 2},
         "select": {"methods": [{"name": "fac", "evaluated": [str(have)]}], "budget": 6},
         "output": {"root": str(tmp_path / "out")},
     }

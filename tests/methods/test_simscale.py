@@ -10,7 +10,7 @@ from raysel.methods.simscale_kernel import simscale
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     union = np.union1d(a, b).size
-    return np.intersect1d(a, b).size / union if union else 0.0
+    return np.intersect1d(a, b).size / union if union else 1.0  # two empty sets are the same set
 
 
 def zipf_sets(seed: int, n: int = 400, d: int = 120):
@@ -52,6 +52,16 @@ def test_budget_beyond_distinct_sets_keeps_every_distinct_set():
     indices = np.array([0, 1, 0, 1, 2, 3, 4])  # rows 0 and 1 are the same set
     result = simscale(indptr, indices, budget=4)
     assert sorted(result.order.tolist()) == [0, 2, 3] and result.theta == 1.0
+
+
+def test_samples_with_no_activated_feature_are_one_set_so_at_most_one_is_kept():
+    """Would catch J(empty, empty) = 0: the 30 empty rows all kept as "diverse", at any theta, so a
+    budget of 31 would be met at the lowest theta with one non-empty row."""
+    rows = [np.array([i, 100 + i]) for i in range(20)] + [np.zeros(0, np.int64)] * 30
+    indptr = np.r_[0, np.cumsum([len(r) for r in rows])]
+    result = simscale(indptr, np.concatenate(rows), budget=31)
+    kept = result.order.tolist()
+    assert sorted(kept) == list(range(21)) and result.theta == 1.0  # the 20 sets and one empty row
 
 
 def test_a_budget_only_theta_one_reaches_keeps_the_distinct_sets():
@@ -117,7 +127,7 @@ def test_a_search_seeded_from_a_subsample_still_ends_next_to_the_smallest_theta(
     batch=st.integers(1, 9),
 )
 def test_a_pass_is_the_all_pairs_filter_on_any_pool(rows, theta, split, batch):
-    """Catches what the seeded pools above may not hold: empty sets (never similar, so all kept),
+    """Catches what the seeded pools above may not hold: empty sets (one set: at most one kept),
     duplicates, sets that differ by one feature at a theta just below their Jaccard, one-feature sets,
     and any split of the features between the bitmasks and the postings, at any batch size."""
     from raysel.methods.simscale_kernel import _filter, _rarest_first

@@ -27,10 +27,8 @@ def test_raysel_fac_reports_coverage_and_the_missing_features_with_spans(stats_r
     demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "code"][:10])
     # few activated features per sample, so that the anchor has some the 40 samples never activate
-    raw = json.loads(cfg.model_dump_json()) | {
-        "fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 40},
-        "activation": {"target_active": 2},
-    }
+    fac = {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 40, "target_active": 2}
+    raw = json.loads(cfg.model_dump_json()) | {"fac": fac}
     raw["s3"] = {}
     config = tmp_path / "fac.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -54,11 +52,11 @@ def test_an_llm_judge_explains_verifies_and_rates_the_enriched_shortlist(stats_r
     demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "math"][:6])
     raw = json.loads(cfg.model_dump_json()) | {
-        "activation": {"target_active": 2},
         "fac": {
             "anchor": [str(anchor)],
             "reference": [fac_reference(tmp_path)],
             "n_features": 6,
+            "target_active": 2,
             "judge_task": "grade-school math word problems",
         },
     }
@@ -88,30 +86,33 @@ def test_an_llm_judge_explains_verifies_and_rates_the_enriched_shortlist(stats_r
         RunConfig.model_validate(raw | {"fac": raw["fac"] | {"features": [1]}})
 
 
-def test_f_comes_from_the_anchor_and_reference_alone_so_a_subsets_fac_compares_with_its_supersets(stats_run, tmp_path):
-    """F was once enriched on the anchor over the evaluated set itself: a subset and its superset got
-    different F, and FACs that could not be compared. τ is fixed here: a calibrated τ is per run."""
-    root, cfg, manifest = stats_run
+def test_f_and_its_tau_come_from_the_anchor_and_reference_alone_so_a_subsets_fac_compares_with_its_supersets(
+    stats_run, tmp_path
+):
+    """On the default path, nothing pinned: the run's own tau is calibrated on its input, so it moves
+    with Q. F was once enriched over Q itself, and its threshold was once the run's: either way a
+    subset and its superset got different F, and FACs that could not be compared."""
     demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "code"][:10])
-    superset = json.loads(cfg.model_dump_json()) | {
-        "fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 40},
-        "activation": {"tau": manifest["stages"]["stats"]["tau"]},
-        "s3": {},
-    }
+    fac = {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 40}
+    superset, root = fac_root(stats_run, tmp_path / "superset", fac=fac, activation={"target_active": 4})
     subset_rows = write_jsonl(tmp_path / "subset.jsonl", demo[:15])
     subset = superset | {
         "input": superset["input"] | {"paths": [str(subset_rows)]},
         "output": {"root": str(tmp_path / "subset")},
     }
-    reports, features = [], []
+    manifests, reports, features = [], [], []
     for raw, out in ((superset, root), (subset, tmp_path / "subset")):
-        run(RunConfig.model_validate(raw), until="fac")
+        manifests.append(run(RunConfig.model_validate(raw), until="fac"))
         reports.append(json.loads((out / "fac" / "report.json").read_text()))
         features.append(pq.read_table(out / "fac" / "features.parquet")["feature"].to_pylist())
+    run_tau, fac_tau = ([m["stages"][s]["tau"] for m in manifests] for s in ("stats", "task_features"))
+    assert run_tau[0] != run_tau[1]  # the run's tau moved with Q, so a threshold taken from it would too
+    assert fac_tau[0] == fac_tau[1] == reports[0]["tau"] == reports[1]["tau"] > 0
     assert features[0] == features[1] and len(features[0]) > 0
     assert reports[1]["n_evaluated"] == 15 and reports[0]["n_evaluated"] == 40
     assert reports[1]["fac"] <= reports[0]["fac"] and set(reports[0]["missing"]) <= set(reports[1]["missing"])
+    assert "calibrated on the reference" in reports[0]["tau_source"]
 
 
 # F is cached in stages/task_features.json. Its key once held the side sets' encode keys, which were
@@ -122,7 +123,7 @@ def test_f_comes_from_the_anchor_and_reference_alone_so_a_subsets_fac_compares_w
 
 
 def fac_root(stats_run, root: Path, **sections) -> tuple[dict, Path]:
-    """A copy of the encoded 40-row run, with a fixed tau (nothing calibrated per run), and its config."""
+    """A copy of the encoded 40-row run, at its own tau (its statistics reused), and its config."""
     src, cfg, manifest = stats_run
     if not root.exists():
         shutil.copytree(src, root)
@@ -136,9 +137,10 @@ def task_features(raw: dict, force: bool = False) -> tuple[list[int], list[int]]
     encode is keyed by content, model and SAE, so those are always current)."""
     used = run(RunConfig.model_validate(raw), until="task_features", force=force)["stages"]["task_features"]["features"]
     root, cfg = Path(raw["output"]["root"]), RunConfig.model_validate(raw)
-    side = {name: FeatureStore(Storage(str(root / name), cfg.s3)).table() for name in ("anchor", "reference")}
+    side = {name: FeatureStore(Storage(str(root / name), cfg.s3)) for name in ("anchor", "reference")}
+    tau = side["reference"].calibrate(cfg.fac.target_active)["tau"]  # FAC's threshold, as the stores give it now
     d_sae = json.loads((root / "stats" / "summary.json").read_text())["d_sae"]
-    now = enriched_features(side["anchor"], side["reference"], cfg.activation.tau, d_sae, cfg.fac.n_features)
+    now = enriched_features(side["anchor"].table(), side["reference"].table(), tau, d_sae, cfg.fac.n_features)
     assert used  # an empty F would compare equal to any other
     return used, now.tolist()
 

@@ -99,9 +99,9 @@ def test_raysel_synthesize_writes_samples_with_provenance_and_fac_before_and_aft
     demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[30:] if r["category"] == "code"][:8])
     raw |= {
-        "fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 40},
-        "activation": {"target_active": 2},
-        # delta: the run's tau, so that a kept sample covers its feature
+        # few activated features a sample: the anchor has some the 30 samples never activate
+        "fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 40, "target_active": 2},
+        # delta unset: FAC's tau, so that a kept sample covers its feature
         "synthesis": {"max_features": 2, "n_candidates": 3, "n_contrastive": 3, "max_new_tokens": 24},
     }
     raw["encode"]["num_cpus"] = 2  # every CPU of the test cluster to the actor, as `raysel demo` does
@@ -110,6 +110,9 @@ def test_raysel_synthesize_writes_samples_with_provenance_and_fac_before_and_aft
     report = json.loads((out / "fac" / "report.json").read_text())
     m = json.loads((out / "selection" / "synthesis" / "manifest.json").read_text())
     assert m["fac_before"] == report["fac"]
+    # one threshold, stored with F: FAC's calibrated tau, not the run's (activation.tau, 0 here)
+    assert m["delta"] == report["tau"] == manifest["stages"]["task_features"]["tau"] > 0
+    assert manifest["stages"]["stats"]["tau"] == 0
     assert m["features_tried"] == min(2, len(report["missing"])) > 0
     candidates = pq.read_table(out / "synthesis" / "candidates.parquet").to_pylist()
     step1, step2 = [c for c in candidates if c["step"] == 1], [c for c in candidates if c["step"] == 2]
@@ -130,12 +133,3 @@ def test_raysel_synthesize_writes_samples_with_provenance_and_fac_before_and_aft
         assert {"instruction", "output", "provenance"} <= set(r) and set(PROVENANCE) <= set(r["provenance"])
         assert r["provenance"]["step"] == 2 and r["provenance"]["score"] > 0.0
     assert manifest["stages"]["synthesis"]["acceptance_rate"] == m["acceptance_rate"]
-
-
-def test_delta_defaults_to_the_resolved_tau_not_the_configured_one():
-    from raysel.stages.synthesis import synthesis_delta
-
-    calibrated = RunConfig.model_validate({"input": {"paths": ["x"]}, "activation": {"target_active": 32}})
-    assert calibrated.activation.tau == 0.0 and synthesis_delta(calibrated.synthesis, tau=36.4) == 36.4
-    pinned = RunConfig.model_validate({"input": {"paths": ["x"]}, "synthesis": {"delta": 5.0}})
-    assert synthesis_delta(pinned.synthesis, tau=36.4) == 5.0
