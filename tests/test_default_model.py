@@ -31,8 +31,8 @@ def test_the_shipped_sae_is_what_its_command_makes_and_a_run_reads_what_train_sa
     monkeypatch.chdir(REPO)
     assert main(shlex.split(command.replace(f"raysel/data/sae/{name}", str(tmp_path / "sae")))[1:]) == 0
     made, shipped = (json.loads((p / TRAINING).read_text()) for p in (tmp_path / "sae", SHIPPED / name))
-    assert {k: made[k] for k in ("model", "train_sae", "corpus")} == {
-        k: shipped[k] for k in ("model", "train_sae", "corpus")
+    assert {k: made[k] for k in ("model", "train_sae", "texts")} == {
+        k: shipped[k] for k in ("model", "train_sae", "texts")
     }
     assert made["mean_l0"] == pytest.approx(32, abs=0.01)
     # not the recorded explained_variance: sae-lens's store feeds its evaluation other batches on each

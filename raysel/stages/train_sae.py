@@ -6,6 +6,7 @@ encode actors read it). stages/train_sae.json records its training figures."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -54,10 +55,11 @@ class TrainSAE(Stage):
         r = model_resources(self.stack.encode, 1)
         task = ray.remote(num_cpus=r.num_cpus, num_gpus=r.num_gpus, memory=r.memory, resources=r.custom)(train_sae)
         summary, files = ray.get(task.remote(self.stack, texts))
-        # what a shipped SAE is matched on (core/sae.py: shipped_sae), and the corpus it learnt from
+        # what a shipped SAE is matched on (core/sae.py: shipped_sae), and the texts it learnt from, by
+        # content (the prepared store's fingerprint holds the input's path)
         summary |= {
             "train_sae": self.stack.train_sae.model_dump(exclude={"output"}),
-            "corpus": done["prepare"]["fingerprint"],
+            "texts": hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16],
         }
         out = save_sae(self.stack, files, summary)
         log.info("train-sae: %s in %.0fs: explained variance %.3f, mean L0 %.1f, dead %.1f%%", out,
