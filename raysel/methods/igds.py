@@ -15,7 +15,7 @@ samples by how strongly they carry those features.
    as the answer's are under log-likelihood). A held-out pair longer than
    prepare.max_tokens is skipped and counted. Candidates are spread over a Ray actor pool.
 3. Features with delta > 0 are the task features (the `keep` best). When none
-   has, igds.fallback decides: `error`, or `recall` (the top of step 1), recorded
+   has, the entry's fallback decides: `error`, or `recall` (the top of step 1), recorded
    as such; features that hurt are never used.
 4. Feature-resonant score: FRS(x) = sum over the task features of s(x)_j (the
    sum-pool); the top fraction of the pool is selected.
@@ -132,17 +132,16 @@ class IGDS(Method):
 
 
 def task_features_of(cfg: IGDSConfig, helpful: list[int], recalled: list[int], n: int) -> tuple[list[int], str]:
-    """The features that raised the metric (the `keep` best); with none, what igds.fallback names."""
+    """The features that raised the metric (the `keep` best); with none, what the entry's fallback names."""
     if helpful:
         return helpful[: cfg.keep], "interventions"
     if cfg.fallback == "recall":
-        log.warning(
-            "igds: no candidate raised the task metric; igds.fallback recall: frequency recall's top %d", cfg.keep
-        )
+        log.warning("igds: no candidate raised the task metric; fallback recall: frequency recall's top %d", cfg.keep)
         return recalled[: cfg.keep], "recall (no feature raised the metric)"
     raise ValueError(
-        f"igds: none of the {n} candidate features raised the task metric at any alpha in igds.alphas; "
-        "features that hurt are never used. Set igds.fallback: recall to rank by frequency recall instead, "
+        f"igds: none of the {n} candidate features raised the task metric at any alpha of "
+        "select.methods[igds].alphas; features that hurt are never used. Set select.methods[igds].fallback: recall "
+        "(fallback: recall in the igds entry) to rank by frequency recall instead, "
         "or try more candidates, other alphas, or more targets"
     )
 
@@ -150,7 +149,7 @@ def task_features_of(cfg: IGDSConfig, helpful: list[int], recalled: list[int], n
 def held_out(ids: list[str], fraction: float, seed: int) -> set[str]:
     """The targets kept back for measuring interventions; the rest are for frequency recall."""
     if len(ids) < 2:
-        raise ValueError(f"igds.targets: IGDS needs at least 2 target examples, got {len(ids)}")
+        raise ValueError(f"select.methods[igds].targets: IGDS needs at least 2 target examples, got {len(ids)}")
     order = np.random.default_rng(seed).permutation(sorted(ids))
     n_dev = min(len(ids) - 1, max(1, round(fraction * len(ids))))
     return set(order[:n_dev].tolist())
@@ -172,7 +171,9 @@ def dev_pairs(stack: ModelStack, targets: Storage, dev: set[str]) -> tuple[list[
             )
             answers.append(messages[-1]["content"])
     if not prompts:
-        raise ValueError("igds.targets: IGDS needs targets with an answer (an assistant turn or an output field)")
+        raise ValueError(
+            "select.methods[igds].targets: IGDS needs targets with an answer (an assistant turn or an output field)"
+        )
     pairs, skipped = fitting_pairs(tokenizer, prompts, answers, stack.prepare.max_tokens)
     if skipped:
         log.warning("igds: %d held-out targets are longer than prepare.max_tokens with their answer: skipped", skipped)
@@ -230,7 +231,7 @@ class TaskMetric:
         return float(np.mean(self.scores(self.pairs, layer, vector)))
 
     def scores(self, pairs: list[Pair], layer: int | None = None, vector=None) -> list[float]:
-        """The metric of each pair, in batches of igds.batch_size."""
+        """The metric of each pair, in batches of select.methods[igds].batch_size."""
         score = self._exact if self.cfg.metric == "exact_match" else self._loglik
         size = self.cfg.batch_size
         return [v for i in range(0, len(pairs), size) for v in score(pairs[i : i + size], layer, vector)]
@@ -315,7 +316,7 @@ def fitting_pairs(tokenizer, prompts: list[str], answers: list[str], max_tokens:
             pairs.append(Pair(ids, answer_ids, prompt, answer))
     if not pairs:
         raise ValueError(
-            f"igds.targets: every held-out target is longer than prepare.max_tokens ({max_tokens}) with its "
+            f"select.methods[igds].targets: every held-out target is longer than prepare.max_tokens ({max_tokens}) with its "
             "answer; raise prepare.max_tokens or use shorter targets"
         )
     return pairs, skipped

@@ -200,7 +200,7 @@ def test_without_a_helpful_feature_igds_stops_or_falls_back_as_configured():
 
     default = IGDSConfig(targets=["t"], keep=2)
     assert task_features_of(default, [7, 3, 9], [1, 2, 3], 6) == ([7, 3], "interventions")
-    with pytest.raises(ValueError, match="igds.fallback: recall"):
+    with pytest.raises(ValueError, match=r"select.methods\[igds\].fallback: recall"):
         task_features_of(default, [], [1, 2, 3], 6)
     features, source = task_features_of(default.model_copy(update={"fallback": "recall"}), [], [1, 2, 3], 6)
     assert features == [1, 2] and source.startswith("recall")
