@@ -45,6 +45,7 @@ from raysel.core.encoder import Encoder  # noqa: E402
 from raysel.core.models import load_model, load_tokenizer  # noqa: E402
 from raysel.core.records import chat_template_for, normalize, render  # noqa: E402
 from raysel.core.sae import default_sae_source, load_sae  # noqa: E402
+from raysel.core.spans import TopSpans  # noqa: E402
 from raysel.stages.train_sae import save_sae, train_sae  # noqa: E402
 
 
@@ -92,20 +93,21 @@ def main() -> None:
     naive = BaselineEncoder(cfg, device, encoder.layer, args.naive_batch, stop_at_hook=False)
     careful = BaselineEncoder(cfg, device, encoder.layer, args.naive_batch, stop_at_hook=True)
 
-    ours, ours_s = timed(lambda t: encoder(ids[: len(t)], t), texts)
+    # raysel's side does what its encode stage does: the pooled features and each shard's span candidates
+    ours, ours_s = timed(lambda t: encoder(ids[: len(t)], t, TopSpans()), texts)
     naive_max, naive_s = timed(naive, texts)
     careful_max, careful_s = timed(careful, texts)
     del naive, careful
     bf16 = Encoder(cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bfloat16"})}).stack())
-    ours_bf16, bf16_s = timed(lambda t: bf16(ids[: len(t)], t), texts)
+    ours_bf16, bf16_s = timed(lambda t: bf16(ids[: len(t)], t, TopSpans()), texts)
 
     enc = tokenizer(texts, truncation=True, max_length=args.max_tokens)["input_ids"]
     real_tokens = sum(len(x) for x in enc)
     padded_ours = sum(len(enc[b[0]]) * len(b) for b in encoder.length_buckets(enc))
     counted = int(np.sum(ours["n_tokens"].to_numpy()))
-    flops = (
-        2 * linear_params(encoder.model) * padded_ours + 2 * 2 * encoder.sae.cfg.d_in * encoder.sae.cfg.d_sae * counted
-    )
+    # the model's linear layers on every padded position, and the SAE's encoder on the counted ones (its
+    # decoder never runs)
+    flops = 2 * linear_params(encoder.model) * padded_ours + 2 * encoder.sae.cfg.d_in * encoder.sae.cfg.d_sae * counted
     achieved = flops / ours_s / 1e9
     buf = io.BytesIO()
     pq.write_table(ours, buf)

@@ -50,9 +50,9 @@ class Progress:
         rate = self.items_done / elapsed if elapsed > 0 else 0.0
         left = max(0, self.items - self.items_done)
         eta = f"{left / rate:,.0f} s" if rate > 0 else "unknown"
+        units = f"{self.unit} {self.units_done}/{self.units}, " if self.units else ""  # 0: items alone
         return (
-            f"{self.stage}: {self.unit} {self.units_done}/{self.units}, {self.item} {self.items_done:,}/{self.items:,}, "
-            f"{rate:,.1f} {self.item}/s, ETA {eta}"
+            f"{self.stage}: {units}{self.item} {self.items_done:,}/{self.items:,}, {rate:,.1f} {self.item}/s, ETA {eta}"
         )
 
     def close(self) -> None:

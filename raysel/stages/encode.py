@@ -96,7 +96,7 @@ class EncodeShards:
         fit = self.fit_check(rows["text"].to_pylist())
         spans = TopSpans()
         # within the shard too: on a CPU one shard can take minutes; a line every 15 s reaches the driver
-        progress = Progress(f"encode {shard}", 1, rows.num_rows, unit="shard", every=15.0, bar=False)
+        progress = Progress(f"encode {shard}", 0, rows.num_rows, every=15.0, bar=False)
         features, errors = self.encoder.encode_isolated(
             rows["id"].to_pylist(), rows["text"].to_pylist(), spans, progress.add
         )
