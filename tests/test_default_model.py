@@ -45,7 +45,7 @@ def test_the_shipped_sae_is_what_its_command_makes_and_a_run_reads_what_train_sa
     assert fits[1]["explained_variance"] > 0.6  # the same measure on the shipped file itself
 
     # with no sae.path, a run reads the SAE train-sae made (train_sae.output names it)
-    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:60]]
+    rows = [json.loads(line) for line in DEMO.read_text().splitlines()[:24]]
     raw = {
         "input": {"paths": [str(write_jsonl(tmp_path / "corpus.jsonl", rows))], "fields": {"id": "id"}},
         "prepare": {"max_tokens": 256},
@@ -53,7 +53,7 @@ def test_the_shipped_sae_is_what_its_command_makes_and_a_run_reads_what_train_sa
         "output": {"root": str(tmp_path / "out")},
     }
     manifest = run(RunConfig.model_validate(raw), until="stats")
-    assert manifest["stages"]["encode"]["sae"] == str(tmp_path / "sae") and manifest["counts"]["n_encoded"] == 60
+    assert manifest["stages"]["encode"]["sae"] == str(tmp_path / "sae") and manifest["counts"]["n_encoded"] == 24
     features = pq.read_table(tmp_path / "out" / "features").to_pylist()
     prepared = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "prepared").to_pylist()}
     assert sorted(f["id"] for f in features) == sorted(prepared)
@@ -67,7 +67,7 @@ def test_the_shipped_sae_is_what_its_command_makes_and_a_run_reads_what_train_sa
     stats = pq.read_table(tmp_path / "out" / "stats" / "features.parquet").to_pylist()
     assert [s["feature"] for s in stats] == list(range(2048))
     assert sum(s["doc_freq"] for s in stats) == sum(len(f["feat_ids"]) for f in features)  # tau 0
-    assert manifest["stages"]["stats"]["n_samples"] == 60
+    assert manifest["stages"]["stats"]["n_samples"] == 24
     strongest = max(stats, key=lambda s: s["max"])
     by_id = {f["id"]: dict(zip(f["feat_ids"], f["feat_max"])) for f in features}
     assert by_id[strongest["top_ids"][0]][strongest["feature"]] == pytest.approx(strongest["max"])
