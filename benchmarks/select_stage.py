@@ -487,7 +487,6 @@ def measure(root: Path, args) -> dict:
         result["simscale_run"]["driver_peak_rss_gb"] = round(alone["driver_peak_rss_gb"], 2)
     if args.compare_rows:
         result["simscale_quality"] = simscale_quality(root, stages["tau"]["tau"], args.compare_rows)
-        result["simscale_objective_vs_exact"] = 1.0  # SimScale is exact at every size: one mode, no approximation
     if args.side:
         side = side_sets(root)
         methods = [{"name": "mona", "targets": [side["targets"]]}, "fac"]
