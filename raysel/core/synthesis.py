@@ -8,8 +8,8 @@ the anchor first:
    candidates; score each by g_j, the feature's max activation over the candidate (encoded like
    any sample); the best is x+ and the worst x-. When every candidate scores 0, step 1 is redone
    once at synthesis.retry_temperature; still nothing, and j is recorded as `no_signal`;
-2. prompt again with the contrastive pair (x+, x- and their scores), sample m
-   more, keep those with g_j > delta, and retain the top `keep`.
+2. prompt again with j's description and strongest span, as step 1, and the contrastive pair
+   (x+, x- and their scores), sample m more, keep those with g_j > delta, and retain the top `keep`.
 
 With synthesis.engine: transformers, synthesis.actors actors each hold the generator and the run's model
 and SAE through every round: one generates a prompt's samples with transformers `generate` and
@@ -72,7 +72,8 @@ Answer in the form:
 Instruction: <the instruction>
 Response: <the response>"""
 
-CONTRASTIVE = """We are writing instruction data that shows one particular pattern strongly.
+CONTRASTIVE = """We are writing instruction data that shows one particular pattern strongly. The pattern: {description}. Here it is in a passage, the token where it is strongest marked [[like this]]:
+{span}
 
 This example shows it strongly (score {best_score:.2f}):
 {best}
@@ -217,7 +218,9 @@ def synthesize(
             for j in features
         ]
 
-    first_prompts = {j: first_prompt(spans, j, s.spans, labels.get(j)) for j in todo}
+    briefs = {j: feature_brief(spans, j, s.spans, labels.get(j)) for j in todo}
+    first_prompts = {j: FIRST.format(description=d, spans="\n\n".join(f"- {x}" for x in shown))
+                     for j, (d, shown) in briefs.items()}  # fmt: skip
     with sampler(stack, synthesis, len(todo)) as sample:
         first = sample(prompts(1, first_prompts, s.n_candidates, todo))
         silent = [j for j in todo if not any(c["score"] > 0 for c in first if c["feature"] == j)]
@@ -235,9 +238,10 @@ def synthesize(
             mine = [c for c in first if c["feature"] == j]
             pairs[j] = max(mine, key=lambda c: c["score"]), min(mine, key=lambda c: c["score"])
         contrastive = {
-            j: CONTRASTIVE.format(best=b["text"], best_score=b["score"], worst=w["text"], worst_score=w["score"])
+            j: CONTRASTIVE.format(description=briefs[j][0], span=(briefs[j][1] or ["(none)"])[0], best=b["text"],
+                                  best_score=b["score"], worst=w["text"], worst_score=w["score"])
             for j, (b, w) in pairs.items()
-        }
+        }  # fmt: skip
         second = sample(prompts(2, contrastive, s.n_contrastive, list(pairs))) if pairs else []
     for j in pairs:
         judge_second_step(j, [c for c in second if c["feature"] == j], pairs[j], delta, s.keep)
@@ -264,13 +268,13 @@ def judge_second_step(j: int, mine: list[dict], pair: tuple[dict, dict], delta: 
     )
 
 
-def first_prompt(spans: pa.Table, feature: int, n: int, label: str | None) -> str:
-    """Step 1's prompt: the feature's description (the judge's label, else the tokens where it peaks)
-    and its n strongest spans, peak token marked."""
+def feature_brief(spans: pa.Table, feature: int, n: int, label: str | None) -> tuple[str, list[str]]:
+    """What both steps' prompts say of a feature: its description (the judge's label, else the tokens
+    where it peaks) and its n strongest spans, peak token marked (step 2 shows the first)."""
     top = spans.filter(pc.equal(spans["feature"], feature)).sort_by("rank").to_pylist()[:n]
     peaks = list(dict.fromkeys(r["tokens"][r["peak"]].strip() for r in top if r["tokens"][r["peak"]].strip()))
     description = label or ("it peaks on the tokens " + ", ".join(repr(t) for t in peaks) if peaks else "unknown")
-    return FIRST.format(description=description, spans="\n\n".join(f"- {marked(r['tokens'], r['peak'])}" for r in top))
+    return description, [marked(r["tokens"], r["peak"]) for r in top]
 
 
 def acceptance(candidates: pa.Table) -> dict:

@@ -178,13 +178,10 @@ def test_igds_writes_its_delta_table_and_selects_by_the_task_features(task_run):
         )
         assert e["alpha"] == IGDSConfig(targets=["t"]).alphas[e["delta_by_alpha"].index(e["delta"])]
     positive = [e["feature"] for e in effects if e["delta"] > 0]
-    assert m["positive_features"] == len(positive)
-    if positive:  # never a feature that hurts
-        assert m["task_features"] == positive[:2] and m["task_feature_source"] == "interventions"
-    else:  # igds.fallback: recall, frequency recall's top 2
-        by_lift = sorted(effects, key=lambda e: (-e["lift"], e["feature"]))
-        assert m["task_features"] == [e["feature"] for e in by_lift[:2]]
-        assert m["task_feature_source"].startswith("recall")
+    # the two best by delta, from the interventions (frequency recall's branch is the unit test's below):
+    # would catch features taken by lift, a helpful feature dropped, or one that hurts kept
+    assert m["positive_features"] == len(positive) >= 2 and m["task_feature_source"] == "interventions"
+    assert m["task_features"] == positive[:2]
     assert m["counts"]["n_selected"] == 15 and m["budget"] == 15
     pool = FeatureStore(Storage(str(root), RunConfig.model_validate(manifest["config"]).s3)).table()
     sums = {

@@ -76,6 +76,8 @@ def test_each_feature_gets_scored_candidates_and_a_contrastive_second_step(ray_c
     assert "The pattern: the word five." in step1[0]["prompt"]  # the judge's label describes it
     best, worst = max(step1, key=lambda r: r["score"]), min(step1, key=lambda r: r["score"])
     assert best["text"] in step2[0]["prompt"] and worst["text"] in step2[0]["prompt"]  # the contrastive pair
+    # and, as step 1, what the feature is: its description and its strongest span, peak marked
+    assert "The pattern: the word five." in step2[0]["prompt"] and "a span where [[feature five]]" in step2[0]["prompt"]
     assert f"{best['score']:.2f}" in step2[0]["prompt"] and f"{worst['score']:.2f}" in step2[0]["prompt"]
     assert all(r["passed"] == (r["score"] > 0.0) for r in step2) and not any(r["passed"] for r in step1)
     kept = [r for r in step2 if r["kept"]]
