@@ -267,16 +267,26 @@ def rank_from_top(histogram: np.ndarray, rank: int) -> tuple[int, int]:
     return histogram.size - 1 - b, int(above[b - 1]) if b else 0
 
 
-def top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> pa.Table:
-    """The k best (id, score), highest score first, ties to the smaller id."""
-    order = np.lexsort((ids, -scores))[:k]
+def seeded_hash(ids, seed: int) -> np.ndarray:
+    """A 64-bit hash of each id under `seed` (siphash, keyed by it). Where a ranking is cut, ties go by
+    it, never by the id itself: ids often encode their source, and id order would fill a tie with
+    one source first."""
+    import pandas as pd
+
+    key = f"raysel{seed:010d}"[-16:]  # siphash's 16-byte key
+    return pd.util.hash_array(np.asarray(ids, dtype=object), hash_key=key)
+
+
+def top_k(ids: np.ndarray, scores: np.ndarray, k: int, seed: int) -> pa.Table:
+    """The k best (id, score), highest score first, ties by the ids' seeded hash."""
+    order = np.lexsort((seeded_hash(ids, seed), -scores))[:k]
     return pa.table({"id": pa.array(ids[order], pa.string()), "score": pa.array(scores[order], pa.float64())})
 
 
-def top_of(table: pa.Table, k: int, score_block=None) -> pa.Table:
+def top_of(table: pa.Table, k: int, seed: int, score_block=None) -> pa.Table:
     """top_k of a table of ids, by score_block(table) or by its score column."""
     scores = score_block(table) if score_block else table["score"].to_numpy()
-    return top_k(np.asarray(table["id"].to_pylist(), dtype=object), scores, k)
+    return top_k(np.asarray(table["id"].to_pylist(), dtype=object), scores, k, seed)
 
 
 def pooled_columns(pooling: str) -> list[str]:
@@ -327,17 +337,19 @@ class FeatureStore:
             found.append((path, meta.num_rows, list_entries(meta, "feat_ids")))
         return found
 
-    def top_k(self, score_block, k: int, columns: list[str]) -> pa.Table:
-        """The k best (id, score) of the store by score_block(table of id and `columns`) -> scores, in
-        one pass on the cluster: each shard sends back its own top k, merged here as they arrive."""
+    def top_k(self, score_block, k: int, columns: list[str], seed: int) -> pa.Table:
+        """The k best (id, score) of the store by score_block(table of id and `columns`) -> scores, ties
+        by the ids' seeded hash, in one pass on the cluster: each shard sends back its own top k,
+        merged here as they arrive."""
         tops, held = [], 0
-        for top in self.blocks(functools.partial(top_of, k=k, score_block=score_block), ["id", *columns], name="top k"):
+        best = functools.partial(top_of, k=k, seed=seed, score_block=score_block)
+        for top in self.blocks(best, ["id", *columns], name="top k"):
             tops.append(top)
             held += top.num_rows
             if held > 4 * k:  # the driver holds a few k rows whatever the store's size
-                tops = [top_of(pa.concat_tables(tops), k)]
+                tops = [top_of(pa.concat_tables(tops), k, seed)]
                 held = tops[0].num_rows
-        return top_of(pa.concat_tables(tops), k) if tops else top_k(np.array([], object), np.array([]), k)
+        return top_of(pa.concat_tables(tops), k, seed) if tops else top_k(np.array([], object), np.array([]), k, seed)
 
     def activated_sets(self, tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ids, and A(x) of every sample in CSR form (indptr, int32 indices), sorted by id. Each block

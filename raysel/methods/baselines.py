@@ -8,6 +8,7 @@ from typing import Literal
 
 import numpy as np
 
+from raysel.core.features import seeded_hash
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
 
 
@@ -31,5 +32,5 @@ class Longest(Method):
     Config = LongestConfig
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
-        order = np.lexsort((np.arange(len(pool.ids)), -pool.response_tokens))[:k]  # ties to the earlier id
+        order = np.lexsort((seeded_hash(pool.ids, ctx.seed), -pool.response_tokens))[:k]
         return Picks.unscored(pool.ids[order].tolist())

@@ -2,8 +2,8 @@
 
 SimScale's theta rule on dense vectors instead of activated sets: each sample is its hidden state
 at the SAE's hook layer, mean-pooled over the positions the encoder pools (no padding, not BOS,
-not the template's shared prefix), scaled to unit length. Samples are visited longest first (then
-by id); x is kept unless cos(x, y) >= theta for a kept y, and theta is binary-searched so that the
+not the template's shared prefix), scaled to unit length. Samples are visited longest first (ties
+by the ids' seeded hash); x is kept unless cos(x, y) >= theta for a kept y, and theta is binary-searched so that the
 kept set reaches the budget, which is then cut at the budget (any subset of a dissimilar set is
 dissimilar). The vectors take one forward pass of the pool up to the hook layer, on the encode
 actors; the filter holds n x d_in floats on the driver: a baseline for pools of up to a few
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from raysel.core import paths
 from raysel.core.encoder import Encoder
+from raysel.core.features import seeded_hash
 from raysel.core.models import tokenize
 from raysel.core.ray_adapter import map_stage, model_resources
 from raysel.core.sae import sae_metadata
@@ -58,7 +59,7 @@ class Dense(Method):
             ids, vectors = ids[encoded], vectors[encoded]
         lengths = pool.store.table(["id", "n_tokens"]).sort_by("id")
         n_tokens = lengths["n_tokens"].to_numpy()[np.searchsorted(lengths["id"].to_numpy(zero_copy_only=False), ids)]
-        visit = np.lexsort((np.arange(len(ids)), -n_tokens))  # longest first, then by id
+        visit = np.lexsort((seeded_hash(ids, ctx.seed), -n_tokens))  # longest first, ties by the seeded hash
         kept, theta, passes = cosine_filter(vectors, visit, k)
         return Picks.unscored(ids[kept].tolist(), {"theta": theta, "theta_passes": passes})
 

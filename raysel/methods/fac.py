@@ -1,7 +1,7 @@
 """FAC-guided selection (method `fac`): cover, from the pool, the anchor's task features (F, from the
 task_features stage) that the `evaluated` set (or nothing) misses. Each pick is the sample activating
 the most still-uncovered missing features, ties to the one whose activations of them sum highest,
-then the smaller id. Once no pick adds a feature, coverage starts over, as in SAE-GreedSelect. The
+then by the ids' seeded hash. Once no pick adds a feature, coverage starts over, as in SAE-GreedSelect. The
 FAC figures themselves are raysel.core.fac's.
 """
 
@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysel.core.fac import fac
-from raysel.core.features import Profile, activated_entries, is_active
+from raysel.core.features import Profile, activated_entries, is_active, seeded_hash
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class FACSelect(Method):
         hits = list(pool.store.blocks(find, HIT_COLUMNS, name="fac: hits"))
         hits = pa.concat_tables(hits) if hits else pa.table({c: [] for c in HIT_COLUMNS})
         rest = np.random.default_rng(ctx.seed).permutation(pool.ids)  # a budget the hits cannot fill: seeded
-        order, added = fac_greedy(hits, missing, tau, k, rest)
+        order, added = fac_greedy(hits, missing, tau, k, ctx.seed, rest)
         if filled := sum(a == 0 for a in added):
             log.info("fac: %d of %d picks add no missing feature (seeded random pool samples)", filled, len(order))
         hit_ids, hit_rows = np.asarray(hits["id"].to_pylist(), object), pc.list_parent_indices(hits["feat_ids"])
@@ -105,7 +105,7 @@ def restricted(table: pa.Table, features: np.ndarray, tau: float) -> pa.Table:
 
 
 def fac_greedy(
-    table: pa.Table, missing: np.ndarray, tau: float, k: int, pool_ids: np.ndarray | None = None
+    table: pa.Table, missing: np.ndarray, tau: float, k: int, seed: int, pool_ids: np.ndarray | None = None
 ) -> tuple[list[str], list[int]]:
     """FAC-guided selection of k samples of `table`: ids in pick order, and the missing features each adds.
     Only samples activating a missing feature compete (each step costs their entries, not the pool);
@@ -118,7 +118,7 @@ def fac_greedy(
     hit = np.isin(feats, missing) & is_active(values, tau)
     candidates, local = np.unique(rows[hit], return_inverse=True)
     column, values = np.searchsorted(missing, feats[hit]), values[hit]
-    tie = np.argsort(np.argsort(ids[candidates].astype(str)))  # smaller id first on full ties
+    tie = seeded_hash(ids[candidates], seed)  # on full ties, never the id order
     covered, chosen = np.zeros(missing.size, bool), np.zeros(candidates.size, bool)
     order, added = [], []
     while len(order) < k and not chosen.all():

@@ -114,7 +114,7 @@ class IGDS(Method):
         task_features, source = task_features_of(cfg, helpful, candidates["feature"].to_pylist(), len(effects))
         log.info("igds: task features %s (%s)", task_features, source)
         score = functools.partial(resonant_scores, features=np.array(task_features), pooling=cfg.pooling)
-        top = pool.store.top_k(score, k, pooled_columns(cfg.pooling))
+        top = pool.store.top_k(score, k, pooled_columns(cfg.pooling), ctx.seed)
         recall = {r["feature"]: r for r in candidates.to_pylist()}
         return Picks(
             top["id"].to_pylist(),

@@ -37,7 +37,8 @@ class Mona(Method):
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
         p = prototype(ctx.side_set("targets", self.cfg.targets).table(), ctx.d_sae, self.cfg.pooling)
-        top = pool.store.top_k(functools.partial(mona_scores, p=p, cfg=self.cfg), k, pooled_columns(self.cfg.pooling))
+        score = functools.partial(mona_scores, p=p, cfg=self.cfg)
+        top = pool.store.top_k(score, k, pooled_columns(self.cfg.pooling), ctx.seed)
         return Picks(
             top["id"].to_pylist(), top["score"].to_numpy(), {"prototype_active_features": int(np.count_nonzero(p))}
         )

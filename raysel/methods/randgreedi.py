@@ -9,12 +9,11 @@ import time
 
 import numba
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from raysel.core.features import FeatureStore, activated_entries
+from raysel.core.features import FeatureStore, activated_entries, seeded_hash
 from raysel.core.ray_adapter import task_cpus
 from raysel.methods.coverage_kernel import greedy_coverage
 
@@ -34,8 +33,7 @@ def assign(batch: pa.Table, tau: float, partitions: int, seed: int) -> pa.Table:
     batch = batch.combine_chunks()
     rows, feats, _ = activated_entries(batch, tau)
     offsets = pa.array(np.r_[0, np.cumsum(np.bincount(rows, minlength=batch.num_rows))].astype(np.int32))
-    key = f"raysel{seed:010d}"[-16:]  # the 16-byte siphash key: the seed picks the partitioning
-    part = pd.util.hash_array(np.asarray(batch["id"].to_pylist(), dtype=object), hash_key=key) % np.uint64(partitions)
+    part = seeded_hash(batch["id"].to_pylist(), seed) % np.uint64(partitions)  # the seed picks the partitioning
     return pa.table(
         {
             "id": batch["id"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from raysel.core.features import FeatureStore
+from raysel.core.features import FeatureStore, seeded_hash
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
 
 
@@ -25,5 +25,5 @@ class SimScale(Method):
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
         from raysel.methods.simscale_kernel import simscale
 
-        kept = simscale(pool.indptr, pool.indices, k)
+        kept = simscale(pool.indptr, pool.indices, k, tie=seeded_hash(pool.ids, ctx.seed))
         return Picks.unscored(pool.ids[kept.order].tolist(), {"theta": kept.theta, "theta_passes": kept.passes})

@@ -1,6 +1,7 @@
 """SAE-SimScale: keep a sample unless it is Jaccard-similar to one already kept.
 
-Samples are visited largest activated set first (then by row). x is kept when
+Samples are visited largest activated set first (ties in the order the
+caller gives: the select stage passes the ids' seeded hash, never their id order). x is kept when
 J(A(x), A(y)) < theta for every kept y. theta is binary-searched so that the
 kept count reaches the budget; the kept list is then cut at the budget, which
 keeps the property, since any subset of a dissimilar set is dissimilar.
@@ -75,12 +76,15 @@ class Filtered:
     slowest: float = 0.0  # seconds, the slowest pass
 
 
-def simscale(indptr: np.ndarray, indices: np.ndarray, budget: int, precision: float = 1 / 128) -> Filtered:
-    """The rows kept at the smallest theta (within `precision`) whose pass reaches the budget, cut at it."""
+def simscale(
+    indptr: np.ndarray, indices: np.ndarray, budget: int, precision: float = 1 / 128, tie: np.ndarray | None = None
+) -> Filtered:
+    """The rows kept at the smallest theta (within `precision`) whose pass reaches the budget, cut at it.
+    Rows of equal set size are visited in `tie` order (the select stage: the ids' seeded hash), else by row."""
     indptr = np.asarray(indptr, np.int64)
     n = len(indptr) - 1
     budget = min(budget, n)
-    ranked, visit = _rarest_first(indptr, np.asarray(indices))
+    ranked, visit = _rarest_first(indptr, np.asarray(indices), tie)
     df = document_frequency(ranked)
     popular = popular_rank(df, n)
     threads = numba.get_num_threads()
@@ -161,14 +165,16 @@ def popular_rank(df: np.ndarray, rows: int) -> int:
     return max(0, df.size - 64 * best)
 
 
-def _rarest_first(indptr, indices):
-    """Each row's features as global rarity ranks, ascending; and the visit order, largest set first."""
+def _rarest_first(indptr, indices, tie=None):
+    """Each row's features as global rarity ranks, ascending; and the visit order, largest set first
+    (ties in `tie` order, else by row)."""
     df = document_frequency(indices)
     rank = np.empty(df.size, np.int32)
     rank[np.argsort(df, kind="stable")] = np.arange(df.size)  # ties to the smaller feature id
     ranked = rank[indices]
     _sort_rows(indptr, ranked)
-    visit = np.argsort(-np.diff(indptr), kind="stable")  # ties to the earlier row
+    sizes = np.diff(indptr)
+    visit = np.argsort(-sizes, kind="stable") if tie is None else np.lexsort((tie, -sizes))
     return ranked, visit
 
 

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysel.core.features import ACTIVATED_SCHEMA, csr_by_id, document_frequency, list_entries
+from raysel.core.features import ACTIVATED_SCHEMA, csr_by_id, document_frequency, list_entries, top_k
 
 
 def shuffled_blocks(seed: int) -> tuple[list[pa.Table], dict[str, list[int]]]:
@@ -68,3 +68,12 @@ def test_list_entries_counts_the_elements_not_the_empty_or_null_lists(tmp_path):
     meta = pq.ParquetFile(tmp_path / "s.parquet").metadata
     assert meta.num_row_groups > 1
     assert list_entries(meta, "feat_ids") == 6 * 50
+
+
+def test_a_cut_through_tied_scores_is_not_the_id_order_and_follows_the_seed():
+    """Would catch ties broken by id: the shared pool's ids sort by source, so zero-score ties filled
+    with one source first (here: every pick an "a_" id)."""
+    ids = np.array([f"a_{i:03d}" for i in range(100)] + [f"b_{i:03d}" for i in range(100)], dtype=object)
+    picked = {seed: top_k(ids, np.zeros(200), 20, seed)["id"].to_pylist() for seed in (0, 1)}
+    assert picked[0] == top_k(ids, np.zeros(200), 20, 0)["id"].to_pylist()  # the same seed, the same cut
+    assert picked[0] != picked[1] and all(5 <= sum(i.startswith("a_") for i in p) <= 15 for p in picked.values())

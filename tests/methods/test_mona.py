@@ -10,7 +10,7 @@ import pytest
 
 from raysel.config import S3Config
 from raysel.core import paths
-from raysel.core.features import FeatureStore, top_k
+from raysel.core.features import FeatureStore, seeded_hash, top_k
 from raysel.core.storage import Storage
 from raysel.methods.mona import MonaConfig, mona_scores, prototype
 from tests.conftest import store_table
@@ -53,21 +53,23 @@ def test_the_prototype_is_the_same_whatever_the_target_order():
 
 
 def test_the_top_k_merged_across_shards_equals_a_global_sort(ray_cluster, tmp_path):
-    """Catches a merge that breaks ties by arrival instead of id, and a compaction (the driver keeps
-    4 k rows at most: here after the fifth shard) that drops a row still in the top k."""
+    """Catches a merge that breaks ties by arrival instead of the ids' seeded hash, and a compaction
+    (the driver keeps 4 k rows at most: here after the fifth shard) that drops a row still in the top k."""
     rng = np.random.default_rng(1)
     ids = np.array([f"s{i:04d}" for i in rng.permutation(500)], dtype=object)
-    scores = np.round(rng.random(500), 1)  # many ties: they go to the smaller id
+    scores = np.round(rng.random(500), 1)  # many ties: they go by the ids' seeded hash
     (tmp_path / paths.FEATURES_DONE).mkdir(parents=True)
     for s, part in enumerate(np.array_split(np.arange(500), 9)):
         pq.write_table(
             pa.table({"id": ids[part].tolist(), "score": scores[part]}), tmp_path / paths.FEATURES / f"{s}.pq"
         )
         (tmp_path / paths.FEATURES_DONE / f"{s}.pq.json").write_text("{}")
-    merged = FeatureStore(Storage(str(tmp_path), S3Config())).top_k(lambda t: t["score"].to_numpy(), 60, ["score"])
-    expected = sorted(zip(ids.tolist(), scores.tolist()), key=lambda r: (-r[1], r[0]))[:60]
+    store = FeatureStore(Storage(str(tmp_path), S3Config()))
+    merged = store.top_k(lambda t: t["score"].to_numpy(), 60, ["score"], seed=3)
+    tie = dict(zip(ids.tolist(), seeded_hash(ids, 3).tolist()))
+    expected = sorted(zip(ids.tolist(), scores.tolist()), key=lambda r: (-r[1], tie[r[0]]))[:60]
     assert list(zip(merged["id"].to_pylist(), merged["score"].to_pylist())) == expected
-    assert top_k(ids, scores, 60).equals(merged)
+    assert top_k(ids, scores, 60, seed=3).equals(merged)
 
 
 def test_mona_selects_the_top_scores_of_the_store(task_run):
