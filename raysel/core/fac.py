@@ -28,7 +28,6 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from raysel.core.features import Profile, frequency_recall
@@ -76,8 +75,7 @@ def feature_source(cfg: FACConfig) -> str:
 def enriched_features(anchor: pa.Table, reference: pa.Table, tau: float, d_sae: int, n: int) -> np.ndarray:
     """The n features most enriched on the anchor over the reference (positive lift only), by id."""
     r_counts = Profile.of(reference, tau, d_sae).counts
-    enriched = frequency_recall(anchor, tau, r_counts, reference.num_rows, n)
-    return np.sort(enriched.filter(pc.greater(enriched["lift"], 0))["feature"].to_numpy())
+    return np.sort(frequency_recall(anchor, tau, r_counts, reference.num_rows, n)["feature"].to_numpy())
 
 
 def fac(anchor: Profile, evaluated: Profile, features: np.ndarray) -> tuple[dict, pa.Table]:

@@ -470,13 +470,14 @@ class FeatureStore:
 
 
 def frequency_recall(targets: pa.Table, tau: float, pool_doc_freq: np.ndarray, n_pool: int, n: int) -> pa.Table:
-    """The n features most enriched on the targets over the pool, by share of samples activating them."""
+    """The n features most enriched on the targets over the pool, by share of samples activating them;
+    only those with a positive lift (more common on the targets than on the pool)."""
     _, feats, _ = activated_entries(targets, tau)
     target_share = np.bincount(feats, minlength=pool_doc_freq.size) / max(targets.num_rows, 1)
     pool_share = pool_doc_freq / max(n_pool, 1)
     lift = target_share - pool_share
     order = np.lexsort((np.arange(lift.size), -lift))
-    order = order[target_share[order] > 0][:n]
+    order = order[lift[order] > 0][:n]
     return pa.table(
         {
             "feature": order.astype(np.int64),

@@ -4,7 +4,7 @@ samples by how strongly they carry those features.
 1. Frequency recall: rank features by (share of target examples activating
    them) - (share of pool samples activating them); keep the top N.
 2. Interventional filtering: for each candidate j and each alpha of a sweep
-   (0.125 to 4), add alpha * a_j * W_dec[j] to the residual stream after the
+   (0.5 to 4), add alpha * a_j * W_dec[j] to the residual stream after the
    SAE's hook layer, a_j the feature's typical activation where it is active
    (its mean over the held-out targets' tokens that activate it), on the counted
    positions (not BOS, not the template's shared prefix), in a full-model forward pass, and
@@ -59,9 +59,10 @@ class IGDSConfig(MethodConfig):
     )  # the held-out share of the targets, on which interventions are measured
     seed: int = 0  # which targets are held out
     candidates: int = Field(50, gt=0)  # N features kept by frequency recall (target share minus pool share)
-    # h += alpha * typical activation * W_dec[j]. The issue's 0.5-4 and two gentler pushes: on the task bench no
-    # candidate helped at 0.5 or more, on either target set; at 0.125-0.25, 8 and 12 of 20 did (README)
-    alphas: list[float] = Field([0.125, 0.25, 0.5, 1.0, 2.0, 4.0], min_length=1)
+    # h += alpha * typical activation * W_dec[j]: the spec's 0.5-4. The gentler 0.125 and 0.25 were added once
+    # because precision at k on the labelled task bench looked better there: a default chosen by the score it
+    # is judged on, and at those pushes about half of all candidates "helped", as a first-order sign would
+    alphas: list[float] = Field([0.5, 1.0, 2.0, 4.0], min_length=1)
     keep: int = Field(3, gt=0)  # task features: the top ones by delta, among those with delta > 0
     fallback: Literal["error", "recall"] = "error"  # no delta > 0: stop, or use frequency recall's top `keep`
     metric: Literal["loglik", "exact_match"] = "loglik"  # exact_match generates and compares the final number
