@@ -11,6 +11,7 @@ import torch
 
 from raysel.config import RunConfig
 from raysel.core.encoder import Encoder
+from raysel.core.features import seeded_hash
 from raysel.core.models import load_model, tokenize
 from raysel.methods.dense import cosine_filter
 from raysel.pipeline import run
@@ -63,6 +64,7 @@ def test_dense_picks_from_mean_pooled_hidden_states_at_the_hook(stats_run, tmp_p
         vectors.append((mean / mean.norm()).numpy())
         counted.append(len(seq) - first)  # the store's n_tokens: samples are visited longest first
     ids = np.asarray(prepared["id"].to_pylist(), dtype=object)
-    kept, theta, _ = cosine_filter(np.stack(vectors), np.lexsort((np.arange(len(ids)), -np.array(counted))), 10)
+    visit = np.lexsort((seeded_hash(ids, cfg.select.seed), -np.array(counted)))  # equal lengths: the seeded hash
+    kept, theta, _ = cosine_filter(np.stack(vectors), visit, 10)
     assert len(selected) == 10 and selected == ids[kept].tolist()
     assert manifest["theta"] == pytest.approx(theta, abs=2e-4)

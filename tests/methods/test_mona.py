@@ -81,7 +81,8 @@ def test_mona_selects_the_top_scores_of_the_store(task_run):
     d_sae = json.loads((root / "stats" / "summary.json").read_text())["d_sae"]
     pool = FeatureStore(storage).table()
     scores = mona_scores(pool, prototype(FeatureStore(targets).table(), d_sae), mona)
-    expected = sorted(zip(pool["id"].to_pylist(), scores), key=lambda r: (-r[1], r[0]))[:10]
+    tie = dict(zip(pool["id"].to_pylist(), seeded_hash(pool["id"].to_pylist(), 0).tolist()))  # select.seed 0
+    expected = sorted(zip(pool["id"].to_pylist(), scores), key=lambda r: (-r[1], tie[r[0]]))[:10]
     selected = pq.read_table(root / "selection" / "mona" / "selected.parquet").to_pylist()
     assert [r["id"] for r in selected] == [i for i, _ in expected]
     np.testing.assert_allclose([r["score"] for r in selected], [s for _, s in expected])

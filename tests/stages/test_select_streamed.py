@@ -22,6 +22,7 @@ from raysel.core.features import (
     calibrate_tau,
     low_histogram,
     ordered_bits,
+    seeded_hash,
     tau_block,
     tau_merge,
 )
@@ -87,12 +88,13 @@ def reference(root) -> dict:
     tokens = dict(zip(prepared["id"].to_pylist(), prepared["n_response_tokens"].to_pylist()))
     ids = np.asarray(table["id"].to_pylist(), dtype=object)
     k = N // 10
-    longest = np.lexsort((np.arange(N), -np.array([tokens[i] for i in ids])))[:k]
+    tie = seeded_hash(ids, 0)  # select.seed: equal lengths and set sizes go by the ids' seeded hash
+    longest = np.lexsort((tie, -np.array([tokens[i] for i in ids])))[:k]
     return {
         "tau": tau,
         "doc_freq": np.bincount(feats, minlength=D_SAE),
         "coverage": ids[greedy_coverage(indptr, feats, k).order].tolist(),
-        "simscale": ids[simscale(indptr, feats, k).order].tolist(),
+        "simscale": ids[simscale(indptr, feats, k, tie=tie).order].tolist(),
         "random": ids[np.random.default_rng(0).permutation(N)[:k]].tolist(),
         "longest": ids[longest].tolist(),
     }
