@@ -173,8 +173,8 @@ class Profile:
         peak = np.zeros(d_sae)
         np.maximum.at(peak, feats, values)
         active = is_active(values, tau)
-        counts = np.bincount(feats[active], minlength=d_sae)
-        return cls(counts, peak, table.num_rows, np.bincount(feats[active], values[active], minlength=d_sae))
+        on, values = feats[active], values[active]
+        return cls(np.bincount(on, minlength=d_sae), peak, table.num_rows, np.bincount(on, values, minlength=d_sae))
 
     def merge(self, other: Profile) -> Profile:
         return Profile(self.counts + other.counts, np.maximum(self.peak, other.peak), self.rows + other.rows,

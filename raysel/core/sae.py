@@ -107,19 +107,19 @@ def default_sae_source(stack: ModelStack) -> str | None:
         trained = fs.get_file_info(f"{path}/{WEIGHTS}").is_file
     else:
         trained = (Path(location) / WEIGHTS).is_file()
-    shipped = None if trained else shipped_sae(stack)
-    return location if trained else str(shipped) if shipped else None
+    if trained:
+        return location
+    shipped = shipped_sae(stack)
+    return str(shipped) if shipped else None
 
 
-def default_sae_identity(stack: ModelStack) -> str:
-    """The default SAE's name in records: where it was trained, or the shipped SAE's name (not the path of
-    the installed package, which moves with every install)."""
-    source = default_sae_source(stack)
-    return (
-        f"raysel's shipped {default_sae_name(stack)}"
-        if source and Path(source).parent == SHIPPED
-        else source or default_sae_location(stack)
-    )
+def sae_identity(stack: ModelStack, path: Path) -> str:
+    """The SAE's name in records, given the folder it was read from: sae.path, where train-sae put the
+    default SAE, or the shipped SAE's name (not the installed package's path, which moves with every
+    install)."""
+    if stack.sae.path:
+        return stack.sae.path
+    return f"raysel's shipped {path.name}" if path.parent == SHIPPED else default_sae_location(stack)
 
 
 def local_sae_dir(stack: ModelStack) -> Path:
@@ -244,7 +244,7 @@ def sae_metadata(stack: ModelStack) -> dict:
         return {
             **meta,
             "layer": hook_layer(stack, cfg["hook_name"]),
-            "identity": stack.sae.path or default_sae_identity(stack),
+            "identity": sae_identity(stack, path),
         }
     meta = json.loads((path / SAE_CONFIG).read_text())
     hook_name = (meta.get("metadata") or {}).get("hook_name") or meta.get("hook_name")
@@ -252,7 +252,7 @@ def sae_metadata(stack: ModelStack) -> dict:
         "d_in": meta["d_in"],
         "d_sae": meta["d_sae"],
         "layer": hook_layer(stack, hook_name),
-        "identity": stack.sae.path or default_sae_identity(stack),
+        "identity": sae_identity(stack, path),
         "architecture": meta.get("architecture"),
     }
 

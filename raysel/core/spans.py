@@ -133,7 +133,7 @@ class TopSpans:
         if not self.parts:
             return {k: np.zeros((0, WINDOW) if k == "acts" else 0) for k in COLUMNS}
         c = {k: np.concatenate([p[k] for p in self.parts]) for k in COLUMNS}
-        names, code = np.unique(c["sample"].astype(str), return_inverse=True)  # codes sort as the ids do
+        _, code = np.unique(c["sample"].astype(str), return_inverse=True)  # codes sort as the ids do
         order = np.lexsort((code, -c["value"], c["feature"]))
         c = {k: v[order] for k, v in c.items()}
         code, feature = code[order], c["feature"]
@@ -141,7 +141,7 @@ class TopSpans:
         c = {k: v[~repeat] for k, v in c.items()}
         c = {k: v[rank_within(c["feature"]) <= TOP] for k, v in c.items()}
         self.parts, self.rows = [c], len(c["value"])
-        self.kept = self.rows
+        self.kept = self.rows  # what the next compaction must at least double
         return c
 
     def table(self) -> pa.Table:
@@ -169,7 +169,8 @@ def find_spans(stack: ModelStack, storage: Storage, features: list[int]) -> pa.T
         storage.path(paths.SPAN_CANDIDATES), filesystem=storage.fs, filters=pc.field("feature").isin(wanted)
     ).read()
     found = found.sort_by([("feature", "ascending"), ("value", "descending"), ("id", "ascending")])
-    found = found.filter(pa.array(rank_within(found["feature"].to_numpy()) <= TOP))
+    rank = rank_within(found["feature"].to_numpy())
+    found, rank = found.filter(pa.array(rank <= TOP)), rank[rank <= TOP]
     if not found.num_rows:
         return SPAN_SCHEMA.empty_table()
     ids = pc.unique(found["id"])
@@ -186,7 +187,7 @@ def find_spans(stack: ModelStack, storage: Storage, features: list[int]) -> pa.T
         window_ids = token_ids[r["id"]][r["start"] : r["start"] + r["length"]]
         rows.append({**r, "tokens": tokenizer.batch_decode([[t] for t in window_ids]), "acts": acts.tolist()})
     spans = pa.Table.from_pylist(rows, schema=SPAN_SCHEMA)
-    spans = spans.set_column(1, "rank", pa.array(rank_within(spans["feature"].to_numpy()), pa.int32()))
+    spans = spans.set_column(1, "rank", pa.array(rank, pa.int32()))
     log.info(
         "spans: %d features, %d samples, from the encode pass in %.1fs", len(wanted), len(ids), time.time() - start
     )

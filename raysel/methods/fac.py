@@ -56,17 +56,20 @@ class FACSelect(Method):
         order, added = fac_greedy(hits, missing, tau, k, ctx.seed, rest)
         if filled := sum(a == 0 for a in added):
             log.info("fac: %d of %d picks add no missing feature (seeded random pool samples)", filled, len(order))
-        hit_ids, hit_rows = np.asarray(hits["id"].to_pylist(), object), pc.list_parent_indices(hits["feat_ids"])
+        hit_ids, hit_rows = (
+            np.asarray(hits["id"].to_pylist(), object),
+            pc.list_parent_indices(hits["feat_ids"]).to_numpy(),
+        )
         hit_feats = pc.list_flatten(hits["feat_ids"]).to_numpy().astype(np.int64)
 
         def fac_with(ids) -> float:
             """FAC of what `evaluated` has plus the pool samples `ids`: their hits are all they add."""
-            mine = np.isin(hit_ids, np.asarray(ids, object))[hit_rows.to_numpy()]
+            mine = np.isin(hit_ids, np.asarray(ids, object))[hit_rows]
             picked = np.bincount(hit_feats[mine], minlength=ctx.d_sae)
             empty = np.zeros(ctx.d_sae)
             return fac(anchor, have.merge(Profile(picked, empty, len(ids), empty)), features)[0]["fac"]
 
-        random_ids = pool.ids[np.random.default_rng(ctx.seed).permutation(len(pool.ids))[:k]]
+        random_ids = rest[:k]  # the same seeded shuffle
         settled = {
             "fac_features": int(features.size),
             "fac_in_anchor": before["n_in_anchor"],

@@ -3,7 +3,7 @@
 import shutil
 
 from raysel.cli import demo_config
-from raysel.core.sae import SHIPPED, WEIGHTS, default_sae_identity, default_sae_name, default_sae_source, sae_metadata
+from raysel.core.sae import SHIPPED, WEIGHTS, default_sae_name, default_sae_source, sae_metadata
 
 
 def demo_stack(tmp_path, *overrides):
@@ -27,6 +27,6 @@ def test_the_shipped_sae_is_known_by_its_name_not_by_where_the_package_is_instal
     """Would catch: a fresh clone or a new install refusing the feature store a demo wrote (the
     encode fingerprint holds the SAE's identity)."""
     stack = demo_stack(tmp_path)
-    assert default_sae_identity(stack) == f"raysel's shipped {default_sae_name(stack)}"
     meta = sae_metadata(stack)
+    assert meta["identity"] == f"raysel's shipped {default_sae_name(stack)}"
     assert str(SHIPPED) not in meta["identity"] and (meta["d_in"], meta["d_sae"], meta["layer"]) == (576, 2048, 15)
