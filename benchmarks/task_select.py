@@ -8,6 +8,8 @@ at k = 5 % of the pool:
 
 - mona:   raysel `mona` (mean-pooled SAE vectors, weighted Jaccard to the targets' prototype);
 - igds:   raysel `igds` (frequency recall, interventions on held-out targets, feature-resonant score);
+- igds_recall: the same without the interventional step: the pool ranked by the feature-resonant
+          score of frequency recall's top `keep` candidates (what `fallback: recall` uses);
 - bm25:   bm25s, each pool sample scored by its mean BM25 score over the target texts as queries;
 - dense:  cosine of mean-pooled hidden states (the SAE's hook layer, same positions) to the
           targets' mean;
@@ -34,8 +36,9 @@ full-model forwards a pool sample) is the longest part, about an hour; math and 
         [--no-loss]
 
 The last line printed is one JSON object: precision at k = category count per target set and method,
-and per target set how many IGDS candidates had delta > 0 (`igds_positive_features`) and the alpha
-each task feature was kept at (`igds_alpha`).
+and per target set how many IGDS candidates had delta > 0 on the confirming half (`igds_positive_features`),
+how many cleared the null of random directions (`igds_cleared_null`), and the alpha each task feature was
+kept at (`igds_alpha`).
 """
 
 from __future__ import annotations
@@ -57,13 +60,15 @@ import torch  # noqa: E402
 
 from raysel.config import RunConfig  # noqa: E402
 from raysel.core.encoder import Encoder  # noqa: E402
+from raysel.core.features import FeatureStore, seeded_hash  # noqa: E402
 from raysel.core.models import tokenize  # noqa: E402
 from raysel.core.records import chat_template_for  # noqa: E402
+from raysel.core.storage import S3Config, Storage  # noqa: E402
 from raysel.methods.dense import mean_hidden  # noqa: E402
-from raysel.methods.igds import IGDSConfig, Pair, TaskMetric  # noqa: E402
+from raysel.methods.igds import IGDSConfig, Pair, TaskMetric, resonant_scores  # noqa: E402
 from raysel.pipeline import run  # noqa: E402
 
-METHODS = ("mona", "igds", "bm25", "dense", "minilm", "loss", "ifd", "random")
+METHODS = ("mona", "igds", "igds_recall", "bm25", "dense", "minilm", "loss", "ifd", "random")
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -164,6 +169,16 @@ def selected_ids(root: str, method: str) -> list[str]:
     return pq.read_table(os.path.join(root, "selection", method, "selected.parquet"))["id"].to_pylist()
 
 
+def recall_only_ranking(root: str, manifest: dict, keep: int) -> list[str]:
+    """The pool by the feature-resonant score of frequency recall's top `keep` candidates, ties as
+    select breaks them (a seeded hash of the id, select.seed 0)."""
+    recalled = [e["feature"] for e in sorted(manifest["feature_effects"], key=lambda e: (-e["lift"], e["feature"]))]
+    table = FeatureStore(Storage(root, S3Config())).table()
+    scores = resonant_scores(table, np.array(recalled[:keep]), "sum")
+    ids = table["id"].to_pylist()
+    return [ids[i] for i in np.lexsort((seeded_hash(ids, 0), -scores))]
+
+
 def precision(ranking: list[str], category: dict[str, str], wanted: str, k: int) -> float:
     return sum(category[i] == wanted for i in ranking[:k]) / k
 
@@ -178,8 +193,9 @@ def main() -> None:
     parser.add_argument("--igds-candidates", type=int, default=20, help="features measured by intervention")
     parser.add_argument(
         "--igds-alphas",
-        default="0.125,0.25,0.5,1,2,4",
-        help="the intervention's sweep, comma-separated multiples of each feature's typical activation",
+        default=None,
+        help="the intervention's sweep, comma-separated multiples of each feature's typical activation "
+        "(default: igds's own, 0.5-4)",
     )
     parser.add_argument(
         "--target-active",
@@ -233,9 +249,9 @@ def main() -> None:
                             "targets": [targets_path],
                             "candidates": args.igds_candidates,
                             "budget": k,
-                            "alphas": [float(a) for a in args.igds_alphas.split(",")],
                             "fallback": "recall",
-                        },  # fmt: skip
+                        }
+                        | ({"alphas": [float(a) for a in args.igds_alphas.split(",")]} if args.igds_alphas else {}),
                     ],
                 },
             }
@@ -251,12 +267,14 @@ def main() -> None:
                 if args.no_loss
                 else loss_and_ifd_rankings(pool_ids, *answer_nll(cfg, prepared["messages"].to_pylist()))
             )
+        igds_manifest = json.load(open(os.path.join(args.out, "selection", "igds", "manifest.json")))
         target_texts = pq.read_table(os.path.join(args.out, "targets", "prepared"), columns=["text"])[
             "text"
         ].to_pylist()
         rankings = {
             "mona": selected_ids(args.out, "mona"),
             "igds": selected_ids(args.out, "igds"),
+            "igds_recall": recall_only_ranking(args.out, igds_manifest, IGDSConfig(targets=["t"]).keep),
             "bm25": bm25_ranking(pool, targets),
             "dense": centroid_ranking(prepared["id"].to_pylist(), pool_vectors, mean_hidden(encoder, target_texts)),
             "minilm": centroid_ranking(
@@ -272,9 +290,9 @@ def main() -> None:
             }
             for m in methods
         }
-        igds_manifest = json.load(open(os.path.join(args.out, "selection", "igds", "manifest.json")))
         igds_found[name] = {
             "igds_positive_features": igds_manifest["positive_features"],
+            "igds_cleared_null": igds_manifest["cleared_null"],
             "igds_alpha": igds_manifest["alpha"],
             "igds_task_feature_source": igds_manifest["task_feature_source"],
         }
@@ -284,7 +302,8 @@ def main() -> None:
             print(f"{m:<8} {results[name][m]['at_k']:>8.3f} {results[name][m]['at_5pct']:>8.3f}")
         print(
             f"igds task features {igds_manifest['task_features']} from {igds_manifest['task_feature_source']}; "
-            f"{igds_manifest['positive_features']} of {args.igds_candidates} candidates had delta > 0; "
+            f"{igds_manifest['positive_features']} of {args.igds_candidates} candidates had delta > 0, "
+            f"{igds_manifest['cleared_null']} cleared the null; "
             f"alpha chosen {igds_manifest['alpha']}",
             flush=True,
         )

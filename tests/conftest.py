@@ -305,9 +305,16 @@ def task_run(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
             "budget": 10,
             "methods": [
                 {"name": "mona", "targets": [str(targets)]},
-                # fallback error (the default): these seeds give helpful features (5 of 6 in the golden run),
-                # and a run that found none stops here rather than pass through frequency recall
-                {"name": "igds", "targets": [str(targets)], "candidates": 6, "keep": 2, "budget": 0.25, "actors": 2},
+                # a random SAE on a random model: few features, if any, clear the null, so recall may decide
+                {
+                    "name": "igds",
+                    "targets": [str(targets)],
+                    "candidates": 6,
+                    "keep": 2,
+                    "budget": 0.25,
+                    "actors": 2,
+                    "fallback": "recall",
+                },  # fmt: skip
                 "coverage",
             ],
         }

@@ -8,14 +8,19 @@ samples by how strongly they carry those features.
    SAE's hook layer, a_j the feature's typical activation where it is active
    (its mean over the held-out targets' tokens that activate it), on the counted
    positions (not BOS, not the template's shared prefix), in a full-model forward pass, and
-   measure the change of the task metric on held-out targets:
-   delta_j(alpha) = metric(amplified) - metric(base); each feature keeps its best alpha.
-   The metric is the mean log-likelihood of the reference answers, or exact match
-   of the final number by greedy generation (the generated tokens amplified too,
-   as the answer's are under log-likelihood). A held-out pair longer than
+   measure the change of the task metric: delta_j(alpha) = metric(amplified) - metric(base).
+   The held-out targets are split in two halves: each feature's alpha is the best on the
+   first, and its delta is measured once, at that alpha, on the second, so the sweep's
+   maximum does not inflate it. The metric is the mean log-likelihood of the reference
+   answers, or exact match of the final number by greedy generation (the generated tokens
+   amplified too, as the answer's are under log-likelihood). A held-out pair longer than
    prepare.max_tokens is skipped and counted. Candidates are spread over a Ray actor pool.
-3. Features with delta > 0 are the task features (the `keep` best). When none
-   has, the entry's fallback decides: `error`, or `recall` (the top of step 1), recorded
+3. A null for delta: random unit directions, pushed on the same positions at norms spanning
+   the candidates' pushes (alpha * a_j * |W_dec[j]|), measured on the second half. The sign
+   of a first-order effect makes about half of arbitrary directions "help"; a feature
+   helps only when its delta clears the null's quantile at its own norm (interpolated in
+   log norm) and is above 0. The `keep` best of those are the task features. When none
+   clears, the entry's fallback decides: `error`, or `recall` (the top of step 1), recorded
    as such; features that hurt are never used.
 4. Feature-resonant score: FRS(x) = sum over the task features of s(x)_j (the
    sum-pool); the top fraction of the pool is selected.
@@ -63,8 +68,13 @@ class IGDSConfig(MethodConfig):
     # because precision at k on the labelled task bench looked better there: a default chosen by the score it
     # is judged on, and at those pushes about half of all candidates "helped", as a first-order sign would
     alphas: list[float] = Field([0.5, 1.0, 2.0, 4.0], min_length=1)
-    keep: int = Field(3, gt=0)  # task features: the top ones by delta, among those with delta > 0
-    fallback: Literal["error", "recall"] = "error"  # no delta > 0: stop, or use frequency recall's top `keep`
+    keep: int = Field(3, gt=0)  # task features: the top ones by delta, among those that clear the null
+    fallback: Literal["error", "recall"] = "error"  # none clears: stop, or use frequency recall's top `keep`
+    # the null: random unit directions pushed at null_norms norms, log-spaced over the candidates' pushes;
+    # a feature helps when its delta clears the null_quantile of theirs at its norm
+    null_directions: int = Field(20, ge=2)
+    null_norms: int = Field(4, ge=1)
+    null_quantile: float = Field(0.95, gt=0, lt=1)
     metric: Literal["loglik", "exact_match"] = "loglik"  # exact_match generates and compares the final number
     pooling: Literal["sum", "mean"] = "sum"  # of the feature-resonant score
     budget: float = Field(0.5, gt=0)  # a count or a fraction, as select.budget; the paper keeps 50 %
@@ -108,10 +118,17 @@ class IGDS(Method):
             cfg.metric,
         )
         layer = ctx.storage.read_json(paths.marker("encode"))["layer"]
-        effects = feature_effects(
-            ctx.stack, cfg, candidates["feature"].to_pylist(), prompts, answers, pool_typical, layer
-        )
-        helpful = [r["feature"] for r in effects.to_pylist() if r["delta"] > 0]
+        pairs = dict(stack=ctx.stack, cfg=cfg, prompts=prompts, answers=answers, layer=layer)
+        rows = [{"feature": j} for j in candidates["feature"].to_pylist()]
+        effects = on_actors(FeatureEffects, rows, pool_typical=pool_typical, **pairs)
+        norms = null_grid(effects["norm"].to_numpy(), cfg.null_norms)
+        rows = [{"norm": n, "direction": r} for n in norms for r in range(cfg.null_directions)]
+        effects, null = against_null(effects, on_actors(NullEffects, rows, **pairs), cfg.null_quantile)
+        helpful = [r["feature"] for r in effects.to_pylist() if r["cleared_null"]]
+        positive = sum(d > 0 for d in effects["delta"].to_pylist())
+        log.info("igds: %d of %d candidates raised the metric on the confirming half, %d cleared the null's %g "
+                 "quantile (%s)", positive, len(effects), len(helpful), cfg.null_quantile,
+                 ", ".join(f"{t:+.4f} at norm {n:.3g}" for n, t in zip(null["norms"], null["thresholds"])))  # fmt: skip
         task_features, source = task_features_of(cfg, helpful, candidates["feature"].to_pylist(), len(effects))
         log.info("igds: task features %s (%s)", task_features, source)
         score = functools.partial(resonant_scores, features=np.array(task_features), pooling=cfg.pooling)
@@ -123,8 +140,9 @@ class IGDS(Method):
             {
                 "task_features": task_features,
                 "task_feature_source": source,
-                "positive_features": len(helpful),
-                "any_positive_delta": bool(helpful),
+                "positive_features": positive,
+                "cleared_null": len(helpful),
+                "null": null,
                 "alpha": {str(r["feature"]): r["alpha"] for r in effects.to_pylist() if r["feature"] in task_features},
                 "dev_skipped_overlong": skipped,
                 "feature_effects": [r | recall[r["feature"]] for r in effects.to_pylist()],
@@ -133,17 +151,17 @@ class IGDS(Method):
 
 
 def task_features_of(cfg: IGDSConfig, helpful: list[int], recalled: list[int], n: int) -> tuple[list[int], str]:
-    """The features that raised the metric (the `keep` best); with none, what the entry's fallback names."""
+    """The features that cleared the null (the `keep` best); with none, what the entry's fallback names."""
     if helpful:
         return helpful[: cfg.keep], "interventions"
     if cfg.fallback == "recall":
         log.warning("igds: no candidate raised the task metric; fallback recall: frequency recall's top %d", cfg.keep)
         return recalled[: cfg.keep], "recall (no feature raised the metric)"
     raise ValueError(
-        f"igds: none of the {n} candidate features raised the task metric at any alpha of "
-        "select.methods[igds].alphas; features that hurt are never used. Set select.methods[igds].fallback: recall "
-        "(fallback: recall in the igds entry) to rank by frequency recall instead, "
-        "or try more candidates, other alphas, or more targets"
+        f"igds: none of the {n} candidate features raised the task metric beyond what random directions pushed as "
+        "hard do (select.methods[igds].null_quantile); features that hurt are never used. Set "
+        "select.methods[igds].fallback: recall (fallback: recall in the igds entry) to rank by frequency recall "
+        "instead, or try more candidates, other alphas, or more targets"
     )
 
 
@@ -176,6 +194,12 @@ def dev_pairs(stack: ModelStack, targets: Storage, dev: set[str]) -> tuple[list[
             "select.methods[igds].targets: IGDS needs targets with an answer (an assistant turn or an output field)"
         )
     pairs, skipped = fitting_pairs(tokenizer, prompts, answers, stack.prepare.max_tokens)
+    if len(pairs) < 2:
+        raise ValueError(
+            f"select.methods[igds].targets: IGDS chooses alpha on one half of the held-out targets and measures delta "
+            f"on the other; {len(pairs)} held-out target fits prepare.max_tokens with its answer. Add targets or "
+            "raise select.methods[igds].dev_fraction"
+        )
     if skipped:
         log.warning("igds: %d held-out targets are longer than prepare.max_tokens with their answer: skipped", skipped)
     return [p.prompt for p in pairs], [p.answer for p in pairs], skipped
@@ -228,8 +252,9 @@ class TaskMetric:
             fitting_pairs(tok, prompts, answers, stack.prepare.max_tokens) if prompts else ([], 0)
         )
 
-    def __call__(self, layer: int | None = None, vector=None) -> float:
-        return float(np.mean(self.scores(self.pairs, layer, vector)))
+    def __call__(self, layer: int | None = None, vector=None, pairs: list[Pair] | None = None) -> float:
+        """The metric's mean over `pairs` (the dev pairs when None)."""
+        return float(np.mean(self.scores(self.pairs if pairs is None else pairs, layer, vector)))
 
     def scores(self, pairs: list[Pair], layer: int | None = None, vector=None) -> list[float]:
         """The metric of each pair, in batches of select.methods[igds].batch_size."""
@@ -330,46 +355,63 @@ def final_number(text: str) -> str | None:
     return found[-1].replace(",", "").rstrip(".") if found else None
 
 
-class FeatureEffects:
-    """Stage: each row names a candidate feature; the task metric with it amplified, at each alpha of
-    the sweep, and the best of them. A feature is pushed by its mean activation over the dev tokens that
-    activate it; one that none activates, by its mean max-pool over the pool (`pool_typical`), a
-    larger figure, recorded as such."""
+def halves(pairs: list[Pair], seed: int) -> tuple[list[Pair], list[Pair]]:
+    """The dev pairs alpha is chosen on, and those delta is measured on (a seeded split; the second half
+    takes the odd one)."""
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    cut = len(pairs) // 2
+    return [pairs[i] for i in sorted(order[:cut])], [pairs[i] for i in sorted(order[cut:])]
 
-    def __init__(
-        self,
-        stack: ModelStack,
-        cfg: IGDSConfig,
-        prompts: list[str],
-        answers: list[str],
-        pool_typical: dict[int, float],
-        layer: int,
-    ):
+
+class Interventions:
+    """What both intervention stages hold: the full model's task metric on the dev pairs, split into the
+    half alpha is chosen on and the half delta is measured on, with the metric unpushed on each."""
+
+    def __init__(self, stack: ModelStack, cfg: IGDSConfig, prompts: list[str], answers: list[str], layer: int):
         log_to_driver()
         self.metric = TaskMetric(stack, cfg, prompts, answers)
+        self.choose, self.confirm = halves(self.metric.pairs, cfg.seed)
+        self.base = self.metric(pairs=self.confirm)
+        self.cfg, self.layer = cfg, layer
+
+    def delta(self, vector, pairs: list[Pair], base: float) -> float:
+        return self.metric(self.layer, vector, pairs) - base
+
+
+class FeatureEffects(Interventions):
+    """Stage: each row names a candidate feature; its alpha, the best of the sweep on the first half of
+    the dev pairs, and its delta at that alpha on the second. A feature is pushed by its mean activation
+    over the dev tokens that activate it; one that none activates, by its mean max-pool over the pool
+    (`pool_typical`), a larger figure, recorded as such. `norm` is the push's: what the null matches."""
+
+    def __init__(self, stack: ModelStack, cfg: IGDSConfig, prompts: list[str], answers: list[str],
+                 pool_typical: dict[int, float], layer: int):  # fmt: skip
+        super().__init__(stack, cfg, prompts, answers, layer)
         sae = load_sae(stack, self.metric.device)
         self.decoder = sae.W_dec.detach()
         self.dev_typical = typical_activations(sae, self.metric.residual(layer))
-        self.cfg, self.pool_typical, self.layer = cfg, pool_typical, layer
-        self.base = self.metric()
+        self.base_choose = self.metric(pairs=self.choose)
+        self.pool_typical = pool_typical
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
         for j in batch["feature"].to_pylist():
             typical, source = self.typical(j)
-            swept = {a: self.metric(self.layer, a * typical * self.decoder[j]) for a in self.cfg.alphas}
+            push = typical * self.decoder[j]
+            swept = {a: self.delta(a * push, self.choose, self.base_choose) for a in self.cfg.alphas}
             alpha = max(swept, key=lambda a: (swept[a], -a))  # the best; on a tie, the gentler push
-            log.info("igds: feature %d (typical %.3g, %s): best delta %+.4f at alpha %g (%s)", j, typical, source,
-                     swept[alpha] - self.base, alpha,
-                     ", ".join(f"{a:g}: {v - self.base:+.4f}" for a, v in swept.items()))  # fmt: skip
+            delta = self.delta(alpha * push, self.confirm, self.base)
+            log.info("igds: feature %d (typical %.3g, %s): alpha %g (%s on the first half), delta %+.4f on the second",
+                     j, typical, source, alpha, ", ".join(f"{a:g}: {v:+.4f}" for a, v in swept.items()), delta)  # fmt: skip
             rows.append(
                 {
                     "feature": j,
                     "base": self.base,
-                    "amplified": swept[alpha],
-                    "delta": swept[alpha] - self.base,
+                    "amplified": self.base + delta,
+                    "delta": delta,
                     "alpha": alpha,
-                    "delta_by_alpha": [swept[a] - self.base for a in self.cfg.alphas],
+                    "delta_by_alpha": [swept[a] for a in self.cfg.alphas],  # on the half alpha is chosen on
+                    "norm": alpha * float(push.norm()),
                     "typical": typical,
                     "typical_from": source,
                 }
@@ -380,6 +422,23 @@ class FeatureEffects:
         if np.isnan(self.dev_typical[j]):
             return self.pool_typical[j], "pool max-pool"
         return float(self.dev_typical[j]), "dev tokens"
+
+
+class NullEffects(Interventions):
+    """Stage: each row names a norm and a random direction (its index); the delta, on the half the
+    candidates' deltas are measured on, of that seeded random unit direction pushed at that norm on the
+    positions a feature is pushed on."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        width = self.metric.model.get_input_embeddings().embedding_dim
+        rows = []
+        for norm, r in zip(batch["norm"].to_pylist(), batch["direction"].to_pylist()):
+            u = np.random.default_rng([self.cfg.seed, r]).standard_normal(width)
+            vector = torch.from_numpy(norm * u / np.linalg.norm(u)).to(self.metric.device)
+            rows.append({"norm": norm, "direction": r, "delta": self.delta(vector, self.confirm, self.base)})
+        return pa.Table.from_pylist(rows)
 
 
 def typical_activations(sae, residual) -> np.ndarray:
@@ -397,33 +456,34 @@ def typical_activations(sae, residual) -> np.ndarray:
     return np.where(count.numpy() > 0, total.numpy() / np.maximum(count.numpy(), 1), np.nan)
 
 
-def feature_effects(
-    stack: ModelStack,
-    cfg: IGDSConfig,
-    candidates: list[int],
-    prompts: list[str],
-    answers: list[str],
-    pool_typical: dict[int, float],
-    layer: int,
-) -> pa.Table:
-    """delta of every candidate (its best alpha's), computed in parallel on `actors` full models."""
+def on_actors(stage: type, rows: list[dict], **kwargs) -> pa.Table:
+    """`stage(**kwargs)` over `rows`, one a block, on the igds entry's `actors` full models in parallel."""
     import ray
 
-    resources = model_resources(stack.encode, min(cfg.actors, len(candidates)))
-    items = ray.data.from_items([{"feature": j} for j in candidates], override_num_blocks=len(candidates))
-    effects = map_stage(
-        items,
-        FeatureEffects,
-        resources,
-        stack=stack,
-        cfg=cfg,
-        prompts=prompts,
-        answers=answers,
-        pool_typical=pool_typical,
-        layer=layer,
-    )
-    table = pa.concat_tables(ray.get(effects.to_arrow_refs()))
-    return table.sort_by([("delta", "descending"), ("feature", "ascending")])
+    resources = model_resources(kwargs["stack"].encode, min(kwargs["cfg"].actors, len(rows)))
+    items = ray.data.from_items(rows, override_num_blocks=len(rows))
+    return pa.concat_tables(ray.get(map_stage(items, stage, resources, **kwargs).to_arrow_refs()))
+
+
+def null_grid(norms: np.ndarray, n: int) -> list[float]:
+    """The norms the null is measured at: n, log-spaced from the candidates' smallest push to their largest."""
+    pushed = norms[norms > 0] if (norms > 0).any() else np.ones(1)  # a push of norm 0 has delta 0: never clears
+    lo, hi = float(pushed.min()), float(pushed.max())
+    return np.geomspace(lo, hi, n).tolist() if n > 1 and lo < hi else [hi]
+
+
+def against_null(effects: pa.Table, null: pa.Table, quantile: float) -> tuple[pa.Table, dict]:
+    """Each candidate's null threshold (the random directions' delta quantile, interpolated in log norm at
+    its own push's norm) and whether its delta clears it and 0, best delta first; and the null's summary."""
+    norm, delta = null["norm"].to_numpy(), null["delta"].to_numpy()
+    grid = np.unique(norm)
+    cut = np.array([np.quantile(delta[norm == g], quantile) for g in grid])
+    at = np.interp(np.log(np.maximum(effects["norm"].to_numpy(), grid[0])), np.log(grid), cut)
+    cleared = effects["delta"].to_numpy() > np.maximum(at, 0)
+    effects = effects.append_column("null_threshold", pa.array(at)).append_column("cleared_null", pa.array(cleared))
+    summary = {"norms": grid.tolist(), "thresholds": cut.tolist(), "directions": int(len(delta) // len(grid)),
+               "quantile": quantile}  # fmt: skip
+    return effects.sort_by([("delta", "descending"), ("feature", "ascending")]), summary
 
 
 def resonant_scores(table: pa.Table, features: np.ndarray, pooling: str) -> np.ndarray:

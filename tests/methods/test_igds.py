@@ -16,11 +16,14 @@ from raysel.core.storage import Storage
 from raysel.methods.igds import (
     FeatureEffects,
     IGDSConfig,
+    NullEffects,
     TaskMetric,
+    against_null,
     amplified,
     decoder_layers,
     final_number,
     frequency_recall,
+    null_grid,
 )
 from tests.conftest import build_tiny_sae, store_table
 
@@ -109,24 +112,54 @@ def planted_sae(out, stack, igds, prompts, answers, planted: int):
     return out
 
 
-def test_igds_recovers_the_planted_helpful_feature(tiny_model_dir, tmp_path):
-    prompts = [f"### User:\nWhat is {a} plus {b}?\n### Assistant:\n" for a, b in [(2, 3), (4, 1), (6, 2), (1, 1)]]
-    answers = ["The sum is 5.", "The sum is 5.", "The sum is 8.", "The sum is 2."]
+def test_igds_recovers_the_planted_feature_and_random_features_rarely_clear_the_null(tiny_model_dir, tmp_path):
+    """Would catch: a null that lets random directions through at the first-order sign's rate (here most
+    random SAE features raise the metric on the confirming half), a null pushed at other norms or other
+    positions than the features, alpha's sweep maximum taken as the delta, or the planted feature lost."""
+    prompts = [
+        f"### User:\nWhat is {a} plus {b}?\n### Assistant:\n"
+        for a, b in [(2, 3), (4, 1), (6, 2), (1, 1), (3, 3), (2, 2)]
+    ]
+    answers = ["The sum is 5.", "The sum is 5.", "The sum is 8.", "The sum is 2.", "The sum is 6.", "The sum is 4."]
     raw = {
         "input": {"paths": ["x"]},
         "model": {"name": str(tiny_model_dir), "dtype": "float32"},
         "encode": {"device": "cpu"},
     }
-    igds = IGDSConfig(targets=["t"], alphas=[1.0])
+    igds = IGDSConfig(targets=["t"], alphas=[0.5, 1.0, 2.0], null_norms=3)
     sae_dir = planted_sae(tmp_path / "sae", RunConfig.model_validate(raw).stack(), igds, prompts, answers, planted=37)
     stack = RunConfig.model_validate(raw | {"sae": {"path": str(sae_dir)}}).stack()
     effects = FeatureEffects(stack, igds, prompts, answers, {j: 0.5 for j in range(128)}, layer=1)
-    deltas = effects(pa.table({"feature": list(range(0, 128, 3)) + [37]})).to_pylist()
-    best = max(deltas, key=lambda r: r["delta"])
-    assert best["feature"] == 37 and best["delta"] > 0
-    assert all(r["base"] == effects.base for r in deltas)
+    assert (len(effects.choose), len(effects.confirm)) == (3, 3)
+    table = effects(pa.table({"feature": list(range(0, 128, 3)) + [37]}))
+    norms = null_grid(table["norm"].to_numpy(), igds.null_norms)
+    rows = [{"norm": n, "direction": r} for n in norms for r in range(igds.null_directions)]
+    null = NullEffects(stack, igds, prompts, answers, layer=1)(pa.Table.from_pylist(rows))
+    judged, summary = against_null(table, null, igds.null_quantile)
+    best, *others = judged.to_pylist()
+    assert best["feature"] == 37 and best["cleared_null"] and best["delta"] > best["null_threshold"] > 0
+    assert len(others) == 43 and sum(r["delta"] > 0 for r in others) >= 15  # the sign alone lets many through
+    assert sum(r["cleared_null"] for r in others) <= 4
+    assert len(summary["norms"]) == 3 and summary["directions"] == 20
+    assert all(r["base"] == effects.base for r in table.to_pylist())
     assert not decoder_layers(effects.metric.model)[1]._forward_hooks
-    assert effects.metric() == effects.base  # no intervention left behind
+    assert effects.metric(pairs=effects.confirm) == effects.base  # no intervention left behind
+
+
+def test_a_candidates_null_threshold_is_the_quantile_at_its_own_norm_interpolated_in_log_norm():
+    """Would catch a threshold read at another norm (the largest, or interpolated in linear norm: 0.167 at
+    norm 2), another quantile, or a delta below 0 counted as helpful because it clears a negative null."""
+    null = pa.table({"norm": [1.0] * 5 + [4.0] * 5, "delta": [0.0, 0.05, 0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.3, 0.3]})
+    effects = pa.table({"feature": [1, 2, 3], "delta": [0.15, 0.15, -0.01], "norm": [1.0, 2.0, 0.5]})
+    judged, summary = against_null(effects, null, 0.5)
+    by = {r["feature"]: r for r in judged.to_pylist()}
+    assert summary["thresholds"] == [0.1, 0.3] and summary["norms"] == [1.0, 4.0]
+    assert by[2]["null_threshold"] == pytest.approx(0.2) and not by[2]["cleared_null"]
+    assert by[1]["cleared_null"] and by[1]["null_threshold"] == pytest.approx(0.1)
+    assert not by[3]["cleared_null"]  # below the smallest norm the smallest norm's threshold, and delta < 0
+    negative = pa.table({"norm": [1.0] * 2, "delta": [-0.3, -0.2]})
+    assert not against_null(effects, negative, 0.5)[0]["cleared_null"].to_pylist()[-1]
+    assert null_grid(np.array([0.0, 1.0, 8.0]), 4) == pytest.approx([1.0, 2.0, 4.0, 8.0])
 
 
 def test_a_feature_is_pushed_by_its_mean_over_the_dev_tokens_that_activate_it(tiny_model_dir, tmp_path):
@@ -168,20 +201,23 @@ def test_igds_writes_its_delta_table_and_selects_by_the_task_features(task_run):
     root, manifest, _ = task_run
     m = json.loads((root / "selection" / "igds" / "manifest.json").read_text())
     effects = m["feature_effects"]
-    assert len(effects) == 6 and {"feature", "delta", "base", "amplified", "lift", "target_share"} <= set(effects[0])
+    assert len(effects) == 6 and {"feature", "delta", "base", "amplified", "lift", "null_threshold"} <= set(effects[0])
     deltas = [e["delta"] for e in effects]
     assert deltas == sorted(deltas, reverse=True)
-    # each feature's delta is its best over the alpha sweep, at the alpha recorded
+    # alpha is the sweep's best on the first half; delta is measured again at it on the second
     for e in effects:
-        assert len(e["delta_by_alpha"]) == len(IGDSConfig(targets=["t"]).alphas) and e["delta"] == max(
-            e["delta_by_alpha"]
-        )
-        assert e["alpha"] == IGDSConfig(targets=["t"]).alphas[e["delta_by_alpha"].index(e["delta"])]
-    positive = [e["feature"] for e in effects if e["delta"] > 0]
-    # the two best by delta, from the interventions (frequency recall's branch is the unit test's below):
-    # would catch features taken by lift, a helpful feature dropped, or one that hurts kept
-    assert m["positive_features"] == len(positive) >= 2 and m["task_feature_source"] == "interventions"
-    assert m["task_features"] == positive[:2]
+        assert len(e["delta_by_alpha"]) == len(IGDSConfig(targets=["t"]).alphas)
+        assert e["alpha"] == IGDSConfig(targets=["t"]).alphas[e["delta_by_alpha"].index(max(e["delta_by_alpha"]))]
+        assert e["cleared_null"] == (e["delta"] > max(e["null_threshold"], 0))
+    cleared = [e["feature"] for e in effects if e["cleared_null"]]
+    recall = sorted(effects, key=lambda e: (-e["lift"], e["feature"]))
+    # a random SAE on a random model: what cleared the null, else frequency recall's top 2 (this entry's
+    # fallback); would catch features taken from the sign of delta, or the fallback's record wrong
+    assert m["cleared_null"] == len(cleared) and m["positive_features"] == sum(d > 0 for d in deltas)
+    assert m["null"]["directions"] == 20 and len(m["null"]["thresholds"]) == 4
+    expected = cleared[:2] if cleared else [e["feature"] for e in recall[:2]]
+    assert m["task_features"] == expected
+    assert m["task_feature_source"] == ("interventions" if cleared else "recall (no feature raised the metric)")
     assert m["counts"]["n_selected"] == 15 and m["budget"] == 15
     pool = FeatureStore(Storage(str(root), RunConfig.model_validate(manifest["config"]).s3)).table()
     sums = {
