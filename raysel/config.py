@@ -173,16 +173,62 @@ def _read_yaml(path: str | Path) -> dict:
 
 
 def _apply_override(raw: dict, item: str) -> None:
+    """One `key.path=value`. A part of the path reaches into a list by index (input.paths.0) or, in a
+    list of named entries, by name (select.methods.coverage.budget); a list the config does not set
+    is its default's copy, so select.methods.coverage reaches the default entry."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects section.key=value, got {item!r}")
     *parents, leaf = key.strip().split(".")
     node = raw
     for i, part in enumerate(parents):
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parents[: i + 1])} is not a section")
-    node[leaf] = yaml.safe_load(value) if value.strip() else None
+        node = _child(node, part, parents[:i], key)
+    if isinstance(node, list):
+        node[_entry(node, leaf, parents, key)] = yaml.safe_load(value) if value.strip() else None
+    else:
+        node[leaf] = yaml.safe_load(value) if value.strip() else None
+
+
+def _child(node, part: str, path: list[str], key: str):
+    if isinstance(node, list):
+        i = _entry(node, part, path, key)
+        if isinstance(node[i], str):  # a method named alone: [coverage] -> [{name: coverage}]
+            node[i] = {"name": node[i]}
+        return node[i]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: {'.'.join(path)} is not a section")
+    if part not in node:
+        node[part] = _default_list([*path, part]) or {}
+    if not isinstance(node[part], dict | list):
+        raise ConfigError(f"--set {key}: {'.'.join([*path, part])} is not a section")
+    return node[part]
+
+
+def _entry(items: list, part: str, path: list[str], key: str) -> int:
+    """The index of `part` in a config list: a number, or the name of an entry."""
+    where = ".".join(path)
+    if part.isdigit():
+        if int(part) >= len(items):
+            raise ConfigError(f"--set {key}: {where} has {len(items)} entries; {part} is out of range")
+        return int(part)
+    names = [e if isinstance(e, str) else e.get("name") if isinstance(e, dict) else None for e in items]
+    if part not in names:
+        listed = ", ".join(str(n) for n in names if n is not None) or "none named"
+        raise ConfigError(f"--set {key}: {where} has no entry {part!r} ({listed}); set {where} whole to add one")
+    return names.index(part)
+
+
+def _default_list(path: list[str]) -> list | None:
+    """A copy of the default of `path` when it is a list of a section (select.methods), else None."""
+    model = RunConfig
+    for part in path[:-1]:
+        field = model.model_fields.get(part)
+        model = field.annotation if field else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+    field = model.model_fields.get(path[-1])
+    default = field.get_default(call_default_factory=True) if field else None
+    return copy.deepcopy(default) if isinstance(default, list) else None
 
 
 def _describe(err: ValidationError) -> str:

@@ -66,6 +66,21 @@ def test_override_of_unknown_key_is_an_error(tmp_path):
     assert "model.dtypo: unknown key" in msg
 
 
+def test_set_reaches_a_method_entry_by_name_or_index_and_the_default_list():
+    """Would catch --set writing a mapping key into a list (pydantic's error then names no key), the
+    default methods lost when the config lists none, or a name matched against the wrong entry."""
+    cfg = load_config(None, ['input.paths=["x"]', "select.methods.coverage.budget=5", "select.methods.2.budget=7"])
+    assert [(e.name, e.budget) for e in cfg.select.methods] == [("coverage", 5), ("random", None), ("longest", 7)]
+    raw = {"input": {"paths": ["a", "b"]}, "select": {"methods": ["random", {"name": "mona", "targets": ["t"]}]}}
+    cfg = load_config(None, ["select.methods.mona.pooling=sum", "input.paths.1=c"], raw=raw)
+    assert cfg.select.methods[1].pooling == "sum" and cfg.select.methods[1].targets == ["t"]
+    assert cfg.input.paths == ["a", "c"] and raw["input"]["paths"] == ["a", "b"]  # the caller's dict untouched
+    with pytest.raises(ConfigError, match=r"select.methods has no entry 'igds' \(coverage, random, longest\)"):
+        load_config(None, ['input.paths=["x"]', "select.methods.igds.keep=2"])
+    with pytest.raises(ConfigError, match="input.paths has 1 entries; 3 is out of range"):
+        load_config(None, ['input.paths=["x"]', "input.paths.3=y"])
+
+
 def test_override_without_equals_sign(tmp_path):
     msg = error_of(tmp_path, "input:\n  paths: [a.jsonl]\n", ["prepare.max_tokens"])
     assert "section.key=value" in msg
