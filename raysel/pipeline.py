@@ -23,7 +23,7 @@ from raysel.core import paths
 from raysel.core.corpus import list_input_files
 from raysel.core.features import FeatureStore
 from raysel.core.generation import check_vllm
-from raysel.core.ray_adapter import init_ray
+from raysel.core.ray_adapter import init_ray, quiet_off_a_terminal
 from raysel.core.sae import default_sae_source
 from raysel.core.storage import Storage, StorageError, redact
 from raysel.stages.base import Done, Executor, Stage
@@ -164,7 +164,8 @@ def run_stages(
     sides = SideSets(cfg, storage)
     run_info = {"config": cfg.public_dict(), "versions": versions(), "model": cfg.model.name}
     stages = build(Target(cfg, storage, sides, run=run_info, force=force))
-    done = Executor(stages, sides.for_stage, given).run(targets)
+    with quiet_off_a_terminal():
+        done = Executor(stages, sides.for_stage, given).run(targets)
     manifest = run_info | {
         "output": storage.uri(),
         "stages": done,

@@ -64,6 +64,15 @@ def test_the_readmes_python_example_runs_as_written(ray_cluster, tiny_model_dir,
     raw["select"] = {"methods": ["coverage", "random"]}
     (tmp_path / "my-config.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = True  # the notebook's or script's own
+    import raysel.pipeline
+
+    during, executor_run = [], raysel.pipeline.Executor.run
+    monkeypatch.setattr(raysel.pipeline.Executor, "run", lambda self, targets: during.append(
+        (context.enable_progress_bars, context.print_on_execution_start)) or executor_run(self, targets))  # fmt: skip
     code = re.search(r"```python\n(import raysel\n.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
@@ -72,3 +81,7 @@ def test_the_readmes_python_example_runs_as_written(ray_cluster, tiny_model_dir,
     assert isinstance(coverage, datasets.Dataset) and coverage.num_rows == 2  # 5 % of 40
     assert set(coverage["id"]) <= set(r.features().to_pandas()["id"])
     assert r.report_path and r.report_path.endswith("report.html")
+    # off a terminal raysel quiets Ray Data's bars while its own datasets run, and only then: they were
+    # once switched off for the rest of the process, and only by the call that started Ray
+    assert during == [(False, False)]
+    assert context.enable_progress_bars and context.print_on_execution_start

@@ -173,18 +173,24 @@ def init_ray(cfg: RayConfig) -> None:
     else:
         ray.init(address="local", num_cpus=cfg.num_cpus)
         log.info("ray: started a local cluster (set ray.address: auto to join one running on this machine)")
-    quiet_off_a_terminal()
 
 
-def quiet_off_a_terminal() -> None:
+@contextlib.contextmanager
+def quiet_off_a_terminal() -> Iterator[None]:
     """Ray Data's progress bars redraw many times a second: on a terminal that is a display, in a log
-    (CI, `ray job logs`) a flood. Off a terminal raysel's own progress lines take their place."""
+    (CI, `ray job logs`) a flood. Off a terminal (and out of a notebook) raysel's own progress lines
+    take their place for the datasets made inside; the process's own settings come back after, so a
+    script that also uses Ray Data keeps its bars."""
     from ray.data import DataContext
 
-    if not sys.stderr.isatty() and not in_notebook():  # a notebook keeps its bars, for the whole session
-        context = DataContext.get_current()
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
+    context = DataContext.get_current()
+    saved = context.enable_progress_bars, context.print_on_execution_start
+    if not sys.stderr.isatty() and not in_notebook():
+        context.enable_progress_bars = context.print_on_execution_start = False
+    try:
+        yield
+    finally:
+        context.enable_progress_bars, context.print_on_execution_start = saved
 
 
 def model_resources(encode: EncodeConfig, actors: int, batch_size: int = 1) -> Resources:
