@@ -277,6 +277,19 @@ def seeded_hash(ids, seed: int) -> np.ndarray:
     return pd.util.hash_array(np.asarray(ids, dtype=object), hash_key=key)
 
 
+SAE_FEATURES = pa.list_(pa.struct([("feature", pa.int32()), ("activation", pa.float32())]))
+
+
+def strongest_block(table: pa.Table, wanted: pa.Array, n: int) -> pa.Table:
+    """The rows of `wanted` ids with their `n` strongest features by peak activation (ties: lower id)."""
+    table = table.filter(pc.is_in(table["id"], value_set=wanted))
+    tops = []
+    for feats, peaks in zip(table["feat_ids"].to_pylist(), table["feat_max"].to_pylist()):
+        order = np.argsort(-np.asarray(peaks, np.float64), kind="stable")[:n]
+        tops.append([{"feature": feats[i], "activation": peaks[i]} for i in order])
+    return pa.table({"id": table["id"], "sae_features": pa.array(tops, SAE_FEATURES)})
+
+
 def top_k(ids: np.ndarray, scores: np.ndarray, k: int, seed: int) -> pa.Table:
     """The k best (id, score), highest score first, ties by the ids' seeded hash."""
     order = np.lexsort((seeded_hash(ids, seed), -scores))[:k]
@@ -350,6 +363,17 @@ class FeatureStore:
                 tops = [top_of(pa.concat_tables(tops), k, seed)]
                 held = tops[0].num_rows
         return top_of(pa.concat_tables(tops), k, seed) if tops else top_k(np.array([], object), np.array([]), k, seed)
+
+    def strongest(self, ids: list[str], n: int) -> pa.Table:
+        """id and the `n` strongest features (SAE_FEATURES, by peak activation) of each sample of `ids`,
+        in one pass on the cluster: each shard sends back its own samples of `ids`."""
+        fn = functools.partial(strongest_block, wanted=pa.array(ids, pa.string()), n=n)
+        tops = list(self.blocks(fn, ["id", "feat_ids", "feat_max"], name="top features"))
+        return (
+            pa.concat_tables(tops)
+            if tops
+            else pa.table({"id": pa.array([], pa.string()), "sae_features": pa.array([], SAE_FEATURES)})
+        )
 
     def activated_sets(self, tau: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ids, and A(x) of every sample in CSR form (indptr, int32 indices), sorted by id. Each block

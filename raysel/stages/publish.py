@@ -36,21 +36,27 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysel.core import paths
+from raysel.core.features import SAE_FEATURES
 from raysel.core.records import MESSAGES
 from raysel.core.section import ConfigError
 from raysel.core.storage import Storage
 
 DATA_FILE = "data/train-00000-of-00001.parquet"
-CORE_COLUMNS = ("rank", "id", "score", "messages", "record")
+CORE_COLUMNS = ("rank", "id", "score", "messages", "sae_features", "record")
+# a pick's strongest SAE features by their peak activation in the sample: why it was kept, filterable
+TOP_FEATURES = 8
 PART_ROWS = 20_000  # records parsed at once while a selection is written
 # the picks in a slice of their rank order: `record` (the input row's JSON) and `messages` (its turns)
 Records = Callable[[slice], pa.Table]
 LICENCE_FIELDS = ("license", "licence")
 
 
-def write_selection(storage: Storage, method: str, ids, scores, new, records: Records, manifest: dict) -> dict:
+def write_selection(
+    storage: Storage, method: str, ids, scores, new, records: Records, manifest: dict, features: pa.Array | None = None
+) -> dict:
     """selection/<method>/ for the picks `ids` in rank order; records(part) gives the records (JSON)
-    of the picks in a slice of that order, PART_ROWS at most."""
+    of the picks in a slice of that order, PART_ROWS at most; `features`, each pick's strongest SAE
+    features (SAE_FEATURES) where they were encoded."""
     base = paths.selection(method)
     storage.remove(f"{base}/manifest.json")  # a half-rewritten selection must not look finished
     storage.fs.create_dir(storage.path(base, "data"), recursive=True)
@@ -61,6 +67,7 @@ def write_selection(storage: Storage, method: str, ids, scores, new, records: Re
             # as the dataset file names it; NaN (no score) -> null
             "score": pa.array(scores, pa.float64(), from_pandas=True),
             "new_features": pa.array(new, pa.int64()),
+            **({"sae_features": features} if features is not None else {}),
         }
     )
     pq.write_table(selected, storage.path(base, "selected.parquet"), filesystem=storage.fs)
@@ -180,6 +187,7 @@ def write_dataset(storage: Storage, path: str, selected: pa.Table, parts, record
                 ("id", pa.string()),
                 ("score", pa.float64()),
                 ("messages", MESSAGES),
+                *([("sae_features", SAE_FEATURES)] if "sae_features" in selected.column_names else []),
                 *types.items(),
                 ("record", pa.string()),
             ]
@@ -197,6 +205,7 @@ def dataset_part(selected: pa.Table, picked: pa.Table, types: dict, schema: pa.S
     raw = picked["record"].to_pylist()
     records = [json.loads(r) for r in raw]
     columns = [selected["rank"], selected["id"], selected["score"], picked["messages"]]
+    columns += [selected["sae_features"]] if "sae_features" in selected.column_names else []
     for key, t in types.items():
         try:
             columns.append(pa.array([r.get(key) for r in records], type=t))
@@ -292,7 +301,8 @@ activates on each sample.
 
 `rank` (1 = picked first), `id`, `score` (the method's gain or score for the pick), `messages`
 (the sample as chat turns of role and content, as TRL's SFTTrainer reads them; null for plain
-text), the original fields that keep one type across the selection ({originals}), and `record`:
+text), `sae_features` where the picks were encoded (their {TOP_FEATURES} strongest features of the SAE
+above, as `feature` id and peak `activation` in the sample: filter or stratify by them), the original fields that keep one type across the selection ({originals}), and `record`:
 each input row as JSON, every field whatever its type. `records.jsonl` holds the rows as written;
 `manifest.json` the full config, versions and fingerprints.
 

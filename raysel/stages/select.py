@@ -30,7 +30,7 @@ from raysel.core.features import FeatureStore, column_chunks
 from raysel.core.storage import Storage
 from raysel.methods import BASELINES, Context, Method, Pool, build
 from raysel.stages.base import Done, Stage
-from raysel.stages.publish import PART_ROWS, PickedRecords, write_selection
+from raysel.stages.publish import PART_ROWS, TOP_FEATURES, PickedRecords, write_selection
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,8 @@ class Select(Stage):
             for k in set(budgets.values())
         }
         at_budget = {}
+        strongest = store.strongest(np.unique(np.concatenate([pool.ids[o] for o, *_ in picks.values()])).tolist(),
+                                    TOP_FEATURES)  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="raysel-picks-") as spill:
             records = PickedRecords(self.storage, {name: pool.ids[order] for name, (order, *_) in picks.items()}, spill)
             for name, k in budgets.items():
@@ -222,7 +224,7 @@ class Select(Stage):
                     **base, "method": name, "budget": k, "tau": ctx.tau, **chosen.details,
                     "counts": {**base["counts"], "n_selected": int(len(order))},
                     "objective_curve": curve, "coverage_at_budget": at_budget[name],
-                })  # fmt: skip
+                }, strongest["sae_features"].take(pc.index_in(pa.array(pool.ids[order], pa.string()), value_set=strongest["id"])))  # fmt: skip
         summary = {
             "budgets": budgets,
             "n_features_activated": pool.n_features,

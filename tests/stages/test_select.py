@@ -13,7 +13,7 @@ from raysel import cli
 from raysel.cli import summary_lines
 from raysel.config import RunConfig
 from raysel.core.features import FeatureStore, calibrate_tau
-from raysel.core.storage import Storage
+from raysel.core.storage import S3Config, Storage
 from raysel.pipeline import run
 from raysel.stages.select import coverage_curve, resolve_budget
 from tests.conftest import DEMO, fac_reference, run_cfg, write_jsonl
@@ -69,6 +69,16 @@ def test_each_method_writes_ids_records_and_a_manifest(selected_run, method):
     assert manifest["objective_curve"][-1]["k"] == 12
     assert manifest["coverage_at_budget"][method] == curve[-1]
     assert sum(r["new_features"] for r in selected) > 0
+    # each pick carries its 8 strongest features by peak activation, as the store holds them: would
+    # catch another row's features (an id lookup off by one), another ranking (feat_sum), or a dropped pick
+    store = {r["id"]: r for r in FeatureStore(Storage(str(root), S3Config())).table(ids=ids).to_pylist()}
+    for row in table.select(["id", "sae_features"]).to_pylist():
+        peaks = store[row["id"]]
+        top = sorted(zip(peaks["feat_max"], peaks["feat_ids"]), key=lambda t: (-t[0], t[1]))[:8]
+        assert [(f["feature"], f["activation"]) for f in row["sae_features"]] == [(j, pytest.approx(v)) for v, j in top]
+    assert table.num_rows == 12 and pq.read_table(base / "selected.parquet")["sae_features"].equals(
+        table["sae_features"]
+    )
 
 
 def test_a_selection_loads_as_a_hugging_face_dataset_and_carries_a_card(selected_run, tmp_path):
