@@ -1,10 +1,11 @@
 """A selection as a dataset: how every selection is written under selection/<method>/, and
 `raysel push`, which uploads one to the Hugging Face Hub.
 
-    data/train-00000-of-00001.parquet   rank, id, score, `messages` (the sample as chat turns of
+    data/train-00000-of-0000N.parquet   rank, id, score, `messages` (the sample as chat turns of
                        role and content, TRL's conversational format; null for plain text), each
                        original field that keeps one Arrow type across the selection, and `record`
-                       (the input row as JSON): what `datasets.load_dataset(folder, split="train")` loads
+                       (the input row as JSON): what `datasets.load_dataset(folder, split="train")` loads;
+                       one file per SHARD_BYTES of records (datasets' own max_shard_size), in rank order
     README.md          the dataset card: YAML front matter (configs, licence, tags) and what the
                        selection is (method, budget, counts, model, SAE, coverage)
     records.jsonl      the selected rows, each line the input row as it was written
@@ -41,7 +42,7 @@ from raysel.core.records import MESSAGES
 from raysel.core.section import ConfigError
 from raysel.core.storage import Storage
 
-DATA_FILE = "data/train-00000-of-00001.parquet"
+SHARD_BYTES = 500 << 20  # of the records' JSON, which parquet holds in less: datasets' max_shard_size
 CORE_COLUMNS = ("rank", "id", "score", "messages", "sae_features", "record")
 # a pick's strongest SAE features by their peak activation in the sample: why it was kept, filterable
 TOP_FEATURES = 8
@@ -72,19 +73,33 @@ def write_selection(
     )
     pq.write_table(selected, storage.path(base, "selected.parquet"), filesystem=storage.fs)
     parts = [slice(lo, min(lo + PART_ROWS, len(ids))) for lo in range(0, len(ids), PART_ROWS)] or [slice(0, 0)]
+    sizes = [0] * len(parts)
     with storage.fs.open_output_stream(storage.path(base, "records.jsonl")) as f:
-        # one read of a part for both
-        types, found = field_types(_written(records(part)["record"].to_pylist(), f) for part in parts)
-    columns = write_dataset(storage, storage.path(base, DATA_FILE), selected, parts, records, types)
+        # one read of a part for both, and its size
+        types, found = field_types(
+            _written(records(part)["record"].to_pylist(), f, sizes, i) for i, part in enumerate(parts)
+        )
+    for old in storage.listing(f"{base}/data"):  # an earlier write's shards, which may have been more
+        storage.fs.delete_file(old.path)
+    columns = write_dataset(storage, storage.path(base, "data"), selected, shards(parts, sizes), records, types)
     with storage.fs.open_output_stream(storage.path(base, "README.md")) as f:
         f.write(dataset_card(manifest, columns, found).encode())
     storage.write_json(f"{base}/manifest.json", manifest)  # last: the selection is committed
     return manifest
 
 
-def _written(raw: list[str], f) -> list[str]:
-    f.write("".join(r + "\n" for r in raw).encode())
+def _written(raw: list[str], f, sizes: list[int], i: int) -> list[str]:
+    data = "".join(r + "\n" for r in raw).encode()
+    f.write(data)
+    sizes[i] = len(data)
     return raw
+
+
+def shards(parts: list[slice], sizes: list[int]) -> list[list[slice]]:
+    """The parts grouped into dataset files of about SHARD_BYTES each, in order (a part is never split)."""
+    n = max(1, min(len(parts), -(-sum(sizes) // SHARD_BYTES)))
+    per = -(-len(parts) // n)
+    return [parts[i : i + per] for i in range(0, len(parts), per)]
 
 
 def field_types(parts) -> tuple[dict[str, pa.DataType], dict[str, int]]:
@@ -176,10 +191,13 @@ class _Unfit(Exception):
         self.key = key
 
 
-def write_dataset(storage: Storage, path: str, selected: pa.Table, parts, records: Records, types: dict) -> list[str]:
-    """The dataset file, a part at a time: rank, id, score, messages, the typed fields, `record`. A field that
-    one part's values do not fit in its promoted type (an int past int64 where the others are int64)
-    is left to `record`, and the file written again. Returns the column names."""
+def write_dataset(
+    storage: Storage, folder: str, selected: pa.Table, shards: list[list[slice]], records: Records, types: dict
+) -> list[str]:
+    """The dataset files, train-0000i-of-0000N.parquet under `folder`, a part at a time: rank, id, score,
+    messages, sae_features, the typed fields, `record`. A field that one part's values do not fit in
+    its promoted type (an int past int64 where the others are int64) is left to `record`, and the files
+    written again. Returns the column names."""
     while True:
         schema = pa.schema(
             [
@@ -193,9 +211,11 @@ def write_dataset(storage: Storage, path: str, selected: pa.Table, parts, record
             ]
         )
         try:
-            with pq.ParquetWriter(path, schema, filesystem=storage.fs) as writer:
-                for part in parts:
-                    writer.write_table(dataset_part(selected[part.start : part.stop], records(part), types, schema))
+            for i, parts in enumerate(shards):
+                path = f"{folder}/train-{i:05d}-of-{len(shards):05d}.parquet"
+                with pq.ParquetWriter(path, schema, filesystem=storage.fs) as writer:
+                    for part in parts:
+                        writer.write_table(dataset_part(selected[part.start : part.stop], records(part), types, schema))
             return schema.names
         except _Unfit as e:
             del types[e.key]

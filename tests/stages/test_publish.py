@@ -36,32 +36,57 @@ RECORDS = st.lists(
 )
 
 
-def written(records: list[dict], part_rows: int) -> tuple:
+def written(records: list[dict], part_rows: int, shard_bytes: int = 500 << 20) -> tuple:
     ids = [f"s{i}" for i in range(len(records))]
-    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(publish, "PART_ROWS", part_rows):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mock.patch.object(publish, "PART_ROWS", part_rows),
+        mock.patch.object(publish, "SHARD_BYTES", shard_bytes),
+    ):
         storage = Storage(tmp, S3Config())
         publish.write_selection(storage, "m", ids, np.arange(len(ids), dtype=float), np.zeros(len(ids), np.int64),
                                 publish.records_of(ids, dict(zip(ids, map(json.dumps, records)))), {"counts": {}})  # fmt: skip
         base = Path(tmp, "selection", "m")
+        files = sorted(p.name for p in (base / "data").iterdir())
+        assert files == [f"train-{i:05d}-of-{len(files):05d}.parquet" for i in range(len(files))]
         return (
-            pq.read_table(base / publish.DATA_FILE),
+            pq.read_table(base / "data"),  # the shards in name order
             (base / "records.jsonl").read_text(),
             (base / "README.md").read_text(),
         )
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)
-@given(records=RECORDS, part_rows=st.integers(1, 5))
-def test_a_selection_written_in_parts_is_the_one_written_whole(records, part_rows):
+@given(records=RECORDS, part_rows=st.integers(1, 5), shard_bytes=st.integers(1, 300))
+def test_a_selection_written_in_parts_and_shards_is_the_one_written_whole(records, part_rows, shard_bytes):
     """Catches a part whose field takes another type than the whole selection's (an int part beside a
     float part, a struct part missing a field), a field kept or dropped by one part alone, columns out
-    of their first-seen order, rows written twice or out of rank order, and licences counted in one
-    part only (the card names them)."""
-    parted, whole = written(records, part_rows), written(records, 10**6)
+    of their first-seen order, rows written twice or out of rank order (also across the dataset's
+    shard files), and licences counted in one part only (the card names them)."""
+    parted, whole = written(records, part_rows, shard_bytes), written(records, 10**6)
     assert parted[0].schema == whole[0].schema
     assert parted[0].to_pylist() == whole[0].to_pylist()
     assert parted[1:] == whole[1:]
     assert parted[0].num_rows == len(records)
+
+
+def test_the_dataset_is_sharded_by_the_records_bytes_and_loads_whole_in_rank_order(tmp_path):
+    """Would catch one file whatever the size, shards of a stale earlier write left beside new ones (the
+    loader would read both), or shards named out of rank order."""
+    import datasets
+
+    records = [{"k": "x" * 100, "n": i} for i in range(10)]  # 118 B a line: 1,180 B in all
+    ids = [f"s{i}" for i in range(10)]
+    storage = Storage(str(tmp_path), S3Config())
+    for shard_bytes in (1, 500):  # 10 parts in 10 files, then in 3 (of 4, 4, 2 parts)
+        with mock.patch.object(publish, "PART_ROWS", 1), mock.patch.object(publish, "SHARD_BYTES", shard_bytes):
+            publish.write_selection(storage, "m", ids, np.arange(10.0), np.zeros(10, np.int64),
+                                    publish.records_of(ids, dict(zip(ids, map(json.dumps, records)))), {"counts": {}})  # fmt: skip
+    files = sorted(p.name for p in (tmp_path / "selection" / "m" / "data").iterdir())
+    assert files == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+    assert [pq.read_metadata(tmp_path / "selection" / "m" / "data" / f).num_rows for f in files] == [4, 4, 2]
+    ds = datasets.load_dataset(str(tmp_path / "selection" / "m"), split="train")
+    assert ds["id"] == ids and ds["n"] == list(range(10))
 
 
 def test_an_int_past_int64_in_one_part_leaves_its_field_to_record():
