@@ -9,6 +9,7 @@ parsing and validation happen in the prepare stage."""
 from __future__ import annotations
 
 import base64
+import codecs
 import csv
 import hashlib
 import io
@@ -224,7 +225,7 @@ def read_rows(f: pa.NativeFile, fmt: str, limit: int) -> Iterator[dict]:
 def _json_rows(f: pa.NativeFile, limit: int, array_ok: bool) -> Iterator[dict]:
     head = _head(f)
     if array_ok and head.lstrip().startswith(b"["):
-        yield from _json_array_rows(head + f.read(), limit)
+        yield from _json_array_rows(_Streamed(head, f), limit)
         return
     for number, line, size in _lines(head, f, limit):
         if line.startswith(BOM):  # files joined with cat keep each one's BOM
@@ -283,35 +284,76 @@ def _too_large(number: int, head: bytes, size: int, limit: int) -> dict:
     return _row(number, shown, "too_large", f"{size:,} bytes, over prepare.max_row_bytes ({limit:,}); raw: the head")
 
 
-def _json_array_rows(data: bytes, limit: int) -> Iterator[dict]:
+def _json_array_rows(src: _Streamed, limit: int) -> Iterator[dict]:
     """One row per element of a JSON array, its raw text as written (line ends made spaces, which
-    JSON allows between tokens and never inside a string). From where the array stops parsing, the
-    rest of the file is one reject."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        yield _row(0, data[:PREVIEW_BYTES].decode("utf-8", "backslashreplace"), "invalid_utf8", str(err))
-        return
-    pos, number = _after_ws(text, text.index("[") + 1), 0
-    while pos < len(text) and text[pos] != "]":
+    JSON allows between tokens and never inside a string), read a chunk at a time: the text held is
+    the element being read and the chunk it is in. An element with bytes that are not UTF-8 is
+    rejected alone; from where the array stops parsing, the rest of the file is one reject."""
+    number, pos = 0, src.text.index("[") + 1
+    while True:
+        pos = src.skip(pos)
+        if pos >= len(src.text):  # a cut-off file: say so, whatever came before it
+            yield _row(number + 1, "", "malformed_json", "the array has no closing ']'")
+            return
+        if src.text[pos] == "]":
+            return
         number += 1
-        try:
-            end = _value_end(text, pos)
-        except json.JSONDecodeError as err:
-            yield _row(number, text[pos : pos + PREVIEW_BYTES], "malformed_json", f"the array stops parsing: {err}")
+        end, err = src.value_end(pos)
+        if err is not None:
+            yield _row(number, src.text[pos : pos + PREVIEW_BYTES], "malformed_json", f"the array stops parsing: {err}")
             return
-        raw = text[pos:end]
-        if len(raw.encode()) > limit:
-            yield _too_large(number, raw.encode(), len(raw.encode()), limit)
+        raw = src.text[pos:end].encode("utf-8", "surrogateescape")
+        if len(raw) > limit:
+            yield _too_large(number, raw, len(raw), limit)
         else:
-            yield _row(number, raw.replace("\r", " ").replace("\n", " "))
-        pos = _after_ws(text, end)
-        if pos < len(text) and text[pos] not in ",]":
-            yield _row(number + 1, text[pos : pos + PREVIEW_BYTES], "malformed_json", "expected ',' or ']'")
+            yield _decoded(number, raw.replace(b"\r", b" ").replace(b"\n", b" "))
+        pos = src.skip(end)
+        if pos < len(src.text) and src.text[pos] not in ",]":
+            yield _row(number + 1, src.text[pos : pos + PREVIEW_BYTES], "malformed_json", "expected ',' or ']'")
             return
-        pos = _after_ws(text, pos + 1) if text[pos : pos + 1] == "," else pos
-    if pos >= len(text):  # a cut-off file: say so, whatever came before it
-        yield _row(number + 1, "", "malformed_json", "the array has no closing ']'")
+        pos = src.forget(pos + (src.text[pos : pos + 1] == ","))
+
+
+class _Streamed:
+    """A file's text, decoded as it is read: `text` holds what is read and not yet forgotten. A value
+    cut by a read is scanned again after the next, which reads at least as much as is pending, so a
+    long value costs linear time. Bytes that are not UTF-8 decode to lone surrogates (which no UTF-8
+    text holds), so that they cost their own element only."""
+
+    def __init__(self, head: bytes, f: pa.NativeFile):
+        self.f, self.decoder, self.eof = f, codecs.getincrementaldecoder("utf-8")("surrogateescape"), False
+        self.text = self.decoder.decode(head)
+
+    def more(self, pending: int) -> None:
+        data = self.f.read(max(CHUNK_BYTES, pending))
+        self.eof = not data
+        self.text += self.decoder.decode(data, final=self.eof)
+
+    def skip(self, pos: int) -> int:
+        """The first position at or after `pos` that is not white space (len(text) at the end)."""
+        while (pos := _after_ws(self.text, pos)) >= len(self.text) and not self.eof:
+            self.more(0)
+        return pos
+
+    def value_end(self, pos: int) -> tuple[int | None, json.JSONDecodeError | None]:
+        """Where the value at `pos` ends, or why it does not parse (only said once the file has ended:
+        before that, the value may go on in the next read, a number included)."""
+        while True:
+            try:
+                end = _value_end(self.text, pos)
+                if end < len(self.text) or self.eof:
+                    return end, None
+            except json.JSONDecodeError as err:
+                if self.eof:
+                    return None, err
+            self.more(len(self.text) - pos)
+
+    def forget(self, pos: int) -> int:
+        """Drop the text before `pos` once a chunk of it is read; the new position of `pos`."""
+        if pos < CHUNK_BYTES:
+            return pos
+        self.text = self.text[pos:]
+        return 0
 
 
 # Scanning only: numbers stay text, so an element's value is parsed once, per row, in prepare.

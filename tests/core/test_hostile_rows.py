@@ -169,6 +169,31 @@ def test_every_element_of_a_json_array_is_accounted_for(formatter, values, inden
     check_written([r for r in out if r["reason"] is None])
 
 
+def test_a_json_array_is_streamed_and_what_breaks_it_costs_only_the_rest(monkeypatch):
+    """Would catch the array read whole (the text held grew with the file: 2 MB here, for 1 KiB reads),
+    and a bad byte or a broken element that took the elements before it with it."""
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 1024)
+    held, more = [], corpus._Streamed.more
+    monkeypatch.setattr(corpus._Streamed, "more", lambda self, n: more(self, n) or held.append(len(self.text)))
+    elements = [{"instruction": f"q{i} " + "é" * 50, "output": "a"} for i in range(20_000)]
+    data = json.dumps(elements, ensure_ascii=False).encode()
+    rows = list(read_rows(pa.BufferReader(data), "json", 1 << 20))
+    assert len(rows) == 20_000 and json.loads(rows[-1]["raw"]) == elements[-1] and len(data) > 2_000_000
+    assert max(held) < 4 * 1024
+    good = b'[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": "d"}, '
+    for tail, reasons in [
+        (b'{"instruction": "caf\xe9"}, {"instruction": "e", "output": "f"}]', ["invalid_utf8", None]),
+        (b'{"instruction": "e" "output": "f"}, {"instruction": "g", "output": "h"}]', ["malformed_json"]),
+        (b'{"instruction": "e", "output": "f"}', [None, "malformed_json"]),  # no closing bracket
+    ]:
+        rows = list(read_rows(pa.BufferReader(good + tail), "json", 1 << 20))
+        assert [r["reason"] for r in rows] == [None, None, *reasons] and [r["row"] for r in rows] == [1, 2, 3, 4][
+            : len(rows)
+        ]
+    assert rows[0]["raw"] == '{"instruction": "a", "output": "b"}' and "caf\\xe9" in list(
+        read_rows(pa.BufferReader(good + b'{"instruction": "caf\xe9"}]'), "json", 1 << 20))[2]["raw"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "line, reason",
     [
