@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "raysel" / "data" / "demo.jsonl"
@@ -321,6 +322,35 @@ def task_run(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
     }
     manifest = run(RunConfig.model_validate(raw), until="select")
     return tmp / "out", manifest, RunConfig.model_validate(raw)
+
+
+def interruptible_cfg(tmp: Path, model_dir, sae_dir, root: str, s3: dict | None = None) -> dict:
+    """240 demo rows in ~30 small encode shards (a run that takes a while), no report: the run the
+    fault tests interrupt."""
+    raw = run_cfg(tmp, model_dir, sae_dir, 240)
+    raw["encode"]["tokens_per_batch"] = 96
+    raw["output"] = {"root": root, "report": False}
+    return raw | ({"s3": s3} if s3 is not None else {})
+
+
+def cli_command(tmp: Path, raw: dict) -> list[str]:
+    """`raysel run` of `raw` in a process of its own, with its own local 2-CPU cluster."""
+    (tmp / "run.yaml").write_text(yaml.safe_dump(raw))
+    return [sys.executable, "-m", "raysel.cli", "run", str(tmp / "run.yaml"), "--set", "ray.num_cpus=2"]
+
+
+CLI_ENV = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_model_dir, tiny_sae_dir, tmp_path_factory) -> Path:
+    """The interruptible run to a local folder, never disturbed: what a resumed run must equal (the
+    driver-kill and S3 outage tests compare with it)."""
+    tmp = tmp_path_factory.mktemp("clean")
+    raw = interruptible_cfg(tmp, tiny_model_dir, tiny_sae_dir, str(tmp / "out"))
+    done = subprocess.run(cli_command(tmp, raw), env=CLI_ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tmp / "out"
 
 
 @pytest.fixture(scope="session")

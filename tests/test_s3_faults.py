@@ -5,19 +5,17 @@ long one and then resumes, and either way ends with exactly the uninterrupted ru
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from raysel.core.paths import FEATURES_DONE as DONE
-from tests.conftest import SeaweedS3, run_cfg
+from tests.conftest import CLI_ENV as ENV
+from tests.conftest import SeaweedS3, cli_command, interruptible_cfg
 
 pytestmark = pytest.mark.integration
-ENV = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture
@@ -28,28 +26,6 @@ def server(tmp_path):
     s.filesystem().create_dir("faults")
     yield s
     s.stop()
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_model_dir, tiny_sae_dir, tmp_path_factory):
-    """The same run to a local folder, never disturbed."""
-    tmp = tmp_path_factory.mktemp("clean")
-    raw = config(tmp, tiny_model_dir, tiny_sae_dir, str(tmp / "out"), {})
-    done = subprocess.run(command(tmp, raw), env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return tmp / "out"
-
-
-def config(tmp, model_dir, sae_dir, root: str, s3: dict) -> dict:
-    raw = run_cfg(tmp, model_dir, sae_dir, 240)
-    raw["encode"]["tokens_per_batch"] = 96  # ~30 shards that take a while
-    raw["output"] = {"root": root, "report": False}
-    return raw | {"s3": s3}
-
-
-def command(tmp, raw: dict) -> list[str]:
-    (tmp / "run.yaml").write_text(yaml.safe_dump(raw))
-    return [sys.executable, "-m", "raysel.cli", "run", str(tmp / "run.yaml"), "--set", "ray.num_cpus=2"]
 
 
 def s3_files(fs, base: str) -> list[str]:
@@ -88,10 +64,12 @@ def assert_committed_results_equal(fs, base: str, clean) -> None:
 
 
 def test_a_short_outage_mid_write_is_retried_through(server, tiny_model_dir, tiny_sae_dir, tmp_path, uninterrupted):
-    raw = config(tmp_path, tiny_model_dir, tiny_sae_dir, "s3://faults/short", server.config() | {"outage_seconds": 120})
+    raw = interruptible_cfg(
+        tmp_path, tiny_model_dir, tiny_sae_dir, "s3://faults/short", server.config() | {"outage_seconds": 120}
+    )
     log = open(tmp_path / "driver.log", "wb")
     driver = subprocess.Popen(
-        command(tmp_path, raw), env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        cli_command(tmp_path, raw), env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
         before = outage_once_markers_appear(server, driver, "faults/short", down_s=8)
@@ -109,8 +87,10 @@ def test_a_short_outage_mid_write_is_retried_through(server, tiny_model_dir, tin
 def test_a_long_outage_fails_clearly_and_the_rerun_resumes(
     server, tiny_model_dir, tiny_sae_dir, tmp_path, uninterrupted
 ):
-    raw = config(tmp_path, tiny_model_dir, tiny_sae_dir, "s3://faults/long", server.config() | {"outage_seconds": 3})
-    cmd = command(tmp_path, raw)
+    raw = interruptible_cfg(
+        tmp_path, tiny_model_dir, tiny_sae_dir, "s3://faults/long", server.config() | {"outage_seconds": 3}
+    )
+    cmd = cli_command(tmp_path, raw)
     driver = subprocess.Popen(
         cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )

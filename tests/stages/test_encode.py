@@ -7,14 +7,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,7 +24,7 @@ from raysel.core.paths import FEATURES_DONE
 from raysel.core.sae import sae_metadata
 from raysel.core.spans import TopSpans
 from raysel.core.storage import Storage
-from tests.conftest import DEMO, build_tiny_sae, encode, prepare, run_cfg
+from tests.conftest import CLI_ENV, DEMO, build_tiny_sae, cli_command, encode, interruptible_cfg, prepare, run_cfg
 
 TEXTS = [
     "<|user|>Name a prime number.\n<|assistant|>Seven is prime.\n",
@@ -230,17 +228,14 @@ def table_by_id(path) -> list[dict]:
 
 
 @pytest.mark.integration
-def test_a_run_whose_driver_is_killed_resumes_to_the_uninterrupted_result(tiny_model_dir, tiny_sae_dir, tmp_path):
-    raw = run_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, 240)
-    raw["encode"]["tokens_per_batch"] = 96  # small forward passes: ~30 shards take a while
-    raw["output"]["report"] = False
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(raw))
+def test_a_run_whose_driver_is_killed_resumes_to_the_uninterrupted_result(
+    tiny_model_dir, tiny_sae_dir, tmp_path, uninterrupted
+):
+    raw = interruptible_cfg(tmp_path, tiny_model_dir, tiny_sae_dir, str(tmp_path / "out"))
     done_dir = tmp_path / "out" / FEATURES_DONE
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "raysel.cli", "run", str(config), "--set", "ray.num_cpus=2"]
+    cmd = cli_command(tmp_path, raw)
     log = open(tmp_path / "first.log", "wb")
-    first = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(cmd, env=CLI_ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and len(list(done_dir.glob("*.json"))) < 3 and first.poll() is None:
         time.sleep(0.05)
@@ -251,7 +246,7 @@ def test_a_run_whose_driver_is_killed_resumes_to_the_uninterrupted_result(tiny_m
     assert 3 <= len(finished) < 30, (tmp_path / "first.log").read_text()[-3000:]
     assert not (tmp_path / "out" / "manifest.json").exists()
 
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(cmd, env=CLI_ENV, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     encode = manifest["stages"]["encode"]
@@ -262,19 +257,15 @@ def test_a_run_whose_driver_is_killed_resumes_to_the_uninterrupted_result(tiny_m
     prepared_ids = pq.read_table(tmp_path / "out" / "prepared", columns=["id"])["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 240 and sorted(ids) == sorted(prepared_ids)
 
-    clean = subprocess.run(
-        cmd + ["--set", f"output.root={tmp_path / 'clean'}"], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert clean.returncode == 0, clean.stderr[-3000:]
-    assert table_by_id(tmp_path / "out" / "features") == table_by_id(tmp_path / "clean" / "features")
-    stats = [pq.read_table(tmp_path / root / "stats" / "features.parquet") for root in ("out", "clean")]
+    assert table_by_id(tmp_path / "out" / "features") == table_by_id(uninterrupted / "features")
+    stats = [pq.read_table(root / "stats" / "features.parquet") for root in (tmp_path / "out", uninterrupted)]
     assert stats[0].equals(stats[1])
     for method in ("coverage", "random", "longest"):
-        resumed, uninterrupted = (
-            pq.read_table(tmp_path / root / "selection" / method / "data/train-00000-of-00001.parquet")
-            for root in ("out", "clean")
+        resumed, clean = (
+            pq.read_table(root / "selection" / method / "data/train-00000-of-00001.parquet")
+            for root in (tmp_path / "out", uninterrupted)
         )
-        assert resumed.equals(uninterrupted) and resumed.num_rows == 24
+        assert resumed.equals(clean) and resumed.num_rows == 24
 
 
 def test_a_sample_the_model_cannot_take_is_an_encode_error_and_the_shard_goes_on(
