@@ -64,7 +64,7 @@ def ray_head(tmp_path):
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=10)  # `ray start --block` often outlives a SIGTERM by minutes: then killed
+            head.wait(timeout=3)  # `ray start --block` often outlives a SIGTERM by minutes: then killed
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
@@ -140,32 +140,9 @@ def test_job_submit_round_trip(ray_head, tmp_path):
     )
     assert wrong.returncode != 0, "the head must refuse a client with the wrong token"
 
-    job = submit(address, env, f"raysel-test-{secrets.token_hex(4)}", "run", str(config), "--set", "prepare.dedup=true")
-    assert job == "SUCCEEDED", job
-
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["counts"] == {
-        "n_input": 3,
-        "n_blank_lines": 0,
-        "n_valid": 2,
-        "n_rejected": 1,
-        "rejected_by_reason": {"wrong_type": 1},
-        "n_encoded": 2,
-        "n_encode_rejected": 0,
-    }
-    assert manifest["config"]["input"]["paths"] == [str(data)]
-    assert manifest["config"]["model"]["name"] == "embedded:smollm2-135m-instruct"
-    rows = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "prepared").to_pylist()}
-    # rendered with SmolLM2's own chat template, and the long one cut to 128 real tokens
-    assert rows["a1"]["text"].startswith("<|im_start|>system\n")
-    assert "<|im_start|>user\nName a prime number.<|im_end|>" in rows["a1"]["text"]
-    assert rows["a9"]["truncated"] and rows["a9"]["n_tokens"] == 128
-    features = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "features").to_pylist()}
-    assert set(features) == {"a1", "a9"} and manifest["stages"]["encode"]["layer"] == 3
-    # SmolLM2's 21-token system prompt and the user header are not pooled; the long one keeps the rest
-    assert features["a9"]["n_tokens"] < 128 - 21 and len(features["a9"]["feat_ids"]) > 16
-
-    # the same cluster runs `raysel fac` as a job: the anchor is encoded beside the pool, FAC reported
+    # one job, `raysel fac`, which runs the pool's plan up to stats and encodes the anchor beside it (a
+    # second job of `raysel run` cost 40 s more and reached no code this one does not: the verbs share
+    # jobs/run.py and the executor)
     anchor = write_jsonl(
         tmp_path / "anchor.jsonl",
         [{"id": "q1", "instruction": "Name a prime number.", "output": "Two is the only even prime."}],
@@ -177,6 +154,8 @@ def test_job_submit_round_trip(ray_head, tmp_path):
         "fac",
         str(config),
         "--set",
+        "prepare.dedup=true",
+        "--set",
         f"fac.anchor={json.dumps([str(anchor)])}",
         "--set",
         "fac.n_features=20",
@@ -184,8 +163,31 @@ def test_job_submit_round_trip(ray_head, tmp_path):
         f"fac.reference={json.dumps([fac_reference(tmp_path)])}",  # not the 1,000-row default: an encode of its own
     )
     assert job == "SUCCEEDED", job
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"] == {
+        "n_input": 3,
+        "n_blank_lines": 0,
+        "n_valid": 2,
+        "n_rejected": 1,
+        "rejected_by_reason": {"wrong_type": 1},
+        "n_encoded": 2,
+        "n_encode_rejected": 0,
+    }
+    assert manifest["config"]["input"]["paths"] == [str(data)] and manifest["config"]["prepare"]["dedup"] is True
+    assert manifest["config"]["model"]["name"] == "embedded:smollm2-135m-instruct"
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "prepared").to_pylist()}
+    # rendered with SmolLM2's own chat template, and the long one cut to 128 real tokens
+    assert rows["a1"]["text"].startswith("<|im_start|>system\n")
+    assert "<|im_start|>user\nName a prime number.<|im_end|>" in rows["a1"]["text"]
+    assert rows["a9"]["truncated"] and rows["a9"]["n_tokens"] == 128
+    features = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "features").to_pylist()}
+    assert set(features) == {"a1", "a9"} and manifest["stages"]["encode"]["layer"] == 3
+    # SmolLM2's 21-token system prompt and the user header are not pooled; the long one keeps the rest
+    assert features["a9"]["n_tokens"] < 128 - 21 and len(features["a9"]["feat_ids"]) > 16
+
+    assert job == "SUCCEEDED", job
     report = json.loads((tmp_path / "out" / "fac" / "report.json").read_text())
     assert report["n_anchor"] == 1 and report["n_evaluated"] == 2 and report["n_in_anchor"] > 0
     assert report["fac"] == pytest.approx(report["n_covered"] / report["n_in_anchor"])  # not merely within [0, 1]
     assert report["n_in_anchor"] == report["n_covered"] + len(report["missing"])
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["stages"]["fac"]["fac"] == report["fac"]
+    assert manifest["stages"]["fac"]["fac"] == report["fac"]
