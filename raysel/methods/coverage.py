@@ -64,7 +64,7 @@ class Coverage(Method):
         )
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
-        from raysel.methods.coverage_kernel import greedy_coverage, idf_weights  # numba: loaded when it runs
+        from raysel.methods.coverage_kernel import idf_weights, seeded_coverage  # numba: loaded when it runs
         from raysel.methods.randgreedi import randgreedi
 
         n = len(pool.ids)
@@ -72,14 +72,14 @@ class Coverage(Method):
         if self.distributes(n):
             ids, gains, settled = randgreedi(pool.store, ctx.tau, k, self.partitions(n), ctx.seed, weights)
             return Picks(ids, gains, settled)
-        chosen = greedy_coverage(pool.indptr, pool.indices, k, weights)
+        chosen = seeded_coverage(pool.ids, pool.indptr, pool.indices, k, ctx.seed, weights)
         return Picks(pool.ids[chosen.order].tolist(), chosen.gains, {"resets": chosen.resets})
 
 
 # RandGreeDi's candidates on the driver, as Arrow: their int32 entries, and an id, partition and
 # objective a row
 CANDIDATE_BYTES_PER_ENTRY = 4
-CANDIDATE_BYTES_PER_ROW = 100
+CANDIDATE_BYTES_PER_ROW = 108  # with the uint64 tie hash
 
 
 def partitions_for(n: int, rows_per_partition: int, partitions: int | None) -> int:

@@ -33,14 +33,18 @@ def assign(batch: pa.Table, tau: float, partitions: int, seed: int) -> pa.Table:
     batch = batch.combine_chunks()
     rows, feats, _ = activated_entries(batch, tau)
     offsets = pa.array(np.r_[0, np.cumsum(np.bincount(rows, minlength=batch.num_rows))].astype(np.int32))
-    part = seeded_hash(batch["id"].to_pylist(), seed) % np.uint64(partitions)  # the seed picks the partitioning
+    tie = seeded_hash(batch["id"].to_pylist(), seed)
     return pa.table(
         {
             "id": batch["id"],
             "feats": pa.ListArray.from_arrays(offsets, pa.array(feats, pa.int32())),
-            "part": pa.array(part.astype(np.int32)),
+            "part": pa.array((tie % np.uint64(partitions)).astype(np.int32)),  # the seed picks the partitioning
+            "tie": pa.array(tie),  # and the greedy's order: ties as on one node (seeded_coverage)
         }
     )
+
+
+TIE_ORDER = [("tie", "ascending"), ("id", "ascending")]
 
 
 def csr(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +55,7 @@ def csr(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 def local_greedy(group: pa.Table, budget: int, weights: np.ndarray | None) -> pa.Table:
     """One partition's greedy: its k picks in order, with its objective on every row."""
-    group = group.sort_by("id")  # ties break by id, whatever order the shuffle delivered
+    group = group.sort_by(TIE_ORDER)  # ties break by the seeded hash, whatever order the shuffle delivered
     indptr, indices = csr(group)
     # as many threads as the task has CPUs: the kernel's per-pick hand-off between its threads
     # crawls when the partitions running side by side ask for more threads than there are cores
@@ -73,7 +77,7 @@ def randgreedi(
     candidates = ds.groupby("part", num_partitions=partitions).map_groups(
         local_greedy, fn_kwargs={"budget": budget, "weights": weights}, batch_format="pyarrow"
     )
-    pool = pa.concat_tables(ray.get(candidates.to_arrow_refs())).sort_by("id")
+    pool = pa.concat_tables(ray.get(candidates.to_arrow_refs())).sort_by(TIE_ORDER)
     log.info(
         "select: RandGreeDi: %d candidates from %d partitions in %.1fs", pool.num_rows, partitions, time.time() - start
     )

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from raysel.methods.coverage_kernel import greedy_coverage, idf_weights
+from raysel.methods.coverage_kernel import greedy_coverage, idf_weights, seeded_coverage
 
 
 def naive_greedy(indptr, indices, budget, weights=None):
@@ -109,3 +109,24 @@ def test_empty_rows_at_the_end_are_picked_last():
     # rows: {0, 1}, {}, {} -- a partition can end in samples with nothing above tau
     sel = greedy_coverage(np.array([0, 2, 2, 2]), np.array([0, 1]), budget=3)
     assert sel.order.tolist() == [0, 1, 2] and sel.gains.tolist() == [2, 0, 0]
+
+
+def test_seeded_coverage_breaks_ties_by_the_ids_hash_and_picks_what_the_naive_greedy_picks_in_that_order():
+    """Would catch the last tie going to where an id sorts (a bias toward sources spelt early in the
+    alphabet: `alpaca_...` over `gsm8k_...`), a pick mapped back to the wrong row, or the seed unused."""
+    from raysel.core.features import seeded_hash
+
+    rng = np.random.default_rng(3)
+    sets = [sorted(set(rng.integers(0, 12, size=rng.integers(1, 4)).tolist())) for _ in range(60)]
+    indptr = np.r_[0, np.cumsum([len(s) for s in sets])].astype(np.int64)
+    indices = np.array([j for s in sets for j in s], np.int32)
+    ids = np.array([f"id{i:03d}" for i in range(60)], dtype=object)
+    picks = {}
+    for seed in (0, 1):
+        chosen = seeded_coverage(ids, indptr, indices, 20, seed)
+        order = np.argsort(seeded_hash(list(ids), seed), kind="stable")
+        ref_ptr = np.r_[0, np.cumsum([len(sets[r]) for r in order])].astype(np.int64)
+        ref, gains, _ = naive_greedy(ref_ptr, np.array([j for r in order for j in sets[r]], np.int32), 20)
+        assert chosen.order.tolist() == order[ref].tolist() and chosen.gains.tolist() == gains.tolist()
+        picks[seed] = chosen.order.tolist()
+    assert picks[0] != picks[1] and picks[0] != greedy_coverage(indptr, indices, 20).order.tolist()

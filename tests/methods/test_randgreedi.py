@@ -12,8 +12,8 @@ from raysel.config import RunConfig, S3Config
 from raysel.core.features import FEATURE_SCHEMA, FeatureStore
 from raysel.core.storage import Storage
 from raysel.methods import Context, Pool, build
-from raysel.methods.coverage_kernel import greedy_coverage
-from raysel.methods.randgreedi import assign, covered_weight, csr, randgreedi
+from raysel.methods.coverage_kernel import greedy_coverage, seeded_coverage
+from raysel.methods.randgreedi import TIE_ORDER, assign, covered_weight, csr, randgreedi
 
 TAU = 0.5
 
@@ -55,9 +55,9 @@ def test_randgreedi_equals_the_greedy_on_the_union_of_each_partitions_picks(stor
     parts = assign(table, TAU, m, seed=5)
     picks = []
     for p in range(m):
-        group = parts.filter(pa.compute.equal(parts["part"], p))
+        group = parts.filter(pa.compute.equal(parts["part"], p)).sort_by(TIE_ORDER)
         picks.append(group.take(pa.array(greedy_coverage(*csr(group), budget).order)))
-    union = pa.concat_tables(picks).sort_by("id")
+    union = pa.concat_tables(picks).sort_by(TIE_ORDER)
     merged = greedy_coverage(*csr(union), budget)
     assert settled["n_candidates"] == union.num_rows == m * budget
     assert settled["answer"] == "merged"
@@ -107,4 +107,4 @@ def test_select_distributed_switch(store, mode, rows, distributed):
     if distributed:
         assert settled["partitions"] == (2 if rows > 3000 else 3)  # at least 2, else one per distributed_rows
     else:
-        assert order.tolist() == greedy_coverage(indptr, indices, 50).order.tolist()
+        assert order.tolist() == seeded_coverage(ids, indptr, indices, 50, seed=0).order.tolist()

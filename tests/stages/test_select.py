@@ -119,10 +119,13 @@ def test_a_selection_is_in_trls_conversational_format_as_it_is(selected_run, tmp
     }
     assert len(ds) == 12 and all(is_conversational(row) for row in ds)
     assert ds["messages"] == [prepared[i] for i in ds["id"]]
-    row = corpus[ds[0]["id"]]  # alpaca in: its instruction and output are the turns
-    assert [m["content"] for m in ds[0]["messages"]][-2:] == [row["instruction"], row["output"]]
+    # alpaca in: its instruction and output are the turns (one without an input, which joins the
+    # instruction in the user's turn)
+    at = next(n for n, i in enumerate(ds["id"]) if not corpus[i].get("input"))
+    row = corpus[ds[at]["id"]]
+    assert [m["content"] for m in ds[at]["messages"]][-2:] == [row["instruction"], row["output"]]
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_tokenizer_dir)
-    assert row["output"] in tokenizer.apply_chat_template(ds[0]["messages"], tokenize=False)
+    assert row["output"] in tokenizer.apply_chat_template(ds[at]["messages"], tokenize=False)
 
 
 def test_export_writes_each_format_as_its_trainer_reads_it(selected_run, tmp_path, tiny_chat_tokenizer_dir):

@@ -27,7 +27,7 @@ from raysel.core.features import (
     tau_merge,
 )
 from raysel.core.storage import Storage
-from raysel.methods.coverage_kernel import greedy_coverage
+from raysel.methods.coverage_kernel import seeded_coverage
 from raysel.methods.simscale_kernel import simscale
 from raysel.pipeline import run
 from raysel.stages.encode import Encode
@@ -93,7 +93,7 @@ def reference(root) -> dict:
     return {
         "tau": tau,
         "doc_freq": np.bincount(feats, minlength=D_SAE),
-        "coverage": ids[greedy_coverage(indptr, feats, k).order].tolist(),
+        "coverage": ids[seeded_coverage(ids, indptr, feats, k, seed=0).order].tolist(),
         "simscale": ids[simscale(indptr, feats, k, tie=tie).order].tolist(),
         "random": ids[np.random.default_rng(0).permutation(N)[:k]].tolist(),
         "longest": ids[longest].tolist(),
