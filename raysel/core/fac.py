@@ -3,7 +3,8 @@
 F is the set of task-relevant features: a user's list, or the features most enriched on an anchor
 set P over a fixed reference set R (share of samples activating them, as IGDS's frequency recall),
 never over the set being measured: F must not change with Q, or the FAC of two datasets could not be
-compared. R is fac.reference, by default the bundled demo corpus (a generic instruction mix). With
+compared. R is fac.reference, by default the bundled P3 mix (1,930 prompted NLP tasks from 294 templates,
+disjoint from the demo corpus and the benchmarks' data; data/SOURCES.md). With
 A(x) = {j : g_j(x) > tau}:
 
     F(P) = {j in F : some anchor sample activates j}
@@ -42,7 +43,7 @@ class FACConfig(Section):
     anchor: list[str] = []  # files, globs or s3:// paths of the anchor (task) examples
     tau: float | None = Field(None, ge=0)  # the threshold of F, F(P), F(Q), FAC-select and synthesis; None: calibrated
     target_active: float = Field(32, gt=0)  # fac.tau unset: tau gives reference samples this many activated features
-    reference: list[str] = []  # the generic mix F is enriched against; empty: the bundled demo corpus
+    reference: list[str] = []  # the generic mix F is enriched against; empty: the bundled P3 mix
     features: list[int] = []  # task-relevant features F; empty: the n_features most enriched on the anchor
     n_features: int = Field(100, gt=0)  # size of the enriched F, or of the shortlist the judge rates
     judge_task: str | None = None  # set: F is what an LLM judge rates relevant to this task, of the shortlist
@@ -67,7 +68,7 @@ def threshold_source(cfg: FACConfig) -> str:
 def feature_source(cfg: FACConfig) -> str:
     if cfg.features:
         return "list"
-    against = "fac.reference" if cfg.reference else "the bundled demo corpus"
+    against = "fac.reference" if cfg.reference else "the bundled P3 reference"
     shortlist = f"the {cfg.n_features} most enriched on the anchor over {against}"
     return f"{shortlist}, judged by an LLM ({cfg.judge_keep} or better)" if cfg.judge_task else shortlist
 

@@ -39,10 +39,18 @@ STAGE_MARKERS = "stages"
 
 
 def demo_data() -> str:
-    """The bundled demo corpus: 1,000 instruction rows (data/SOURCES.md), also FAC's default reference."""
+    """The bundled demo corpus: 1,000 instruction rows (data/SOURCES.md)."""
     from importlib import resources
 
     return str(resources.files("raysel") / "data" / "demo.jsonl")
+
+
+def reference_data() -> str:
+    """FAC's default reference: 1,930 rows of P3, a broad public mix of prompted NLP tasks, disjoint
+    from the demo corpus and ../shared/data (data/SOURCES.md)."""
+    from importlib import resources
+
+    return str(resources.files("raysel") / "data" / "reference.jsonl")
 
 
 def demo_eval_sets() -> list[dict]:

@@ -6,7 +6,7 @@ tau is fac.tau, or calibrated on the reference to fac.target_active activated fe
 never on the run's input, so F, F(P) and F(Q) hold for every dataset compared.
 
 F is fac.features, or the fac.n_features features most enriched on the anchor over the reference
-(fac.reference, by default the bundled demo corpus); with fac.judge_task, those of them an LLM judge
+(fac.reference, by default the bundled P3 mix, data/reference.jsonl); with fac.judge_task, those of them an LLM judge
 finds relevant (fac/judged.parquet holds every verdict). Its key holds the two side sets' encode
 fingerprints, which cover their content, the model, the SAE's weights and the dtype: a swapped
 anchor, an edited reference or another SAE recomputes F.
@@ -42,7 +42,7 @@ class TaskFeatures(Stage):
         self.fac, self.stack, self.storage = fac, stack, storage
 
     def side_sets(self) -> dict[str, list[str]]:
-        reference = {"reference": self.fac.reference or [paths.demo_data()]}
+        reference = {"reference": self.fac.reference or [paths.reference_data()]}
         if self.fac.features:  # a listed F still needs the reference for a calibrated tau
             return {} if self.fac.tau is not None else reference
         return {"anchor": self.fac.anchor} | reference

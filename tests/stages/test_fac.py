@@ -191,3 +191,27 @@ def test_a_reference_edited_in_place_recomputes_the_task_features(stats_run, tmp
     reference.write_text("\n".join([json.dumps(r) for r in anchor_rows] + generic[:10]) + "\n")
     edited, now = task_features(fac_root(stats_run, tmp_path / "run", **fac)[0])
     assert edited == now and edited != first
+
+
+def test_the_default_reference_is_a_broad_mix_disjoint_from_the_data_it_measures():
+    """Would catch a reference rebuilt so that it overlaps the demo corpus or ../shared/data (F enriched
+    against a set holding the anchor's own rows loses what marks the task), a licence it does not
+    state, or one task making up most of it."""
+    import collections
+
+    from raysel.core import paths
+    from tests.conftest import REPO
+
+    def key(r):
+        return " ".join(f"{r['instruction']}\n{r.get('input') or ''}".strip().lower().split())
+
+    rows = [json.loads(line) for line in open(paths.reference_data())]  # not splitlines: U+2028 is in a row
+    # the demo corpus and its eval sets, and ../shared/data where this checkout has it beside it (the
+    # script that builds the reference leaves out both)
+    measured = [DEMO, *sorted((REPO / "raysel" / "data" / "eval").glob("*.jsonl"))]
+    measured += sorted((REPO.parent / "shared" / "data").glob("*.jsonl"))
+    assert len(measured) >= 4, measured
+    taken = {key(json.loads(line)) for path in measured for line in open(path)}
+    assert len(rows) == 1930 and not {key(r) for r in rows} & taken
+    assert {r["license"] for r in rows} == {"Apache-2.0"} and len({r["id"] for r in rows}) == len(rows)
+    assert max(collections.Counter(r["source"] for r in rows).values()) == 7
