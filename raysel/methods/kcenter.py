@@ -8,7 +8,8 @@ activations (mean-pooled by default), L2-normalised unless `normalize: false`.
 Vectors are sparse and the picks dense: ||x - c||^2 = ||x||^2 + ||c||^2 - 2 x.c, and x.c for every
 x is one pass over the pool's non-zeros. Each pick costs O(nnz), so k picks cost O(k nnz): a
 baseline for pools up to a few hundred thousand samples, not a million-row method. The first
-pick is a seeded random sample (select.seed); ties, up to rounding, go to the earlier id.
+pick is a seeded random sample (select.seed); ties, up to rounding, go to the sample of the smallest
+seeded hash of its id (select.seed), not to where an id sorts: disjoint unit vectors all tie.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from raysel.core.features import seeded_hash
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
 
 if TYPE_CHECKING:
@@ -51,7 +53,7 @@ class KCenter(Method):
         if self.cfg.normalize:
             unit_rows(indptr, values)
         start = int(np.random.default_rng(ctx.seed).integers(len(ids))) if len(ids) else 0
-        order, radii = k_center_greedy(indptr, feats, values, k, start)
+        order, radii = k_center_greedy(indptr, feats, values, k, start, seeded_hash(list(ids), ctx.seed))
         return Picks(
             ids[order].tolist(),
             radii,

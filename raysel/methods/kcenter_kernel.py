@@ -15,8 +15,9 @@ def unit_rows(indptr, values):
             values[indptr[r] : indptr[r + 1]] /= norms[r]
 
 
-def k_center_greedy(indptr, feats, values, k: int, start: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices in pick order, and each pick's distance to the picks before it (inf for the first)."""
+def k_center_greedy(indptr, feats, values, k: int, start: int, tie=None) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices in pick order, and each pick's distance to the picks before it (inf for the first);
+    a tie goes to the row of the smallest `tie` (the ids' seeded hash; None: the earlier row)."""
     n = indptr.size - 1
     k = min(k, n)
     if k == 0:
@@ -33,7 +34,7 @@ def k_center_greedy(indptr, feats, values, k: int, start: int) -> tuple[np.ndarr
         _nearer(indptr, feats, values, center, sq_norm, pick, nearest)
         center[feats[mine]] = 0.0
         nearest[order[: i + 1]] = -1.0  # picked: never again
-        pick = first_of_max(nearest)
+        pick = first_of_max(nearest, tie)
         radius = float(np.sqrt(max(nearest[pick], 0.0)))
     return order, radii
 
@@ -56,8 +57,10 @@ def _nearer(indptr, feats, values, center, sq_norm, pick, nearest):
         nearest[r] = min(nearest[r], max(sq_norm[r] + sq_norm[pick] - 2.0 * dot, 0.0))
 
 
-def first_of_max(values: np.ndarray, rel: float = 1e-9) -> int:
-    """The first index at the maximum, counting as equal what differs only by rounding (unit vectors
-    with disjoint features are all exactly sqrt(2) apart; their computed distances are not)."""
+def first_of_max(values: np.ndarray, tie: np.ndarray | None = None, rel: float = 1e-9) -> int:
+    """The index at the maximum, counting as equal what differs only by rounding (unit vectors with
+    disjoint features are all exactly sqrt(2) apart; their computed distances are not); of several,
+    the one of the smallest `tie`, or the first when None."""
     best = values.max()
-    return int(np.flatnonzero(values >= best - rel * abs(best))[0])
+    at = np.flatnonzero(values >= best - rel * abs(best))
+    return int(at[0] if tie is None else at[np.argmin(tie[at])])

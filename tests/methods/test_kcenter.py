@@ -78,6 +78,14 @@ def test_k_center_takes_one_sample_from_each_planted_cluster_first():
     assert radii[3] < 0.1 < radii[2]  # after that, every sample is near a pick
 
 
-def test_ties_up_to_rounding_go_to_the_earlier_sample():
+def test_ties_up_to_rounding_go_to_the_smallest_hash_not_the_earlier_id():
+    """Would catch a tie settled by the row (where an id sorts: one source's samples first), or a
+    near-maximum that is not a tie taken for one."""
     assert first_of_max(np.array([1.0, 2.0 - 1e-15, 2.0, 0.5])) == 1
-    assert first_of_max(np.array([1.0, 1.9, 2.0])) == 2
+    assert first_of_max(np.array([1.0, 2.0 - 1e-15, 2.0, 0.5]), np.array([0, 9, 4, 1], np.uint64)) == 2
+    assert first_of_max(np.array([1.0, 1.9, 2.0]), np.array([0, 0, 5], np.uint64)) == 2
+    # six disjoint unit vectors all lie sqrt(2) apart: after the first pick, every pick is a tie
+    indptr, feats, values = np.arange(7, dtype=np.int64), np.arange(6, dtype=np.int32), np.ones(6)
+    tie = np.array([50, 40, 30, 20, 10, 60], np.uint64)
+    assert k_center_greedy(indptr, feats, values, 6, 5, tie)[0].tolist() == [5, 4, 3, 2, 1, 0]
+    assert k_center_greedy(indptr, feats, values, 6, 5)[0].tolist() == [5, 0, 1, 2, 3, 4]
