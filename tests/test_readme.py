@@ -25,6 +25,30 @@ def test_every_config_key_is_in_the_config_reference():
     assert not missing, f"docs/config.md lacks {missing}"
 
 
+def test_every_default_in_the_config_reference_is_the_models_own():
+    """Would catch docs/config.md drifting from the code: a section's default changed while the
+    reference kept the old one. The models are the source; the reference shows each default as YAML
+    (a path with ~ as written, before the code expands it)."""
+    import os
+    import re
+
+    import yaml
+
+    reference, stale = (REPO / "docs" / "config.md").read_text(), []
+    for key in config_keys(RunConfig):
+        cell = re.search(r"^\| `" + re.escape(key) + r"` \| `([^`]*)` \|", reference, re.M)
+        model, *parts, name = [RunConfig, *key.split(".")]
+        for part in parts:
+            model = model.model_fields[part].annotation
+        default = model.model_fields[name].get_default(call_default_factory=True)
+        if isinstance(default, list) and default and isinstance(default[0], str | dict):  # select.methods
+            default = [e if isinstance(e, str) else e["name"] for e in default]
+        shown = cell and yaml.safe_load(cell.group(1))
+        if cell is None or (os.path.expanduser(shown) if isinstance(shown, str) else shown) != default:
+            stale.append((key, cell and cell.group(1), default))
+    assert not stale, f"docs/config.md shows other defaults than the code: {stale}"
+
+
 def test_the_readme_is_a_newcomers_page():
     readme = (REPO / "README.md").read_text()
     assert len(readme.splitlines()) <= 300, "the reference belongs in docs/"
