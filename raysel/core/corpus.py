@@ -341,7 +341,8 @@ class _Streamed:
         while True:
             try:
                 end = _value_end(self.text, pos)
-                if end < len(self.text) or self.eof:
+                # a number ends where a delimiter follows: "0" of "0.5" cut after "0." parses alone
+                if self.eof or (end < len(self.text) and (self.text[pos] not in _NUMBER or self.text[end] in _AFTER)):
                     return end, None
             except json.JSONDecodeError as err:
                 if self.eof:
@@ -360,6 +361,7 @@ class _Streamed:
 _SCANNER = json.JSONDecoder(parse_int=str, parse_float=str, parse_constant=str)
 _STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 _WS = re.compile(r"[ \t\n\r]*")
+_NUMBER, _AFTER = set("-0123456789"), set(" \t\n\r,]}")
 
 
 def _after_ws(text: str, pos: int) -> int:

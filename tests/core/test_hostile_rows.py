@@ -148,6 +148,8 @@ def test_every_line_of_a_hostile_jsonl_file_is_accounted_for(formatter, case, ch
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(good_line().map(lambda g: g[1]), JSON), max_size=8), st.integers(0, 2), st.integers(1, 8))
+@example(values=[0.0], indent=0, chunk=1)  # "0." read alone once parsed as the number 0 (found by this test)
+@example(values=[-12e3, 1], indent=0, chunk=2)
 def test_every_element_of_a_json_array_is_accounted_for(formatter, values, indent, chunk):
     data = b"\xef\xbb\xbf \n" + json.dumps(values, indent=indent or None).encode()
     with pytest.MonkeyPatch.context() as m:
