@@ -86,8 +86,11 @@ def split_data(args, work: Path) -> dict:
 
 def config(args, files: dict, out: Path) -> dict:
     entries = {"mona": {"name": "mona", "targets": [files["targets_math"]]},
-               # igds keeps 50 % by default (the paper's); here every method fine-tunes on the same budget
-               "igds": {"name": "igds", "targets": [files["targets_math"]], "budget": args.budget}}  # fmt: skip
+               # igds keeps 50 % by default (the paper's); here every method fine-tunes on the same budget.
+               # fallback: recall, as in task_select.py: at its default sweep no candidate clears the null
+               # there, and the default (error) would stop the benchmark
+               "igds": {"name": "igds", "targets": [files["targets_math"]], "budget": args.budget,
+                        "fallback": "recall"}}  # fmt: skip
     return {
         "input": {"paths": [files["pool"]], "fields": {"id": "id"}},
         "prepare": {"max_tokens": 256},
