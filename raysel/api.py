@@ -10,8 +10,9 @@
 A config is a YAML path, a dict or a RunConfig; keyword overrides name a key with `__` for its dots
 (the pydantic-settings convention). The input may be in memory instead, `data=` a datasets.Dataset
 or a Ray Dataset: it is written once as parquet under the output root's input/, named by a digest of
-its rows, so a run of the same rows again resumes, as a run of the same files does. Progress shows as tqdm bars in Jupyter and on a terminal, and
-raysel's log lines reach a notebook that has configured no logging.
+its rows, so a run of the same rows again resumes, as a run of the same files does. Progress shows
+as tqdm bars in Jupyter and on a terminal, and raysel's log lines reach a notebook that has
+configured no logging.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def seeded_coverage(
 ) -> Selection:
     """greedy_coverage with its last tie broken by a seeded hash of the ids (select.seed), not by where
     an id sorts: the rows are handed over in hash order and the picks mapped back."""
-    order = np.argsort(seeded_hash(list(ids), seed), kind="stable")
+    order = np.argsort(seeded_hash(ids, seed), kind="stable")
     chosen = greedy_coverage(*_permuted(np.asarray(indptr, np.int64), np.asarray(indices, np.int32), order),
                              budget, weights)  # fmt: skip
     return Selection(order[chosen.order], chosen.gains, chosen.resets)

@@ -124,8 +124,9 @@ class IGDS(Method):
         norms = null_grid(effects["norm"].to_numpy(), cfg.null_norms)
         rows = [{"norm": n, "direction": r} for n in norms for r in range(cfg.null_directions)]
         effects, null = against_null(effects, on_actors(NullEffects, rows, **pairs), cfg.null_quantile)
-        helpful = [r["feature"] for r in effects.to_pylist() if r["cleared_null"]]
-        positive = sum(d > 0 for d in effects["delta"].to_pylist())
+        measured = effects.to_pylist()
+        helpful = [r["feature"] for r in measured if r["cleared_null"]]
+        positive = sum(r["delta"] > 0 for r in measured)
         log.info("igds: %d of %d candidates raised the metric on the confirming half, %d cleared the null's %g "
                  "quantile (%s)", positive, len(effects), len(helpful), cfg.null_quantile,
                  ", ".join(f"{t:+.4f} at norm {n:.3g}" for n, t in zip(null["norms"], null["thresholds"])))  # fmt: skip
@@ -143,9 +144,9 @@ class IGDS(Method):
                 "positive_features": positive,
                 "cleared_null": len(helpful),
                 "null": null,
-                "alpha": {str(r["feature"]): r["alpha"] for r in effects.to_pylist() if r["feature"] in task_features},
+                "alpha": {str(r["feature"]): r["alpha"] for r in measured if r["feature"] in task_features},
                 "dev_skipped_overlong": skipped,
-                "feature_effects": [r | recall[r["feature"]] for r in effects.to_pylist()],
+                "feature_effects": [r | recall[r["feature"]] for r in measured],
             },
         )
 

@@ -53,7 +53,7 @@ class KCenter(Method):
         if self.cfg.normalize:
             unit_rows(indptr, values)
         start = int(np.random.default_rng(ctx.seed).integers(len(ids))) if len(ids) else 0
-        order, radii = k_center_greedy(indptr, feats, values, k, start, seeded_hash(list(ids), ctx.seed))
+        order, radii = k_center_greedy(indptr, feats, values, k, start, seeded_hash(ids, ctx.seed))
         return Picks(
             ids[order].tolist(),
             radii,
