@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     shown = verb("config", "Print a config resolved (file, environment, --set) as YAML, or every default.", False)
     shown.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config file")
     shown.add_argument("--defaults", action="store_true", help="every key at its default (input.paths an example)")
+    shown.add_argument(
+        "--reference", action="store_true", help="every key's default and meaning as Markdown (docs/config.md)"
+    )
     report = verb("report", "Write report.html for a finished run.", config=False)
     report.add_argument("run_dir", metavar="RUN_DIR_OR_S3_URI")
     status = verb(
@@ -229,11 +232,16 @@ def run_root(run_dir: str, overrides: list[str]) -> Storage:
 
 
 def show_config(args) -> int:
-    """`raysel config CONFIG` (resolved, secrets masked) or `raysel config --defaults`."""
+    """`raysel config CONFIG` (resolved, secrets masked), `raysel config --defaults` or `--reference`."""
     import yaml
 
+    if args.reference and not (args.config or args.defaults):
+        from raysel.config_reference import reference
+
+        print(reference(), end="")
+        return 0
     if args.defaults == bool(args.config):
-        raise ConfigError("give a CONFIG or --defaults, not both or neither")
+        raise ConfigError("give one of CONFIG, --defaults or --reference")
     example = ['input.paths=["data/*.jsonl"]'] if args.defaults else []
     cfg = load_config(args.config, [*example, *args.overrides])
     print(yaml.safe_dump(cfg.public_dict(), sort_keys=False, allow_unicode=True), end="")

@@ -41,15 +41,20 @@ __all__ = [
 class ActivationConfig(Section):
     """When a feature counts as activated in a sample, for statistics and selection alike."""
 
-    tau: float = Field(0.0, ge=0)  # activated when the sample's max-pool exceeds tau
-    target_active: float | None = Field(None, gt=0)  # set tau instead: samples average this many activated features
-    # target_active's tau is calibrated on about this many samples (whole shards, evenly spaced through
-    # the store; every shard when it holds fewer); null: every sample, exact at any size
+    tau: float = Field(0.0, ge=0)
+    """a feature is activated in a sample when its max-pool exceeds τ; statistics and selection share it"""
+    target_active: float | None = Field(None, gt=0)
+    """calibrate τ instead, on the feature store: samples then average this many activated features"""
     calibrate_rows: int | None = Field(100_000, gt=0)
+    """τ for `target_active` is calibrated on about this many samples: whole shards, evenly spaced through the store
+    (every shard when it holds fewer; `null`: always every shard). At 1M samples the sampled τ was 3.84885 against
+    the whole store's 3.84951, and the store then averaged 64.0 activated features; the stats stage reports the mean
+    the whole store reaches"""
 
 
 class StatsConfig(Section):
-    top_n: int = Field(10, gt=0)  # top-activating samples kept per feature
+    top_n: int = Field(10, gt=0)
+    """top-activating samples kept per feature"""
 
 
 class SelectConfig(Section):
@@ -57,9 +62,33 @@ class SelectConfig(Section):
     with its name and its own settings: [coverage, {name: mona, targets: [t.jsonl]}] (see raysel.methods)."""
 
     methods: list[MethodEntry] = Field(["coverage", "random", "longest"], validate_default=True)
-    budget: float = Field(0.1, gt=0)  # a count (>= 1) or a fraction of the encoded pool (< 1); an entry's budget wins
-    seed: int = 0  # for `random`, RandGreeDi's partitioning and the baselines
-    memory_check: bool = True  # refuse, naming the remedy, a pool the driver's free memory cannot hold
+    """the selections to write: a list of method entries, each a name (`coverage`) or a mapping with its name and its
+    own settings (`{name: mona, targets: [t.jsonl]}`); the methods are `coverage`, `simscale`, `random`, `longest`,
+    `mona`, `igds`, `fac`, `kcenter` and `dense` (see [Selection methods](config.md#selection-methods)). Each writes
+    `selection/<name>/`, so a name appears once; `random` and `longest` are always computed as baselines"""
+    budget: float = Field(0.1, gt=0)
+    """a count (≥ 1) or a fraction of the encoded pool (< 1); an entry's own `budget` wins"""
+    seed: int = 0
+    """seed of `random`, `kcenter`'s first pick, RandGreeDi's partitioning, `fac`'s random baseline and fill, and of the
+    hash of the ids that breaks ties wherever a ranking is cut (`mona` and `igds`'s top k, `longest`, `fac`,
+    `simscale`'s and `dense`'s visit order, `coverage`'s greedy, on one node and under RandGreeDi, and `kcenter`'s
+    farthest sample), never the id order, which fills a tie with one source first"""
+    memory_check: bool = True
+    """before reading the pool, estimate the driver memory it needs from the statistics' counts: 4 B per activated
+    sample-feature pair (the CSR's int32 entries, read once and in place), 260 B per sample plus 3 B per character of
+    its id (the ids' mean length is sampled from the activated sets), and 1 GiB for the driver process itself
+    (measured at 10M samples: reading the pool peaked at 4.98 GiB), plus the largest of what is held beside the pool:
+    the picks' original records (300 B a pick, and 10 copies of the 20,000 that the selection writer reads and parses
+    at a time, their mean size from the prepared shards' footers: the records themselves are spilled to local files,
+    one per method and part, in one pass over the prepared shards), or one of the chosen methods: `coverage` its
+    greedy's inverted index and per-row gains (4 B an entry, 90 B a row) on one node, only RandGreeDi's m·k
+    candidates when it distributes; `simscale` its rarity ranks and postings (8 B an entry), and per kept sample its
+    bitmask of popular features (at most 512 B) and 12 B of counters a thread; `kcenter` holds every stored entry of
+    the store, 15 B each and 300 B a sample, measured; `dense` holds the samples' d_in-wide float32 vectors twice
+    while they arrive. It refuses, naming the remedies (`distributed: on` when coverage holds most, a lower budget
+    when the records do, else leave out the method that holds most; fewer activated features a sample: a lower
+    `activation.target_active` or a higher `activation.tau`; a larger head), when this machine has less free; the
+    estimate, per method too, is in the select stage's summary"""
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -78,8 +107,10 @@ class SelectConfig(Section):
 
 
 class OutputConfig(Section):
-    root: str = "runs/default"  # a local folder or s3://bucket/prefix
-    report: bool = True  # `raysel run` and `raysel demo` write report.html at the root
+    root: str = "runs/default"
+    """a local folder, `s3://bucket/prefix`, or any location of the Locations list"""
+    report: bool = True
+    """`raysel run`, `raysel demo` and `raysel evaluate` write `report.html` (and `report.json`) at the root"""
 
 
 class RunConfig(Section):

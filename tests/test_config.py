@@ -226,4 +226,5 @@ def test_raysel_config_prints_the_defaults_and_a_resolved_config_that_load_back(
     assert main(["config", str(config), "--set", "select.budget=9"]) == 0
     out = capsys.readouterr().out
     assert yaml.safe_load(out)["select"]["budget"] == 9 and "s3cret" not in out
-    assert main(["config"]) == 3 and "give a CONFIG or --defaults" in capsys.readouterr().err
+    assert main(["config"]) == 3 and "give one of CONFIG, --defaults or --reference" in capsys.readouterr().err
+    assert main(["config", "--reference"]) == 0 and "| `select.budget` | `0.1` |" in capsys.readouterr().out

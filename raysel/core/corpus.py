@@ -35,13 +35,23 @@ from raysel.core.storage import S3Config, filesystem_for
 
 
 class InputConfig(Section):
-    paths: list[str] = Field(default_factory=list)  # files, directories, globs, s3:// URIs
-    hf_dataset: str | None = None  # a hub dataset id, read through `datasets`
+    paths: list[str] = Field(default_factory=list)
+    """files, directories, globs or URIs (`s3://`, `gs://`, `abfs://`, `hf://`, any fsspec scheme; see Locations); one
+    string or a list, all on one filesystem"""
+    hf_dataset: str | None = None
+    """instead of paths: a Hub dataset id (or a local dataset folder); `datasets` resolves the split's data files, and
+    every worker reads them itself as `hf://` URIs"""
     hf_split: str = "train"
-    hf_config: str | None = None  # a multi-config dataset's config (its subset), as load_dataset's `name`
-    hf_revision: str | None = None  # a branch, tag or commit of the dataset repo; None: its default branch
+    """the split of `input.hf_dataset`"""
+    hf_config: str | None = None
+    """a multi-config dataset's config (its subset), as `load_dataset`'s `name`; without it such a dataset is refused,
+    naming its configs"""
+    hf_revision: str | None = None
+    """a branch, tag or commit of the dataset repo; `null`: its default branch"""
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "hf_disk"] = "auto"
+    """`auto` (by extension), `jsonl`, `json`, `csv`, `parquet`, `hf_disk`"""
     shape: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = "auto"
+    """`auto` (per row), `alpaca`, `messages`, `sharegpt`, `text`"""
     fields: FieldMap = FieldMap()
 
     @field_validator("paths", mode="before")

@@ -24,15 +24,26 @@ from raysel.core.storage import S3Config
 
 
 class EncodeConfig(Section):
-    actors: int = Field(1, gt=0)  # one model + SAE each; on GPU nodes, one per GPU
-    num_gpus: float = Field(0.0, ge=0)  # per actor; > 0 runs on CUDA (fractions share one GPU)
-    num_cpus: float = Field(1.0, gt=0)  # per actor
-    memory_gb: float = Field(4.0, gt=0)  # heap per actor, reserved with Ray
-    resources: dict[str, float] = {}  # custom Ray resources per actor, e.g. {"encoder": 1}: pins actors to a node group
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda where num_gpus > 0, else cpu
-    tokens_per_batch: int = Field(8192, gt=0)  # padded tokens per forward pass
-    skip_prefix: bool = True  # leave the chat template's shared prefix out of pooling
-    top_m: int | None = Field(None, gt=0)  # keep only the M strongest features per sample
+    actors: int = Field(1, gt=0)
+    """encode actors, each with its own model and SAE; on GPU nodes, one per GPU"""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per actor (fractions share a GPU); `> 0` runs the model actors on CUDA, and they wait for GPUs as Ray
+    schedules"""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs per actor; on CPU, also its torch threads"""
+    memory_gb: float = Field(4.0, gt=0)
+    """heap memory reserved per actor"""
+    resources: dict[str, float] = {}
+    """custom Ray resources each model actor needs, e.g. `{encoder: 1}`: the actors (encode, spans, IGDS, synthesis) run
+    only on nodes that offer them"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: cuda where `encode.num_gpus > 0`, else cpu; `cuda` needs `encode.num_gpus > 0`"""
+    tokens_per_batch: int = Field(8192, gt=0)
+    """padded tokens per forward pass (samples are bucketed by length)"""
+    skip_prefix: bool = True
+    """leave the chat template's shared prefix (system prompt, user header) out of pooling"""
+    top_m: int | None = Field(None, gt=0)
+    """keep only the M strongest features per sample"""
 
     @model_validator(mode="after")
     def _device_and_gpus_agree(self) -> EncodeConfig:

@@ -40,17 +40,41 @@ class FACConfig(Section):
     measures the run's input against the anchor; method `fac` selects from the input (the pool) the
     samples that cover what its `evaluated` set (if any) is missing."""
 
-    anchor: list[str] = []  # files, globs or s3:// paths of the anchor (task) examples
-    tau: float | None = Field(None, ge=0)  # the threshold of F, F(P), F(Q), FAC-select and synthesis; None: calibrated
-    target_active: float = Field(32, gt=0)  # fac.tau unset: tau gives reference samples this many activated features
-    reference: list[str] = []  # the generic mix F is enriched against; empty: the bundled P3 mix
-    features: list[int] = []  # task-relevant features F; empty: the n_features most enriched on the anchor
-    n_features: int = Field(100, gt=0)  # size of the enriched F, or of the shortlist the judge rates
-    judge_task: str | None = None  # set: F is what an LLM judge rates relevant to this task, of the shortlist
+    anchor: list[str] = []
+    """anchor (task) examples for `raysel fac`, `raysel synthesize` and the `fac` method, encoded into
+    `<output.root>/anchor/`"""
+    tau: float | None = Field(None, ge=0)
+    """FAC's activation threshold, one for F, F(P), F(Q), FAC-select and synthesis's δ, whatever `activation.*` says
+    (the run's τ is calibrated on the run's input: the measured set); `null`: calibrated once on the reference to
+    `fac.target_active`. Stored with F in `stages/task_features.json`; `raysel fac` logs it and where it came from,
+    and `fac/report.json` holds both"""
+    target_active: float = Field(32, gt=0)
+    """with `fac.tau` unset: τ such that the reference's samples have this many activated features on average"""
+    reference: list[str] = []
+    """the generic instruction mix F is enriched against, encoded into `<output.root>/reference/`; empty: the bundled
+    reference, 1,930 rows of P3 (T0's prompted mixture of 38 English NLP datasets, 294 templates, 7 rows each;
+    Apache-2.0 as self-instruct ships it; disjoint from the demo corpus and `../shared/data`;
+    `raysel/data/SOURCES.md`). Its encode, once per output root, took 261 s on 2 CPU cores (`benchmarks/fac.py`,
+    2026-12-07; prompts cut at 256 tokens). F never depends on the dataset being measured, so the FACs of two
+    datasets compare; nor does its threshold (`fac.tau`)"""
+    features: list[int] = []
+    """the task-relevant features F; empty: the `fac.n_features` most enriched on the anchor over `fac.reference` (share
+    activating, anchor − reference). F is computed once per anchor, reference, model, SAE and FAC threshold by the
+    task_features stage (`stages/task_features.json` holds it, keyed by the two sets' encode fingerprints) and shared
+    by `raysel fac`, `raysel synthesize` and method `fac`"""
+    n_features: int = Field(100, gt=0)
+    """size of the enriched F, or of the shortlist the judge rates"""
+    judge_task: str | None = None
+    """a sentence naming the task: F is then what an LLM judge keeps of the enriched shortlist. For each feature it
+    explains the top spans, verifies its label, and rates relevance (Yes, Probably, Maybe, No); verdicts in
+    `fac/judged.parquet`. A feature the generator writes no description for (or that has no spans) is judged No, with
+    the `reason`"""
     judge_generator: str | None = (
         None  # the judge: any causal LM (local dir, HF id, embedded default); None: model.name
     )
-    judge_keep: Literal["yes", "probably", "maybe"] = "maybe"  # the weakest relevance verdict kept
+    """the judge: any causal LM (a local directory, an HF id, or the embedded default); `null`: `model.name`"""
+    judge_keep: Literal["yes", "probably", "maybe"] = "maybe"
+    """the weakest relevance kept, `yes`, `probably` or `maybe` (the paper keeps Maybe or better)"""
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -37,24 +37,46 @@ class EvalSet(Section):
 class EvaluateConfig(Section):
     """`raysel evaluate`: each selection, and `random` at its budget, fine-tunes a proxy once per seed."""
 
-    model: str | None = None  # the proxy: any HF causal LM (hub id or directory); null: the run's model
-    seeds: int = Field(3, ge=1)  # fine-tunes per selection (seeds 0..n-1); intervals need 2 or more
-    sets: list[EvalSet] = []  # eval sets, disjoint from the pool and from what the methods saw
+    model: str | None = None
+    """`raysel evaluate`'s proxy: any HF causal LM (a hub id or a directory, or the embedded default); `null`:
+    `model.name`"""
+    seeds: int = Field(3, ge=1)
+    """fine-tunes per selection, seeds 0..n−1 (each its adapter's start, its data order, and its draw of the random
+    control); intervals need 2 or more"""
+    sets: list[EvalSet] = []
+    """the held-out eval sets, each `{name, paths}` (any input format); required by `raysel evaluate`, and refused when
+    one shares an id or a normalised instruction (first user turn, lowercased, whitespace collapsed) with the pool or
+    with a method's targets or anchor"""
     metrics: list[Literal["loss", "exact_match"]] = ["loss"]
+    """`loss`: the mean NLL per response token, teacher-forced; `exact_match`: greedy answers, the final number (after
+    GSM8K's `####`, else the last) against the reference's, over the rows whose reference has one"""
     lora_rank: int = Field(16, gt=0)
+    """LoRA rank (peft), on every linear module of the adapted layers"""
     lora_alpha: float = Field(32, gt=0)
-    lora_layers: int | None = Field(8, gt=0)  # adapters on the top n decoder layers (null: all): backward stops there
-    # the top of LoRA's usual range: a proxy takes few steps (100 samples in batches of 8: 13), and at
-    # 2e-4 the demo's adapters moved the held-out loss by under 0.01 nats, too little to tell methods apart
+    """LoRA alpha"""
+    lora_layers: int | None = Field(8, gt=0)
+    """adapters on the top n decoder layers only (`null`: all): the backward pass stops below them"""
     learning_rate: float = Field(1e-3, gt=0)
+    """the top of LoRA's usual range: a 100-sample proxy takes 13 steps, and at 2e-4 the demo's adapters moved the
+    held-out loss by under 0.01 nats"""
     epochs: float = Field(1, gt=0)
+    """passes over the selection"""
     batch_size: int = Field(8, gt=0)
-    max_tokens: int = Field(256, gt=0)  # a sample is cut to this many tokens, the response's end first
-    max_new_tokens: int = Field(256, gt=0)  # exact_match's greedy answer
-    # auto: bf16 autocast where the task's hardware does bf16 natively (resolved in the task, not on the driver)
+    """samples per step, and per eval forward pass"""
+    max_tokens: int = Field(256, gt=0)
+    """a sample (prompt and response) is cut to this many tokens, the response's end first; one whose response does not
+    start within it is skipped and counted (`n_skipped`)"""
+    max_new_tokens: int = Field(256, gt=0)
+    """`exact_match`'s answer length"""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    num_cpus: float = Field(1, gt=0)  # per fine-tune (its torch threads on a CPU)
-    num_gpus: float = Field(0, ge=0)  # per fine-tune: 1 on a GPU cluster, so that methods x seeds run side by side
+    """`auto`: bf16 autocast where the fine-tune's own task finds native bf16 (a GPU that supports it; a CPU with
+    AVX512-BF16 or AMX), resolved in the task, not on the driver; the weights stay fp32 on a CPU and load in bf16 on
+    such a GPU; `float32`; `bfloat16`"""
+    num_cpus: float = Field(1, gt=0)
+    """CPUs per fine-tune (its torch threads on a CPU)"""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per fine-tune; `1` on a GPU cluster, so methods × seeds run side by side (`> 0` also puts the proxy on
+    `cuda`)"""
 
     @field_validator("sets")
     @classmethod

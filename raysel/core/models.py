@@ -26,9 +26,13 @@ EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
 
 
 class ModelConfig(Section):
-    name: str = EMBEDDED_MODEL  # the embedded default, an HF hub id, or a local directory
+    name: str = EMBEDDED_MODEL
+    """the embedded default, an HF hub id, or a local model directory"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    cache_dir: str = str(Path.home() / ".cache" / "raysel")
+    """`auto` (bf16 on GPU, and on a CPU with native bf16, AVX512-BF16 or AMX; fp32 on other CPUs), `float32`,
+    `bfloat16`, `float16`"""
+    cache_dir: str = "~/.cache/raysel"
+    """where the embedded model is converted to"""
 
 
 def model_source(cfg: ModelConfig) -> str:

@@ -38,8 +38,11 @@ log = logging.getLogger(__name__)
 
 
 class RayConfig(Section):
-    address: str | None = None  # None: the cluster of RAY_ADDRESS, else a new local one; "auto": one running here
-    num_cpus: int | None = Field(None, gt=0)  # only for a new local cluster
+    address: str | None = None
+    """a cluster to join (`auto`: the one `ray start` runs on this machine); `null`: `RAY_ADDRESS`, else a new local
+    cluster, never one found running here"""
+    num_cpus: int | None = Field(None, gt=0)
+    """CPUs of a new local cluster"""
 
 
 @dataclass(frozen=True)

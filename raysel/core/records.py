@@ -22,19 +22,33 @@ from raysel.core.section import Section
 class FieldMap(Section):
     """Which column of an input record holds each part of a sample."""
 
-    id: str | None = None  # None: the id is a hash of the normalised content
+    id: str | None = None
+    """column with a stable id; `null`: the id is a hash of the normalised content"""
     instruction: str = "instruction"
+    """alpaca: the instruction column"""
     input: str = "input"
+    """alpaca: the optional input column, appended to the instruction after a blank line"""
     output: str = "output"
+    """alpaca: the response column"""
     system: str = "system"
+    """alpaca: an optional system prompt column"""
     messages: str = "messages"
+    """chat: the list of turns"""
     role: str = "role"
+    """chat: a turn's role key"""
     content: str = "content"
-    conversations: str = "conversations"  # ShareGPT: turns of {from, value}
+    """chat: a turn's text key"""
+    conversations: str = "conversations"
+    """ShareGPT: the list of turns"""
     speaker: str = "from"
+    """ShareGPT: a turn's speaker key"""
     value: str = "value"
-    role_map: dict[str, str] = {}  # a turn's role (or ShareGPT `from`) -> system | user | assistant, over ROLES
+    """ShareGPT: a turn's text key"""
+    role_map: dict[str, str] = {}
+    """a turn's role (chat) or speaker (ShareGPT) mapped to `system`, `user` or `assistant`, over the built-in map
+    (`human`→user, `gpt`, `bot`, `model`, `chatgpt`→assistant); a role in neither passes as it is"""
     text: str = "text"
+    """plain text, taken as already rendered"""
 
 
 # The roles ShareGPT and its kin write, as the chat templates know them; input.fields.role_map adds to
@@ -46,12 +60,19 @@ MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])
 
 
 class PrepareConfig(Section):
-    chat_template: Literal["auto", "fallback"] = "auto"  # auto: the tokenizer's, else the fallback
+    chat_template: Literal["auto", "fallback"] = "auto"
+    """`auto`: the tokenizer's chat template (the fallback if it has none); `fallback`"""
     max_tokens: int = Field(512, gt=0)
-    dedup: bool = True  # reject exact duplicate texts
-    batch_size: int = Field(512, gt=0)  # rows per formatting task; tasks run on every free CPU
-    rows_per_file: int = Field(1024, gt=0)  # rows per prepared file: the encoder's unit of work and resume
-    max_row_bytes: int = Field(16 << 20, ge=1024)  # a larger row is rejected as too_large, its head kept
+    """longer samples are cut to this many tokens and flagged `truncated`, never dropped"""
+    dedup: bool = True
+    """reject rows whose normalised content repeats an earlier row's"""
+    batch_size: int = Field(512, gt=0)
+    """rows per formatting task (Ray tasks, as many at once as there are free CPUs)"""
+    rows_per_file: int = Field(1024, gt=0)
+    """rows per prepared file; each file is one encode shard (the unit of resume)"""
+    max_row_bytes: int = Field(16 << 20, ge=1024)
+    """a row (line, array element or table row as JSON) over this many bytes is rejected as `too_large`; only its first
+    4 KiB is ever held"""
 
 
 # Used when the tokenizer has no chat template, or when prepare.chat_template is

@@ -24,12 +24,23 @@ class SAESection(Section):
     """Which SAE reads the model: a saved one, a published one, or the default
     that `raysel train-sae` makes for the configured model."""
 
-    path: str | None = None  # a directory (local or any location URI) saved by sae-lens or sparsify; safetensors only
-    format: Literal["auto", "sae_lens", "sparsify"] = "auto"  # auto: told by the weights file in sae.path
-    release: str | None = None  # a sae-lens pretrained release, with sae_id (needs a hub)
+    path: str | None = None
+    """a saved sae-lens SAE (a local dir or any location URI, fetched once into `model.cache_dir`; safetensors only);
+    `null`: the default SAE of `train_sae`"""
+    format: Literal["auto", "sae_lens", "sparsify"] = "auto"
+    """`sae_lens` (cfg.json + sae_weights.safetensors), `sparsify` (EleutherAI sparsify: cfg.json + sae.safetensors in a
+    folder named for its hookpoint, e.g. `layers.15`); `auto`: told by the weights file"""
+    release: str | None = None
+    """a sae-lens pretrained release (Gemma Scope, Llama Scope, ...), with `sae.sae_id`: through `SAE.from_pretrained`,
+    from the Hub or the HF cache"""
     sae_id: str | None = None
-    hook_layer: int | None = Field(None, ge=0)  # overrides the layer in the SAE's metadata
-    allow_poor_fit: bool = False  # encode even when the SAE's explained variance on the first samples is below 0
+    """the SAE's id within `sae.release`"""
+    hook_layer: int | None = Field(None, ge=0)
+    """the block whose output the SAE reads; `null`: from the SAE's hook name, one of `model.layers.L` / `layers.L` (HF,
+    sparsify) and `blocks.L.hook_resid_post` (the output of block L) or `blocks.L.hook_resid_pre` (its input: block
+    L−1's output, the embeddings for L = 0) from TransformerLens; any other hook is refused"""
+    allow_poor_fit: bool = False
+    """encode even when the fit check finds the SAE's explained variance below 0 on the first samples"""
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -43,15 +54,25 @@ class SAESection(Section):
 class TrainSAEConfig(Section):
     """`raysel train-sae`: a TopK SAE trained with sae-lens on the prepared corpus."""
 
-    layer: int = Field(15, ge=0)  # the SAE reads the residual stream after this block
+    layer: int = Field(15, ge=0)
+    """the default SAE reads the residual stream after this block"""
     d_sae: int = Field(2048, gt=0)
+    """features"""
     k: int = Field(32, gt=0)
-    training_tokens: int = Field(120_000, gt=0)  # sized to finish in under 3 minutes on 2 CPU cores
+    """TopK: features active per token"""
+    training_tokens: int = Field(120_000, gt=0)
+    """sized to train in under 3 minutes on 2 CPU cores"""
     context_size: int = Field(256, gt=0)
+    """tokens per training context"""
     batch_size_tokens: int = Field(256, gt=0)
+    """tokens per optimiser step"""
     lr: float = Field(1e-3, gt=0)
+    """the learning rate"""
     seed: int = 42
-    output: str | None = None  # None: the cache dir, where runs find the default SAE
+    """the training seed"""
+    output: str | None = None
+    """where the default SAE is saved and where runs without `sae.path` find it: a folder, or `s3://...` on a cluster
+    (every node reads it); `null`: the model cache"""
 
 
 log = logging.getLogger(__name__)

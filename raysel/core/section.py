@@ -12,9 +12,10 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Strict and frozen: an unknown key is an error, and a component cannot change what it was given."""
+    """Strict and frozen: an unknown key is an error, and a component cannot change what it was given.
+    A field's docstring is its description, the meaning docs/config.md shows (generated from these)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 def repeated(names: list[str]) -> list[str]:

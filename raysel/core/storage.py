@@ -41,14 +41,24 @@ class S3Config(Section):
     """Settings for every s3:// location, input and output alike. Credentials
     fall back to the standard AWS environment variables."""
 
-    endpoint_override: str | None = None  # host:port of an S3-compatible store
+    endpoint_override: str | None = None
+    """`host:port` of an S3-compatible store (SeaweedFS, MinIO, R2, …)"""
     scheme: Literal["https", "http"] = "https"
+    """`https` or `http`"""
     region: str | None = None
+    """the bucket's region"""
     access_key: SecretStr | None = None
+    """falls back to `AWS_ACCESS_KEY_ID`; never written to manifests or logs"""
     secret_key: SecretStr | None = None
-    max_attempts: int = Field(5, gt=0)  # retries of a throttled or failed request
-    connect_timeout: float = Field(5.0, gt=0)  # seconds; a wrong endpoint fails fast
-    outage_seconds: float = Field(120.0, ge=0)  # how long a shard's reads and writes retry through an outage
+    """falls back to `AWS_SECRET_ACCESS_KEY`; never written to manifests or logs"""
+    max_attempts: int = Field(5, gt=0)
+    """attempts per S3 request (AWS standard retry strategy)"""
+    connect_timeout: float = Field(5.0, gt=0)
+    """seconds to wait for a connection: a wrong endpoint fails fast"""
+    outage_seconds: float = Field(120.0, ge=0)
+    """how long an encode shard's reads and writes retry through a transient S3 failure (throttling, 5xx, dropped
+    connections, timeouts; jittered backoff) before the run fails (a re-run resumes); a 403 or a missing key fails at
+    once"""
 
 
 log = logging.getLogger(__name__)

@@ -47,20 +47,39 @@ log = logging.getLogger(__name__)
 class SynthesisConfig(Section):
     """The `synthesis` section (`raysel synthesize`): new samples for the features FAC finds missing (two steps, contrastive)."""
 
-    generator: str | None = None  # a causal LM (local dir, HF id, or the embedded default); None: model.name
-    max_features: int = Field(20, gt=0)  # missing features to write for, most common on the anchor first
-    spans: int = Field(5, gt=0)  # top-activating spans shown to the generator in step 1
-    n_candidates: int = Field(8, gt=0)  # step 1: samples per feature, scored to find x+ and x-
-    n_contrastive: int = Field(8, gt=0)  # step 2: samples from the contrastive prompt
-    keep: int = Field(2, gt=0)  # per feature, the strongest step-2 samples above delta
-    delta: float | None = None  # activation a kept sample must exceed; None: FAC's tau (fac.tau or calibrated)
+    generator: str | None = None
+    """`raysel synthesize`'s generator: any causal LM (a directory, an HF id, the embedded default); `null`:
+    `model.name`"""
+    max_features: int = Field(20, gt=0)
+    """missing features to write samples for, the most common on the anchor first"""
+    spans: int = Field(5, gt=0)
+    """top-activating spans of the feature shown to the generator in step 1"""
+    n_candidates: int = Field(8, gt=0)
+    """step 1: samples per feature, scored by the SAE for the contrastive pair"""
+    n_contrastive: int = Field(8, gt=0)
+    """step 2: samples from the contrastive prompt"""
+    keep: int = Field(2, gt=0)
+    """per feature, the strongest step-2 samples above δ"""
+    delta: float | None = None
+    """δ, the activation a kept sample must exceed; `null`: FAC's τ (`fac.tau`, or calibrated on the reference), the one
+    stored with F"""
     temperature: float = Field(0.8, gt=0)
-    retry_temperature: float = Field(1.2, gt=0)  # a step 1 whose samples all score 0 is redone once at this
+    """sampling temperature"""
+    retry_temperature: float = Field(1.2, gt=0)
+    """a feature whose step-1 samples all score 0 is sampled once more at this temperature; still 0, it is recorded in
+    `no_signal` and gets no step 2"""
     top_p: float = Field(0.9, gt=0, le=1)
+    """nucleus sampling"""
     max_new_tokens: int = Field(160, gt=0)
+    """generation length"""
     seed: int = 0
-    actors: int = Field(1, gt=0)  # actors holding the generator and the run's model + SAE (vllm: engine replicas)
-    engine: Literal["transformers", "vllm"] = "transformers"  # vllm: ray.data.llm's vLLM processor, on GPU nodes
+    """sampling seed (per feature and step)"""
+    actors: int = Field(1, gt=0)
+    """actors that each hold the generator and the run's model and SAE for every round, and score what they generate
+    (with `vllm`: engine replicas, and the samples are scored on `encode.actors`)"""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """`transformers`: `generate` on a Ray actor pool; `vllm`: ray.data.llm's vLLM processor on the GPU nodes (needs
+    `pip install vllm` there; refused before any work without it or without GPUs)"""
 
 
 FIRST = """Here are passages from instruction data where one particular pattern is strong; the token where it is strongest is marked [[like this]]. The pattern: {description}.

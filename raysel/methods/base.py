@@ -35,7 +35,8 @@ class MethodConfig(Section):
     """The settings every method entry has; a method's config adds its own and a `name: Literal[...]`."""
 
     name: str
-    budget: float | None = Field(None, gt=0)  # a count or a fraction, as select.budget; None: select.budget
+    budget: float | None = Field(None, gt=0)
+    """a count (≥ 1) or a fraction of the encoded pool (< 1), as `select.budget`; `null`: `select.budget`"""
 
 
 @dataclass

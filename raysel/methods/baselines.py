@@ -13,6 +13,8 @@ from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
 
 
 class RandomConfig(MethodConfig):
+    """Samples drawn at random, seeded by `select.seed`"""
+
     name: Literal["random"] = "random"
 
 
@@ -25,6 +27,8 @@ class Random(Method):
 
 
 class LongestConfig(MethodConfig):
+    """The most response tokens first"""
+
     name: Literal["longest"] = "longest"
 
 

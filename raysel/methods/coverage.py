@@ -27,11 +27,18 @@ log = logging.getLogger(__name__)
 
 
 class CoverageConfig(MethodConfig):
+    """SAE-GreedSelect: greedy maximum coverage of activated features, with the saturation reset"""
+
     name: Literal["coverage"] = "coverage"
-    idf: bool = False  # weigh each feature's gain by its inverse document frequency
-    distributed: Literal["auto", "on", "off"] = "auto"  # RandGreeDi over the cluster; auto: past distributed_rows
-    distributed_rows: int = Field(2_000_000, gt=0)  # auto distributes larger pools; RandGreeDi's rows per partition
-    partitions: int | None = Field(None, ge=2)  # RandGreeDi partitions; None: one per distributed_rows, at least 2
+    idf: bool = False
+    """weigh each feature's gain by its inverse document frequency"""
+    distributed: Literal["auto", "on", "off"] = "auto"
+    """`on` runs RandGreeDi, partitions greedy'd in parallel across the cluster then merged; `off` one greedy on the
+    driver; `auto` RandGreeDi past `distributed_rows`"""
+    distributed_rows: int = Field(2_000_000, gt=0)
+    """the pool size past which `auto` distributes, and RandGreeDi's samples per partition"""
+    partitions: int | None = Field(None, ge=2)
+    """RandGreeDi's partitions (≥ 2); `null`: one per `distributed_rows`, at least 2"""
 
 
 class Coverage(Method):

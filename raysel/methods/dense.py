@@ -40,6 +40,11 @@ BYTES_PER_ROW = 200
 
 
 class DenseConfig(MethodConfig):
+    """The dense-embedding diversity baseline of the SAE-GreedSelect/SimScale paper: SimScale's θ rule on the cosine of
+    each sample's hidden state at the SAE's hook layer, mean-pooled over the positions the encoder pools; longest
+    first, θ binary-searched to reach the budget. One extra forward pass of the pool up to the hook, on the encode
+    actors; n × d_in floats on the driver"""
+
     name: Literal["dense"] = "dense"
 
 

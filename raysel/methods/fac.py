@@ -24,8 +24,13 @@ log = logging.getLogger(__name__)
 
 
 class FACSelectConfig(MethodConfig):
+    """The pool samples that cover the anchor's task features `evaluated` misses, strongest first; the manifest has FAC
+    before and after, and for random picks"""
+
     name: Literal["fac"] = "fac"
-    evaluated: list[str] = []  # the dataset you already have (empty: start from nothing)
+    evaluated: list[str] = []
+    """the dataset you already have (files, globs, `s3://`; empty: start from nothing); F and the anchor come from the
+    `fac` section"""
 
 
 class FACSelect(Method):

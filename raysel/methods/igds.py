@@ -57,30 +57,53 @@ log = logging.getLogger(__name__)
 
 
 class IGDSConfig(MethodConfig):
+    """The samples whose sum-pooled activation of the causally helpful task features is highest"""
+
     name: Literal["igds"] = "igds"
-    targets: list[str] = Field(min_length=1)  # files, globs or s3:// paths of target-task examples, read like the input
-    dev_fraction: float = Field(
-        0.5, gt=0, lt=1
-    )  # the held-out share of the targets, on which interventions are measured
-    seed: int = 0  # which targets are held out
-    candidates: int = Field(50, gt=0)  # N features kept by frequency recall (target share minus pool share)
-    # h += alpha * typical activation * W_dec[j]: the spec's 0.5-4. The gentler 0.125 and 0.25 were added once
-    # because precision at k on the labelled task bench looked better there: a default chosen by the score it
-    # is judged on, and at those pushes about half of all candidates "helped", as a first-order sign would
+    targets: list[str] = Field(min_length=1)
+    """target-task examples, as `mona`'s"""
+    dev_fraction: float = Field(0.5, gt=0, lt=1)
+    """the targets held out to measure interventions on; the rest feed frequency recall"""
+    seed: int = 0
+    """which targets are held out, and how the held-out ones split in two halves"""
+    candidates: int = Field(50, gt=0)
+    """features kept by frequency recall (target share − pool share), those with a positive lift only"""
     alphas: list[float] = Field([0.5, 1.0, 2.0, 4.0], min_length=1)
-    keep: int = Field(3, gt=0)  # task features: the top ones by delta, among those that clear the null
-    fallback: Literal["error", "recall"] = "error"  # none clears: stop, or use frequency recall's top `keep`
-    # the null: random unit directions pushed at null_norms norms, log-spaced over the candidates' pushes;
-    # a feature helps when its delta clears the null_quantile of theirs at its norm
+    """the sweep of h ← h + α · a_j · W_dec[j] after the hook layer, on the counted positions (not BOS, not the template
+    prefix); a_j is the feature's mean activation over the held-out targets' tokens that activate it (the pool's mean
+    max-pool, a larger figure, for a feature none of them activates; each row of `feature_effects` records its
+    `typical` and `typical_from`). Each feature's α is the sweep's best on the first half of the held-out targets
+    (`delta_by_alpha`), and its Δ is measured once, at that α, on the second. The spec's 0.5–4: 0.125 and 0.25 were
+    once added because precision at k on the labelled task benchmark looked better, a default chosen by the score it
+    is judged on"""
+    keep: int = Field(3, gt=0)
+    """task features: the top ones by Δ among those that clear the null"""
+    fallback: Literal["error", "recall"] = "error"
+    """when none clears the null: `error` stops with an error; `recall` takes frequency recall's top `keep`, recorded as
+    `task_feature_source` (features that hurt are never used)"""
     null_directions: int = Field(20, ge=2)
+    """the null for Δ: this many random unit directions at each norm, pushed on the same positions and measured on the
+    second half; a feature helps when its Δ clears `null_quantile` of theirs at its own norm (interpolated in log
+    norm; `null_threshold`, `cleared_null`) and 0, because by the sign of a first-order effect about half of
+    arbitrary directions raise the metric"""
     null_norms: int = Field(4, ge=1)
+    """the null's norms, log-spaced over the candidates' pushes (α · a_j · ‖W_dec[j]‖)"""
     null_quantile: float = Field(0.95, gt=0, lt=1)
-    metric: Literal["loglik", "exact_match"] = "loglik"  # exact_match generates and compares the final number
-    pooling: Literal["sum", "mean"] = "sum"  # of the feature-resonant score
-    budget: float = Field(0.5, gt=0)  # a count or a fraction, as select.budget; the paper keeps 50 %
-    actors: int = Field(1, gt=0)  # full models evaluating candidate features in parallel
-    batch_size: int = Field(8, gt=0)  # dev examples per forward pass
-    max_new_tokens: int = Field(256, gt=0)  # exact_match: generation length
+    """the quantile of the null's Δ a helpful feature must clear"""
+    metric: Literal["loglik", "exact_match"] = "loglik"
+    """`loglik`: mean log-likelihood of the reference answers; `exact_match`: greedy generation in batches, the final
+    number, amplified at the same positions plus the generated tokens. A held-out pair longer than
+    `prepare.max_tokens` is skipped and counted (`dev_skipped_overlong`)"""
+    pooling: Literal["sum", "mean"] = "sum"
+    """`sum` or `mean`: the pooling of the feature-resonant score"""
+    budget: float = Field(0.5, gt=0)
+    """as `select.budget`; the paper keeps 50 %"""
+    actors: int = Field(1, gt=0)
+    """full models measuring candidates in parallel"""
+    batch_size: int = Field(8, gt=0)
+    """held-out examples per forward pass"""
+    max_new_tokens: int = Field(256, gt=0)
+    """`exact_match`'s generation length"""
 
 
 class IGDS(Method):

@@ -22,10 +22,16 @@ from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
 
 
 class MonaConfig(MethodConfig):
+    """The samples most similar to the targets' mean-pooled prototype"""
+
     name: Literal["mona"] = "mona"
-    targets: list[str] = Field(min_length=1)  # files, globs or s3:// paths of target-task examples, read like the input
-    pooling: Literal["mean", "sum"] = "mean"  # the paper's choice is mean; sum is kept for ablation
-    similarity: Literal["jaccard", "cosine"] = "jaccard"  # weighted Jaccard to the prototype, or cosine
+    targets: list[str] = Field(min_length=1)
+    """target-task examples (files, globs, `s3://`), read like the input and encoded with the same model and SAE into
+    `<output.root>/targets/`"""
+    pooling: Literal["mean", "sum"] = "mean"
+    """`mean` (the paper's) or `sum` (for ablation): how the targets' prototype and the samples are pooled"""
+    similarity: Literal["jaccard", "cosine"] = "jaccard"
+    """`jaccard`: weighted Jaccard to the prototype; or `cosine`"""
 
 
 class Mona(Method):
