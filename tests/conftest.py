@@ -28,6 +28,28 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
+# The session fixtures that cost a run each. `make test` runs two pytest-xdist workers, each with its
+# own fixtures and Ray cluster; the modules that share one of these go to the same worker, which
+# builds it once. Every other module is a group of its own, so its module fixtures are built once too.
+SHARED_RUNS = ("uninterrupted", "task_run", "stats_run")
+
+
+def pytest_collection_modifyitems(items):
+    group = {item.nodeid.split("::")[0]: item.nodeid.split("::")[0] for item in items}
+
+    def root(module: str) -> str:
+        while group[module] != module:
+            module = group[module]
+        return module
+
+    for fixture in SHARED_RUNS:
+        sharing = sorted({root(i.nodeid.split("::")[0]) for i in items if fixture in i.fixturenames})
+        for module in sharing[1:]:
+            group[module] = sharing[0]
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(root(item.nodeid.split("::")[0])))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -57,8 +57,8 @@ class S3Config(Section):
     """seconds to wait for a connection: a wrong endpoint fails fast"""
     outage_seconds: float = Field(120.0, ge=0)
     """how long an encode shard's reads and writes retry through a transient S3 failure (throttling, 5xx, dropped
-    connections, timeouts; jittered backoff) before the run fails (a re-run resumes); a 403 or a missing key fails at
-    once"""
+    connections, timeouts; jittered backoff); the run stops at the first shard past it (a re-run resumes). A 403
+    or a missing key fails at once"""
 
 
 log = logging.getLogger(__name__)

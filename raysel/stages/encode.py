@@ -8,6 +8,7 @@ without a marker of the current fingerprint."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -290,22 +291,25 @@ class Encode(Stage):
             items = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
             encoded = sum(m["rows"] + m.get("rejected", 0) for m in finished.values())
             progress = Progress("encode", len(todo), prepared["n_valid"] - encoded)
-            failed = []
             results = map_stage(
                 items, EncodeShards, resources, stack=self.stack, root=storage.root, key=key, parts=parts, dtype=pinned
             )
-            for r in results.iter_rows():  # one row per shard, as each finishes
-                progress.update(r["rows"])
-                if r["error"]:
-                    failed.append(r["error"])
-                if r["explained_variance"] is not None:
-                    self.judge_fit(r["explained_variance"], r["l0"])
+            # one row per shard, as each finishes; closed on the way out, which ends the pool's work
+            with contextlib.closing(iter(results.iter_rows())) as rows:
+                for r in rows:
+                    progress.update(r["rows"])
+                    if r["error"]:
+                        # A shard fails only as a whole run would: storage down past s3.outage_seconds, or an
+                        # actor of another dtype. Going on would wait out the window once per shard left (at
+                        # 120 s, hours for a large store), so the run stops at the first.
+                        progress.close()
+                        raise StorageError(
+                            f"encode: stopped at a shard that could not be encoded or written: {r['error']}. The "
+                            f"shards finished are committed, and a re-run encodes only the rest"
+                        )
+                    if r["explained_variance"] is not None:
+                        self.judge_fit(r["explained_variance"], r["l0"])
             progress.close()
-            if failed:
-                raise StorageError(
-                    f"encode: {len(failed)} shard(s) could not be encoded or written; the others are committed, "
-                    f"and a re-run encodes only these. First: {failed[0]}"
-                )
         markers = store.done_shards()
         missing = [s for s in shards if s not in markers]
         if missing:
