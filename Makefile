@@ -33,7 +33,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Two xdist workers, each with its own Ray cluster; tests/conftest.py groups the modules that
-# share a session run, so that one worker builds it once.
+# Two xdist workers, each with its own Ray cluster; tests/conftest.py schedules the modules that
+# share a session run on one worker, which builds it once.
 test: setup browser lint
-	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
