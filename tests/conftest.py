@@ -5,6 +5,7 @@ demo data, and hand-built feature-store tables."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -46,11 +47,14 @@ def pytest_xdist_make_scheduler(config, log):
     them from a node id pytest now derives.)"""
     from xdist.scheduler import LoadScopeScheduling
 
+    @functools.cache
+    def unit(module: str) -> str:  # a module's source, read once, not once per test
+        source = (REPO / module).read_text()
+        return next((name for name in SHARED_RUNS if name in source), module)
+
     class SharedRunScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::")[0]
-            source = (REPO / module).read_text()
-            return next((name for name in SHARED_RUNS if name in source), module)
+            return unit(nodeid.split("::")[0])
 
     return SharedRunScheduling(config, log)
 

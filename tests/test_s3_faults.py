@@ -85,8 +85,8 @@ def test_a_short_outage_is_ridden_out_a_long_one_fails_clearly_and_the_rerun_res
         driver = subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             short = outage_once_markers_appear(server, driver, "faults/run", down_s=6, markers=2)
-            retried, going = "retrying in" in log_path.read_text(), driver.poll() is None
-            mark = len(log_path.read_text())
+            text, going = log_path.read_text(), driver.poll() is None
+            retried, mark = "retrying in" in text, len(text)
             long = outage_once_markers_appear(server, driver, "faults/run", down_s=None, markers=short + 2)
         finally:
             if driver.poll() is None:
@@ -95,9 +95,10 @@ def test_a_short_outage_is_ridden_out_a_long_one_fails_clearly_and_the_rerun_res
     assert retried and going, "the short outage should have hit the encode stage's IO and been retried through"
     assert 2 <= short and short + 2 <= long < 30, "the run should go on after the short outage, and stop in the long"
     assert driver.returncode == 3, err[-4000:]
-    # it stops at the first shard past the window, not after waiting the window out for each shard left
+    # it stops at the first shard past the window, not after waiting the window out for each shard left;
+    # the shards already queued on the actor may start before the pool ends (3 seen beside another worker)
     waited_on = set(re.findall(r"(?:reading prepared|writing features)/(part-[\w-]+\.parquet)", err[mark:]))
-    assert 1 <= len(waited_on) <= 2 < 30 - long, (waited_on, long)
+    assert 1 <= len(waited_on) <= 4 < 30 - long, (waited_on, long)
     assert "s3://faults/run" in err and "s3.outage_seconds" in err
     assert server.secret_key not in err and server.access_key not in err
     fs = server.filesystem()

@@ -294,22 +294,20 @@ class Encode(Stage):
             results = map_stage(
                 items, EncodeShards, resources, stack=self.stack, root=storage.root, key=key, parts=parts, dtype=pinned
             )
-            # one row per shard, as each finishes; closed on the way out, which ends the pool's work
-            with contextlib.closing(iter(results.iter_rows())) as rows:
+            # one row per shard, as each finishes; both closed on the way out, which ends the pool's work
+            with contextlib.closing(iter(results.iter_rows())) as rows, contextlib.closing(progress):
                 for r in rows:
                     progress.update(r["rows"])
                     if r["error"]:
                         # A shard fails only as a whole run would: storage down past s3.outage_seconds, or an
                         # actor of another dtype. Going on would wait out the window once per shard left (at
                         # 120 s, hours for a large store), so the run stops at the first.
-                        progress.close()
                         raise StorageError(
                             f"encode: stopped at a shard that could not be encoded or written: {r['error']}. The "
                             f"shards finished are committed, and a re-run encodes only the rest"
                         )
                     if r["explained_variance"] is not None:
                         self.judge_fit(r["explained_variance"], r["l0"])
-            progress.close()
         markers = store.done_shards()
         missing = [s for s in shards if s not in markers]
         if missing:
