@@ -106,6 +106,28 @@ def test_a_fine_tune_trains_the_adapter_and_lowers_the_loss_on_its_own_data(tiny
     assert layers == {2, 3}
 
 
+def test_the_trainers_loss_is_trls_own_on_the_same_batch(tiny_model_dir, tmp_path):
+    """The fine-tune's loss runs the head at response positions only, in place of TRL's. Catches a
+    shift off by one, a prompt or padding token counted, or a normalisation other than TRL's."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from raysel.core.sft_trainer import ResponseLossTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = [example(tok, None, m, None, 512) for m in CONVERSATIONS]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, completion_only_loss=True, max_length=None,
+                     use_cpu=True, report_to="none")  # fmt: skip
+    trainer = ResponseLossTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["attention_mask"] == 0).any() and (batch["labels"][batch["attention_mask"] == 1] == -100).any()
+    ours = trainer.compute_loss(model, dict(batch))
+    trls = SFTTrainer.compute_loss(trainer, model, dict(batch))
+    assert float(ours) == pytest.approx(float(trls), rel=1e-5)
+
+
 @pytest.mark.parametrize(
     ("text", "answer"),
     [
