@@ -43,6 +43,7 @@ from pydantic import Field
 from raysel.core import paths
 from raysel.core.encoder import sae_activations
 from raysel.core.features import frequency_recall, pooled, pooled_columns
+from raysel.core.finetune import response_token_nll
 from raysel.core.models import load_model, load_tokenizer, resolve_device, tokenize
 from raysel.core.ray_adapter import log_to_driver, map_stage, model_resources
 from raysel.core.records import chat_template_for, shared_prefix
@@ -288,14 +289,13 @@ class TaskMetric:
 
     def _loglik(self, pairs, layer, vector) -> list[float]:
         ids, attention, counted = self._padded([p.prompt_ids + p.answer_ids for p in pairs], left=False)
+        answer = self.torch.zeros_like(ids)
+        for r, p in enumerate(pairs):
+            answer[r, len(p.prompt_ids) : len(p.prompt_ids) + len(p.answer_ids)] = 1
         with self.torch.inference_mode(), self._maybe(layer, vector, counted):
-            logits = self.model(input_ids=ids, attention_mask=attention, use_cache=False).logits.float()
-        logp = self.torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-        # the predictions of the answer's tokens
-        return [
-            float(logp[r, len(p.prompt_ids) - 1 : len(p.prompt_ids) + len(p.answer_ids) - 1].mean())
-            for r, p in enumerate(pairs)
-        ]
+            nll = response_token_nll(self.model, ids, attention, answer)
+        # row by row: each pair's answer tokens in turn
+        return [-float(part.mean()) for part in nll.split([len(p.answer_ids) for p in pairs])]
 
     def _exact(self, pairs, layer, vector) -> list[bool]:
         tok = self.tokenizer
