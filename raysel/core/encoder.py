@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from raysel.core.features import FEATURE_SCHEMA
 from raysel.core.models import ModelConfig, load_model, load_tokenizer, resolve_device, tokenize, truncate_to_layer
-from raysel.core.records import PrepareConfig, chat_template_for, shared_prefix
+from raysel.core.records import PrepareConfig, chat_template_for, shared_prefix, system_scaffold
 from raysel.core.sae import SAESection, TrainSAEConfig, hook_layer, load_sae
 from raysel.core.section import ConfigError, Section
 from raysel.core.spans import TopSpans, batch_spans
@@ -41,7 +41,8 @@ class EncodeConfig(Section):
     tokens_per_batch: int = Field(8192, gt=0)
     """padded tokens per forward pass (samples are bucketed by length)"""
     skip_prefix: bool = True
-    """leave the chat template's shared prefix (system prompt, user header) out of pooling"""
+    """leave the chat template's scaffolding out of pooling: its shared prefix (a default system prompt, the user's
+    header), or a sample's own system turn and headers up to its user's text"""
     top_m: int | None = Field(None, gt=0)
     """keep only the M strongest features per sample"""
 
@@ -75,6 +76,11 @@ class ModelStack(Section):
 CHUNK_BYTES = 256 << 20  # the SAE's dense activations of one token chunk
 
 
+# What encode.skip_prefix leaves out of pooling; part of the encode key, so a store pooled by an older
+# rule (the shared prefix alone: a sample with its own system turn pooled it) is not resumed as this one.
+SKIPPED = "the template's shared prefix, or a sample's own system turn up to its user's text"
+
+
 class Encoder:
     """A model cut at the hook layer plus its SAE: texts in, sparse features out."""
 
@@ -96,10 +102,16 @@ class Encoder:
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.model = truncate_to_layer(model, self.layer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        prefix = ""
+        prefix, scaffold = "", None
         if stack.encode.skip_prefix and stack.shape != "text":
-            prefix = shared_prefix(self.tokenizer, chat_template_for(self.tokenizer, stack.prepare.chat_template))
+            template = chat_template_for(self.tokenizer, stack.prepare.chat_template)
+            prefix, scaffold = shared_prefix(self.tokenizer, template), system_scaffold(self.tokenizer, template)
         self.prefix_ids = tokenize(self.tokenizer, [prefix])["input_ids"][0] if prefix else []
+        # a sample's own system turn: its header (with the BOS, as samples are tokenized) and what follows it
+        self.system_ids = scaffold and (
+            tokenize(self.tokenizer, [scaffold[0]])["input_ids"][0],
+            self.tokenizer(scaffold[1], add_special_tokens=False)["input_ids"],
+        )
 
     def __call__(
         self, ids: list[str], texts: list[str], spans: TopSpans | None = None, on_batch: Callable | None = None
@@ -225,10 +237,23 @@ class Encoder:
         return hidden, counted.to(self.device)
 
     def _first_counted(self, seqs: list[list[int]]):
-        """Position 0 is an attention sink, never pooled; the template's shared prefix neither, when set."""
+        """Position 0 is an attention sink, never pooled; the template's scaffolding neither, when skipped:
+        its shared prefix (a default system prompt, the user's header), or a sample's own system turn up
+        to its user's text. A sample whose tokens do not hold the scaffolding as rendered alone is pooled
+        from position 1."""
+        return self.torch.tensor([self._scaffolding(s) for s in seqs])
+
+    def _scaffolding(self, seq: list[int]) -> int:
         k = len(self.prefix_ids)
-        skip = [k if k and s[:k] == self.prefix_ids else 1 for s in seqs]
-        return self.torch.tensor(skip)
+        if k and seq[:k] == self.prefix_ids:
+            return k
+        if self.system_ids:
+            header, between = self.system_ids
+            if seq[: len(header)] == header:
+                end = find(seq, between, len(header))
+                if end is not None:
+                    return end
+        return 1
 
     def _pool(self, feat_max, feat_sum, n_counted):
         """Keep, per sample, the features that fire (those _pooled kept), as list columns."""
@@ -280,3 +305,12 @@ def nonzero(z):
         return tokens[keep], features[keep], values[keep]
     tokens, features = z.nonzero(as_tuple=True)
     return tokens, features, z[tokens, features]
+
+
+def find(seq: list[int], part: list[int], start: int) -> int | None:
+    """The end of `part`'s first occurrence in `seq` at or after `start`."""
+    n = len(part)
+    for i in range(start, len(seq) - n + 1):
+        if seq[i : i + n] == part:
+            return i + n
+    return None

@@ -187,6 +187,25 @@ def shared_prefix(tokenizer, chat_template: str | None) -> str:
     return a[:n]
 
 
+def system_scaffold(tokenizer, chat_template: str | None) -> tuple[str, str] | None:
+    """What the template puts around a conversation's own system prompt, up to its first user text:
+    the text before the prompt (its header) and the text between it and the user's text. None when
+    the template renders no system turn, or gives it no header to be recognised by."""
+    system, user = "Qq-system-prompt-qQ", "Qq-user-text-qQ"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            tokenize=False,
+            chat_template=chat_template,
+        )
+    except Exception:  # a template that refuses system turns (jinja's raise_exception)
+        return None
+    if system not in text or user not in text.split(system, 1)[1]:
+        return None
+    before, rest = text.split(system, 1)
+    return (before, rest.split(user, 1)[0]) if before.strip() else None
+
+
 def render(sample: Sample, tokenizer, chat_template: str | None) -> str:
     """The text the model sees. Plain-text records are taken as already rendered."""
     if sample.messages is None:

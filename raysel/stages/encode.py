@@ -23,7 +23,7 @@ import ray
 from raysel.config import ModelStack
 from raysel.core import paths
 from raysel.core.corpus import fingerprint
-from raysel.core.encoder import Encoder
+from raysel.core.encoder import SKIPPED, Encoder
 from raysel.core.features import FEATURE_SCHEMA, FeatureStore
 from raysel.core.progress import Progress
 from raysel.core.ray_adapter import Resources, log_to_driver, map_stage, model_resources
@@ -219,7 +219,7 @@ class Encode(Stage):
             "dtype": f"{stack.model.dtype} on {stack.encode.runs_on()}",
             "sae": fingerprint([], self.weights, self.meta),
             "settings": fingerprint([], stack.prepare.max_tokens, stack.prepare.chat_template,
-                                    stack.encode.skip_prefix, stack.encode.top_m, FEATURE_SCHEMA.to_string(),
+                                    stack.encode.skip_prefix and SKIPPED, stack.encode.top_m, FEATURE_SCHEMA.to_string(),
                                     CANDIDATE_SCHEMA.to_string(), TOP, WINDOW),
         }  # fmt: skip
 

@@ -93,6 +93,25 @@ def test_encoder_matches_a_dense_reference(tiny_model_dir, tiny_sae_dir, skip_pr
         np.testing.assert_allclose(row["feat_sum"], ref_sum[ids].numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_a_samples_own_system_turn_is_skipped_with_the_templates_scaffolding(tiny_model_dir, tiny_sae_dir):
+    """Catches pooling a sample's own system prompt and role headers: such a sample does not start
+    with the template's shared prefix, so that skip alone pooled it from position 1."""
+    from raysel.core.models import tokenize
+    from raysel.core.records import chat_template_for
+
+    turns = [("system", "Answer as a pirate would."), ("user", "Name a prime number."), ("assistant", "Seven.")]
+    for skip in (True, False):
+        encoder = Encoder(encoder_stack(tiny_model_dir, tiny_sae_dir, skip_prefix=skip))
+        text = encoder.tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in turns], tokenize=False,
+            chat_template=chat_template_for(encoder.tokenizer, "auto"),
+        )  # fmt: skip
+        ids = tokenize(encoder.tokenizer, [text])["input_ids"][0]
+        first = len(ids) - encoder(["own"], [text])["n_tokens"].to_pylist()[0]
+        pooled = encoder.tokenizer.decode(ids[first:])
+        assert pooled.startswith("Name a prime number.") if skip else first == 1, (skip, pooled)
+
+
 def renamed_sae(tiny_sae_dir, out, hook_name: str):
     shutil.copytree(tiny_sae_dir, out)
     cfg = json.loads((out / "cfg.json").read_text())
