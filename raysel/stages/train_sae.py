@@ -59,7 +59,9 @@ class TrainSAE(Stage):
         # content (the prepared store's fingerprint holds the input's path)
         summary |= {
             "train_sae": self.stack.train_sae.model_dump(exclude={"output"}),
-            "texts": hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16],
+            # sorted: Ray Data does not keep the input's order across prepared shards, so the same texts can
+            # come in another order (which the SAE then trains in: a reproducibility gap, not yet closed)
+            "texts": hashlib.sha256("\0".join(sorted(texts)).encode()).hexdigest()[:16],
         }
         out = save_sae(self.stack, files, summary)
         log.info("train-sae: %s in %.0fs: explained variance %.3f, mean L0 %.1f, dead %.1f%%", out,
