@@ -15,7 +15,8 @@ class ResponseLossTrainer(SFTTrainer):
     kernel falls back to a Python loop over the vocabulary and took 40 % of a fine-tune step."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # one optimizer step per batch (no gradient accumulation), so the mean is TRL's sum / num_items_in_batch
+        # one optimizer step per batch (no gradient accumulation), so this is TRL's sum / num_items_in_batch, and
+        # as TRL's, a batch with no token to predict gives 0, not the NaN of an empty mean
         nll = response_token_nll(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"] != -100)
-        loss = nll.mean()
+        loss = nll.sum() / max(nll.numel(), 1)
         return (loss, None) if return_outputs else loss
