@@ -95,7 +95,8 @@ def config(args, files: dict, out: Path) -> dict:
     return {
         "input": {"paths": [files["pool"]], "fields": {"id": "id"}},
         "prepare": {"max_tokens": 256},
-        "encode": {"num_cpus": os.cpu_count() or 1},  # the one CPU encode actor gets every core
+        # the one CPU encode actor gets every core; dense's vectors come from the encode pass, not a second one
+        "encode": {"num_cpus": os.cpu_count() or 1, "keep_dense": "dense" in args.methods},
         "activation": {"target_active": 32},
         "select": {"budget": args.budget, "methods": [entries.get(m, m) for m in args.methods]},
         "fac": {"anchor": [files["targets_math"]]},

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from raysel.core.features import FEATURE_SCHEMA
+from raysel.core.features import DENSE, FEATURE_SCHEMA
 from raysel.core.models import ModelConfig, load_model, load_tokenizer, resolve_device, tokenize, truncate_to_layer
 from raysel.core.records import PrepareConfig, chat_template_for, shared_prefix, system_scaffold
 from raysel.core.sae import SAESection, TrainSAEConfig, hook_layer, load_sae
@@ -45,6 +45,9 @@ class EncodeConfig(Section):
     header), or a sample's own system turn and headers up to its user's text"""
     top_m: int | None = Field(None, gt=0)
     """keep only the M strongest features per sample"""
+    keep_dense: bool = False
+    """also keep each sample's unit mean hidden state at the hook (`method: dense`'s vector, d_in float32s a sample:
+    2.3 KB for SmolLM2-135M) beside the features, so `dense` reads them instead of a forward pass of its own"""
 
     @model_validator(mode="after")
     def _device_and_gpus_agree(self) -> EncodeConfig:
@@ -99,6 +102,9 @@ class Encoder:
                 f"sae: d_in {self.sae.cfg.d_in} is not the model's hidden size {model.config.hidden_size}"
             )
         self.layer = hook_layer(stack, self.sae.cfg.metadata.hook_name)
+        self.schema = FEATURE_SCHEMA
+        if stack.encode.keep_dense:
+            self.schema = self.schema.append(pa.field(DENSE, pa.list_(pa.float32(), self.sae.cfg.d_in)))
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.model = truncate_to_layer(model, self.layer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -127,10 +133,10 @@ class Encoder:
                 on_batch(len(batch))
         order = np.concatenate(buckets)
         n_tokens = np.concatenate([p[0] for p in parts])
-        columns = [pa.concat_arrays([p[k] for p in parts]) for k in (1, 2, 3)]
+        columns = [pa.concat_arrays([p[k] for p in parts]) for k in range(1, len(parts[0]))]
         table = pa.table(
             [pa.array(np.asarray(ids, dtype=object)[order], pa.string()), pa.array(n_tokens, pa.int32()), *columns],
-            schema=FEATURE_SCHEMA,
+            schema=self.schema,
         )
         return table.take(np.argsort(order))
 
@@ -143,7 +149,7 @@ class Encoder:
             return self(ids, texts, spans, on_batch), {}
         except Exception as err:
             if len(ids) == 1:
-                return FEATURE_SCHEMA.empty_table(), {ids[0]: f"{type(err).__name__}: {err}"[:2000]}
+                return self.schema.empty_table(), {ids[0]: f"{type(err).__name__}: {err}"[:2000]}
         half = len(ids) // 2
         (a, errors_a), (b, errors_b) = (
             self.encode_isolated(i, t, spans, on_batch)
@@ -174,7 +180,11 @@ class Encoder:
             if spans is not None:
                 found = batch_spans((sample, tokens, features, values), feat_max, n_counted, self._first_counted(seqs))
                 spans.add(ids, found)
-            return self._pool(feat_max, feat_sum, n_counted.cpu())
+            pooled = self._pool(feat_max, feat_sum, n_counted.cpu())
+            if not self.encode.keep_dense:
+                return pooled
+            means = self.unit_means(hidden, counted)
+            return *pooled, pa.FixedSizeListArray.from_arrays(means.ravel(), means.shape[1])
 
     def _activations(self, h):
         """(token, feature, activation) of every non-zero activation of the SAE on the tokens `h`."""
@@ -215,6 +225,12 @@ class Encoder:
             "l0": round(active / max(h.shape[0], 1), 2),
             "tokens": int(h.shape[0]),
         }
+
+    def unit_means(self, hidden, counted) -> np.ndarray:
+        """Each sample's hidden state mean-pooled over its counted positions, unit length (n x d_in)."""
+        mask = counted[..., None].to(hidden.dtype)
+        mean = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
+        return self.torch.nn.functional.normalize(mean, dim=1).cpu().numpy()
 
     def hidden_states(self, seqs: list[list[int]]):
         """The residual stream after the hook layer for a padded batch, and which positions count."""

@@ -35,6 +35,7 @@ from raysel.core.storage import Storage
 
 log = logging.getLogger(__name__)
 
+DENSE = "dense"  # the column of encode.keep_dense's vectors, written under features/_dense
 FEATURE_SCHEMA = pa.schema(
     [
         ("id", pa.string()),

@@ -25,6 +25,7 @@ REJECTS = "rejects"
 FEATURES = "features"
 FEATURES_DONE = "features/_done"
 SPAN_CANDIDATES = "features/_spans"  # per shard, each feature's top samples with their windows
+DENSE = "features/_dense"  # per shard, encode.keep_dense's (id, dense) vectors
 STATS = "stats"
 FEATURE_STATS = "stats/features.parquet"
 STATS_SUMMARY = "stats/summary.json"

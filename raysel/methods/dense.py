@@ -5,9 +5,9 @@ at the SAE's hook layer, mean-pooled over the positions the encoder pools (no pa
 not the template's shared prefix), scaled to unit length. Samples are visited longest first (ties
 by the ids' seeded hash); x is kept unless cos(x, y) >= theta for a kept y, and theta is binary-searched so that the
 kept set reaches the budget, which is then cut at the budget (any subset of a dissimilar set is
-dissimilar). The vectors take one forward pass of the pool up to the hook layer, on the encode
-actors; the filter holds n x d_in floats on the driver: a baseline for pools of up to a few
-hundred thousand samples.
+dissimilar). The vectors come from the encode pass when it kept them (encode.keep_dense), else from
+one forward pass of the pool up to the hook layer, on the encode actors; the filter holds n x d_in
+floats on the driver: a baseline for pools of up to a few hundred thousand samples.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ BYTES_PER_ROW = 200
 class DenseConfig(MethodConfig):
     """The dense-embedding diversity baseline of the SAE-GreedSelect/SimScale paper: SimScale's θ rule on the cosine of
     each sample's hidden state at the SAE's hook layer, mean-pooled over the positions the encoder pools; longest
-    first, θ binary-searched to reach the budget. One extra forward pass of the pool up to the hook, on the encode
-    actors; n × d_in floats on the driver"""
+    first, θ binary-searched to reach the budget. The vectors are the encode pass's with `encode.keep_dense`, else one
+    extra forward pass of the pool up to the hook, on the encode actors; n × d_in floats on the driver"""
 
     name: Literal["dense"] = "dense"
 
@@ -58,7 +58,8 @@ class Dense(Method):
         return 4 * d_in * (2 * rows + k) + BYTES_PER_ROW * rows
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
-        ids, vectors = mean_hidden_states(ctx.stack, ctx.storage)
+        ids, vectors, source = mean_hidden_states(ctx.stack, ctx.storage, pool.ids)
+        log.info("dense: %d vectors from %s", len(ids), source)
         encoded = np.isin(ids, pool.ids)  # not a sample the encoder rejected
         if not encoded.all():  # a copy of the vectors only when there is something to leave out
             ids, vectors = ids[encoded], vectors[encoded]
@@ -66,7 +67,7 @@ class Dense(Method):
         n_tokens = lengths["n_tokens"].to_numpy()[np.searchsorted(lengths["id"].to_numpy(zero_copy_only=False), ids)]
         visit = np.lexsort((seeded_hash(ids, ctx.seed), -n_tokens))  # longest first, ties by the seeded hash
         kept, theta, passes = cosine_filter(vectors, visit, k)
-        return Picks.unscored(ids[kept].tolist(), {"theta": theta, "theta_passes": passes})
+        return Picks.unscored(ids[kept].tolist(), {"theta": theta, "theta_passes": passes, "vectors": source})
 
 
 class MeanHidden:
@@ -83,26 +84,29 @@ class MeanHidden:
 
 def mean_hidden(encoder: Encoder, texts: list[str]) -> np.ndarray:
     """Each text's hidden state at the hook, mean-pooled over the positions the encoder pools, unit length."""
-    torch = encoder.torch
     seqs = tokenize(encoder.tokenizer, texts, truncation=True, max_length=encoder.max_tokens)["input_ids"]
     out = np.zeros((len(texts), encoder.sae.cfg.d_in), np.float32)
     for bucket in encoder.length_buckets(seqs):
-        hidden, counted = encoder.hidden_states([seqs[i] for i in bucket])
-        mask = counted[..., None].to(hidden.dtype)
-        mean = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
-        out[bucket] = torch.nn.functional.normalize(mean, dim=1).cpu().numpy()
+        with encoder.torch.inference_mode():
+            out[bucket] = encoder.unit_means(*encoder.hidden_states([seqs[i] for i in bucket]))
     return out
 
 
-def mean_hidden_states(stack: ModelStack, storage: Storage) -> tuple[np.ndarray, np.ndarray]:
-    """Every pool sample's unit mean hidden state at the hook: (ids sorted, n x d_in float32)."""
+def mean_hidden_states(stack: ModelStack, storage: Storage, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """Every pool sample's unit mean hidden state at the hook: (ids sorted, n x d_in float32, where they came
+    from). The encode pass's, when it kept them (encode.keep_dense) for every `pooled` id; else a pass of its own."""
     import ray
 
-    texts = pq.read_table(storage.path(paths.PREPARED), columns=["id", "text"], filesystem=storage.fs)
-    out = map_stage(
-        ray.data.from_arrow(texts), MeanHidden, model_resources(stack.encode, stack.encode.actors, 64), stack=stack
-    )
-    table = pa.concat_tables(ray.get(out.to_arrow_refs()))
+    kept = storage.exists(paths.DENSE) and pq.read_table(storage.path(paths.DENSE), filesystem=storage.fs)
+    if kept and np.isin(pooled, kept["id"].to_numpy(zero_copy_only=False)).all():
+        table, source = kept, "the encode pass"
+    else:
+        texts = pq.read_table(storage.path(paths.PREPARED), columns=["id", "text"], filesystem=storage.fs)
+        out = map_stage(
+            ray.data.from_arrow(texts), MeanHidden, model_resources(stack.encode, stack.encode.actors, 64), stack=stack
+        )
+        table, source = pa.concat_tables(ray.get(out.to_arrow_refs())), "a pass of its own"
+    table = table.rename_columns(["id", "vector"])
     ids = np.asarray(table["id"].to_pylist(), dtype=object)
     order = np.argsort(ids, kind="stable")
     rank = np.empty_like(order)
@@ -113,7 +117,7 @@ def mean_hidden_states(stack: ModelStack, storage: Storage) -> tuple[np.ndarray,
     for chunk in table["vector"].chunks:
         vectors[rank[at : at + len(chunk)]] = chunk.flatten().to_numpy().reshape(len(chunk), -1)
         at += len(chunk)
-    return ids[order], vectors
+    return ids[order], vectors, source
 
 
 def cosine_filter(

@@ -24,7 +24,7 @@ from raysel.config import ModelStack
 from raysel.core import paths
 from raysel.core.corpus import fingerprint
 from raysel.core.encoder import SKIPPED, Encoder
-from raysel.core.features import FEATURE_SCHEMA, FeatureStore
+from raysel.core.features import DENSE, FEATURE_SCHEMA, FeatureStore
 from raysel.core.progress import Progress
 from raysel.core.ray_adapter import Resources, log_to_driver, map_stage, model_resources
 from raysel.core.sae import check_against_model, sae_metadata, weights_digest
@@ -102,6 +102,7 @@ class EncodeShards:
             rows["id"].to_pylist(), rows["text"].to_pylist(), spans, progress.add
         )
         n_tokens = int(pc.sum(features["n_tokens"]).as_py() or 0)
+        dense = DENSE in features.column_names
         summary = {
             "shard": shard,
             "rows": features.num_rows,
@@ -115,7 +116,11 @@ class EncodeShards:
 
         def write() -> dict:
             fs.create_dir(storage.path(paths.FEATURES), recursive=True)
-            pq.write_table(features, storage.path(paths.FEATURES, shard), filesystem=fs)
+            pq.write_table(features.drop_columns([DENSE]) if dense else features, storage.path(paths.FEATURES, shard),
+                           filesystem=fs)  # fmt: skip
+            if dense:
+                fs.create_dir(storage.path(paths.DENSE), recursive=True)
+                pq.write_table(features.select(["id", DENSE]), storage.path(paths.DENSE, shard), filesystem=fs)
             fs.create_dir(storage.path(paths.SPAN_CANDIDATES), recursive=True)
             pq.write_table(spans.table(), storage.path(paths.SPAN_CANDIDATES, shard), filesystem=fs)
             write_encode_rejects(storage, shard, rows, errors)

@@ -40,15 +40,20 @@ def test_the_filter_keeps_the_budget_at_the_smallest_theta_that_reaches_it(seed)
     assert not any(i in kept and i + 40 in kept for i in range(10))
 
 
-def test_dense_picks_from_mean_pooled_hidden_states_at_the_hook(stats_run, tmp_path):
+@pytest.mark.parametrize("keep_dense", [False, True])
+def test_dense_picks_from_mean_pooled_hidden_states_at_the_hook(stats_run, tmp_path, keep_dense):
+    """Would catch: vectors pooled over other positions than the encoder's, and, read from the encode pass
+    (encode.keep_dense), vectors paired with the wrong ids (the encoder's length buckets reorder a shard)."""
     shared, cfg, _ = stats_run
     root = tmp_path / "run"  # a copy: the shared run's select stays pending for the tests that read it
-    shutil.copytree(shared, root)
+    if not keep_dense:
+        shutil.copytree(shared, root)
     raw = json.loads(cfg.model_dump_json()) | {"select": {"methods": ["dense"], "budget": 10}, "s3": {}}
-    raw["output"] = {"root": str(root)}
+    raw["output"], raw["encode"]["keep_dense"] = {"root": str(root)}, keep_dense
     run(RunConfig.model_validate(raw), until="select")
     selected = pq.read_table(root / "selection" / "dense" / "selected.parquet")["id"].to_pylist()
     manifest = json.loads((root / "selection" / "dense" / "manifest.json").read_text())
+    assert manifest["vectors"] == ("the encode pass" if keep_dense else "a pass of its own")
     # one sample at a time, no padding, from the full model's hidden_states after the hook's block
     stack = cfg.stack()
     encoder = Encoder(stack)
