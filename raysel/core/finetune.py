@@ -9,8 +9,10 @@ token over the whole set, teacher-forced."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -152,35 +154,94 @@ def padded(batch: list[dict], pad_id: int, device: str, left: bool = False):
     return {k: v.to(device) for k, v in out.items()}
 
 
-def response_token_nll(model, input_ids, attention, completion_mask):
+def response_token_nll(model, input_ids, attention, completion_mask, bottom=None):
     """The negative log-likelihood of each response token of a padded batch, teacher-forced, flattened.
 
     The model's head runs only at the positions that predict a response token (`logits_to_keep` as a
     boolean mask): the vocabulary projection and its softmax at every position were a third of an
     eval pass and, through TRL's chunked loss on a CPU, 40 % of a fine-tune step. The model's own
-    forward applies its head, so a model's logit scaling or soft-capping is kept."""
+    forward applies its head, so a model's logit scaling or soft-capping is kept.
+
+    `bottom`: (n, the batch's residual stream after the model's first n decoder layers), from
+    bottom_states; only the layers above n run."""
     import torch.nn.functional as F
 
     predicts = (completion_mask[:, 1:] * attention[:, 1:]).bool()  # position t predicts token t + 1
     keep = F.pad(predicts, (0, 1))  # the last position predicts nothing
-    logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
+    if bottom is None:
+        logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
+    else:
+        n, hidden = bottom
+        with only_layers(model, slice(n, None)):
+            logits = model(inputs_embeds=hidden, attention_mask=attention, logits_to_keep=keep, use_cache=False).logits
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:][predicts], reduction="none")
 
 
-def response_nll(model, examples: list[dict], batch_size: int, pad_id: int, bf16: bool = False) -> tuple[float, int]:
-    """The summed negative log-likelihood of the response tokens, teacher-forced, and their count."""
+@contextlib.contextmanager
+def only_layers(model, part: slice, norm: bool = True):
+    """The model with only its decoder layers `part` (and without its final norm unless `norm`), restored
+    after: the bottom layers' output of one pass is the top layers' input of another."""
+    import torch
+
+    decoder = model.get_decoder()
+    layers, final = decoder.layers, decoder.norm
+    decoder.layers = layers[part]
+    decoder.norm = final if norm else torch.nn.Identity()
+    try:
+        yield decoder
+    finally:
+        decoder.layers, decoder.norm = layers, final
+
+
+def eval_batches(examples: list[dict], batch_size: int, pad_id: int, device) -> Iterator[dict]:
+    """The padded batches an eval pass runs, in a fixed order: like lengths together, so they pad little."""
+    ordered = sorted(examples, key=lambda e: len(e["input_ids"]))
+    for i in range(0, len(ordered), batch_size):
+        yield padded(ordered[i : i + batch_size], pad_id, device)
+
+
+def response_nll(
+    model, examples: list[dict], batch_size: int, pad_id: int, bf16: bool = False, bottom: tuple | None = None
+) -> tuple[float, int]:
+    """The summed negative log-likelihood of the response tokens, teacher-forced, and their count.
+    `bottom`: bottom_states of the same examples, batch size and pad: the layers below n are not run."""
     import torch
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    ordered = sorted(examples, key=lambda e: len(e["input_ids"]))  # batches of like lengths pad little
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for i in range(0, len(ordered), batch_size):
-            b = padded(ordered[i : i + batch_size], pad_id, device)
-            nll = response_token_nll(model, b["input_ids"], b["attention"], b["completion_mask"])
+        for i, b in enumerate(eval_batches(examples, batch_size, pad_id, device)):
+            at = bottom and (bottom[0], bottom[1][i].to(device))
+            nll = response_token_nll(model, b["input_ids"], b["attention"], b["completion_mask"], at)
             total += float(nll.sum())
             count += nll.numel()
     return total, count
+
+
+def bottom_states(model, examples: list[dict], batch_size: int, pad_id: int, n: int, bf16: bool = False):
+    """(n, each eval batch's residual stream after the model's first n decoder layers): with adapters on
+    the layers above n only, this part of an eval pass is the same for every adapter, so it is run once.
+    None where resuming from it does not give the whole model's loss on the first batch (a model that
+    scales its input embeddings, say); the pass then runs whole."""
+    import torch
+
+    device = next(model.parameters()).device
+    states = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for b in eval_batches(examples, batch_size, pad_id, device):
+            with only_layers(model, slice(0, n), norm=False) as decoder:
+                states.append(decoder(input_ids=b["input_ids"], attention_mask=b["attention"], use_cache=False)
+                              .last_hidden_state.cpu())  # fmt: skip
+            if len(states) == 1:
+                whole = response_token_nll(model, b["input_ids"], b["attention"], b["completion_mask"])
+                resumed = response_token_nll(model, b["input_ids"], b["attention"], b["completion_mask"],
+                                             (n, states[0].to(device)))  # fmt: skip
+                if not torch.allclose(whole, resumed, rtol=1e-4, atol=1e-4):
+                    log.warning("evaluate: the proxy's top layers do not resume from its bottom layers' output "
+                                "(max difference %.2g); each adapter's eval pass runs the whole model",
+                                float((whole - resumed).abs().max()))  # fmt: skip
+                    return None
+    return n, states
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

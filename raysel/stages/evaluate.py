@@ -8,7 +8,9 @@ of the draw as well as the adapter's. The base model, without an adapter, is sco
 Each fine-tune is a Ray task with the section's resources (one GPU each on a cluster: methods x seeds
 run side by side). It commits its adapter (evaluate/adapters/<method>/<seed>/, loadable with peft)
 and then its score on each eval set, each under its own marker through the executor's `commit`: a
-crash redoes only the unfinished, and a new eval set trains nothing again. Then results.parquet (one
+crash redoes only the unfinished, and a new eval set trains nothing again. The layers below the
+adapters (evaluate.lora_layers) are the base model's in every unit, so one task runs the eval sets
+through them and every unit's eval pass resumes from there. Then results.parquet (one
 row per method, seed, set and metric) and summary.json: per method and set, the mean over seeds with
 its 95 % interval, and the paired difference against random on the same seeds with its interval.
 
@@ -34,7 +36,16 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raysel.core import paths
-from raysel.core.finetune import CUT, EvaluateConfig, exact_match, example, finetune, response_nll, uses_bf16
+from raysel.core.finetune import (
+    CUT,
+    EvaluateConfig,
+    bottom_states,
+    exact_match,
+    example,
+    finetune,
+    response_nll,
+    uses_bf16,
+)
 from raysel.core.intervals import mean_interval, paired_difference
 from raysel.core.models import ModelConfig
 from raysel.core.progress import Progress
@@ -46,6 +57,7 @@ from raysel.stages.base import Done, Stage, commit, committed, normalized
 log = logging.getLogger(__name__)
 
 CONTROL = "random"
+BOTTOM_BYTES = 2 << 30  # the most bottoms' states are sent to every unit as (the object store holds them once)
 BASE = "base"
 BETTER = {"loss": "lower", "exact_match": "higher"}
 ROW_COLUMNS = ["id", "messages", "text", "content_hash"]
@@ -229,11 +241,14 @@ class Evaluate(Stage):
         log.info("evaluate: %d of %d fine-tunes to run%s; %s", tuned, len(plan.train_keys),
                  " and the base model" if len(pending) > tuned else "",
                  f"{self.cfg.num_gpus:g} GPU each" if self.cfg.num_gpus else f"{self.cfg.num_cpus:g} CPU each")  # fmt: skip
-        task = ray.remote(run_unit).options(num_cpus=self.cfg.num_cpus, num_gpus=self.cfg.num_gpus)
+        resources = {"num_cpus": self.cfg.num_cpus, "num_gpus": self.cfg.num_gpus}
         sets = ray.put(eval_rows)
+        # every unit waits for it: the eval sets through the layers below the adapters, once for all
+        below = ray.remote(bottoms).options(**resources).remote(sets, self.cfg, self.proxy(), self.chat_template)
         refs = {
-            task.remote(self.storage, u, plan.train_keys.get(u.name), plan.eval_keys[u.name],
-                        [rows[i] for i in u.ids], sets, self.cfg, self.proxy(), self.chat_template): u
+            ray.remote(run_unit).options(**resources).remote(
+                self.storage, u, plan.train_keys.get(u.name), plan.eval_keys[u.name], [rows[i] for i in u.ids],
+                sets, below, self.cfg, self.proxy(), self.chat_template): u
             for u in pending
         }  # fmt: skip
         progress = Progress("evaluate", len(refs), sum(len(u.ids) for u in pending), "fine-tunes", "samples", 60)
@@ -273,8 +288,8 @@ class Evaluate(Stage):
         return out
 
 
-def run_unit(storage, unit, train_key, eval_keys, train_rows, eval_rows, cfg: EvaluateConfig, proxy, chat_template):
-    """One Ray task: train the unit's adapter unless committed, then score each eval set not yet scored."""
+def load_proxy(cfg: EvaluateConfig, proxy, chat_template):
+    """In a Ray task: the proxy model, its tokenizer and chat template, and whether it runs in bf16."""
     import torch
 
     from raysel.core.models import load_model, load_tokenizer
@@ -284,18 +299,55 @@ def run_unit(storage, unit, train_key, eval_keys, train_rows, eval_rows, cfg: Ev
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
     bf16 = uses_bf16(cfg.dtype, cfg.device())  # resolved here, on the hardware the task got
     tokenizer = load_tokenizer(proxy)
-    template = chat_template_for(tokenizer, chat_template)
     # master weights in fp32 on a CPU (autocast does the bf16 matmuls there); in bf16 on a GPU that has it
     base = load_model(proxy.model_copy(update={"dtype": "bfloat16" if bf16 and cfg.device() == "cuda" else "float32"}),
                       cfg.device())  # fmt: skip
+    return base, tokenizer, chat_template_for(tokenizer, chat_template), bf16
+
+
+def loss_examples(tokenizer, template, rows: list[dict], cfg: EvaluateConfig) -> list[dict]:
+    return [e for r in rows if (e := example(tokenizer, template, r["messages"], r["text"], cfg.max_tokens))]
+
+
+def bottoms(eval_rows: dict[str, list[dict]], cfg: EvaluateConfig, proxy, chat_template) -> dict:
+    """One Ray task: each eval set's bottom_states, the layers below the adapters (evaluate.lora_layers) run
+    once on the base proxy for every adapter's score; {} when the adapters reach the bottom, or the states
+    would take more than BOTTOM_BYTES to send to the units."""
+    if "loss" not in cfg.metrics or not cfg.lora_layers:
+        return {}
+    base, tokenizer, template, bf16 = load_proxy(cfg, proxy, chat_template)
+    n = base.config.num_hidden_layers - min(cfg.lora_layers, base.config.num_hidden_layers)
+    out = {}
+    for name, rows in eval_rows.items() if n > 0 else ():
+        out[name] = bottom_states(base, loss_examples(tokenizer, template, rows, cfg), cfg.batch_size,
+                                  pad_id(tokenizer), n, bf16)  # fmt: skip
+        held = sum(t.numel() * t.element_size() for b in out.values() if b for t in b[1])
+        if held > BOTTOM_BYTES:
+            log.info("evaluate: the eval sets' states below the adapters pass %d MB; each unit runs them itself",
+                     BOTTOM_BYTES >> 20)  # fmt: skip
+            return {}
+    if out:
+        log.info("evaluate: the eval sets through the proxy's bottom %d of %d layers once, for every unit's score",
+                 n, base.config.num_hidden_layers)  # fmt: skip
+    return out
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def run_unit(
+    storage, unit, train_key, eval_keys, train_rows, eval_rows, below, cfg: EvaluateConfig, proxy, chat_template
+):
+    """One Ray task: train the unit's adapter unless committed, then score each eval set not yet scored
+    (`below`: bottoms' states of the sets, where it has them)."""
+    base, tokenizer, template, bf16 = load_proxy(cfg, proxy, chat_template)
     held = {"model": base}
 
     def train() -> dict:
         for name in eval_keys:  # scores of an adapter this one replaces
             storage.remove(unit.marker(name))
-        examples = [
-            e for r in train_rows if (e := example(tokenizer, template, r["messages"], r["text"], cfg.max_tokens))
-        ]
+        examples = loss_examples(tokenizer, template, train_rows, cfg)
         with tempfile.TemporaryDirectory(prefix="raysel-adapter-") as out:
             record = finetune(base, tokenizer, examples, cfg, unit.seed, out)
             storage.remove(unit.adapter)
@@ -311,10 +363,9 @@ def run_unit(storage, unit, train_key, eval_keys, train_rows, eval_rows, cfg: Ev
         if held["model"] is base:  # trained in an earlier attempt: its adapter from storage
             held["model"] = load_adapter(base, storage, unit.adapter)
     model = held["model"].eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for name, key in eval_keys.items():
         commit(storage, unit.marker(name), key, lambda name=name: {
-            "scores": score(model, tokenizer, template, eval_rows[name], cfg, pad_id)})  # fmt: skip
+            "scores": score(model, tokenizer, template, eval_rows[name], cfg, below.get(name))})  # fmt: skip
     return unit.name
 
 
@@ -326,12 +377,13 @@ def load_adapter(model, storage: Storage, folder: str):
         return PeftModel.from_pretrained(model, local)
 
 
-def score(model, tokenizer, template, rows: list[dict], cfg: EvaluateConfig, pad_id: int) -> dict:
-    """The configured metrics of one model on one eval set."""
+def score(model, tokenizer, template, rows: list[dict], cfg: EvaluateConfig, bottom=None) -> dict:
+    """The configured metrics of one model on one eval set (`bottom`: its bottom_states, or None)."""
     out = {}
     if "loss" in cfg.metrics:
-        examples = [e for r in rows if (e := example(tokenizer, template, r["messages"], r["text"], cfg.max_tokens))]
-        total, count = response_nll(model, examples, cfg.batch_size, pad_id, uses_bf16(cfg.dtype, cfg.device()))
+        examples = loss_examples(tokenizer, template, rows, cfg)
+        bf16 = uses_bf16(cfg.dtype, cfg.device())
+        total, count = response_nll(model, examples, cfg.batch_size, pad_id(tokenizer), bf16, bottom)
         out["loss"] = {"value": total / count if count else None, "n": count}
     if "exact_match" in cfg.metrics:
         right, asked = exact_match(model, tokenizer, template, rows, cfg.max_new_tokens, cfg.batch_size)

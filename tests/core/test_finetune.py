@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raysel.core.finetune import EvaluateConfig, example, extract_answer, finetune, response_nll
+from raysel.core.finetune import EvaluateConfig, bottom_states, example, extract_answer, finetune, response_nll
 from raysel.core.intervals import mean_interval, paired_difference
 
 CONVERSATIONS = [
@@ -104,6 +104,27 @@ def test_a_fine_tune_trains_the_adapter_and_lowers_the_loss_on_its_own_data(tiny
     # adapters on the top 2 of 4 layers only
     layers = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in reloaded.named_parameters() if "lora_" in n}
     assert layers == {2, 3}
+    # The layers below the adapters run once for every adapter's score: resumed from the base model's
+    # bottom 2 layers, the adapted model's loss is its whole pass's. Catches a split one layer off, the
+    # final norm left on the bottom's output, and bottom batches in another order than the pass's.
+    bottom = bottom_states(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), data, 4, tok.pad_token_id, 2)
+    assert bottom is not None and bottom[0] == 2 and len(bottom[1]) == 2
+    assert response_nll(reloaded, data, 4, tok.pad_token_id, bottom=bottom)[0] == pytest.approx(after, rel=1e-5)
+
+
+def test_a_proxy_that_does_not_resume_from_its_bottom_layers_runs_whole(tiny):
+    """Granite scales its input embeddings inside its forward (embedding_multiplier, 12 in Granite 3), so its
+    top layers fed the bottom's output would see it scaled again. Catches every adapter of such a proxy
+    scored on a wrong pass."""
+    import torch
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    _, tok = tiny
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                           num_attention_heads=2, num_key_value_heads=1, embedding_multiplier=12.0)  # fmt: skip
+    data = [example(tok, None, m, None, 512) for m in CONVERSATIONS]
+    assert bottom_states(GraniteForCausalLM(config).eval(), data, 2, tok.pad_token_id, 2) is None
 
 
 def test_the_trainers_loss_is_trls_own_on_the_same_batch(tiny_model_dir, tmp_path):

@@ -14,9 +14,10 @@ import yaml
 from raysel.cli import main
 from raysel.config import ConfigError, RunConfig
 from raysel.core import paths
-from raysel.core.finetune import extract_answer
+from raysel.core.finetune import extract_answer, response_nll
+from raysel.core.records import chat_template_for
 from raysel.pipeline import run
-from raysel.stages.evaluate import Unit
+from raysel.stages.evaluate import Unit, loss_examples, pad_id, set_folder
 from tests.conftest import DEMO, run_cfg, write_jsonl
 
 SEEDS = 2
@@ -94,15 +95,23 @@ def test_raysel_evaluate_prints_and_reports_each_method_against_random(evaluated
 
 
 def test_adapters_load_with_peft_and_change_the_model(evaluated, tiny_model_dir):
-    """Catches an adapter saved before training (LoRA's B starts at zero) or in a form peft cannot load."""
+    """Catches an adapter saved before training (LoRA's B starts at zero) or in a form peft cannot load,
+    and a score the stage took wrong from the layers below the adapters, which it runs once for every unit
+    (lora_layers 2 of 4 here): split at another layer, or from another set's states."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out, _, _ = evaluated
+    out, cfg, _ = evaluated
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    tuned = PeftModel.from_pretrained(base, out / Unit("coverage", 1).adapter)
+    tuned = PeftModel.from_pretrained(base, out / Unit("coverage", 1).adapter).eval()
     b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
     assert b and any(float(p.abs().max()) > 0 for p in b)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = pq.read_table(out / set_folder("held_out") / "prepared", columns=["messages", "text"]).to_pylist()
+    examples = loss_examples(tok, chat_template_for(tok, cfg.prepare.chat_template), rows, cfg.evaluate)
+    total, count = response_nll(tuned, examples, cfg.evaluate.batch_size, pad_id(tok))  # the whole model
+    scored = json.loads((out / Unit("coverage", 1).marker("held_out")).read_text())["scores"]["loss"]
+    assert scored["n"] == count and scored["value"] == pytest.approx(total / count, rel=1e-5)
 
 
 def test_a_crashed_evaluate_redoes_only_the_unfinished(evaluated):
