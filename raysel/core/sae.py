@@ -69,7 +69,7 @@ class TrainSAEConfig(Section):
     lr: float = Field(1e-3, gt=0)
     """the learning rate"""
     seed: int = 42
-    """the training seed"""
+    """the training seed, and the seeded order of the prepared rows (by their ids) that it trains on"""
     output: str | None = None
     """where the default SAE is saved and where runs without `sae.path` find it: a folder, or `s3://...` on a cluster
     (every node reads it); `null`: the model cache"""

@@ -15,11 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import ray
 
 from raysel.config import ModelStack
 from raysel.core import paths
+from raysel.core.features import seeded_hash
 from raysel.core.models import load_model, load_tokenizer, model_source, resolve_device, truncate_to_layer
 from raysel.core.ray_adapter import model_resources
 from raysel.core.sae import TRAINING, default_sae_location
@@ -43,15 +45,18 @@ class TrainSAE(Stage):
         return None
 
     def run(self, done: Done) -> dict:
-        texts, tokens = [], 0
         table = pq.read_table(
-            self.storage.path(paths.PREPARED), columns=["text", "n_tokens"], filesystem=self.storage.fs
+            self.storage.path(paths.PREPARED), columns=["id", "text", "n_tokens"], filesystem=self.storage.fs
         )
-        for text, n in zip(table["text"].to_pylist(), table["n_tokens"].to_pylist()):
+        # In a seeded order of the ids: Ray Data does not keep the input's order across prepared shards,
+        # and the SAE learns from the texts in the order given. Not id order: ids sort by source.
+        order = np.argsort(seeded_hash(table["id"].to_numpy(zero_copy_only=False), self.stack.train_sae.seed))
+        texts, tokens = [], 0
+        for i in order:
             if tokens >= 2 * self.stack.train_sae.training_tokens:
                 break
-            texts.append(text)
-            tokens += n
+            texts.append(table["text"][int(i)].as_py())
+            tokens += table["n_tokens"][int(i)].as_py()
         r = model_resources(self.stack.encode, 1)
         task = ray.remote(num_cpus=r.num_cpus, num_gpus=r.num_gpus, memory=r.memory, resources=r.custom)(train_sae)
         summary, files = ray.get(task.remote(self.stack, texts))
@@ -59,9 +64,7 @@ class TrainSAE(Stage):
         # content (the prepared store's fingerprint holds the input's path)
         summary |= {
             "train_sae": self.stack.train_sae.model_dump(exclude={"output"}),
-            # sorted: Ray Data does not keep the input's order across prepared shards, so the same texts can
-            # come in another order (which the SAE then trains in: a reproducibility gap, not yet closed)
-            "texts": hashlib.sha256("\0".join(sorted(texts)).encode()).hexdigest()[:16],
+            "texts": hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16],
         }
         out = save_sae(self.stack, files, summary)
         log.info("train-sae: %s in %.0fs: explained variance %.3f, mean L0 %.1f, dead %.1f%%", out,
