@@ -132,7 +132,7 @@ def fine_tune_mixes(cfg_dict: dict, subsets: dict[str, list[str]], manifest: dic
     from raysel.config import RunConfig
     from raysel.core.storage import Storage
     from raysel.pipeline import SideSets, Target, build
-    from raysel.stages.evaluate import Evaluate, Unit, digest, run_unit, set_folder
+    from raysel.stages.evaluate import Evaluate, Unit, bottoms, digest, run_unit, set_folder
 
     cfg = RunConfig.model_validate(cfg_dict)
     storage = Storage(cfg.output.root, cfg.s3)
@@ -145,13 +145,18 @@ def fine_tune_mixes(cfg_dict: dict, subsets: dict[str, list[str]], manifest: dic
     rows = stage.prepared(storage, ["id", "messages", "text"], {i for ids in subsets.values() for i in ids})
     by_id = dict(zip(rows["id"].to_pylist(), rows.select(["messages", "text"]).to_pylist()))
     math = stage.prepared(storage.child(set_folder("math")), ["messages", "text"]).to_pylist()
-    task = ray.remote(run_unit).options(num_cpus=cfg.evaluate.num_cpus, num_gpus=cfg.evaluate.num_gpus)
+    resources = {"num_cpus": cfg.evaluate.num_cpus, "num_gpus": cfg.evaluate.num_gpus}
+    task = ray.remote(run_unit).options(**resources)
+    sets = {"math": math}
+    below = (
+        ray.remote(bottoms).options(**resources).remote(sets, cfg.evaluate, stage.proxy(), cfg.prepare.chat_template)
+    )
     refs = []
     for name, ids in subsets.items():
         unit = Unit(name, 0, tuple(ids), len(ids))
         train_key = proxy_key | {"seed": 0, "settings": cfg.evaluate.training(), "data": digest(sorted(ids))}
         eval_key = {"math": plan.eval_keys["base"]["math"] | {"model": train_key}}
-        refs.append(task.remote(storage, unit, train_key, eval_key, [by_id[i] for i in ids], {"math": math},
+        refs.append(task.remote(storage, unit, train_key, eval_key, [by_id[i] for i in ids], sets, below,
                                 cfg.evaluate, stage.proxy(), cfg.prepare.chat_template))  # fmt: skip
     ray.get(refs)
 

@@ -49,7 +49,7 @@ from raysel.core.finetune import (
 from raysel.core.intervals import mean_interval, paired_difference
 from raysel.core.models import ModelConfig
 from raysel.core.progress import Progress
-from raysel.core.ray_adapter import Resources
+from raysel.core.ray_adapter import Resources, log_to_driver
 from raysel.core.section import ConfigError
 from raysel.core.storage import Storage
 from raysel.stages.base import Done, Stage, commit, committed, normalized
@@ -295,6 +295,7 @@ def load_proxy(cfg: EvaluateConfig, proxy, chat_template):
     from raysel.core.models import load_model, load_tokenizer
     from raysel.core.records import chat_template_for
 
+    log_to_driver()  # its progress (trained, loss) reaches the driver's log
     if cfg.device() == "cpu":
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
     bf16 = uses_bf16(cfg.dtype, cfg.device())  # resolved here, on the hardware the task got
