@@ -161,10 +161,16 @@ class Storage:
         return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
 
     def read_json(self, rel: str) -> dict | None:
-        if not self.exists(rel):
-            return None
-        with self.fs.open_input_stream(self.path(rel)) as f:
-            return json.loads(f.read())
+        """The JSON at `rel`, or None where there is none; through a transient S3 failure (retrying): a run
+        resumed just after its store came back reads its markers first, and one 500 must not end it."""
+
+        def read() -> dict | None:
+            if not self.exists(rel):
+                return None
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return json.loads(f.read())
+
+        return self.retrying(f"reading {rel}", read)
 
     def write_json(self, rel: str, obj: dict) -> None:
         # A reader sees the old file or the new one, never half of one; markers rely on this.
