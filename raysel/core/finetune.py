@@ -138,6 +138,11 @@ def example(tokenizer, template: str | None, messages: list[dict] | None, text: 
     return {"input_ids": list(ids), "completion_mask": [0] * start + [1] * (len(ids) - start)}
 
 
+def pad_id(tokenizer) -> int:
+    """The id a batch is padded with: the tokenizer's pad token, else its end of sequence."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def padded(batch: list[dict], pad_id: int, device: str, left: bool = False):
     """input_ids, completion mask and attention mask as tensors, padded to the batch's longest."""
     import torch
@@ -269,14 +274,14 @@ def exact_match(model, tokenizer, template, rows: list[dict], max_new_tokens: in
         if r["messages"] and r["messages"][-1]["role"] == "assistant"
         and (answer := extract_answer(r["messages"][-1]["content"])) is not None
     ]  # fmt: skip
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     right = 0
     for i in range(0, len(asked), batch_size):
         part = asked[i : i + batch_size]
-        b = padded([{"input_ids": ids} for ids, _ in part], pad_id, device, left=True)
+        b = padded([{"input_ids": ids} for ids, _ in part], pad, device, left=True)
         with torch.no_grad():
             out = model.generate(input_ids=b["input_ids"], attention_mask=b["attention"], do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id)  # fmt: skip
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad)  # fmt: skip
         for (_, answer), new in zip(part, out[:, b["input_ids"].shape[1] :]):
             right += extract_answer(tokenizer.decode(new, skip_special_tokens=True)) == answer
     return right, len(asked)

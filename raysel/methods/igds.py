@@ -43,7 +43,7 @@ from pydantic import Field
 from raysel.core import paths
 from raysel.core.encoder import sae_activations
 from raysel.core.features import frequency_recall, pooled, pooled_columns
-from raysel.core.finetune import response_token_nll
+from raysel.core.finetune import pad_id, response_token_nll
 from raysel.core.models import load_model, load_tokenizer, resolve_device, tokenize
 from raysel.core.ray_adapter import log_to_driver, map_stage, model_resources
 from raysel.core.records import chat_template_for, shared_prefix
@@ -306,7 +306,7 @@ class TaskMetric:
                 attention_mask=attention,
                 max_new_tokens=self.cfg.max_new_tokens,
                 do_sample=False,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                pad_token_id=pad_id(tok),
             )
         said = [final_number(t) for t in tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)]
         return [s is not None and s == final_number(p.answer) for s, p in zip(said, pairs)]

@@ -43,6 +43,7 @@ from raysel.core.finetune import (
     exact_match,
     example,
     finetune,
+    pad_id,
     response_nll,
     uses_bf16,
 )
@@ -57,10 +58,10 @@ from raysel.stages.base import Done, Stage, commit, committed, normalized
 log = logging.getLogger(__name__)
 
 CONTROL = "random"
-BOTTOM_BYTES = 2 << 30  # the most bottoms' states are sent to every unit as (the object store holds them once)
 BASE = "base"
 BETTER = {"loss": "lower", "exact_match": "higher"}
 ROW_COLUMNS = ["id", "messages", "text", "content_hash"]
+BOTTOM_BYTES = 2 << 30  # the most eval-set states `bottoms` sends every unit (the object store holds one copy)
 
 
 def set_folder(name: str) -> str:
@@ -241,6 +242,8 @@ class Evaluate(Stage):
         log.info("evaluate: %d of %d fine-tunes to run%s; %s", tuned, len(plan.train_keys),
                  " and the base model" if len(pending) > tuned else "",
                  f"{self.cfg.num_gpus:g} GPU each" if self.cfg.num_gpus else f"{self.cfg.num_cpus:g} CPU each")  # fmt: skip
+        if not pending:
+            return
         resources = {"num_cpus": self.cfg.num_cpus, "num_gpus": self.cfg.num_gpus}
         sets = ray.put(eval_rows)
         # every unit waits for it: the eval sets through the layers below the adapters, once for all
@@ -333,10 +336,6 @@ def bottoms(eval_rows: dict[str, list[dict]], cfg: EvaluateConfig, proxy, chat_t
     return out
 
 
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def run_unit(
     storage, unit, train_key, eval_keys, train_rows, eval_rows, below, cfg: EvaluateConfig, proxy, chat_template
 ):
@@ -366,7 +365,7 @@ def run_unit(
     model = held["model"].eval()
     for name, key in eval_keys.items():
         commit(storage, unit.marker(name), key, lambda name=name: {
-            "scores": score(model, tokenizer, template, eval_rows[name], cfg, below.get(name))})  # fmt: skip
+            "scores": score(model, tokenizer, template, eval_rows[name], cfg, bf16, below.get(name))})  # fmt: skip
     return unit.name
 
 
@@ -378,12 +377,11 @@ def load_adapter(model, storage: Storage, folder: str):
         return PeftModel.from_pretrained(model, local)
 
 
-def score(model, tokenizer, template, rows: list[dict], cfg: EvaluateConfig, bottom=None) -> dict:
+def score(model, tokenizer, template, rows: list[dict], cfg: EvaluateConfig, bf16: bool, bottom=None) -> dict:
     """The configured metrics of one model on one eval set (`bottom`: its bottom_states, or None)."""
     out = {}
     if "loss" in cfg.metrics:
         examples = loss_examples(tokenizer, template, rows, cfg)
-        bf16 = uses_bf16(cfg.dtype, cfg.device())
         total, count = response_nll(model, examples, cfg.batch_size, pad_id(tokenizer), bf16, bottom)
         out["loss"] = {"value": total / count if count else None, "n": count}
     if "exact_match" in cfg.metrics:

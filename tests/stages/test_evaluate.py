@@ -14,10 +14,10 @@ import yaml
 from raysel.cli import main
 from raysel.config import ConfigError, RunConfig
 from raysel.core import paths
-from raysel.core.finetune import extract_answer, response_nll
+from raysel.core.finetune import extract_answer, pad_id, response_nll
 from raysel.core.records import chat_template_for
 from raysel.pipeline import run
-from raysel.stages.evaluate import Unit, loss_examples, pad_id, set_folder
+from raysel.stages.evaluate import Unit, loss_examples, set_folder
 from tests.conftest import DEMO, run_cfg, write_jsonl
 
 SEEDS = 2
