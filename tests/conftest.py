@@ -432,3 +432,13 @@ def stats_run(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
     raw = run_cfg(tmp, tiny_model_dir, tiny_sae_dir, 40)
     manifest = run(RunConfig.model_validate(raw), until="stats")
     return tmp / "out", RunConfig.model_validate(raw), manifest
+
+
+def fac_root(stats_run, root: Path, **sections) -> tuple[dict, Path]:
+    """A copy of stats_run's encoded 40 rows, at its own tau (its statistics reused), and its config: a
+    FAC test's run without encoding the pool again."""
+    src, cfg, manifest = stats_run
+    if not root.exists():
+        shutil.copytree(src, root)
+    raw = json.loads(cfg.model_dump_json()) | {"activation": {"tau": manifest["stages"]["stats"]["tau"]}, "s3": {}}
+    return raw | {"output": {"root": str(root)}} | sections, root

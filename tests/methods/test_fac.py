@@ -11,7 +11,7 @@ from raysel.core.fac import fac
 from raysel.core.features import Profile
 from raysel.methods.fac import fac_greedy
 from raysel.pipeline import run
-from tests.conftest import DEMO, fac_reference, store_table, write_jsonl
+from tests.conftest import DEMO, fac_reference, fac_root, store_table, write_jsonl
 
 
 def rows(*samples: dict) -> list[dict]:
@@ -67,16 +67,15 @@ def test_fac_greedy_covers_the_missing_features_strongest_first():
 
 
 def test_fac_selection_raises_fac_over_what_the_evaluated_set_had(stats_run, tmp_path):
-    root, cfg, _ = stats_run
     demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
     anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "math"][:10])
     have = write_jsonl(tmp_path / "have.jsonl", [r for r in demo[60:] if r["category"] == "safety"][:5])
-    raw = json.loads(cfg.model_dump_json()) | {
-        "fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 30, "target_active": 2},
-        "select": {"methods": [{"name": "fac", "evaluated": [str(have)]}], "budget": 6},
-        "output": {"root": str(tmp_path / "out")},
-    }
-    raw["s3"] = {}
+    raw, _ = fac_root(
+        stats_run,
+        tmp_path / "out",
+        fac={"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 30, "target_active": 2},
+        select={"methods": [{"name": "fac", "evaluated": [str(have)]}], "budget": 6},
+    )
     manifest = run(RunConfig.model_validate(raw), until="select")
     m = json.loads((tmp_path / "out" / "selection" / "fac" / "manifest.json").read_text())
     assert m["fac_missing_before"] > 0 and m["fac_after"] > m["fac_before"]

@@ -19,23 +19,20 @@ from raysel.core.judge import LEVELS, kept
 from raysel.core.spans import find_spans
 from raysel.core.storage import Storage
 from raysel.pipeline import run
-from tests.conftest import DEMO, fac_reference, write_jsonl
+from tests.conftest import DEMO, fac_reference, fac_root, write_jsonl
 
 
-def test_raysel_fac_reports_coverage_and_the_missing_features_with_spans(stats_run, tmp_path, capsys):
-    root, cfg, _ = stats_run
-    demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
-    anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "code"][:10])
+def test_raysel_fac_reports_coverage_and_the_missing_features_with_spans(fac_ready, tmp_path, capsys):
+    anchor = write_jsonl(tmp_path / "anchor.jsonl", demo_rows("code", 8))
     # few activated features per sample, so that the anchor has some the 40 samples never activate
     fac = {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 40, "target_active": 2}
-    raw = json.loads(cfg.model_dump_json()) | {"fac": fac}
-    raw["s3"] = {}
+    raw, root = fac_root(fac_ready, tmp_path / "run", fac=fac)
     config = tmp_path / "fac.yaml"
     config.write_text(yaml.safe_dump(raw))
     assert cli.main(["fac", str(config)]) == 0
     report = json.loads((root / "fac" / "report.json").read_text())
     features = pq.read_table(root / "fac" / "features.parquet").to_pylist()
-    assert report["n_anchor"] == 10 and report["n_evaluated"] == 40 and 0 < report["n_in_anchor"] <= 40
+    assert report["n_anchor"] == 8 and report["n_evaluated"] == 40 and 0 < report["n_in_anchor"] <= 40
     assert report["fac"] == report["n_covered"] / report["n_in_anchor"]
     assert report["missing"] == [r["feature"] for r in features if r["missing"]] and report["missing"]
     assert all(r["evaluated_share"] == 0 and r["anchor_share"] > 0 for r in features if r["missing"])
@@ -46,22 +43,18 @@ def test_raysel_fac_reports_coverage_and_the_missing_features_with_spans(stats_r
     assert f"FAC       {report['fac']:.4f}" in out and "fac/" in out
 
 
-def test_an_llm_judge_explains_verifies_and_rates_the_enriched_shortlist(stats_run, tmp_path):
-
-    root, cfg, _ = stats_run
-    demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
-    anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "math"][:6])
-    raw = json.loads(cfg.model_dump_json()) | {
-        "fac": {
-            "anchor": [str(anchor)],
-            "reference": [fac_reference(tmp_path)],
-            "n_features": 6,
-            "target_active": 2,
-            "judge_task": "grade-school math word problems",
-        },
+def test_an_llm_judge_explains_verifies_and_rates_the_enriched_shortlist(fac_ready, tmp_path):
+    anchor = write_jsonl(tmp_path / "anchor.jsonl", demo_rows("math", 6))
+    fac = {
+        "anchor": [str(anchor)],
+        "reference": [fac_reference(tmp_path)],
+        "n_features": 6,
+        "target_active": 2,
+        "judge_task": "grade-school math word problems",
     }
-    raw["s3"] = {}
-    manifest = run(RunConfig.model_validate(raw), until="fac")
+    raw, root = fac_root(fac_ready, tmp_path / "run", fac=fac)
+    cfg = RunConfig.model_validate(raw)
+    manifest = run(cfg, until="fac")
     verdicts = pq.read_table(root / "fac" / "judged.parquet").to_pylist()
     assert 0 < len(verdicts) <= 6
     features = [v["feature"] for v in verdicts]
@@ -87,20 +80,23 @@ def test_an_llm_judge_explains_verifies_and_rates_the_enriched_shortlist(stats_r
 
 
 def test_f_and_its_tau_come_from_the_anchor_and_reference_alone_so_a_subsets_fac_compares_with_its_supersets(
-    stats_run, tmp_path
+    fac_ready, tmp_path
 ):
     """On the default path, nothing pinned: the run's own tau is calibrated on its input, so it moves
     with Q. F was once enriched over Q itself, and its threshold was once the run's: either way a
     subset and its superset got different F, and FACs that could not be compared."""
-    demo = [json.loads(line) for line in DEMO.read_text().splitlines()]
-    anchor = write_jsonl(tmp_path / "anchor.jsonl", [r for r in demo[40:] if r["category"] == "code"][:10])
+    anchor = write_jsonl(tmp_path / "anchor.jsonl", demo_rows("code", 8))
     fac = {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 40}
-    superset, root = fac_root(stats_run, tmp_path / "superset", fac=fac, activation={"target_active": 4})
-    subset_rows = write_jsonl(tmp_path / "subset.jsonl", demo[:15])
+    superset, root = fac_root(fac_ready, tmp_path / "superset", fac=fac, activation={"target_active": 4})
+    subset_rows = write_jsonl(
+        tmp_path / "subset.jsonl", [json.loads(line) for line in DEMO.read_text().splitlines()[:15]]
+    )
     subset = superset | {
         "input": superset["input"] | {"paths": [str(subset_rows)]},
         "output": {"root": str(tmp_path / "subset")},
     }
+    for side in ("anchor", "reference"):  # the same sets, encoded once: F may depend on them alone
+        shutil.copytree(root / side, tmp_path / "subset" / side)
     manifests, reports, features = [], [], []
     for raw, out in ((superset, root), (subset, tmp_path / "subset")):
         manifests.append(run(RunConfig.model_validate(raw), until="fac"))
@@ -120,15 +116,6 @@ def test_f_and_its_tau_come_from_the_anchor_and_reference_alone_so_a_subsets_fac
 # F. Each test below changes one of them in a root and compares the F the stage committed with the F the
 # root's anchor and reference stores give now. (Run on f93ec9f through `raysel fac`, against a fresh
 # root's F, each of the three failed.)
-
-
-def fac_root(stats_run, root: Path, **sections) -> tuple[dict, Path]:
-    """A copy of the encoded 40-row run, at its own tau (its statistics reused), and its config."""
-    src, cfg, manifest = stats_run
-    if not root.exists():
-        shutil.copytree(src, root)
-    raw = json.loads(cfg.model_dump_json()) | {"activation": {"tau": manifest["stages"]["stats"]["tau"]}, "s3": {}}
-    return raw | {"output": {"root": str(root)}} | sections, root
 
 
 def task_features(raw: dict, force: bool = False) -> tuple[list[int], list[int]]:
@@ -151,45 +138,58 @@ def demo_rows(category: str, n: int, skip: int = 40) -> list[dict]:
     ][:n]
 
 
-def test_another_anchor_in_the_same_root_gets_its_own_task_features(stats_run, tmp_path):
+@pytest.fixture(scope="module")
+def fac_ready(stats_run, tmp_path_factory):
+    """stats_run's root with the 8 code rows as anchor and the reference encoded, in stats_run's shape:
+    the tests copy it (fac_root), so each side set they share is encoded once, not once a test (each
+    encode is a model actor's start)."""
+    tmp = tmp_path_factory.mktemp("fac-ready")
+    anchor = write_jsonl(tmp / "anchor.jsonl", demo_rows("code", 8))
+    fac = {"anchor": [str(anchor)], "reference": [fac_reference(tmp)], "n_features": 12}
+    raw, root = fac_root(stats_run, tmp / "run", fac=fac)
+    run(RunConfig.model_validate(raw), until="task_features")
+    return root, *stats_run[1:]
+
+
+def test_another_anchor_in_the_same_root_gets_its_own_task_features(fac_ready, tmp_path):
     code = write_jsonl(tmp_path / "code.jsonl", demo_rows("code", 8))
     math = write_jsonl(tmp_path / "math.jsonl", demo_rows("math", 8))
     reference = fac_reference(tmp_path)
     fac = {"reference": [reference], "n_features": 12}
-    first, _ = task_features(fac_root(stats_run, tmp_path / "run", fac=fac | {"anchor": [str(code)]})[0])
-    swapped, now = task_features(fac_root(stats_run, tmp_path / "run", fac=fac | {"anchor": [str(math)]})[0])
+    first, _ = task_features(fac_root(fac_ready, tmp_path / "run", fac=fac | {"anchor": [str(code)]})[0])
+    swapped, now = task_features(fac_root(fac_ready, tmp_path / "run", fac=fac | {"anchor": [str(math)]})[0])
     assert swapped == now and swapped != first
 
 
-def test_another_sae_at_the_same_tau_recomputes_the_task_features(stats_run, tmp_path):
+def test_another_sae_at_the_same_tau_recomputes_the_task_features(fac_ready, tmp_path):
     """The second SAE is the first with its features permuted: the same activations under other ids."""
     from safetensors.torch import load_file, save_file
 
     sae = tmp_path / "permuted-sae"
-    shutil.copytree(stats_run[1].sae.path, sae)
+    shutil.copytree(fac_ready[1].sae.path, sae)
     weights = load_file(sae / "sae_weights.safetensors")
     order = torch.randperm(weights["W_enc"].shape[1], generator=torch.Generator().manual_seed(1))
     weights |= {"W_enc": weights["W_enc"][:, order], "b_enc": weights["b_enc"][order], "W_dec": weights["W_dec"][order]}
     save_file({k: v.contiguous() for k, v in weights.items()}, sae / "sae_weights.safetensors")
     anchor = write_jsonl(tmp_path / "anchor.jsonl", demo_rows("code", 8))
     fac = {"fac": {"anchor": [str(anchor)], "reference": [fac_reference(tmp_path)], "n_features": 12}}
-    raw, root = fac_root(stats_run, tmp_path / "run", **fac)
+    raw, root = fac_root(fac_ready, tmp_path / "run", **fac)
     first, _ = task_features(raw)
     swapped, now = task_features(raw | {"sae": raw["sae"] | {"path": str(sae)}}, force=True)  # the pool re-encoded
     assert swapped == now and swapped != first
 
 
-def test_a_reference_edited_in_place_recomputes_the_task_features(stats_run, tmp_path):
+def test_a_reference_edited_in_place_recomputes_the_task_features(fac_ready, tmp_path):
     """The edit keeps the path: once the reference holds the anchor's own rows, what the anchor
     activates is not enriched over it the way it was over the generic mix."""
     anchor_rows = demo_rows("code", 8)
     anchor = write_jsonl(tmp_path / "anchor.jsonl", anchor_rows)
     reference = Path(fac_reference(tmp_path))
     fac = {"fac": {"anchor": [str(anchor)], "reference": [str(reference)], "n_features": 12}}
-    first, _ = task_features(fac_root(stats_run, tmp_path / "run", **fac)[0])
+    first, _ = task_features(fac_root(fac_ready, tmp_path / "run", **fac)[0])
     generic = reference.read_text().splitlines()
     reference.write_text("\n".join([json.dumps(r) for r in anchor_rows] + generic[:10]) + "\n")
-    edited, now = task_features(fac_root(stats_run, tmp_path / "run", **fac)[0])
+    edited, now = task_features(fac_root(fac_ready, tmp_path / "run", **fac)[0])
     assert edited == now and edited != first
 
 
