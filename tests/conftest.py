@@ -39,62 +39,24 @@ TINY_CHAT_TEMPLATE = (
 # own fixtures and Ray cluster; every module that names one of these goes to the same worker, which
 # builds it once. Every other module is a unit of its own, so its module fixtures are built once too.
 SHARED_RUNS = ("uninterrupted", "task_run", "stats_run")
-# Seconds each module took in a `make test` run (RAYSEL_RECORD_DURATIONS=1 rewrites it). Units are handed
-# out longest first, so the last ones are short and both workers finish together: in collection order
-# one worker ended 86 s (of 14 min) after the other, with the shipped SAE's remake among its last units.
-DURATIONS = Path(__file__).with_name("durations.json")
-
-
-@functools.cache
-def unit(module: str) -> str:
-    """The scheduling unit of a test module: the session run it shares, else itself (its source is read
-    once, not once per test)."""
-    source = (REPO / module).read_text()
-    return next((name for name in SHARED_RUNS if name in source), module)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Longest units first (by DURATIONS; a module it lacks counts as quick), each unit's tests together
-    and in their own order. Every xdist worker collects the same order, and the scheduler keeps it."""
-    seconds = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
-    weight: dict[str, float] = {}
-    for module in {item.nodeid.split("::")[0] for item in items}:
-        weight[unit(module)] = weight.get(unit(module), 0.0) + seconds.get(module, 0.0)
-    position = {id(item): i for i, item in enumerate(items)}
-    items.sort(
-        key=lambda item: (
-            -weight[unit(item.nodeid.split("::")[0])],
-            unit(item.nodeid.split("::")[0]),
-            position[id(item)],
-        )
-    )
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's loadscope (a module at a time) with the modules that share a session run as one unit,
-    in the order collected (not xdist's reorder by test count). (Not xdist_group marks: with pytest 9
-    they no longer reach xdist 3.8's scheduler, which reads them from a node id pytest now derives.)"""
+    """xdist's loadscope (a module at a time) with the modules that share a session run as one unit.
+    (Not xdist_group marks: with pytest 9 they no longer reach xdist 3.8's scheduler, which reads
+    them from a node id pytest now derives.)"""
     from xdist.scheduler import LoadScopeScheduling
+
+    @functools.cache
+    def unit(module: str) -> str:  # a module's source, read once, not once per test
+        source = (REPO / module).read_text()
+        return next((name for name in SHARED_RUNS if name in source), module)
 
     class SharedRunScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return unit(nodeid.split("::")[0])
 
-    config.option.loadscopereorder = False
     return SharedRunScheduling(config, log)
-
-
-_spent: dict[str, float] = {}  # seconds per module in this run (on xdist's controller: every worker's)
-
-
-def pytest_runtest_logreport(report):
-    module = report.nodeid.split("::")[0]
-    _spent[module] = _spent.get(module, 0.0) + report.duration
-
-
-def pytest_sessionfinish(session):
-    if os.environ.get("RAYSEL_RECORD_DURATIONS") and not hasattr(session.config, "workerinput"):
-        DURATIONS.write_text(json.dumps({m: round(s, 1) for m, s in sorted(_spent.items())}, indent=1) + "\n")
 
 
 def free_port() -> int:
