@@ -397,8 +397,8 @@ def stats_run(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory):
 
 
 def fac_root(stats_run, root: Path, **sections) -> tuple[dict, Path]:
-    """A copy of stats_run's encoded 40 rows, at its own tau (its statistics reused), and its config: a
-    FAC test's run without encoding the pool again."""
+    """A copy of stats_run's root (or of one in its shape, such as test_fac's fac_ready) at its own tau, its
+    statistics reused, and its config: a FAC test's run without encoding the pool again."""
     src, cfg, manifest = stats_run
     if not root.exists():
         shutil.copytree(src, root)
