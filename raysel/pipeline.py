@@ -27,7 +27,7 @@ from raysel.core.ray_adapter import init_ray, quiet_off_a_terminal
 from raysel.core.sae import default_sae_source
 from raysel.core.storage import Storage, StorageError, redact
 from raysel.stages.base import Done, Executor, Stage
-from raysel.stages.encode import Encode
+from raysel.stages.encode import Encode, encode_jobs
 from raysel.stages.evaluate import Evaluate, check_sets
 from raysel.stages.fac import MeasureFAC
 from raysel.stages.prepare import Prepare, check_root
@@ -64,7 +64,7 @@ PLAN: tuple[tuple[type[Stage], Callable[[Target], Stage]], ...] = (
     (Calibrate, lambda t: Calibrate(t.storage, t.cfg.activation)),
     (Stats, lambda t: Stats(t.storage, t.cfg.stats.top_n)),
     (TaskFeatures, lambda t: TaskFeatures(t.cfg.fac, t.cfg.stack(), t.storage)),
-    (Select, lambda t: Select(t.cfg.select, t.cfg.fac, t.cfg.stack(), t.storage, t.run, t.side_sets.store)),
+    (Select, lambda t: Select(t.cfg.select, t.cfg.fac, t.cfg.stack(), t.storage, t.run, t.side_sets.stores)),
     (Spans, lambda t: Spans(t.cfg.stack(), t.cfg.select, t.storage)),
     (MeasureFAC, lambda t: MeasureFAC(t.cfg.fac, t.cfg.stack(), t.storage)),
     (Synthesize, lambda t: Synthesize(t.cfg.synthesis, t.cfg.fac, t.cfg.stack(), t.storage, t.run)),
@@ -97,34 +97,58 @@ def build(target: Target) -> list[Stage]:
 
 
 class SideSets:
-    """Side sets through the plan up to stats, each once per run, under <root>/<name>/."""
+    """Side sets through the plan up to stats, each once per run, under <root>/<name>/. The ones a stage
+    needs at once are encoded together, in one pass of the encoders."""
 
     def __init__(self, cfg: RunConfig, storage: Storage):
         self.cfg, self.storage, self.done = cfg, storage, {}
 
-    def records(self, name: str, paths_: list[str], tau: float, until: str = "stats") -> Done:
-        if (name, tuple(paths_), until) not in self.done:
-            side = self.cfg.model_copy(
-                update={
-                    "input": self.cfg.input.model_copy(update={"paths": list(paths_), "hf_dataset": None}),
-                    "activation": ActivationConfig(tau=tau),  # activation means the same in both
-                }
-            )
-            target = Target(side, self.storage.child(name), self, side=True)
-            done = Executor(build(target)).run([until])
+    def target(self, name: str, paths_: list[str], tau: float) -> Target:
+        side = self.cfg.model_copy(
+            update={
+                "input": self.cfg.input.model_copy(update={"paths": list(paths_), "hf_dataset": None}),
+                "activation": ActivationConfig(tau=tau),  # activation means the same in both
+            }
+        )
+        return Target(side, self.storage.child(name), self, side=True)
+
+    def records(self, sets: dict[str, list[str]], tau: float, until: str = "stats") -> dict[str, Done]:
+        plans = {
+            name: build(self.target(name, paths_, tau))
+            for name, paths_ in sets.items()
+            if (name, tuple(paths_), until) not in self.done
+        }
+        if len(plans) > 1 and STAGES.index(until) > STAGES.index("encode"):
+            encode_together(list(plans.values()))
+        for name, plan in plans.items():
+            done = Executor(plan).run([until])
             log.info("%s: %d examples %s", name, *((done["encode"]["n_encoded"], "encoded") if "encode" in done
                                                    else (done["prepare"]["n_valid"], "prepared")))  # fmt: skip
-            self.done[(name, tuple(paths_), until)] = done
-        return self.done[(name, tuple(paths_), until)]
+            self.done[(name, tuple(sets[name]), until)] = done
+        return {name: self.done[(name, tuple(paths_), until)] for name, paths_ in sets.items()}
 
-    def for_stage(self, name: str, paths_: list[str], done: Done, until: str = "stats") -> Done:
-        """The executor's hook: a stage's side set up to `until`, at the run's tau (the stage needs stats)."""
-        return self.records(name, paths_, done["stats"]["tau"], until)
+    def for_stage(self, sets: dict[str, list[str]], done: Done, until: str = "stats") -> dict[str, Done]:
+        """The executor's hook: a stage's side sets up to `until`, at the run's tau (the stage needs stats)."""
+        return self.records(sets, done["stats"]["tau"], until)
 
-    def store(self, name: str, paths_: list[str], tau: float) -> FeatureStore:
-        """A method's side input, encoded on demand."""
-        self.records(name, paths_, tau)
-        return FeatureStore(self.storage.child(name))
+    def stores(self, sets: dict[str, list[str]], tau: float) -> dict[str, FeatureStore]:
+        """Methods' side inputs, encoded on demand."""
+        self.records(sets, tau)
+        return {name: FeatureStore(self.storage.child(name)) for name in sets}
+
+
+def encode_together(plans: list[list[Stage]]) -> None:
+    """Prepare each side set, then encode what is left of them in one pass (encode_jobs): a FAC run has
+    two to four side sets, and a pass of each would load the model on every actor again. Each set's
+    encode stage then finds its shards committed."""
+    stages = []
+    for plan in plans:
+        prepared = Executor(plan).run(["prepare"])["prepare"]
+        encode = next(stage for stage in plan if isinstance(stage, Encode))
+        stages.append((encode, encode.job({"prepare": prepared})))
+    jobs = [job for _, job in stages if job.todo]
+    if len(jobs) > 1:
+        encode_jobs(stages[0][0].stack, jobs, stages[0][0].judge_fit)
 
 
 def run(

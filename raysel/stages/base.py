@@ -92,16 +92,17 @@ def closure(stages: Sequence, targets: Sequence[str]) -> list:
 
 
 class Executor:
-    """Runs a plan's stages toward its targets. `side_set(name, paths, done, until)` runs a side set
-    through the same plan up to `until` and returns its records; `given` holds records taken as done (a finished run's)."""
+    """Runs a plan's stages toward its targets. `side_sets(sets, done, until)` runs a stage's side sets
+    (paths by name) through the same plan up to `until` and returns their records by name; `given`
+    holds records taken as done (a finished run's)."""
 
     def __init__(
         self,
         stages: Sequence[Stage],
-        side_set: Callable[[str, list[str], Done, str], Done] | None = None,
+        side_sets: Callable[[dict[str, list[str]], Done, str], Done] | None = None,
         given: Done | None = None,
     ):
-        self.stages, self.side_set, self.given = list(stages), side_set, dict(given or {})
+        self.stages, self.side_sets, self.given = list(stages), side_sets, dict(given or {})
 
     def run(self, targets: Sequence[str]) -> Done:
         done: Done = {}
@@ -112,8 +113,8 @@ class Executor:
             inputs = {n: done[n] for n in stage.needs} | {
                 n: done.get(n, self.given.get(n)) for n in stage.uses if n in done or n in self.given
             }
-            for name, paths_ in stage.side_sets().items():
-                inputs[name] = self.side_set(name, paths_, done, stage.side_until)
+            if stage.side_sets():
+                inputs |= self.side_sets(stage.side_sets(), done, stage.side_until)
             done[stage.name] = execute(stage, inputs)
         return done
 

@@ -14,6 +14,8 @@ import json
 import logging
 import posixpath
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,41 +39,58 @@ log = logging.getLogger(__name__)
 
 
 SHARD_RESULT = pa.schema(
-    [("shard", pa.string()), ("rows", pa.int64()), ("error", pa.string()),
+    [("job", pa.int64()), ("shard", pa.string()), ("rows", pa.int64()), ("error", pa.string()),
      ("explained_variance", pa.float64()), ("l0", pa.float64())]
 )  # fmt: skip
 FIT_SAMPLES = 32  # samples of each actor's first shard that the fit check reads
 POOR_FIT = 0.5  # explained variance below this warns; below 0 stops the run unless sae.allow_poor_fit
 
 
-class EncodeShards:
-    """Ray work: each input row names a prepared file; encode it, write its features shard, then its marker."""
+@dataclass(frozen=True)
+class EncodeJob:
+    """One store's shards left to encode, and what the encoders commit them under."""
 
-    def __init__(self, stack: ModelStack, root: str, key: dict, parts: dict, dtype: str | None):
+    root: str
+    key: dict  # the shard markers' key: the store's fingerprint
+    parts: dict  # what that fingerprint is made of, by name, kept in each marker
+    dtype: str | None  # the dtype of the store's committed shards, which the rest must match
+    shards: tuple[str, ...]  # every prepared shard of the store
+    todo: tuple[str, ...]  # the ones without a marker of this key
+    rows: int  # the samples in `todo`, for the progress line
+
+
+class EncodeShards:
+    """Ray work: each input row names a job (a store) and one of its prepared files; encode the file,
+    write its features shard, then its marker."""
+
+    def __init__(self, stack: ModelStack, jobs: list[EncodeJob]):
         log_to_driver()
         self.encoder = Encoder(stack)
-        self.storage = Storage(root, stack.s3)
-        self.key, self.parts = key, parts
+        self.jobs, self.storages = jobs, [Storage(job.root, stack.s3) for job in jobs]
         self.dtype = str(self.encoder.model.dtype).removeprefix("torch.")
-        self.refusal = None  # auto on CPUs of another kind than the store's first shards': no shard is mixed
-        if dtype and self.dtype != dtype:
-            self.refusal = (f"the actor on node {ray.get_runtime_context().get_node_id()[:12]} runs the model in "
-                            f"{self.dtype}, the store's shards were encoded in {dtype}; set model.dtype: {dtype}")  # fmt: skip
         self.measured = False  # the fit check runs on this actor's first shard
+
+    def refusal(self, job: EncodeJob) -> str | None:
+        """auto on CPUs of another kind than the store's first shards': no shard is mixed"""
+        if job.dtype and self.dtype != job.dtype:
+            return (f"the actor on node {ray.get_runtime_context().get_node_id()[:12]} runs the model in "
+                    f"{self.dtype}, the store's shards were encoded in {job.dtype}; set model.dtype: {job.dtype}")  # fmt: skip
+        return None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         done = []
-        for shard in batch["shard"].to_pylist():
-            if self.refusal:
-                done.append({"shard": shard, "rows": 0, "error": self.refusal})
+        for i, shard in zip(batch["job"].to_pylist(), batch["shard"].to_pylist()):
+            refusal = self.refusal(self.jobs[i])
+            if refusal:
+                done.append({"job": i, "shard": shard, "rows": 0, "error": refusal})
                 continue
             try:
-                summary = self.encode_shard(shard)
+                summary = self.encode_shard(i, shard)
                 fit = summary.get("fit") or {}
-                done.append({"shard": shard, "rows": summary["rows"] + summary["rejected"], "error": None,
+                done.append({"job": i, "shard": shard, "rows": summary["rows"] + summary["rejected"], "error": None,
                              "explained_variance": fit.get("explained_variance"), "l0": fit.get("l0")})  # fmt: skip
             except StorageError as err:  # the driver raises it: Ray Data would only pass on its traceback
-                done.append({"shard": shard, "rows": 0, "error": str(err)})
+                done.append({"job": i, "shard": shard, "rows": 0, "error": str(err)})
         return pa.Table.from_pylist(done, schema=SHARD_RESULT)
 
     def fit_check(self, texts: list[str]) -> dict | None:
@@ -85,8 +104,8 @@ class EncodeShards:
             log.warning("encode: fit check skipped: %s: %s", type(err).__name__, err)
             return None
 
-    def encode_shard(self, shard: str) -> dict:
-        storage, fs = self.storage, self.storage.fs
+    def encode_shard(self, job: int, shard: str) -> dict:
+        storage, fs = self.storages[job], self.storages[job].fs
         start = time.time()
         rows = storage.retrying(
             f"reading prepared/{shard}",
@@ -109,9 +128,11 @@ class EncodeShards:
             "rejected": len(errors),
             "tokens": n_tokens,
             "seconds": round(time.time() - start, 3),
-            "node": ray.get_runtime_context().get_node_id(),  # where and how it ran, for the record
+            # where and how it ran, for the record: the node, the actor (one model load) and the dtype
+            "node": ray.get_runtime_context().get_node_id(),
+            "actor": ray.get_runtime_context().get_actor_id(),
             "dtype": self.dtype,
-            "parts": self.parts,
+            "parts": self.jobs[job].parts,
         } | ({"fit": fit} if fit else {})
 
         def write() -> dict:
@@ -128,7 +149,7 @@ class EncodeShards:
 
         storage.retrying(
             f"writing features/{shard}",
-            lambda: commit(storage, paths.shard_marker(shard), self.key, write),
+            lambda: commit(storage, paths.shard_marker(shard), self.jobs[job].key, write),
         )
         log.info(
             "encode: %s: %d samples in %.1fs (%.0f samples/s)",
@@ -185,6 +206,31 @@ def write_encode_rejects(storage: Storage, shard: str, rows: pa.Table, errors: d
     storage.fs.create_dir(storage.path(paths.REJECTS), recursive=True)
     with storage.fs.open_output_stream(storage.path(rel)) as f:
         f.write("".join(line + "\n" for line in lines).encode())
+
+
+def encode_jobs(stack: ModelStack, jobs: list[EncodeJob], judge_fit: Callable[[float, float], None]) -> None:
+    """The shards left in `jobs` through one actor pool. Each pool loads the model and SAE on every
+    actor (minutes for a large model on a GPU cluster), so stores of the same model that are due
+    together (a run's side sets) are encoded in one pass."""
+    todo = [{"job": i, "shard": shard} for i, job in enumerate(jobs) for shard in job.todo]
+    resources = model_resources(stack.encode, min(stack.encode.actors, len(todo)))
+    items = ray.data.from_items(todo, override_num_blocks=len(todo))
+    progress = Progress("encode", len(todo), sum(job.rows for job in jobs))
+    results = map_stage(items, EncodeShards, resources, stack=stack, jobs=jobs)
+    # one row per shard, as each finishes; both closed on the way out, which ends the pool's work
+    with contextlib.closing(iter(results.iter_rows())) as rows, contextlib.closing(progress):
+        for r in rows:
+            progress.update(r["rows"])
+            if r["error"]:
+                # A shard fails only as a whole run would: storage down past s3.outage_seconds, or an
+                # actor of another dtype. Going on would wait out the window once per shard left (at
+                # 120 s, hours for a large store), so the run stops at the first.
+                raise StorageError(
+                    f"encode: stopped at a shard that could not be encoded or written: {r['error']}. The "
+                    f"shards finished are committed, and a re-run encodes only the rest"
+                )
+            if r["explained_variance"] is not None:
+                judge_fit(r["explained_variance"], r["l0"])
 
 
 class Encode(Stage):
@@ -266,53 +312,35 @@ class Encode(Stage):
         if ev < POOR_FIT:
             log.warning("encode: the SAE explains only %.3f of the variance at %s (L0 %.1f)", ev, where, l0)
 
-    def run(self, done: Done) -> dict:
+    def job(self, done: Done) -> EncodeJob:
+        """What is left to encode of this store; shards committed under another fingerprint are refused,
+        or removed with --force."""
         storage, store, prepared = self.storage, FeatureStore(self.storage), done["prepare"]
         parts = self.parts(prepared)
-        fingerprint = self.fingerprint(prepared)
+        key = {"fingerprint": self.fingerprint(prepared)}
         shards = sorted(
             posixpath.basename(i.path) for i in storage.listing(paths.PREPARED) if i.path.endswith(".parquet")
         )
-        key = {"fingerprint": fingerprint}
         markers = store.done_shards()
         finished = {name: m for name, m in markers.items() if m.get("key") == key}
         if len(finished) < len(markers):
             self.refuse_or_clear({n: m for n, m in markers.items() if n not in finished}, parts)
             finished = {}
-        dtypes = {m.get("dtype") for m in finished.values()} - {None}
         todo = [s for s in shards if s not in finished]
-        log.info(
-            "encode: %d shard(s), %d already done, %d to encode (layer %s, SAE %s)",
-            len(shards),
-            len(finished),
-            len(todo),
-            self.meta["layer"],
-            self.meta["identity"],
-        )
+        log.info("encode: %s: %d shard(s), %d already done, %d to encode (layer %s, SAE %s)", storage.uri(),
+                 len(shards), len(finished), len(todo), self.meta["layer"], self.meta["identity"])  # fmt: skip
+        encoded = sum(m["rows"] + m.get("rejected", 0) for m in finished.values())
+        dtypes = {m.get("dtype") for m in finished.values()} - {None}
+        # auto resolves on each actor: the first shards set the store's dtype
+        pinned = next(iter(dtypes), None)
+        return EncodeJob(storage.root, key, parts, pinned, tuple(shards), tuple(todo), prepared["n_valid"] - encoded)
+
+    def run(self, done: Done) -> dict:
+        store, job = FeatureStore(self.storage), self.job(done)
+        fingerprint, shards, todo = job.key["fingerprint"], job.shards, job.todo
         start = time.time()
         if todo:
-            resources = model_resources(self.stack.encode, min(self.stack.encode.actors, len(todo)))
-            pinned = next(iter(dtypes), None)  # auto resolves on each actor: the first shards set the store's
-            items = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-            encoded = sum(m["rows"] + m.get("rejected", 0) for m in finished.values())
-            progress = Progress("encode", len(todo), prepared["n_valid"] - encoded)
-            results = map_stage(
-                items, EncodeShards, resources, stack=self.stack, root=storage.root, key=key, parts=parts, dtype=pinned
-            )
-            # one row per shard, as each finishes; both closed on the way out, which ends the pool's work
-            with contextlib.closing(iter(results.iter_rows())) as rows, contextlib.closing(progress):
-                for r in rows:
-                    progress.update(r["rows"])
-                    if r["error"]:
-                        # A shard fails only as a whole run would: storage down past s3.outage_seconds, or an
-                        # actor of another dtype. Going on would wait out the window once per shard left (at
-                        # 120 s, hours for a large store), so the run stops at the first.
-                        raise StorageError(
-                            f"encode: stopped at a shard that could not be encoded or written: {r['error']}. The "
-                            f"shards finished are committed, and a re-run encodes only the rest"
-                        )
-                    if r["explained_variance"] is not None:
-                        self.judge_fit(r["explained_variance"], r["l0"])
+            encode_jobs(self.stack, [job], self.judge_fit)
         markers = store.done_shards()
         missing = [s for s in shards if s not in markers]
         if missing:

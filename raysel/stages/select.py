@@ -123,12 +123,13 @@ class Select(Stage):
         stack: ModelStack,
         storage: Storage,
         run: dict,
-        side_set: Callable[[str, list[str], float], FeatureStore],
+        side_stores: Callable[[dict[str, list[str]], float], dict[str, FeatureStore]],
     ):
         """`run`: what every selection's manifest carries of the run (config, versions, model);
-        `side_set(name, paths, tau)` encodes a method's side input through the plan and returns its store."""
+        `side_stores(sets, tau)` encodes the methods' side inputs (paths by name) through the plan and
+        returns their stores by name."""
         self.select, self.fac, self.stack, self.storage = select, fac, stack, storage
-        self.run_info, self.side_set = run, side_set
+        self.run_info, self.side_stores = run, side_stores
         self.methods = [build(entry) for entry in select.methods]
         self.needs = (*Select.needs, *sorted({n for m in self.methods for n in m.needs}))
 
@@ -142,7 +143,7 @@ class Select(Stage):
             storage=self.storage,
             stack=self.stack,
             fac=self.fac,
-            side_set=lambda name, paths_: self.side_set(name, paths_, stats["tau"]),
+            side_set=lambda name, paths_: self.side_stores({name: paths_}, stats["tau"])[name],
             task_features=None if features is None else np.array(features, dtype=np.int64),
             fac_tau=task.get("tau"),
         )
@@ -189,6 +190,12 @@ class Select(Stage):
 
     def run(self, done: Done) -> dict:
         start, ctx, base = time.time(), self.context(done), self.manifest_base(done)
+        # every method's side inputs encoded together up front (one model load), not one by one as picked;
+        # two methods' sets of the same name but other paths: the first here, the other when picked
+        ahead: dict[str, list[str]] = {}
+        for method in self.methods:
+            ahead |= {n: p for n, p in method.side_inputs(ctx).items() if p and n not in ahead}
+        self.side_stores(ahead, ctx.tau)
         store = FeatureStore(self.storage)
         memory = self.check_memory(store, ctx) if self.select.memory_check else None
         pool = read_pool(store, ctx.tau)

@@ -442,12 +442,15 @@ def test_an_actor_that_resolves_another_dtype_than_the_stores_shards_encodes_not
     would add shards in another dtype to the store. Such an actor refuses every shard it is given."""
     import pyarrow as pa
 
-    from raysel.stages.encode import EncodeShards
+    from raysel.stages.encode import EncodeJob, EncodeShards
+
+    def job(root, dtype):
+        return EncodeJob(str(root), {"fingerprint": "f"}, {}, dtype, ("part-0.parquet",), ("part-0.parquet",), 8)
 
     stack = encoder_stack(tiny_model_dir, tiny_sae_dir)  # float32 here
-    actor = EncodeShards(stack, str(tmp_path / "out"), {"fingerprint": "f"}, {}, dtype="bfloat16")
-    [row] = actor(pa.table({"shard": ["part-0.parquet"]})).to_pylist()
+    # two stores in one pass (side sets encoded together): each store's own dtype decides
+    actor = EncodeShards(stack, [job(tmp_path / "out", "bfloat16"), job(tmp_path / "other", "float32")])
+    [row] = actor(pa.table({"job": [0], "shard": ["part-0.parquet"]})).to_pylist()
     assert row["rows"] == 0 and "runs the model in float32, the store's shards were encoded in bfloat16" in row["error"]
     assert not (tmp_path / "out").exists()
-    same = EncodeShards(stack, str(tmp_path / "out"), {"fingerprint": "f"}, {}, dtype="float32")
-    assert same.refusal is None
+    assert actor.refusal(actor.jobs[1]) is None
