@@ -17,9 +17,10 @@ pip_setting() { # $1: pip's environment variable, $2: its pip.conf key
 links=$(pip_setting PIP_FIND_LINKS find-links)
 index=$(pip_setting PIP_INDEX_URL index-url)
 extra=$(pip_setting PIP_EXTRA_INDEX_URL extra-index-url)
-[ -z "$links" ] || export UV_FIND_LINKS=${links// /,}
+# pip lists several on one line or one a line; uv takes find-links comma-separated, indexes space-separated
+[ -z "$links" ] || export UV_FIND_LINKS=$(echo $links | tr ' ' ,)
 [ -z "$index" ] || export UV_INDEX_URL=$index
-[ -z "$extra" ] || export UV_EXTRA_INDEX_URL=$extra
+[ -z "$extra" ] || export UV_EXTRA_INDEX_URL=$(echo $extra)
 # pip takes the best match across all of them (a local +cpu torch over the index's); uv's default is the
 # first index that has the package
 export UV_INDEX_STRATEGY=unsafe-best-match
