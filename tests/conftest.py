@@ -39,11 +39,6 @@ TINY_CHAT_TEMPLATE = (
 # own fixtures and Ray cluster; every module that names one of these goes to the same worker, which
 # builds it once. Every other module is a unit of its own, so its module fixtures are built once too.
 SHARED_RUNS = ("uninterrupted", "task_run", "stats_run")
-# Handed out first. xdist queues the units with the most tests first, so this one-test unit, the longest
-# (the shipped SAE's remake, 130 s beside the other worker), came last, and one worker ran it while the
-# other had finished: the two ended 83 to 106 s apart. (Every unit longest first was tried and reverted:
-# with the heaviest units all at once, each ran slower.)
-FIRST = ("tests/test_default_model.py",)
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -60,12 +55,6 @@ def pytest_xdist_make_scheduler(config, log):
     class SharedRunScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return unit(nodeid.split("::")[0])
-
-        def _assign_work_unit(self, node) -> None:
-            for scope in FIRST:  # while still queued, it goes out next
-                if scope in self.workqueue:
-                    self.workqueue.move_to_end(scope, last=False)
-            super()._assign_work_unit(node)
 
     return SharedRunScheduling(config, log)
 
