@@ -90,11 +90,13 @@ def browser(tmp_path_factory):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    tmp = tmp_path_factory.mktemp("chromium")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1200"):
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1600,1200", f"--user-data-dir={tmp}"):
         options.add_argument(arg)
-    session = webdriver.Chrome(service=Service(driver), options=options)
+    # chromium puts its singleton socket in a folder of its own under TMPDIR, and leaves it: not in /tmp
+    session = webdriver.Chrome(service=Service(driver, env={**os.environ, "TMPDIR": str(tmp)}), options=options)
     yield session
     session.quit()
 
