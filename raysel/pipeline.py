@@ -118,10 +118,11 @@ class SideSets:
             for name, paths_ in sets.items()
             if (name, tuple(paths_), until) not in self.done
         }
+        prepared = {}
         if len(plans) > 1 and STAGES.index(until) > STAGES.index("encode"):
-            encode_together(list(plans.values()))
+            prepared = encode_together(plans)
         for name, plan in plans.items():
-            done = Executor(plan).run([until])
+            done = Executor(plan, given=prepared.get(name)).run([until])
             log.info("%s: %d examples %s", name, *((done["encode"]["n_encoded"], "encoded") if "encode" in done
                                                    else (done["prepare"]["n_valid"], "prepared")))  # fmt: skip
             self.done[(name, tuple(sets[name]), until)] = done
@@ -137,18 +138,19 @@ class SideSets:
         return {name: FeatureStore(self.storage.child(name)) for name in sets}
 
 
-def encode_together(plans: list[list[Stage]]) -> None:
+def encode_together(plans: dict[str, list[Stage]]) -> dict[str, Done]:
     """Prepare each side set, then encode what is left of them in one pass (encode_jobs): a FAC run has
     two to four side sets, and a pass of each would load the model on every actor again. Each set's
-    encode stage then finds its shards committed."""
-    stages = []
-    for plan in plans:
-        prepared = Executor(plan).run(["prepare"])["prepare"]
-        encode = next(stage for stage in plan if isinstance(stage, Encode))
-        stages.append((encode, encode.job({"prepare": prepared})))
-    jobs = [job for _, job in stages if job.todo]
-    if len(jobs) > 1:
-        encode_jobs(stages[0][0].stack, jobs, stages[0][0].judge_fit)
+    encode stage then finds its shards committed. Returns each set's prepare record, so that it is not
+    keyed (its files read) again."""
+    prepared, encodes, jobs = {}, [], []
+    for name, plan in plans.items():
+        prepared[name] = Executor(plan).run(["prepare"])
+        encodes.append(next(stage for stage in plan if isinstance(stage, Encode)))
+        jobs.append(encodes[-1].job(prepared[name]))
+    if sum(1 for job in jobs if job.todo) > 1:
+        encode_jobs(encodes[0].stack, [job for job in jobs if job.todo], encodes[0].judge_fit)
+    return prepared
 
 
 def run(

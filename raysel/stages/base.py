@@ -113,8 +113,8 @@ class Executor:
             inputs = {n: done[n] for n in stage.needs} | {
                 n: done.get(n, self.given.get(n)) for n in stage.uses if n in done or n in self.given
             }
-            if stage.side_sets():
-                inputs |= self.side_sets(stage.side_sets(), done, stage.side_until)
+            if sets := stage.side_sets():
+                inputs |= self.side_sets(sets, done, stage.side_until)
             done[stage.name] = execute(stage, inputs)
         return done
 
