@@ -26,8 +26,8 @@ from raysel.core.generation import check_vllm
 from raysel.core.ray_adapter import init_ray, quiet_off_a_terminal
 from raysel.core.sae import default_sae_source
 from raysel.core.storage import Storage, StorageError, redact
-from raysel.stages.base import Done, Executor, Stage
-from raysel.stages.encode import Encode, encode_jobs
+from raysel.stages.base import Done, Executor, Stage, closure
+from raysel.stages.encode import Encode, EncodeJob, encode_jobs
 from raysel.stages.evaluate import Evaluate, check_sets
 from raysel.stages.fac import MeasureFAC
 from raysel.stages.prepare import Prepare, check_root
@@ -60,7 +60,8 @@ class Target:
 PLAN: tuple[tuple[type[Stage], Callable[[Target], Stage]], ...] = (
     (Prepare, lambda t: Prepare(t.cfg.input, t.cfg.prepare, t.cfg.model, t.cfg.s3, t.storage, by_content=t.side)),
     (TrainSAE, lambda t: TrainSAE(t.cfg.stack(), t.storage)),
-    (Encode, lambda t: Encode(t.cfg.stack(), t.storage, force=t.force or t.side)),  # a side set is small
+    # a side set is small (force); the run's own pass takes along the side sets its later stages read
+    (Encode, lambda t: Encode(t.cfg.stack(), t.storage, t.force or t.side, None if t.side else t.side_sets.riders)),
     (Calibrate, lambda t: Calibrate(t.storage, t.cfg.activation)),
     (Stats, lambda t: Stats(t.storage, t.cfg.stats.top_n)),
     (TaskFeatures, lambda t: TaskFeatures(t.cfg.fac, t.cfg.stack(), t.storage)),
@@ -97,11 +98,13 @@ def build(target: Target) -> list[Stage]:
 
 
 class SideSets:
-    """Side sets through the plan up to stats, each once per run, under <root>/<name>/. The ones a stage
-    needs at once are encoded together, in one pass of the encoders."""
+    """Side sets through the plan up to stats, each once per run, under <root>/<name>/. Those the run's
+    stages read ride along in its own encode pass when that is due (`ahead`); else the ones a stage needs
+    at once are encoded together, in one pass of the encoders."""
 
     def __init__(self, cfg: RunConfig, storage: Storage):
         self.cfg, self.storage, self.done = cfg, storage, {}
+        self.ahead: dict[str, list[str]] = {}  # the run sets it from its plan (encoded_sides)
 
     def target(self, name: str, paths_: list[str], tau: float) -> Target:
         side = self.cfg.model_copy(
@@ -128,6 +131,12 @@ class SideSets:
             self.done[(name, tuple(sets[name]), until)] = done
         return {name: self.done[(name, tuple(paths_), until)] for name, paths_ in sets.items()}
 
+    def riders(self) -> list[EncodeJob]:
+        """The `ahead` sets prepared, and what is left to encode of them, for the run's own encode pass.
+        Their tau is not read before stats; each set's own encode stage later finds its shards committed."""
+        plans = {name: build(self.target(name, paths_, 0.0)) for name, paths_ in self.ahead.items()}
+        return prepared_jobs(plans)[1]
+
     def for_stage(self, sets: dict[str, list[str]], done: Done, until: str = "stats") -> dict[str, Done]:
         """The executor's hook: a stage's side sets up to `until`, at the run's tau (the stage needs stats)."""
         return self.records(sets, done["stats"]["tau"], until)
@@ -143,14 +152,20 @@ def encode_together(plans: dict[str, list[Stage]]) -> dict[str, Done]:
     two to four side sets, and a pass of each would load the model on every actor again. Each set's
     encode stage then finds its shards committed. Returns each set's prepare record, so that it is not
     keyed (its files read) again."""
-    prepared, encodes, jobs = {}, [], []
+    prepared, jobs = prepared_jobs(plans)
+    if len(jobs) > 1:
+        encode = next(stage for stage in next(iter(plans.values())) if isinstance(stage, Encode))
+        encode_jobs(encode.stack, jobs, encode.judge_fit)
+    return prepared
+
+
+def prepared_jobs(plans: dict[str, list[Stage]]) -> tuple[dict[str, Done], list[EncodeJob]]:
+    """Each set prepared (its prepare record by name), and the encode jobs of those with shards left."""
+    prepared, jobs = {}, []
     for name, plan in plans.items():
         prepared[name] = Executor(plan).run(["prepare"])
-        encodes.append(next(stage for stage in plan if isinstance(stage, Encode)))
-        jobs.append(encodes[-1].job(prepared[name]))
-    if sum(1 for job in jobs if job.todo) > 1:
-        encode_jobs(encodes[0].stack, [job for job in jobs if job.todo], encodes[0].judge_fit)
-    return prepared
+        jobs.append(next(stage for stage in plan if isinstance(stage, Encode)).job(prepared[name]))
+    return prepared, [job for job in jobs if job.todo]
 
 
 def run(
@@ -190,6 +205,7 @@ def run_stages(
     sides = SideSets(cfg, storage)
     run_info = {"config": cfg.public_dict(), "versions": versions(), "model": cfg.model.name}
     stages = build(Target(cfg, storage, sides, run=run_info, force=force))
+    sides.ahead = encoded_sides(stages, targets)
     with quiet_off_a_terminal():
         done = Executor(stages, sides.for_stage, given).run(targets)
     manifest = run_info | {
@@ -201,6 +217,15 @@ def run_stages(
     storage.write_json(paths.MANIFEST, manifest)
     log.info("run: done; manifest at %s", storage.uri(paths.MANIFEST))
     return manifest
+
+
+def encoded_sides(stages: list[Stage], targets: list[str]) -> dict[str, list[str]]:
+    """The side sets that the stages toward `targets` encode, by name (the first stage's paths of a name)."""
+    sets: dict[str, list[str]] = {}
+    for stage in closure(stages, targets):
+        if STAGES.index(stage.side_until) > STAGES.index("encode"):
+            sets |= {name: p for name, p in stage.side_sets().items() if p and name not in sets}
+    return sets
 
 
 def versions() -> dict[str, str]:

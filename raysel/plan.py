@@ -15,7 +15,6 @@ from raysel.core.models import EMBEDDED_MODEL, embedded_dir
 from raysel.core.sae import check_against_model, default_sae_location, sae_metadata
 from raysel.core.section import ConfigError
 from raysel.core.storage import Storage
-from raysel.methods import Context
 from raysel.methods import build as build_method
 from raysel.pipeline import SideSets, Target, build
 from raysel.stages.base import Stage, closure, committed
@@ -76,7 +75,7 @@ def details(cfg: RunConfig, storage: Storage, stage: Stage, known: dict[str, dic
     if isinstance(stage, TrainSAE):
         out["sae"] = default_sae_location(cfg.stack())
     if isinstance(stage, Select):
-        out["methods"] = select_methods(cfg, storage)
+        out["methods"] = select_methods(cfg)
     return out
 
 
@@ -120,13 +119,12 @@ def encode_shards(storage: Storage, encode: Encode, prepared: dict | None) -> di
     return out
 
 
-def select_methods(cfg: RunConfig, storage: Storage) -> dict:
+def select_methods(cfg: RunConfig) -> dict:
     """The methods with their budgets and side inputs."""
-    ctx = Context(0.0, cfg.select.seed, 0, storage, cfg.stack(), cfg.fac, None)
     methods = {}
     for entry in cfg.select.methods:
         method = build_method(entry)
-        methods[method.name] = {"budget": entry.budget or cfg.select.budget, "side_inputs": method.side_inputs(ctx)}
+        methods[method.name] = {"budget": entry.budget or cfg.select.budget, "side_inputs": method.side_inputs(cfg.fac)}
     return methods
 
 

@@ -3,7 +3,7 @@ one interface. The select stage builds the pool once, gives each method its budg
 and writes whatever it picks the same way.
 
     needs                the plan's stages it reads besides stats (task_features: F, in ctx.task_features)
-    side_inputs(ctx)     the named lists of paths it reads besides the pool (targets, an anchor), each
+    side_inputs(fac)     the named lists of paths it reads besides the pool (targets, an anchor), each
                          named as the config field that holds it: the select stage's resume key
                          holds their content fingerprints in place of the paths as written
     driver_bytes(...)    what pick holds on the driver beside the pool, for the memory check (and
@@ -111,8 +111,9 @@ class Method:
     def name(self) -> str:
         return self.cfg.name
 
-    def side_inputs(self, ctx: Context) -> dict[str, list[str]]:
-        """Side sets by name: ctx.side_set(name, paths) encodes one when `pick` asks for it."""
+    def side_inputs(self, fac: FACConfig) -> dict[str, list[str]]:
+        """Side sets by name, from its config (and fac.anchor, the task's): the run encodes them before
+        select, with its own pass when that is due, and ctx.side_set(name, paths) returns one's store."""
         return {}
 
     def driver_bytes(self, store: FeatureStore, k: int, ctx: Context) -> int:

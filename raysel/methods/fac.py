@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raysel.core.fac import fac
+from raysel.core.fac import FACConfig, fac
 from raysel.core.features import Profile, activated_entries, is_active, seeded_hash
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
 
@@ -39,9 +39,9 @@ class FACSelect(Method):
     Config = FACSelectConfig
     needs = ("task_features",)
 
-    def side_inputs(self, ctx: Context) -> dict[str, list[str]]:
+    def side_inputs(self, fac: FACConfig) -> dict[str, list[str]]:
         # F (and so an edited reference) reaches the select stage's key through the task_features record
-        return {"anchor": ctx.fac.anchor, "evaluated": self.cfg.evaluated}
+        return {"anchor": fac.anchor, "evaluated": self.cfg.evaluated}
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:
         """The pool is read as blocks on the cluster: its activated sets (in `pool`), and the entries

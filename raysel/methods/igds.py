@@ -52,6 +52,7 @@ from raysel.methods.base import Bars, Context, Method, MethodConfig, Picks, Pool
 
 if TYPE_CHECKING:
     from raysel.config import ModelStack
+    from raysel.core.fac import FACConfig
     from raysel.core.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class IGDS(Method):
         return [Bars("IGDS: delta per candidate feature", [str(e["feature"]) for e in effects],
                      [e["delta"] for e in effects], "candidate feature", "delta of the task metric")]  # fmt: skip
 
-    def side_inputs(self, ctx: Context) -> dict[str, list[str]]:
+    def side_inputs(self, fac: FACConfig) -> dict[str, list[str]]:
         return {"targets": self.cfg.targets}
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:

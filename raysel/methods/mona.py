@@ -11,7 +11,7 @@ a shard (FeatureStore.top_k).
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +19,9 @@ from pydantic import Field
 
 from raysel.core.features import pooled, pooled_columns
 from raysel.methods.base import Context, Method, MethodConfig, Picks, Pool
+
+if TYPE_CHECKING:
+    from raysel.core.fac import FACConfig
 
 
 class MonaConfig(MethodConfig):
@@ -38,7 +41,7 @@ class Mona(Method):
     Config = MonaConfig
     ranks_by_score = True
 
-    def side_inputs(self, ctx: Context) -> dict[str, list[str]]:
+    def side_inputs(self, fac: FACConfig) -> dict[str, list[str]]:
         return {"targets": self.cfg.targets}
 
     def pick(self, pool: Pool, k: int, ctx: Context) -> Picks:

@@ -241,8 +241,16 @@ class Encode(Stage):
     needs = ("prepare",)
     brief = ("n_encoded", "n_encode_rejected", "n_shards")
 
-    def __init__(self, stack: ModelStack, storage: Storage, force: bool = False):
-        self.stack, self.storage, self.force = stack, storage, force
+    def __init__(
+        self,
+        stack: ModelStack,
+        storage: Storage,
+        force: bool = False,
+        riders: Callable[[], list[EncodeJob]] | None = None,
+    ):
+        """`riders()`: other stores of this model (the run's side sets) with shards left, encoded in the
+        same pass when this store has shards to encode: a pass loads the model on every actor."""
+        self.stack, self.storage, self.force, self.riders = stack, storage, force, riders
 
     @functools.cached_property
     def meta(self) -> dict:
@@ -340,7 +348,11 @@ class Encode(Stage):
         fingerprint, shards, todo = job.key["fingerprint"], job.shards, job.todo
         start = time.time()
         if todo:
-            encode_jobs(self.stack, [job], self.judge_fit)
+            riders = self.riders() if self.riders else []
+            if riders:
+                log.info("encode: with %d shard(s) of the run's side sets (%s) in the same pass",
+                         sum(len(r.todo) for r in riders), ", ".join(posixpath.basename(r.root) for r in riders))  # fmt: skip
+            encode_jobs(self.stack, [job, *riders], self.judge_fit)
         markers = store.done_shards()
         missing = [s for s in shards if s not in markers]
         if missing:

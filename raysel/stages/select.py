@@ -148,9 +148,17 @@ class Select(Stage):
             fac_tau=task.get("tau"),
         )
 
+    def side_sets(self) -> dict[str, list[str]]:
+        """Every method's side inputs, encoded before select in one pass (with the run's own when that is
+        due). Two methods' sets of the same name but other paths: the first here, the other when picked."""
+        sets: dict[str, list[str]] = {}
+        for method in self.methods:
+            sets |= {n: p for n, p in method.side_inputs(self.fac).items() if p and n not in sets}
+        return sets
+
     def key(self, done: Done) -> dict:
         ctx = self.context(done)
-        side = {m.name: m.side_inputs(ctx) for m in self.methods}
+        side = {m.name: m.side_inputs(self.fac) for m in self.methods}
         # the side inputs' paths as written are left out: their content fingerprints (of the resolved
         # files) stand for them, so the same files named another way do not redo the selection
         methods = [m.cfg.model_dump(mode="json", exclude=set(side[m.name])) for m in self.methods]
@@ -190,12 +198,6 @@ class Select(Stage):
 
     def run(self, done: Done) -> dict:
         start, ctx, base = time.time(), self.context(done), self.manifest_base(done)
-        # every method's side inputs encoded together up front (one model load), not one by one as picked;
-        # two methods' sets of the same name but other paths: the first here, the other when picked
-        ahead: dict[str, list[str]] = {}
-        for method in self.methods:
-            ahead |= {n: p for n, p in method.side_inputs(ctx).items() if p and n not in ahead}
-        self.side_stores(ahead, ctx.tau)
         store = FeatureStore(self.storage)
         memory = self.check_memory(store, ctx) if self.select.memory_check else None
         pool = read_pool(store, ctx.tau)
@@ -241,7 +243,7 @@ class Select(Stage):
             "seconds_by_method": seconds,
             # what each method read besides the pool (their prepared rows under <root>/<name>/), by
             # method: the evaluate stage keeps its eval sets apart from them
-            "side_sets": {m.name: {n: p for n, p in m.side_inputs(ctx).items() if p} for m in self.methods},
+            "side_sets": {m.name: {n: p for n, p in m.side_inputs(self.fac).items() if p} for m in self.methods},
         }
         log.info("select: coverage %s against the baselines %s in %.1fs", summary["methods"], baselines,
                  time.time() - start)  # fmt: skip
