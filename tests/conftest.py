@@ -374,13 +374,15 @@ CLI_ENV = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(tiny_model_dir, tiny_sae_dir, tmp_path_factory) -> Path:
+def uninterrupted(ray_cluster, tiny_model_dir, tiny_sae_dir, tmp_path_factory) -> Path:
     """The interruptible run to a local folder, never disturbed: what a resumed run must equal (the
-    driver-kill and S3 outage tests compare with it)."""
+    driver-kill and S3 outage tests compare with it). On this worker's cluster, through the same plan
+    as `raysel run` (the interrupted runs are CLI processes with clusters of their own)."""
+    from raysel.config import RunConfig
+    from raysel.pipeline import run
+
     tmp = tmp_path_factory.mktemp("clean")
-    raw = interruptible_cfg(tmp, tiny_model_dir, tiny_sae_dir, str(tmp / "out"))
-    done = subprocess.run(cli_command(tmp, raw), env=CLI_ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run(RunConfig.model_validate(interruptible_cfg(tmp, tiny_model_dir, tiny_sae_dir, str(tmp / "out"))))
     return tmp / "out"
 
 
