@@ -100,12 +100,15 @@ def held_actors(stage: type, resources: Resources, **stage_kwargs) -> Iterator[C
     """`resources.actors` actors, each holding one `stage(**stage_kwargs)` for the whole `with`, as a
     function from a list of batches to their results (in order); the actors are killed on exit.
 
-    For a loop of small rounds that depend on each other (synthesis' steps): each round on map_stage
-    starts its pool again and pays every model's load again, which was most of a round."""
+    For a loop of small rounds that depend on each other (synthesis' steps, IGDS's effects and then its
+    null): each round on map_stage starts its pool again and pays every model's load again, which was
+    most of a round. As in Ray Data's pools, an actor lost with its node is restarted and its calls in
+    flight retried (an exception raised by the stage is not retried)."""
     import ray
     from ray.util import ActorPool
 
-    options = dict(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, resources=resources.custom or {})
+    options = dict(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, resources=resources.custom or {},
+                   max_restarts=-1, max_task_retries=-1)  # fmt: skip
     if resources.memory:
         options["memory"] = resources.memory
     held = ray.remote(_Held).options(**options)

@@ -14,7 +14,8 @@ samples by how strongly they carry those features.
    maximum does not inflate it. The metric is the mean log-likelihood of the reference
    answers, or exact match of the final number by greedy generation (the generated tokens
    amplified too, as the answer's are under log-likelihood). A held-out pair longer than
-   prepare.max_tokens is skipped and counted. Candidates are spread over a Ray actor pool.
+   prepare.max_tokens is skipped and counted. Candidates are spread over Ray actors, each
+   holding one full model for both this step and the next.
 3. A null for delta: random unit directions, pushed on the same positions at norms spanning
    the candidates' pushes (alpha * a_j * |W_dec[j]|), measured on the second half. The sign
    of a first-order effect makes about half of arbitrary directions "help"; a feature
@@ -45,7 +46,7 @@ from raysel.core.encoder import sae_activations
 from raysel.core.features import frequency_recall, pooled, pooled_columns
 from raysel.core.finetune import pad_id, response_token_nll
 from raysel.core.models import load_model, load_tokenizer, resolve_device, tokenize
-from raysel.core.ray_adapter import log_to_driver, map_stage, model_resources
+from raysel.core.ray_adapter import held_actors, log_to_driver, model_resources
 from raysel.core.records import chat_template_for, shared_prefix
 from raysel.core.sae import load_sae
 from raysel.methods.base import Bars, Context, Method, MethodConfig, Picks, Pool
@@ -144,11 +145,15 @@ class IGDS(Method):
         )
         layer = ctx.storage.read_json(paths.marker("encode"))["layer"]
         pairs = dict(stack=ctx.stack, cfg=cfg, prompts=prompts, answers=answers, layer=layer)
-        rows = [{"feature": j} for j in candidates["feature"].to_pylist()]
-        effects = on_actors(FeatureEffects, rows, pool_typical=pool_typical, **pairs)
-        norms = null_grid(effects["norm"].to_numpy(), cfg.null_norms)
-        rows = [{"norm": n, "direction": r} for n in norms for r in range(cfg.null_directions)]
-        effects, null = against_null(effects, on_actors(NullEffects, rows, **pairs), cfg.null_quantile)
+        # the null's norms come from the candidates' pushes: two rounds, on actors that load the model once
+        resources = model_resources(ctx.stack.encode, min(cfg.actors, max(candidates.num_rows, 1)))
+        with held_actors(Interventions, resources, pool_typical=pool_typical, **pairs) as measure:
+            effects = one_row_a_call(measure, [{"feature": j} for j in candidates["feature"].to_pylist()])
+            norms = null_grid(effects["norm"].to_numpy(), cfg.null_norms)
+            null = one_row_a_call(
+                measure, [{"norm": n, "direction": r} for n in norms for r in range(cfg.null_directions)]
+            )
+        effects, null = against_null(effects, null, cfg.null_quantile)
         measured = effects.to_pylist()
         helpful = [r["feature"] for r in measured if r["cleared_null"]]
         positive = sum(r["delta"] > 0 for r in measured)
@@ -389,29 +394,18 @@ def halves(pairs: list[Pair], seed: int) -> tuple[list[Pair], list[Pair]]:
 
 
 class Interventions:
-    """What both intervention stages hold: the full model's task metric on the dev pairs, split into the
-    half alpha is chosen on and the half delta is measured on, with the metric unpushed on each."""
+    """Actor stage: pushes on one full model and their effect on the task metric over the dev pairs,
+    split into the half alpha is chosen on and the half delta is measured on (the metric unpushed on
+    each). A batch of `feature` rows gives each candidate's effect (`effects`); one of `norm` and
+    `direction` rows, the null's (`null`)."""
 
-    def __init__(self, stack: ModelStack, cfg: IGDSConfig, prompts: list[str], answers: list[str], layer: int):
+    def __init__(self, stack: ModelStack, cfg: IGDSConfig, prompts: list[str], answers: list[str],
+                 pool_typical: dict[int, float], layer: int):  # fmt: skip
         log_to_driver()
         self.metric = TaskMetric(stack, cfg, prompts, answers)
         self.choose, self.confirm = halves(self.metric.pairs, cfg.seed)
         self.base = self.metric(pairs=self.confirm)
         self.cfg, self.layer = cfg, layer
-
-    def delta(self, vector, pairs: list[Pair], base: float) -> float:
-        return self.metric(self.layer, vector, pairs) - base
-
-
-class FeatureEffects(Interventions):
-    """Stage: each row names a candidate feature; its alpha, the best of the sweep on the first half of
-    the dev pairs, and its delta at that alpha on the second. A feature is pushed by its mean activation
-    over the dev tokens that activate it; one that none activates, by its mean max-pool over the pool
-    (`pool_typical`), a larger figure, recorded as such. `norm` is the push's: what the null matches."""
-
-    def __init__(self, stack: ModelStack, cfg: IGDSConfig, prompts: list[str], answers: list[str],
-                 pool_typical: dict[int, float], layer: int):  # fmt: skip
-        super().__init__(stack, cfg, prompts, answers, layer)
         sae = load_sae(stack, self.metric.device)
         self.decoder = sae.W_dec.detach()
         self.dev_typical = typical_activations(sae, self.metric.residual(layer))
@@ -419,6 +413,16 @@ class FeatureEffects(Interventions):
         self.pool_typical = pool_typical
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.effects(batch) if "feature" in batch.column_names else self.null(batch)
+
+    def delta(self, vector, pairs: list[Pair], base: float) -> float:
+        return self.metric(self.layer, vector, pairs) - base
+
+    def effects(self, batch: pa.Table) -> pa.Table:
+        """Each candidate's alpha, the best of the sweep on the first half of the dev pairs, and its delta
+        at that alpha on the second. A feature is pushed by its mean activation over the dev tokens that
+        activate it; one that none activates, by its mean max-pool over the pool (`pool_typical`), a
+        larger figure, recorded as such. `norm` is the push's: what the null matches."""
         rows = []
         for j in batch["feature"].to_pylist():
             typical, source = self.typical(j)
@@ -448,13 +452,10 @@ class FeatureEffects(Interventions):
             return self.pool_typical[j], "pool max-pool"
         return float(self.dev_typical[j]), "dev tokens"
 
-
-class NullEffects(Interventions):
-    """Stage: each row names a norm and a random direction (its index); the delta, on the half the
-    candidates' deltas are measured on, of that seeded random unit direction pushed at that norm on the
-    positions a feature is pushed on."""
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def null(self, batch: pa.Table) -> pa.Table:
+        """Each row names a norm and a random direction (its index): the delta, on the half the
+        candidates' deltas are measured on, of that seeded random unit direction pushed at that norm on
+        the positions a feature is pushed on."""
         import torch
 
         width = self.metric.model.get_input_embeddings().embedding_dim
@@ -481,13 +482,9 @@ def typical_activations(sae, residual) -> np.ndarray:
     return np.where(count.numpy() > 0, total.numpy() / np.maximum(count.numpy(), 1), np.nan)
 
 
-def on_actors(stage: type, rows: list[dict], **kwargs) -> pa.Table:
-    """`stage(**kwargs)` over `rows`, one a block, on the igds entry's `actors` full models in parallel."""
-    import ray
-
-    resources = model_resources(kwargs["stack"].encode, min(kwargs["cfg"].actors, len(rows)))
-    items = ray.data.from_items(rows, override_num_blocks=len(rows))
-    return pa.concat_tables(ray.get(map_stage(items, stage, resources, **kwargs).to_arrow_refs()))
+def one_row_a_call(measure, rows: list[dict]) -> pa.Table:
+    """`rows` measured on the held actors, one a call, so the igds entry's `actors` share them out."""
+    return pa.concat_tables(measure([pa.Table.from_pylist([row]) for row in rows]))
 
 
 def null_grid(norms: np.ndarray, n: int) -> list[float]:

@@ -14,9 +14,8 @@ from raysel.core.features import FeatureStore, seeded_hash
 from raysel.core.models import load_model
 from raysel.core.storage import Storage
 from raysel.methods.igds import (
-    FeatureEffects,
     IGDSConfig,
-    NullEffects,
+    Interventions,
     TaskMetric,
     against_null,
     amplified,
@@ -129,12 +128,12 @@ def test_igds_recovers_the_planted_feature_and_random_features_rarely_clear_the_
     igds = IGDSConfig(targets=["t"], alphas=[0.5, 1.0, 2.0], null_norms=3)
     sae_dir = planted_sae(tmp_path / "sae", RunConfig.model_validate(raw).stack(), igds, prompts, answers, planted=37)
     stack = RunConfig.model_validate(raw | {"sae": {"path": str(sae_dir)}}).stack()
-    effects = FeatureEffects(stack, igds, prompts, answers, {j: 0.5 for j in range(128)}, layer=1)
+    effects = Interventions(stack, igds, prompts, answers, {j: 0.5 for j in range(128)}, layer=1)
     assert (len(effects.choose), len(effects.confirm)) == (3, 3)
     table = effects(pa.table({"feature": list(range(0, 128, 3)) + [37]}))
     norms = null_grid(table["norm"].to_numpy(), igds.null_norms)
     rows = [{"norm": n, "direction": r} for n in norms for r in range(igds.null_directions)]
-    null = NullEffects(stack, igds, prompts, answers, layer=1)(pa.Table.from_pylist(rows))
+    null = effects(pa.Table.from_pylist(rows))  # the same actor measures the null
     judged, summary = against_null(table, null, igds.null_quantile)
     best, *others = judged.to_pylist()
     assert best["feature"] == 37 and best["cleared_null"] and best["delta"] > best["null_threshold"] > 0
@@ -176,7 +175,7 @@ def test_a_feature_is_pushed_by_its_mean_over_the_dev_tokens_that_activate_it(ti
            "encode": {"device": "cpu"}, "sae": {"path": str(build_tiny_sae(tmp_path / "sae"))}}  # fmt: skip
     stack = RunConfig.model_validate(raw).stack()
     igds = IGDSConfig(targets=["t"], alphas=[1.0], batch_size=2)  # two rows of different lengths: padded
-    effects = FeatureEffects(stack, igds, prompts, answers, {j: 100.0 + j for j in range(128)}, layer=1)
+    effects = Interventions(stack, igds, prompts, answers, {j: 100.0 + j for j in range(128)}, layer=1)
 
     sae, model = SAE.load_from_disk(tmp_path / "sae"), effects.metric.model
     z = []
