@@ -102,7 +102,7 @@ class IGDSConfig(MethodConfig):
     budget: float = Field(0.5, gt=0)
     """as `select.budget`; the paper keeps 50 %"""
     actors: int = Field(1, gt=0)
-    """full models measuring candidates in parallel"""
+    """actors measuring the candidates in parallel, then the null, each with its own full model and SAE, loaded once"""
     batch_size: int = Field(8, gt=0)
     """held-out examples per forward pass"""
     max_new_tokens: int = Field(256, gt=0)
