@@ -105,6 +105,7 @@ class SideSets:
     def __init__(self, cfg: RunConfig, storage: Storage):
         self.cfg, self.storage, self.done = cfg, storage, {}
         self.ahead: dict[str, list[str]] = {}  # the run sets it from its plan (encoded_sides)
+        self.prepared: dict[tuple, Done] = {}  # (name, paths) -> the set's prepare record, keyed once a run
 
     def target(self, name: str, paths_: list[str], tau: float) -> Target:
         side = self.cfg.model_copy(
@@ -121,9 +122,9 @@ class SideSets:
             for name, paths_ in sets.items()
             if (name, tuple(paths_), until) not in self.done
         }
-        prepared = {}
+        prepared = {n: self.prepared[(n, tuple(sets[n]))] for n in plans if (n, tuple(sets[n])) in self.prepared}
         if len(plans) > 1 and STAGES.index(until) > STAGES.index("encode"):
-            prepared = encode_together(plans)
+            prepared = encode_together(plans, prepared)
         for name, plan in plans.items():
             done = Executor(plan, given=prepared.get(name)).run([until])
             log.info("%s: %d examples %s", name, *((done["encode"]["n_encoded"], "encoded") if "encode" in done
@@ -135,7 +136,9 @@ class SideSets:
         """The `ahead` sets prepared, and what is left to encode of them, for the run's own encode pass.
         Their tau is not read before stats; each set's own encode stage later finds its shards committed."""
         plans = {name: build(self.target(name, paths_, 0.0)) for name, paths_ in self.ahead.items()}
-        return prepared_jobs(plans)[1]
+        prepared, jobs = prepared_jobs(plans)
+        self.prepared |= {(name, tuple(self.ahead[name])): done for name, done in prepared.items()}
+        return jobs
 
     def for_stage(self, sets: dict[str, list[str]], done: Done, until: str = "stats") -> dict[str, Done]:
         """The executor's hook: a stage's side sets up to `until`, at the run's tau (the stage needs stats)."""
@@ -147,23 +150,26 @@ class SideSets:
         return {name: FeatureStore(self.storage.child(name)) for name in sets}
 
 
-def encode_together(plans: dict[str, list[Stage]]) -> dict[str, Done]:
+def encode_together(plans: dict[str, list[Stage]], known: dict[str, Done]) -> dict[str, Done]:
     """Prepare each side set, then encode what is left of them in one pass (encode_jobs): a FAC run has
     two to four side sets, and a pass of each would load the model on every actor again. Each set's
-    encode stage then finds its shards committed. Returns each set's prepare record, so that it is not
-    keyed (its files read) again."""
-    prepared, jobs = prepared_jobs(plans)
+    encode stage then finds its shards committed. Returns each set's prepare record (`known`: those
+    prepared already), so that it is not keyed (its files read) again."""
+    prepared, jobs = prepared_jobs(plans, known)
     if len(jobs) > 1:
         encode = next(stage for stage in next(iter(plans.values())) if isinstance(stage, Encode))
         encode_jobs(encode.stack, jobs, encode.judge_fit)
     return prepared
 
 
-def prepared_jobs(plans: dict[str, list[Stage]]) -> tuple[dict[str, Done], list[EncodeJob]]:
-    """Each set prepared (its prepare record by name), and the encode jobs of those with shards left."""
+def prepared_jobs(
+    plans: dict[str, list[Stage]], known: dict[str, Done] | None = None
+) -> tuple[dict[str, Done], list[EncodeJob]]:
+    """Each set prepared, unless `known` has its record (the records by name), and the encode jobs of
+    those with shards left."""
     prepared, jobs = {}, []
     for name, plan in plans.items():
-        prepared[name] = Executor(plan).run(["prepare"])
+        prepared[name] = (known or {}).get(name) or Executor(plan).run(["prepare"])
         jobs.append(next(stage for stage in plan if isinstance(stage, Encode)).job(prepared[name]))
     return prepared, [job for job in jobs if job.todo]
 
